@@ -1,0 +1,1 @@
+"""medge training: data splits, tf.data pipelines, the malaria ResNet and the OCT model."""

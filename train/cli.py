@@ -1,0 +1,87 @@
+"""`python -m train <command>`: split, malaria, evaluate, demo.
+
+    python -m train split --data DIR --out MANIFEST.csv [--mode patient|random]
+    python -m train malaria --manifest MANIFEST.csv --preset edge --out RUN
+    python -m train evaluate RUN --manifest MANIFEST.csv --split test --out RUN/eval
+    python -m train demo [--out runs/demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from train.presets import MALARIA_PRESETS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("split", help="class-folder tree -> train/val/test manifest CSV")
+    s.add_argument("--data", required=True, type=Path, help="<root>/<class>/<images> or <root>/train|test/<class>/")
+    s.add_argument("--out", required=True, type=Path, help="manifest CSV to write")
+    s.add_argument("--mode", choices=("patient", "random"), default="patient")
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--val", type=float, default=0.1, help="share of the non-test images for validation")
+    s.add_argument("--test", type=float, default=0.2, help="share of all images for test")
+
+    m = sub.add_parser("malaria", help="train the malaria cell ResNet")
+    m.add_argument("--manifest", required=True, type=Path)
+    m.add_argument("--preset", choices=sorted(MALARIA_PRESETS), default="edge")
+    m.add_argument("--epochs", type=int, help="override the preset's epochs")
+    m.add_argument("--batch-size", type=int, help="override the preset's global batch size")
+    m.add_argument("--out", required=True, type=Path, help="run directory")
+    m.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    m.add_argument("--seed", type=int, default=42)
+    m.add_argument("--quiet", action="store_true", help="no per-batch progress bar (per-epoch lines only)")
+
+    e = sub.add_parser("evaluate", help="evaluate a run on a manifest split or a class-folder tree")
+    e.add_argument("run", type=Path, help="run directory (or a .keras file inside one)")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", type=Path)
+    src.add_argument("--data", type=Path, help="evaluate every image of a class-folder tree instead")
+    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.add_argument("--out", type=Path, help="report folder (default RUN/eval-<split>)")
+    e.add_argument("--batch-size", type=int, default=64)
+
+    d = sub.add_parser("demo", help="split the bundled sample, train `edge` briefly, evaluate, print the report")
+    d.add_argument("--data", type=Path, default=Path(__file__).resolve().parent.parent / "tests/data/malaria_sample")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--epochs", type=int, default=8)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "split":
+            from train import split
+
+            return split.run(args.data, args.out, args.mode, args.seed, args.val, args.test)
+        if args.command == "malaria":
+            from train import fit
+
+            fit.train_malaria(
+                args.manifest, args.preset, args.out, epochs=args.epochs, batch_size=args.batch_size,
+                resume=args.resume, seed=args.seed, verbose=1 if not args.quiet else 2,
+            )
+            return 0
+        if args.command == "evaluate":
+            from train import evaluate
+
+            report = evaluate.evaluate_run(
+                args.run, manifest=args.manifest, data=args.data, split=args.split, out=args.out,
+                batch_size=args.batch_size,
+            )
+            print(evaluate.format_report(report))
+            return 0
+        if args.command == "demo":
+            from train import demo
+
+            return demo.run(args.data, args.out, args.epochs)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.command)

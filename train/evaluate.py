@@ -1,0 +1,129 @@
+"""Evaluate a trained run on a manifest split or on a class-folder tree.
+
+    python -m train evaluate runs/malaria-edge --manifest runs/malaria.csv --split test --out runs/malaria-edge/eval
+    python -m train evaluate runs/malaria-edge --data path/to/class_folders --out reports/other-lab
+
+Writes report.json (metrics), report.md (classification report),
+confusion_matrix.png and misclassified.csv (every wrong prediction with its
+probabilities).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.spec import PreprocessSpec
+from train import runs
+from train.metrics import classification_metrics, markdown_report
+from train.split import Record, build_split, read_manifest
+
+
+def load_model(path: Path):
+    """Load a .keras model with Keras' safe mode on (no code from the file runs)."""
+    import keras
+
+    return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+
+def predict_records(model, records: list[Record], labels: list[str], spec: PreprocessSpec, batch_size: int = 64):
+    """Probabilities for every record, in order."""
+    from train.data import make_dataset
+
+    ds = make_dataset(records, labels, spec, batch_size, cache=False)
+    return model.predict(ds.map(lambda x, y: x), verbose=0)
+
+
+def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(labels), 1.2 + 1.0 * len(labels)))
+    ax.imshow(a, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            ax.text(j, i, str(a[i, j]), ha="center", va="center",
+                    color="white" if a[i, j] > a.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_run(
+    run: Path,
+    manifest: Path | None = None,
+    data: Path | None = None,
+    split: str = "test",
+    out: Path | None = None,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Evaluate and write the report folder; return the report dict."""
+    run_dir, model_path = runs.resolve_run(run)
+    cfg = runs.read_config(run_dir)
+    labels = cfg["labels"]
+    spec = PreprocessSpec.from_dict(cfg["preprocess"])
+    if data is not None:
+        res = build_split(data, progress=True)
+        records = [r for r in res.records]
+        source = {"data": str(Path(data).resolve()), "bad_files": len(res.bad_files)}
+        split_name = "all"
+    elif manifest is not None:
+        records = read_manifest(manifest, split)
+        source = {"manifest": str(Path(manifest).resolve()), "split": split}
+        split_name = split
+    else:
+        raise ValueError("evaluate needs --manifest or --data")
+    if not records:
+        raise ValueError(f"no images in split {split!r} of {manifest}")
+    unknown = sorted({r.label for r in records} - set(labels))
+    if unknown:
+        raise ValueError(f"classes {unknown} are not among the model's labels {labels}")
+
+    model = load_model(model_path)
+    probs = predict_records(model, records, labels, spec, batch_size)
+    y_true = np.array([labels.index(r.label) for r in records])
+    report = classification_metrics(y_true, probs, labels, cfg.get("positive_label"))
+    report.update({
+        "model": str(model_path.resolve()),
+        "task": cfg.get("task"),
+        "source": source,
+        "patients": len({r.patient for r in records}),
+        "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+
+    out = Path(out) if out is not None else run_dir / f"eval-{split_name}"
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_json(out / "report.json", report)
+    title = f"{model_path.parent.name}: {split_name} ({report['n_images']} images, {report['patients']} patients)"
+    runs.atomic_write_text(out / "report.md", markdown_report(report, title))
+    plot_confusion(report["confusion_matrix"], labels, out / "confusion_matrix.png", title)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "patient", "true", "predicted", "confidence", *[f"p_{l}" for l in labels]])
+    pred = probs.argmax(axis=1)
+    for r, t, pr, pv in zip(records, y_true, pred, probs):
+        if t != pr:
+            w.writerow([r.path, r.patient, labels[t], labels[pr], f"{pv[pr]:.4f}", *[f"{v:.4f}" for v in pv]])
+    runs.atomic_write_text(out / "misclassified.csv", buf.getvalue())
+    report["out"] = str(out)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The Markdown report plus where the files are, for the terminal."""
+    text = markdown_report(report, f"{Path(report['model']).parent.name} on {report['n_images']} images "
+                                   f"from {report['patients']} patients")
+    return text + f"\nreport.json, report.md, confusion_matrix.png, misclassified.csv in {report['out']}\n"

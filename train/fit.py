@@ -1,0 +1,181 @@
+"""Train the malaria cell ResNet.
+
+    python -m train malaria --manifest runs/malaria.csv --preset edge --out runs/malaria-edge
+    python -m train malaria --manifest runs/malaria.csv --preset edge --out runs/malaria-edge --resume
+
+Reads the manifest's train and val splits, trains with the preset's optimizer
+and schedule on every visible GPU (MirroredStrategy when there are several),
+keeps the best checkpoint by validation accuracy, and can resume a killed run
+from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+from edge_runtime.spec import MALARIA_SPEC
+from train import runs
+from train.data import make_dataset
+from train.models import build_resnet, describe
+from train.presets import MALARIA_PRESETS, MalariaPreset
+from train.split import read_manifest
+
+POSITIVE_LABEL = "Parasitized"
+
+
+def pick_strategy() -> tf.distribute.Strategy:
+    """MirroredStrategy over all GPUs when there are several, else the default (one device)."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+class RunLogger(keras.callbacks.Callback):
+    """Writes history.csv and history.png after every epoch.
+
+    Rows of epochs at or after the current one are replaced, so a run resumed
+    from its last checkpoint never shows an epoch twice.
+    """
+
+    def __init__(self, run: Path, title: str):
+        super().__init__()
+        self.run, self.title = Path(run), title
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        rows = [r for r in runs.read_history(self.run) if int(r["epoch"]) < epoch]
+        row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
+        row["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        row["seconds"] = round(time.perf_counter() - self._t0, 2)
+        runs.write_history(self.run, rows + [row])
+        runs.plot_history(self.run, self.title)
+
+
+def train_malaria(
+    manifest: Path,
+    preset: str | MalariaPreset,
+    out: Path,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    resume: bool = False,
+    seed: int = 42,
+    verbose: int = 1,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> Path:
+    """Train and return the run directory.
+
+    Args:
+        manifest: CSV from `python -m train split` (train and val splits are used).
+        preset: a name in `MALARIA_PRESETS` or a `MalariaPreset`.
+        out: run directory; must not hold a run unless `resume`.
+        epochs, batch_size: override the preset.
+        resume: continue from the last finished epoch of the run in `out`.
+        seed: seeds Python, numpy and TensorFlow, and the shuffles.
+        verbose: Keras verbosity (1 progress bar, 2 one line per epoch).
+        callbacks: extra Keras callbacks (tests use one to interrupt training).
+    """
+    out = Path(out)
+    if resume:
+        cfg = runs.read_config(out)
+        p = MalariaPreset.from_dict(cfg["preset"])
+        seed = cfg["seed"]
+        manifest = Path(cfg["manifest"])
+        print(f"resuming {out} (preset {p.name}, {p.epochs} epochs)")
+    else:
+        if (out / runs.CONFIG).exists():
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        p = MALARIA_PRESETS[preset] if isinstance(preset, str) else preset
+        if isinstance(preset, str) and preset not in MALARIA_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(MALARIA_PRESETS)}")
+        overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v is not None}
+        if overrides:
+            import dataclasses
+
+            p = dataclasses.replace(p, **overrides)
+    keras.utils.set_random_seed(seed)
+
+    records = read_manifest(manifest)
+    labels = sorted({r.label for r in records})
+    train_rec = [r for r in records if r.split == "train"]
+    val_rec = [r for r in records if r.split == "val"]
+    if not train_rec or not val_rec:
+        raise ValueError(f"{manifest} needs images in both train ({len(train_rec)}) and val ({len(val_rec)}) splits")
+    spec = MALARIA_SPEC
+
+    strategy = pick_strategy()
+    replicas = strategy.num_replicas_in_sync
+    train_ds = make_dataset(train_rec, labels, spec, p.batch_size, training=True, augment=p.augment, seed=seed)
+    val_ds = make_dataset(val_rec, labels, spec, p.batch_size)
+    steps = math.ceil(len(train_rec) / p.batch_size)
+
+    with strategy.scope():
+        model = build_resnet(p.model, spec.input_shape, len(labels), name=f"malaria_{p.name}")
+        lr = keras.optimizers.schedules.PolynomialDecay(
+            p.learning_rate, decay_steps=max(1, p.epochs * steps), end_learning_rate=0.0, power=1.0
+        )
+        model.compile(
+            optimizer=keras.optimizers.SGD(lr, momentum=p.momentum),
+            loss="categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+    size = describe(model)
+    print(
+        f"model {model.name}: {size['weights']:,} weights ({size['trainable_weights']:,} trainable), "
+        f"{size['macs'] / 1e6:,.1f} M MACs per {spec.input_size[0]}x{spec.input_size[1]} image; "
+        f"{replicas} replica(s), global batch {p.batch_size}"
+    )
+    print(f"train {len(train_rec)} images, val {len(val_rec)} images, {steps} steps per epoch, {p.epochs} epochs")
+
+    best_so_far = None
+    if resume:
+        hist = runs.read_history(out)
+        if hist and "val_accuracy" in hist[0]:
+            best_so_far = max(r["val_accuracy"] for r in hist)
+    else:
+        runs.write_json(out / runs.CONFIG, {
+            "task": "malaria",
+            "model": "malaria_resnet",
+            "labels": labels,
+            "positive_label": POSITIVE_LABEL if POSITIVE_LABEL in labels else labels[-1],
+            "preprocess": spec.to_dict(),
+            "preset": p.to_dict(),
+            "seed": seed,
+            "manifest": str(Path(manifest).resolve()),
+            "images": {"train": len(train_rec), "val": len(val_rec)},
+            "size": size,
+            "replicas": replicas,
+            "versions": runs.versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+
+    cbs = [
+        # Restores weights, optimizer state (so the LR schedule too) and the epoch counter.
+        keras.callbacks.BackupAndRestore(str(out / runs.BACKUP)),
+        keras.callbacks.ModelCheckpoint(
+            str(out / runs.BEST), monitor="val_accuracy", mode="max", save_best_only=True,
+            initial_value_threshold=best_so_far,
+        ),
+        RunLogger(out, f"malaria ResNet ({p.name}): loss and accuracy"),
+        *callbacks,
+    ]
+    t0 = time.perf_counter()
+    model.fit(train_ds, validation_data=val_ds, epochs=p.epochs, callbacks=cbs, verbose=verbose)
+    wall = time.perf_counter() - t0
+    hist = runs.read_history(out)
+    best = max(hist, key=lambda r: r.get("val_accuracy", 0.0))
+    print(
+        f"done in {wall:.0f} s: best val accuracy {best['val_accuracy']:.4f} at epoch {int(best['epoch']) + 1}; "
+        f"model {out / runs.BEST}, history {out / runs.HISTORY_CSV}, plot {out / runs.HISTORY_PNG}"
+    )
+    return out
