@@ -170,7 +170,8 @@ def train_malaria(
         *callbacks,
     ]
     t0 = time.perf_counter()
-    model.fit(train_ds, validation_data=val_ds, epochs=p.epochs, callbacks=cbs, verbose=verbose)
+    model.fit(train_ds, validation_data=val_ds, epochs=p.epochs, callbacks=cbs, verbose=verbose,
+              shuffle=False)  # the dataset shuffles itself
     wall = time.perf_counter() - t0
     hist = runs.read_history(out)
     best = max(hist, key=lambda r: r.get("val_accuracy", 0.0))

@@ -152,9 +152,10 @@ def split_records(
         rng = random.Random(seed)
         pool = sorted(pool, key=lambda r: r.path)
         rng.shuffle(pool)
-        n_test = 0 if has_fixed_test else int(round(len(pool) * test))
-        test_part, train_part = pool[:n_test], pool[n_test:]
-        n_val = int(round(len(train_part) * val))
+        # The source's arithmetic: the first int(80%) train, the rest test; then int(10%) of train to val.
+        n_train = len(pool) if has_fixed_test else int(len(pool) * (1 - test))
+        train_part, test_part = pool[:n_train], pool[n_train:]
+        n_val = int(len(train_part) * val)
         return (
             fixed
             + [dataclasses.replace(r, split="test") for r in test_part]
@@ -183,7 +184,8 @@ def build_split(
     data: Path, mode: str = "patient", seed: int = 42, val: float = 0.1, test: float = 0.2, progress: bool = True
 ) -> SplitResult:
     """Discover, verify and split a class-folder tree."""
-    files, labels = discover(Path(data))
+    data = Path(data)
+    files, labels = discover(data)
     reasons = verify([f for f, _, _ in files], progress=progress)
     records, bad, unmatched = [], [], 0
     for (f, label, fixed), reason in zip(files, reasons):
@@ -193,7 +195,7 @@ def build_split(
         pid = patient_id(f.name)
         if pid is None:
             unmatched += 1
-            pid = f"file:{f.stem}"
+            pid = f"file:{f.relative_to(data).with_suffix('').as_posix()}"  # unique per file
         records.append(Record(str(f.resolve()), label, pid, fixed))
     if not records:
         raise ValueError(f"no readable images under {data} ({len(bad)} bad files)")
