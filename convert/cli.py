@@ -1,0 +1,170 @@
+"""`python -m convert`: export a Keras model to the format table's rows, or inspect an artifact.
+
+    python -m convert SOURCE --out DIR [--formats all|name,name] [--calib MANIFEST|DIR] [--calib-n 300] [--force]
+    python -m convert runs/malaria-edge --out runs/malaria-edge/export
+    python -m convert model.h5 --labels Parasitized,Uninfected --calib runs/malaria.csv --out export
+    python -m convert inspect export/malaria-edge_tflite-int8.tflite [--format table|json]
+
+SOURCE is a run directory (labels, preprocessing and calibration manifest come
+from its config.json), a .keras file, or a Keras 2 .h5/.hdf5 file. Artifacts
+are named `{model}_{format}.{ext}` with a `{model}_{format}.json` sidecar;
+`conversion.json` in DIR records every row's proof against Keras.
+
+Exit codes: 0 every row passed (or was kept with --allow-drop), 1 some row
+failed, 2 bad arguments or inputs (nothing exported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from convert.formats import FORMATS, parse_formats
+
+
+def _labels(text: str) -> list[str]:
+    labels = [l.strip() for l in text.split(",") if l.strip()]
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise argparse.ArgumentTypeError(f"--labels needs 2+ distinct comma-separated names, got {text!r}")
+    return labels
+
+
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
+    return v
+
+
+def export_parser() -> argparse.ArgumentParser:
+    from convert.export import DEFAULT_MIN_AGREEMENT
+    from convert.onnx_export import ACTIVATION_TYPES, CALIBRATION_METHODS, OPSET
+
+    p = argparse.ArgumentParser(
+        prog="python -m convert", description=__doc__.split("\n")[0],
+        epilog=f"formats: {', '.join(FORMATS)}. `python -m convert inspect FILE` prints an artifact's metadata.",
+    )
+    p.add_argument("source", type=Path, help="run directory, .keras, or Keras 2 .h5/.hdf5")
+    p.add_argument("--out", required=True, type=Path, help="folder for the artifacts and conversion.json")
+    p.add_argument("--formats", default="all", help="'all' or comma-separated rows of the format table")
+    p.add_argument("--name", help="model name in file names (default: run directory name or file stem)")
+    p.add_argument("--labels", type=_labels, help="class names in output order, for a source that has none")
+    p.add_argument("--force", action="store_true", help="overwrite existing artifacts")
+    out = p.add_argument_group("output")
+    out.add_argument("--format", choices=("table", "json"), default="table", dest="report_format",
+                     help="how to print the final report")
+    d = p.add_argument_group("calibration and proof")
+    d.add_argument("--calib", type=Path,
+                   help="manifest CSV (train split calibrates, test split proves) or image folder "
+                        "(default: the run's manifest)")
+    d.add_argument("--calib-n", type=int, default=300, help="calibration images (warns below 100)")
+    d.add_argument("--eval-n", type=int, default=1000, help="proof images compared with Keras (0: all)")
+    d.add_argument("--min-agreement", type=_fraction, default=DEFAULT_MIN_AGREEMENT,
+                   help="lowest top-1 agreement with Keras for a quantized artifact")
+    d.add_argument("--allow-drop", action="store_true",
+                   help="keep artifacts below the thresholds (flagged in the report; exit 0)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the calibration and proof samples")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--calib-method", choices=CALIBRATION_METHODS, default="minmax",
+                   help="onnx-int8 calibration (TFLite int8 always uses MinMax)")
+    q.add_argument("--onnx-activations", choices=ACTIVATION_TYPES, default="auto",
+                   help="onnx-int8 activation type; auto times uint8 and int8 here and keeps the faster")
+    q.add_argument("--int8-io", action="store_true",
+                   help="tflite int8 rows take int8 input and give int8 output (default float32 I/O)")
+    q.add_argument("--opset", type=int, default=OPSET, help="ONNX opset")
+    q.add_argument("--qat-epochs", type=int, default=2, help="quantization-aware fine-tuning epochs")
+    q.add_argument("--qat-learning-rate", type=float, default=1e-3)
+    q.add_argument("--qat-batch-size", type=int, default=32)
+    return p
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m convert inspect",
+                                description="print the metadata embedded in a .tflite, .onnx or .ort file")
+    p.add_argument("file", type=Path)
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "inspect":
+        args = inspect_parser().parse_args(argv[1:])
+        args.command = "inspect"
+        return args
+    args = export_parser().parse_args(argv)
+    args.command = "export"
+    return args
+
+
+def format_metadata(meta) -> str:
+    """Human-readable metadata, one field a line."""
+    d = meta.to_dict()
+    lines = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            lines.append(f"{k}:")
+            lines += [f"  {kk}: {json.dumps(vv) if isinstance(vv, (dict, list)) else vv}" for kk, vv in v.items()]
+        else:
+            lines.append(f"{k}: {json.dumps(v) if isinstance(v, (list, dict)) else v}")
+    return "\n".join(lines)
+
+
+def _inspect(args) -> int:
+    from edge_runtime.metadata import read_metadata
+
+    meta = read_metadata(args.file)
+    if args.format == "json":
+        print(meta.to_json(), end="")
+    else:
+        print(f"{args.file} ({args.file.stat().st_size / 1e6:.3f} MB)")
+        print(format_metadata(meta))
+    return 0
+
+
+def _terminate(signum, frame):
+    # Turn SIGTERM into an exception so the temp-file cleanup in `finally` blocks runs.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _export(args) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from convert.export import Options, format_table, report_json, run_export
+
+    formats = parse_formats(args.formats)
+    options = Options(
+        calib=args.calib, calib_n=args.calib_n, eval_n=args.eval_n, min_agreement=args.min_agreement,
+        allow_drop=args.allow_drop, force=args.force, calib_method=args.calib_method,
+        onnx_activations=args.onnx_activations, int8_io=args.int8_io, opset=args.opset,
+        qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate,
+        qat_batch_size=args.qat_batch_size, seed=args.seed,
+    )
+    log = print if args.report_format == "table" else (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    report = run_export(args.source, args.out, formats, options, labels=args.labels, name=args.name, log=log)
+    if args.report_format == "json":
+        print(report_json(report))
+    else:
+        print()
+        print(format_table(report))
+        print(f"\n{'all rows passed' if report['ok'] else 'SOME ROWS FAILED'}; "
+              f"report in {Path(args.out) / 'conversion.json'}")
+    return 0 if report["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "inspect":
+            return _inspect(args)
+        signal.signal(signal.SIGTERM, _terminate)
+        return _export(args)
+    except (FileNotFoundError, FileExistsError, ValueError, LookupError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no partial artifact was left behind", file=sys.stderr)
+        return 130

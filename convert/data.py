@@ -1,0 +1,140 @@
+"""Real images for calibration and for the proof batch, with exactly the training preprocessing.
+
+Calibration takes a seeded sample of the *training* split (never random
+noise: int8 ranges fitted to noise clip real cells). The proof batch comes from
+the test split (or val, if there is no test split), so the comparison with
+Keras runs on images neither calibration nor training saw.
+
+`--calib` may be a manifest CSV (its splits are used as above) or a folder of
+images (class folders give labels for the accuracy column); a folder is split
+into disjoint calibration and proof images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edge_runtime.images import is_image_file
+from edge_runtime.spec import PreprocessSpec
+
+MIN_CALIB_WARN = 100
+
+
+@dataclasses.dataclass
+class ImageSet:
+    """Preprocessed images with their labels (index into the model's labels, -1 if unknown)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    paths: list[str]
+    origin: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self) -> dict:
+        return {"images": len(self), "from": self.origin}
+
+
+def preprocess_paths(paths: Sequence[str], spec: PreprocessSpec, batch: int = 64) -> np.ndarray:
+    """Decode and resize with `train.data.decode_and_resize`, the function training used."""
+    import tensorflow as tf
+
+    from train.data import decode_and_resize
+
+    ds = tf.data.Dataset.from_tensor_slices(list(paths)).map(
+        lambda p: decode_and_resize(p, spec), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    ).batch(batch)
+    out = [b.numpy() for b in ds]
+    if not out:
+        return np.zeros((0, *spec.input_shape), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def _sample(items: list, n: int, seed: int) -> list:
+    items = sorted(items)
+    random.Random(seed).shuffle(items)
+    return items if n <= 0 else items[:n]
+
+
+def _labels_of(paths_labels: list[tuple[str, str]], labels: Sequence[str]) -> np.ndarray:
+    idx = {l: i for i, l in enumerate(labels)}
+    return np.array([idx.get(l, -1) for _, l in paths_labels], dtype=np.int64)
+
+
+def _folder_items(folder: Path) -> list[tuple[str, str]]:
+    """(path, class folder name) of every image below `folder` ("" for images directly in it)."""
+    items = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and is_image_file(p) and not p.name.startswith("."):
+            rel = p.relative_to(folder).parts
+            items.append((str(p.resolve()), rel[0] if len(rel) > 1 else ""))
+    return items
+
+
+def load_sets(
+    calib: Path | None,
+    labels: Sequence[str],
+    spec: PreprocessSpec,
+    calib_n: int = 300,
+    eval_n: int = 1000,
+    seed: int = 0,
+    need_calib: bool = True,
+) -> tuple[ImageSet | None, ImageSet, list[tuple[str, str]]]:
+    """(calibration set or None, proof set, training items (path, label) for QAT).
+
+    Raises:
+        FileNotFoundError: `calib` does not exist.
+        ValueError: no usable images.
+    """
+    if calib is None:
+        raise ValueError(
+            "no images to calibrate and prove against: pass --calib MANIFEST|DIR "
+            "(a run directory normally names its manifest in config.json)"
+        )
+    calib = Path(calib)
+    if not calib.exists():
+        raise FileNotFoundError(f"--calib {calib} does not exist; give a manifest CSV or a folder of images")
+    if calib.is_file():
+        from train.split import read_manifest
+
+        records = read_manifest(calib)
+        train = [(r.path, r.label) for r in records if r.split == "train"]
+        held = [(r.path, r.label) for r in records if r.split == "test"]
+        held_name = "test"
+        if not held:
+            held = [(r.path, r.label) for r in records if r.split == "val"]
+            held_name = "val"
+        if not train or not held:
+            raise ValueError(f"manifest {calib} needs a train split and a test (or val) split")
+        calib_items = _sample(train, calib_n, seed)
+        eval_items = _sample(held, eval_n, seed + 1)
+        calib_origin, eval_origin = f"{calib} (train split)", f"{calib} ({held_name} split)"
+        train_items = train
+    else:
+        items = _folder_items(calib)
+        if len(items) < 2:
+            raise ValueError(f"--calib folder {calib} holds {len(items)} images; need at least 2")
+        items = _sample(items, 0, seed)
+        k = min(calib_n, len(items) // 2) if need_calib else 0
+        calib_items, eval_items = items[:k], items[k:][: eval_n if eval_n > 0 else None]
+        calib_origin = eval_origin = f"{calib} (folder; disjoint calibration and proof images)"
+        train_items = calib_items
+    if need_calib and len(calib_items) < MIN_CALIB_WARN:
+        warnings.warn(
+            f"only {len(calib_items)} calibration images (fewer than {MIN_CALIB_WARN}); int8 ranges may be poor",
+            stacklevel=2,
+        )
+    calib_set = None
+    if need_calib:
+        calib_set = ImageSet(preprocess_paths([p for p, _ in calib_items], spec),
+                             _labels_of(calib_items, labels), [p for p, _ in calib_items], calib_origin)
+    eval_set = ImageSet(preprocess_paths([p for p, _ in eval_items], spec),
+                        _labels_of(eval_items, labels), [p for p, _ in eval_items], eval_origin)
+    return calib_set, eval_set, train_items

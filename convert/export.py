@@ -1,0 +1,316 @@
+"""Export one model to every requested row of the format table and prove each artifact against Keras.
+
+    python -m convert runs/malaria-edge --out runs/malaria-edge/export --formats all
+
+For each row: export to a hidden temp file in the output folder, embed the
+metadata, read it back, run the file with its own runtime on the proof batch,
+compare with Keras, and only then rename it into place (atomic: a killed
+export leaves no half file). A row that fails is recorded with its error and
+the others go on. `conversion.json` holds every row; the exit code is non-zero
+when any row failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib
+import importlib.metadata as md
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edge_runtime.metadata import (
+    ArtifactMetadata,
+    embed_tflite,
+    read_metadata,
+    sidecar_path,
+)
+from convert.formats import Format
+from convert.data import ImageSet
+
+CONVERSION_JSON = "conversion.json"
+DEFAULT_MIN_AGREEMENT = 0.98
+TOOLS = ("tensorflow", "keras", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnx", "onnxruntime",
+         "ai-edge-litert")
+
+# Row statuses.
+OK, FLAGGED, FAILED = "ok", "kept-below-threshold", "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Settings of one `python -m convert` run (see `convert.cli` for their flags)."""
+
+    calib: Path | None = None
+    calib_n: int = 300
+    eval_n: int = 1000
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    allow_drop: bool = False
+    force: bool = False
+    calib_method: str = "minmax"
+    onnx_activations: str = "auto"
+    int8_io: bool = False
+    opset: int = 17
+    qat_epochs: int = 2
+    qat_learning_rate: float = 1e-3
+    qat_batch_size: int = 32
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["calib"] = str(self.calib) if self.calib else None
+        return d
+
+
+def medge_version() -> str:
+    try:
+        return md.version("medge")
+    except md.PackageNotFoundError:
+        import edge_runtime
+
+        return edge_runtime.__version__
+
+
+def tool_versions() -> dict[str, str]:
+    out = {}
+    for pkg in TOOLS:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class ExportJob:
+    """Everything the exporters of one run share: the model, its source, the image sets, a work folder."""
+
+    def __init__(self, model, source, options: Options, workdir: Path, calib: ImageSet | None,
+                 proof: ImageSet, train_items: list[tuple[str, str]]):
+        self.model, self.source, self.options, self.workdir = model, source, options, Path(workdir)
+        self._calib, self.proof, self.train_items = calib, proof, train_items
+        self.cache: dict[str, Any] = {}
+        self.tools = tool_versions()
+
+    def calibration(self) -> ImageSet:
+        if self._calib is None or len(self._calib) == 0:
+            raise ValueError("this format needs calibration images; pass --calib MANIFEST|DIR")
+        return self._calib
+
+    def metadata(self, fmt: Format, artifact: Path, quantization: dict[str, Any]) -> ArtifactMetadata:
+        """Metadata for `fmt`, with the I/O tensors read from the artifact by its runtime."""
+        from convert.verify import io_info
+
+        inp, out = io_info(artifact, fmt.runtime)
+        return ArtifactMetadata(
+            model=self.source.name,
+            task=self.source.task,
+            labels=self.source.labels,
+            preprocess=self.source.spec,
+            format=fmt.name,
+            precision=fmt.precision,
+            input=inp,
+            output=out,
+            quantization=quantization,
+            positive_label=self.source.positive_label,
+            source_sha256=self.source.sha256,
+            source_name=self.source.path.name,
+            medge_version=medge_version(),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            tools=self.tools,
+        )
+
+
+def resolve_exporter(fmt: Format):
+    module, func = fmt.exporter.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def embed(fmt: Format, path: Path, meta: ArtifactMetadata) -> None:
+    """Write `meta` into the artifact at `path` (in place; `path` is still the temp file)."""
+    if fmt.ext == ".tflite":
+        path.write_bytes(embed_tflite(path.read_bytes(), meta))
+    elif fmt.ext == ".onnx":
+        import onnx
+
+        from convert.onnx_export import set_metadata
+
+        proto = onnx.load(str(path))
+        set_metadata(proto, meta.to_json())
+        onnx.save(proto, str(path))
+    else:
+        raise ValueError(f"cannot embed metadata after export into {fmt.ext} files")
+
+
+def _temp_path(out: Path, fmt: Format, model: str) -> Path:
+    # Keeps the real suffix: onnxruntime recognises .ort files by it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{model}_{fmt.name}.tmp-", suffix=fmt.ext, dir=out)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _stale_temps(out: Path, model: str) -> list[Path]:
+    return [Path(p) for p in glob.glob(str(out / f".{glob.escape(model)}_*.tmp-*"))]
+
+
+def judge(fmt: Format, proof: dict[str, Any], min_agreement: float) -> str | None:
+    """None when the artifact passes, else why not."""
+    if fmt.is_float:
+        if proof["max_abs_diff"] > fmt.max_abs_diff:
+            return f"float artifact differs from Keras: max |dprob| {proof['max_abs_diff']:.2e} > {fmt.max_abs_diff:.0e}"
+        return None
+    if proof["top1_agreement"] < min_agreement:
+        return f"top-1 agreement {proof['top1_agreement']:.4f} < --min-agreement {min_agreement}"
+    return None
+
+
+def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) -> dict[str, Any]:
+    """Export, embed, read back, prove and place one artifact; returns its row (raises on export errors)."""
+    from convert import verify
+    from convert.fileio import atomic_write_text, publish
+
+    final = out / fmt.filename(job.source.name)
+    row: dict[str, Any] = {"format": fmt.name, "file": final.name, "runtime": fmt.runtime,
+                           "precision": fmt.precision}
+    tmp = _temp_path(out, fmt, job.source.name)
+    try:
+        quantization = resolve_exporter(fmt)(job, fmt, tmp)
+        if fmt.ext == ".ort":
+            meta = read_metadata(tmp)  # embedded before conversion by the exporter
+        else:
+            meta = job.metadata(fmt, tmp, quantization)
+            embed(fmt, tmp, meta)
+            back = read_metadata(tmp)
+            if back.to_dict() != meta.to_dict():
+                raise RuntimeError("metadata read back from the artifact differs from what was written")
+        probs = verify.predict(tmp, fmt.runtime, job.proof.x)
+        proof = verify.compare(keras_probs, probs, job.proof.y)
+        row.update(size_bytes=tmp.stat().st_size, quantization=meta.quantization,
+                   io={"input": meta.input.to_dict(), "output": meta.output.to_dict()}, **proof)
+        reason = judge(fmt, proof, job.options.min_agreement)
+        if reason is not None and not job.options.allow_drop:
+            row.update(status=FAILED, error=reason)
+            row["file"] = None
+            return row
+        row.update(status=OK if reason is None else FLAGGED, error=reason)
+        publish(tmp, final)
+        atomic_write_text(sidecar_path(final), meta.to_json())
+        return row
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def outputs_of(out: Path, model: str, formats: Sequence[Format]) -> list[Path]:
+    paths = [out / CONVERSION_JSON]
+    for f in formats:
+        paths += [out / f.filename(model), sidecar_path(out / f.filename(model))]
+    return paths
+
+
+def run_export(
+    source: Path,
+    out: Path,
+    formats: Sequence[Format],
+    options: Options = Options(),
+    labels: Sequence[str] | None = None,
+    name: str | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Export `source` to `formats` in `out`; returns the conversion report (also written to conversion.json).
+
+    Raises:
+        FileExistsError: outputs exist and `options.force` is off (nothing is written).
+        FileNotFoundError, ValueError: bad source or image set, before any row runs.
+    """
+    from convert.data import load_sets
+    from convert.fileio import write_json
+    from convert.sources import load_source
+
+    out = Path(out)
+    t_start = time.perf_counter()
+    model, src = load_source(source, labels=labels, name=name)
+    existing = [p for p in outputs_of(out, src.name, formats) if p.exists()]
+    if existing and not options.force:
+        raise FileExistsError(
+            f"{len(existing)} output file(s) already exist in {out}, e.g. {existing[0].name}; "
+            "pass --force to overwrite or choose another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for p in _stale_temps(out, src.name):  # left by a killed earlier export
+        p.unlink(missing_ok=True)
+
+    need_calib = any(f.calibrated for f in formats)
+    calib_src = options.calib or src.manifest
+    calib, proof, train_items = load_sets(calib_src, src.labels, src.spec, options.calib_n, options.eval_n,
+                                          options.seed, need_calib=need_calib)
+    log(f"source {src.path} ({src.name}, {len(src.labels)} classes); proof batch {len(proof)} images from "
+        f"{proof.origin}" + (f"; calibration {len(calib)} images from {calib.origin}" if calib else ""))
+    keras_probs = model.predict(proof.x, batch_size=64, verbose=0)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="medge-convert-") as work:
+        job = ExportJob(model, src, options, Path(work), calib, proof, train_items)
+        for fmt in formats:
+            t0 = time.perf_counter()
+            log(f"[{fmt.name}] exporting ...")
+            try:
+                row = export_row(job, fmt, out, keras_probs)
+            except Exception as e:  # one row's failure must not stop the others
+                row = {"format": fmt.name, "file": None, "runtime": fmt.runtime, "precision": fmt.precision,
+                       "status": FAILED, "error": f"{type(e).__name__}: {e}"}
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            rows.append(row)
+            log(f"[{fmt.name}] {row['status']}" + (f": {row['error']}" if row.get("error") else "")
+                + f" ({row['seconds']} s)")
+
+    report = {
+        "source": {"path": str(src.path.resolve()), "name": src.name, "sha256": src.sha256, "task": src.task,
+                   "labels": list(src.labels), "preprocess": src.spec.to_dict()},
+        "options": options.to_dict(),
+        "calibration": calib.describe() if calib else None,
+        "proof": proof.describe(),
+        "thresholds": {
+            "min_agreement": options.min_agreement,
+            "float_max_abs_diff": {f.name: f.max_abs_diff for f in formats if f.is_float},
+        },
+        "rows": rows,
+        "ok": all(r["status"] != FAILED for r in rows),
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
+        "versions": {"python": platform.python_version(), "medge": medge_version(), **tool_versions()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(out / CONVERSION_JSON, report)
+    return report
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The summary table printed at the end of a run: one line per row of the format table."""
+    head = ["format", "status", "size_mb", "top1_agree", "max_dprob", "keras_acc", "acc", "seconds", "file / error"]
+    lines = []
+    for r in report["rows"]:
+        size = r.get("size_bytes")
+        lines.append([
+            r["format"], r["status"], _fmt(size / 1e6 if size else None, ".3f"),
+            _fmt(r.get("top1_agreement"), ".4f"), _fmt(r.get("max_abs_diff"), ".2e"),
+            _fmt(r.get("keras_accuracy"), ".4f"), _fmt(r.get("accuracy"), ".4f"), _fmt(r.get("seconds"), ".1f"),
+            (r.get("file") or "") + (("  " if r.get("file") else "") + r["error"] if r.get("error") else ""),
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt_line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt_line(head), fmt_line(["-" * w for w in widths]), *map(fmt_line, lines)])
+
+
+def report_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2)

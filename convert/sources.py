@@ -1,0 +1,180 @@
+"""Load what `python -m convert` exports: a run directory, a .keras file or a legacy Keras 2 .h5.
+
+A run directory (from `python -m train`) carries everything: labels, the
+preprocessing spec, the architecture preset (needed to build the tf-keras twin
+for quantization-aware training) and the manifest whose training split feeds
+calibration. A bare model file carries only the network, so `--labels` (and
+`--calib`) supply the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from edge_runtime.spec import MALARIA_SPEC, PreprocessSpec
+
+KERAS_SUFFIXES = (".keras",)
+H5_SUFFIXES = (".h5", ".hdf5")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A loaded model and what is known about it.
+
+    Attributes:
+        path: the model file.
+        name: model name used in artifact file names.
+        labels: class names in output order.
+        spec: preprocessing contract.
+        task: e.g. "malaria"; "classification" when unknown.
+        positive_label: class a screening flags, if known.
+        sha256: hash of the model file.
+        run_config: the run's config.json, when the source is a run.
+        manifest: the run's manifest (training split for calibration), if any.
+    """
+
+    path: Path
+    name: str
+    labels: tuple[str, ...]
+    spec: PreprocessSpec
+    task: str
+    positive_label: str | None
+    sha256: str
+    run_config: dict[str, Any] | None = None
+    manifest: Path | None = None
+
+    @property
+    def resnet_config(self) -> dict[str, Any] | None:
+        """The ResNet architecture of a malaria run (for the QAT twin), else None."""
+        preset = (self.run_config or {}).get("preset") or {}
+        return preset.get("model")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _run_dir_of(path: Path) -> Path | None:
+    """The run directory of `path` (a run dir, or a model file inside one), else None."""
+    d = path if path.is_dir() else path.parent
+    return d if (d / "config.json").is_file() else None
+
+
+def load_keras_model(path: Path):
+    """Load a .keras or Keras 2 .h5 model with safe mode on (a model file can carry no code that runs).
+
+    Raises:
+        ValueError: the file uses layers Keras does not know (custom or Lambda
+            layers), naming them.
+    """
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        hint = ""
+        if "Lambda" in msg or "safe_mode" in msg:
+            hint = " The model contains a Lambda layer (arbitrary code); safe mode refuses it. Rebuild it without Lambda."
+        elif "Unknown layer" in msg or "Could not locate class" in msg:
+            hint = " It uses a custom layer medge does not know; only built-in Keras layers can be converted."
+        raise ValueError(f"cannot load {path}: {msg.splitlines()[0] if msg else type(e).__name__}.{hint}") from e
+
+
+def load_source(
+    source: Path,
+    labels: Sequence[str] | None = None,
+    name: str | None = None,
+    spec: PreprocessSpec | None = None,
+):
+    """(keras model, Source) from a run directory, a .keras file or a .h5/.hdf5 file.
+
+    Args:
+        source: run directory, or model file.
+        labels: class names, required when the source carries none; must
+            match the run's labels when it does.
+        name: model name for artifact files (default: run directory name or file stem).
+        spec: preprocessing for a bare model file (default: the malaria spec, 64x64 RGB /255).
+
+    Raises:
+        FileNotFoundError, ValueError: with what was received and what is accepted.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"source {source} does not exist; give a run directory, a .keras or a .h5 file")
+    if source.is_dir() and (source / "saved_model.pb").is_file():
+        raise ValueError(
+            f"{source} is a TensorFlow SavedModel; medge converts Keras models only "
+            "(.keras, Keras 2 .h5, or a run directory). Re-save it from Keras as .keras."
+        )
+    run_dir = _run_dir_of(source)
+    if source.is_dir():
+        if run_dir is None:
+            raise FileNotFoundError(f"{source} is a directory without config.json; it is not a medge run directory")
+        model_path = source / "best.keras"
+        if not model_path.is_file():
+            raise FileNotFoundError(f"{source} holds no best.keras; has training finished an epoch?")
+    else:
+        model_path = source
+        if model_path.suffix.lower() not in KERAS_SUFFIXES + H5_SUFFIXES:
+            raise ValueError(
+                f"{source.name}: unsupported model file; expected one of {KERAS_SUFFIXES + H5_SUFFIXES} "
+                "or a run directory"
+            )
+
+    cfg: dict[str, Any] | None = None
+    manifest = None
+    if run_dir is not None:
+        cfg = json.loads((run_dir / "config.json").read_text())
+        if cfg.get("manifest"):
+            manifest = Path(cfg["manifest"])
+    model = load_keras_model(model_path)
+
+    run_labels = list(cfg["labels"]) if cfg and cfg.get("labels") else None
+    if labels is not None and run_labels is not None and list(labels) != run_labels:
+        raise ValueError(f"--labels {list(labels)} differ from the run's labels {run_labels}; drop --labels")
+    final_labels = run_labels or (list(labels) if labels else None)
+    n_out = int(model.outputs[0].shape[-1])
+    if final_labels is None:
+        raise ValueError(
+            f"{model_path.name} carries no class names; pass --labels with {n_out} comma-separated names "
+            "in output order"
+        )
+    if len(final_labels) != n_out:
+        raise ValueError(f"{len(final_labels)} labels {final_labels} for a model with {n_out} outputs")
+
+    if cfg and cfg.get("preprocess"):
+        final_spec = PreprocessSpec.from_dict(cfg["preprocess"])
+    else:
+        final_spec = spec or MALARIA_SPEC
+    in_shape = tuple(model.inputs[0].shape[1:])
+    if None in in_shape or in_shape != final_spec.input_shape:
+        raise ValueError(
+            f"model input {in_shape} does not match the preprocessing {final_spec.input_shape} "
+            "(height, width, channels); models need a fixed input size"
+        )
+    if run_dir is not None:
+        default_name = run_dir.name if source.is_dir() or model_path.name == "best.keras" else model_path.stem
+    else:
+        default_name = model_path.stem
+    positive = (cfg or {}).get("positive_label")
+    src = Source(
+        path=model_path,
+        name=name or default_name,
+        labels=tuple(final_labels),
+        spec=final_spec,
+        task=(cfg or {}).get("task") or "classification",
+        positive_label=positive if positive in final_labels else None,
+        sha256=sha256_file(model_path),
+        run_config=cfg,
+        manifest=manifest,
+    )
+    return model, src

@@ -1,0 +1,106 @@
+"""TFLite (LiteRT) exporters: float32, float16, dynamic-range int8, full int8.
+
+Each writes the raw flatbuffer to `dest` and returns what it did to the
+numbers (the `quantization` field of the artifact metadata).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+
+def representative(x: np.ndarray) -> Callable[[], Iterator[list[np.ndarray]]]:
+    """The converter's representative dataset: one real image at a time."""
+
+    def gen():
+        for i in range(len(x)):
+            yield [x[i: i + 1].astype(np.float32)]
+
+    return gen
+
+
+def convert_keras(model, configure: Callable[[Any], None] | None = None) -> bytes:
+    """Run `tf.lite.TFLiteConverter` on a Keras model, with `configure(converter)` applied first.
+
+    Raises:
+        ValueError: the converter refused the model; its message names the ops.
+    """
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if configure is not None:
+        configure(conv)
+    # Keras 3's export path prints every captured variable; keep the terminal for results.
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            return conv.convert()
+    except Exception as e:  # the converter raises ConverterError and friends
+        msg = str(e)
+        ops = [l.strip() for l in msg.splitlines() if "op" in l.lower() and ("not supported" in l or "tf." in l)]
+        detail = "; ".join(ops[:5]) if ops else msg.splitlines()[0] if msg else type(e).__name__
+        raise ValueError(f"TFLite converter failed: {detail}") from e
+
+
+def _write(dest: Path, data: bytes) -> None:
+    Path(dest).write_bytes(data)
+
+
+def export_float32(job, fmt, dest: Path) -> dict[str, Any]:
+    _write(dest, convert_keras(job.model))
+    return {}
+
+
+def export_float16(job, fmt, dest: Path) -> dict[str, Any]:
+    import tensorflow as tf
+
+    def cfg(c):
+        c.optimizations = [tf.lite.Optimize.DEFAULT]
+        c.target_spec.supported_types = [tf.float16]
+
+    _write(dest, convert_keras(job.model, cfg))
+    return {"weights": "float16", "activations": "float32"}
+
+
+def export_dynamic(job, fmt, dest: Path) -> dict[str, Any]:
+    import tensorflow as tf
+
+    def cfg(c):
+        c.optimizations = [tf.lite.Optimize.DEFAULT]
+
+    _write(dest, convert_keras(job.model, cfg))
+    return {"weights": "int8 per-channel", "activations": "float32 (quantized on the fly by hybrid kernels)"}
+
+
+def int8_config(calib: np.ndarray, int8_io: bool) -> Callable[[Any], None]:
+    """Converter settings for full integer quantization calibrated on `calib`."""
+    import tensorflow as tf
+
+    def cfg(c):
+        c.optimizations = [tf.lite.Optimize.DEFAULT]
+        c.representative_dataset = representative(calib)
+        # Fail rather than silently leave float ops in an "int8" model.
+        c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if int8_io:
+            c.inference_input_type = tf.int8
+            c.inference_output_type = tf.int8
+
+    return cfg
+
+
+def export_int8(job, fmt, dest: Path) -> dict[str, Any]:
+    calib = job.calibration()
+    _write(dest, convert_keras(job.model, int8_config(calib.x, job.options.int8_io)))
+    return {
+        "weights": "int8 per-channel",
+        "activations": "int8",
+        "io": "int8" if job.options.int8_io else "float32",
+        "quantizer": "tf.lite.TFLiteConverter (post-training, MinMax calibration)",
+        "calibration_images": len(calib),
+        "calibration_from": calib.origin,
+    }

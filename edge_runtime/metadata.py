@@ -1,0 +1,316 @@
+"""What every medge artifact says about itself, and how to read and write it without TensorFlow.
+
+`python -m convert` embeds one `ArtifactMetadata` in each file it makes:
+
+- `.tflite`: a flatbuffer `Model.metadata` entry named `medge` whose buffer
+  holds the UTF-8 JSON (the TFLite schema's own slot for such data; LiteRT
+  ignores entries it does not know). Read and written here with the schema
+  that ships with `ai_edge_litert` (`schema_py_generated`) and `flatbuffers`.
+- `.onnx` / `.ort`: the model's `metadata_props` under the key `medge`, read
+  through onnxruntime's `get_modelmeta().custom_metadata_map`.
+- every artifact also gets a sidecar `<artifact stem>.json` with the same
+  dictionary, for tools that cannot open the model file.
+
+    python -m convert inspect runs/malaria-edge/export/malaria-edge_tflite-int8.tflite
+
+Nothing here imports TensorFlow or Keras; a test checks that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+from edge_runtime.spec import PreprocessSpec
+
+PathLike = Union[str, os.PathLike]
+
+SCHEMA = "medge-artifact/1"
+# Name of the metadata entry (TFLite) and of the metadata_props key (ONNX).
+METADATA_KEY = "medge"
+TFLITE_IDENTIFIER = b"TFL3"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One model input or output as the runtime sees it.
+
+    Attributes:
+        name: tensor name in the artifact.
+        shape: shape with -1 for a dynamic (batch) dimension.
+        dtype: numpy dtype name, e.g. "float32", "int8", "uint8".
+        scale, zero_point: affine quantization (`real = scale * (q - zero_point)`)
+            when `dtype` is an integer type, else None.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float | None = None
+    zero_point: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TensorInfo":
+        return cls(**_known(cls, d, "tensor"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactMetadata:
+    """The contract a device needs to use an exported model correctly.
+
+    Attributes:
+        model: model name used in file names (`{model}_{format}.{ext}`).
+        task: what the model does, e.g. "malaria" or "oct".
+        labels: class names in output order.
+        preprocess: how an image becomes the input tensor.
+        format: row of the convert format table, e.g. "tflite-int8".
+        precision: "float32", "float16", "dynamic-int8" or "int8".
+        input, output: the runtime-visible tensors (dtype and quantization).
+        quantization: how weights/activations were quantized (empty for float):
+            e.g. {"weights": "int8 per-channel", "activations": "uint8",
+            "calibration": "minmax", "calibration_images": 300}.
+        output_kind: "probabilities" (softmax inside the model) or "logits".
+        positive_label: the class a screening result flags, if any.
+        source_sha256: sha256 of the Keras model file the artifact came from.
+        source_name: that file's name.
+        medge_version: version of the toolchain that wrote the artifact.
+        created: ISO 8601 UTC time of export.
+        tools: versions of the converters used.
+        schema: metadata schema id; readers refuse an unknown major version.
+    """
+
+    model: str
+    task: str
+    labels: tuple[str, ...]
+    preprocess: PreprocessSpec
+    format: str
+    precision: str
+    input: TensorInfo
+    output: TensorInfo
+    quantization: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    output_kind: str = "probabilities"
+    positive_label: str | None = None
+    source_sha256: str = ""
+    source_name: str = ""
+    medge_version: str = ""
+    created: str = ""
+    tools: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    schema: str = SCHEMA
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(str(l) for l in self.labels))
+        if not self.labels:
+            raise ValueError("metadata needs at least one label")
+        if self.positive_label is not None and self.positive_label not in self.labels:
+            raise ValueError(f"positive_label {self.positive_label!r} is not among labels {list(self.labels)}")
+        if self.schema.split(".")[0] != SCHEMA:  # "medge-artifact/1.x" stays readable
+            raise ValueError(f"metadata schema {self.schema!r} is not {SCHEMA!r}; upgrade medge to read this artifact")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "model": self.model,
+            "task": self.task,
+            "labels": list(self.labels),
+            "positive_label": self.positive_label,
+            "preprocess": self.preprocess.to_dict(),
+            "format": self.format,
+            "precision": self.precision,
+            "input": self.input.to_dict(),
+            "output": self.output.to_dict(),
+            "output_kind": self.output_kind,
+            "quantization": dict(self.quantization),
+            "source_sha256": self.source_sha256,
+            "source_name": self.source_name,
+            "medge_version": self.medge_version,
+            "created": self.created,
+            "tools": dict(self.tools),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ArtifactMetadata":
+        d = _known(cls, d, "artifact metadata")
+        d["preprocess"] = PreprocessSpec.from_dict(d["preprocess"])
+        d["input"] = TensorInfo.from_dict(d["input"])
+        d["output"] = TensorInfo.from_dict(d["output"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ArtifactMetadata":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"medge metadata is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+def _known(cls, d: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Copy of `d` after checking it holds no key the dataclass does not know."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {what} keys {sorted(unknown)}; known: {sorted(known)}")
+    return dict(d)
+
+
+class MetadataNotFound(LookupError):
+    """The file is a model but carries no medge metadata."""
+
+
+# ---------------------------------------------------------------- TFLite
+
+
+def _schema():
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "reading .tflite metadata needs ai-edge-litert (its flatbuffer schema): pip install 'medge[edge]'"
+        ) from None
+    return schema
+
+
+def _check_tflite(buf: bytes, where: str) -> None:
+    if len(buf) < 8 or buf[4:8] != TFLITE_IDENTIFIER:
+        raise ValueError(f"{where} is not a TFLite flatbuffer (no 'TFL3' identifier)")
+
+
+def tflite_metadata_entries(model: bytes | bytearray) -> dict[str, bytes]:
+    """All `Model.metadata` entries of a .tflite flatbuffer: name -> buffer bytes."""
+    schema = _schema()
+    buf = bytes(model)
+    _check_tflite(buf, "model")
+    m = schema.Model.GetRootAs(buf, 0)
+    out: dict[str, bytes] = {}
+    for i in range(m.MetadataLength()):
+        entry = m.Metadata(i)
+        name = (entry.Name() or b"").decode("utf-8", "replace")
+        b = m.Buffers(entry.Buffer())
+        if b.Offset() > 1:  # >2 GB models keep buffers after the flatbuffer
+            out[name] = buf[b.Offset(): b.Offset() + b.Size()]
+        else:
+            out[name] = b.DataAsNumpy().tobytes() if not b.DataIsNone() else b""
+    return out
+
+
+def embed_tflite(model: bytes | bytearray, meta: ArtifactMetadata) -> bytes:
+    """The .tflite bytes with `meta` as the `medge` metadata entry (replacing an older one).
+
+    Other entries (the converter's `min_runtime_version`, `CONVERSION_METADATA`)
+    are kept.
+    """
+    import flatbuffers
+
+    schema = _schema()
+    buf = bytes(model)
+    _check_tflite(buf, "model")
+    m = schema.ModelT.InitFromPackedBuf(bytearray(buf), 0)
+    if any(b.offset > 1 for b in (m.buffers or [])):
+        raise ValueError("models over 2 GB (buffers outside the flatbuffer) are not supported for metadata embedding")
+    import numpy as np
+
+    payload = np.frombuffer(meta.to_json().encode("utf-8"), dtype=np.uint8)
+    m.buffers = list(m.buffers or [])
+    m.metadata = [e for e in (m.metadata or []) if _name(e.name) != METADATA_KEY]
+    buffer = schema.BufferT()
+    buffer.data = payload
+    m.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = METADATA_KEY
+    entry.buffer = len(m.buffers) - 1
+    m.metadata.append(entry)
+    builder = flatbuffers.Builder(len(buf) + len(payload) + 1024)
+    builder.Finish(m.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def _name(n: Any) -> str:
+    return n.decode("utf-8") if isinstance(n, (bytes, bytearray)) else str(n)
+
+
+def read_tflite(path_or_bytes: PathLike | bytes) -> ArtifactMetadata:
+    """The medge metadata embedded in a .tflite file (path or bytes)."""
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        buf, where = bytes(path_or_bytes), "model"
+    else:
+        buf, where = Path(path_or_bytes).read_bytes(), str(path_or_bytes)
+    _check_tflite(buf, where)
+    entries = tflite_metadata_entries(buf)
+    if METADATA_KEY not in entries:
+        raise MetadataNotFound(
+            f"{where} has no '{METADATA_KEY}' metadata entry (entries: {sorted(entries)}); "
+            "export it with `python -m convert` or read its sidecar .json"
+        )
+    return ArtifactMetadata.from_json(entries[METADATA_KEY])
+
+
+# ---------------------------------------------------------------- ONNX / ORT
+
+
+def read_onnx(path: PathLike) -> ArtifactMetadata:
+    """The medge metadata of a .onnx or .ort file, read with onnxruntime."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - depends on the install
+        raise ImportError("reading .onnx/.ort metadata needs onnxruntime: pip install 'medge[edge]'") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    props = sess.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in props:
+        raise MetadataNotFound(
+            f"{path} has no '{METADATA_KEY}' metadata_props entry (keys: {sorted(props)}); "
+            "export it with `python -m convert` or read its sidecar .json"
+        )
+    return ArtifactMetadata.from_json(props[METADATA_KEY])
+
+
+def sidecar_path(artifact: PathLike) -> Path:
+    """`model_tflite-int8.tflite` -> `model_tflite-int8.json` (one sidecar per artifact)."""
+    return Path(artifact).with_suffix(".json")
+
+
+def read_sidecar(artifact: PathLike) -> ArtifactMetadata:
+    p = sidecar_path(artifact)
+    if not p.is_file():
+        raise FileNotFoundError(f"no sidecar {p} next to {artifact}")
+    return ArtifactMetadata.from_json(p.read_text())
+
+
+READERS = {".tflite": read_tflite, ".onnx": read_onnx, ".ort": read_onnx}
+
+
+def read_metadata(path: PathLike) -> ArtifactMetadata:
+    """The metadata embedded in an artifact, chosen by file suffix (.tflite, .onnx, .ort).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unknown suffix, or metadata that does not parse.
+        MetadataNotFound: the file carries no medge metadata.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"cannot read metadata from {path.name}: suffix must be one of {sorted(READERS)}")
+    return reader(path)
