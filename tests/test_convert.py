@@ -1,0 +1,363 @@
+"""convert/: every row of the format table exported from a tiny trained ResNet, reloaded and checked against Keras.
+
+Tolerances (stated once, used below):
+- float rows: max |prob - keras prob| within the row's `max_abs_diff`
+  (1e-4 for float32, 2e-2 for float16) on real sample cells;
+- quantized rows: top-1 agreement >= 0.9 and max |dprob| <= 0.25 on 60 real
+  cells. The tiny model (3 epochs on 280 cells) is barely better than chance,
+  so its probabilities sit near 0.5 where int8 rounding flips decisions more
+  often than on a trained model; the real edge model is held to 0.98.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convert.formats import FORMATS, parse_formats
+from edge_runtime.metadata import (
+    ArtifactMetadata,
+    MetadataNotFound,
+    TensorInfo,
+    read_metadata,
+    read_sidecar,
+    sidecar_path,
+    tflite_metadata_entries,
+)
+from edge_runtime.spec import MALARIA_SPEC
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "tests" / "data" / "malaria_sample"
+QUANT_MIN_AGREEMENT = 0.9
+QUANT_MAX_ABS_DIFF = 0.25
+CALIB_N, EVAL_N = 64, 60
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A `tiny` malaria run trained 3 epochs on the bundled sample (~15 s on 2 cores)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from train.fit import train_malaria
+    from train.split import build_split, write_manifest
+
+    base = tmp_path_factory.mktemp("convert")
+    manifest = base / "sample.csv"
+    write_manifest(build_split(SAMPLE, progress=False).records, manifest)
+    run = train_malaria(manifest, "tiny", base / "run", epochs=3, verbose=0)
+    return run
+
+
+@pytest.fixture(scope="session")
+def model(tiny_run):
+    from convert.sources import load_keras_model
+
+    return load_keras_model(tiny_run / "best.keras")
+
+
+def _options(**kw):
+    from convert.export import Options
+
+    base = dict(calib_n=CALIB_N, eval_n=EVAL_N, qat_epochs=1, qat_learning_rate=1e-4,
+                min_agreement=QUANT_MIN_AGREEMENT)
+    base.update(kw)
+    return Options(**base)
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run, tmp_path_factory):
+    """Every row of the table exported once (~50 s, most of it the QAT process)."""
+    from convert.export import run_export
+
+    out = tmp_path_factory.mktemp("export")
+    report = run_export(tiny_run, out, list(FORMATS.values()), _options(), log=lambda *a: None)
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def proof_images(tiny_run):
+    from convert.data import load_sets
+    from convert.sources import load_source
+
+    _, src = load_source(tiny_run)
+    _, proof, _ = load_sets(src.manifest, src.labels, src.spec, CALIB_N, EVAL_N, 0, need_calib=False)
+    return proof
+
+
+# ---------------------------------------------------------------- the table (no TensorFlow)
+
+
+def test_format_table_is_one_keyed_table():
+    assert list(FORMATS) == ["tflite-float32", "tflite-float16", "tflite-dynamic", "tflite-int8",
+                             "tflite-qat-int8", "onnx-float32", "onnx-int8", "ort-int8"]
+    for name, f in FORMATS.items():
+        assert f.name == name
+        assert f.filename("m") == f"m_{name}{f.ext}"
+        assert f.runtime in ("litert", "onnxruntime")
+        assert f.is_float == f.precision.startswith("float")
+    assert [f.name for f in parse_formats("all")] == list(FORMATS)
+    # Table order, whatever order the user typed.
+    assert [f.name for f in parse_formats("onnx-int8,tflite-float32")] == ["tflite-float32", "onnx-int8"]
+    with pytest.raises(ValueError, match="tflite-int8"):
+        parse_formats("tflite-int4")
+
+
+def test_format_table_imports_nothing_heavy():
+    code = ("import sys, convert, convert.formats, edge_runtime.metadata; "
+            "heavy = [m for m in ('tensorflow', 'keras', 'tf2onnx', 'onnx') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_metadata_dataclass_round_trip():
+    meta = ArtifactMetadata(
+        model="m", task="malaria", labels=("Parasitized", "Uninfected"), preprocess=MALARIA_SPEC,
+        format="tflite-int8", precision="int8",
+        input=TensorInfo("image", (-1, 64, 64, 3), "int8", 1 / 255, -128),
+        output=TensorInfo("probs", (-1, 2), "float32"),
+        quantization={"weights": "int8 per-channel"}, positive_label="Parasitized", source_sha256="ab" * 32,
+    )
+    assert ArtifactMetadata.from_json(meta.to_json()) == meta
+    assert meta.input.quantized and not meta.output.quantized
+    with pytest.raises(ValueError, match="unknown artifact metadata keys"):
+        ArtifactMetadata.from_dict({**meta.to_dict(), "colour": "red"})
+    with pytest.raises(ValueError, match="schema"):
+        ArtifactMetadata.from_dict({**meta.to_dict(), "schema": "medge-artifact/2"})
+    with pytest.raises(ValueError, match="positive_label"):
+        ArtifactMetadata.from_dict({**meta.to_dict(), "positive_label": "Healthy"})
+
+
+# ---------------------------------------------------------------- every row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_row_exported_and_proven(name, exported, tiny_run, model, proof_images):
+    from convert import verify
+    from convert.sources import sha256_file
+
+    out, report = exported
+    fmt = FORMATS[name]
+    row = next(r for r in report["rows"] if r["format"] == name)
+    assert row["status"] == "ok", row.get("error")
+    path = out / row["file"]
+    assert path.name == f"run_{name}{fmt.ext}" and path.is_file()
+
+    # Reload with the device runtime and compare with Keras independently of the exporter's own check.
+    keras_probs = model.predict(proof_images.x, verbose=0)
+    probs = verify.predict(path, fmt.runtime, proof_images.x)
+    cmp = verify.compare(keras_probs, probs, proof_images.y)
+    assert cmp["images"] == EVAL_N
+    if fmt.is_float:
+        assert cmp["max_abs_diff"] <= fmt.max_abs_diff
+        assert cmp["top1_agreement"] == 1.0
+    else:
+        assert cmp["top1_agreement"] >= QUANT_MIN_AGREEMENT
+        assert cmp["max_abs_diff"] <= QUANT_MAX_ABS_DIFF
+    assert row["top1_agreement"] == pytest.approx(cmp["top1_agreement"])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=0.02)
+
+    # Metadata: embedded == sidecar, and it describes this file and this run.
+    meta = read_metadata(path)
+    assert meta == read_sidecar(path)
+    assert meta.format == name and meta.precision == fmt.precision
+    assert meta.labels == ("Parasitized", "Uninfected") and meta.positive_label == "Parasitized"
+    assert meta.preprocess == MALARIA_SPEC
+    assert meta.task == "malaria" and meta.output_kind == "probabilities"
+    assert meta.source_sha256 == sha256_file(tiny_run / "best.keras")
+    assert meta.input.shape[1:] == (64, 64, 3) and meta.output.shape[-1] == 2
+    assert meta.input.dtype == "float32"
+    assert meta.medge_version and meta.created and meta.tools["tensorflow"]
+    if not fmt.is_float:
+        assert meta.quantization["weights"]
+    if fmt.calibrated:
+        assert meta.quantization["calibration_images"] == CALIB_N
+        assert "train split" in meta.quantization["calibration_from"]
+
+
+@pytest.mark.slow
+def test_conversion_report(exported):
+    out, report = exported
+    on_disk = json.loads((out / "conversion.json").read_text())
+    assert on_disk["ok"] is True and [r["format"] for r in on_disk["rows"]] == list(FORMATS)
+    assert on_disk["proof"]["images"] == EVAL_N and "test split" in on_disk["proof"]["from"]
+    assert on_disk["calibration"]["images"] == CALIB_N
+    # Sizes: int8 weights are smaller than float32 ones.
+    size = {r["format"]: r["size_bytes"] for r in on_disk["rows"]}
+    assert size["tflite-int8"] < size["tflite-float32"] and size["tflite-float16"] < size["tflite-float32"]
+    onnx_q = next(r for r in on_disk["rows"] if r["format"] == "onnx-int8")["quantization"]
+    assert onnx_q["activations"] in ("uint8", "int8") and onnx_q["activation_choice"] == "measured"
+    assert set(onnx_q["latency_ms_batch1_1thread"]) == {"uint8", "int8", "float32"}
+    qat = next(r for r in on_disk["rows"] if r["format"] == "tflite-qat-int8")["quantization"]
+    assert qat["twin_max_abs_diff"] < 1e-4 and len(qat["qat_history"]["loss"]) == 1
+    # No temp files left behind, nothing but artifacts, sidecars and the report.
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith(".")]
+    assert len(names) == 2 * len(FORMATS) + 1
+    # Ordinary permissions, not mkstemp's 0600.
+    assert all(p.stat().st_mode & 0o044 for p in out.iterdir())
+
+
+@pytest.mark.slow
+def test_inspect_cli_and_reader_without_tensorflow(exported, capsys):
+    from convert.cli import main
+
+    out, _ = exported
+    tfl = out / "run_tflite-int8.tflite"
+    assert main(["inspect", str(tfl), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "tflite-int8"
+    assert main(["inspect", str(out / "run_ort-int8.ort")]) == 0
+    assert "format: ort-int8" in capsys.readouterr().out
+    code = ("import sys; from edge_runtime.metadata import read_metadata; "
+            f"ms = [read_metadata(p) for p in {[str(p) for p in sorted(out.glob('run_*')) if p.suffix != '.json']}]; "
+            "assert len(ms) == 8; "
+            "heavy = [m for m in ('tensorflow', 'keras') if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_tflite_metadata_embedding_keeps_model_and_converter_entries(exported, model, proof_images, tmp_path):
+    import dataclasses
+
+    from convert import verify
+    from convert.tflite import convert_keras
+    from edge_runtime.metadata import embed_tflite, read_tflite
+
+    out, _ = exported
+    path = out / "run_tflite-float32.tflite"
+    raw = path.read_bytes()
+    entries = tflite_metadata_entries(raw)
+    assert "medge" in entries and "min_runtime_version" in entries
+    renamed = dataclasses.replace(read_metadata(path), model="renamed")
+    again = tmp_path / "again.tflite"
+    again.write_bytes(embed_tflite(raw, renamed))
+    assert list(tflite_metadata_entries(again.read_bytes())).count("medge") == 1
+    assert read_metadata(again) == renamed
+    x = proof_images.x[:4]
+    np.testing.assert_array_equal(verify.predict(path, "litert", x), verify.predict(again, "litert", x))
+    with pytest.raises(MetadataNotFound, match="sidecar"):
+        read_tflite(convert_keras(model))
+    with pytest.raises(ValueError, match="TFLite"):
+        read_tflite(b"not a flatbuffer at all")
+
+
+# ---------------------------------------------------------------- safety
+
+
+@pytest.mark.slow
+def test_interrupted_export_leaves_nothing(tiny_run, tmp_path, monkeypatch):
+    import convert.tflite
+    from convert.export import run_export
+
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".run_tflite-float32.tmp-abc123.tflite"  # what a SIGKILL'd earlier export leaves
+    stale.write_bytes(b"half")
+
+    def interrupted(job, fmt, dest):
+        Path(dest).write_bytes(b"TFL3 half written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert.tflite, "export_float32", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_export(tiny_run, out, parse_formats("tflite-float32"), _options(), log=lambda *a: None)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_failing_row_does_not_stop_the_others(tiny_run, tmp_path, monkeypatch, capsys):
+    import convert.tflite
+    from convert.cli import main
+
+    def broken(job, fmt, dest):
+        raise RuntimeError("converter exploded")
+
+    monkeypatch.setattr(convert.tflite, "export_float16", broken)
+    out = tmp_path / "out"
+    args = [str(tiny_run), "--out", str(out), "--formats", "tflite-float16,tflite-float32,onnx-float32",
+            "--eval-n", "20"]
+    assert main(args) == 1
+    text = capsys.readouterr().out
+    assert "SOME ROWS FAILED" in text and "converter exploded" in text
+    report = json.loads((out / "conversion.json").read_text())
+    status = {r["format"]: r["status"] for r in report["rows"]}
+    assert status == {"tflite-float16": "failed", "tflite-float32": "ok", "onnx-float32": "ok"}
+    assert not (out / "run_tflite-float16.tflite").exists() and (out / "run_onnx-float32.onnx").is_file()
+
+    # Existing files are not overwritten without --force (exit 2, nothing touched) ...
+    before = (out / "run_tflite-float32.tflite").stat().st_mtime_ns
+    assert main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "run_tflite-float32.tflite").stat().st_mtime_ns == before
+    # ... and are with it.
+    monkeypatch.undo()
+    assert main(args + ["--force"]) == 0
+
+
+@pytest.mark.slow
+def test_threshold_fails_row_unless_allow_drop(tiny_run, tmp_path):
+    from convert.export import run_export
+
+    fmts = parse_formats("tflite-dynamic")
+    strict = run_export(tiny_run, tmp_path / "a", fmts, _options(min_agreement=1.01), log=lambda *a: None)
+    assert strict["ok"] is False and strict["rows"][0]["status"] == "failed"
+    assert "agreement" in strict["rows"][0]["error"] and not (tmp_path / "a" / "run_tflite-dynamic.tflite").exists()
+    kept = run_export(tiny_run, tmp_path / "b", fmts, _options(min_agreement=1.01, allow_drop=True),
+                      log=lambda *a: None)
+    assert kept["ok"] is True and kept["rows"][0]["status"] == "kept-below-threshold"
+    assert (tmp_path / "b" / "run_tflite-dynamic.tflite").is_file()
+
+
+# ---------------------------------------------------------------- other sources
+
+
+@pytest.mark.slow
+def test_legacy_h5_source(tiny_run, model, tmp_path):
+    """A Keras 2 (tf-keras) .h5 file converts; it needs --labels and cannot do QAT (no architecture)."""
+    import tf_keras
+
+    from convert.export import run_export
+    from train.models import build_resnet
+    from train.presets import MALARIA_PRESETS
+
+    twin = build_resnet(MALARIA_PRESETS["tiny"].model, (64, 64, 3), 2, keras_module=tf_keras, name="legacy")
+    twin.set_weights(model.get_weights())
+    h5 = tmp_path / "legacy_2018.h5"
+    twin.save(h5)
+    manifest = json.loads((tiny_run / "config.json").read_text())["manifest"]
+
+    with pytest.raises(ValueError, match="--labels"):
+        run_export(h5, tmp_path / "x", parse_formats("tflite-float32"), _options(calib=Path(manifest)))
+    report = run_export(h5, tmp_path / "out", parse_formats("tflite-float32,onnx-float32,tflite-qat-int8"),
+                        _options(calib=Path(manifest)), labels=["Parasitized", "Uninfected"], log=lambda *a: None)
+    status = {r["format"]: r for r in report["rows"]}
+    assert status["tflite-float32"]["status"] == "ok" and status["onnx-float32"]["status"] == "ok"
+    assert status["tflite-float32"]["max_abs_diff"] <= FORMATS["tflite-float32"].max_abs_diff
+    assert status["tflite-qat-int8"]["status"] == "failed" and "run directory" in status["tflite-qat-int8"]["error"]
+    meta = read_metadata(tmp_path / "out" / "legacy_2018_tflite-float32.tflite")
+    assert meta.labels == ("Parasitized", "Uninfected") and meta.source_name == "legacy_2018.h5"
+    assert meta.task == "classification" and sidecar_path(tmp_path / "out" / "legacy_2018_tflite-float32.tflite").is_file()
+
+
+def test_bad_sources_say_what_to_do(tmp_path):
+    from convert.sources import load_source
+
+    with pytest.raises(FileNotFoundError, match="run directory"):
+        load_source(tmp_path / "missing.keras")
+    (tmp_path / "sm").mkdir()
+    (tmp_path / "sm" / "saved_model.pb").write_bytes(b"")
+    with pytest.raises(ValueError, match="SavedModel"):
+        load_source(tmp_path / "sm")
+    (tmp_path / "model.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=".keras"):
+        load_source(tmp_path / "model.pt")
