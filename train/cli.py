@@ -1,9 +1,10 @@
-"""`python -m train <command>`: split, malaria, evaluate, demo.
+"""`python -m train <command>`: split, malaria, evaluate, demo, oct.
 
     python -m train split --data DIR --out MANIFEST.csv [--mode patient|random]
     python -m train malaria --manifest MANIFEST.csv --preset edge --out RUN
     python -m train evaluate RUN --manifest MANIFEST.csv --split test --out RUN/eval
     python -m train demo [--out runs/demo]
+    python -m train oct synth|extract|head|fuse|gradcam|predict ...   (see train/oct_cli.py)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from train import oct_cli
 from train.presets import MALARIA_PRESETS
 
 
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--data", type=Path, default=Path(__file__).resolve().parent.parent / "tests/data/malaria_sample")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
     d.add_argument("--epochs", type=int, default=8)
+
+    oct_cli.add_parser(sub)
     return p.parse_args(argv)
 
 
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             from train import demo
 
             return demo.run(args.data, args.out, args.epochs)
+        if args.command == "oct":
+            return oct_cli.run(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

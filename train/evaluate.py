@@ -62,6 +62,18 @@ def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: st
     plt.close(fig)
 
 
+def _resolve(run: Path) -> tuple[Path, Path]:
+    """(run dir, model file); a run's config may name its image->probabilities model (`model_file`, OCT runs)."""
+    run = Path(run)
+    if run.is_dir() and (run / runs.CONFIG).is_file():
+        name = runs.read_config(run).get("model_file")
+        if name:
+            if not (run / name).is_file():
+                raise FileNotFoundError(f"{run} holds no {name} (its config's model_file); has training finished?")
+            return run, run / name
+    return runs.resolve_run(run)
+
+
 def evaluate_run(
     run: Path,
     manifest: Path | None = None,
@@ -71,7 +83,7 @@ def evaluate_run(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Evaluate and write the report folder; return the report dict."""
-    run_dir, model_path = runs.resolve_run(run)
+    run_dir, model_path = _resolve(run)
     cfg = runs.read_config(run_dir)
     labels = cfg["labels"]
     spec = PreprocessSpec.from_dict(cfg["preprocess"])
@@ -103,12 +115,25 @@ def evaluate_run(
         "patients": len({r.patient for r in records}),
         "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
+    from train.oct import SYNTHETIC_NOTE, any_synthetic, referral_markdown, referral_metrics
+
+    if cfg.get("referral"):  # OCT: Kermany et al.'s urgent / routine / observation view
+        report["referral"] = referral_metrics(y_true, probs.argmax(axis=1), labels, cfg["referral"])
+    synthetic = bool(cfg.get("synthetic")) or any_synthetic(r.path for r in records)
+    if synthetic:
+        report["synthetic"] = True
+        report["synthetic_note"] = SYNTHETIC_NOTE
 
     out = Path(out) if out is not None else run_dir / f"eval-{split_name}"
     out.mkdir(parents=True, exist_ok=True)
     runs.write_json(out / "report.json", report)
     title = f"{model_path.parent.name}: {split_name} ({report['n_images']} images, {report['patients']} patients)"
-    runs.atomic_write_text(out / "report.md", markdown_report(report, title))
+    md = markdown_report(report, title)
+    if "referral" in report:
+        md += "\n" + referral_markdown(report["referral"])
+    if synthetic:
+        md = f"> {SYNTHETIC_NOTE}\n\n" + md
+    runs.atomic_write_text(out / "report.md", md)
     plot_confusion(report["confusion_matrix"], labels, out / "confusion_matrix.png", title)
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -126,4 +151,10 @@ def format_report(report: dict[str, Any]) -> str:
     """The Markdown report plus where the files are, for the terminal."""
     text = markdown_report(report, f"{Path(report['model']).parent.name} on {report['n_images']} images "
                                    f"from {report['patients']} patients")
+    if "referral" in report:
+        from train.oct import referral_markdown
+
+        text += "\n" + referral_markdown(report["referral"])
+    if report.get("synthetic"):
+        text = f"> {report['synthetic_note']}\n\n" + text
     return text + f"\nreport.json, report.md, confusion_matrix.png, misclassified.csv in {report['out']}\n"
