@@ -1,0 +1,136 @@
+"""Write the OCT head's weights for on-device Grad-CAM: `{model}_gradcam.npz` beside the artifacts.
+
+    python -m convert.gradcam_export runs/oct-head --out runs/oct-head/export [--name oct-head]
+    python -m convert.gradcam_export fused.keras --out export --name oct
+
+The device (`edge_runtime.gradcam`) computes the Grad-CAM gradient in closed
+form from these arrays and reads the features from the fused .tflite, so it
+never needs TensorFlow. The file holds plain float32 arrays and one JSON
+string (`np.load(..., allow_pickle=False)` reads it):
+
+    conv_kernel (C_in, F), conv_bias (F,)      the head's 1x1 conv
+    bn_scale, bn_shift (F,)                    its inference batch norm folded to s * a + t
+    dense_kernel (H*W*F, classes), dense_bias  the softmax layer after flatten
+    info                                       schema, labels, feature shape, source sha256
+
+`export_head_weights(model, path, labels, source_sha256)` is what `convert`
+calls for an OCT source (hook: after the rows in `convert.export.run_export`,
+when `src.task == "oct"`); `source_sha256` must be the hash the artifacts'
+metadata records, so the device can refuse weights from another model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+SCHEMA = "medge-gradcam/1"
+SKIPPED = ("Dropout", "SpatialDropout2D", "GaussianDropout", "GaussianNoise", "InputLayer")
+
+
+def find_head(model: Any) -> Any:
+    """The head of a fused base+head model (its nested model whose output is the class vector), or `model`."""
+    subs = [l for l in model.layers if hasattr(l, "layers")]
+    heads = [l for l in subs if len(l.output.shape) == 2]
+    if len(heads) == 1:
+        return heads[0]
+    return model
+
+
+def _np(w) -> np.ndarray:
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(w), dtype=np.float32)
+
+
+def head_arrays(head: Any) -> tuple[dict[str, np.ndarray], tuple[int, int, int]]:
+    """(arrays, feature shape) of a conv-BN-ReLU-(dropout)-flatten-dense-softmax head.
+
+    Raises:
+        ValueError: a head of another shape, naming what was found.
+    """
+    layers = [l for l in head.layers if l.__class__.__name__ not in SKIPPED]
+    kinds = [l.__class__.__name__ for l in layers]
+    if kinds[:1] != ["Conv2D"]:
+        raise ValueError(f"head {head.name} does not start with a Conv2D (layers: {kinds}); Grad-CAM weights "
+                         "are written for the 1x1 conv head (approach B) only")
+    conv, rest = layers[0], layers[1:]
+    if tuple(conv.kernel_size) != (1, 1) or tuple(conv.strides) != (1, 1):
+        raise ValueError(f"head conv {conv.name} is {conv.kernel_size} stride {conv.strides}, not 1x1 stride 1")
+    if conv.activation.__name__ != "linear":
+        raise ValueError(f"head conv {conv.name} has a fused {conv.activation.__name__}; expected BN then ReLU")
+    kernel = _np(conv.kernel)[0, 0]  # (C_in, F)
+    f = kernel.shape[1]
+    bias = _np(conv.bias) if conv.use_bias else np.zeros(f, np.float32)
+    scale, shift = np.ones(f, np.float32), np.zeros(f, np.float32)
+    if rest and rest[0].__class__.__name__ == "BatchNormalization":
+        bn = rest.pop(0)
+        gamma = _np(bn.gamma) if bn.scale else np.ones(f, np.float32)
+        beta = _np(bn.beta) if bn.center else np.zeros(f, np.float32)
+        scale = gamma / np.sqrt(_np(bn.moving_variance) + np.float32(bn.epsilon))
+        shift = beta - _np(bn.moving_mean) * scale
+    relu = rest.pop(0) if rest else None
+    is_relu = relu is not None and (
+        (relu.__class__.__name__ == "Activation" and relu.activation.__name__ == "relu")
+        or (relu.__class__.__name__ == "ReLU" and not relu.negative_slope and relu.max_value is None
+            and not relu.threshold))
+    if not is_relu:
+        raise ValueError(f"expected ReLU after the head's conv/BN, found {relu.__class__.__name__ if relu else None}")
+    kinds = [l.__class__.__name__ for l in rest]
+    if kinds != ["Flatten", "Dense"] or rest[1].activation.__name__ != "softmax":
+        raise ValueError(f"expected Flatten then Dense(softmax) after the ReLU, found {kinds}")
+    dense = rest[1]
+    feature_shape = tuple(int(v) for v in head.input_shape[1:])
+    arrays = {"conv_kernel": kernel, "conv_bias": bias, "bn_scale": scale.astype(np.float32),
+              "bn_shift": shift.astype(np.float32), "dense_kernel": _np(dense.kernel), "dense_bias": _np(dense.bias)}
+    return arrays, feature_shape
+
+
+def export_head_weights(model: Any, path: str | os.PathLike, labels: Sequence[str], source_sha256: str = "") -> Path:
+    """Write `path` (.npz) from a fused OCT model or its head; returns the path."""
+    arrays, feature_shape = head_arrays(find_head(model))
+    if arrays["dense_kernel"].shape[1] != len(labels):
+        raise ValueError(f"{len(labels)} labels for a head with {arrays['dense_kernel'].shape[1]} outputs")
+    info = {"schema": SCHEMA, "labels": list(labels), "feature_shape": list(feature_shape),
+            "source_sha256": source_sha256, "folded": "bn_scale = gamma / sqrt(var + eps); bn_shift = beta - mean * scale"}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, info=np.array(json.dumps(info)), **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m convert.gradcam_export", description=__doc__.split("\n")[0])
+    p.add_argument("source", type=Path, help="OCT run directory (its fused model) or a fused/head .keras file")
+    p.add_argument("--out", type=Path, required=True, help="the artifacts' folder")
+    p.add_argument("--name", help="model name of the artifacts (default: run directory name or file stem)")
+    p.add_argument("--labels", help="comma-separated class names for a bare model file")
+    args = p.parse_args(argv)
+    from convert.sources import load_keras_model, sha256_file
+
+    src = args.source
+    if src.is_dir():
+        cfg = json.loads((src / "config.json").read_text())
+        model_path, labels, name = src / cfg.get("model_file", "best.keras"), cfg["labels"], src.name
+    else:
+        model_path, labels, name = src, (args.labels or "CNV,DME,DRUSEN,NORMAL").split(","), src.stem
+    try:
+        model = load_keras_model(model_path)
+        out = export_head_weights(model, args.out / f"{args.name or name}_gradcam.npz", labels, sha256_file(model_path))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

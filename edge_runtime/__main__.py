@@ -1,0 +1,2 @@
+from edge_runtime.cli import main
+raise SystemExit(main())

@@ -1,0 +1,280 @@
+"""`python -m edge_runtime`: classify images on the device, or describe an artifact.
+
+    python -m edge_runtime predict MODEL INPUT... [--json|--csv] [--gradcam DIR] [--threads N] [--backend NAME]
+    python -m edge_runtime predict export/malaria-edge_tflite-int8.tflite slides/C100P61/ --csv > C100P61.csv
+    python -m edge_runtime predict export/oct_tflite-int8.tflite scan1.jpeg scan2.jpeg --gradcam maps/
+    python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
+
+INPUT is an image file or a folder (its images, recursively, in name order).
+A malaria model treats each folder as the cell crops of one slide and
+prints a slide summary (cells, parasitized, parasitemia %, uncertain); an OCT
+model gives each scan a referral level (urgent, routine, observation).
+Answers below the confidence threshold are "uncertain — refer".
+
+Exit codes: 0 every input classified, 1 some inputs rejected (each has an
+error record; the rest were classified), 2 bad arguments or unusable model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from edge_runtime.backends import BACKENDS, BackendError
+from edge_runtime.images import DEFAULT_MAX_PIXELS, is_image_file
+
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+
+
+def _threads(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be >= 1, got {n}")
+    return n
+
+
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"--threshold must be in [0, 1], got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m edge_runtime", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Exit codes: 0 all classified, 1 some inputs rejected, 2 usage or model error.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def runtime_args(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group("runtime")
+        g.add_argument("--backend", choices=list(BACKENDS), help="force a runtime (default: by file suffix, LiteRT first)")
+        g.add_argument("--threads", type=_threads, help="runtime threads (default: the runtime's choice)")
+
+    pr = sub.add_parser("predict", help="classify images or folders of images")
+    pr.add_argument("model", type=Path, help=".tflite, .onnx or .ort artifact made by `python -m convert`")
+    pr.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders of images")
+    out = pr.add_argument_group("output")
+    fmt = out.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_const", const="json", dest="format", help="one JSON document")
+    fmt.add_argument("--csv", action="store_const", const="csv", dest="format",
+                     help="one CSV row per input (summaries go to stderr)")
+    out.add_argument("--gradcam", type=Path, metavar="DIR",
+                     help="OCT models: write a Grad-CAM overlay PNG per scan into DIR")
+    out.add_argument("--head-weights", type=Path, metavar="NPZ",
+                     help="Grad-CAM head weights (default: {model}_gradcam.npz next to the artifact)")
+    out.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                     help="progress on stderr (auto: when stderr is a terminal)")
+    d = pr.add_argument_group("decision")
+    d.add_argument("--threshold", type=_fraction,
+                   help="confidence below which the answer is 'uncertain — refer' (default: from the model)")
+    d.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="reject larger images (decompression-bomb guard)")
+    runtime_args(pr)
+    pr.set_defaults(format="table")
+
+    pi = sub.add_parser("info", help="print an artifact's metadata and tensors")
+    pi.add_argument("model", type=Path)
+    pi.add_argument("--json", action="store_const", const="json", dest="format", default="table")
+    runtime_args(pi)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def expand_inputs(paths: Sequence[Path]) -> tuple[list[tuple[str, list[Path]]], list[Path]]:
+    """([(group name, files)], skipped): a folder is one group (a slide) of its images; loose files form one group.
+
+    A path given explicitly is always tried, whatever its suffix (so a wrong
+    file gets an error record); inside folders only image suffixes count.
+    """
+    groups: list[tuple[str, list[Path]]] = []
+    loose: list[Path] = []
+    skipped: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            images = [f for f in files if is_image_file(f)]
+            skipped += [f for f in files if not is_image_file(f) and not f.name.startswith(".")]
+            groups.append((str(p), images))
+        else:
+            loose.append(p)
+    if loose:
+        groups.insert(0, ("(files)", loose))
+    return groups, skipped
+
+
+class Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.done, self.t0 = total, enabled, 0, time.perf_counter()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.enabled and (self.done % 25 == 0 or self.done == self.total):
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            print(f"\r{self.done}/{self.total} images ({rate:.0f}/s)", end="" if self.done < self.total else "\n",
+                  file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- output
+
+
+def _csv(model, preds) -> str:
+    buf = io.StringIO()
+    fields = ["source", "decision", "label", "confidence", "uncertain", "referral", "error",
+              *[f"p_{l}" for l in model.labels], "preprocess_ms", "inference_ms"]
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for p in preds:
+        row = {"source": p.source, "decision": p.decision, "label": p.label,
+               "confidence": "" if p.confidence is None else f"{p.confidence:.6f}", "uncertain": int(p.uncertain),
+               "referral": p.referral or "", "error": p.error or "",
+               "preprocess_ms": p.timing.get("preprocess_ms", ""), "inference_ms": p.timing.get("inference_ms", "")}
+        for l in model.labels:
+            row[f"p_{l}"] = "" if p.probabilities is None else f"{p.probabilities[l]:.6f}"
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _table(model, preds) -> str:
+    lines = []
+    width = min(max([len(p.source) for p in preds] + [6]), 70)
+    for p in preds:
+        src = p.source if len(p.source) <= width else "..." + p.source[-(width - 3):]
+        if p.error:
+            lines.append(f"{src:<{width}}  REJECTED  {p.error}")
+        else:
+            extra = f"  referral: {p.referral}" if p.referral else ""
+            lines.append(f"{src:<{width}}  {p.decision:<18}  {p.label} {p.confidence:.3f}{extra}")
+    return "\n".join(lines)
+
+
+def _summary_lines(summaries: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for s in summaries:
+        if "parasitemia_percent" in s:
+            pct = "n/a" if s["parasitemia_percent"] is None else f"{s['parasitemia_percent']:.1f}%"
+            hi = "n/a" if s["parasitemia_max_percent"] is None else f"{s['parasitemia_max_percent']:.1f}%"
+            out.append(f"slide {s['slide']}: {s['cells']} cells, {s['parasitized']} parasitized, "
+                       f"{s['uncertain']} uncertain, {s['rejected']} rejected; parasitemia {pct} "
+                       f"(up to {hi} if every uncertain cell is parasitized)")
+        else:
+            out.append(f"{s['group']}: {s['scans']} scans: {s['urgent']} urgent, {s['routine']} routine, "
+                       f"{s['observation']} observation, {s['specialist review']} specialist review (uncertain), "
+                       f"{s['rejected']} rejected")
+    return out
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _load(args):
+    from edge_runtime.model import load
+
+    return load(args.model, backend=args.backend, threads=args.threads,
+                threshold=getattr(args, "threshold", None), max_pixels=getattr(args, "max_pixels", DEFAULT_MAX_PIXELS))
+
+
+def cmd_info(args) -> int:
+    model = _load(args)
+    d = model.describe()
+    if args.format == "json":
+        print(json.dumps(d, indent=2))
+    else:
+        for k, v in d.items():
+            print(f"{k:>16}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    return EXIT_OK
+
+
+def cmd_predict(args) -> int:
+    from edge_runtime.field import is_malaria, is_oct, oct_summary, slide_summary
+
+    t_start = time.perf_counter()
+    model = _load(args)
+    groups, skipped = expand_inputs(args.inputs)
+    total = sum(len(files) for _, files in groups)
+    for name, files in groups:
+        if not files and name != "(files)":
+            print(f"warning: no images in folder {name}", file=sys.stderr)
+    if skipped:
+        print(f"note: skipped {len(skipped)} non-image file(s) in folders, e.g. {skipped[0]}", file=sys.stderr)
+    if total == 0:
+        print("error: no images to classify", file=sys.stderr)
+        return EXIT_USAGE
+    cam = None
+    if args.gradcam is not None:
+        from edge_runtime.gradcam import GradCam
+
+        cam = GradCam(model, args.head_weights)  # refuses models it cannot explain, before any work
+    progress = Progress(total, args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
+    preds, summaries, first_ms = [], [], None
+    for name, files in groups:
+        group_preds = []
+        for p in model.iter_predict(files):
+            group_preds.append(p)
+            if first_ms is None:
+                first_ms = (time.perf_counter() - t_start) * 1e3
+            progress.step()
+        preds += group_preds
+        if is_malaria(model.metadata):
+            summaries.append({"slide": name, **slide_summary(group_preds, model.metadata.positive_label or "Parasitized")})
+        elif is_oct(model.metadata):
+            summaries.append({"group": name, **oct_summary(group_preds)})
+    if cam is not None:
+        written = cam.write_overlays([p for p in preds if p.ok], args.gradcam)
+        print(f"Grad-CAM: {len(written)} overlay(s) in {args.gradcam}", file=sys.stderr)
+    rejected = sum(not p.ok for p in preds)
+    timed = [p.timing["inference_ms"] for p in preds if p.ok]
+    stats = {
+        "inputs": len(preds), "classified": len(preds) - rejected, "rejected": rejected,
+        "uncertain": sum(p.uncertain for p in preds if p.ok),
+        "load_ms": round(model.load_ms, 2), "warmup_ms": round(model.warmup_ms, 2),
+        "first_result_ms": round(first_ms, 2) if first_ms is not None else None,
+        "inference_ms_mean": round(sum(timed) / len(timed), 3) if timed else None,
+        "total_s": round(time.perf_counter() - t_start, 3),
+    }
+    if args.format == "json":
+        doc = {"model": {k: v for k, v in model.describe().items() if k in (
+                   "file", "model", "task", "format", "precision", "backend", "runtime_version", "labels", "threshold")},
+               "results": [p.to_dict() for p in preds], "summaries": summaries, "stats": stats}
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+    elif args.format == "csv":
+        sys.stdout.write(_csv(model, preds))
+        for line in _summary_lines(summaries):
+            print(line, file=sys.stderr)
+    else:
+        print(_table(model, preds))
+        for line in _summary_lines(summaries):
+            print(line)
+        print(f"{stats['classified']}/{stats['inputs']} classified ({stats['uncertain']} uncertain, {rejected} "
+              f"rejected) with {model.path.name} on {model.backend}; {stats['inference_ms_mean']} ms per image")
+    return EXIT_REJECTED if rejected else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse: --help exits 0, bad usage 2
+        return int(e.code or 0)
+    from edge_runtime.images import ImageError
+    from edge_runtime.model import ModelError
+
+    try:
+        return cmd_info(args) if args.command == "info" else cmd_predict(args)
+    except (ModelError, BackendError, ImageError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,673 @@
+"""edge_runtime: the light package a device runs, on real cells and artifacts made by `convert`.
+
+Two ways to run this file:
+
+- In the main environment (TensorFlow installed): the artifacts are made once
+  per session from a tiny malaria run (through `convert.export.run_export`)
+  and a tiny OCT base+head model (through the TFLite converter), and the
+  tests that compare with Keras run too.
+- In an environment with only `pip install .[edge]` (no TensorFlow): set
+  `MEDGE_EDGE_ARTIFACTS=DIR` to a folder made beforehand by
+
+      python tests/test_edge_runtime.py --make-artifacts DIR
+
+  and the tests that need TensorFlow skip themselves.
+
+Tolerances, stated once:
+- float32 artifact vs Keras on the same tensors: max |dprob| <= 1e-4; on the
+  same files, each through its own pipeline (TF decode+resize vs Pillow, at
+  most 2 grey levels apart): identical top-1 and max |dprob| <= 0.02
+  (measured 0.002 on 100 real cells);
+- int8 vs float32 artifact: top-1 agreement >= 0.9, max |dprob| <= 0.25 (the
+  tiny model's probabilities sit near 0.5, see tests/test_convert.py);
+- Grad-CAM (numpy, closed form) vs tf.GradientTape on the same image: Pearson
+  correlation >= 0.99 for the float32 artifact, >= 0.95 for int8 (its
+  features carry the int8 rounding).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python tests/test_edge_runtime.py --make-artifacts`
+    sys.path.insert(0, str(ROOT))
+
+import edge_runtime  # noqa: E402
+from edge_runtime import backends  # noqa: E402
+from edge_runtime.backends import BackendError, IOSpec  # noqa: E402
+from edge_runtime.cli import main as cli_main  # noqa: E402
+from edge_runtime.field import oct_summary, referral_level, slide_summary  # noqa: E402
+from edge_runtime.model import UNCERTAIN, ModelError, Prediction, dequantize, quantize  # noqa: E402
+from edge_runtime.spec import PreprocessSpec  # noqa: E402
+
+SAMPLE = ROOT / "tests" / "data" / "malaria_sample"
+ART_ENV = "MEDGE_EDGE_ARTIFACTS"
+MALARIA_FORMATS = ("tflite-float32", "tflite-int8", "onnx-float32", "onnx-int8")
+MALARIA_FILES = {f: f"malaria_{f}{'.tflite' if f.startswith('tflite') else '.onnx'}" for f in MALARIA_FORMATS}
+INT8_IO_FILE = "malaria-io8_tflite-int8.tflite"  # int8 input and output tensors
+OCT_LABELS = ("CNV", "DME", "DRUSEN", "NORMAL")
+# A small OCT stand-in: same head as the paper's approach B, a 3-conv "base" giving 8x8x2048 features.
+OCT_SPEC = PreprocessSpec(input_size=(64, 64), color_mode="rgb", scale=1.0 / 127.5, offset=-1.0)
+OCT_FILES = {"float32": "oct_tflite-float32.tflite", "int8": "oct_tflite-int8.tflite"}
+GRADCAM_MIN_CORR = {"float32": 0.99, "int8": 0.95}
+QUANT_MIN_AGREEMENT, QUANT_MAX_ABS_DIFF = 0.9, 0.25
+HEAVY = ("tensorflow", "keras", "tf_keras")
+
+
+def cells(n: int, step: int = 1) -> list[Path]:
+    """n real cells spread over both classes and all 20 patients."""
+    files = sorted(SAMPLE.glob("*/*.png"))
+    return files[::step][:n]
+
+
+# ---------------------------------------------------------------- making the artifacts (needs TensorFlow)
+
+
+def build_oct_model(seed: int = 0):
+    """Fused tiny base + the paper's head (1x1 conv 64 no bias, BN, ReLU, dropout, flatten, dense 4 softmax).
+
+    The BN gets non-trivial moving statistics and the dense layer random
+    weights, so the Grad-CAM closed form is exercised on every term.
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    img = keras.Input((*OCT_SPEC.input_size, 3), name="image")
+    x = L.Conv2D(16, 3, strides=2, padding="same", activation="relu")(img)
+    x = L.Conv2D(32, 3, strides=2, padding="same", activation="relu")(x)
+    feats = L.Conv2D(2048, 3, strides=2, padding="same", activation="relu", name="mixed10")(x)
+    base = keras.Model(img, feats, name="inception_v3")
+    f_in = keras.Input((8, 8, 2048), name="features")
+    h = L.Conv2D(64, 1, use_bias=False, name="head_conv")(f_in)
+    h = L.BatchNormalization(name="head_bn")(h)
+    h = L.Activation("relu", name="head_relu")(h)
+    h = L.Dropout(0.5, name="head_dropout")(h)
+    h = L.Flatten(name="head_flatten")(h)
+    out = L.Dense(len(OCT_LABELS), activation="softmax", name="head_probs")(h)
+    head = keras.Model(f_in, out, name="head")
+    rng = np.random.default_rng(seed)
+    bn = head.get_layer("head_bn")
+    bn.set_weights([rng.uniform(0.5, 1.5, 64).astype("float32"), rng.normal(0, 0.3, 64).astype("float32"),
+                    rng.normal(0, 0.2, 64).astype("float32"), rng.uniform(0.05, 0.3, 64).astype("float32")])
+    dense = head.get_layer("head_probs")
+    dense.set_weights([rng.normal(0, 0.05, dense.kernel.shape).astype("float32"),
+                       rng.normal(0, 0.1, len(OCT_LABELS)).astype("float32")])
+    inp = keras.Input((*OCT_SPEC.input_size, 3), name="image")
+    return keras.Model(inp, head(base(inp)), name="oct_fused")
+
+
+def oct_scans(out: Path, n: int = 6) -> list[Path]:
+    """Synthetic grayscale B-scan-like JPEGs (layered bands with a bump), various sizes."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(n):
+        h, w = 180 + 20 * i, 240 + 30 * i
+        yy, xx = np.mgrid[0:h, 0:w]
+        band = np.sin(yy / (6 + i)) * 60 + 90
+        bump = 120 * np.exp(-(((xx - w * (0.3 + 0.1 * i)) / 25) ** 2 + ((yy - h / 2) / 15) ** 2))
+        img = np.clip(band + bump + rng.normal(0, 12, (h, w)), 0, 255).astype(np.uint8)
+        p = out / f"{OCT_LABELS[i % 4]}-{1000 + i}-1.jpeg"
+        Image.fromarray(img, "L").save(p, quality=92)
+        paths.append(p)
+    return paths
+
+
+def _oct_artifact(model, fmt: str, dest: Path, calib: np.ndarray, sha: str) -> None:
+    from convert.tflite import convert_keras, int8_config
+    from convert.verify import io_info
+    from edge_runtime.metadata import ArtifactMetadata, embed_tflite
+
+    raw = convert_keras(model, int8_config(calib, False) if fmt == "int8" else None)
+    dest.write_bytes(raw)
+    inp, out = io_info(dest, "litert")
+    meta = ArtifactMetadata(
+        model="oct", task="oct", labels=OCT_LABELS, preprocess=OCT_SPEC, format=f"tflite-{fmt}", precision=fmt,
+        input=inp, output=out, quantization={"weights": "int8 per-channel"} if fmt == "int8" else {},
+        source_sha256=sha, source_name="oct_fused.keras", medge_version=edge_runtime.__version__,
+    )
+    dest.write_bytes(embed_tflite(raw, meta))
+    dest.with_suffix(".json").write_text(meta.to_json())
+
+
+def make_artifacts(out: Path, run: Path | None = None) -> Path:
+    """Every artifact these tests read, into `out` (needs TensorFlow; ~40 s on 2 cores)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from convert.export import Options, run_export
+    from convert.formats import parse_formats
+    from convert.gradcam_export import export_head_weights
+    from convert.sources import sha256_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if run is None:
+        from train.fit import train_malaria
+        from train.split import build_split, write_manifest
+
+        manifest = out / "work" / "sample.csv"
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        write_manifest(build_split(SAMPLE, progress=False).records, manifest)
+        run = train_malaria(manifest, "tiny", out / "work" / "run", epochs=2, verbose=0)
+    quiet = dict(log=lambda *a: None)
+    opts = dict(calib_n=48, eval_n=20, min_agreement=0.0, allow_drop=True, force=True)
+    run_export(run, out, parse_formats(",".join(MALARIA_FORMATS)), Options(**opts), name="malaria", **quiet)
+    run_export(run, out, parse_formats("tflite-int8"), Options(int8_io=True, **opts), name="malaria-io8", **quiet)
+    shutil.copy(Path(run) / "best.keras", out / "malaria.keras")
+
+    model = build_oct_model()
+    keras_path = out / "oct_fused.keras"
+    model.save(keras_path)
+    sha = sha256_file(keras_path)
+    scans = oct_scans(out / "oct_scans")
+    from edge_runtime.images import load_and_preprocess
+
+    calib = np.stack([load_and_preprocess(p, OCT_SPEC) for p in scans] * 4)
+    for fmt, name in OCT_FILES.items():
+        _oct_artifact(model, fmt, out / name, calib, sha)
+    export_head_weights(model, out / "oct_gradcam.npz", OCT_LABELS, sha)
+    return out
+
+
+@pytest.fixture(scope="session")
+def art(tmp_path_factory) -> Path:
+    env = os.environ.get(ART_ENV)
+    if env:
+        p = Path(env)
+        missing = [n for n in (*MALARIA_FILES.values(), INT8_IO_FILE, *OCT_FILES.values(), "oct_gradcam.npz")
+                   if not (p / n).is_file()]
+        if missing:
+            pytest.fail(f"{ART_ENV}={p} lacks {missing}; make it with `python tests/test_edge_runtime.py "
+                        f"--make-artifacts {p}`")
+        return p
+    pytest.importorskip("tensorflow")
+    return make_artifacts(tmp_path_factory.mktemp("edge_artifacts"))
+
+
+@pytest.fixture(scope="session")
+def malaria_float(art):
+    return edge_runtime.load(art / MALARIA_FILES["tflite-float32"], threads=2)
+
+
+@pytest.fixture(scope="session")
+def malaria_int8(art):
+    return edge_runtime.load(art / MALARIA_FILES["tflite-int8"], threads=2)
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    """The CLI in a subprocess (as a user runs it): (exit code, stdout, stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    res = subprocess.run([sys.executable, "-m", "edge_runtime", *map(str, argv)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    return res.returncode, res.stdout, res.stderr
+
+
+# ---------------------------------------------------------------- light by construction
+
+
+def test_backend_table_and_errors(monkeypatch):
+    assert list(backends.BACKENDS) == ["litert", "tflite-runtime", "onnxruntime"]
+    assert backends.resolve("m.tflite").name == "litert"  # preferred when installed
+    assert backends.resolve("m.ONNX").name == "onnxruntime"
+    assert backends.resolve("m.ort").name == "onnxruntime"
+    with pytest.raises(BackendError, match=r"known: litert, tflite-runtime, onnxruntime.*medge\[edge\]"):
+        backends.resolve("m.tflite", "tensorrt")
+    with pytest.raises(BackendError, match="runs .onnx/.ort files, not .tflite"):
+        backends.resolve("m.tflite", "onnxruntime")
+    with pytest.raises(BackendError, match="must end in"):
+        backends.resolve("m.pb")
+    monkeypatch.setattr(backends.Backend, "installed", lambda self: False)
+    with pytest.raises(BackendError, match=r"no runtime for .tflite.*medge\[edge\]"):
+        backends.resolve("m.tflite")
+    with pytest.raises(BackendError, match="tflite-runtime is not installed: pip install tflite-runtime"):
+        backends.resolve("m.tflite", "tflite-runtime")
+
+
+def test_no_tensorflow_after_load_predict_and_gradcam(art):
+    """A real device session in a fresh process: load, predict real cells, OCT Grad-CAM; no TF/Keras imported."""
+    code = (
+        "import sys, edge_runtime\n"
+        "from edge_runtime.gradcam import GradCam\n"
+        f"m = edge_runtime.load({str(art / MALARIA_FILES['tflite-int8'])!r})\n"
+        f"r = m.predict({[str(p) for p in cells(4, 50)]!r})\n"
+        "assert all(p.ok for p in r), r\n"
+        "lazy = [k for k in ('onnxruntime',) if k in sys.modules]\n"
+        f"o = edge_runtime.load({str(art / OCT_FILES['int8'])!r})\n"
+        f"GradCam(o).explain(o._to_input('', {str(sorted((art / 'oct_scans').glob('*.jpeg'))[0])!r}))\n"
+        f"edge_runtime.load({str(art / MALARIA_FILES['onnx-int8'])!r}).predict({str(cells(1)[0])!r})\n"
+        f"heavy = sorted(k for k in sys.modules if k.split('.')[0] in {HEAVY!r})\n"
+        "print(heavy, lazy)\n"
+        "sys.exit(1 if heavy or lazy else 0)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------- API on real cells
+
+
+@pytest.mark.parametrize("fmt", MALARIA_FORMATS)
+def test_every_format_classifies_real_cells(art, fmt, malaria_float):
+    model = edge_runtime.load(art / MALARIA_FILES[fmt], threads=2)
+    assert model.backend == ("litert" if fmt.startswith("tflite") else "onnxruntime")
+    assert model.labels == ("Parasitized", "Uninfected") and model.task == "malaria"
+    assert model.metadata.format == fmt and model.metadata_source == "embedded"
+    assert model.warmup_ms > 0 and model.load_ms > 0
+    files = cells(40, 10)
+    preds = model.predict(files)
+    assert [p.source for p in preds] == [str(f) for f in files]
+    for p in preds:
+        assert p.ok and p.label in model.labels and p.referral is None
+        assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=0.02)
+        assert p.confidence == pytest.approx(max(p.probabilities.values()))
+        assert p.decision == (UNCERTAIN if p.confidence < model.threshold else p.label)
+        assert p.timing["inference_ms"] > 0 and p.timing["preprocess_ms"] > 0
+    ref = malaria_float.run(np.stack([malaria_float._to_input("", f) for f in files]))
+    probs = np.array([[p.probabilities[l] for l in model.labels] for p in preds])
+    if model.metadata.precision == "float32":
+        assert np.abs(probs - ref).max() < 1e-4
+    else:
+        assert (probs.argmax(1) == ref.argmax(1)).mean() >= QUANT_MIN_AGREEMENT
+        assert np.abs(probs - ref).max() <= QUANT_MAX_ABS_DIFF
+
+
+def test_int8_io_is_quantized_with_the_tensors_own_parameters(art, malaria_int8):
+    m8 = edge_runtime.load(art / INT8_IO_FILE, threads=2)
+    inp, out = m8.session.input, m8.session.output
+    assert inp.dtype == np.int8 and out.dtype == np.int8 and inp.quantized and out.quantized
+    assert m8.metadata.input.dtype == "int8" and m8.metadata.input.scale == pytest.approx(inp.scale)
+    x = np.stack([m8._to_input("", f) for f in cells(40, 10)])
+    p8, pf = m8.run(x), malaria_int8.run(x)
+    # Same quantized graph, only the I/O conversion differs: output rounding to 1/256 at most.
+    assert np.abs(p8 - pf).max() <= 2 * out.scale + 1e-6
+    assert (p8.argmax(1) == pf.argmax(1)).mean() >= 0.95
+
+
+def test_quantize_dequantize_round_trip():
+    spec = IOSpec("x", (1, 4), np.dtype(np.int8), scale=1 / 255, zero_point=-128)
+    x = np.array([0.0, 0.6, 1.0, 2.0], np.float32)
+    q = quantize(x, spec)
+    assert q.dtype == np.int8 and q.tolist() == [-128, 25, 127, 127]  # 2.0 saturates
+    np.testing.assert_allclose(dequantize(q, spec)[:3], [0.0, 153 / 255, 1.0], atol=1e-6)
+    u = IOSpec("y", (1, 2), np.dtype(np.uint8), scale=0.5, zero_point=10)
+    assert quantize(np.array([-10.0, 1.0]), u).tolist() == [0, 12]
+
+
+def test_same_preprocessing_and_predictions_as_the_keras_pipeline(art, malaria_float):
+    """Issue item 3: the training pipeline's tensors and Keras' predictions against edge_runtime's."""
+    tf = pytest.importorskip("tensorflow")
+    from train.data import decode_and_resize
+    from train.evaluate import load_model
+
+    files = cells(100, 4)
+    tf_x = np.stack([decode_and_resize(tf.constant(str(f)), malaria_float.spec).numpy() for f in files])
+    edge_x = np.stack([malaria_float._to_input("", f) for f in files])
+    assert np.abs(tf_x - edge_x).max() * 255 < 2
+    keras_p = load_model(art / "malaria.keras").predict(tf_x, verbose=0)
+    preds = malaria_float.predict(files)
+    edge_p = np.array([[p.probabilities[l] for l in malaria_float.labels] for p in preds])
+    # The artifact's numerics alone (same tensors): float32 agrees with Keras to ~1e-6.
+    assert np.abs(load_model(art / "malaria.keras").predict(edge_x, verbose=0) - edge_p).max() < 1e-4
+    # The whole path (TF decoding vs Pillow, <= 2 grey levels apart): same classes, probabilities within 0.02.
+    assert (keras_p.argmax(1) == edge_p.argmax(1)).all()
+    assert np.abs(keras_p - edge_p).max() < 0.02
+
+
+def test_paths_pil_arrays_and_batches_agree(malaria_float):
+    files = cells(3, 100)
+    by_path = malaria_float.run(np.stack([malaria_float._to_input("", f) for f in files]))
+    pil = [Image.open(f) for f in files]
+    u8 = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    pre = np.stack([malaria_float._to_input("", f) for f in files])
+    for inputs in (files, [str(f) for f in files], pil, u8, pre, list(pre)):
+        preds = malaria_float.predict(inputs)
+        got = np.array([[p.probabilities[l] for l in malaria_float.labels] for p in preds])
+        np.testing.assert_allclose(got, by_path, atol=1e-6)
+    single = malaria_float.predict(files[0])
+    assert len(single) == 1 and single[0].source == str(files[0])
+    assert malaria_float.predict(pil[:1])[0].source == str(files[0])  # PIL keeps its filename
+    assert malaria_float.predict(u8[:1])[0].source == "array[0]"
+    bad = malaria_float.predict([np.zeros((5, 5, 7), np.float32)])[0]
+    assert not bad.ok and "neither an image" in bad.error
+
+
+def test_threshold_makes_uncertain_answers(art):
+    m = edge_runtime.load(art / MALARIA_FILES["tflite-float32"])
+    assert m.threshold == 0.8  # malaria default, no threshold in the metadata
+    files = cells(10, 40)
+    assert all(p.decision == UNCERTAIN and p.uncertain for p in m.predict(files, threshold=1.0))
+    assert all(p.decision == p.label and not p.uncertain for p in m.predict(files, threshold=0.0))
+    strict = edge_runtime.load(art / MALARIA_FILES["tflite-float32"], threshold=0.99)
+    assert strict.threshold == 0.99
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
+        edge_runtime.load(art / MALARIA_FILES["tflite-float32"], threshold=1.5)
+
+
+# ---------------------------------------------------------------- bad input, nothing lost
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory):
+    """Each awkward image mode next to the plain 8-bit RGB image it must be classified like."""
+    d = tmp_path_factory.mktemp("odd")
+    src = Image.open(cells(1, 1)[0]).convert("RGB")
+    rgb = np.asarray(src)
+    out = {}
+    src.save(d / "plain.png")
+    out["rgba"] = (d / "rgba.png", d / "plain.png")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 90, np.uint8)])).save(out["rgba"][0])
+    grey = src.convert("L")
+    grey.save(d / "grey.png")
+    # 16-bit greyscale whose high byte is the 8-bit image (what TF's decode_png(dtype=uint8) keeps).
+    g16 = np.asarray(grey).astype(np.uint16) * 256 + 77
+    Image.fromarray(g16.astype(np.uint16)).save(d / "grey16.png")
+    out["16-bit"] = (d / "grey16.png", d / "grey.png")
+    Image.fromarray(np.dstack([np.asarray(grey), np.full(rgb.shape[:2], 30, np.uint8)])).save(d / "la.png")
+    out["LA"] = (d / "la.png", d / "grey.png")
+    pal = src.quantize(64)
+    pal.save(d / "p.png")
+    pal.convert("RGB").save(d / "p_as_rgb.png")
+    out["P"] = (d / "p.png", d / "p_as_rgb.png")
+    cmyk = src.convert("CMYK")
+    cmyk.save(d / "cmyk.tiff")
+    cmyk.convert("RGB").save(d / "cmyk_as_rgb.png")
+    out["CMYK"] = (d / "cmyk.tiff", d / "cmyk_as_rgb.png")
+    big = src.resize((src.width * 4, src.height * 4))
+    big.save(d / "upright.jpg", quality=100)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": stored pixels are the upright image turned 90 CCW
+    big.transpose(Image.Transpose.ROTATE_90).save(d / "exif_rotated.jpg", quality=100, exif=exif)
+    out["EXIF"] = (d / "exif_rotated.jpg", d / "upright.jpg")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["rgba", "16-bit", "LA", "P", "CMYK", "EXIF"])
+def test_odd_modes_are_classified_like_training_saw_them(malaria_float, odd_images, kind):
+    odd, reference = odd_images[kind]
+    p_odd, p_ref = malaria_float.predict([odd, reference])
+    assert p_odd.ok, p_odd.error
+    x_odd, x_ref = malaria_float._to_input("", odd), malaria_float._to_input("", reference)
+    tol = 1.5 / 255 if kind == "EXIF" else 1e-6  # JPEG blocks fall differently once rotated
+    assert np.abs(x_odd - x_ref).mean() <= tol, kind
+    assert p_odd.label == p_ref.label
+    assert abs(p_odd.confidence - p_ref.confidence) < (0.02 if kind == "EXIF" else 1e-6)
+
+
+def test_odd_modes_match_the_tf_decoder(malaria_float, odd_images):
+    """Alpha dropped, palette expanded, 16-bit by high byte: what tf.io.decode_image gives training."""
+    tf = pytest.importorskip("tensorflow")
+    from train.data import decode_and_resize
+
+    for kind in ("rgba", "16-bit", "LA", "P"):
+        odd, _ = odd_images[kind]
+        tf_x = decode_and_resize(tf.constant(str(odd)), malaria_float.spec).numpy()
+        assert np.abs(tf_x - malaria_float._to_input("", odd)).max() * 255 < 2, kind
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    good = cells(2, 200)
+    (d / "empty.png").write_bytes(b"")
+    (d / "notes.png").write_text("this is not an image\n")
+    data = good[0].read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 2])
+    corrupt = bytearray(data)
+    corrupt[60:400] = os.urandom(340)
+    (d / "corrupt.png").write_bytes(bytes(corrupt))
+    Image.new("1", (9000, 9000)).save(d / "huge.png")  # 81 M pixels > the 64 M limit, ~10 kB on disk
+    return d, good
+
+
+def test_bad_images_give_error_records_and_the_batch_goes_on(malaria_int8, bad_files):
+    d, good = bad_files
+    inputs = [good[0], d / "empty.png", d / "notes.png", d / "truncated.png", d / "corrupt.png", d / "huge.png",
+              d / "missing.png", d, good[1]]
+    preds = malaria_int8.predict(inputs)
+    assert [p.source for p in preds] == [str(p) for p in inputs]
+    assert preds[0].ok and preds[-1].ok
+    errors = {Path(p.source).name: p.error for p in preds[1:-1]}
+    assert all(not p.ok and p.decision == "error" and p.label is None for p in preds[1:-1])
+    assert "0 bytes" in errors["empty.png"]
+    assert "not an image" in errors["notes.png"]
+    assert "truncated" in errors["truncated.png"] or "corrupt" in errors["truncated.png"]
+    assert errors["corrupt.png"]
+    assert "too large" in errors["huge.png"] and "limit" in errors["huge.png"]
+    assert "not found" in errors["missing.png"]
+    assert "directory" in errors[d.name]
+
+
+# ---------------------------------------------------------------- model errors
+
+
+def _strip_medge_entry(src: Path, dest: Path) -> None:
+    """A copy of a .tflite without its medge metadata entry (flatbuffer schema from ai_edge_litert)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(bytearray(src.read_bytes()), 0)
+    m.metadata = [e for e in m.metadata if (e.name.decode() if isinstance(e.name, bytes) else e.name) != "medge"]
+    b = flatbuffers.Builder(1024)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    dest.write_bytes(bytes(b.Output()))
+
+
+def test_model_errors_are_one_clear_message(art, tmp_path):
+    good = art / MALARIA_FILES["tflite-int8"]
+    cases = {}
+    cases["missing"] = (tmp_path / "nope.tflite", "does not exist")
+    (tmp_path / "empty.tflite").write_bytes(b"")
+    cases["empty"] = (tmp_path / "empty.tflite", "empty")
+    (tmp_path / "cut.tflite").write_bytes(good.read_bytes()[:5000])
+    cases["truncated"] = (tmp_path / "cut.tflite", "truncated or not a model")
+    (tmp_path / "text.tflite").write_text("hello")
+    cases["foreign tflite"] = (tmp_path / "text.tflite", "truncated or not a model")
+    shutil.copy(cells(1)[0], tmp_path / "cell.onnx")
+    cases["foreign onnx"] = (tmp_path / "cell.onnx", "truncated or not a model")
+    (tmp_path / "m.pb").write_bytes(b"x")
+    cases["suffix"] = (tmp_path / "m.pb", "must end in")
+    cases["folder"] = (tmp_path, "not a file")
+    _strip_medge_entry(good, tmp_path / "bare.tflite")
+    cases["no metadata"] = (tmp_path / "bare.tflite", "no medge metadata")
+    for what, (path, msg) in cases.items():
+        with pytest.raises((ModelError, BackendError), match=msg):
+            edge_runtime.load(path)
+    for what in ("missing", "truncated", "foreign onnx", "no metadata"):  # as a user meets them
+        path, msg = cases[what]
+        code, _, err = run_cli("info", path)
+        assert code == 2 and msg in err and "Traceback" not in err, (what, err)
+
+
+def test_sidecar_fallback_and_metadata_that_does_not_match(art, tmp_path):
+    good = art / MALARIA_FILES["tflite-float32"]
+    _strip_medge_entry(good, tmp_path / "bare.tflite")
+    shutil.copy(good.with_suffix(".json"), tmp_path / "bare.json")
+    m = edge_runtime.load(tmp_path / "bare.tflite")
+    assert m.metadata_source == "sidecar" and m.labels == ("Parasitized", "Uninfected")
+    d = json.loads(good.with_suffix(".json").read_text())
+    d["preprocess"]["input_size"] = [32, 32]
+    (tmp_path / "bare.json").write_text(json.dumps(d))
+    with pytest.raises(ModelError, match="metadata does not match the model.*preprocessing makes"):
+        edge_runtime.load(tmp_path / "bare.tflite")
+    d = json.loads(good.with_suffix(".json").read_text())
+    d["labels"], d["positive_label"] = ["a", "b", "c"], None
+    (tmp_path / "bare.json").write_text(json.dumps(d))
+    with pytest.raises(ModelError, match="one value per label"):
+        edge_runtime.load(tmp_path / "bare.tflite")
+    (tmp_path / "bare.json").write_text("{not json")
+    code, _, err = run_cli("predict", tmp_path / "bare.tflite", cells(1)[0])
+    assert code == 2 and "sidecar metadata is invalid" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- field outputs
+
+
+def _p(label, conf, uncertain=False, error=None):
+    return Prediction(source="x", label=label, confidence=conf, uncertain=uncertain, error=error,
+                      decision="error" if error else (UNCERTAIN if uncertain else label or ""))
+
+
+def test_slide_summary_counts_and_parasitemia():
+    preds = ([_p("Parasitized", 0.95)] * 3 + [_p("Uninfected", 0.9)] * 5 + [_p("Parasitized", 0.6, True)] * 2
+             + [_p(None, None, error="empty file (0 bytes)")])
+    s = slide_summary(preds)
+    assert s == {"cells": 10, "parasitized": 3, "uninfected": 5, "uncertain": 2, "rejected": 1,
+                 "parasitemia_percent": 37.5, "parasitemia_max_percent": 50.0}
+    assert slide_summary([])["parasitemia_percent"] is None
+
+
+def test_oct_referral_levels():
+    from edge_runtime.metadata import ArtifactMetadata, TensorInfo
+
+    meta = ArtifactMetadata(model="oct", task="oct", labels=OCT_LABELS, preprocess=OCT_SPEC, format="tflite-float32",
+                            precision="float32", input=TensorInfo("i", (1, 64, 64, 3), "float32"),
+                            output=TensorInfo("o", (1, 4), "float32"))
+    assert [referral_level(meta, l, False) for l in OCT_LABELS] == ["urgent", "urgent", "routine", "observation"]
+    assert referral_level(meta, "NORMAL", True) == "specialist review"
+    s = oct_summary([Prediction("a", "CNV", 0.9, referral="urgent", decision="CNV"),
+                     Prediction("b", error="bad")])
+    assert s["scans"] == 1 and s["urgent"] == 1 and s["rejected"] == 1
+
+
+# ---------------------------------------------------------------- OCT and Grad-CAM
+
+
+@pytest.mark.parametrize("precision", list(OCT_FILES))
+def test_oct_scans_get_referral_levels(art, precision):
+    m = edge_runtime.load(art / OCT_FILES[precision], threshold=0.0)
+    preds = m.predict(sorted((art / "oct_scans").glob("*.jpeg")))
+    assert len(preds) == 6 and all(p.ok for p in preds)
+    for p in preds:
+        assert p.referral == {"CNV": "urgent", "DME": "urgent", "DRUSEN": "routine", "NORMAL": "observation"}[p.label]
+
+
+@pytest.mark.parametrize("precision", list(OCT_FILES))
+def test_gradcam_matches_gradient_tape(art, precision):
+    """Issue item 4: the closed form on the artifact's features vs tf.GradientTape on the Keras model."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    from edge_runtime.gradcam import GradCam
+
+    fused = keras.saving.load_model(art / "oct_fused.keras", compile=False)
+    base = next(l for l in fused.layers if l.name == "inception_v3")
+    head = next(l for l in fused.layers if l.name == "head")
+    m = edge_runtime.load(art / OCT_FILES[precision])
+    cam = GradCam(m)
+    scans = sorted((art / "oct_scans").glob("*.jpeg"))
+    for scan in scans:
+        x = m._to_input("", scan)
+        res = cam.explain(x)
+        # Reference: the training side's recipe (train/oct_gradcam.py) on the Keras model.
+        feats = base(x[None], training=False)
+        conv = head.get_layer("head_conv")
+        post = [head.get_layer(n) for n in ("head_bn", "head_relu", "head_dropout", "head_flatten", "head_probs")]
+        with tf.GradientTape() as tape:
+            a = conv(feats)
+            tape.watch(a)
+            y = a
+            for layer in post:
+                y = layer(y, training=False)
+            k = int(np.argmax(y[0]))
+            score = y[0, k]
+        g = tape.gradient(score, a)
+        ref = tf.nn.relu(tf.reduce_mean(a * tf.reduce_mean(g, axis=(1, 2), keepdims=True), axis=-1))[0].numpy()
+        ref = ref / ref.max() if ref.max() > 0 else ref
+        assert int(res["probabilities"].argmax()) == k or precision == "int8"
+        corr = np.corrcoef(ref.ravel(), res["cam"].ravel())[0, 1]
+        assert corr >= GRADCAM_MIN_CORR[precision], (scan.name, corr)
+        if precision == "float32":
+            np.testing.assert_allclose(res["probabilities"], y[0].numpy(), atol=1e-4)
+            assert res["head_max_abs_diff"] < 1e-4
+
+
+def test_gradcam_cli_writes_overlays_and_refuses_what_it_cannot_explain(art, tmp_path):
+    scans = sorted((art / "oct_scans").glob("*.jpeg"))[:3]
+    code, out, err = run_cli("predict", art / OCT_FILES["int8"], *scans, "--gradcam", tmp_path / "maps", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [r["referral"] for r in doc["results"]] and doc["summaries"][0]["scans"] == 3
+    pngs = sorted((tmp_path / "maps").glob("*.png"))
+    assert len(pngs) == 3
+    for png, scan in zip(pngs, scans):
+        with Image.open(png) as im, Image.open(scan) as src:
+            assert im.mode == "RGB" and im.size == src.size  # overlay at the scan's own size
+            assert np.asarray(im).std(axis=2).mean() > 1  # coloured heat, not the grey scan
+    # Not an OCT head model / no weights / an ONNX artifact: exit 2 with the reason, no traceback.
+    code, _, err = run_cli("predict", art / MALARIA_FILES["tflite-float32"], cells(1)[0], "--gradcam", tmp_path / "x")
+    assert code == 2 and "Grad-CAM head weights" in err and "Traceback" not in err
+    code, _, err = run_cli("predict", art / OCT_FILES["float32"], scans[0], "--gradcam", tmp_path / "x",
+                           "--head-weights", art / MALARIA_FILES["tflite-float32"].replace(".tflite", ".json"))
+    assert code == 2 and "not a medge Grad-CAM weights file" in err
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_slide_folder_json_and_summary(art, tmp_path):
+    slide = tmp_path / "C116P77"
+    slide.mkdir()
+    for f in SAMPLE.glob("*/C116P77*.png"):
+        shutil.copy(f, slide / f.name)
+    (slide / "notes.txt").write_text("not a cell")
+    code, out, err = run_cli("predict", art / MALARIA_FILES["tflite-int8"], slide, "--json", "--threads", "1")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert len(doc["results"]) == 20 and all(r["error"] is None for r in doc["results"])
+    s = doc["summaries"][0]
+    assert s["slide"] == str(slide) and s["cells"] == 20 and s["rejected"] == 0
+    assert s["parasitized"] + s["uninfected"] + s["uncertain"] == 20
+    assert doc["stats"]["classified"] == 20 and doc["stats"]["first_result_ms"] > 0
+    assert "skipped 1 non-image" in err
+
+
+def test_cli_exit_codes_and_csv(art, bad_files):
+    d, good = bad_files
+    model = art / MALARIA_FILES["onnx-int8"]
+    code, out, err = run_cli("predict", model, *good, "--csv", "--backend", "onnxruntime")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 2 and rows[0]["p_Parasitized"] and rows[0]["error"] == ""
+    assert "slide (files)" in err  # summaries on stderr keep stdout pure CSV
+    code, out, err = run_cli("predict", model, good[0], d / "notes.png", d / "empty.png")
+    assert code == 1 and "REJECTED" in out and "Traceback" not in err
+    assert run_cli("predict", model)[0] == 2  # no inputs
+    assert run_cli("predict", model, good[0], "--backend", "tensorrt")[0] == 2
+    assert run_cli("predict", model, good[0], "--threads", "0")[0] == 2
+    assert run_cli("predict", model, good[0], "--backend", "litert")[0] == 2
+    assert run_cli("predict", model, d / "nothing_here")[0] == 1
+    empty = d / "empty_folder"
+    empty.mkdir(exist_ok=True)
+    code, _, err = run_cli("predict", model, empty)
+    assert code == 2 and "no images" in err
+    code, out, _ = run_cli("info", model, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["format"] == "onnx-int8" and info["backend"] == "onnxruntime"
+    assert cli_main(["--help"]) == 0 and cli_main(["predict"]) == 2
+
+
+def test_cli_in_process_threshold(art, capsys):
+    code = cli_main(["predict", str(art / MALARIA_FILES["tflite-float32"]), str(cells(1)[0]), "--threshold", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and UNCERTAIN in out and "slide (files): 1 cells" in out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="make the artifacts an edge-only environment tests against")
+    ap.add_argument("--make-artifacts", type=Path, required=True, metavar="DIR")
+    print(make_artifacts(ap.parse_args().make_artifacts))
