@@ -78,12 +78,13 @@ def cells(n: int, step: int = 1) -> list[Path]:
 def build_oct_model(seed: int = 0):
     """Fused tiny base + the paper's head (1x1 conv 64 no bias, BN, ReLU, dropout, flatten, dense 4 softmax).
 
-    The BN gets non-trivial moving statistics and the dense layer random
-    weights, so the Grad-CAM closed form is exercised on every term.
+    Every weight is drawn from a numpy generator (no global Keras seed is
+    touched, so other tests' training is unaffected). The BN gets non-trivial
+    moving statistics and the dense layer random weights, so the Grad-CAM
+    closed form is exercised on every term.
     """
     import keras
 
-    keras.utils.set_random_seed(seed)
     L = keras.layers
     img = keras.Input((*OCT_SPEC.input_size, 3), name="image")
     x = L.Conv2D(16, 3, strides=2, padding="same", activation="relu")(img)
@@ -99,6 +100,12 @@ def build_oct_model(seed: int = 0):
     out = L.Dense(len(OCT_LABELS), activation="softmax", name="head_probs")(h)
     head = keras.Model(f_in, out, name="head")
     rng = np.random.default_rng(seed)
+    for layer in [*base.layers, head.get_layer("head_conv")]:
+        if isinstance(layer, L.Conv2D):  # He-normal, so the features stay O(1) through the ReLUs
+            k = layer.kernel.shape
+            std = np.sqrt(2.0 / (k[0] * k[1] * k[2]))
+            layer.set_weights([(rng.standard_normal(k) * std).astype("float32")]
+                              + ([np.zeros(k[-1], "float32")] if layer.use_bias else []))
     bn = head.get_layer("head_bn")
     bn.set_weights([rng.uniform(0.5, 1.5, 64).astype("float32"), rng.normal(0, 0.3, 64).astype("float32"),
                     rng.normal(0, 0.2, 64).astype("float32"), rng.uniform(0.05, 0.3, 64).astype("float32")])
@@ -182,7 +189,7 @@ def make_artifacts(out: Path, run: Path | None = None) -> Path:
 
 
 @pytest.fixture(scope="session")
-def art(tmp_path_factory) -> Path:
+def art(tmp_path_factory, request) -> Path:
     env = os.environ.get(ART_ENV)
     if env:
         p = Path(env)
@@ -193,7 +200,8 @@ def art(tmp_path_factory) -> Path:
                         f"--make-artifacts {p}`")
         return p
     pytest.importorskip("tensorflow")
-    return make_artifacts(tmp_path_factory.mktemp("edge_artifacts"))
+    # conftest's tiny run (one epoch on the bundled sample), shared with the other test files.
+    return make_artifacts(tmp_path_factory.mktemp("edge_artifacts"), run=request.getfixturevalue("tiny_run"))
 
 
 @pytest.fixture(scope="session")
