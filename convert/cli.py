@@ -3,6 +3,7 @@
     python -m convert SOURCE --out DIR [--formats all|name,name] [--calib MANIFEST|DIR] [--calib-n 300] [--force]
     python -m convert runs/malaria-edge --out runs/malaria-edge/export
     python -m convert model.h5 --labels Parasitized,Uninfected --calib runs/malaria.csv --out export
+    python -m convert runs/malaria-edge --out export --bundle     # + export/malaria-edge_bundle/ and .zip
     python -m convert inspect export/malaria-edge_tflite-int8.tflite [--format table|json]
 
 SOURCE is a run directory (labels, preprocessing and calibration manifest come
@@ -54,6 +55,8 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name in file names (default: run directory name or file stem)")
     p.add_argument("--labels", type=_labels, help="class names in output order, for a source that has none")
     p.add_argument("--force", action="store_true", help="overwrite existing artifacts")
+    p.add_argument("--bundle", action="store_true",
+                   help="also write {model}_bundle/ and .zip: artifacts, labels.txt, manifest.json, INTEGRATION.md")
     out = p.add_argument_group("output")
     out.add_argument("--format", choices=("table", "json"), default="table", dest="report_format",
                      help="how to print the final report")
@@ -141,7 +144,7 @@ def _export(args) -> int:
         allow_drop=args.allow_drop, force=args.force, calib_method=args.calib_method,
         onnx_activations=args.onnx_activations, int8_io=args.int8_io, opset=args.opset,
         qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate,
-        qat_batch_size=args.qat_batch_size, seed=args.seed,
+        qat_batch_size=args.qat_batch_size, seed=args.seed, bundle=args.bundle,
     )
     log = print if args.report_format == "table" else (lambda *a, **k: print(*a, file=sys.stderr, **k))
     report = run_export(args.source, args.out, formats, options, labels=args.labels, name=args.name, log=log)
@@ -150,6 +153,9 @@ def _export(args) -> int:
     else:
         print()
         print(format_table(report))
+        if report.get("bundle"):
+            b = report["bundle"]
+            print(f"\nbundle: {b['error']}" if "error" in b else f"\nbundle: {Path(args.out) / b['zip']}")
         print(f"\n{'all rows passed' if report['ok'] else 'SOME ROWS FAILED'}; "
               f"report in {Path(args.out) / 'conversion.json'}")
     return 0 if report["ok"] else 1

@@ -19,6 +19,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -63,6 +64,7 @@ class Options:
     qat_learning_rate: float = 1e-3
     qat_batch_size: int = 32
     seed: int = 0
+    bundle: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -207,8 +209,10 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
         tmp.unlink(missing_ok=True)
 
 
-def outputs_of(out: Path, model: str, formats: Sequence[Format]) -> list[Path]:
+def outputs_of(out: Path, model: str, formats: Sequence[Format], bundle: bool = False) -> list[Path]:
     paths = [out / CONVERSION_JSON]
+    if bundle:
+        paths += [out / f"{model}_bundle", out / f"{model}_bundle.zip"]
     for f in formats:
         paths += [out / f.filename(model), sidecar_path(out / f.filename(model))]
     return paths
@@ -236,7 +240,7 @@ def run_export(
     out = Path(out)
     t_start = time.perf_counter()
     model, src = load_source(source, labels=labels, name=name)
-    existing = [p for p in outputs_of(out, src.name, formats) if p.exists()]
+    existing = [p for p in outputs_of(out, src.name, formats, options.bundle) if p.exists()]
     if existing and not options.force:
         raise FileExistsError(
             f"{len(existing)} output file(s) already exist in {out}, e.g. {existing[0].name}; "
@@ -244,7 +248,7 @@ def run_export(
         )
     out.mkdir(parents=True, exist_ok=True)
     for p in _stale_temps(out, src.name):  # left by a killed earlier export
-        p.unlink(missing_ok=True)
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
     need_calib = any(f.calibrated for f in formats)
     calib_src = options.calib or src.manifest
@@ -286,7 +290,17 @@ def run_export(
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
         "versions": {"python": platform.python_version(), "medge": medge_version(), **tool_versions()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "bundle": None,
     }
+    if options.bundle:
+        from convert.bundle import write_bundle
+
+        try:
+            folder, zpath = write_bundle(out, src.name, report)
+            report["bundle"] = {"folder": folder.name, "zip": zpath.name}
+        except (OSError, ValueError) as e:
+            report["bundle"] = {"error": f"{type(e).__name__}: {e}"}
+            report["ok"] = False
     write_json(out / CONVERSION_JSON, report)
     return report
 

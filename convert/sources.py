@@ -1,10 +1,15 @@
-"""Load what `python -m convert` exports: a run directory, a .keras file or a legacy Keras 2 .h5.
+"""Load what `python -m convert` exports: a run directory, a .keras file, a legacy Keras 2 .h5, or a SavedModel.
 
 A run directory (from `python -m train`) carries everything: labels, the
 preprocessing spec, the architecture preset (needed to build the tf-keras twin
 for quantization-aware training) and the manifest whose training split feeds
 calibration. A bare model file carries only the network, so `--labels` (and
 `--calib`) supply the rest.
+
+A TensorFlow SavedModel (a folder with saved_model.pb) is wrapped in a Keras
+model through `keras.layers.TFSMLayer` on its `serving_default` signature:
+the graph's TF ops run, no Python code from the folder does. Its one input must
+have a fixed image shape and its one output the class probabilities.
 """
 
 from __future__ import annotations
@@ -55,11 +60,48 @@ class Source:
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a file, or of a folder (every file's relative path and bytes, in sorted order)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
+
+
+def load_saved_model(path: Path):
+    """A Keras model around a SavedModel's `serving_default` signature (one image input, one output).
+
+    Raises:
+        ValueError: no such signature, or not exactly one input and one output.
+    """
+    import keras
+    import tensorflow as tf
+
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as e:  # TF raises several types for unreadable folders
+        raise ValueError(f"cannot load SavedModel {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    sig = loaded.signatures.get("serving_default")
+    if sig is None:
+        raise ValueError(f"SavedModel {path} has no 'serving_default' signature (has {sorted(loaded.signatures)})")
+    args, kwargs = sig.structured_input_signature
+    inputs = list(args) + list(kwargs.values())
+    outputs = sig.structured_outputs
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError(f"SavedModel {path}: need one input and one output, found {len(inputs)} and {len(outputs)}")
+    shape = tuple(inputs[0].shape[1:])
+    if None in shape or len(shape) != 3:
+        raise ValueError(f"SavedModel {path}: input shape {tuple(inputs[0].shape)} is not (batch, H, W, C) with fixed H, W, C")
+    inp = keras.Input(shape=shape, name="image")
+    out = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default", name="saved_model")(inp)
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    return keras.Model(inp, out, name=Path(path).name)
 
 
 def _run_dir_of(path: Path) -> Path | None:
@@ -95,10 +137,10 @@ def load_source(
     name: str | None = None,
     spec: PreprocessSpec | None = None,
 ):
-    """(keras model, Source) from a run directory, a .keras file or a .h5/.hdf5 file.
+    """(keras model, Source) from a run directory, a .keras file, a .h5/.hdf5 file or a SavedModel folder.
 
     Args:
-        source: run directory, or model file.
+        source: run directory, model file, or SavedModel folder.
         labels: class names, required when the source carries none; must
             match the run's labels when it does.
         name: model name for artifact files (default: run directory name or file stem).
@@ -110,15 +152,16 @@ def load_source(
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"source {source} does not exist; give a run directory, a .keras or a .h5 file")
-    if source.is_dir() and (source / "saved_model.pb").is_file():
-        raise ValueError(
-            f"{source} is a TensorFlow SavedModel; medge converts Keras models only "
-            "(.keras, Keras 2 .h5, or a run directory). Re-save it from Keras as .keras."
-        )
-    run_dir = _run_dir_of(source)
-    if source.is_dir():
+    saved_model = source.is_dir() and (source / "saved_model.pb").is_file()
+    run_dir = None if saved_model else _run_dir_of(source)
+    if saved_model:
+        model_path = source
+    elif source.is_dir():
         if run_dir is None:
-            raise FileNotFoundError(f"{source} is a directory without config.json; it is not a medge run directory")
+            raise FileNotFoundError(
+                f"{source} is a directory without config.json or saved_model.pb; "
+                "it is neither a medge run directory nor a SavedModel"
+            )
         model_path = source / "best.keras"
         if not model_path.is_file():
             raise FileNotFoundError(f"{source} holds no best.keras; has training finished an epoch?")
@@ -136,7 +179,7 @@ def load_source(
         cfg = json.loads((run_dir / "config.json").read_text())
         if cfg.get("manifest"):
             manifest = Path(cfg["manifest"])
-    model = load_keras_model(model_path)
+    model = load_saved_model(model_path) if saved_model else load_keras_model(model_path)
 
     run_labels = list(cfg["labels"]) if cfg and cfg.get("labels") else None
     if labels is not None and run_labels is not None and list(labels) != run_labels:
