@@ -64,6 +64,9 @@ OCT_FILES = {"float32": "oct_tflite-float32.tflite", "int8": "oct_tflite-int8.tf
 GRADCAM_MIN_CORR = {"float32": 0.99, "int8": 0.95}
 QUANT_MIN_AGREEMENT, QUANT_MAX_ABS_DIFF = 0.9, 0.25
 HEAVY = ("tensorflow", "keras", "tf_keras")
+# LiteRT where installed; the legacy tflite-runtime in a Pi-like environment without it.
+HAS_LITERT = backends.BACKENDS["litert"].installed()
+TFLITE_BACKEND = "litert" if HAS_LITERT else "tflite-runtime"
 
 
 def cells(n: int, step: int = 1) -> list[Path]:
@@ -227,7 +230,7 @@ def run_cli(*argv) -> tuple[int, str, str]:
 
 def test_backend_table_and_errors(monkeypatch):
     assert list(backends.BACKENDS) == ["litert", "tflite-runtime", "onnxruntime"]
-    assert backends.resolve("m.tflite").name == "litert"  # preferred when installed
+    assert backends.resolve("m.tflite").name == TFLITE_BACKEND  # LiteRT preferred when installed
     assert backends.resolve("m.ONNX").name == "onnxruntime"
     assert backends.resolve("m.ort").name == "onnxruntime"
     with pytest.raises(BackendError, match=r"known: litert, tflite-runtime, onnxruntime.*medge\[edge\]"):
@@ -270,9 +273,11 @@ def test_no_tensorflow_after_load_predict_and_gradcam(art):
 @pytest.mark.parametrize("fmt", MALARIA_FORMATS)
 def test_every_format_classifies_real_cells(art, fmt, malaria_float):
     model = edge_runtime.load(art / MALARIA_FILES[fmt], threads=2)
-    assert model.backend == ("litert" if fmt.startswith("tflite") else "onnxruntime")
+    assert model.backend == (TFLITE_BACKEND if fmt.startswith("tflite") else "onnxruntime")
     assert model.labels == ("Parasitized", "Uninfected") and model.task == "malaria"
-    assert model.metadata.format == fmt and model.metadata_source == "embedded"
+    # tflite-runtime ships no flatbuffer schema: there the sidecar .json is read instead.
+    embedded = HAS_LITERT or not fmt.startswith("tflite")
+    assert model.metadata.format == fmt and model.metadata_source == ("embedded" if embedded else "sidecar")
     assert model.warmup_ms > 0 and model.load_ms > 0
     files = cells(40, 10)
     preds = model.predict(files)
@@ -463,6 +468,7 @@ def test_bad_images_give_error_records_and_the_batch_goes_on(malaria_int8, bad_f
 
 def _strip_medge_entry(src: Path, dest: Path) -> None:
     """A copy of a .tflite without its medge metadata entry (flatbuffer schema from ai_edge_litert)."""
+    pytest.importorskip("ai_edge_litert", reason="the flatbuffer schema ships with ai-edge-litert")
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
@@ -481,6 +487,10 @@ def test_model_errors_are_one_clear_message(art, tmp_path):
     cases["empty"] = (tmp_path / "empty.tflite", "empty")
     (tmp_path / "cut.tflite").write_bytes(good.read_bytes()[:5000])
     cases["truncated"] = (tmp_path / "cut.tflite", "truncated or not a model")
+    corrupt = bytearray(good.read_bytes())
+    corrupt[2000:2400] = b"\xff" * 400
+    (tmp_path / "corrupt.tflite").write_bytes(bytes(corrupt))
+    cases["corrupt"] = (tmp_path / "corrupt.tflite", "truncated or not a model")
     (tmp_path / "text.tflite").write_text("hello")
     cases["foreign tflite"] = (tmp_path / "text.tflite", "truncated or not a model")
     shutil.copy(cells(1)[0], tmp_path / "cell.onnx")
@@ -488,12 +498,14 @@ def test_model_errors_are_one_clear_message(art, tmp_path):
     (tmp_path / "m.pb").write_bytes(b"x")
     cases["suffix"] = (tmp_path / "m.pb", "must end in")
     cases["folder"] = (tmp_path, "not a file")
-    _strip_medge_entry(good, tmp_path / "bare.tflite")
+    shutil.copy(good, tmp_path / "bare.tflite")  # no sidecar beside it
+    if HAS_LITERT:
+        _strip_medge_entry(good, tmp_path / "bare.tflite")
     cases["no metadata"] = (tmp_path / "bare.tflite", "no medge metadata")
     for what, (path, msg) in cases.items():
         with pytest.raises((ModelError, BackendError), match=msg):
             edge_runtime.load(path)
-    for what in ("missing", "truncated", "foreign onnx", "no metadata"):  # as a user meets them
+    for what in ("missing", "truncated", "corrupt", "foreign onnx", "no metadata"):  # as a user meets them
         path, msg = cases[what]
         code, _, err = run_cli("info", path)
         assert code == 2 and msg in err and "Traceback" not in err, (what, err)
