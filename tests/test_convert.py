@@ -50,7 +50,7 @@ CALIB_N, EVAL_N = 64, 60
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def trained_run(tmp_path_factory):
     """A `tiny` malaria run trained 3 epochs on the bundled sample (~15 s on 2 cores)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from train.fit import train_malaria
@@ -64,10 +64,10 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def model(tiny_run):
+def model(trained_run):
     from convert.sources import load_keras_model
 
-    return load_keras_model(tiny_run / "best.keras")
+    return load_keras_model(trained_run / "best.keras")
 
 
 def _options(**kw):
@@ -80,21 +80,21 @@ def _options(**kw):
 
 
 @pytest.fixture(scope="session")
-def exported(tiny_run, tmp_path_factory):
+def exported(trained_run, tmp_path_factory):
     """Every row of the table exported once (~50 s, most of it the QAT process)."""
     from convert.export import run_export
 
     out = tmp_path_factory.mktemp("export")
-    report = run_export(tiny_run, out, list(FORMATS.values()), _options(bundle=True), log=lambda *a: None)
+    report = run_export(trained_run, out, list(FORMATS.values()), _options(bundle=True), log=lambda *a: None)
     return out, report
 
 
 @pytest.fixture(scope="session")
-def proof_images(tiny_run):
+def proof_images(trained_run):
     from convert.data import load_sets
     from convert.sources import load_source
 
-    _, src = load_source(tiny_run)
+    _, src = load_source(trained_run)
     _, proof, _ = load_sets(src.manifest, src.labels, src.spec, CALIB_N, EVAL_N, 0, need_calib=False)
     return proof
 
@@ -148,7 +148,7 @@ def test_metadata_dataclass_round_trip():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_row_exported_and_proven(name, exported, tiny_run, model, proof_images):
+def test_row_exported_and_proven(name, exported, trained_run, model, proof_images):
     from convert import verify
     from convert.sources import sha256_file
 
@@ -186,7 +186,7 @@ def test_row_exported_and_proven(name, exported, tiny_run, model, proof_images):
     assert meta.labels == ("Parasitized", "Uninfected") and meta.positive_label == "Parasitized"
     assert meta.preprocess == MALARIA_SPEC
     assert meta.task == "malaria" and meta.output_kind == "probabilities"
-    assert meta.source_sha256 == sha256_file(tiny_run / "best.keras")
+    assert meta.source_sha256 == sha256_file(trained_run / "best.keras")
     assert meta.input.shape[1:] == (64, 64, 3) and meta.output.shape[-1] == 2
     assert meta.input.dtype == "float32"
     assert meta.medge_version and meta.created and meta.tools["tensorflow"]
@@ -289,7 +289,7 @@ def test_tflite_metadata_embedding_keeps_model_and_converter_entries(exported, m
 
 
 @pytest.mark.slow
-def test_interrupted_export_leaves_nothing(tiny_run, tmp_path, monkeypatch):
+def test_interrupted_export_leaves_nothing(trained_run, tmp_path, monkeypatch):
     import convert.tflite
     from convert.export import run_export
 
@@ -304,12 +304,12 @@ def test_interrupted_export_leaves_nothing(tiny_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(convert.tflite, "export_float32", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_export(tiny_run, out, parse_formats("tflite-float32"), _options(), log=lambda *a: None)
+        run_export(trained_run, out, parse_formats("tflite-float32"), _options(), log=lambda *a: None)
     assert list(out.iterdir()) == []
 
 
 @pytest.mark.slow
-def test_failing_row_does_not_stop_the_others(tiny_run, tmp_path, monkeypatch, capsys):
+def test_failing_row_does_not_stop_the_others(trained_run, tmp_path, monkeypatch, capsys):
     import convert.tflite
     from convert.cli import main
 
@@ -318,7 +318,7 @@ def test_failing_row_does_not_stop_the_others(tiny_run, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(convert.tflite, "export_float16", broken)
     out = tmp_path / "out"
-    args = [str(tiny_run), "--out", str(out), "--formats", "tflite-float16,tflite-float32,onnx-float32",
+    args = [str(trained_run), "--out", str(out), "--formats", "tflite-float16,tflite-float32,onnx-float32",
             "--eval-n", "20"]
     assert main(args) == 1
     text = capsys.readouterr().out
@@ -339,14 +339,14 @@ def test_failing_row_does_not_stop_the_others(tiny_run, tmp_path, monkeypatch, c
 
 
 @pytest.mark.slow
-def test_threshold_fails_row_unless_allow_drop(tiny_run, tmp_path):
+def test_threshold_fails_row_unless_allow_drop(trained_run, tmp_path):
     from convert.export import run_export
 
     fmts = parse_formats("tflite-dynamic")
-    strict = run_export(tiny_run, tmp_path / "a", fmts, _options(min_agreement=1.01), log=lambda *a: None)
+    strict = run_export(trained_run, tmp_path / "a", fmts, _options(min_agreement=1.01), log=lambda *a: None)
     assert strict["ok"] is False and strict["rows"][0]["status"] == "failed"
     assert "agreement" in strict["rows"][0]["error"] and not (tmp_path / "a" / "run_tflite-dynamic.tflite").exists()
-    kept = run_export(tiny_run, tmp_path / "b", fmts, _options(min_agreement=1.01, allow_drop=True),
+    kept = run_export(trained_run, tmp_path / "b", fmts, _options(min_agreement=1.01, allow_drop=True),
                       log=lambda *a: None)
     assert kept["ok"] is True and kept["rows"][0]["status"] == "kept-below-threshold"
     assert (tmp_path / "b" / "run_tflite-dynamic.tflite").is_file()
@@ -356,7 +356,7 @@ def test_threshold_fails_row_unless_allow_drop(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_legacy_h5_source(tiny_run, model, tmp_path):
+def test_legacy_h5_source(trained_run, model, tmp_path):
     """A Keras 2 (tf-keras) .h5 file converts; it needs --labels and cannot do QAT (no architecture)."""
     import tf_keras
 
@@ -368,7 +368,7 @@ def test_legacy_h5_source(tiny_run, model, tmp_path):
     twin.set_weights(model.get_weights())
     h5 = tmp_path / "legacy_2018.h5"
     twin.save(h5)
-    manifest = json.loads((tiny_run / "config.json").read_text())["manifest"]
+    manifest = json.loads((trained_run / "config.json").read_text())["manifest"]
 
     with pytest.raises(ValueError, match="--labels"):
         run_export(h5, tmp_path / "x", parse_formats("tflite-float32"), _options(calib=Path(manifest)))
@@ -384,12 +384,12 @@ def test_legacy_h5_source(tiny_run, model, tmp_path):
 
 
 @pytest.mark.slow
-def test_saved_model_source(model, tiny_run, tmp_path):
+def test_saved_model_source(model, trained_run, tmp_path):
     from convert.export import run_export
 
     sm = tmp_path / "exported_sm"
     model.export(str(sm), verbose=False)
-    manifest = Path(json.loads((tiny_run / "config.json").read_text())["manifest"])
+    manifest = Path(json.loads((trained_run / "config.json").read_text())["manifest"])
     report = run_export(sm, tmp_path / "out", parse_formats("tflite-float32,onnx-float32"), _options(calib=manifest),
                         labels=["Parasitized", "Uninfected"], log=lambda *a: None)
     for row in report["rows"]:
@@ -414,11 +414,11 @@ def test_bad_sources_say_what_to_do(tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_io_records_input_quantization(tiny_run, tmp_path, proof_images, model):
+def test_int8_io_records_input_quantization(trained_run, tmp_path, proof_images, model):
     from convert import verify
     from convert.export import run_export
 
-    report = run_export(tiny_run, tmp_path, parse_formats("tflite-int8"), _options(int8_io=True), log=lambda *a: None)
+    report = run_export(trained_run, tmp_path, parse_formats("tflite-int8"), _options(int8_io=True), log=lambda *a: None)
     row = report["rows"][0]
     assert row["status"] == "ok", row.get("error")
     meta = read_metadata(tmp_path / row["file"])
@@ -443,3 +443,39 @@ def test_lambda_layer_is_refused_by_name(tmp_path):
     model.save(tmp_path / "lambda.keras")
     with pytest.raises(ValueError, match="Lambda"):
         load_source(tmp_path / "lambda.keras", labels=["a", "b"])
+
+
+@pytest.mark.slow
+def test_litert_quantizer_int8(trained_run, tmp_path, proof_images, model):
+    """The optional LiteRT Quantizer path of tflite-int8 (skipped where ai-edge-quantizer is not installed)."""
+    pytest.importorskip("ai_edge_quantizer")
+    from convert import verify
+    from convert.export import run_export
+
+    report = run_export(trained_run, tmp_path, parse_formats("tflite-int8"),
+                        _options(int8_quantizer="litert-quantizer", min_agreement=QUANT_MIN_AGREEMENT),
+                        log=lambda *a: None)
+    row = report["rows"][0]
+    assert row["status"] == "ok", row.get("error")
+    meta = read_metadata(tmp_path / row["file"])
+    assert meta.quantization["quantizer"].startswith("LiteRT Quantizer") and meta.input.dtype == "int8"
+    cmp = verify.compare(model.predict(proof_images.x, verbose=0),
+                         verify.predict(tmp_path / row["file"], "litert", proof_images.x))
+    assert cmp["top1_agreement"] >= QUANT_MIN_AGREEMENT and cmp["max_abs_diff"] <= QUANT_MAX_ABS_DIFF
+
+
+def test_litert_quantizer_missing_names_the_install(monkeypatch):
+    import builtins
+
+    from convert.tflite import litert_quantize_int8
+
+    real_import = builtins.__import__
+
+    def no_aeq(name, *a, **k):
+        if name.startswith("ai_edge_quantizer"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_aeq)
+    with pytest.raises(ImportError, match="pip install 'ai-edge-quantizer"):
+        litert_quantize_int8(b"", np.zeros((1, 64, 64, 3), np.float32), Path("."))
