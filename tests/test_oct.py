@@ -68,6 +68,13 @@ def head_run(store, work) -> Path:
     return train(store, work / "run-head", epochs=3, batch_size=8, verbose=0)
 
 
+@pytest.fixture(scope="module")
+def loaded(head_run):
+    from train.oct_predict import load_for_inference
+
+    return load_for_inference(head_run)
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -132,32 +139,40 @@ def test_store_contents(store, manifest):
     assert np.isfinite(feats).all() and feats.std() > 0.01  # He-scaled random base: O(1) features
 
 
-def test_extraction_resumes_after_kill(manifest, store, work):
+def test_sigkilled_extraction_resumes(manifest, store, work):
+    """A real `kill -9` in the middle of `oct extract`, then the same command finishes the store."""
+    import signal
+
     import h5py
 
     from train.oct_store import extract, read_info
 
-    class Killed(Exception):
-        pass
-
-    def die_after_first(done):
-        raise Killed(done)
-
-    out = work / "partial.h5"
-    with pytest.raises(Killed):
-        extract(manifest, out, base_weights="none", dtype="float16", batch_size=4, splits=["test"],
-                progress=False, on_batch=die_after_first)
+    out = work / "killed.h5"
+    cmd = [sys.executable, "-m", "train", "oct", "extract", "--manifest", str(manifest), "--base-weights", "none",
+           "--dtype", "float16", "--out", str(out), "--batch-size", "2", "--splits", "test"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    seen = ""
+    try:
+        while not re.search(r"\| [2-6]/8 ", seen):  # tqdm's bar after the first or a later batch
+            ch = proc.stderr.read(1)
+            if not ch:
+                pytest.fail(f"extraction ended before it could be killed:\n{seen[-2000:]}")
+            seen += ch
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
     info = read_info(out)
-    assert info.n == 8 and info.n_done == 4 and not info.complete
+    assert info.n == 8 and 2 <= info.n_done < 8 and not info.complete
     with pytest.raises(ValueError, match="incomplete"):
         from train.oct_store import make_sequence
 
         make_sequence(out, "test", 4, shuffle=False)
-    seen = []
+    seen_after = []
     extract(manifest, out, base_weights="none", dtype="float16", batch_size=4, splits=["test"],
-            progress=False, on_batch=seen.append)
-    assert seen == [8], "resumed at image 5, not from the start"
-    assert read_info(out).complete
+            progress=False, on_batch=seen_after.append)
+    assert seen_after[0] == info.n_done + 4 and seen_after[-1] == 8, "resumed where it stopped, not at 0"
     with h5py.File(out) as a, h5py.File(store) as b:
         rows = np.flatnonzero(b["split"].asstr()[:] == "test")
         np.testing.assert_allclose(a["features"][:].astype(np.float32),
@@ -184,12 +199,12 @@ def test_mismatched_base_or_preprocessing_is_refused(manifest, store, work):
 # ----------------------------------------------------------------------------- head, fused model, reports
 
 
-def test_head_run_and_fused_model(head_run, store):
+def test_head_run_and_fused_model(head_run, store, loaded):
     import keras
 
     from train import runs
     from train.evaluate import load_model
-    from train.oct_predict import load_for_inference, predict_images
+    from train.oct_predict import predict_images
     from train.oct_store import read_column, split_indices
 
     cfg = runs.read_config(head_run)
@@ -210,8 +225,7 @@ def test_head_run_and_fused_model(head_run, store):
     # Fused model on image files == head on the stored features of the same images.
     idx = split_indices(store, "test")
     paths = read_column(store, "path", idx)
-    model = load_for_inference(head_run)
-    p_img = predict_images(model, [Image.open(p) for p in paths])
+    p_img = predict_images(loaded, [Image.open(p) for p in paths])
     import h5py
 
     with h5py.File(store) as f:
@@ -240,10 +254,9 @@ def test_train_evaluate_on_oct_run(head_run, manifest):
     assert "SYNTHETIC" in md and "Urgent referral" in md
 
 
-def test_gradcam_png_per_image(head_run, data, manifest, work):
+def test_gradcam_png_per_image(head_run, loaded, data, manifest, work):
     from train.cli import main
     from train.oct_gradcam import gradcam, split_head
-    from train.oct_predict import load_for_inference
 
     img = next((data / "test" / "CNV").glob("*.jpeg"))
     out = work / "gradcam"
@@ -257,7 +270,7 @@ def test_gradcam_png_per_image(head_run, data, manifest, work):
     wrong = list((out / "misclassified-test").glob("*_as_*.png"))
     assert len(wrong) == len(rows) - 1  # one PNG per wrong prediction
 
-    model = load_for_inference(head_run)
+    model = loaded
     pre, post = split_head(model.head)
     assert pre[-1].name == "head_conv"  # the map is taken on the head's 1x1 conv, 8x8x64
     from edge_runtime.images import load_and_preprocess
@@ -363,13 +376,12 @@ def test_fetch_limits_and_offline_error(http_root, data):
         fetch("ftp://example.org/scan.jpeg")
 
 
-def test_predict_url_equals_path(head_run, http_root, data, capsys):
+def test_predict_url_equals_path(head_run, loaded, http_root, data, capsys):
     from train.cli import main
-    from train.oct_predict import load_for_inference, predict
+    from train.oct_predict import predict
 
     rel = next((data / "test" / "DRUSEN").glob("*.jpeg")).relative_to(data).as_posix()
-    model = load_for_inference(head_run)
-    by_path, by_url = predict(model, [str(data / rel), f"{http_root}/{rel}"])
+    by_path, by_url = predict(loaded, [str(data / rel), f"{http_root}/{rel}"])
     assert by_path["label"] == by_url["label"]
     for l in OCT_LABELS:
         assert by_path["probabilities"][l] == pytest.approx(by_url["probabilities"][l], abs=1e-6)

@@ -150,6 +150,9 @@ def predict(model: Loaded, sources: Sequence[str], timeout: float = DEFAULT_TIME
 def run(run_dir: Path | None, sources: Sequence[str], head: Path | None, base_weights: str, base_seed: int,
         preprocess_name: str, fmt: str, timeout: float, max_bytes: int) -> int:
     """CLI body of `python -m train oct predict`."""
+    for s in sources:  # a missing or broken local file fails before the model (seconds) is loaded
+        if not is_url(s):
+            load_image(s, "rgb")
     model = load_for_inference(run_dir, head, base_weights, base_seed, preprocess_name)
     rows = predict(model, sources, timeout, max_bytes)
     if fmt == "json":

@@ -292,7 +292,10 @@ def make_sequence(path: str | Path, split: str, batch_size: int, shuffle: bool, 
 
         def __getitem__(self, i):
             rows = np.sort(self.order[i * batch_size:(i + 1) * batch_size])
-            x = self.feats[rows].astype(np.float32)
+            x = np.empty((len(rows), *FEATURE_SHAPE), np.float32)
+            # Row by row: h5py's fancy indexing (feats[rows]) is ~20x slower than reading each chunk.
+            for j, r in enumerate(rows):
+                x[j] = self.feats[r]
             y = np.eye(self.n_classes, dtype=np.float32)[self.labels[rows]]
             return x, y
 

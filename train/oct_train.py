@@ -90,12 +90,13 @@ def _callbacks(out: Path, monitor_file: str, title: str, best_so_far: float | No
     from train.fit import RunLogger
 
     return [
+        # First, so its per-epoch `seconds` is training + validation only, not the checkpoint writes below.
+        RunLogger(out, title),
         keras.callbacks.BackupAndRestore(str(out / runs.BACKUP)),
         keras.callbacks.ModelCheckpoint(str(out / monitor_file), monitor="val_accuracy", mode="max",
                                         save_best_only=True, initial_value_threshold=best_so_far),
         # The source: halve the rate when validation loss is flat for 5 epochs, floor 5e-5.
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=5, min_lr=5e-5, verbose=1),
-        RunLogger(out, title),
         *extra,
     ]
 
