@@ -19,10 +19,10 @@ steps as `train/oct_gradcam.py` (a test holds the two to correlation >= 0.99).
 
 The head's weights reach the device as `{model}_gradcam.npz`, written by
 `convert/gradcam_export.py` next to the artifacts. The 8x8x2048 features
-the head reads are taken from the fused .tflite artifact itself: a second
-interpreter keeps its intermediate tensors, and the input of the head's
-1x1 conv is read after each run (float or int8, dequantized with the
-tensor's own scale and zero point). The numpy head's probabilities are
+the head reads are taken from the fused .tflite artifact itself: the input
+of the head's 1x1 conv is found in the graph and made a second output of an
+in-memory copy of the model (float or int8, dequantized with the tensor's
+own scale and zero point). The numpy head's probabilities are
 checked against the artifact's so a wrong tensor or foreign weights are
 refused rather than drawn.
 """
@@ -189,8 +189,58 @@ def _dequantize(t: np.ndarray, details: dict[str, Any]) -> np.ndarray:
     return (t.astype(np.float32) - zps) * scales
 
 
+def _is_head_conv(in_shape: Sequence[int], kernel_shape: Sequence[int], hw: HeadWeights) -> bool:
+    """A CONV_2D/FULLY_CONNECTED reading (N, H, W, C_in) features with F output channels: the head's 1x1 conv."""
+    return (tuple(in_shape[1:]) == tuple(hw.feature_shape) and len(kernel_shape) >= 2
+            and kernel_shape[0] == hw.filters and kernel_shape[-1] == hw.feature_shape[-1])
+
+
+def _not_found(name: str, hw: HeadWeights) -> GradCamError:
+    return GradCamError(f"{name} has no 1x1 conv from {tuple(hw.feature_shape)} features to {hw.filters} filters; "
+                        "is it the fused OCT model these head weights belong to?")
+
+
+def _with_feature_output(model: bytes, hw: HeadWeights, name: str) -> tuple[bytes, int] | None:
+    """(model bytes with the head's input tensor as a second output, that tensor's index), or None without the schema.
+
+    The runtime then returns the features beside the probabilities in one
+    normal (delegated, fast) call. The flatbuffer schema ships with
+    ai-edge-litert; the legacy tflite-runtime lacks it.
+    """
+    try:
+        import flatbuffers
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        return None
+    m = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    sg = m.subgraphs[0]
+    wanted = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.FULLY_CONNECTED)
+    found = None
+    for op in sg.operators or []:
+        code = m.operatorCodes[op.opcodeIndex]
+        builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+        if builtin not in wanted or op.inputs is None or len(op.inputs) < 2:
+            continue
+        src, kern = sg.tensors[int(op.inputs[0])], sg.tensors[int(op.inputs[1])]
+        if src.shape is not None and kern.shape is not None and _is_head_conv(list(src.shape), list(kern.shape), hw):
+            found = int(op.inputs[0])
+    if found is None:
+        raise _not_found(name, hw)
+    sg.outputs = np.append(np.asarray(sg.outputs, np.int32), np.int32(found))
+    b = flatbuffers.Builder(len(model) + 4096)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output()), found
+
+
 class FeatureTap:
-    """Reads the head's input features out of a fused .tflite artifact while it runs."""
+    """Reads the head's input features out of a fused .tflite artifact while it runs.
+
+    With ai-edge-litert the feature tensor becomes a second output of an
+    in-memory copy of the model (the file is untouched), so a map costs one
+    normal inference. With tflite-runtime (no flatbuffer schema) a second
+    interpreter keeps every intermediate tensor instead: slower (no
+    delegate) and more memory.
+    """
 
     def __init__(self, model, hw: HeadWeights):
         if model.path.suffix.lower() != ".tflite":
@@ -198,43 +248,57 @@ class FeatureTap:
                 f"Grad-CAM reads the head's input from a .tflite artifact; {model.path.name} is "
                 f"{model.path.suffix} (onnxruntime cannot expose inner tensors): use the .tflite artifact")
         import importlib
+        import warnings
 
         from edge_runtime.backends import BACKENDS
 
-        mod = importlib.import_module(BACKENDS[model.backend].module)
-        # A second interpreter that keeps every intermediate tensor; the model's own stays fast.
-        self.session = mod.open_session(model.path, None, preserve_all_tensors=True)
         self.model, self.hw = model, hw
-        self.index, self.details = self._find(hw)
+        mod = importlib.import_module(BACKENDS[model.backend].module)
+        patched = _with_feature_output(model.path.read_bytes(), hw, model.path.name)
+        if patched is not None:
+            content, self.index = patched
+            self.interp = mod.interpreter_class()(model_content=content, num_threads=model.threads)
+            self.interp.allocate_tensors()
+            self.mode = "extra-output"
+        else:
+            with warnings.catch_warnings():  # "keeping all tensors is for debugging": here it is the point
+                warnings.simplefilter("ignore", UserWarning)
+                session = mod.open_session(model.path, model.threads, preserve_all_tensors=True)
+            self.index = self._find(session, hw)
+            self.interp = session.interp
+            self.mode = "preserve-all-tensors"
+        self._in = self.interp.get_input_details()[0]
+        outs = self.interp.get_output_details()
+        self._out = next(o for o in outs if o["index"] != self.index)
+        self._feat = self.interp._get_tensor_details(self.index, 0)
 
-    def _find(self, hw: HeadWeights) -> tuple[int, dict[str, Any]]:
-        """The input tensor of the last CONV_2D (or FULLY_CONNECTED) that maps C_in to the head's F filters."""
-        want_in = tuple(hw.feature_shape)
+    def _find(self, session, hw: HeadWeights) -> int:
+        """The input tensor of the last head-like conv, from the interpreter's op list."""
         found = None
-        for op in self.session.ops():
+        for op in session.ops():
             if op["op_name"] not in ("CONV_2D", "FULLY_CONNECTED") or len(op["inputs"]) < 2:
                 continue
-            src = self.session.tensor(int(op["inputs"][0]))
-            kern = self.session.tensor(int(op["inputs"][1]))
-            if tuple(src["shape"][1:]) == want_in and kern["shape"][0] == hw.filters \
-                    and kern["shape"][-1] == want_in[-1]:
+            src, kern = session.tensor(int(op["inputs"][0])), session.tensor(int(op["inputs"][1]))
+            if _is_head_conv(list(src["shape"]), list(kern["shape"]), hw):
                 found = int(op["inputs"][0])
         if found is None:
-            raise GradCamError(
-                f"{self.model.path.name} has no 1x1 conv from {want_in} features to {hw.filters} filters; "
-                "is it the fused OCT model these head weights belong to?")
-        return found, self.session.tensor(found)
+            raise _not_found(self.model.path.name, hw)
+        return found
 
     def features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(artifact probabilities (classes,), features (H, W, C_in) float32) for one preprocessed input."""
+        from edge_runtime.backends._tflite import io_spec
         from edge_runtime.model import dequantize, quantize
 
-        inp, out = self.session.input, self.session.output
+        inp, out = io_spec(self._in), io_spec(self._out)
         xi = x[None].astype(np.float32)
         xi = quantize(xi, inp) if inp.quantized else xi.astype(inp.dtype)
-        y, (f,) = self.session.run_with_tensors(xi, [self.index])
+        self.interp.set_tensor(self._in["index"], xi)
+        self.interp.invoke()
+        y = self.interp.get_tensor(self._out["index"])
+        f = self.interp.get_tensor(self.index).copy()
         y = dequantize(y, out) if out.quantized else y.astype(np.float32)
-        return y.reshape(-1), _dequantize(f, self.details).reshape(self.hw.feature_shape)
+        return y.reshape(-1), _dequantize(f, self._feat).reshape(self.hw.feature_shape)
 
 
 class GradCam:

@@ -111,8 +111,8 @@ def _read_metadata(path: Path, session) -> tuple[ArtifactMetadata, str]:
     """(metadata, where it came from): embedded first, then the sidecar .json."""
     embedded_error = None
     try:
-        if hasattr(session, "sess"):  # onnxruntime: read from the session already open, not a second one
-            props = session.sess.get_modelmeta().custom_metadata_map
+        if hasattr(session, "metadata_props"):  # onnxruntime: read from the open session, not a second one
+            props = session.metadata_props()
             if METADATA_KEY not in props:
                 raise MetadataNotFound(f"{path.name} has no '{METADATA_KEY}' metadata_props entry")
             return ArtifactMetadata.from_json(props[METADATA_KEY]), "embedded"
@@ -196,6 +196,7 @@ def load(
     _check_contract(path, meta, session.input, session.output)
     model = EdgeModel(path, meta, session, threshold=threshold, max_pixels=max_pixels)
     model.metadata_source = meta_source
+    model.threads = threads
     model.load_ms = (time.perf_counter() - t0) * 1e3
     if warmup:
         t1 = time.perf_counter()
@@ -229,6 +230,7 @@ class EdgeModel:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         self.metadata_source = "embedded"
+        self.threads: int | None = None
         self.load_ms = 0.0
         self.warmup_ms = 0.0
 

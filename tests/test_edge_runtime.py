@@ -18,8 +18,9 @@ Tolerances, stated once:
   same files, each through its own pipeline (TF decode+resize vs Pillow, at
   most 2 grey levels apart): identical top-1 and max |dprob| <= 0.02
   (measured 0.002 on 100 real cells);
-- int8 vs float32 artifact: top-1 agreement >= 0.9, max |dprob| <= 0.25 (the
-  tiny model's probabilities sit near 0.5, see tests/test_convert.py);
+- int8 vs float32 artifact: max |dprob| <= 0.25 and the same top-1 on every
+  cell where float32's top-two margin exceeds 0.2 (the tiny model's
+  probabilities sit near 0.5, see tests/test_convert.py);
 - Grad-CAM (numpy, closed form) vs tf.GradientTape on the same image: Pearson
   correlation >= 0.99 for the float32 artifact, >= 0.95 for int8 (its
   features carry the int8 rounding).
@@ -62,7 +63,7 @@ OCT_LABELS = ("CNV", "DME", "DRUSEN", "NORMAL")
 OCT_SPEC = PreprocessSpec(input_size=(64, 64), color_mode="rgb", scale=1.0 / 127.5, offset=-1.0)
 OCT_FILES = {"float32": "oct_tflite-float32.tflite", "int8": "oct_tflite-int8.tflite"}
 GRADCAM_MIN_CORR = {"float32": 0.99, "int8": 0.95}
-QUANT_MIN_AGREEMENT, QUANT_MAX_ABS_DIFF = 0.9, 0.25
+QUANT_MAX_ABS_DIFF, QUANT_SURE_MARGIN = 0.25, 0.2
 HEAVY = ("tensorflow", "keras", "tf_keras")
 # LiteRT where installed; the legacy tflite-runtime in a Pi-like environment without it.
 HAS_LITERT = backends.BACKENDS["litert"].installed()
@@ -293,8 +294,11 @@ def test_every_format_classifies_real_cells(art, fmt, malaria_float):
     if model.metadata.precision == "float32":
         assert np.abs(probs - ref).max() < 1e-4
     else:
-        assert (probs.argmax(1) == ref.argmax(1)).mean() >= QUANT_MIN_AGREEMENT
         assert np.abs(probs - ref).max() <= QUANT_MAX_ABS_DIFF
+        # The tiny model sits near 0.5: int8 may flip only cells the float model is unsure about.
+        top2 = np.sort(ref, axis=1)[:, -2:]
+        sure = top2[:, 1] - top2[:, 0] > QUANT_SURE_MARGIN
+        assert (probs.argmax(1) == ref.argmax(1))[sure].all()
 
 
 def test_int8_io_is_quantized_with_the_tensors_own_parameters(art, malaria_int8):
@@ -572,6 +576,22 @@ def test_oct_scans_get_referral_levels(art, precision):
     assert len(preds) == 6 and all(p.ok for p in preds)
     for p in preds:
         assert p.referral == {"CNV": "urgent", "DME": "urgent", "DRUSEN": "routine", "NORMAL": "observation"}[p.label]
+
+
+@pytest.mark.parametrize("precision", list(OCT_FILES))
+def test_gradcam_reads_the_features_from_the_artifact(art, precision):
+    """No TensorFlow needed: the numpy head on the tapped features reproduces the artifact's own output."""
+    from edge_runtime.gradcam import GradCam
+
+    m = edge_runtime.load(art / OCT_FILES[precision])
+    cam = GradCam(m)
+    assert cam.tap.mode == ("extra-output" if HAS_LITERT else "preserve-all-tensors")
+    for scan in sorted((art / "oct_scans").glob("*.jpeg"))[:3]:
+        res = cam.explain(m._to_input("", scan))
+        assert res["cam"].shape == (8, 8) and res["cam"].min() >= 0 and res["cam"].max() == pytest.approx(1.0)
+        assert res["head_max_abs_diff"] < (1e-4 if precision == "float32" else 0.05)
+        p = m.predict(scan)[0]
+        np.testing.assert_allclose(res["probabilities"], list(p.probabilities.values()), atol=1e-6)
 
 
 @pytest.mark.parametrize("precision", list(OCT_FILES))

@@ -15,3 +15,10 @@ def open_session(path: Path, threads: int | None = None, preserve_all_tensors: b
     from ai_edge_litert.interpreter import Interpreter
 
     return TFLiteSession(Interpreter, path, threads, NAME, md.version("ai-edge-litert"), preserve_all_tensors)
+
+
+def interpreter_class():
+    """The runtime's Interpreter class (for callers that build one from bytes)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter

@@ -44,6 +44,10 @@ class OrtSession:
     def runtime_version(self) -> str:
         return self._version
 
+    def metadata_props(self) -> dict[str, str]:
+        """The model's metadata_props (where `convert` embeds medge metadata), from this open session."""
+        return dict(self.sess.get_modelmeta().custom_metadata_map)
+
 
 def open_session(path: Path, threads: int | None = None) -> OrtSession:
     return OrtSession(path, threads)

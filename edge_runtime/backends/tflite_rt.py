@@ -51,3 +51,10 @@ def open_session(path: Path, threads: int | None = None, preserve_all_tensors: b
 
     probe(path)
     return TFLiteSession(Interpreter, path, threads, NAME, md.version("tflite-runtime"), preserve_all_tensors)
+
+
+def interpreter_class():
+    """The runtime's Interpreter class (for callers that build one from bytes)."""
+    from tflite_runtime.interpreter import Interpreter
+
+    return Interpreter
