@@ -32,6 +32,15 @@ def _sha256(path: Path) -> str:
 
 def _input_text(meta: ArtifactMetadata) -> str:
     p = meta.preprocess
+    if meta.part == "head":
+        fe = meta.feature_extractor
+        return "\n".join([
+            f"- Input: the feature map of the base's layer `{fe.get('layer')}`, shape {[1, *meta.input.shape[1:]]}, "
+            f"dtype {meta.input.dtype}: run the base on the image first ({p.input_size[1]}x{p.input_size[0]} "
+            f"{p.color_mode.upper()}, `pixel * {p.scale:.10g} + {p.offset:.10g}`). Base: {fe.get('base')}.",
+            f"- Output: shape [1, {len(meta.labels)}], dtype {meta.output.dtype}, {meta.output_kind} "
+            "in the order of labels.txt.",
+        ])
     h, w = p.input_size
     shape = [1, h, w, p.channels]
     lines = [
@@ -59,6 +68,7 @@ def _input_text(meta: ArtifactMetadata) -> str:
 def integration_note(model: str, metas: list[tuple[str, ArtifactMetadata]]) -> str:
     """INTEGRATION.md for the bundle's artifacts."""
     first = metas[0][1]
+    in_shape = [int(d) for d in first.input.shape[1:]]
     tfl = [(f, m) for f, m in metas if f.endswith(".tflite")]
     onx = [(f, m) for f, m in metas if f.endswith((".onnx", ".ort"))]
     labels = ", ".join(f"{i}: {l}" for i, l in enumerate(first.labels))
@@ -90,7 +100,7 @@ def integration_note(model: str, metas: list[tuple[str, ArtifactMetadata]]) -> s
             "```kotlin",
             f'val model = FileUtil.loadMappedFile(context, "{tfl[0][0]}")',
             "val interpreter = Interpreter(model, Interpreter.Options().setNumThreads(2))",
-            f"val input = ByteBuffer.allocateDirect(4 * {'*'.join(map(str, first.preprocess.input_shape))})"
+            f"val input = ByteBuffer.allocateDirect(4 * {'*'.join(map(str, in_shape))})"
             ".order(ByteOrder.nativeOrder())",
             "// for each pixel row by row: putFloat(r * scale + offset), putFloat(g * ...), putFloat(b * ...)",
             f"val output = Array(1) {{ FloatArray({len(first.labels)}) }}",
@@ -117,7 +127,7 @@ def integration_note(model: str, metas: list[tuple[str, ArtifactMetadata]]) -> s
             "```kotlin",
             "val env = OrtEnvironment.getEnvironment()",
             f'val session = env.createSession(modelBytes)  // "{onx[-1][0]}"',
-            f"val tensor = OnnxTensor.createTensor(env, floatBuffer, longArrayOf({', '.join(map(str, [1, *first.preprocess.input_shape]))}))",
+            f"val tensor = OnnxTensor.createTensor(env, floatBuffer, longArrayOf({', '.join(map(str, [1, *in_shape]))}))",
             f'val probs = (session.run(mapOf("{onx[-1][1].input.name}" to tensor))[0].value as Array<FloatArray>)[0]',
             "```",
             "",

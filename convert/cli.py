@@ -4,6 +4,8 @@
     python -m convert runs/malaria-edge --out runs/malaria-edge/export
     python -m convert model.h5 --labels Parasitized,Uninfected --calib runs/malaria.csv --out export
     python -m convert runs/malaria-edge --out export --bundle     # + export/malaria-edge_bundle/ and .zip
+    python -m convert runs/oct-head --out export                  # OCT: image -> class (base + head fused)
+    python -m convert runs/oct-head --out export --part head      # OCT: the head alone (8x8x2048 features)
     python -m convert inspect export/malaria-edge_tflite-int8.tflite [--format table|json]
 
 SOURCE is a run directory (labels, preprocessing and calibration manifest come
@@ -53,6 +55,9 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for the artifacts and conversion.json")
     p.add_argument("--formats", default="all", help="'all' or comma-separated rows of the format table")
     p.add_argument("--name", help="model name in file names (default: run directory name or file stem)")
+    p.add_argument("--part", choices=("model", "head"), default="model",
+                   help="model: the run's image -> class model (OCT: base + head fused); head: an OCT run's head "
+                        "alone (features -> class), calibrated and proven on the run's feature store")
     p.add_argument("--labels", type=_labels, help="class names in output order, for a source that has none")
     p.add_argument("--force", action="store_true", help="overwrite existing artifacts")
     p.add_argument("--bundle", action="store_true",
@@ -151,7 +156,8 @@ def _export(args) -> int:
         qat_batch_size=args.qat_batch_size, seed=args.seed, bundle=args.bundle,
     )
     log = print if args.report_format == "table" else (lambda *a, **k: print(*a, file=sys.stderr, **k))
-    report = run_export(args.source, args.out, formats, options, labels=args.labels, name=args.name, log=log)
+    report = run_export(args.source, args.out, formats, options, labels=args.labels, name=args.name, log=log,
+                        part=args.part)
     if args.report_format == "json":
         print(report_json(report))
     else:

@@ -13,6 +13,7 @@ into disjoint calibration and proof images.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import warnings
 from pathlib import Path
@@ -138,3 +139,45 @@ def load_sets(
     eval_set = ImageSet(preprocess_paths([p for p, _ in eval_items], spec),
                         _labels_of(eval_items, labels), [p for p, _ in eval_items], eval_origin)
     return calib_set, eval_set, train_items
+
+
+def load_store_sets(
+    store: Path, labels: Sequence[str], calib_n: int = 300, eval_n: int = 1000, seed: int = 0,
+) -> tuple[ImageSet, ImageSet]:
+    """(calibration, proof) feature sets for an OCT head from its feature store (train and test splits).
+
+    Rows are read one by one (one HDF5 chunk each), so a 44 GB store is never
+    loaded whole.
+    """
+    import h5py
+
+    store = Path(store)
+    if not store.is_file():
+        raise FileNotFoundError(f"feature store {store} (named by the run's config.json) does not exist")
+    with h5py.File(store, "r") as f:
+        split = f["split"].asstr()[:]
+        store_labels = json.loads(f.attrs["labels"])
+        if list(store_labels) != list(labels):
+            raise ValueError(f"store labels {store_labels} differ from the head's labels {list(labels)}")
+        y_all = f["label"][:]
+        feats = f["features"]
+
+        def take(rows: np.ndarray, origin: str) -> ImageSet:
+            rows = np.sort(rows)
+            x = np.stack([feats[int(i)] for i in rows]).astype(np.float32) if len(rows) else np.zeros((0, *feats.shape[1:]), np.float32)
+            return ImageSet(x, y_all[rows].astype(np.int64), [f"{store.name}#{int(i)}" for i in rows], origin)
+
+        rng = np.random.default_rng(seed)
+        train = np.flatnonzero(split == "train")
+        held = np.flatnonzero(split == "test")
+        held_name = "test"
+        if not len(held):
+            held, held_name = np.flatnonzero(split == "val"), "val"
+        if not len(train) or not len(held):
+            raise ValueError(f"store {store} needs train and test (or val) rows")
+        calib_rows = rng.permutation(train)[:calib_n]
+        eval_rows = rng.permutation(held)[: eval_n if eval_n > 0 else None]
+        if len(calib_rows) < MIN_CALIB_WARN:
+            warnings.warn(f"only {len(calib_rows)} calibration feature maps (fewer than {MIN_CALIB_WARN})", stacklevel=2)
+        return (take(calib_rows, f"{store} (train split features)"),
+                take(eval_rows, f"{store} ({held_name} split features)"))

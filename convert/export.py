@@ -128,6 +128,8 @@ class ExportJob:
             medge_version=medge_version(),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             tools=self.tools,
+            part=self.source.part,
+            feature_extractor=self.source.feature_extractor,
         )
 
 
@@ -227,6 +229,7 @@ def run_export(
     labels: Sequence[str] | None = None,
     name: str | None = None,
     log=print,
+    part: str = "model",
 ) -> dict[str, Any]:
     """Export `source` to `formats` in `out`; returns the conversion report (also written to conversion.json).
 
@@ -240,7 +243,7 @@ def run_export(
 
     out = Path(out)
     t_start = time.perf_counter()
-    model, src = load_source(source, labels=labels, name=name)
+    model, src = load_source(source, labels=labels, name=name, part=part)
     existing = [p for p in outputs_of(out, src.name, formats, options.bundle) if p.exists()]
     if existing and not options.force:
         raise FileExistsError(
@@ -253,8 +256,14 @@ def run_export(
 
     need_calib = any(f.calibrated for f in formats)
     calib_src = options.calib or src.manifest
-    calib, proof, train_items = load_sets(calib_src, src.labels, src.spec, options.calib_n, options.eval_n,
-                                          options.seed, need_calib=need_calib)
+    if src.part == "head":
+        from convert.data import load_store_sets
+
+        calib, proof = load_store_sets(src.store, src.labels, options.calib_n, options.eval_n, options.seed)
+        train_items: list[tuple[str, str]] = []
+    else:
+        calib, proof, train_items = load_sets(calib_src, src.labels, src.spec, options.calib_n, options.eval_n,
+                                              options.seed, need_calib=need_calib)
     log(f"source {src.path} ({src.name}, {len(src.labels)} classes); proof batch {len(proof)} images from "
         f"{proof.origin}" + (f"; calibration {len(calib)} images from {calib.origin}" if calib else ""))
     keras_probs = model.predict(proof.x, batch_size=64, verbose=0)
@@ -277,6 +286,7 @@ def run_export(
 
     report = {
         "source": {"path": str(src.path.resolve()), "name": src.name, "sha256": src.sha256, "task": src.task,
+                   "part": src.part,
                    "labels": list(src.labels), "preprocess": src.spec.to_dict()},
         "options": options.to_dict(),
         "calibration": calib.describe() if calib else None,

@@ -24,8 +24,8 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 ACTIVATION_TYPES = ("auto", "uint8", "int8")
 
 
-def keras_to_onnx(model, input_shape: tuple[int, int, int], opset: int = OPSET):
-    """A Keras model as an ONNX ModelProto with input "image" (batch, H, W, C) and a named batch dim."""
+def keras_to_onnx(model, input_shape: tuple[int, ...], opset: int = OPSET):
+    """A Keras model as an ONNX ModelProto with input "image" (batch, *input_shape) and a named batch dim."""
     import tensorflow as tf
     import tf2onnx
 
@@ -57,7 +57,7 @@ def float_onnx(job) -> Path:
 
     p = job.workdir / "float32.onnx"
     if not p.exists():
-        proto = keras_to_onnx(job.model, job.source.spec.input_shape, job.options.opset)
+        proto = keras_to_onnx(job.model, tuple(int(d) for d in job.model.inputs[0].shape[1:]), job.options.opset)
         onnx.save(proto, str(p))
     return p
 

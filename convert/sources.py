@@ -23,6 +23,7 @@ from typing import Any, Sequence
 from edge_runtime.spec import MALARIA_SPEC, PreprocessSpec
 
 KERAS_SUFFIXES = (".keras",)
+PARTS = ("model", "head")
 H5_SUFFIXES = (".h5", ".hdf5")
 
 
@@ -51,6 +52,19 @@ class Source:
     sha256: str
     run_config: dict[str, Any] | None = None
     manifest: Path | None = None
+    part: str = "model"
+    store: Path | None = None
+
+    @property
+    def feature_extractor(self) -> dict[str, Any]:
+        """For a head: the base whose features it takes (from the OCT run config), else empty."""
+        if self.part != "head" or not self.run_config:
+            return {}
+        from train.oct_models import FEATURE_LAYER
+
+        cfg = self.run_config
+        return {"layer": FEATURE_LAYER, "base": cfg.get("base"),
+                "features_fingerprint": cfg.get("features_fingerprint")}
 
     @property
     def resnet_config(self) -> dict[str, Any] | None:
@@ -136,6 +150,7 @@ def load_source(
     labels: Sequence[str] | None = None,
     name: str | None = None,
     spec: PreprocessSpec | None = None,
+    part: str = "model",
 ):
     """(keras model, Source) from a run directory, a .keras file, a .h5/.hdf5 file or a SavedModel folder.
 
@@ -145,11 +160,16 @@ def load_source(
             match the run's labels when it does.
         name: model name for artifact files (default: run directory name or file stem).
         spec: preprocessing for a bare model file (default: the malaria spec, 64x64 RGB /255).
+        part: "model" (the run's `model_file`, image -> classes: for OCT the fused
+            base + head) or "head" (an OCT run's `head_file`, features -> classes,
+            calibrated and proven on the run's feature store).
 
     Raises:
         FileNotFoundError, ValueError: with what was received and what is accepted.
     """
     source = Path(source)
+    if part not in PARTS:
+        raise ValueError(f"part {part!r} is not one of {PARTS}")
     if not source.exists():
         raise FileNotFoundError(f"source {source} does not exist; give a run directory, a .keras or a .h5 file")
     saved_model = source.is_dir() and (source / "saved_model.pb").is_file()
@@ -162,10 +182,18 @@ def load_source(
                 f"{source} is a directory without config.json or saved_model.pb; "
                 "it is neither a medge run directory nor a SavedModel"
             )
-        model_path = source / "best.keras"
+        run_cfg = json.loads((source / "config.json").read_text())
+        if part == "head":
+            if not run_cfg.get("head_file") or not run_cfg.get("store"):
+                raise ValueError(f"--part head needs an OCT head run (config.json with head_file and store); {source} has none")
+            model_path = source / run_cfg["head_file"]
+        else:
+            model_path = source / (run_cfg.get("model_file") or "best.keras")
         if not model_path.is_file():
-            raise FileNotFoundError(f"{source} holds no best.keras; has training finished an epoch?")
+            raise FileNotFoundError(f"{source} holds no {model_path.name}; has training finished an epoch?")
     else:
+        if part == "head":
+            raise ValueError("--part head needs an OCT run directory (the head is calibrated on its feature store)")
         model_path = source
         if model_path.suffix.lower() not in KERAS_SUFFIXES + H5_SUFFIXES:
             raise ValueError(
@@ -199,13 +227,18 @@ def load_source(
     else:
         final_spec = spec or MALARIA_SPEC
     in_shape = tuple(model.inputs[0].shape[1:])
-    if None in in_shape or in_shape != final_spec.input_shape:
+    if None in in_shape:
+        raise ValueError(f"model input {in_shape} is not fixed; models need a fixed input size")
+    if part == "model" and in_shape != final_spec.input_shape:
         raise ValueError(
             f"model input {in_shape} does not match the preprocessing {final_spec.input_shape} "
             "(height, width, channels); models need a fixed input size"
         )
-    if run_dir is not None:
-        default_name = run_dir.name if source.is_dir() or model_path.name == "best.keras" else model_path.stem
+    if part == "head":
+        default_name = f"{run_dir.name}-head"
+    elif run_dir is not None:
+        run_model = (cfg or {}).get("model_file") or "best.keras"
+        default_name = run_dir.name if source.is_dir() or model_path.name == run_model else model_path.stem
     else:
         default_name = model_path.stem
     positive = (cfg or {}).get("positive_label")
@@ -219,5 +252,7 @@ def load_source(
         sha256=sha256_file(model_path),
         run_config=cfg,
         manifest=manifest,
+        part=part,
+        store=Path(cfg["store"]) if part == "head" else None,
     )
     return model, src

@@ -91,6 +91,10 @@ class ArtifactMetadata:
         medge_version: version of the toolchain that wrote the artifact.
         created: ISO 8601 UTC time of export.
         tools: versions of the converters used.
+        part: "model" (takes the preprocessed image) or "head" (takes the
+            feature map of `feature_extractor`, e.g. InceptionV3 "mixed10"
+            for the OCT head; `preprocess` then describes the base's images).
+        feature_extractor: for a head, the base layer, weights and features fingerprint.
         schema: metadata schema id; readers refuse an unknown major version.
     """
 
@@ -110,6 +114,8 @@ class ArtifactMetadata:
     medge_version: str = ""
     created: str = ""
     tools: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    part: str = "model"
+    feature_extractor: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:
@@ -118,6 +124,8 @@ class ArtifactMetadata:
             raise ValueError("metadata needs at least one label")
         if self.positive_label is not None and self.positive_label not in self.labels:
             raise ValueError(f"positive_label {self.positive_label!r} is not among labels {list(self.labels)}")
+        if self.part not in ("model", "head"):
+            raise ValueError(f"part {self.part!r} is not 'model' or 'head'")
         if self.schema.split(".")[0] != SCHEMA:  # "medge-artifact/1.x" stays readable
             raise ValueError(f"metadata schema {self.schema!r} is not {SCHEMA!r}; upgrade medge to read this artifact")
 
@@ -140,6 +148,8 @@ class ArtifactMetadata:
             "medge_version": self.medge_version,
             "created": self.created,
             "tools": dict(self.tools),
+            "part": self.part,
+            "feature_extractor": dict(self.feature_extractor),
         }
 
     def to_json(self) -> str:

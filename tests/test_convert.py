@@ -479,3 +479,73 @@ def test_litert_quantizer_missing_names_the_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_aeq)
     with pytest.raises(ImportError, match="pip install 'ai-edge-quantizer"):
         litert_quantize_int8(b"", np.zeros((1, 64, 64, 3), np.float32), Path("."))
+
+
+@pytest.fixture(scope="session")
+def oct_like_run(tmp_path_factory, trained_run):
+    """An OCT-shaped run without InceptionV3: a small fused model (299x299x3 -> 4), a real-shaped head
+    (8x8x2048 -> 4) and a float16 feature store, laid out as `python -m train oct head` writes them."""
+    import h5py
+    import keras
+
+    from edge_runtime.spec import OCT_INCEPTION_SPEC
+
+    keras.utils.set_random_seed(7)
+    run = tmp_path_factory.mktemp("oct") / "oct-head"
+    run.mkdir()
+    L = keras.layers
+    inp = keras.Input((299, 299, 3))
+    fused = keras.Model(inp, L.Dense(4, activation="softmax")(L.GlobalAveragePooling2D()(L.Conv2D(8, 3, strides=4)(inp))))
+    fused.save(run / "fused.keras")
+    f_in = keras.Input((8, 8, 2048))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 1, use_bias=False)(f_in)))
+    head = keras.Model(f_in, L.Dense(4, activation="softmax")(L.Flatten()(x)))
+    head.save(run / "head.keras")
+    labels = ["CNV", "DME", "DRUSEN", "NORMAL"]
+    rng = np.random.default_rng(0)
+    store = run.parent / "features.h5"
+    with h5py.File(store, "w") as f:
+        f.create_dataset("features", data=rng.random((24, 8, 8, 2048), dtype=np.float32).astype(np.float16),
+                         chunks=(1, 8, 8, 2048))
+        f.create_dataset("label", data=np.arange(24, dtype=np.int16) % 4)
+        f.create_dataset("split", data=np.array(["train"] * 12 + ["test"] * 12, dtype=object),
+                         dtype=h5py.string_dtype())
+        f.attrs["labels"] = json.dumps(labels)
+    manifest = json.loads((trained_run / "config.json").read_text())["manifest"]
+    (run / "config.json").write_text(json.dumps({
+        "task": "oct", "mode": "head", "model_file": "fused.keras", "head_file": "head.keras", "labels": labels,
+        "positive_label": None, "preprocess": OCT_INCEPTION_SPEC.to_dict(), "store": str(store),
+        "manifest": manifest, "base": {"weights": "none", "seed": 0, "sha256": "0" * 64},
+        "features_fingerprint": "f" * 16,
+    }))
+    return run
+
+
+@pytest.mark.slow
+def test_oct_run_exports_fused_model_and_head(oct_like_run, tmp_path):
+    from convert.cli import main
+
+    fmts = "tflite-float32,onnx-float32"
+    assert main([str(oct_like_run), "--out", str(tmp_path / "fused"), "--formats", fmts, "--eval-n", "8",
+                 "--calib-n", "8"]) == 0
+    meta = read_metadata(tmp_path / "fused" / "oct-head_tflite-float32.tflite")
+    assert meta.part == "model" and meta.task == "oct" and meta.input.shape == (-1, 299, 299, 3)
+    assert meta.preprocess.offset == -1.0 and meta.source_name == "fused.keras"
+
+    assert main([str(oct_like_run), "--out", str(tmp_path / "head"), "--formats", fmts + ",tflite-qat-int8",
+                 "--part", "head", "--calib-n", "12", "--bundle"]) == 1  # QAT has no twin for a head
+    report = json.loads((tmp_path / "head" / "conversion.json").read_text())
+    status = {r["format"]: r["status"] for r in report["rows"]}
+    assert status == {"tflite-float32": "ok", "tflite-qat-int8": "failed", "onnx-float32": "ok"}
+    assert report["proof"]["images"] == 12 and "test split features" in report["proof"]["from"]
+    for name in ("oct-head-head_tflite-float32.tflite", "oct-head-head_onnx-float32.onnx"):
+        meta = read_metadata(tmp_path / "head" / name)
+        assert meta.part == "head" and meta.input.shape == (-1, 8, 8, 2048) and meta.labels[0] == "CNV"
+        assert meta.feature_extractor["layer"] == "mixed10" and meta.source_name == "head.keras"
+    note = (tmp_path / "head" / "oct-head-head_bundle" / "INTEGRATION.md").read_text()
+    assert "mixed10" in note and "[1, 8, 8, 2048]" in note
+
+    with pytest.raises(ValueError, match="OCT"):
+        from convert.sources import load_source
+
+        load_source(oct_like_run.parent / "features.h5", part="head")
