@@ -549,3 +549,26 @@ def test_oct_run_exports_fused_model_and_head(oct_like_run, tmp_path):
         from convert.sources import load_source
 
         load_source(oct_like_run.parent / "features.h5", part="head")
+
+
+@pytest.mark.slow
+def test_sigterm_mid_export_leaves_nothing(trained_run, tmp_path):
+    """A real `python -m convert` process, terminated while QAT runs: exit 130, no file left in --out."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convert", str(trained_run), "--out", str(out), "--formats", "tflite-qat-int8",
+         "--calib-n", "16", "--eval-n", "8", "--qat-epochs", "1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.is_dir() and any(out.iterdir())):
+        time.sleep(0.2)  # the temp file appears when the row starts
+    assert out.is_dir() and any(out.iterdir()), "the export never started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "no partial artifact" in err
+    assert list(out.iterdir()) == []
