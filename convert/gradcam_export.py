@@ -13,10 +13,10 @@ string (`np.load(..., allow_pickle=False)` reads it):
     dense_kernel (H*W*F, classes), dense_bias  the softmax layer after flatten
     info                                       schema, labels, feature shape, source sha256
 
-`export_head_weights(model, path, labels, source_sha256)` is what `convert`
-calls for an OCT source (hook: after the rows in `convert.export.run_export`,
-when `src.task == "oct"`); `source_sha256` must be the hash the artifacts'
-metadata records, so the device can refuse weights from another model.
+`write_for_export(model, src, out)` is the hook for `convert.export.run_export`
+(after the rows: it writes `{src.name}_gradcam.npz` for an OCT run and does
+nothing for other tasks); it records `src.sha256`, the hash the artifacts'
+metadata carries, so the device refuses weights from another model.
 """
 
 from __future__ import annotations
@@ -104,6 +104,25 @@ def export_head_weights(model: Any, path: str | os.PathLike, labels: Sequence[st
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez(tmp, info=np.array(json.dumps(info)), **arrays)
     os.replace(tmp, path)
+    return path
+
+
+def write_for_export(model: Any, source: Any, out: str | os.PathLike, log=print) -> Path | None:
+    """The hook for `convert.export.run_export`: weights for an OCT conv head, else None (with the reason logged).
+
+    Args:
+        model: the Keras model being exported (fused base + head).
+        source: its `convert.sources.Source` (task, name, labels, sha256).
+        out: the artifacts' folder.
+    """
+    if source.task != "oct":
+        return None
+    try:
+        path = export_head_weights(model, Path(out) / f"{source.name}_gradcam.npz", source.labels, source.sha256)
+    except ValueError as e:  # e.g. the end-to-end run's pooling top: no 1x1 conv to explain on the device
+        log(f"no on-device Grad-CAM weights for {source.name}: {e}")
+        return None
+    log(f"Grad-CAM head weights {path}")
     return path
 
 

@@ -309,6 +309,11 @@ class GradCam:
     """
 
     def __init__(self, model, weights: str | Path | None = None):
+        from edge_runtime.field import is_oct
+
+        if not is_oct(model.metadata):
+            raise GradCamError(f"Grad-CAM maps are made for OCT head models; {model.path.name} is a "
+                               f"{model.metadata.task!r} model with labels {list(model.labels)}")
         path = Path(weights) if weights is not None else gradcam_path(model.path, model.metadata.model)
         self.hw = HeadWeights.load(path)
         if tuple(self.hw.labels) != tuple(model.labels):

@@ -234,6 +234,11 @@ class EdgeModel:
         self.load_ms = 0.0
         self.warmup_ms = 0.0
 
+    def __repr__(self) -> str:
+        m = self.metadata
+        return (f"EdgeModel({self.path.name!r}, task={m.task!r}, format={m.format!r}, backend={self.backend!r}, "
+                f"labels={list(self.labels)}, threshold={self.threshold})")
+
     @staticmethod
     def default_threshold(meta: ArtifactMetadata) -> float:
         t = getattr(meta, "confidence_threshold", None)  # a later metadata schema may carry it

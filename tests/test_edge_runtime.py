@@ -159,8 +159,8 @@ def make_artifacts(out: Path, run: Path | None = None) -> Path:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from convert.export import Options, run_export
     from convert.formats import parse_formats
-    from convert.gradcam_export import export_head_weights
-    from convert.sources import sha256_file
+    from convert.gradcam_export import write_for_export
+    from convert.sources import Source, sha256_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +188,9 @@ def make_artifacts(out: Path, run: Path | None = None) -> Path:
     calib = np.stack([load_and_preprocess(p, OCT_SPEC) for p in scans] * 4)
     for fmt, name in OCT_FILES.items():
         _oct_artifact(model, fmt, out / name, calib, sha)
-    export_head_weights(model, out / "oct_gradcam.npz", OCT_LABELS, sha)
+    src = Source(path=keras_path, name="oct", labels=OCT_LABELS, spec=OCT_SPEC, task="oct", positive_label=None,
+                 sha256=sha)
+    assert write_for_export(model, src, out, log=lambda *a: None) == out / "oct_gradcam.npz"
     return out
 
 
@@ -634,6 +636,29 @@ def test_gradcam_matches_gradient_tape(art, precision):
             assert res["head_max_abs_diff"] < 1e-4
 
 
+def test_gradcam_export_hook_skips_what_it_cannot_explain(art, tmp_path):
+    pytest.importorskip("tensorflow")
+    import dataclasses
+
+    import keras
+
+    from convert.gradcam_export import write_for_export
+    from convert.sources import Source
+
+    fused = keras.saving.load_model(art / "oct_fused.keras", compile=False)
+    src = Source(path=art / "oct_fused.keras", name="o", labels=OCT_LABELS, spec=OCT_SPEC, task="oct",
+                 positive_label=None, sha256="ab" * 32)
+    logs = []
+    assert write_for_export(fused, dataclasses.replace(src, task="malaria"), tmp_path, log=logs.append) is None
+    # Approach A's top (pooling, dense 64, dense 4): no 1x1 conv, so no device Grad-CAM, said once.
+    f = keras.Input((8, 8, 2048))
+    top = keras.Model(f, keras.layers.Dense(4, activation="softmax")(
+        keras.layers.Dense(64, activation="relu")(keras.layers.GlobalAveragePooling2D()(f))))
+    assert write_for_export(top, src, tmp_path, log=logs.append) is None
+    assert len(logs) == 1 and "does not start with a Conv2D" in logs[0]
+    assert not list(tmp_path.iterdir())
+
+
 def test_gradcam_cli_writes_overlays_and_refuses_what_it_cannot_explain(art, tmp_path):
     scans = sorted((art / "oct_scans").glob("*.jpeg"))[:3]
     code, out, err = run_cli("predict", art / OCT_FILES["int8"], *scans, "--gradcam", tmp_path / "maps", "--json")
@@ -648,7 +673,13 @@ def test_gradcam_cli_writes_overlays_and_refuses_what_it_cannot_explain(art, tmp
             assert np.asarray(im).std(axis=2).mean() > 1  # coloured heat, not the grey scan
     # Not an OCT head model / no weights / an ONNX artifact: exit 2 with the reason, no traceback.
     code, _, err = run_cli("predict", art / MALARIA_FILES["tflite-float32"], cells(1)[0], "--gradcam", tmp_path / "x")
-    assert code == 2 and "Grad-CAM head weights" in err and "Traceback" not in err
+    assert code == 2 and "made for OCT head models" in err and "Traceback" not in err
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(art / OCT_FILES["float32"], lone / OCT_FILES["float32"])  # artifact without its weights file
+    code, _, err = run_cli("predict", lone / OCT_FILES["float32"], scans[0], "--gradcam", tmp_path / "x")
+    assert code == 2 and "no Grad-CAM head weights" in err and "convert/gradcam_export.py" in err
+
     code, _, err = run_cli("predict", art / OCT_FILES["float32"], scans[0], "--gradcam", tmp_path / "x",
                            "--head-weights", art / MALARIA_FILES["tflite-float32"].replace(".tflite", ".json"))
     assert code == 2 and "not a medge Grad-CAM weights file" in err
