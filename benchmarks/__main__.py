@@ -1,0 +1,2 @@
+from benchmarks.cli import main
+raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""`python -m benchmarks`: float32 against int8, side by side, on this machine.
+
+    python -m benchmarks                                   # build what is missing (cached), benchmark everything
+    python -m benchmarks --models malaria-edge --formats tflite-float32,tflite-int8 --threads 1
+    python -m benchmarks --run malaria-edge=runs/malaria-edge --data runs/malaria.csv --n-images 1000
+    python -m benchmarks --compare runs/benchmarks/old.json --max-drop 1.0 --min-speedup 1.5
+
+With no arguments it reuses the models and artifacts in the cache folder and
+builds the missing ones from data shipped in the project (the bundled malaria
+sample, synthetic OCT scans) with quick settings, showing each step. Results go
+to `--out`: benchmark.json, benchmark.csv, benchmark.md, latency_vs_size.png,
+accuracy_vs_latency.png.
+
+Exit codes: 0 done (failed formats are rows with their error), 1 a gate
+(--max-drop, --min-speedup) failed, 2 bad arguments or inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks.models import DEFAULT_MODELS, MODELS
+from convert.formats import FORMATS
+
+
+def _threads(text: str) -> list[int]:
+    from benchmarks.machine import cores
+
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        n = cores() if part == "all" else int(part) if part.isdigit() else 0
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"--threads takes positive integers or 'all', comma-separated; got {text!r}")
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def _run_arg(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or name not in MODELS:
+        raise argparse.ArgumentTypeError(f"--run takes NAME=RUN_DIR with NAME one of {', '.join(MODELS)}; got {text!r}")
+    return name, Path(path)
+
+
+def _positive(kind):
+    def parse(text: str):
+        v = kind(text)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        return v
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"models: {', '.join(MODELS)}\nformats: {', '.join(FORMATS)}")
+    w = p.add_argument_group("what to benchmark")
+    w.add_argument("--models", help=f"'all' or comma-separated (default: {', '.join(DEFAULT_MODELS)}; "
+                                    "malaria-paper only when a run of it is cached or given with --run)")
+    w.add_argument("--formats", default="all", help="'all' or comma-separated rows of convert's format table")
+    w.add_argument("--threads", type=_threads, default="1,all", help="thread counts, e.g. 1,all or 1,2,4")
+    w.add_argument("--run", type=_run_arg, action="append", default=[], metavar="NAME=RUN_DIR",
+                   help="benchmark this run directory as model NAME (read only; exported into the cache)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", type=Path, help="malaria evaluation images: a manifest CSV (its test split) or class "
+                                             "folders (default: the run's manifest test split)")
+    d.add_argument("--n-images", type=_positive(int), default=300, help="evaluation images per model")
+    m = p.add_argument_group("measurement")
+    m.add_argument("--batch", type=_positive(int), default=16, help="batch for the throughput figure")
+    m.add_argument("--min-seconds", type=_positive(float), default=1.0, help="timed seconds per measurement, at least")
+    m.add_argument("--max-seconds", type=_positive(float), default=10.0, help="timed seconds per measurement, at most")
+    m.add_argument("--no-peak", action="store_true", help="skip the machine-peak matrix products")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path("runs/benchmarks"), help="results folder")
+    o.add_argument("--cache", type=Path, help="built models and artifacts (default: OUT/cache)")
+    o.add_argument("--rebuild", action="store_true", help="empty the cache first")
+    o.add_argument("--format", choices=("table", "json", "csv"), default="table", help="what to print at the end")
+    o.add_argument("--compare", type=Path, metavar="OLD.json", help="print what changed against an earlier run")
+    g = p.add_argument_group("gates (exit 1 when an int8 row fails one)")
+    g.add_argument("--max-drop", type=float, metavar="PP", help="largest accuracy drop vs Keras, percentage points")
+    g.add_argument("--min-speedup", type=float, metavar="X", help="smallest speed-up vs float32 of the same runtime")
+    args = p.parse_args(argv)
+    if isinstance(args.threads, str):
+        args.threads = _threads(args.threads)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    t0 = time.perf_counter()
+    quiet = args.format != "table"
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if quiet else (lambda s: print(s, flush=True))
+    try:
+        from benchmarks.models import Builder, parse_models
+        from convert.formats import parse_formats
+
+        formats = parse_formats(args.formats)
+        runs = dict(args.run)
+        for name, path in runs.items():
+            if not path.is_dir():
+                raise FileNotFoundError(f"--run {name}={path}: no such run directory")
+        cache = args.cache or args.out / "cache"
+        if args.models:
+            models = parse_models(args.models)
+        else:
+            models = [m for m in parse_models(DEFAULT_MODELS)
+                      if m.builds or m.name in runs or (cache / m.name / "run" / "best.keras").is_file()]
+        if args.compare and not args.compare.is_file():
+            raise FileNotFoundError(f"--compare {args.compare}: no such file; give an earlier benchmark.json")
+        if args.data is not None and not args.data.exists():
+            raise FileNotFoundError(f"--data {args.data} does not exist; give a manifest CSV or class folders")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from benchmarks.machine import library_versions, machine_info
+    from benchmarks.models import Builder
+    from benchmarks.peak import measure_peaks
+    from benchmarks.report import compare, gates, terminal, write_all, rows_csv
+    from benchmarks.run import Settings, add_ratios, benchmark_model
+
+    if args.rebuild and cache.exists():
+        shutil.rmtree(cache)
+    settings = Settings(threads=tuple(args.threads), n_images=args.n_images, batch=args.batch,
+                        min_seconds=args.min_seconds, max_seconds=args.max_seconds, data=args.data)
+    stamp = lambda: f"[{time.perf_counter() - t0:5.0f} s]"  # noqa: E731
+    log(f"{stamp()} models: {', '.join(m.name for m in models)}; formats: {', '.join(f.name for f in formats)}; "
+        f"threads: {', '.join(map(str, settings.threads))}; cache {cache}")
+    builder = Builder(cache, runs=runs, log=log)
+    prepared = []
+    for m in models:
+        log(f"{stamp()} == prepare {m.name}")
+        prepared.append(builder.prepare(m, formats))
+    peaks = []
+    if not args.no_peak:
+        log(f"{stamp()} == machine peak")
+        peaks = measure_peaks(cache / "peak", list(settings.threads), tuple({f.runtime for f in formats}), log=log)
+    rows = []
+    for p in prepared:
+        log(f"{stamp()} == benchmark {p.model.name}")
+        rows += benchmark_model(p, formats, settings, peaks, log=log)
+    add_ratios(rows)
+    report = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks" + ("" if not argv and argv is not None else " " + shlex.join(
+            sys.argv[1:] if argv is None else argv)).rstrip(),
+        "seconds": time.perf_counter() - t0,
+        "machine": machine_info(),
+        "versions": library_versions(),
+        "settings": {"threads": list(settings.threads), "n_images": settings.n_images, "batch": settings.batch,
+                     "min_seconds": settings.min_seconds, "max_seconds": settings.max_seconds,
+                     "data": str(settings.data) if settings.data else None, "cache": str(cache),
+                     "formats": [f.name for f in formats]},
+        "models": [{"name": p.model.name, "run": str(p.run) if p.run else None,
+                    "reference": str(p.reference) if p.reference else None, "synthetic_data": p.synthetic,
+                    "error": p.error} for p in prepared],
+        "peaks": peaks,
+        "rows": rows,
+    }
+    written = write_all(report, args.out)
+    problems = gates(rows, args.max_drop, args.min_speedup)
+    report["gates"] = {"max_drop_pp": args.max_drop, "min_speedup": args.min_speedup, "failures": problems}
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    elif args.format == "csv":
+        print(rows_csv(rows), end="")
+    else:
+        print()
+        print(terminal(report))
+        print(f"\n{len(rows)} rows in {report['seconds']:.0f} s; wrote {', '.join(str(p) for p in written)}")
+    if args.compare:
+        log("\n" + compare(json.loads(args.compare.read_text()), report))
+    for msg in problems:
+        print(f"gate failed: {msg}", file=sys.stderr)
+    return 1 if problems else 0

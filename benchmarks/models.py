@@ -1,0 +1,309 @@
+"""The models `python -m benchmarks` knows, and how it finds or builds their runs and artifacts.
+
+    malaria-edge   the `edge` ResNet (built when missing: bundled sample, a few epochs)
+    malaria-paper  the source's ResNet (benchmarked only when a run is given or cached; too slow to build here)
+    oct-fused      InceptionV3 base + head, image -> class (built when missing: synthetic scans, random base)
+    oct-head       the head alone, 8x8x2048 features -> class (same run as oct-fused)
+
+Everything built lives in the cache folder (`--cache`) and is reused on the
+next run; every step is the project's own command (`python -m train ...`,
+`python -m convert ...`), run in its own process with its output shown:
+
+    CACHE/data/malaria-sample.csv        patient split of tests/data/malaria_sample
+    CACHE/malaria-edge/run/              python -m train malaria --preset edge
+    CACHE/oct/data/, oct.csv, features.h5, run/   python -m train oct synth|extract|head
+    CACHE/<model>/export*/               python -m convert (one folder per conversion, conversion.json each)
+
+`--run NAME=DIR` benchmarks an existing run directory instead (read only:
+its artifacts are exported into the cache, never into DIR).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from convert.formats import Format
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "tests" / "data" / "malaria_sample"
+OCT_LABELS = ("CNV", "DME", "DRUSEN", "NORMAL")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickSettings:
+    """How big the models built for a default run are (small: the default run takes ~10 min on 2 cores)."""
+
+    malaria_epochs: int = 6
+    oct_per_class: int = 12
+    oct_patients: int = 3
+    oct_test_per_class: int = 8
+    oct_test_patients: int = 2
+    oct_epochs: int = 10
+    calib_n: int = 100
+    eval_n: int = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    """One row of the model table.
+
+    Attributes:
+        name: what `--models` takes; also the artifact name prefix.
+        task: "malaria" or "oct".
+        input: "image" (takes images) or "features" (OCT head: InceptionV3 features).
+        builds: built from shipped data when missing (else needs `--run` or a cached run).
+        description: one line for tables and docs.
+    """
+
+    name: str
+    task: str
+    input: str
+    builds: bool
+    description: str
+
+
+MODELS: dict[str, BenchModel] = {m.name: m for m in (
+    BenchModel("malaria-edge", "malaria", "image", True, "malaria ResNet, `edge` preset (33.8 k weights)"),
+    BenchModel("malaria-paper", "malaria", "image", False, "malaria ResNet, `paper` preset (2.16 M weights)"),
+    BenchModel("oct-fused", "oct", "image", True, "OCT InceptionV3 base + head, 299x299 image -> 4 classes"),
+    BenchModel("oct-head", "oct", "features", True, "OCT head alone, 8x8x2048 features -> 4 classes"),
+)}
+DEFAULT_MODELS = ("malaria-edge", "malaria-paper", "oct-fused", "oct-head")
+
+
+def parse_models(spec: str | Sequence[str]) -> list[BenchModel]:
+    """Models named by "all" or a comma-separated list, in table order.
+
+    Raises:
+        ValueError: a name not in the table (the message lists the valid ones).
+    """
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    if names == ["all"]:
+        return list(MODELS.values())
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise ValueError(f"unknown model(s) {unknown or names}; choose 'all' or some of: {', '.join(MODELS)}")
+    return [m for m in MODELS.values() if m.name in names]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A model ready to benchmark: its Keras reference, its evaluation data and its artifacts.
+
+    Attributes:
+        model: the table row.
+        run: the run directory (None when it could not be found or built).
+        reference: the Keras model file every artifact is compared with.
+        manifest: manifest whose test split evaluates image models.
+        store: OCT feature store (for oct-head).
+        artifacts: format name -> artifact path, for rows that exported.
+        errors: format name -> why there is no artifact (the row's error).
+        error: why the model as a whole is missing (then every row fails with it).
+        synthetic: evaluated on generated data (figures are not clinical).
+    """
+
+    model: BenchModel
+    run: Path | None = None
+    reference: Path | None = None
+    manifest: Path | None = None
+    store: Path | None = None
+    artifacts: dict[str, Path] = dataclasses.field(default_factory=dict)
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+    synthetic: bool = False
+
+
+class StepFailed(RuntimeError):
+    """A build command exited non-zero."""
+
+
+def run_step(argv: list[str], log: Callable[[str], None], ok_codes: Sequence[int] = (0,)) -> subprocess.CompletedProcess:
+    """Run `python -m ...` in its own process, its output passed through (that is the progress shown).
+
+    stderr is captured as well, so the last error line can become a row's error.
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    log("  $ " + " ".join(["python", *argv[1:]] if argv[0] == sys.executable else argv))
+    proc = subprocess.Popen(argv, stdout=None, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+    err_lines = []
+    assert proc.stderr is not None
+    for line in proc.stderr:  # pass stderr through too (tqdm bars, warnings), keep it for the error message
+        sys.stderr.write(line)
+        err_lines.append(line.rstrip())
+    code = proc.wait()
+    if code not in ok_codes:
+        errors = [l for l in err_lines if l.startswith("error:") or "Error" in l]
+        last = (errors or err_lines or [f"exit code {code}"])[-1]
+        raise StepFailed(f"`{' '.join(argv[2:5])} ...` failed (exit {code}): {last.removeprefix('error: ')}")
+    return subprocess.CompletedProcess(argv, code)
+
+
+def py(*args: str | Path) -> list[str]:
+    return [sys.executable, *map(str, args)]
+
+
+def _run_done(run: Path, model_file: str = "best.keras") -> bool:
+    return (run / "config.json").is_file() and (run / model_file).is_file()
+
+
+def _fresh(path: Path) -> Path:
+    """Remove a half-built folder left by a killed earlier build."""
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
+class Builder:
+    """Finds or builds every model's run and artifacts in the cache folder."""
+
+    def __init__(self, cache: Path, quick: QuickSettings = QuickSettings(), runs: dict[str, Path] | None = None,
+                 log: Callable[[str], None] = print):
+        self.cache = Path(cache)
+        self.quick = quick
+        self.runs = {k: Path(v) for k, v in (runs or {}).items()}
+        self.log = log
+
+    # -- malaria
+
+    def sample_manifest(self) -> Path:
+        out = self.cache / "data" / "malaria-sample.csv"
+        if not out.is_file():
+            self.log(f"== split the bundled sample {SAMPLE} by patient -> {out}")
+            run_step(py("-m", "train", "split", "--data", SAMPLE, "--out", out), self.log)
+        return out
+
+    def malaria_run(self, m: BenchModel) -> Path:
+        if m.name in self.runs:
+            return self.runs[m.name]
+        preset = m.name.split("-", 1)[1]
+        run = self.cache / m.name / "run"
+        if _run_done(run):
+            return run
+        if not m.builds:
+            raise FileNotFoundError(
+                f"no {m.name} run in {run}; train one (`python -m train malaria --preset {preset} ...`) and pass "
+                f"--run {m.name}=RUN_DIR")
+        manifest = self.sample_manifest()
+        epochs = self.quick.malaria_epochs
+        self.log(f"== train `{preset}` for {epochs} epochs on the bundled sample -> {run}")
+        run_step(py("-m", "train", "malaria", "--manifest", manifest, "--preset", preset, "--epochs", epochs,
+                    "--out", _fresh(run), "--quiet"), self.log)
+        return run
+
+    # -- OCT
+
+    def oct_run(self) -> tuple[Path, Path | None]:
+        """(run dir with fused.keras and head.keras, feature store or None for a given run)."""
+        if "oct-fused" in self.runs or "oct-head" in self.runs:
+            run = self.runs.get("oct-fused") or self.runs["oct-head"]
+            return run, None
+        root = self.cache / "oct"
+        data, manifest, store, run = root / "data", root / "oct.csv", root / "features.h5", root / "run"
+        q = self.quick
+        if not (data / "SYNTHETIC_DATA.txt").is_file():
+            self.log(f"== draw synthetic OCT2017-style B-scans -> {data}")
+            run_step(py("-m", "train", "oct", "synth", "--out", _fresh(data), "--per-class", q.oct_per_class,
+                        "--patients", q.oct_patients, "--test-per-class", q.oct_test_per_class,
+                        "--test-patients", q.oct_test_patients), self.log)
+        if not manifest.is_file():
+            self.log(f"== split the synthetic scans by patient -> {manifest}")
+            run_step(py("-m", "train", "split", "--data", data, "--out", manifest, "--val", "0.2"), self.log)
+        if not _run_done(run, "fused.keras"):
+            # No ImageNet download here: a random base (seeded) has the real architecture and cost.
+            self.log(f"== extract InceptionV3 features (random base, --base-weights none) -> {store}")
+            run_step(py("-m", "train", "oct", "extract", "--manifest", manifest, "--base-weights", "none",
+                        "--out", store), self.log)
+            self.log(f"== train the OCT head for {q.oct_epochs} epochs -> {run}")
+            run_step(py("-m", "train", "oct", "head", "--store", store, "--out", _fresh(run), "--epochs",
+                        q.oct_epochs, "--quiet"), self.log)
+        return run, store
+
+    # -- conversion
+
+    def _export_dirs(self, key: str) -> list[Path]:
+        base = self.cache / key
+        return sorted(p for p in base.glob("export*") if (p / "conversion.json").is_file()) if base.is_dir() else []
+
+    def export(self, p: Prepared, formats: Sequence[Format], source: Path, key: str,
+               extra: Sequence[str] = ()) -> None:
+        """Fill `p.artifacts`/`p.errors` from earlier conversions, converting the formats none has made yet."""
+        def collect() -> set[str]:
+            seen = set()
+            for d in self._export_dirs(key):
+                report = json.loads((d / "conversion.json").read_text())
+                for row in report.get("rows", []):
+                    name = row["format"]
+                    if name in seen or name not in {f.name for f in formats}:
+                        continue
+                    seen.add(name)
+                    path = d / row["file"] if row.get("file") else None
+                    if path is not None and path.is_file():
+                        p.artifacts[name] = path
+                    else:
+                        p.errors[name] = f"conversion failed: {row.get('error') or 'no file'}"
+            return seen
+
+        missing = [f.name for f in formats if f.name not in collect()]
+        if not missing:
+            return
+        k = len(list((self.cache / key).glob("export*"))) if (self.cache / key).is_dir() else 0
+        out = self.cache / key / ("export" if k == 0 else f"export-{k + 1}")
+        self.log(f"== convert {p.model.name} to {', '.join(missing)} -> {out}")
+        try:
+            run_step(py("-m", "convert", source, "--out", _fresh(out), "--formats", ",".join(missing),
+                        "--name", p.model.name, "--calib-n", self.quick.calib_n, "--eval-n", self.quick.eval_n,
+                        # Keep artifacts below convert's agreement bar: measuring their drop is the point here.
+                        "--allow-drop", *extra), self.log, ok_codes=(0, 1))  # 1: some rows failed, recorded in conversion.json
+        except StepFailed as e:
+            shutil.rmtree(out, ignore_errors=True)
+            for name in missing:
+                p.errors[name] = str(e)
+            return
+        collect()
+
+    # -- entry point
+
+    def prepare(self, m: BenchModel, formats: Sequence[Format]) -> Prepared:
+        """A `Prepared` for `m`; failures end up in its `error`/`errors`, never raised."""
+        p = Prepared(m)
+        try:
+            if m.task == "malaria":
+                p.run = self.malaria_run(m)
+                p.reference = p.run / "best.keras"
+                cfg = json.loads((p.run / "config.json").read_text())
+                p.manifest = Path(cfg["manifest"]) if cfg.get("manifest") else None
+                key = m.name if m.name not in self.runs else f"{m.name}-{_digest(self.runs[m.name])}"
+                self.export(p, formats, p.run, key)
+            else:
+                p.run, p.store = self.oct_run()
+                cfg = json.loads((p.run / "config.json").read_text())
+                p.synthetic = bool(cfg.get("synthetic"))
+                p.manifest = self.cache / "oct" / "oct.csv" if p.store is not None else None
+                given = "oct-fused" in self.runs or "oct-head" in self.runs
+                key = m.name if not given else f"{m.name}-{_digest(p.run)}"
+                if m.input == "image":
+                    p.reference = p.run / cfg.get("model_file", "fused.keras")
+                    calib = ["--calib", str(p.manifest)] if p.manifest else []
+                    # The file, not the run: convert looks for best.keras in a run directory, OCT runs hold fused.keras.
+                    self.export(p, formats, p.reference, key, calib)
+                else:
+                    p.reference = p.run / (cfg.get("head_file") or "head.keras")
+                    calib = ["--calib", str(p.manifest)] if p.manifest else []
+                    self.export(p, formats, p.reference, key,
+                                ["--labels", ",".join(cfg.get("labels") or OCT_LABELS), *calib])
+        except (FileNotFoundError, ValueError, StepFailed, KeyError) as e:
+            p.error = str(e)
+        return p
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]

@@ -1,0 +1,143 @@
+"""This CPU's own ceiling: one large float32 and one int8 matrix product through each runtime.
+
+A model's MAC/s divided by the same runtime's MAC/s on a big GEMM (the best
+case for its kernels: no im2col, no small channel counts, no memory-bound
+element-wise ops) says how much headroom is left, not only how many
+milliseconds. The one-op models are built once and cached:
+
+    litert       FULLY_CONNECTED (Keras Dense, no bias), float32 and full int8 (TFLite converter)
+    onnxruntime  MatMul (float32) and MatMulInteger (uint8 x int8 -> int32), written with onnx.helper
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks.timing import time_fn
+
+# (M, K, N) per precision: large enough to reach the kernels' steady state,
+# short enough per call (a few ms) that a run fits in a scheduler time slice on
+# a busy machine. int8 (VNNI/AMX, dot-product) kernels are ~10-40x faster, so get more work.
+SHAPES = {"float32": (256, 512, 512), "int8": (256, 1024, 1024)}
+
+
+def _build_tflite(path: Path, int8: bool, M: int, K: int, N: int) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    inp = keras.Input(shape=(K,), batch_size=M)
+    out = keras.layers.Dense(N, use_bias=False)(inp)
+    model = keras.Model(inp, out)
+    model.layers[-1].set_weights([rng.normal(0, 0.05, (K, N)).astype(np.float32)])
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if int8:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = lambda: ([rng.normal(0, 1, (M, K)).astype(np.float32)] for _ in range(4))
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+    path.write_bytes(conv.convert())
+
+
+def _build_onnx(path: Path, int8: bool, M: int, K: int, N: int) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if int8:
+        w = numpy_helper.from_array(rng.integers(-127, 128, (K, N)).astype(np.int8), "W")
+        node = helper.make_node("MatMulInteger", ["X", "W"], ["Y"])
+        x_type, y_type = TensorProto.UINT8, TensorProto.INT32
+    else:
+        w = numpy_helper.from_array(rng.normal(0, 0.05, (K, N)).astype(np.float32), "W")
+        node = helper.make_node("MatMul", ["X", "W"], ["Y"])
+        x_type, y_type = TensorProto.FLOAT, TensorProto.FLOAT
+    graph = helper.make_graph([node], "peak_matmul", [helper.make_tensor_value_info("X", x_type, [M, K])],
+                              [helper.make_tensor_value_info("Y", y_type, [M, N])], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _litert_runner(path: Path, threads: int, M: int, K: int) -> Callable[[], Any]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path), num_threads=threads)
+    it.allocate_tensors()
+    d = it.get_input_details()[0]
+    x = (np.random.default_rng(1).integers(-100, 100, (M, K)).astype(np.int8) if d["dtype"] == np.int8
+         else np.random.default_rng(1).normal(0, 1, (M, K)).astype(np.float32))
+
+    def run():
+        it.set_tensor(d["index"], x)
+        it.invoke()
+
+    return run
+
+
+def _ort_runner(path: Path, threads: int, M: int, K: int) -> Callable[[], Any]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    i = sess.get_inputs()[0]
+    x = (np.random.default_rng(1).integers(0, 255, (M, K)).astype(np.uint8) if "uint8" in i.type
+         else np.random.default_rng(1).normal(0, 1, (M, K)).astype(np.float32))
+    return lambda: sess.run(None, {i.name: x})
+
+
+RUNTIMES = {
+    "litert": (".tflite", _build_tflite, _litert_runner),
+    "onnxruntime": (".onnx", _build_onnx, _ort_runner),
+}
+
+
+def measure_peaks(cache: Path, threads: list[int], runtimes=tuple(RUNTIMES), log=print) -> list[dict[str, Any]]:
+    """One row per (runtime, precision, threads): GMAC/s of the matrix product in its fastest timed run.
+
+    The fastest run, not the median: a ceiling is what the machine can do, and
+    on a shared machine the median measures the neighbours too.
+    """
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for rt in runtimes:
+        ext, build, runner = RUNTIMES[rt]
+        for precision, (M, K, N) in SHAPES.items():
+            macs = M * K * N
+            path = cache / f"peak_matmul_{M}x{K}x{N}_{precision}{ext}"
+            row: dict[str, Any] = {"runtime": rt, "precision": precision, "op": f"{M}x{K} @ {K}x{N}", "macs": macs}
+            try:
+                if not path.is_file():
+                    tmp = path.with_name(".tmp-" + path.name)
+                    build(tmp, precision == "int8", M, K, N)
+                    tmp.replace(path)
+                for t in threads:
+                    stats = time_fn(runner(path, t, M, K), warmup=3, min_runs=20, min_seconds=1.0, max_seconds=5)
+                    rows.append({**row, "threads": t, "status": "ok", "error": None, "latency_p50_ms": stats["p50_ms"],
+                                 "latency_min_ms": stats["min_ms"], "gmacs_per_s": macs / (stats["min_ms"] / 1e3) / 1e9})
+                    log(f"  peak {rt} {precision} threads={t}: {rows[-1]['gmacs_per_s']:.1f} GMAC/s")
+            except Exception as e:  # a runtime that cannot build or run the GEMM is reported, not fatal
+                for t in threads:
+                    rows.append({**row, "threads": t, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                                 "latency_p50_ms": None, "latency_min_ms": None, "gmacs_per_s": None})
+                log(f"  peak {rt} {precision}: failed ({type(e).__name__}: {e})")
+    return rows
+
+
+def peak_for(peaks: list[dict[str, Any]], runtime: str | None, precision: str, threads: int) -> float | None:
+    """GMAC/s ceiling for a row: its runtime's (or, for Keras, the best float32) GEMM at its thread count."""
+    kind = "int8" if precision in ("int8", "dynamic-int8") else "float32"
+    vals = [p["gmacs_per_s"] for p in peaks if p["precision"] == kind and p["threads"] == threads
+            and p["gmacs_per_s"] and (runtime is None or p["runtime"] == runtime)]
+    return max(vals) if vals else None

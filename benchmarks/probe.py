@@ -1,0 +1,185 @@
+"""A fresh process that loads one model, classifies one image and reports its peak memory and timings.
+
+    python -m benchmarks.probe export/malaria-edge_tflite-int8.tflite --threads 2 --image cell.png
+
+What a device pays on first use: interpreter start, imports, model load and
+the first result. The parent (`benchmarks.run`) notes the wall-clock time
+before it starts this process; this process prints, as one JSON line, the
+wall-clock time of its first result and its own peak resident memory
+(`resource.getrusage`, no extra dependency). `.keras` files are loaded with
+Keras (the reference row); everything else with `edge_runtime`, which never
+imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.probe", description=__doc__.split("\n")[0])
+    p.add_argument("model", help=".tflite, .onnx, .ort (edge_runtime) or .keras (Keras)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--image", help="image to classify (default: a zero input of the model's shape)")
+    p.add_argument("--time", action="store_true", help="after the first result, time batch 1 and --batch")
+    p.add_argument("--batch", type=int, default=16, help="batch for the throughput measurement")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds per measurement (at least)")
+    p.add_argument("--max-seconds", type=float, default=10.0, help="timed seconds per measurement (at most)")
+    return p.parse_args(argv)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB.
+
+    Linux: VmHWM of /proc/self/status, which starts afresh at exec
+    (`ru_maxrss` can carry the parent's figure from before the fork).
+    Elsewhere `resource.getrusage` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e6 if sys.platform == "darwin" else rss * 1024 / 1e6
+
+
+def _keras_first_result(path: str, threads: int | None, image: str | None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import numpy as np
+    import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    import keras
+
+    model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    t_loaded = time.time()
+    shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    x = np.zeros((1, *shape), np.float32)
+    if image and len(shape) == 3 and shape[-1] in (1, 3):
+        from edge_runtime.spec import PreprocessSpec
+        from edge_runtime.images import load_and_preprocess
+
+        cfg = os.path.join(os.path.dirname(path), "config.json")
+        if os.path.isfile(cfg):
+            spec = PreprocessSpec.from_dict(json.load(open(cfg))["preprocess"])
+            x = load_and_preprocess(image, spec)[None]
+    y = np.asarray(model(x, training=False))
+    return t_loaded, y.reshape(-1), _KerasTimer(model, x)
+
+
+def _edge_first_result(path: str, threads: int | None, image: str | None):
+    import numpy as np
+
+    import edge_runtime
+
+    model = edge_runtime.load(path, threads=threads, warmup=False)
+    t_loaded = time.time()
+    if image:
+        pred = model.predict([image])[0]
+        if not pred.ok:
+            raise ValueError(f"{image}: {pred.error}")
+        probs = np.array(list(pred.probabilities.values()))
+        x = model._to_input(image, image)[None]
+    else:
+        x = np.zeros((1, *model.spec.input_shape), np.float32)
+        probs = model.run(x)[0]
+    return t_loaded, probs, _EdgeTimer(model, x, threads)
+
+
+class _KerasTimer:
+    """Batch-1 and batched calls of a Keras model through `predict_on_batch` (a compiled tf.function, no tf.data)."""
+
+    def __init__(self, model, x):
+        self.model, self.x = model, x
+
+    def one(self):
+        return lambda: self.model.predict_on_batch(self.x)
+
+    def batched(self, n: int):
+        import numpy as np
+
+        xb = np.repeat(self.x, n, axis=0)
+        return lambda: self.model.predict_on_batch(xb), "batched"
+
+
+class _EdgeTimer:
+    """Batch-1 calls through `EdgeModel.run` (quantize, runtime, dequantize), and a batched session when the runtime allows."""
+
+    def __init__(self, model, x, threads):
+        self.model, self.x, self.threads = model, x, threads
+
+    def one(self):
+        return lambda: self.model.run(self.x)
+
+    def batched(self, n: int):
+        import numpy as np
+
+        from edge_runtime.model import quantize
+
+        spec = self.model.session.input
+        xb = np.repeat(self.x, n, axis=0)
+        xb = quantize(xb, spec) if spec.quantized else xb.astype(spec.dtype)
+        try:
+            if self.model.backend == "onnxruntime":
+                sess = self.model.session.sess
+                inp = sess.get_inputs()[0]
+                if isinstance(inp.shape[0], int) and inp.shape[0] != n:
+                    raise ValueError(f"fixed batch {inp.shape[0]}")
+                sess.run(None, {inp.name: xb})
+                return (lambda: sess.run(None, {inp.name: xb})), "batched"
+            if self.model.backend == "litert":
+                from ai_edge_litert.interpreter import Interpreter
+
+                it = Interpreter(model_path=str(self.model.path), num_threads=self.threads)
+                d = it.get_input_details()[0]
+                it.resize_tensor_input(d["index"], list(xb.shape))
+                it.allocate_tensors()
+
+                def run():
+                    it.set_tensor(d["index"], xb)
+                    it.invoke()
+
+                run()
+                return run, "batched"
+        except Exception:  # a graph with a fixed batch of 1: loop over the batch instead (said in the row)
+            pass
+        xs = np.repeat(self.x, n, axis=0)
+        return (lambda: self.model.run(xs)), "looped"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        runner = _keras_first_result if args.model.endswith(".keras") else _edge_first_result
+        t_loaded, probs, timer = runner(args.model, args.threads, args.image)
+        t_first = time.time()
+        out = {"t_loaded": t_loaded, "t_first_result": t_first, "peak_rss_mb": peak_rss_mb(),
+               "probabilities": [float(v) for v in probs]}
+        if args.time:
+            from benchmarks.timing import time_fn
+
+            limits = dict(min_seconds=args.min_seconds, max_seconds=args.max_seconds)
+            out["latency"] = time_fn(timer.one(), warmup=5, min_runs=30, **limits)
+            fn, mode = timer.batched(args.batch)
+            out["throughput"] = time_fn(fn, warmup=2, min_runs=5, **limits) | {"batch": args.batch, "mode": mode}
+            out["peak_rss_after_timing_mb"] = peak_rss_mb()
+    except Exception as e:  # reported to the parent as the row's error
+        print(json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}))
+        return 1
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

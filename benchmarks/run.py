@@ -1,0 +1,298 @@
+"""Benchmark prepared models: one flat row per model x format x thread count, plus the Keras reference.
+
+Speed, memory and cold start are measured in a separate process per row
+(`benchmarks.probe`: what a device pays on first use, with the thread count
+set before the runtime starts); accuracy and agreement with Keras in this
+process, on the same preprocessed images for every row (Pillow preprocessing,
+as on a device). A row that fails at any step keeps its error and the run
+goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from benchmarks.models import REPO, Prepared
+from benchmarks.peak import peak_for
+from convert.formats import Format
+
+KERAS = "keras"  # format name of the reference row
+
+# Every row has these fields, in this order (CSV columns); units are in the names.
+ROW_FIELDS = (
+    "model", "format", "precision", "runtime", "backend", "backend_version", "threads", "status", "error",
+    "file", "size_mb", "weights", "macs", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_runs",
+    "throughput_batch", "throughput_mode", "throughput_ips", "peak_rss_mb", "cold_start_s", "load_s",
+    "n_images", "accuracy", "sensitivity", "specificity", "accuracy_drop_pp", "top1_agreement", "max_abs_dprob",
+    "speedup_vs_float32", "size_ratio_vs_float32", "gmacs_per_s", "peak_gmacs_per_s", "peak_fraction",
+    "synthetic_data",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What one benchmark run measures (see `benchmarks.cli` for the flags)."""
+
+    threads: tuple[int, ...] = (1,)
+    n_images: int = 300
+    batch: int = 16
+    min_seconds: float = 1.0
+    max_seconds: float = 10.0
+    data: Path | None = None
+    seed: int = 0
+    probe_timeout_s: float = 900.0
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """Preprocessed inputs with true class indices; `first_image` is what the probe classifies first."""
+
+    x: np.ndarray
+    y: np.ndarray
+    origin: str
+    first_image: str | None
+    skipped: int = 0
+
+
+def empty_row(model: str, fmt: str, threads: int | None, **kw: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {k: None for k in ROW_FIELDS}
+    row.update(model=model, format=fmt, threads=threads, status="ok")
+    row.update(kw)
+    return row
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+# ---------------------------------------------------------------- data
+
+
+def _image_items(p: Prepared, data: Path | None) -> tuple[list[tuple[str, str]], str]:
+    """(path, label) of the evaluation images: --data (malaria only), else the run's manifest test split."""
+    from train.split import read_manifest
+
+    src = data if (data is not None and p.model.task == "malaria") else p.manifest
+    if src is None:
+        raise FileNotFoundError(f"{p.model.name}: no evaluation images (its run names no manifest); pass --data")
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"evaluation data {src} does not exist; give a manifest CSV or a class-folder tree")
+    if src.is_file():
+        records = read_manifest(src)
+        test = [r for r in records if r.split == "test"] or records
+        return [(r.path, r.label) for r in test], f"{src} ({'test split' if len(test) < len(records) else 'all'})"
+    from edge_runtime.images import is_image_file
+
+    items = [(str(f), f.parent.name) for f in sorted(src.rglob("*"))
+             if f.is_file() and is_image_file(f) and f.parent != src and not f.name.startswith(".")]
+    return items, f"{src} (class folders)"
+
+
+def load_eval_set(p: Prepared, spec, labels: Sequence[str], settings: Settings) -> EvalSet:
+    """The images (or, for the OCT head, stored features) every row of `p` is scored on."""
+    index = {l: i for i, l in enumerate(labels)}
+    if p.model.input == "features":
+        from train.oct_store import read_column, split_indices
+
+        if p.store is None:
+            raise FileNotFoundError(f"{p.model.name}: no feature store to evaluate the head on")
+        idx = split_indices(p.store, "test")
+        idx = np.array(sorted(random.Random(settings.seed).sample(list(idx), min(len(idx), settings.n_images))))
+        x = read_column(p.store, "features", idx).astype(np.float32)
+        y = read_column(p.store, "label", idx).astype(int)
+        return EvalSet(x, y, f"{p.store} (stored test features)", None)
+    from edge_runtime.images import ImageError, load_and_preprocess
+
+    items, origin = _image_items(p, settings.data)
+    items = [it for it in items if it[1] in index]
+    if not items:
+        raise ValueError(f"{origin}: no images of the model's classes {list(labels)}")
+    items = sorted(items)
+    random.Random(settings.seed).shuffle(items)
+    xs, ys, skipped = [], [], 0
+    for path, label in items:
+        if len(xs) >= settings.n_images:
+            break
+        try:
+            xs.append(load_and_preprocess(path, spec))
+            ys.append(index[label])
+        except (ImageError, OSError):
+            skipped += 1
+    first = next(path for path, _ in items)
+    return EvalSet(np.stack(xs), np.array(ys), origin, first, skipped)
+
+
+def quality(y: np.ndarray, probs: np.ndarray, labels: Sequence[str], positive: str | None) -> dict[str, float | None]:
+    """Accuracy, and sensitivity/specificity of the positive class (macro one-vs-rest when there is none)."""
+    from train.metrics import binary_rates, classification_metrics
+
+    m = classification_metrics(y, probs, labels, positive)
+    out = {"accuracy": m["accuracy"]}
+    if positive is not None:
+        out.update(sensitivity=m["sensitivity"], specificity=m["specificity"])
+    else:
+        pred = probs.argmax(1)
+        rates = [binary_rates(y == k, pred == k) for k in range(len(labels))]
+        for key in ("sensitivity", "specificity"):
+            vals = [r[key] for r in rates if r[key] is not None]
+            out[key] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def count_macs(model) -> int:
+    """MACs per input of Conv2D/Dense layers, nested models (the fused OCT model's base) included."""
+    from train.models import count_macs as flat
+
+    return flat(model) + sum(count_macs(l) for l in model.layers if hasattr(l, "layers") and hasattr(l, "inputs"))
+
+
+# ---------------------------------------------------------------- the probe process
+
+
+def probe(path: Path, threads: int, image: str | None, settings: Settings) -> dict[str, Any]:
+    """Start `benchmarks.probe` on one model; its JSON result with cold start and load time added (seconds)."""
+    argv = [sys.executable, "-m", "benchmarks.probe", str(path), "--threads", str(threads), "--time",
+            "--batch", str(settings.batch), "--min-seconds", str(settings.min_seconds),
+            "--max-seconds", str(settings.max_seconds)]
+    if image:
+        argv += ["--image", image]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    t_spawn = time.time()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=settings.probe_timeout_s)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if not lines:
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise RuntimeError(f"probe process failed: {tail}")
+    out = json.loads(lines[-1])
+    if "error" in out:
+        raise RuntimeError(out["error"])
+    out["cold_start_s"] = out["t_first_result"] - t_spawn
+    out["load_s"] = out["t_loaded"] - t_spawn
+    return out
+
+
+def fill_speed(row: dict[str, Any], r: dict[str, Any]) -> None:
+    lat, thr = r["latency"], r["throughput"]
+    row.update(
+        latency_p50_ms=lat["p50_ms"], latency_p90_ms=lat["p90_ms"], latency_p99_ms=lat["p99_ms"],
+        latency_runs=lat["runs"], throughput_batch=thr["batch"], throughput_mode=thr["mode"],
+        throughput_ips=thr["batch"] / (thr["p50_ms"] / 1e3), peak_rss_mb=r["peak_rss_mb"],
+        cold_start_s=r["cold_start_s"], load_s=r["load_s"],
+    )
+
+
+# ---------------------------------------------------------------- one model
+
+
+def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, peaks: list[dict[str, Any]],
+                    log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Rows for one prepared model: the Keras reference, then every format, each at every thread count."""
+    name = p.model.name
+    names = [KERAS] + [f.name for f in formats]
+    fmt_of = {f.name: f for f in formats}
+
+    def failed_rows(fmt: str, error: str) -> list[dict[str, Any]]:
+        f = fmt_of.get(fmt)
+        return [empty_row(name, fmt, t, status="failed", error=error, precision=f.precision if f else "float32",
+                          runtime=f.runtime if f else KERAS) for t in settings.threads]
+
+    if p.error:
+        log(f"[{name}] not benchmarked: {p.error}")
+        return [r for fmt in names for r in failed_rows(fmt, p.error)]
+
+    # Reference: Keras on the evaluation set (this process, all threads).
+    try:
+        from train.evaluate import load_model
+        from edge_runtime.spec import PreprocessSpec
+
+        cfg = json.loads((p.run / "config.json").read_text())
+        labels, positive = list(cfg["labels"]), cfg.get("positive_label")
+        keras_model = load_model(p.reference)
+        spec = PreprocessSpec.from_dict(cfg["preprocess"])
+        data = load_eval_set(p, spec, labels, settings)
+        log(f"[{name}] {len(data.y)} evaluation inputs from {data.origin}")
+        ref_probs = np.asarray(keras_model.predict(data.x, batch_size=32, verbose=0))
+        weights = int(keras_model.count_params())
+        macs = int((cfg.get("size") or {}).get("macs") or count_macs(keras_model))
+    except Exception as e:  # nothing to compare against: every row of this model fails with the reason
+        log(f"[{name}] reference failed: {_first_line(e)}")
+        return [r for fmt in names for r in failed_rows(fmt, f"reference: {_first_line(e)}")]
+    ref_q = quality(data.y, ref_probs, labels, positive)
+    common = dict(weights=weights, macs=macs, n_images=int(len(data.y)), synthetic_data=p.synthetic)
+
+    import importlib.metadata as md
+
+    rows: list[dict[str, Any]] = []
+    for fmt in names:
+        f = fmt_of.get(fmt)
+        path = p.reference if f is None else p.artifacts.get(fmt)
+        base = dict(precision=f.precision if f else "float32", runtime=f.runtime if f else KERAS, **common)
+        if path is None:
+            rows += [empty_row(name, fmt, t, status="failed", error=p.errors.get(fmt, "no artifact"), **base)
+                     for t in settings.threads]
+            log(f"[{name}] {fmt}: failed ({p.errors.get(fmt, 'no artifact')})")
+            continue
+        base.update(file=str(path), size_mb=path.stat().st_size / 1e6)
+        # Quality: same inputs, this process.
+        try:
+            if f is None:
+                probs, backend, version = ref_probs, "keras", f"keras {md.version('keras')} / tensorflow {md.version('tensorflow')}"
+            else:
+                import edge_runtime
+
+                em = edge_runtime.load(path, threads=max(settings.threads))
+                probs = em.run(data.x)
+                backend, version = em.backend, em.session.runtime_version()
+            q = quality(data.y, probs, labels, positive)
+            base.update(backend=backend, backend_version=version, **q,
+                        accuracy_drop_pp=(ref_q["accuracy"] - q["accuracy"]) * 100,
+                        top1_agreement=float((probs.argmax(1) == ref_probs.argmax(1)).mean()),
+                        max_abs_dprob=float(np.abs(probs - ref_probs).max()))
+        except Exception as e:
+            rows += [empty_row(name, fmt, t, status="failed", error=f"inference: {_first_line(e)}", **base)
+                     for t in settings.threads]
+            log(f"[{name}] {fmt}: failed ({_first_line(e)})")
+            continue
+        # Speed, memory, cold start: a fresh process per thread count.
+        for t in settings.threads:
+            row = empty_row(name, fmt, t, **base)
+            try:
+                fill_speed(row, probe(path, t, data.first_image, settings))
+                g = macs / (row["latency_p50_ms"] / 1e3) / 1e9
+                peak = peak_for(peaks, None if f is None else f.runtime, row["precision"], t)
+                row.update(gmacs_per_s=g, peak_gmacs_per_s=peak, peak_fraction=g / peak if peak else None)
+                log(f"[{name}] {fmt} threads={t}: p50 {row['latency_p50_ms']:.2f} ms, "
+                    f"{row['throughput_ips']:.1f} img/s at batch {row['throughput_batch']}, "
+                    f"acc {row['accuracy']:.4f}, RSS {row['peak_rss_mb']:.0f} MB, cold {row['cold_start_s']:.2f} s")
+            except Exception as e:
+                row.update(status="failed", error=f"timing: {_first_line(e)}")
+                log(f"[{name}] {fmt} threads={t}: failed ({_first_line(e)})")
+            rows.append(row)
+    return rows
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Speed-up and size ratio of every row against the float32 artifact of the same model, runtime and threads."""
+    base = {(r["model"], r["runtime"], r["threads"]): r for r in rows
+            if r["status"] == "ok" and r["precision"] == "float32" and r["format"] != KERAS}
+    for r in rows:
+        b = base.get((r["model"], r["runtime"], r["threads"]))
+        if b is None or r["status"] != "ok" or r["format"] == KERAS:
+            continue
+        if b["latency_p50_ms"] and r["latency_p50_ms"]:
+            r["speedup_vs_float32"] = b["latency_p50_ms"] / r["latency_p50_ms"]
+        if b["size_mb"] and r["size_mb"]:
+            r["size_ratio_vs_float32"] = b["size_mb"] / r["size_mb"]
