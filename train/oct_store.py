@@ -197,6 +197,9 @@ def extract(
             raise ValueError(f"{out} was extracted from another manifest or split selection ({info.manifest}); "
                              "choose another --out")
         start = info.n_done
+        if info.dtype != dtype:
+            print(f"note: {out} stores {info.dtype}; continuing in {info.dtype}, not --dtype {dtype}")
+            dtype = info.dtype
         if start >= len(records):
             f.close()
             print(f"{out} is complete ({len(records)} images); nothing to do")
