@@ -9,9 +9,9 @@
     python -m convert inspect export/malaria-edge_tflite-int8.tflite [--format table|json]
 
 SOURCE is a run directory (labels, preprocessing and calibration manifest come
-from its config.json), a .keras file, or a Keras 2 .h5/.hdf5 file. Artifacts
-are named `{model}_{format}.{ext}` with a `{model}_{format}.json` sidecar;
-`conversion.json` in DIR records every row's proof against Keras.
+from its config.json), a .keras file, a Keras 2 .h5/.hdf5 file, or a SavedModel
+folder. Artifacts are named `{model}_{format}.{ext}` with a `{model}_{format}.json`
+sidecar; `conversion.json` in DIR records every row's proof against Keras.
 
 Exit codes: 0 every row passed (or was kept with --allow-drop), 1 some row
 failed, 2 bad arguments or inputs (nothing exported).
@@ -51,7 +51,7 @@ def export_parser() -> argparse.ArgumentParser:
         prog="python -m convert", description=__doc__.split("\n")[0],
         epilog=f"formats: {', '.join(FORMATS)}. `python -m convert inspect FILE` prints an artifact's metadata.",
     )
-    p.add_argument("source", type=Path, help="run directory, .keras, or Keras 2 .h5/.hdf5")
+    p.add_argument("source", type=Path, help="run directory, .keras, Keras 2 .h5/.hdf5, or SavedModel folder")
     p.add_argument("--out", required=True, type=Path, help="folder for the artifacts and conversion.json")
     p.add_argument("--formats", default="all", help="'all' or comma-separated rows of the format table")
     p.add_argument("--name", help="model name in file names (default: run directory name or file stem)")

@@ -572,3 +572,18 @@ def test_sigterm_mid_export_leaves_nothing(trained_run, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "no partial artifact" in err
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_calibration_from_an_image_folder(trained_run, tmp_path):
+    """A bare .keras file calibrated on a class-folder tree: disjoint calibration and proof images, labels from folders."""
+    from convert.export import run_export
+
+    report = run_export(trained_run / "best.keras", tmp_path, parse_formats("tflite-int8"),
+                        _options(calib=SAMPLE, calib_n=40, eval_n=40, min_agreement=0.0), name="cells",
+                        log=lambda *a: None)
+    assert report["calibration"]["images"] == 40 and "folder" in report["calibration"]["from"]
+    assert report["proof"]["images"] == 40
+    row = report["rows"][0]
+    assert row["status"] == "ok" and row["file"] == "cells_tflite-int8.tflite"
+    assert row["accuracy"] is not None  # class folders name the labels
