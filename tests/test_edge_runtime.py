@@ -366,9 +366,15 @@ def test_paths_pil_arrays_and_batches_agree(malaria_float):
 def test_threshold_makes_uncertain_answers(art):
     m = edge_runtime.load(art / MALARIA_FILES["tflite-float32"])
     assert m.threshold == 0.8  # malaria default, no threshold in the metadata
-    files = cells(10, 40)
-    assert all(p.decision == UNCERTAIN and p.uncertain for p in m.predict(files, threshold=1.0))
+    files = cells(20, 20)
     assert all(p.decision == p.label and not p.uncertain for p in m.predict(files, threshold=0.0))
+    # "Below the threshold" is uncertain: a bar between the confidences splits them exactly.
+    conf = sorted({p.confidence for p in m.predict(files)})
+    assert len(conf) > 1, "the tiny model gave one confidence to every cell"
+    bar = (conf[0] + conf[-1]) / 2
+    for p in m.predict(files, threshold=bar):
+        assert p.uncertain == (p.confidence < bar)
+        assert p.decision == (UNCERTAIN if p.confidence < bar else p.label)
     strict = edge_runtime.load(art / MALARIA_FILES["tflite-float32"], threshold=0.99)
     assert strict.threshold == 0.99
     with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
@@ -731,9 +737,12 @@ def test_cli_exit_codes_and_csv(art, bad_files):
 
 
 def test_cli_in_process_threshold(art, capsys):
-    code = cli_main(["predict", str(art / MALARIA_FILES["tflite-float32"]), str(cells(1)[0]), "--threshold", "1"])
+    model = edge_runtime.load(art / MALARIA_FILES["tflite-float32"])
+    cell = min(cells(20, 20), key=lambda f: model.predict(f)[0].confidence)  # the least sure of 20
+    bar = min(1.0, model.predict(cell)[0].confidence + 1e-6)
+    code = cli_main(["predict", str(art / MALARIA_FILES["tflite-float32"]), str(cell), "--threshold", str(bar)])
     out = capsys.readouterr().out
-    assert code == 0 and UNCERTAIN in out and "slide (files): 1 cells" in out
+    assert code == 0 and UNCERTAIN in out and "slide (files): 1 cells" in out and "1 uncertain" in out
 
 
 if __name__ == "__main__":
