@@ -587,3 +587,17 @@ def test_calibration_from_an_image_folder(trained_run, tmp_path):
     row = report["rows"][0]
     assert row["status"] == "ok" and row["file"] == "cells_tflite-int8.tflite"
     assert row["accuracy"] is not None  # class folders name the labels
+
+
+@pytest.mark.slow
+def test_onnx_int8_percentile_calibration_and_fixed_activation_type(trained_run, tmp_path):
+    from convert.export import run_export
+
+    report = run_export(trained_run, tmp_path, parse_formats("onnx-int8"),
+                        _options(calib_method="percentile", onnx_activations="int8",
+                                 min_agreement=QUANT_MIN_AGREEMENT), log=lambda *a: None)
+    row = report["rows"][0]
+    assert row["status"] == "ok", row.get("error")
+    q = read_metadata(tmp_path / row["file"]).quantization
+    assert q["calibration"] == "percentile" and q["activations"] == "int8" and q["activation_choice"] == "given"
+    assert "latency_ms_batch1_1thread" not in q
