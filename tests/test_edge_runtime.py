@@ -682,7 +682,8 @@ def test_gradcam_cli_writes_overlays_and_refuses_what_it_cannot_explain(art, tmp
     assert code == 2 and "made for OCT head models" in err and "Traceback" not in err
     lone = tmp_path / "lone"
     lone.mkdir()
-    shutil.copy(art / OCT_FILES["float32"], lone / OCT_FILES["float32"])  # artifact without its weights file
+    for f in (art / OCT_FILES["float32"], (art / OCT_FILES["float32"]).with_suffix(".json")):
+        shutil.copy(f, lone / f.name)  # artifact and sidecar, without the Grad-CAM weights file
     code, _, err = run_cli("predict", lone / OCT_FILES["float32"], scans[0], "--gradcam", tmp_path / "x")
     assert code == 2 and "no Grad-CAM head weights" in err and "convert/gradcam_export.py" in err
 
