@@ -8,6 +8,7 @@ same predictions on real images.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import keras
@@ -68,6 +69,12 @@ def make_dataset(
     if unknown:
         raise ValueError(f"labels {unknown} in the manifest are not among the model's labels {list(labels)}")
     paths = [r.path for r in records]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) of the manifest are gone, e.g. {missing[0]}; "
+            "re-run `python -m train split` on the current data"
+        )
     y = np.array([index[r.label] for r in records], dtype=np.int32)
     ds = tf.data.Dataset.from_tensor_slices((paths, y))
     ds = ds.map(

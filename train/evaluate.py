@@ -62,18 +62,6 @@ def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: st
     plt.close(fig)
 
 
-def _resolve(run: Path) -> tuple[Path, Path]:
-    """(run dir, model file); a run's config may name its image->probabilities model (`model_file`, OCT runs)."""
-    run = Path(run)
-    if run.is_dir() and (run / runs.CONFIG).is_file():
-        name = runs.read_config(run).get("model_file")
-        if name:
-            if not (run / name).is_file():
-                raise FileNotFoundError(f"{run} holds no {name} (its config's model_file); has training finished?")
-            return run, run / name
-    return runs.resolve_run(run)
-
-
 def evaluate_run(
     run: Path,
     manifest: Path | None = None,
@@ -83,7 +71,7 @@ def evaluate_run(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Evaluate and write the report folder; return the report dict."""
-    run_dir, model_path = _resolve(run)
+    run_dir, model_path = runs.resolve_run(run)
     cfg = runs.read_config(run_dir)
     labels = cfg["labels"]
     spec = PreprocessSpec.from_dict(cfg["preprocess"])

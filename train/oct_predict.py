@@ -59,9 +59,7 @@ def load_for_inference(run: Path | None = None, head: Path | None = None, base_w
         cfg = runs.read_config(run)
         if cfg.get("task") != "oct":
             raise ValueError(f"{run} is a {cfg.get('task')!r} run, not an OCT run")
-        path = run / cfg.get("model_file", runs.BEST)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} missing; has `oct head` finished?")
+        path = runs.model_file(run)
         fused = load_model(path)
         subs = [l for l in fused.layers if hasattr(l, "layers")]
         bases = [l for l in subs if tuple(l.output.shape[1:]) == FEATURE_SHAPE]

@@ -51,14 +51,21 @@ def read_config(run: Path) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
+def model_file(run: Path) -> Path:
+    """The run's image -> probabilities model: config `model_file` (OCT: fused.keras), else best.keras."""
+    run = Path(run)
+    name = read_config(run).get("model_file") or BEST
+    path = run / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} holds no {name}; has training finished an epoch?")
+    return path
+
+
 def resolve_run(path: Path) -> tuple[Path, Path]:
     """(run dir, model file) from a run directory or a .keras file inside one."""
     path = Path(path)
     if path.is_dir():
-        model = path / BEST
-        if not model.is_file():
-            raise FileNotFoundError(f"{path} holds no {BEST}; has training finished an epoch?")
-        return path, model
+        return path, model_file(path)
     if path.suffix == ".keras" and path.is_file():
         return path.parent, path
     raise FileNotFoundError(f"{path} is neither a run directory nor a .keras file")

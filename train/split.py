@@ -129,6 +129,7 @@ def _assign_groups(
         totals.update(c)
     have = {s: Counter() for s in fractions}
     out: dict[str, str] = {}
+
     def need(s: str, mix: Counter) -> float:
         # Share of this patient's class mix that split s still lacks, relative to its target.
         return sum(mix[k] * (fractions[s] * totals[k] - have[s][k]) / (fractions[s] * totals[k]) for k in mix)
