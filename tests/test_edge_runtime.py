@@ -55,8 +55,8 @@ from edge_runtime.spec import PreprocessSpec  # noqa: E402
 
 SAMPLE = ROOT / "tests" / "data" / "malaria_sample"
 ART_ENV = "MEDGE_EDGE_ARTIFACTS"
-MALARIA_FORMATS = ("tflite-float32", "tflite-int8", "onnx-float32", "onnx-int8")
-MALARIA_FILES = {f: f"malaria_{f}{'.tflite' if f.startswith('tflite') else '.onnx'}" for f in MALARIA_FORMATS}
+MALARIA_FORMATS = ("tflite-float32", "tflite-int8", "onnx-float32", "onnx-int8", "ort-int8")
+MALARIA_FILES = {f: f"malaria_{f}.{f.split('-')[0]}" for f in MALARIA_FORMATS}
 INT8_IO_FILE = "malaria-io8_tflite-int8.tflite"  # int8 input and output tensors
 OCT_LABELS = ("CNV", "DME", "DRUSEN", "NORMAL")
 # A small OCT stand-in: same head as the paper's approach B, a 3-conv "base" giving 8x8x2048 features.
