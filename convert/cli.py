@@ -11,7 +11,7 @@
 SOURCE is a run directory (labels, preprocessing and calibration manifest come
 from its config.json), a .keras file, a Keras 2 .h5/.hdf5 file, or a SavedModel
 folder. Artifacts are named `{model}_{format}.{ext}` with a `{model}_{format}.json`
-sidecar; `conversion.json` in DIR records every row's proof against Keras.
+sidecar; `{model}_conversion.json` in DIR records every row's proof against Keras.
 
 Exit codes: 0 every row passed (or was kept with --allow-drop), 1 some row
 failed, 2 bad arguments or inputs (nothing exported).
@@ -52,7 +52,7 @@ def export_parser() -> argparse.ArgumentParser:
         epilog=f"formats: {', '.join(FORMATS)}. `python -m convert inspect FILE` prints an artifact's metadata.",
     )
     p.add_argument("source", type=Path, help="run directory, .keras, Keras 2 .h5/.hdf5, or SavedModel folder")
-    p.add_argument("--out", required=True, type=Path, help="folder for the artifacts and conversion.json")
+    p.add_argument("--out", required=True, type=Path, help="folder for the artifacts and {model}_conversion.json")
     p.add_argument("--formats", default="all", help="'all' or comma-separated rows of the format table")
     p.add_argument("--name", help="model name in file names (default: run directory name or file stem)")
     p.add_argument("--part", choices=("model", "head"), default="model",
@@ -144,7 +144,7 @@ def _terminate(signum, frame):
 
 def _export(args) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from convert.export import Options, format_table, report_json, run_export
+    from convert.export import Options, format_table, report_json, report_path, run_export
 
     formats = parse_formats(args.formats)
     options = Options(
@@ -167,7 +167,7 @@ def _export(args) -> int:
             b = report["bundle"]
             print(f"\nbundle: {b['error']}" if "error" in b else f"\nbundle: {Path(args.out) / b['zip']}")
         print(f"\n{'all rows passed' if report['ok'] else 'SOME ROWS FAILED'}; "
-              f"report in {Path(args.out) / 'conversion.json'}")
+              f"report in {report_path(args.out, report['source']['name'])}")
     return 0 if report["ok"] else 1
 
 

@@ -6,8 +6,13 @@ For each row: export to a hidden temp file in the output folder, embed the
 metadata, read it back, run the file with its own runtime on the proof batch,
 compare with Keras, and only then rename it into place (atomic: a killed
 export leaves no half file). A row that fails is recorded with its error and
-the others go on. `conversion.json` holds every row; the exit code is non-zero
-when any row failed.
+the others go on. `{model}_conversion.json` holds every row; the exit code is
+non-zero when any row failed.
+
+Several models can share one output folder (e.g. an OCT run's fused model and
+its head), each with its own report. Exporting more formats of the same model
+(same source sha256) later keeps the earlier rows whose files still exist,
+marked `carried_over`, so the report always lists what the folder holds.
 """
 
 from __future__ import annotations
@@ -37,7 +42,12 @@ from edge_runtime.metadata import (
 from convert.formats import Format
 from convert.data import ImageSet
 
-CONVERSION_JSON = "conversion.json"
+CONVERSION_JSON = "{model}_conversion.json"
+
+
+def report_path(out: Path, model: str) -> Path:
+    """Where the conversion report of `model` goes in `out`."""
+    return Path(out) / CONVERSION_JSON.format(model=model)
 DEFAULT_MIN_AGREEMENT = 0.98
 TOOLS = ("tensorflow", "keras", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnx", "onnxruntime",
          "ai-edge-litert")
@@ -212,8 +222,28 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
         tmp.unlink(missing_ok=True)
 
 
+def _with_earlier_rows(out: Path, src, formats: Sequence[Format], rows: list[dict]) -> list[dict]:
+    """This run's rows plus the earlier report's rows for other formats of the same source, in table order."""
+    from convert.formats import FORMATS
+
+    prior_path = report_path(out, src.name)
+    carried = []
+    if prior_path.is_file():
+        try:
+            prior = json.loads(prior_path.read_text())
+        except json.JSONDecodeError:
+            prior = {}
+        if prior.get("source", {}).get("sha256") == src.sha256:
+            names = {f.name for f in formats}
+            for r in prior.get("rows", []):
+                if r.get("format") not in names and r.get("file") and (out / r["file"]).is_file():
+                    carried.append({**r, "carried_over": r.get("carried_over") or prior.get("created")})
+    order = {name: i for i, name in enumerate(FORMATS)}
+    return sorted(carried + rows, key=lambda r: order.get(r["format"], len(order)))
+
+
 def outputs_of(out: Path, model: str, formats: Sequence[Format], bundle: bool = False) -> list[Path]:
-    paths = [out / CONVERSION_JSON]
+    paths = []
     if bundle:
         paths += [out / f"{model}_bundle", out / f"{model}_bundle.zip"]
     for f in formats:
@@ -231,7 +261,7 @@ def run_export(
     log=print,
     part: str = "model",
 ) -> dict[str, Any]:
-    """Export `source` to `formats` in `out`; returns the conversion report (also written to conversion.json).
+    """Export `source` to `formats` in `out`; returns the report (also written to `{model}_conversion.json`).
 
     Raises:
         FileExistsError: outputs exist and `options.force` is off (nothing is written).
@@ -295,7 +325,7 @@ def run_export(
             "min_agreement": options.min_agreement,
             "float_max_abs_diff": {f.name: f.max_abs_diff for f in formats if f.is_float},
         },
-        "rows": rows,
+        "rows": _with_earlier_rows(out, src, formats, rows),
         "ok": all(r["status"] != FAILED for r in rows),
         "seconds": round(time.perf_counter() - t_start, 1),
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
@@ -312,7 +342,7 @@ def run_export(
         except (OSError, ValueError) as e:
             report["bundle"] = {"error": f"{type(e).__name__}: {e}"}
             report["ok"] = False
-    write_json(out / CONVERSION_JSON, report)
+    write_json(report_path(out, src.name), report)
     return report
 
 
