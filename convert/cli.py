@@ -4,14 +4,15 @@
     python -m convert runs/malaria-edge --out runs/malaria-edge/export
     python -m convert model.h5 --labels Parasitized,Uninfected --calib runs/malaria.csv --out export
     python -m convert runs/malaria-edge --out export --bundle     # + export/malaria-edge_bundle/ and .zip
-    python -m convert runs/oct-head --out export                  # OCT: image -> class (base + head fused)
-    python -m convert runs/oct-head --out export --part head      # OCT: the head alone (8x8x2048 features)
+    python -m convert runs/oct-head --out export/oct              # OCT: image -> class (base + head fused)
+    python -m convert runs/oct-head --out export/oct-head --part head   # OCT: the head alone (8x8x2048 features)
     python -m convert inspect export/malaria-edge_tflite-int8.tflite [--format table|json]
 
 SOURCE is a run directory (labels, preprocessing and calibration manifest come
 from its config.json), a .keras file, a Keras 2 .h5/.hdf5 file, or a SavedModel
 folder. Artifacts are named `{model}_{format}.{ext}` with a `{model}_{format}.json`
-sidecar; `{model}_conversion.json` in DIR records every row's proof against Keras.
+sidecar; `conversion.json` in DIR records every row's proof against Keras (one
+model per DIR; exporting more formats of the same model later adds to it).
 
 Exit codes: 0 every row passed (or was kept with --allow-drop), 1 some row
 failed, 2 bad arguments or inputs (nothing exported).
@@ -52,7 +53,7 @@ def export_parser() -> argparse.ArgumentParser:
         epilog=f"formats: {', '.join(FORMATS)}. `python -m convert inspect FILE` prints an artifact's metadata.",
     )
     p.add_argument("source", type=Path, help="run directory, .keras, Keras 2 .h5/.hdf5, or SavedModel folder")
-    p.add_argument("--out", required=True, type=Path, help="folder for the artifacts and {model}_conversion.json")
+    p.add_argument("--out", required=True, type=Path, help="folder for the artifacts and conversion.json (one model per folder)")
     p.add_argument("--formats", default="all", help="'all' or comma-separated rows of the format table")
     p.add_argument("--name", help="model name in file names (default: run directory name or file stem)")
     p.add_argument("--part", choices=("model", "head"), default="model",

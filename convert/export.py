@@ -6,13 +6,13 @@ For each row: export to a hidden temp file in the output folder, embed the
 metadata, read it back, run the file with its own runtime on the proof batch,
 compare with Keras, and only then rename it into place (atomic: a killed
 export leaves no half file). A row that fails is recorded with its error and
-the others go on. `{model}_conversion.json` holds every row; the exit code is
-non-zero when any row failed.
+the others go on. `conversion.json` holds every row; the exit code is non-zero
+when any row failed.
 
-Several models can share one output folder (e.g. an OCT run's fused model and
-its head), each with its own report. Exporting more formats of the same model
-(same source sha256) later keeps the earlier rows whose files still exist,
-marked `carried_over`, so the report always lists what the folder holds.
+One output folder holds one model (`benchmarks` reads `conversion.json` per
+folder). Exporting more formats of the same model (same name and source
+sha256) into it later needs no --force and keeps the earlier rows whose files
+still exist, marked `carried_over`, so the report lists what the folder holds.
 """
 
 from __future__ import annotations
@@ -42,12 +42,22 @@ from edge_runtime.metadata import (
 from convert.formats import Format
 from convert.data import ImageSet
 
-CONVERSION_JSON = "{model}_conversion.json"
+CONVERSION_JSON = "conversion.json"
 
 
-def report_path(out: Path, model: str) -> Path:
-    """Where the conversion report of `model` goes in `out`."""
-    return Path(out) / CONVERSION_JSON.format(model=model)
+def report_path(out: Path, model: str | None = None) -> Path:
+    """Where the conversion report goes in `out` (one per folder; `model` kept for callers that pass it)."""
+    return Path(out) / CONVERSION_JSON
+
+
+def _prior_report(out: Path) -> dict[str, Any] | None:
+    p = report_path(out)
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return {}
 DEFAULT_MIN_AGREEMENT = 0.98
 TOOLS = ("tensorflow", "keras", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnx", "onnxruntime",
          "ai-edge-litert")
@@ -222,18 +232,19 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
         tmp.unlink(missing_ok=True)
 
 
+def _same_model(prior: dict[str, Any], src) -> bool:
+    s = prior.get("source", {})
+    return s.get("sha256") == src.sha256 and s.get("name") == src.name
+
+
 def _with_earlier_rows(out: Path, src, formats: Sequence[Format], rows: list[dict]) -> list[dict]:
     """This run's rows plus the earlier report's rows for other formats of the same source, in table order."""
     from convert.formats import FORMATS
 
-    prior_path = report_path(out, src.name)
+    prior = _prior_report(out)
     carried = []
-    if prior_path.is_file():
-        try:
-            prior = json.loads(prior_path.read_text())
-        except json.JSONDecodeError:
-            prior = {}
-        if prior.get("source", {}).get("sha256") == src.sha256:
+    if prior is not None:
+        if _same_model(prior, src):
             names = {f.name for f in formats}
             for r in prior.get("rows", []):
                 if r.get("format") not in names and r.get("file") and (out / r["file"]).is_file():
@@ -261,7 +272,7 @@ def run_export(
     log=print,
     part: str = "model",
 ) -> dict[str, Any]:
-    """Export `source` to `formats` in `out`; returns the report (also written to `{model}_conversion.json`).
+    """Export `source` to `formats` in `out`; returns the conversion report (also written to conversion.json).
 
     Raises:
         FileExistsError: outputs exist and `options.force` is off (nothing is written).
@@ -275,6 +286,9 @@ def run_export(
     t_start = time.perf_counter()
     model, src = load_source(source, labels=labels, name=name, part=part)
     existing = [p for p in outputs_of(out, src.name, formats, options.bundle) if p.exists()]
+    prior = _prior_report(out)
+    if prior is not None and not _same_model(prior, src):
+        existing.insert(0, report_path(out))  # another model's report: overwriting it needs --force
     if existing and not options.force:
         raise FileExistsError(
             f"{len(existing)} output file(s) already exist in {out}, e.g. {existing[0].name}; "

@@ -200,7 +200,7 @@ def test_row_exported_and_proven(name, exported, trained_run, model, proof_image
 @pytest.mark.slow
 def test_conversion_report(exported):
     out, report = exported
-    on_disk = json.loads((out / "run_conversion.json").read_text())
+    on_disk = json.loads((out / "conversion.json").read_text())
     assert on_disk["ok"] is True and [r["format"] for r in on_disk["rows"]] == list(FORMATS)
     assert on_disk["proof"]["images"] == EVAL_N and "test split" in on_disk["proof"]["from"]
     assert on_disk["calibration"]["images"] == CALIB_N
@@ -215,7 +215,7 @@ def test_conversion_report(exported):
     # No temp files left behind, nothing but artifacts, sidecars and the report.
     names = sorted(p.name for p in out.iterdir())
     assert not [n for n in names if n.startswith(".")]
-    assert len(names) == 2 * len(FORMATS) + 3  # + run_conversion.json, run_bundle/, run_bundle.zip
+    assert len(names) == 2 * len(FORMATS) + 3  # + conversion.json, run_bundle/, run_bundle.zip
     # Ordinary permissions, not mkstemp's 0600.
     assert all(p.stat().st_mode & 0o044 for p in out.iterdir())
 
@@ -323,7 +323,7 @@ def test_failing_row_does_not_stop_the_others(trained_run, tmp_path, monkeypatch
     assert main(args) == 1
     text = capsys.readouterr().out
     assert "SOME ROWS FAILED" in text and "converter exploded" in text
-    report = json.loads((out / "run_conversion.json").read_text())
+    report = json.loads((out / "conversion.json").read_text())
     status = {r["format"]: r["status"] for r in report["rows"]}
     assert status == {"tflite-float16": "failed", "tflite-float32": "ok", "onnx-float32": "ok"}
     assert not (out / "run_tflite-float16.tflite").exists() and (out / "run_onnx-float32.onnx").is_file()
@@ -339,9 +339,13 @@ def test_failing_row_does_not_stop_the_others(trained_run, tmp_path, monkeypatch
     # A later export of another format of the same model needs no --force and keeps the earlier rows.
     assert main([str(trained_run), "--out", str(out), "--formats", "tflite-dynamic", "--eval-n", "20",
                  "--min-agreement", "0"]) == 0
-    rows = json.loads((out / "run_conversion.json").read_text())["rows"]
+    rows = json.loads((out / "conversion.json").read_text())["rows"]
     assert [r["format"] for r in rows] == ["tflite-float32", "tflite-float16", "tflite-dynamic", "onnx-float32"]
     assert [bool(r.get("carried_over")) for r in rows] == [True, True, False, True]
+    # Another model into the same folder would overwrite its report: refused without --force.
+    assert main([str(trained_run), "--out", str(out), "--name", "other", "--formats", "tflite-float32",
+                 "--eval-n", "20"]) == 2
+    assert "conversion.json" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -540,7 +544,7 @@ def test_oct_run_exports_fused_model_and_head(oct_like_run, tmp_path):
 
     assert main([str(oct_like_run), "--out", str(tmp_path / "head"), "--formats", fmts + ",tflite-qat-int8",
                  "--part", "head", "--calib-n", "12", "--bundle"]) == 1  # QAT has no twin for a head
-    report = json.loads((tmp_path / "head" / "oct-head-head_conversion.json").read_text())
+    report = json.loads((tmp_path / "head" / "conversion.json").read_text())
     status = {r["format"]: r["status"] for r in report["rows"]}
     assert status == {"tflite-float32": "ok", "tflite-qat-int8": "failed", "onnx-float32": "ok"}
     assert report["proof"]["images"] == 12 and "test split features" in report["proof"]["from"]
