@@ -142,7 +142,7 @@ def write_bundle(out: Path, model: str, report: dict[str, Any]) -> tuple[Path, P
 
     Both are built under temporary names and renamed into place.
     """
-    from convert.fileio import publish
+    from edge_runtime.fileio import _umask, publish
 
     rows = [r for r in report["rows"] if r.get("file") and r["status"] != "failed"]
     if not rows:
@@ -164,6 +164,8 @@ def write_bundle(out: Path, model: str, report: dict[str, Any]) -> tuple[Path, P
                 "proof": {k: r.get(k) for k in ("images", "top1_agreement", "max_abs_diff", "keras_accuracy",
                                                "accuracy")},
             })
+        if report.get("gradcam_weights"):  # OCT head weights for Grad-CAM on the device
+            shutil.copy2(out / report["gradcam_weights"], tmp_dir / report["gradcam_weights"])
         first = metas[0][1]
         (tmp_dir / "labels.txt").write_text("".join(f"{l}\n" for l in first.labels))
         manifest = {
@@ -193,9 +195,3 @@ def write_bundle(out: Path, model: str, report: dict[str, Any]) -> tuple[Path, P
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)
     return folder, zpath
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -39,6 +39,7 @@ from edge_runtime.metadata import (
     read_metadata,
     sidecar_path,
 )
+from edge_runtime.model import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS
 from convert.formats import Format
 from convert.data import ImageSet
 
@@ -143,6 +144,7 @@ class ExportJob:
             output=out,
             quantization=quantization,
             positive_label=self.source.positive_label,
+            confidence_threshold=DEFAULT_THRESHOLDS.get(self.source.task, DEFAULT_THRESHOLD),
             source_sha256=self.source.sha256,
             source_name=self.source.path.name,
             medge_version=medge_version(),
@@ -199,7 +201,7 @@ def judge(fmt: Format, proof: dict[str, Any], min_agreement: float) -> str | Non
 def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) -> dict[str, Any]:
     """Export, embed, read back, prove and place one artifact; returns its row (raises on export errors)."""
     from convert import verify
-    from convert.fileio import atomic_write_text, publish
+    from edge_runtime.fileio import atomic_write_text, publish
 
     final = out / fmt.filename(job.source.name)
     row: dict[str, Any] = {"format": fmt.name, "file": final.name, "runtime": fmt.runtime,
@@ -259,7 +261,7 @@ def outputs_of(out: Path, model: str, formats: Sequence[Format], bundle: bool = 
         paths += [out / f"{model}_bundle", out / f"{model}_bundle.zip"]
     for f in formats:
         paths += [out / f.filename(model), sidecar_path(out / f.filename(model))]
-    return paths
+    return paths + [out / f"{model}_gradcam.npz"]  # OCT runs only
 
 
 def run_export(
@@ -279,7 +281,7 @@ def run_export(
         FileNotFoundError, ValueError: bad source or image set, before any row runs.
     """
     from convert.data import load_sets
-    from convert.fileio import write_json
+    from edge_runtime.fileio import write_json
     from convert.sources import load_source
 
     out = Path(out)
@@ -346,7 +348,13 @@ def run_export(
         "versions": {"python": platform.python_version(), "medge": medge_version(), **tool_versions()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bundle": None,
+        "gradcam_weights": None,
     }
+    if src.part == "model":  # OCT: the head's weights for on-device Grad-CAM (edge_runtime.gradcam)
+        from convert.gradcam_export import write_for_export
+
+        npz = write_for_export(model, src, out, log=log)
+        report["gradcam_weights"] = npz.name if npz else None
     if options.bundle:
         from convert.bundle import write_bundle
 

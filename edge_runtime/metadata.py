@@ -86,6 +86,9 @@ class ArtifactMetadata:
             "calibration": "minmax", "calibration_images": 300}.
         output_kind: "probabilities" (softmax inside the model) or "logits".
         positive_label: the class a screening result flags, if any.
+        confidence_threshold: top-class probability below which a device
+            answers "uncertain — refer" instead of a class (None: the
+            runtime's default for the task).
         source_sha256: sha256 of the Keras model file the artifact came from.
         source_name: that file's name.
         medge_version: version of the toolchain that wrote the artifact.
@@ -109,6 +112,7 @@ class ArtifactMetadata:
     quantization: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     output_kind: str = "probabilities"
     positive_label: str | None = None
+    confidence_threshold: float | None = None
     source_sha256: str = ""
     source_name: str = ""
     medge_version: str = ""
@@ -122,6 +126,8 @@ class ArtifactMetadata:
         object.__setattr__(self, "labels", tuple(str(l) for l in self.labels))
         if not self.labels:
             raise ValueError("metadata needs at least one label")
+        if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold {self.confidence_threshold} is not a probability in [0, 1]")
         if self.positive_label is not None and self.positive_label not in self.labels:
             raise ValueError(f"positive_label {self.positive_label!r} is not among labels {list(self.labels)}")
         if self.part not in ("model", "head"):
@@ -136,6 +142,7 @@ class ArtifactMetadata:
             "task": self.task,
             "labels": list(self.labels),
             "positive_label": self.positive_label,
+            "confidence_threshold": self.confidence_threshold,
             "preprocess": self.preprocess.to_dict(),
             "format": self.format,
             "precision": self.precision,

@@ -241,9 +241,8 @@ class EdgeModel:
 
     @staticmethod
     def default_threshold(meta: ArtifactMetadata) -> float:
-        t = getattr(meta, "confidence_threshold", None)  # a later metadata schema may carry it
-        if t is not None:
-            return float(t)
+        if meta.confidence_threshold is not None:
+            return float(meta.confidence_threshold)
         return DEFAULT_THRESHOLDS.get(meta.task, DEFAULT_THRESHOLD)
 
     @property

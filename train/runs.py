@@ -15,33 +15,16 @@ import csv
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
+
+from edge_runtime.fileio import atomic_write_text, write_json  # noqa: F401  (re-exported for train/*)
 
 CONFIG = "config.json"
 BEST = "best.keras"
 HISTORY_CSV = "history.csv"
 HISTORY_PNG = "history.png"
 BACKUP = "backup"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and rename: a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_config(run: Path) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""Atomic file writes: temp file in the same folder, then rename, with ordinary permissions."""
+"""Atomic file writes: temp file in the same folder, then rename, with ordinary permissions.
+
+Shared by train, convert and benchmarks: a killed process never leaves half a file.
+"""
 
 from __future__ import annotations
 
