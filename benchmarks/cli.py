@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -97,14 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import os
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     t0 = time.perf_counter()
     quiet = args.format != "table"
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if quiet else (lambda s: print(s, flush=True))
     try:
-        from benchmarks.models import Builder, parse_models
+        from benchmarks.models import parse_models
         from convert.formats import parse_formats
 
         formats = parse_formats(args.formats)
@@ -129,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.machine import library_versions, machine_info
     from benchmarks.models import Builder
     from benchmarks.peak import measure_peaks
-    from benchmarks.report import compare, gates, terminal, write_all, rows_csv
+    from benchmarks.report import compare, gates, rows_csv, terminal, write_all
     from benchmarks.run import Settings, add_ratios, benchmark_model
 
     if args.rebuild and cache.exists():
         shutil.rmtree(cache)
     settings = Settings(threads=tuple(args.threads), n_images=args.n_images, batch=args.batch,
                         min_seconds=args.min_seconds, max_seconds=args.max_seconds, data=args.data)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     stamp = lambda: f"[{time.perf_counter() - t0:5.0f} s]"  # noqa: E731
     log(f"{stamp()} models: {', '.join(m.name for m in models)}; formats: {', '.join(f.name for f in formats)}; "
         f"threads: {', '.join(map(str, settings.threads))}; cache {cache}")
@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks" + ("" if not argv and argv is not None else " " + shlex.join(
             sys.argv[1:] if argv is None else argv)).rstrip(),
         "seconds": time.perf_counter() - t0,
-        "machine": machine_info(),
+        # Other processes on the machine move the timings; the load average says how busy it was.
+        "machine": machine_info() | ({"load_average_1min": [load_start, os.getloadavg()[0]]} if load_start is not None
+                                     else {}),
         "versions": library_versions(),
         "settings": {"threads": list(settings.threads), "n_images": settings.n_images, "batch": settings.batch,
                      "min_seconds": settings.min_seconds, "max_seconds": settings.max_seconds,
@@ -170,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         "peaks": peaks,
         "rows": rows,
     }
-    written = write_all(report, args.out)
     problems = gates(rows, args.max_drop, args.min_speedup)
     report["gates"] = {"max_drop_pp": args.max_drop, "min_speedup": args.min_speedup, "failures": problems}
+    written = write_all(report, args.out)
     if args.format == "json":
         print(json.dumps(report, indent=2))
     elif args.format == "csv":

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from convert.formats import Format
 
@@ -133,7 +133,7 @@ def run_step(argv: list[str], log: Callable[[str], None], ok_codes: Sequence[int
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     log("  $ " + " ".join(["python", *argv[1:]] if argv[0] == sys.executable else argv))
-    proc = subprocess.Popen(argv, stdout=None, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+    proc = subprocess.Popen(argv, stdout=None, stderr=subprocess.PIPE, text=True, env=env)
     err_lines = []
     assert proc.stderr is not None
     for line in proc.stderr:  # pass stderr through too (tqdm bars, warnings), keep it for the error message
@@ -167,9 +167,9 @@ class Builder:
 
     def __init__(self, cache: Path, quick: QuickSettings = QuickSettings(), runs: dict[str, Path] | None = None,
                  log: Callable[[str], None] = print):
-        self.cache = Path(cache)
+        self.cache = Path(cache).resolve()  # absolute: the build steps run in their own processes
         self.quick = quick
-        self.runs = {k: Path(v) for k, v in (runs or {}).items()}
+        self.runs = {k: Path(v).resolve() for k, v in (runs or {}).items()}
         self.log = log
 
     # -- malaria
@@ -229,17 +229,26 @@ class Builder:
 
     # -- conversion
 
-    def _export_dirs(self, key: str) -> list[Path]:
+    def _reports(self, key: str) -> list[Path]:
+        """Conversion reports under CACHE/key/export*/ (`conversion.json`, or `{model}_conversion.json`)."""
         base = self.cache / key
-        return sorted(p for p in base.glob("export*") if (p / "conversion.json").is_file()) if base.is_dir() else []
+        if not base.is_dir():
+            return []
+        return [r for d in sorted(base.glob("export*")) if d.is_dir() for r in sorted(d.glob("*conversion.json"))]
 
     def export(self, p: Prepared, formats: Sequence[Format], source: Path, key: str,
                extra: Sequence[str] = ()) -> None:
         """Fill `p.artifacts`/`p.errors` from earlier conversions, converting the formats none has made yet."""
         def collect() -> set[str]:
             seen = set()
-            for d in self._export_dirs(key):
-                report = json.loads((d / "conversion.json").read_text())
+            for path in self._reports(key):
+                d = path.parent
+                try:
+                    report = json.loads(path.read_text())
+                except json.JSONDecodeError:
+                    continue
+                if report.get("source", {}).get("name", p.model.name) != p.model.name:
+                    continue  # another model's report in a shared folder
                 for row in report.get("rows", []):
                     name = row["format"]
                     if name in seen or name not in {f.name for f in formats}:
@@ -268,7 +277,8 @@ class Builder:
             for name in missing:
                 p.errors[name] = str(e)
             return
-        collect()
+        for name in set(missing) - collect():
+            p.errors[name] = f"python -m convert left no report row for {name} in {out}"
 
     # -- entry point
 

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.run import KERAS, ROW_FIELDS
+from benchmarks.run import FIELD_NOTES, KERAS, ROW_FIELDS
 
 RESULTS_JSON, RESULTS_CSV, RESULTS_MD = "benchmark.json", "benchmark.csv", "benchmark.md"
 PLOT_SIZE, PLOT_ACCURACY = "latency_vs_size.png", "accuracy_vs_latency.png"
@@ -30,14 +30,17 @@ def _table(head: Sequence[str], lines: Sequence[Sequence[Any]], markdown: bool =
 
 
 def rows_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    """Every row: speed, size, memory, quality; failed rows show their error."""
+    """Every row: speed, size, memory, quality; a failed row says FAILED [n], its error listed under the table."""
     head = ["model", "format", "thr", "p50 ms", "p90 ms", "p99 ms", "img/s", "MB", "RSS MB", "cold s", "acc",
             "sens", "spec", "drop pp", "agree", "peak %"]
-    lines = []
+    lines, errors = [], []
     for r in rows:
         if r["status"] != "ok":
-            err = (r["error"] or "")[:90]
-            lines.append([r["model"], r["format"], _f(r["threads"], "d"), "FAILED: " + err] + [""] * (len(head) - 4))
+            err = r["error"] or "unknown error"
+            if err not in errors:
+                errors.append(err)
+            lines.append([r["model"], r["format"], _f(r["threads"], "d"), f"FAILED [{errors.index(err) + 1}]"]
+                         + [""] * (len(head) - 4))
             continue
         lines.append([
             r["model"], r["format"], r["threads"], _f(r["latency_p50_ms"], ".2f"), _f(r["latency_p90_ms"], ".2f"),
@@ -46,7 +49,10 @@ def rows_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
             _f(r["sensitivity"], ".3f"), _f(r["specificity"], ".3f"), _f(r["accuracy_drop_pp"], "+.2f"),
             _f(r["top1_agreement"], ".4f"), _f(r["peak_fraction"] * 100 if r["peak_fraction"] else None, ".1f"),
         ])
-    return _table(head, lines, markdown)
+    notes = [f"[{i}] {e}" for i, e in enumerate(errors, 1)]
+    if markdown:
+        notes = [n.replace("|", "\\|") + "  " for n in notes]
+    return _table(head, lines, markdown) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
 def pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -81,8 +87,10 @@ def peaks_table(peaks: list[dict[str, Any]], markdown: bool = False) -> str:
 
 def machine_line(report: dict[str, Any]) -> str:
     m = report["machine"]
+    load = m.get("load_average_1min")
+    busy = "" if load is None else f"; load average {load[0]:.1f} at start, {load[1]:.1f} at end"
     return (f"{m['cpu_model']} ({m['arch']}, {m['cores']} cores; SIMD: {', '.join(m['simd']) or 'none found'}), "
-            f"{m['os']}, Python {m['python']}")
+            f"{m['os']}, Python {m['python']}{busy}")
 
 
 def terminal(report: dict[str, Any]) -> str:
@@ -107,7 +115,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"Command: `{report['command']}` ({report['seconds']:.0f} s).", "",
              "## Float32 vs quantized", "", side_by_side(report["rows"], markdown=True), "",
              "## All rows", "", rows_table(report["rows"], markdown=True), "",
-             "## Machine peak", "", peaks_table(report["peaks"], markdown=True), ""]
+             "## Machine peak", "", peaks_table(report["peaks"], markdown=True), "",
+             "## Fields", "", *[f"- `{k}`: {v}" for k, v in FIELD_NOTES.items()], ""]
     if any(r.get("synthetic_data") for r in report["rows"]):
         parts += ["OCT rows are scored on synthetic scans with a random (not ImageNet) InceptionV3 base: "
                   "their accuracy tests the pipeline, not the model.", ""]
@@ -128,6 +137,7 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (loads matplotlib.ticker for the formatters below)
 
     ok = [r for r in rows if r["status"] == "ok" and r["latency_p50_ms"]]
     if not ok:
@@ -151,8 +161,10 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         for m in models:
             ax.scatter([], [], color=colors[m], label=m)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         if ykey == "latency_p50_ms":
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{ylabel} vs {xlabel} ({top} threads; triangles int8, squares Keras)", fontsize=9)
@@ -170,7 +182,7 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
 def write_all(report: dict[str, Any], out: Path) -> list[Path]:
     """JSON, CSV, Markdown and the plots in `out`; the paths written."""
-    from train.runs import atomic_write_text
+    from edge_runtime.fileio import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,26 @@ ROW_FIELDS = (
     "synthetic_data",
 )
 
+# One line per field that is not self-explanatory (the Markdown report's legend).
+FIELD_NOTES = {
+    "format": "a row of convert's format table, or `keras` (the float reference, Keras `predict_on_batch`)",
+    "threads": "runtime threads (intra-op), set before the runtime starts",
+    "latency_p50_ms": "batch 1, after 5 warm-up calls, through `EdgeModel.run` (quantize, invoke, dequantize); "
+                      "p90/p99 likewise; `latency_runs` timed calls",
+    "throughput_ips": "images per second at batch `throughput_batch` (`batched`: one runtime call per batch; "
+                      "`looped`: the graph has a fixed batch of 1)",
+    "peak_rss_mb": "peak resident memory of a fresh process that imported the runtime, loaded the model and "
+                   "classified one image",
+    "cold_start_s": "from starting that process to its first result (interpreter start, imports, load, first image)",
+    "accuracy": "on the evaluation inputs; sensitivity/specificity of the positive class "
+                "(macro one-vs-rest when there is none)",
+    "accuracy_drop_pp": "Keras accuracy minus this row's, percentage points (same inputs)",
+    "top1_agreement": "share of inputs where this row's class equals Keras'; max_abs_dprob the largest probability gap",
+    "speedup_vs_float32": "float32 p50 / this row's p50, same model, runtime and threads; size_ratio_vs_float32 likewise",
+    "peak_fraction": "achieved MAC/s (macs / p50) over the machine peak of the same runtime and precision "
+                     "(int8 GEMM for int8 and dynamic rows, float32 GEMM otherwise)",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
