@@ -42,8 +42,8 @@ ROW_FIELDS = (
 FIELD_NOTES = {
     "format": "a row of convert's format table, or `keras` (the float reference, Keras `predict_on_batch`)",
     "threads": "runtime threads (intra-op), set before the runtime starts",
-    "latency_p50_ms": "batch 1, after 5 warm-up calls, through `EdgeModel.run` (quantize, invoke, dequantize); "
-                      "p90/p99 likewise; `latency_runs` timed calls",
+    "latency_p50_ms": "batch 1, after 5 warm-up calls, through `EdgeModel.run` (quantize, invoke, dequantize), "
+                      "at least 20 calls and 1 s (`--min-seconds`); p90/p99 likewise; `latency_runs` timed calls",
     "throughput_ips": "images per second at batch `throughput_batch` (`batched`: one runtime call per batch; "
                       "`looped`: the graph has a fixed batch of 1)",
     "peak_rss_mb": "peak resident memory of a fresh process that imported the runtime, loaded the model and "

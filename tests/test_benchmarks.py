@@ -114,6 +114,23 @@ def test_gates_and_compare(bench):
     assert "tflite-float32" in text and "-50%" in text and "new (ok)" in text
 
 
+@pytest.mark.slow
+def test_cli_gate_exit_code_and_compare(bench, tiny_run, tmp_path, capsys):
+    """A second run reuses the cached artifacts; an impossible --min-speedup makes it exit 1."""
+    _, out, _ = bench
+    code = cli.main(["--run", f"malaria-edge={tiny_run}", "--models", "malaria-edge", "--formats", FORMATS,
+                     "--threads", "1", "--n-images", "8", "--batch", "2", "--min-seconds", "0.05",
+                     "--max-seconds", "0.5", "--no-peak", "--cache", str(out / "cache"), "--out", str(tmp_path),
+                     "--compare", str(out / report.RESULTS_JSON), "--min-speedup", "1000"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "== convert" not in captured.out  # cached: nothing rebuilt
+    assert "compared with the run of" in captured.out
+    assert "gate failed: malaria-edge tflite-int8 threads=1: speed-up" in captured.err
+    rep = json.loads((tmp_path / report.RESULTS_JSON).read_text())
+    assert rep["gates"]["failures"] and rep["peaks"] == []
+
+
 def test_cli_rejects_bad_arguments(capsys, tmp_path):
     assert cli.main(["--formats", "tflite-nope", "--out", str(tmp_path)]) == 2
     assert "tflite-float32" in capsys.readouterr().err  # the message lists the valid names
