@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     peaks = []
     if not args.no_peak:
         log(f"{stamp()} == machine peak")
-        peaks = measure_peaks(cache / "peak", list(settings.threads), tuple({f.runtime for f in formats}), log=log)
+        runtimes = tuple(dict.fromkeys(f.runtime for f in formats))  # format-table order, not set order
+        peaks = measure_peaks(cache / "peak", list(settings.threads), runtimes, log=log)
     rows = []
     for p in prepared:
         log(f"{stamp()} == benchmark {p.model.name}")

@@ -238,7 +238,13 @@ class Builder:
 
     def export(self, p: Prepared, formats: Sequence[Format], source: Path, key: str,
                extra: Sequence[str] = ()) -> None:
-        """Fill `p.artifacts`/`p.errors` from earlier conversions, converting the formats none has made yet."""
+        """Fill `p.artifacts`/`p.errors` from earlier conversions, converting the formats none has made yet.
+
+        Earlier conversions count only when made from the very same Keras file
+        (sha256 in the report): a retrained model is converted again.
+        """
+        sha = _sha256(p.reference) if p.reference is not None and p.reference.is_file() else None
+
         def collect() -> set[str]:
             seen = set()
             for path in self._reports(key):
@@ -247,8 +253,11 @@ class Builder:
                     report = json.loads(path.read_text())
                 except json.JSONDecodeError:
                     continue
-                if report.get("source", {}).get("name", p.model.name) != p.model.name:
+                source = report.get("source", {})
+                if source.get("name", p.model.name) != p.model.name:
                     continue  # another model's report in a shared folder
+                if sha is not None and source.get("sha256") not in (None, sha):
+                    continue  # made from an earlier version of the model
                 for row in report.get("rows", []):
                     name = row["format"]
                     if name in seen or name not in {f.name for f in formats}:
@@ -313,6 +322,14 @@ class Builder:
         except (FileNotFoundError, ValueError, StepFailed, KeyError) as e:
             p.error = str(e)
         return p
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _digest(path: Path) -> str:
