@@ -309,16 +309,16 @@ class Builder:
                 p.manifest = self.cache / "oct" / "oct.csv" if p.store is not None else None
                 given = "oct-fused" in self.runs or "oct-head" in self.runs
                 key = m.name if not given else f"{m.name}-{_digest(p.run)}"
+                # The run directory, not its .keras file: convert then reads the run's config (labels,
+                # preprocessing, model_file, feature store) and writes the Grad-CAM head weights.
                 if m.input == "image":
                     p.reference = p.run / cfg.get("model_file", "fused.keras")
                     calib = ["--calib", str(p.manifest)] if p.manifest else []
-                    # The file, not the run: convert looks for best.keras in a run directory, OCT runs hold fused.keras.
-                    self.export(p, formats, p.reference, key, calib)
+                    self.export(p, formats, p.run, key, calib)
                 else:
                     p.reference = p.run / (cfg.get("head_file") or "head.keras")
-                    calib = ["--calib", str(p.manifest)] if p.manifest else []
-                    self.export(p, formats, p.reference, key,
-                                ["--labels", ",".join(cfg.get("labels") or OCT_LABELS), *calib])
+                    # The head is calibrated and proven on the run's feature store.
+                    self.export(p, formats, p.run, key, ["--part", "head"])
         except (FileNotFoundError, ValueError, StepFailed, KeyError) as e:
             p.error = str(e)
         return p

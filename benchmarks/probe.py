@@ -92,7 +92,7 @@ def _edge_first_result(path: str, threads: int | None, image: str | None):
         probs = np.array(list(pred.probabilities.values()))
         x = model._to_input(image, image)[None]
     else:
-        x = np.zeros((1, *model.spec.input_shape), np.float32)
+        x = np.zeros((1, *model.input_shape), np.float32)
         probs = model.run(x)[0]
     return t_loaded, probs, _EdgeTimer(model, x, threads)
 

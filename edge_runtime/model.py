@@ -136,7 +136,8 @@ def _check_contract(path: Path, meta: ArtifactMetadata, inp: IOSpec, out: IOSpec
     """Refuse metadata that does not describe the tensors the runtime sees."""
     problems = []
     want = tuple(meta.preprocess.input_shape)
-    if len(inp.shape) != 4 or tuple(inp.shape[1:]) != want:
+    # A head (part "head", e.g. the OCT head) takes the base's feature map, not the preprocessed image.
+    if meta.part == "model" and (len(inp.shape) != 4 or tuple(inp.shape[1:]) != want):
         problems.append(f"input tensor is {inp.shape} but the preprocessing makes (1, {', '.join(map(str, want))})")
     if tuple(meta.input.shape[1:]) != tuple(inp.shape[1:]):
         problems.append(f"metadata input shape {meta.input.shape} != model input {inp.shape}")
@@ -200,7 +201,7 @@ def load(
     model.load_ms = (time.perf_counter() - t0) * 1e3
     if warmup:
         t1 = time.perf_counter()
-        model.run(np.zeros((1, *meta.preprocess.input_shape), np.float32))
+        model.run(np.zeros((1, *model.input_shape), np.float32))
         model.warmup_ms = (time.perf_counter() - t1) * 1e3
     return model
 
@@ -224,6 +225,8 @@ class EdgeModel:
         self.session = session
         self.labels = metadata.labels
         self.spec = metadata.preprocess
+        # What one input tensor is: the preprocessed image, or a head's feature map.
+        self.input_shape = tuple(int(v) for v in session.input.shape[1:])
         self.backend = session.backend
         self.max_pixels = max_pixels
         self.threshold = self.default_threshold(metadata) if threshold is None else float(threshold)
@@ -273,8 +276,8 @@ class EdgeModel:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 3:
             x = x[None]
-        if tuple(x.shape[1:]) != self.spec.input_shape:
-            raise ValueError(f"expected preprocessed inputs (N, {', '.join(map(str, self.spec.input_shape))}), "
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected preprocessed inputs (N, {', '.join(map(str, self.input_shape))}), "
                              f"got {x.shape}")
         return np.stack([self._run_one(xi) for xi in x]) if len(x) else np.zeros((0, len(self.labels)), np.float32)
 
@@ -307,6 +310,13 @@ class EdgeModel:
 
     def _to_input(self, name: str, item: Any) -> np.ndarray:
         """One input -> preprocessed float32 (H, W, C); raises ImageError for unusable ones."""
+        if self.metadata.part == "head":
+            arr = np.asarray(item) if not isinstance(item, (str, os.PathLike, Image.Image)) else None
+            if arr is not None and arr.dtype.kind == "f" and arr.shape == self.input_shape:
+                return arr.astype(np.float32, copy=False)
+            raise ImageError(name, f"this artifact is a head: it takes {self.input_shape} float features from "
+                                   f"{dict(self.metadata.feature_extractor).get('layer', 'its base')}, not images; "
+                                   "run the fused artifact on images")
         if isinstance(item, (str, os.PathLike)):
             return preprocess(load_image(item, self.spec.color_mode, self.max_pixels), self.spec)
         if isinstance(item, Image.Image):

@@ -12,6 +12,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SAMPLE = Path(__file__).parent / "data" / "malaria_sample"
 
 
+def pytest_configure(config):
+    """Same tiny models on every run: seeded training is only repeatable with deterministic TF ops."""
+    try:
+        import tensorflow as tf
+    except ImportError:  # the edge-only environment: nothing is trained there
+        return
+    tf.config.experimental.enable_op_determinism()
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE
