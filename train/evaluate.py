@@ -103,7 +103,7 @@ def evaluate_run(
         "patients": len({r.patient for r in records}),
         "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
-    from train.oct import SYNTHETIC_NOTE, any_synthetic, referral_markdown, referral_metrics
+    from train.oct import SYNTHETIC_NOTE, any_synthetic, referral_metrics
 
     if cfg.get("referral"):  # OCT: Kermany et al.'s urgent / routine / observation view
         report["referral"] = referral_metrics(y_true, probs.argmax(axis=1), labels, cfg["referral"])
@@ -113,16 +113,8 @@ def evaluate_run(
         report["synthetic_note"] = SYNTHETIC_NOTE
 
     out = Path(out) if out is not None else run_dir / f"eval-{split_name}"
-    out.mkdir(parents=True, exist_ok=True)
-    runs.write_json(out / "report.json", report)
     title = f"{model_path.parent.name}: {split_name} ({report['n_images']} images, {report['patients']} patients)"
-    md = markdown_report(report, title)
-    if "referral" in report:
-        md += "\n" + referral_markdown(report["referral"])
-    if synthetic:
-        md = f"> {SYNTHETIC_NOTE}\n\n" + md
-    runs.atomic_write_text(out / "report.md", md)
-    plot_confusion(report["confusion_matrix"], labels, out / "confusion_matrix.png", title)
+    write_report(out, report, title)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "patient", "true", "predicted", "confidence", *[f"p_{l}" for l in labels]])
@@ -135,14 +127,31 @@ def evaluate_run(
     return report
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """The Markdown report plus where the files are, for the terminal."""
-    text = markdown_report(report, f"{Path(report['model']).parent.name} on {report['n_images']} images "
-                                   f"from {report['patients']} patients")
+def report_markdown(report: dict[str, Any], title: str) -> str:
+    """The classification report, plus the referral view (OCT) and the synthetic-data note when they apply."""
+    text = markdown_report(report, title)
     if "referral" in report:
         from train.oct import referral_markdown
 
         text += "\n" + referral_markdown(report["referral"])
     if report.get("synthetic"):
-        text = f"> {report['synthetic_note']}\n\n" + text
+        from train.oct import SYNTHETIC_NOTE
+
+        text = f"> {SYNTHETIC_NOTE}\n\n" + text
+    return text
+
+
+def write_report(out: Path, report: dict[str, Any], title: str) -> None:
+    """report.json, report.md and confusion_matrix.png in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_json(out / "report.json", report)
+    runs.atomic_write_text(out / "report.md", report_markdown(report, title))
+    plot_confusion(report["confusion_matrix"], report["labels"], out / "confusion_matrix.png", title)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The Markdown report plus where the files are, for the terminal."""
+    text = report_markdown(report, f"{Path(report['model']).parent.name} on {report['n_images']} images "
+                                   f"from {report['patients']} patients")
     return text + f"\nreport.json, report.md, confusion_matrix.png, misclassified.csv in {report['out']}\n"

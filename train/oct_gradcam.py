@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from edge_runtime.gradcam import overlay  # one overlay (jet, 50/50) for training side and device
 from edge_runtime.images import preprocess
 from train.oct_predict import Loaded, open_source
 
@@ -69,23 +70,6 @@ def gradcam(model: Loaded, x: np.ndarray, class_index: Sequence[int] | None = No
     peak = cam.max(axis=(1, 2), keepdims=True)
     cam = np.where(peak > 0, cam / np.maximum(peak, 1e-12), 0.0)
     return np.asarray(probs), cam.astype(np.float32)
-
-
-def overlay(image: Image.Image, cam: np.ndarray, caption: str | None = None, alpha: float = 0.5) -> Image.Image:
-    """The map resized to the image, jet-coloured and blended (`alpha` heat) over it."""
-    import matplotlib
-
-    rgb = image.convert("RGB")
-    heat = Image.fromarray(cam.astype(np.float32), mode="F").resize(rgb.size, Image.Resampling.BILINEAR)
-    h = np.clip(np.asarray(heat), 0.0, 1.0)
-    jet = (matplotlib.colormaps["jet"](h)[..., :3] * 255).astype(np.float32)
-    out = (1 - alpha) * np.asarray(rgb, np.float32) + alpha * jet
-    img = Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8), mode="RGB")
-    if caption:
-        d = ImageDraw.Draw(img)
-        d.rectangle((0, 0, 8 + 6 * len(caption), 14), fill=(0, 0, 0))
-        d.text((4, 2), caption, fill=(255, 255, 255))
-    return img
 
 
 def _safe(s: str) -> str:

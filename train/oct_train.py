@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from train import runs
-from train.oct import REFERRAL, SYNTHETIC_NOTE, referral_markdown, referral_metrics
+from train.oct import REFERRAL, SYNTHETIC_NOTE, referral_metrics
 from train.oct_models import describe_base, features_fingerprint, preprocess_name
 
 MODES = ("head", "end-to-end")
@@ -112,8 +112,8 @@ def evaluate_head_on_store(run: Path, store: Path, split: str = "test", head=Non
     Much faster than `python -m train evaluate` (no base pass) and gives the
     same figures when the store matches the run's base and preprocessing.
     """
-    from train.evaluate import load_model, plot_confusion
-    from train.metrics import classification_metrics, markdown_report
+    from train.evaluate import load_model, write_report
+    from train.metrics import classification_metrics
     from train.oct_store import make_sequence, read_column, read_info, split_indices
 
     cfg = runs.read_config(run)
@@ -136,16 +136,8 @@ def evaluate_head_on_store(run: Path, store: Path, split: str = "test", head=Non
                    "synthetic": info.synthetic,
                    "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     out = Path(run) / f"eval-store-{split}"
-    out.mkdir(parents=True, exist_ok=True)
-    runs.write_json(out / "report.json", report)
     title = f"{Path(run).name} head on stored {split} features ({len(idx)} images, {report['patients']} patients)"
-    md = markdown_report(report, title)
-    if "referral" in report:
-        md += "\n" + referral_markdown(report["referral"])
-    if info.synthetic:
-        md = f"> {SYNTHETIC_NOTE}\n\n" + md
-    runs.atomic_write_text(out / "report.md", md)
-    plot_confusion(report["confusion_matrix"], labels, out / "confusion_matrix.png", title)
+    write_report(out, report, title)
     report["out"] = str(out)
     return report
 
