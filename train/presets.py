@@ -60,7 +60,7 @@ class MalariaPreset:
 MALARIA_PRESETS: dict[str, MalariaPreset] = {
     # The source: ~2 M weights, ~0.9 GMAC at 64x64, SGD 0.1 momentum 0.9, linear decay, 50 epochs, batch 32.
     "paper": MalariaPreset("paper", ResNetConfig(), epochs=50, batch_size=32, learning_rate=0.1),
-    # Chosen by measurement on unseen patients (README, "Choosing the edge model").
+    # Chosen by measurement against two larger candidates on unseen patients (README, "Malaria: results").
     "edge": MalariaPreset(
         "edge", ResNetConfig(stages=(1, 1, 1), filters=(16, 32, 64, 128)), epochs=15, batch_size=64,
         learning_rate=0.05,
