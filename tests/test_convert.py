@@ -570,7 +570,9 @@ def test_sigterm_mid_export_leaves_nothing(trained_run, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "convert", str(trained_run), "--out", str(out), "--formats", "tflite-qat-int8",
-         "--calib-n", "16", "--eval-n", "8", "--qat-epochs", "1"],
+         # 50 QAT epochs: the row must still be running when SIGTERM lands, even on an idle fast machine
+         # (with 1 epoch an idle CI machine finished before the signal). It is killed long before the end.
+         "--calib-n", "16", "--eval-n", "8", "--qat-epochs", "50"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.time() + 120
