@@ -8,6 +8,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.versions import installed_versions
+
 # SIMD features that decide float32 and int8 speed, x86 and Arm. VNNI and the
 # Arm dot-product instructions (asimddp, i8mm) are what make int8 faster than float.
 SIMD_FLAGS = (
@@ -63,10 +65,4 @@ def machine_info() -> dict[str, Any]:
 
 def library_versions() -> dict[str, str]:
     """Installed versions of every library the pipeline touches (missing ones left out)."""
-    out = {}
-    for pkg in LIBRARIES:
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return installed_versions(LIBRARIES)

@@ -40,6 +40,7 @@ from edge_runtime.metadata import (
     sidecar_path,
 )
 from edge_runtime.model import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS
+from edge_runtime.versions import installed_versions
 from convert.formats import Format
 from convert.data import ImageSet
 
@@ -104,13 +105,7 @@ def medge_version() -> str:
 
 
 def tool_versions() -> dict[str, str]:
-    out = {}
-    for pkg in TOOLS:
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return installed_versions(TOOLS)
 
 
 class ExportJob:

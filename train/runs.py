@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edge_runtime.fileio import atomic_write_text, write_json  # noqa: F401  (re-exported for train/*)
+from edge_runtime.versions import installed_versions
 
 CONFIG = "config.json"
 BEST = "best.keras"
@@ -56,15 +57,7 @@ def resolve_run(path: Path) -> tuple[Path, Path]:
 
 def versions() -> dict[str, str]:
     """Library versions worth recording next to a result."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("tensorflow", "keras", "numpy", "pillow"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return {"python": platform.python_version(), **installed_versions(("tensorflow", "keras", "numpy", "pillow"))}
 
 
 def read_history(run: Path) -> list[dict[str, float]]:
