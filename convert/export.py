@@ -112,8 +112,9 @@ class ExportJob:
     """Everything the exporters of one run share: the model, its source, the image sets, a work folder."""
 
     def __init__(self, model, source, options: Options, workdir: Path, calib: ImageSet | None,
-                 proof: ImageSet, train_items: list[tuple[str, str]]):
+                 proof: ImageSet, train_items: list[tuple[str, str]], log=print):
         self.model, self.source, self.options, self.workdir = model, source, options, Path(workdir)
+        self.log = log  # progress lines of long rows (QAT)
         self._calib, self.proof, self.train_items = calib, proof, train_items
         self.cache: dict[str, Any] = {}
         self.tools = tool_versions()
@@ -311,7 +312,7 @@ def run_export(
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="medge-convert-") as work:
-        job = ExportJob(model, src, options, Path(work), calib, proof, train_items)
+        job = ExportJob(model, src, options, Path(work), calib, proof, train_items, log=log)
         for fmt in formats:
             t0 = time.perf_counter()
             log(f"[{fmt.name}] exporting ...")

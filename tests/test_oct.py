@@ -402,3 +402,32 @@ def test_end_to_end_mode(store, work):
     assert cfg["mode"] == "end-to-end" and cfg["head_file"] is None
     assert (run / "fused.keras").is_file() and not (run / "head.keras").exists()
     assert runs.read_history(run)[0]["seconds"] > 0
+
+
+def test_qat_int8_of_the_fused_model(head_run, data):
+    """`tflite-qat-int8` on the real network (random-weight InceptionV3 + head): the tf-keras twin takes every
+    Keras weight (probabilities equal), only the head is fine-tuned (the base stays frozen as in training), and
+    the full-integer file classifies a scan through edge_runtime. Agreement is not asserted: a 3-epoch head on
+    8 synthetic training scans sits near chance, where any perturbation flips answers."""
+    import edge_runtime
+    from convert.cli import main
+    from train.evaluate import load_model
+
+    out = head_run.parent / "qat"
+    assert main([str(head_run), "--out", str(out), "--formats", "tflite-qat-int8", "--calib-n", "4", "--eval-n",
+                 "4", "--qat-epochs", "1", "--qat-batch-size", "4", "--allow-drop"]) == 0
+    row = json.loads((out / "conversion.json").read_text())["rows"][0]
+    assert row["status"] in ("ok", "kept-below-threshold"), row.get("error")
+    q = row["quantization"]
+    head = load_model(head_run / "head.keras")
+    assert q["twin"] == "oct-fused" and q["twin_max_abs_diff"] < 1e-4
+    # Only the head learns (conv, batch-norm scale and shift, dense): the base is frozen as in training.
+    assert q["qat_trainable_weights"] == sum(int(np.prod(w.shape)) for w in head.trainable_weights) == 147_588
+    assert q["batchnorm_frozen"] == 94 + 1  # InceptionV3's and the head's: moving statistics kept
+    assert q["activation_ranges_from_calibration"] > 50  # every quantized tensor starts at its calibration range
+
+    model = edge_runtime.load(out / row["file"])
+    assert model.metadata.precision == "int8" and model.metadata.task == "oct"
+    scan = next(p for p in sorted((data / "test").rglob("*.jpeg")))
+    (pred,) = model.predict([scan])
+    assert pred.label in OCT_LABELS and abs(sum(pred.probabilities.values()) - 1) < 0.05

@@ -156,29 +156,59 @@ def describe_base(weights: str, seed: int) -> str:
     return f"none (random, seed {seed})" if weights == "none" else weights
 
 
-def build_head(num_classes: int = 4, keras_module: ModuleType | None = None, name: str = HEAD_NAME) -> Any:
-    """Approach B's head on 8x8x2048 features: 1x1 conv 64 (no bias), BN, ReLU, dropout 0.5, flatten, softmax."""
-    k = _keras(keras_module)
+def _head_on(k: ModuleType, x: Any, num_classes: int) -> Any:
+    """Approach B's head applied to the feature tensor `x`: 1x1 conv 64 (no bias), BN, ReLU, dropout 0.5, flatten,
+    softmax."""
     L = k.layers
-    inp = k.Input(FEATURE_SHAPE, name="features")
-    x = L.Conv2D(64, 1, use_bias=False, name=HEAD_CONV)(inp)
+    x = L.Conv2D(64, 1, use_bias=False, name=HEAD_CONV)(x)
     x = L.BatchNormalization(name="head_bn")(x)
     x = L.Activation("relu", name="head_relu")(x)
     x = L.Dropout(0.5, name="head_dropout")(x)
     x = L.Flatten(name="head_flatten")(x)
-    out = L.Dense(num_classes, activation="softmax", name="head_probs")(x)
-    return k.Model(inp, out, name=name)
+    return L.Dense(num_classes, activation="softmax", name="head_probs")(x)
+
+
+def _top_on(k: ModuleType, x: Any, num_classes: int) -> Any:
+    """Approach A's top applied to the feature tensor `x`: global average pooling, dense 64 ReLU, dense softmax."""
+    L = k.layers
+    x = L.GlobalAveragePooling2D(name="top_gap")(x)
+    x = L.Dense(64, activation="relu", name="top_dense")(x)
+    return L.Dense(num_classes, activation="softmax", name="top_probs")(x)
+
+
+def build_head(num_classes: int = 4, keras_module: ModuleType | None = None, name: str = HEAD_NAME) -> Any:
+    """Approach B's head on 8x8x2048 features (see `_head_on`)."""
+    k = _keras(keras_module)
+    inp = k.Input(FEATURE_SHAPE, name="features")
+    return k.Model(inp, _head_on(k, inp, num_classes), name=name)
 
 
 def build_top(num_classes: int = 4, keras_module: ModuleType | None = None, name: str = TOP_NAME) -> Any:
-    """Approach A's top on 8x8x2048 features: global average pooling, dense 64 ReLU, dense softmax."""
+    """Approach A's top on 8x8x2048 features (see `_top_on`)."""
     k = _keras(keras_module)
-    L = k.layers
     inp = k.Input(FEATURE_SHAPE, name="features")
-    x = L.GlobalAveragePooling2D(name="top_gap")(inp)
-    x = L.Dense(64, activation="relu", name="top_dense")(x)
-    out = L.Dense(num_classes, activation="softmax", name="top_probs")(x)
-    return k.Model(inp, out, name=name)
+    return k.Model(inp, _top_on(k, inp, num_classes), name=name)
+
+
+HEAD_BUILDERS = {"head": build_head, "end-to-end": build_top}  # run mode -> the head that mode trains
+_HEADS_ON = {"head": _head_on, "end-to-end": _top_on}
+
+
+def build_fused_flat(num_classes: int = 4, mode: str = "head", keras_module: ModuleType | None = None,
+                     name: str = "oct_fused") -> Any:
+    """The fused model as one flat graph: InceptionV3's layers (frozen), then the head's; no model nested in a model.
+
+    tensorflow-model-optimization cannot quantize nested models, so the
+    quantization-aware twin of `fuse(build_base(), HEAD_BUILDERS[mode]())` is
+    built this way. Layers come in the same order as the nested model's, so
+    weights can be copied layer by layer. Weights are left random.
+    """
+    if mode not in HEAD_BUILDERS:
+        raise ValueError(f"OCT run mode {mode!r} is not one of {sorted(HEAD_BUILDERS)}")
+    k = _keras(keras_module)
+    base = k.applications.InceptionV3(weights=None, include_top=False, input_shape=(299, 299, 3))
+    base.trainable = False
+    return k.Model(base.input, _HEADS_ON[mode](k, base.output, num_classes), name=name)
 
 
 def fuse(base: Any, head: Any, name: str = "oct_fused") -> Any:
