@@ -364,7 +364,9 @@ def copy_weights(twin, weights, names: list[str]) -> None:
         raise ValueError(f"the tf-keras twin has {len(layers)} layers with weights, the Keras model {len(names)} "
                          "(architecture mismatch)")
     for i, layer in enumerate(layers):
-        arrays = [weights[f"{i}::{j}"] for j in range(len(layer.weights)) if f"{i}::{j}" in weights]
+        arrays = []
+        while f"{i}::{len(arrays)}" in weights:
+            arrays.append(weights[f"{i}::{len(arrays)}"])
         want = [tuple(w.shape) for w in layer.weights]
         got = [a.shape for a in arrays]
         if want != got:
