@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -42,8 +43,14 @@ def convert_keras(model, configure: Callable[[Any], None] | None = None) -> byte
             return conv.convert()
     except Exception as e:  # the converter raises ConverterError and friends
         msg = str(e)
-        ops = [l.strip() for l in msg.splitlines() if "op" in l.lower() and ("not supported" in l or "tf." in l)]
-        detail = "; ".join(ops[:5]) if ops else msg.splitlines()[0] if msg else type(e).__name__
+        ops = sorted(set(re.findall(r"'tf\.(\w+)' op is neither", msg)) | set(re.findall(r"TF Select ops: ([\w, ]+)", msg)))
+        ops = sorted({o.strip() for group in ops for o in group.split(",") if o.strip()})
+        if ops:
+            raise ValueError(
+                f"TFLite converter failed: TensorFlow op(s) {', '.join(ops)} are not in LiteRT's builtin op set, "
+                "which medge targets (no TF Select/Flex kernels on devices); replace the layer that uses them"
+            ) from e
+        detail = msg.splitlines()[0] if msg else type(e).__name__
         raise ValueError(f"TFLite converter failed: {detail}") from e
 
 

@@ -564,6 +564,24 @@ def test_oct_run_exports_fused_model_and_head(oct_like_run, tmp_path):
         load_source(oct_like_run.parent / "features.h5", part="head")
 
 
+@pytest.mark.slow
+def test_op_outside_litert_builtins_is_named():
+    """A layer whose TensorFlow op LiteRT has no builtin kernel for: one error naming the op, not the MLIR dump."""
+    import keras
+    import tensorflow as tf
+
+    from convert.tflite import convert_keras
+
+    class Det(keras.layers.Layer):  # built in the test, never loaded from a file (safe mode refuses code)
+        def call(self, x):
+            return tf.linalg.det(x)[:, None]
+
+    inp = keras.Input((4, 4))
+    with pytest.raises(ValueError, match=r"op\(s\) MatrixDeterminant are not in LiteRT's builtin op set") as e:
+        convert_keras(keras.Model(inp, Det()(inp)))
+    assert len(str(e.value)) < 300
+
+
 def test_qat_twin_refuses_weights_of_another_architecture():
     """The QAT child copies weights layer by layer into a twin built from the architecture code; a model of any
     other architecture is refused naming what differs (module-agnostic, so checked here with Keras 3 models)."""
@@ -628,14 +646,15 @@ def test_calibration_from_an_image_folder(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_int8_percentile_calibration_and_fixed_activation_type(trained_run, tmp_path):
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_onnx_int8_other_calibrations_and_fixed_activation_type(trained_run, tmp_path, method):
     from convert.export import run_export
 
     report = run_export(trained_run, tmp_path, parse_formats("onnx-int8"),
-                        _options(calib_method="percentile", onnx_activations="int8",
+                        _options(calib_method=method, onnx_activations="int8",
                                  min_agreement=QUANT_MIN_AGREEMENT), log=lambda *a: None)
     row = report["rows"][0]
     assert row["status"] == "ok", row.get("error")
     q = read_metadata(tmp_path / row["file"]).quantization
-    assert q["calibration"] == "percentile" and q["activations"] == "int8" and q["activation_choice"] == "given"
+    assert q["calibration"] == method and q["activations"] == "int8" and q["activation_choice"] == "given"
     assert "latency_ms_batch1_1thread" not in q
