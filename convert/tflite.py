@@ -43,8 +43,9 @@ def convert_keras(model, configure: Callable[[Any], None] | None = None) -> byte
             return conv.convert()
     except Exception as e:  # the converter raises ConverterError and friends
         msg = str(e)
-        ops = sorted(set(re.findall(r"'tf\.(\w+)' op is neither", msg)) | set(re.findall(r"TF Select ops: ([\w, ]+)", msg)))
-        ops = sorted({o.strip() for group in ops for o in group.split(",") if o.strip()})
+        found = re.findall(r"'tf\.(\w+)' op is neither", msg)
+        found += [o for group in re.findall(r"TF Select ops: ([\w, ]+)", msg) for o in group.split(",")]
+        ops = sorted({o.strip() for o in found if o.strip()})
         if ops:
             raise ValueError(
                 f"TFLite converter failed: TensorFlow op(s) {', '.join(ops)} are not in LiteRT's builtin op set, "
