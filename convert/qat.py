@@ -417,34 +417,22 @@ def copy_weights(twin, weights, names: list[str]) -> None:
 
 
 def training_data(job: dict[str, Any]):
-    """(tf.data batches of (input, one-hot), number of examples): training images, or the store's train features.
+    """(batches of (input, one-hot), number of examples): training images, or the store's train features.
 
-    Paths are shuffled before decoding and nothing is cached, so a training
-    split of 299x299 scans never has to fit in memory.
+    Image paths are shuffled before decoding and nothing is cached, so a
+    training split of 299x299 scans never has to fit in memory; features are
+    read from the store per batch, as head training reads them.
     """
     import tensorflow as tf
 
     n_cls, seed, batch = len(job["labels"]), job["seed"], job["batch_size"]
     if job["store"]:
-        import h5py
+        import tf_keras
 
-        from train.oct_store import read_column, split_indices
+        from train.oct_store import make_sequence
 
-        rows, labels = split_indices(job["store"], "train"), read_column(job["store"], "label")
-        if not len(rows):
-            raise ValueError(f"feature store {job['store']} has no train rows to fine-tune on")
-        epoch = iter(range(1 << 30))
-
-        def rows_in_order():
-            order = np.random.default_rng([seed, next(epoch)]).permutation(rows)
-            with h5py.File(job["store"], "r") as f:
-                feats = f["features"]
-                for r in order:  # one chunk per row: the store is never read whole
-                    yield feats[int(r)].astype(np.float32), np.eye(n_cls, dtype=np.float32)[labels[r]]
-
-        sig = (tf.TensorSpec(tuple(job["input_shape"]), tf.float32), tf.TensorSpec((n_cls,), tf.float32))
-        ds = tf.data.Dataset.from_generator(rows_in_order, output_signature=sig)
-        return ds.batch(batch).prefetch(tf.data.AUTOTUNE), len(rows)
+        seq = make_sequence(job["store"], "train", batch, shuffle=True, seed=seed, keras_module=tf_keras)
+        return seq, len(seq.index)
 
     from edge_runtime.spec import PreprocessSpec
     from train.data import decode_and_resize

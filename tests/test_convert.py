@@ -499,6 +499,7 @@ def oct_like_run(tmp_path_factory, trained_run):
     import keras
 
     from edge_runtime.spec import OCT_INCEPTION_SPEC
+    from train.oct_store import STORE_FORMAT
 
     keras.utils.set_random_seed(7)
     run = tmp_path_factory.mktemp("oct") / "oct-head"
@@ -519,7 +520,9 @@ def oct_like_run(tmp_path_factory, trained_run):
         f.create_dataset("label", data=np.arange(24, dtype=np.int16) % 4)
         f.create_dataset("split", data=np.array(["train"] * 12 + ["test"] * 12, dtype=object),
                          dtype=h5py.string_dtype())
-        f.attrs["labels"] = json.dumps(labels)
+        f.attrs.update(format=STORE_FORMAT, labels=json.dumps(labels), n_done=24,
+                       preprocess=json.dumps(OCT_INCEPTION_SPEC.to_dict()), base_weights="none", base_seed=0,
+                       base_sha256="0" * 64, fingerprint="f" * 16, synthetic=True, manifest="")
     manifest = json.loads((trained_run / "config.json").read_text())["manifest"]
     (run / "config.json").write_text(json.dumps({
         "task": "oct", "mode": "head", "model_file": "fused.keras", "head_file": "head.keras", "labels": labels,

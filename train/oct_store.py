@@ -263,17 +263,22 @@ def read_column(path: str | Path, key: str, index: np.ndarray | None = None) -> 
     return a if index is None else a[index]
 
 
-def make_sequence(path: str | Path, split: str, batch_size: int, shuffle: bool, seed: int = 42):
+def make_sequence(path: str | Path, split: str, batch_size: int, shuffle: bool, seed: int = 42,
+                  keras_module=None):
     """A `keras.utils.PyDataset` of (features, one-hot) batches of one split, read from disk per batch.
 
     The store is never loaded whole: each batch reads its rows (sorted, as
     HDF5 wants) from the per-image chunks; the order is reshuffled every epoch.
+    `keras_module=tf_keras` gives a `tf_keras.utils.Sequence` instead (QAT of a head).
     """
-    import keras
+    if keras_module is None:
+        import keras as keras_module
+    py_dataset = getattr(keras_module.utils, "PyDataset", None)  # Keras 3; tf-keras has only Sequence
 
-    class StoreSequence(keras.utils.PyDataset):
+    class StoreSequence(py_dataset or keras_module.utils.Sequence):
         def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False)
+            if py_dataset is not None:
+                super().__init__(workers=1, use_multiprocessing=False)
             info = read_info(path)
             if not info.complete:
                 raise ValueError(f"{path} is incomplete ({info.n_done}/{info.n} images): run the same "
