@@ -82,6 +82,16 @@ def _weighted_layers(model) -> list:
     return out
 
 
+def flat_weights(model) -> tuple[dict[str, np.ndarray], list[str]]:
+    """({"i::j": weight j of weighted layer i}, layer names): what `copy_weights` sets into a twin."""
+    weights, names = {}, []
+    for i, layer in enumerate(_weighted_layers(model)):
+        names.append(layer.name)
+        for j, w in enumerate(layer.get_weights()):
+            weights[f"{i}::{j}"] = w
+    return weights, names
+
+
 def export_qat_int8(job, fmt, dest: Path) -> dict[str, Any]:
     """Run the fine-tuning child on this job's model and data; it writes the .tflite to `dest`."""
     arch = twin_architecture(job.source)
@@ -91,11 +101,7 @@ def export_qat_int8(job, fmt, dest: Path) -> dict[str, Any]:
     calib = job.calibration()
     work = job.workdir / "qat"
     work.mkdir(exist_ok=True)
-    weights, names = {}, []
-    for i, layer in enumerate(_weighted_layers(job.model)):
-        names.append(layer.name)
-        for j, w in enumerate(layer.get_weights()):
-            weights[f"{i}::{j}"] = w
+    weights, names = flat_weights(job.model)
     np.savez(work / "weights.npz", **weights)
     probe = calib.x[:8]
     np.savez(work / "data.npz", calib=calib.x, probe=probe,
@@ -396,12 +402,12 @@ def build_twin(job: dict[str, Any]):
 
 
 def copy_weights(twin, weights, names: list[str]) -> None:
-    """Set the twin's weighted layers, in order, to the Keras layers' weights ("i::j" = layer i, weight j).
+    """Set the twin's weighted layers, in order, to the Keras layers' weights (from `flat_weights`).
 
     Raises:
         ValueError: a different number of weighted layers, or a layer whose weight shapes differ.
     """
-    layers = [l for l in twin.layers if l.weights]
+    layers = _weighted_layers(twin)
     if len(layers) != len(names):
         raise ValueError(f"the tf-keras twin has {len(layers)} layers with weights, the Keras model {len(names)} "
                          "(architecture mismatch)")

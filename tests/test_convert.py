@@ -590,22 +590,18 @@ def test_qat_twin_refuses_weights_of_another_architecture():
     other architecture is refused naming what differs (module-agnostic, so checked here with Keras 3 models)."""
     import keras
 
-    from convert.qat import _weighted_layers, copy_weights
+    from convert.qat import copy_weights, flat_weights
     from train.oct_models import build_head, build_top
 
-    def saved(model):
-        layers = _weighted_layers(model)
-        return {f"{i}::{j}": w for i, l in enumerate(layers) for j, w in enumerate(l.get_weights())}, [l.name for l in layers]
-
     head = build_head(4)
-    copy_weights(build_head(4), *saved(head))  # same architecture: accepted
+    copy_weights(build_head(4), *flat_weights(head))  # same architecture: accepted
     with pytest.raises(ValueError, match="architecture mismatch"):
-        copy_weights(build_head(4), *saved(build_top(4)))
+        copy_weights(build_head(4), *flat_weights(build_top(4)))
     with pytest.raises(ValueError, match="head_probs"):
-        copy_weights(build_head(4), *saved(build_head(3)))
+        copy_weights(build_head(4), *flat_weights(build_head(3)))
     inp = keras.Input((8, 8, 2048))
     nested = keras.Model(inp, head(inp))  # a model inside a model (the OCT fused model) is flattened
-    assert [l.name for l in _weighted_layers(nested)] == ["head_conv", "head_bn", "head_probs"]
+    assert flat_weights(nested)[1] == ["head_conv", "head_bn", "head_probs"]
 
 
 @pytest.mark.slow
