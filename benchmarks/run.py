@@ -124,7 +124,7 @@ def load_eval_set(p: Prepared, spec, labels: Sequence[str], settings: Settings) 
     """The images (or, for the OCT head, stored features) every row of `p` is scored on."""
     index = {l: i for i, l in enumerate(labels)}
     if p.model.input == "features":
-        from train.oct_store import read_column, split_indices
+        from train.oct.store import read_column, split_indices
 
         if p.store is None:
             raise FileNotFoundError(f"{p.model.name}: no feature store to evaluate the head on")
@@ -173,7 +173,7 @@ def quality(y: np.ndarray, probs: np.ndarray, labels: Sequence[str], positive: s
 
 def count_macs(model) -> int:
     """MACs per input of Conv2D/Dense layers, nested models (the fused OCT model's base) included."""
-    from train.models import count_macs as flat
+    from train.malaria.models import count_macs as flat
 
     return flat(model) + sum(count_macs(l) for l in model.layers if hasattr(l, "layers") and hasattr(l, "inputs"))
 

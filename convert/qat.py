@@ -12,10 +12,10 @@ reproduces the Keras probabilities, annotates the model for quantization,
 fine-tunes it, and converts to full int8 with the same real calibration data
 as `tflite-int8`. Twins (`architecture` in the job):
 
-    resnet     a malaria run: `train.models.build_resnet(..., keras_module=tf_keras)`;
+    resnet     a malaria run: `train.malaria.models.build_resnet(..., keras_module=tf_keras)`;
                fine-tuned on the run's training images (training
                preprocessing, no augmentation: a short fine-tune from trained weights)
-    oct-fused  an OCT run's image -> class model: `train.oct_models.build_fused_flat`,
+    oct-fused  an OCT run's image -> class model: `train.oct.models.build_fused_flat`,
                InceptionV3 and the head in one flat graph (tfmot cannot quantize a
                nested model); the base stays frozen as in training, so the
                fine-tune adapts the head to quantization noise everywhere
@@ -387,12 +387,12 @@ def build_twin(job: dict[str, Any]):
 
     arch, n_cls = job["architecture"], len(job["labels"])
     if arch["kind"] == "resnet":
-        from train.models import build_resnet
-        from train.presets import ResNetConfig
+        from train.malaria.models import build_resnet
+        from train.malaria.presets import ResNetConfig
 
         return build_resnet(ResNetConfig(**arch["resnet"]), tuple(job["input_shape"]), n_cls,
                             keras_module=tf_keras, name=job["name"])
-    from train.oct_models import HEAD_BUILDERS, build_fused_flat
+    from train.oct.models import HEAD_BUILDERS, build_fused_flat
 
     if arch["kind"] == "oct-fused":
         return build_fused_flat(n_cls, arch["mode"], keras_module=tf_keras, name=job["name"])
@@ -435,7 +435,7 @@ def training_data(job: dict[str, Any]):
     if job["store"]:
         import tf_keras
 
-        from train.oct_store import make_sequence
+        from train.oct.store import make_sequence
 
         seq = make_sequence(job["store"], "train", batch, shuffle=True, seed=seed, keras_module=tf_keras)
         return seq, len(seq.index)

@@ -60,7 +60,7 @@ class Source:
         """For a head: the base whose features it takes (from the OCT run config), else empty."""
         if self.part != "head" or not self.run_config:
             return {}
-        from train.oct_models import FEATURE_LAYER
+        from train.oct.models import FEATURE_LAYER
 
         cfg = self.run_config
         return {"layer": FEATURE_LAYER, "base": cfg.get("base"),

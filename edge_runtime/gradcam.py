@@ -15,7 +15,7 @@ of the predicted probability p_k with respect to `a` has a closed form:
 Channel weights are the spatial mean of that gradient; the map is the
 positive part of the channel-mean of weight * activation, scaled to [0, 1],
 resized to the image, jet-coloured and blended 50/50 over it — the same
-steps as `train/oct_gradcam.py` (a test holds the two to correlation >= 0.99).
+steps as `train/oct/gradcam.py` (a test holds the two to correlation >= 0.99).
 
 The head's weights reach the device as `{model}_gradcam.npz`, written by
 `convert/gradcam_export.py` next to the artifacts. The 8x8x2048 features

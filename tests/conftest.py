@@ -39,7 +39,7 @@ def sample_manifest(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, sample_manifest) -> Path:
     """`tiny` trained for one epoch on the bundled sample (a few seconds)."""
-    from train.fit import train_malaria
+    from train.malaria.fit import train_malaria
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train_malaria(sample_manifest, "tiny", out, epochs=1, verbose=0)

@@ -53,7 +53,7 @@ CALIB_N, EVAL_N = 64, 60
 def trained_run(tmp_path_factory):
     """A `tiny` malaria run trained 3 epochs on the bundled sample (~15 s on 2 cores)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from train.fit import train_malaria
+    from train.malaria.fit import train_malaria
     from train.split import build_split, write_manifest
 
     base = tmp_path_factory.mktemp("convert")
@@ -371,8 +371,8 @@ def test_legacy_h5_source(trained_run, model, tmp_path):
     import tf_keras
 
     from convert.export import run_export
-    from train.models import build_resnet
-    from train.presets import MALARIA_PRESETS
+    from train.malaria.models import build_resnet
+    from train.malaria.presets import MALARIA_PRESETS
 
     twin = build_resnet(MALARIA_PRESETS["tiny"].model, (64, 64, 3), 2, keras_module=tf_keras, name="legacy")
     twin.set_weights(model.get_weights())
@@ -499,7 +499,7 @@ def oct_like_run(tmp_path_factory, trained_run):
     import keras
 
     from edge_runtime.spec import OCT_INCEPTION_SPEC
-    from train.oct_store import STORE_FORMAT
+    from train.oct.store import STORE_FORMAT
 
     keras.utils.set_random_seed(7)
     run = tmp_path_factory.mktemp("oct") / "oct-head"
@@ -508,7 +508,7 @@ def oct_like_run(tmp_path_factory, trained_run):
     inp = keras.Input((299, 299, 3))
     fused = keras.Model(inp, L.Dense(4, activation="softmax")(L.GlobalAveragePooling2D()(L.Conv2D(8, 3, strides=4)(inp))))
     fused.save(run / "fused.keras")
-    from train.oct_models import build_head
+    from train.oct.models import build_head
 
     build_head(4).save(run / "head.keras")  # the real head: its QAT twin is cheap
     labels = ["CNV", "DME", "DRUSEN", "NORMAL"]
@@ -591,7 +591,7 @@ def test_qat_twin_refuses_weights_of_another_architecture():
     import keras
 
     from convert.qat import copy_weights, flat_weights
-    from train.oct_models import build_head, build_top
+    from train.oct.models import build_head, build_top
 
     head = build_head(4)
     copy_weights(build_head(4), *flat_weights(head))  # same architecture: accepted

@@ -165,7 +165,7 @@ def make_artifacts(out: Path, run: Path | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if run is None:
-        from train.fit import train_malaria
+        from train.malaria.fit import train_malaria
         from train.split import build_split, write_manifest
 
         manifest = out / "work" / "sample.csv"
@@ -622,7 +622,7 @@ def test_gradcam_matches_gradient_tape(art, precision):
     for scan in scans:
         x = m._to_input("", scan)
         res = cam.explain(x)
-        # Reference: the training side's recipe (train/oct_gradcam.py) on the Keras model.
+        # Reference: the training side's recipe (train/oct/gradcam.py) on the Keras model.
         feats = base(x[None], training=False)
         conv = head.get_layer("head_conv")
         post = [head.get_layer(n) for n in ("head_bn", "head_relu", "head_dropout", "head_flatten", "head_probs")]

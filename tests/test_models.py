@@ -4,8 +4,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from train.models import build_resnet, count_macs, describe  # noqa: E402
-from train.presets import MALARIA_PRESETS, ResNetConfig  # noqa: E402
+from train.malaria.models import build_resnet, count_macs, describe  # noqa: E402
+from train.malaria.presets import MALARIA_PRESETS, ResNetConfig  # noqa: E402
 
 
 def test_count_macs_by_hand():

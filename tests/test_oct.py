@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.oct import OCT_LABELS, SYNTHETIC_MARKER, referral_metrics
+from train.oct.facts import OCT_LABELS, SYNTHETIC_MARKER, referral_metrics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(work) -> Path:
-    from train.oct_synth import generate
+    from train.oct.synth import generate
 
     generate(work / "data", per_class=4, patients=2, test_per_class=2, test_patients=1, seed=3)
     return work / "data"
@@ -54,7 +54,7 @@ def manifest(data, work) -> Path:
 
 @pytest.fixture(scope="module")
 def store(manifest, work) -> Path:
-    from train.oct_store import extract
+    from train.oct.store import extract
 
     out = work / "features.h5"
     extract(manifest, out, base_weights="none", base_seed=0, dtype="float16", batch_size=8, progress=False)
@@ -63,14 +63,14 @@ def store(manifest, work) -> Path:
 
 @pytest.fixture(scope="module")
 def head_run(store, work) -> Path:
-    from train.oct_train import train
+    from train.oct.fit import train
 
     return train(store, work / "run-head", epochs=3, batch_size=8, verbose=0)
 
 
 @pytest.fixture(scope="module")
 def loaded(head_run):
-    from train.oct_predict import load_for_inference
+    from train.oct.predict import load_for_inference
 
     return load_for_inference(head_run)
 
@@ -109,7 +109,7 @@ def test_synth_layout_and_marker(data):
 
 
 def test_synth_refuses_foreign_folder(tmp_path):
-    from train.oct_synth import generate
+    from train.oct.synth import generate
 
     (tmp_path / "mine.txt").write_text("not yours")
     with pytest.raises(ValueError, match="not a synthetic"):
@@ -122,7 +122,7 @@ def test_synth_refuses_foreign_folder(tmp_path):
 def test_store_contents(store, manifest):
     import h5py
 
-    from train.oct_store import read_info
+    from train.oct.store import read_info
     from train.split import read_manifest
 
     info = read_info(store)
@@ -145,7 +145,7 @@ def test_sigkilled_extraction_resumes(manifest, store, work):
 
     import h5py
 
-    from train.oct_store import extract, read_info
+    from train.oct.store import extract, read_info
 
     out = work / "killed.h5"
     cmd = [sys.executable, "-m", "train", "oct", "extract", "--manifest", str(manifest), "--base-weights", "none",
@@ -166,7 +166,7 @@ def test_sigkilled_extraction_resumes(manifest, store, work):
     info = read_info(out)
     assert info.n == 8 and 2 <= info.n_done < 8 and not info.complete
     with pytest.raises(ValueError, match="incomplete"):
-        from train.oct_store import make_sequence
+        from train.oct.store import make_sequence
 
         make_sequence(out, "test", 4, shuffle=False)
     seen_after = []
@@ -181,8 +181,8 @@ def test_sigkilled_extraction_resumes(manifest, store, work):
 
 def test_mismatched_base_or_preprocessing_is_refused(manifest, store, work):
     from train.cli import main
-    from train.oct_store import extract
-    from train.oct_train import train
+    from train.oct.store import extract
+    from train.oct.fit import train
 
     # Extending a store with other preprocessing.
     with pytest.raises(ValueError, match="cannot share a store"):
@@ -204,8 +204,8 @@ def test_head_run_and_fused_model(head_run, store, loaded):
 
     from train import runs
     from train.evaluate import load_model
-    from train.oct_predict import predict_images
-    from train.oct_store import read_column, split_indices
+    from train.oct.predict import predict_images
+    from train.oct.store import read_column, split_indices
 
     cfg = runs.read_config(head_run)
     assert cfg["task"] == "oct" and cfg["mode"] == "head" and cfg["model_file"] == "fused.keras"
@@ -256,7 +256,7 @@ def test_train_evaluate_on_oct_run(head_run, manifest):
 
 def test_gradcam_png_per_image(head_run, loaded, data, manifest, work):
     from train.cli import main
-    from train.oct_gradcam import gradcam, split_head
+    from train.oct.gradcam import gradcam, split_head
 
     img = next((data / "test" / "CNV").glob("*.jpeg"))
     out = work / "gradcam"
@@ -304,7 +304,7 @@ def keras2_head(work) -> Path:
 
 def test_keras2_h5_head_is_accepted(keras2_head, store, work, data, capsys):
     from train.cli import main
-    from train.oct_models import _load_h5_by_order, load_head
+    from train.oct.models import _load_h5_by_order, load_head
 
     head = load_head(keras2_head)
     byorder = _load_h5_by_order(keras2_head, 4)  # the fallback for configs too old for Keras 3
@@ -329,7 +329,7 @@ def test_keras2_h5_head_is_accepted(keras2_head, store, work, data, capsys):
 def test_head_of_wrong_shape_is_refused(work):
     import keras
 
-    from train.oct_models import load_head
+    from train.oct.models import load_head
 
     inp = keras.Input((8, 8, 1024))
     bad = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(inp)))
@@ -357,7 +357,7 @@ def http_root(data):
 def test_fetch_limits_and_offline_error(http_root, data):
     import socket
 
-    from train.oct_predict import fetch
+    from train.oct.predict import fetch
 
     rel = next((data / "test" / "CNV").glob("*.jpeg")).relative_to(data).as_posix()
     body = fetch(f"{http_root}/{rel}")
@@ -378,7 +378,7 @@ def test_fetch_limits_and_offline_error(http_root, data):
 
 def test_predict_url_equals_path(head_run, loaded, http_root, data, capsys):
     from train.cli import main
-    from train.oct_predict import predict
+    from train.oct.predict import predict
 
     rel = next((data / "test" / "DRUSEN").glob("*.jpeg")).relative_to(data).as_posix()
     by_path, by_url = predict(loaded, [str(data / rel), f"{http_root}/{rel}"])
@@ -395,7 +395,7 @@ def test_predict_url_equals_path(head_run, loaded, http_root, data, capsys):
 
 def test_end_to_end_mode(store, work):
     from train import runs
-    from train.oct_train import train
+    from train.oct.fit import train
 
     run = train(store, work / "run-e2e", mode="end-to-end", epochs=1, batch_size=8, verbose=0)
     cfg = runs.read_config(run)

@@ -11,7 +11,7 @@ keras = pytest.importorskip("keras")
 
 from train import runs  # noqa: E402
 from train.evaluate import evaluate_run, load_model  # noqa: E402
-from train.fit import train_malaria  # noqa: E402
+from train.malaria.fit import train_malaria  # noqa: E402
 from train.split import read_manifest  # noqa: E402
 
 pytestmark = pytest.mark.slow

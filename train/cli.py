@@ -4,7 +4,7 @@
     python -m train malaria --manifest MANIFEST.csv --preset edge --out RUN
     python -m train evaluate RUN --manifest MANIFEST.csv --split test --out RUN/eval
     python -m train demo [--out runs/demo]
-    python -m train oct synth|extract|head|fuse|gradcam|predict ...   (see train/oct_cli.py)
+    python -m train oct synth|extract|head|fuse|gradcam|predict ...   (see train/oct/cli.py)
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from train import oct_cli
-from train.presets import MALARIA_PRESETS
+from train.oct import cli as oct_cli
+from train.malaria.presets import MALARIA_PRESETS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return split.run(args.data, args.out, args.mode, args.seed, args.val, args.test)
         if args.command == "malaria":
-            from train import fit
+            from train.malaria import fit
 
             fit.train_malaria(
                 args.manifest, args.preset, args.out, epochs=args.epochs, batch_size=args.batch_size,
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(evaluate.format_report(report))
             return 0
         if args.command == "demo":
-            from train import demo
+            from train.malaria import demo
 
             return demo.run(args.data, args.out, args.epochs)
         if args.command == "oct":

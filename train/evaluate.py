@@ -103,7 +103,7 @@ def evaluate_run(
         "patients": len({r.patient for r in records}),
         "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
-    from train.oct import SYNTHETIC_NOTE, any_synthetic, referral_metrics
+    from train.oct.facts import SYNTHETIC_NOTE, any_synthetic, referral_metrics
 
     if cfg.get("referral"):  # OCT: Kermany et al.'s urgent / routine / observation view
         report["referral"] = referral_metrics(y_true, probs.argmax(axis=1), labels, cfg["referral"])
@@ -131,11 +131,11 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
     """The classification report, plus the referral view (OCT) and the synthetic-data note when they apply."""
     text = markdown_report(report, title)
     if "referral" in report:
-        from train.oct import referral_markdown
+        from train.oct.facts import referral_markdown
 
         text += "\n" + referral_markdown(report["referral"])
     if report.get("synthetic"):
-        from train.oct import SYNTHETIC_NOTE
+        from train.oct.facts import SYNTHETIC_NOTE
 
         text = f"> {SYNTHETIC_NOTE}\n\n" + text
     return text

@@ -1,7 +1,7 @@
 """The OCT networks: frozen InceptionV3 base, the source's two heads, the fused model.
 
 Builders take the Keras module to build with (`keras_module`, default Keras 3)
-like `train.models`, so `convert` can build a tf-keras twin of a head.
+like `train.malaria.models`, so `convert` can build a tf-keras twin of a head.
 
 A base is named by `--base-weights`: `imagenet` (Keras' cached ImageNet
 weights; offline machines need the file in ~/.keras/models), `none` (random
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.spec import OCT_INCEPTION_SPEC, OCT_RESCALE_SPEC, PreprocessSpec
+from train.training import keras_module as keras_module_of
 
 FEATURE_SHAPE = (8, 8, 2048)  # InceptionV3's last mixed block at 299x299
 FEATURE_LAYER = "mixed10"
@@ -34,13 +35,6 @@ HEAD_NAME = "head"
 TOP_NAME = "top"
 HEAD_CONV = "head_conv"
 
-
-def _keras(keras_module: ModuleType | None) -> ModuleType:
-    if keras_module is not None:
-        return keras_module
-    import keras
-
-    return keras
 
 
 def preprocess_spec(name: str) -> PreprocessSpec:
@@ -178,14 +172,14 @@ def _top_on(k: ModuleType, x: Any, num_classes: int) -> Any:
 
 def build_head(num_classes: int = 4, keras_module: ModuleType | None = None, name: str = HEAD_NAME) -> Any:
     """Approach B's head on 8x8x2048 features (see `_head_on`)."""
-    k = _keras(keras_module)
+    k = keras_module_of(keras_module)
     inp = k.Input(FEATURE_SHAPE, name="features")
     return k.Model(inp, _head_on(k, inp, num_classes), name=name)
 
 
 def build_top(num_classes: int = 4, keras_module: ModuleType | None = None, name: str = TOP_NAME) -> Any:
     """Approach A's top on 8x8x2048 features (see `_top_on`)."""
-    k = _keras(keras_module)
+    k = keras_module_of(keras_module)
     inp = k.Input(FEATURE_SHAPE, name="features")
     return k.Model(inp, _top_on(k, inp, num_classes), name=name)
 
@@ -205,7 +199,7 @@ def build_fused_flat(num_classes: int = 4, mode: str = "head", keras_module: Mod
     """
     if mode not in HEAD_BUILDERS:
         raise ValueError(f"OCT run mode {mode!r} is not one of {sorted(HEAD_BUILDERS)}")
-    k = _keras(keras_module)
+    k = keras_module_of(keras_module)
     base = k.applications.InceptionV3(weights=None, include_top=False, input_shape=(299, 299, 3))
     base.trainable = False
     return k.Model(base.input, _HEADS_ON[mode](k, base.output, num_classes), name=name)

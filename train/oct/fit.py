@@ -32,8 +32,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from train import runs
-from train.oct import REFERRAL, SYNTHETIC_NOTE, referral_metrics
-from train.oct_models import describe_base, features_fingerprint, preprocess_name
+from train.oct.facts import REFERRAL, SYNTHETIC_NOTE, referral_metrics
+from train.oct.models import describe_base, features_fingerprint, preprocess_name
 
 MODES = ("head", "end-to-end")
 FUSED = "fused.keras"
@@ -66,7 +66,7 @@ def _config(mode: str, labels: list[str], spec, base_weights: str, base_seed: in
 
 def _check_base(info, base_weights: str | None, base_seed: int | None, preprocess: str | None):
     """Build the store's base (or the one asked for) and refuse it unless it is the store's."""
-    from train.oct_models import build_base, preprocess_spec, weights_fingerprint
+    from train.oct.models import build_base, preprocess_spec, weights_fingerprint
 
     weights = base_weights if base_weights is not None else info.base_weights
     seed = base_seed if base_seed is not None else info.base_seed
@@ -87,7 +87,7 @@ def _check_base(info, base_weights: str | None, base_seed: int | None, preproces
 def _callbacks(out: Path, monitor_file: str, title: str, best_so_far: float | None, extra: Sequence = ()):
     import keras
 
-    from train.fit import RunLogger
+    from train.training import RunLogger
 
     return [
         # First, so its per-epoch `seconds` is training + validation only, not the checkpoint writes below.
@@ -114,7 +114,7 @@ def evaluate_head_on_store(run: Path, store: Path, split: str = "test", head=Non
     """
     from train.evaluate import load_model, write_report
     from train.metrics import classification_metrics
-    from train.oct_store import make_sequence, read_column, read_info, split_indices
+    from train.oct.store import make_sequence, read_column, read_info, split_indices
 
     cfg = runs.read_config(run)
     info = read_info(store)
@@ -171,8 +171,8 @@ def train(
     """
     import keras
 
-    from train.oct_models import build_head, build_top, fuse
-    from train.oct_store import make_sequence, read_column, read_info, split_indices
+    from train.oct.models import build_head, build_top, fuse
+    from train.oct.store import make_sequence, read_column, read_info, split_indices
 
     if mode not in MODES:
         raise ValueError(f"--mode {mode!r} is not one of {MODES}")
@@ -266,9 +266,9 @@ def import_head(head_path: Path, out: Path, base_weights: str = "imagenet", base
 
     With `store`, the base and preprocessing must be the store's (checked by fingerprint).
     """
-    from train.oct import OCT_LABELS
-    from train.oct_models import build_base, fuse, load_head, preprocess_spec, weights_fingerprint
-    from train.oct_store import read_info
+    from train.oct.facts import OCT_LABELS
+    from train.oct.models import build_base, fuse, load_head, preprocess_spec, weights_fingerprint
+    from train.oct.store import read_info
 
     out = Path(out)
     if (out / runs.CONFIG).exists():

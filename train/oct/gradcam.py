@@ -24,7 +24,7 @@ from PIL import Image
 
 from edge_runtime.gradcam import overlay  # one overlay (jet, 50/50) for training side and device
 from edge_runtime.images import preprocess
-from train.oct_predict import Loaded, open_source
+from train.oct.predict import Loaded, open_source
 
 
 def split_head(head: Any) -> tuple[list, list]:
@@ -116,7 +116,7 @@ def write_index(rows: Sequence[dict[str, Any]], path: Path) -> None:
 def run(run_dir: Path | None, images: Sequence[str], out: Path, head: Path | None, base_weights: str,
         base_seed: int, preprocess_name: str, misclassified: Path | None, split: str) -> int:
     """CLI body of `python -m train oct gradcam`."""
-    from train.oct_predict import load_for_inference
+    from train.oct.predict import load_for_inference
 
     if not images and misclassified is None:
         raise ValueError("give images (paths or URLs) and/or --misclassified MANIFEST")

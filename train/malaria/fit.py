@@ -18,48 +18,16 @@ from pathlib import Path
 from typing import Sequence
 
 import keras
-import tensorflow as tf
 
 from edge_runtime.spec import MALARIA_SPEC
 from train import runs
 from train.data import make_dataset
-from train.models import build_resnet, describe
-from train.presets import MALARIA_PRESETS, MalariaPreset
+from train.malaria.models import build_resnet, describe
+from train.malaria.presets import MALARIA_PRESETS, MalariaPreset
+from train.training import RunLogger, pick_strategy
 from train.split import read_manifest
 
 POSITIVE_LABEL = "Parasitized"
-
-
-def pick_strategy() -> tf.distribute.Strategy:
-    """MirroredStrategy over all GPUs when there are several, else the default (one device)."""
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-class RunLogger(keras.callbacks.Callback):
-    """Writes history.csv and history.png after every epoch.
-
-    Rows of epochs at or after the current one are replaced, so a run resumed
-    from its last checkpoint never shows an epoch twice.
-    """
-
-    def __init__(self, run: Path, title: str):
-        super().__init__()
-        self.run, self.title = Path(run), title
-        self._t0 = 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._t0 = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        rows = [r for r in runs.read_history(self.run) if int(r["epoch"]) < epoch]
-        row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
-        row["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        row["seconds"] = round(time.perf_counter() - self._t0, 2)
-        runs.write_history(self.run, rows + [row])
-        runs.plot_history(self.run, self.title)
 
 
 def train_malaria(

@@ -12,7 +12,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from train import evaluate, fit, split
+from train import evaluate, split
+from train.malaria import fit
 
 
 def run(data: Path, out: Path, epochs: int) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 
 from edge_runtime.images import load_image, preprocess
 from edge_runtime.spec import PreprocessSpec
-from train.oct import OCT_LABELS, REFERRAL
+from train.oct.facts import OCT_LABELS, REFERRAL
 
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MAX_BYTES = 20 * 2**20
@@ -48,7 +48,7 @@ def load_for_inference(run: Path | None = None, head: Path | None = None, base_w
                        labels: Sequence[str] | None = None) -> Loaded:
     """From a run directory (its fused model) or from `--head PATH` plus a base built here."""
     from train import runs
-    from train.oct_models import FEATURE_SHAPE, build_base, load_head, preprocess_spec
+    from train.oct.models import FEATURE_SHAPE, build_base, load_head, preprocess_spec
 
     if (run is None) == (head is None):
         raise ValueError("give either a run directory or --head PATH (not both)")

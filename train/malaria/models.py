@@ -10,15 +10,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from train.presets import ResNetConfig
+from train.malaria.presets import ResNetConfig
+from train.training import keras_module as keras_module_of
 
-
-def _keras(keras_module: ModuleType | None) -> ModuleType:
-    if keras_module is not None:
-        return keras_module
-    import keras
-
-    return keras
 
 
 def build_resnet(
@@ -34,7 +28,7 @@ def build_resnet(
     BN-ReLU-1x1 conv (K), added to its input; the first module of each stage
     projects the (activated) input with a strided 1x1 conv.
     """
-    k = _keras(keras_module)
+    k = keras_module_of(keras_module)
     L = k.layers
     reg = k.regularizers.l2(cfg.l2)
     bn_kw = dict(epsilon=cfg.bn_epsilon, momentum=cfg.bn_momentum)

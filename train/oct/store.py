@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edge_runtime.spec import PreprocessSpec
-from train.oct import OCT_LABELS, any_synthetic
-from train.oct_models import (
+from train.oct.facts import OCT_LABELS, any_synthetic
+from train.oct.models import (
     FEATURE_LAYER, FEATURE_SHAPE, build_base, describe_base, features_fingerprint, preprocess_spec,
     weights_fingerprint,
 )

@@ -1,0 +1,1 @@
+"""The malaria cell classifier: the ResNet (`models`), its presets (`presets`) and training (`fit`)."""
