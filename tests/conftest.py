@@ -21,6 +21,22 @@ def pytest_configure(config):
     tf.config.experimental.enable_op_determinism()
 
 
+# Fixtures that train a TensorFlow model; a test that uses one (directly or through another fixture) is slow.
+TRAINING_FIXTURES = {"tiny_run", "trained_run", "art"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` every test that trains TF through a fixture (`-m "not slow"` is then TF-training free).
+
+    In the edge-only environment the artifacts come ready-made (MEDGE_EDGE_ARTIFACTS), so nothing trains there.
+    """
+    if os.environ.get("MEDGE_EDGE_ARTIFACTS"):
+        return
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE
