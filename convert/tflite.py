@@ -86,7 +86,12 @@ def export_dynamic(job, fmt, dest: Path) -> dict[str, Any]:
 
 
 def int8_config(calib: np.ndarray, int8_io: bool) -> Callable[[Any], None]:
-    """Converter settings for full integer quantization calibrated on `calib`."""
+    """Converter settings for full integer quantization calibrated on `calib`.
+
+    Used by `tflite-int8` on the Keras 3 model and by the QAT child
+    (`convert.qat.child`) on the fine-tuned tf-keras model: both go through
+    `tf.lite.TFLiteConverter.from_keras_model`, so the settings are the same.
+    """
     import tensorflow as tf
 
     def cfg(c):

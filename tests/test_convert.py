@@ -590,7 +590,7 @@ def test_qat_twin_refuses_weights_of_another_architecture():
     other architecture is refused naming what differs (module-agnostic, so checked here with Keras 3 models)."""
     import keras
 
-    from convert.qat import copy_weights, flat_weights
+    from convert.qat.twin import copy_weights, flat_weights
     from train.oct.models import build_head, build_top
 
     head = build_head(4)
@@ -604,29 +604,117 @@ def test_qat_twin_refuses_weights_of_another_architecture():
     assert flat_weights(nested)[1] == ["head_conv", "head_bn", "head_probs"]
 
 
-@pytest.mark.slow
-def test_sigterm_mid_export_leaves_nothing(trained_run, tmp_path):
-    """A real `python -m convert` process, terminated while QAT runs: exit 130, no file left in --out."""
-    import signal
-    import time
+def test_qat_job_round_trips_and_rejects_unknown_keys(tmp_path):
+    """The parent -> child job and the child -> parent result are typed and strict: a key one side does not
+    know is an error, not a silently dropped field."""
+    from convert.qat.job import Architecture, QatJob, QatResult
 
-    out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "convert", str(trained_run), "--out", str(out), "--formats", "tflite-qat-int8",
-         # 50 QAT epochs: the row must still be running when SIGTERM lands, even on an idle fast machine
-         # (with 1 epoch an idle CI machine finished before the signal). It is killed long before the end.
-         "--calib-n", "16", "--eval-n", "8", "--qat-epochs", "50"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out.is_dir() and any(out.iterdir())):
-        time.sleep(0.2)  # the temp file appears when the row starts
-    assert out.is_dir() and any(out.iterdir()), "the export never started"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    job = QatJob(architecture=Architecture("resnet", resnet={"filters": [8, 16]}), input_shape=(64, 64, 3),
+                 labels=("Parasitized", "Uninfected"), name="m", preprocess=MALARIA_SPEC.to_dict(),
+                 train=(("a.png", 0), ("b.png", 1)), store=None, epochs=2, learning_rate=1e-3, batch_size=32,
+                 seed=0, int8_io=False, weights="w.npz", layer_names=("conv",), data="d.npz", out="o.tflite")
+    assert QatJob.read(job.write(tmp_path / "job.json")) == job
+    with pytest.raises(ValueError, match=r"unknown QatJob keys \['colour'\]"):
+        QatJob.from_dict({**job.to_dict(), "colour": "red"})
+    with pytest.raises(ValueError, match=r"missing keys \['epochs'\]"):
+        QatJob.from_dict({k: v for k, v in job.to_dict().items() if k != "epochs"})
+    with pytest.raises(ValueError, match="unknown Architecture keys"):
+        QatJob.from_dict({**job.to_dict(), "architecture": {"kind": "resnet", "depth": 3}})
+    with pytest.raises(ValueError, match="no tf-keras twin"):
+        Architecture("vgg")
+
+    result = QatResult(twin_max_abs_diff=1e-6, history={"loss": [0.5]}, ranges_initialized=12, batchnorm_frozen=3,
+                       train_examples=10, trainable_weights=100, start_max_abs_diff=0.03,
+                       seconds={"twin": 1.0, "annotate": 2.0, "fine_tune": 3.0, "convert": 4.0})
+    assert QatResult.from_line(result.line()) == result
+    with pytest.raises(ValueError, match="unknown QatResult keys"):
+        QatResult.from_dict({**json.loads(result.to_json()), "extra": 1})
+
+
+def test_qat_package_imports_nothing_heavy():
+    """The parent side (and the package, which `python -m convert.qat.child` imports first) imports no
+    TensorFlow/Keras: the child must be able to set up tf-keras before TensorFlow is first imported."""
+    code = ("import sys, convert.qat, convert.qat.job, convert.qat.parent, convert.qat.twin; "
+            "heavy = [m for m in ('tensorflow', 'keras', 'tf_keras', 'tensorflow_model_optimization') "
+            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_qat_tfmot_fixes_check_the_pinned_version():
+    """tfmot_fixes (run as the child runs: tf-keras) pins the tfmot range pyproject pins, refuses another
+    version, and its copy of tfmot's transform list matches the installed tfmot's minus the Concat ones."""
+    code = """
+import re, sys
+from pathlib import Path
+from convert.qat import tfmot_fixes as f
+pin = re.search(r'"tensorflow-model-optimization([^"]+)"', Path("pyproject.toml").read_text()).group(1)
+assert pin == f.TFMOT_PIN, (pin, f.TFMOT_PIN)
+for bad in ("0.7.5", "0.9.0", "1.0"):
+    try:
+        f.check_tfmot_version(bad)
+    except RuntimeError as e:
+        assert "pip install 'tensorflow-model-optimization>=0.8.1,<0.9'" in str(e), e
+    else:
+        sys.exit(f"{bad} accepted")
+assert f.check_tfmot_version("0.8.1") == "0.8.1"
+f.check_kept_transforms()
+up = f.upstream_transforms()
+assert len(up) == len(f.KEPT_TRANSFORMS) + 5 and sum(t.startswith("Concat") for t in up) == 5, up
+"""
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_qat_export_leaves_nothing(trained_run, tmp_path):
+    """A real `python -m convert` process, terminated while the QAT child fine-tunes: exit 130, the child gone,
+    no file left in --out nor in the work folder.
+
+    No timing race: SIGTERM is sent only once the parent has printed the child's "fine-tuning ..." progress line
+    (the last line before `fit`), and with 10,000 epochs the fine-tune cannot end before the signal lands.
+    """
+    import signal
+    import threading
+
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    err_path = tmp_path / "stderr.txt"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp))  # lines as printed; the work folder in tmp
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "convert", str(trained_run), "--out", str(out), "--formats", "tflite-qat-int8",
+             "--calib-n", "16", "--eval-n", "8", "--qat-epochs", "10000"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+        )
+        watchdog = threading.Timer(600, proc.kill)  # only if the export hangs before fine-tuning
+        watchdog.start()
+        try:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith("[tflite-qat-int8]") and "fine-tuning" in line and "epoch(s)" in line:
+                    break
+            assert proc.poll() is None, "".join(lines) + err_path.read_text()[-2000:]
+            children = {int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+                        for pid in (task / "children").read_text().split()}
+            assert len(children) == 1, children  # the QAT child, fine-tuning
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=120)
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
+    err = err_path.read_text()
     assert proc.returncode == 130, err[-2000:]
     assert "no partial artifact" in err
     assert list(out.iterdir()) == []
+    assert list(tmp.glob("medge-convert-*")) == []  # the work folder (job, weights, data for the child) too
+    (child,) = children
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # killed and reaped by the parent before it exited
 
 
 @pytest.mark.slow
