@@ -3,7 +3,8 @@
 A model's MAC/s divided by the same runtime's MAC/s on a big GEMM (the best
 case for its kernels: no im2col, no small channel counts, no memory-bound
 element-wise ops) says how much headroom is left, not only how many
-milliseconds. The one-op models are built once and cached:
+milliseconds. The one-op models are built once and cached, and run through
+the same `edge_runtime.backends` session a device uses (at their own batch M):
 
     litert       FULLY_CONNECTED (Keras Dense, no bias), float32 and full int8 (TFLite converter)
     onnxruntime  MatMul (float32) and MatMulInteger (uint8 x int8 -> int32), written with onnx.helper
@@ -66,39 +67,25 @@ def _build_onnx(path: Path, int8: bool, M: int, K: int, N: int) -> None:
     onnx.save(model, str(path))
 
 
-def _litert_runner(path: Path, threads: int, M: int, K: int) -> Callable[[], Any]:
-    from ai_edge_litert.interpreter import Interpreter
+def _runner(path: Path, backend: str, threads: int, M: int, K: int) -> Callable[[], Any]:
+    """One call of the GEMM model through the device's backend session, at the file's own batch M."""
+    from edge_runtime.backends import open_session
 
-    it = Interpreter(model_path=str(path), num_threads=threads)
-    it.allocate_tensors()
-    d = it.get_input_details()[0]
-    x = (np.random.default_rng(1).integers(-100, 100, (M, K)).astype(np.int8) if d["dtype"] == np.int8
-         else np.random.default_rng(1).normal(0, 1, (M, K)).astype(np.float32))
-
-    def run():
-        it.set_tensor(d["index"], x)
-        it.invoke()
-
-    return run
-
-
-def _ort_runner(path: Path, threads: int, M: int, K: int) -> Callable[[], Any]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    i = sess.get_inputs()[0]
-    x = (np.random.default_rng(1).integers(0, 255, (M, K)).astype(np.uint8) if "uint8" in i.type
-         else np.random.default_rng(1).normal(0, 1, (M, K)).astype(np.float32))
-    return lambda: sess.run(None, {i.name: x})
+    sess = open_session(path, backend, threads, batch=None)
+    rng = np.random.default_rng(1)
+    dtype = sess.input.dtype
+    if dtype == np.int8:
+        x = rng.integers(-100, 100, (M, K)).astype(np.int8)
+    elif dtype == np.uint8:
+        x = rng.integers(0, 255, (M, K)).astype(np.uint8)
+    else:
+        x = rng.normal(0, 1, (M, K)).astype(np.float32)
+    return lambda: sess.run(x)
 
 
-RUNTIMES = {
-    "litert": (".tflite", _build_tflite, _litert_runner),
-    "onnxruntime": (".onnx", _build_onnx, _ort_runner),
+RUNTIMES = {  # runtime (= its edge_runtime backend) -> suffix, builder
+    "litert": (".tflite", _build_tflite),
+    "onnxruntime": (".onnx", _build_onnx),
 }
 
 
@@ -112,7 +99,7 @@ def measure_peaks(cache: Path, threads: list[int], runtimes=tuple(RUNTIMES), log
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
     for rt in runtimes:
-        ext, build, runner = RUNTIMES[rt]
+        ext, build = RUNTIMES[rt]
         for precision, (M, K, N) in SHAPES.items():
             macs = M * K * N
             path = cache / f"peak_matmul_{M}x{K}x{N}_{precision}{ext}"
@@ -123,7 +110,7 @@ def measure_peaks(cache: Path, threads: list[int], runtimes=tuple(RUNTIMES), log
                     build(tmp, precision == "int8", M, K, N)
                     tmp.replace(path)
                 for t in threads:
-                    stats = time_fn(runner(path, t, M, K), warmup=3, min_runs=20, min_seconds=1.0, max_seconds=5)
+                    stats = time_fn(_runner(path, rt, t, M, K), warmup=3, min_runs=20, min_seconds=1.0, max_seconds=5)
                     rows.append({**row, "threads": t, "status": "ok", "error": None, "latency_p50_ms": stats["p50_ms"],
                                  "latency_min_ms": stats["min_ms"], "gmacs_per_s": macs / (stats["min_ms"] / 1e3) / 1e9})
                     log(f"  peak {rt} {precision} threads={t}: {rows[-1]['gmacs_per_s']:.1f} GMAC/s")

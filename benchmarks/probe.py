@@ -90,7 +90,7 @@ def _edge_first_result(path: str, threads: int | None, image: str | None):
         if not pred.ok:
             raise ValueError(f"{image}: {pred.error}")
         probs = np.array(list(pred.probabilities.values()))
-        x = model._to_input(image, image)[None]
+        x = model.preprocess(image)[None]
     else:
         x = np.zeros((1, *model.input_shape), np.float32)
         probs = model.run(x)[0]
@@ -114,7 +114,13 @@ class _KerasTimer:
 
 
 class _EdgeTimer:
-    """Batch-1 calls through `EdgeModel.run` (quantize, runtime, dequantize), and a batched session when the runtime allows."""
+    """Batch-1 calls through `EdgeModel.run` (quantize, runtime, dequantize), and batched calls when the runtime allows.
+
+    Batched: one runtime call per batch, through a backend session that takes
+    the whole batch (onnxruntime with a dynamic batch: the model's own
+    session; LiteRT: a second session opened at that batch). A graph with a
+    fixed batch of 1 is looped instead, and the row says so.
+    """
 
     def __init__(self, model, x, threads):
         self.model, self.x, self.threads = model, x, threads
@@ -125,33 +131,20 @@ class _EdgeTimer:
     def batched(self, n: int):
         import numpy as np
 
+        from edge_runtime.backends import open_session
         from edge_runtime.model import quantize
 
         spec = self.model.session.input
         xb = np.repeat(self.x, n, axis=0)
         xb = quantize(xb, spec) if spec.quantized else xb.astype(spec.dtype)
         try:
-            if self.model.backend == "onnxruntime":
-                sess = self.model.session.sess
-                inp = sess.get_inputs()[0]
-                if isinstance(inp.shape[0], int) and inp.shape[0] != n:
-                    raise ValueError(f"fixed batch {inp.shape[0]}")
-                sess.run(None, {inp.name: xb})
-                return (lambda: sess.run(None, {inp.name: xb})), "batched"
-            if self.model.backend == "litert":
-                from ai_edge_litert.interpreter import Interpreter
-
-                it = Interpreter(model_path=str(self.model.path), num_threads=self.threads)
-                d = it.get_input_details()[0]
-                it.resize_tensor_input(d["index"], list(xb.shape))
-                it.allocate_tensors()
-
-                def run():
-                    it.set_tensor(d["index"], xb)
-                    it.invoke()
-
-                run()
-                return run, "batched"
+            sess = self.model.session
+            if sess.batch not in (None, n):
+                sess = open_session(self.model.path, self.model.backend, self.threads, batch=n)
+            if sess.batch not in (None, n):
+                raise ValueError(f"fixed batch {sess.batch}")
+            sess.run_batch(xb)
+            return (lambda: sess.run_batch(xb)), "batched"
         except Exception:  # a graph with a fixed batch of 1: loop over the batch instead (said in the row)
             pass
         xs = np.repeat(self.x, n, axis=0)

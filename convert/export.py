@@ -3,11 +3,13 @@
     python -m convert runs/malaria-edge --out runs/malaria-edge/export --formats all
 
 For each row: export to a hidden temp file in the output folder, embed the
-metadata, read it back, run the file with its own runtime on the proof batch,
-compare with Keras, and only then rename it into place (atomic: a killed
-export leaves no half file). A row that fails is recorded with its error and
-the others go on. `conversion.json` holds every row; the exit code is non-zero
-when any row failed.
+metadata, open the file with `edge_runtime.load` exactly as a device does
+(which reads the metadata back and checks it against the tensors), run it on
+the proof batch one input per call with the device's defaults (threads: the
+runtime's choice), compare with Keras, and only then rename those same bytes
+into place (atomic: a killed export leaves no half file). A row that fails is
+recorded with its error and the others go on. `conversion.json` holds every
+row; the exit code is non-zero when any row failed.
 
 One output folder holds one model (`benchmarks` reads `conversion.json` per
 folder). Exporting more formats of the same model (same name and source
@@ -33,13 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edge_runtime.metadata import (
-    ArtifactMetadata,
-    embed_tflite,
-    read_metadata,
-    sidecar_path,
-)
-from edge_runtime.model import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS
+from edge_runtime.metadata import ArtifactMetadata, embed_tflite, sidecar_path
+from edge_runtime.model import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, EdgeModel
 from edge_runtime.versions import installed_versions
 from convert.formats import Format
 from convert.data import ImageSet
@@ -125,10 +122,11 @@ class ExportJob:
         return self._calib
 
     def metadata(self, fmt: Format, artifact: Path, quantization: dict[str, Any]) -> ArtifactMetadata:
-        """Metadata for `fmt`, with the I/O tensors read from the artifact by its runtime."""
-        from convert.verify import io_info
+        """Metadata for `fmt`, with the I/O tensors read from the artifact by its runtime (the device's backend)."""
+        from edge_runtime.backends import open_session
 
-        inp, out = io_info(artifact, fmt.runtime)
+        session = open_session(artifact, fmt.runtime)
+        inp, out = session.input, session.output
         return ArtifactMetadata(
             model=self.source.name,
             task=self.source.task,
@@ -194,8 +192,23 @@ def judge(fmt: Format, proof: dict[str, Any], min_agreement: float) -> str | Non
     return None
 
 
+def prove(path: Path, fmt: Format) -> EdgeModel:
+    """The artifact opened as a device opens it (`edge_runtime.load` with its format's runtime).
+
+    Raises ModelError when a device would refuse it: no readable embedded
+    metadata (the temp file has no sidecar), or metadata that does not match
+    the tensors.
+    """
+    import edge_runtime
+
+    model = edge_runtime.load(path, backend=fmt.runtime, warmup=False)
+    if model.metadata_source != "embedded":
+        raise RuntimeError(f"{path.name}: the device read its metadata from {model.metadata_source}, not the file")
+    return model
+
+
 def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) -> dict[str, Any]:
-    """Export, embed, read back, prove and place one artifact; returns its row (raises on export errors)."""
+    """Export, embed, load as a device, prove and place one artifact; returns its row (raises on export errors)."""
     from convert import verify
     from edge_runtime.fileio import atomic_write_text, publish
 
@@ -205,15 +218,16 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
     tmp = _temp_path(out, fmt, job.source.name)
     try:
         quantization = resolve_exporter(fmt)(job, fmt, tmp)
-        if fmt.ext == ".ort":
-            meta = read_metadata(tmp)  # embedded before conversion by the exporter
-        else:
-            meta = job.metadata(fmt, tmp, quantization)
-            embed(fmt, tmp, meta)
-            back = read_metadata(tmp)
-            if back.to_dict() != meta.to_dict():
-                raise RuntimeError("metadata read back from the artifact differs from what was written")
-        probs = verify.predict(tmp, fmt.runtime, job.proof.x)
+        written = None
+        if fmt.ext != ".ort":  # .ort: embedded before conversion by the exporter
+            written = job.metadata(fmt, tmp, quantization)
+            embed(fmt, tmp, written)
+        device = prove(tmp, fmt)  # the bytes that are published below
+        meta = device.metadata
+        if written is not None and meta.to_dict() != written.to_dict():
+            raise RuntimeError("metadata read back from the artifact differs from what was written")
+        probs = device.run(job.proof.x)
+        del device  # release the runtime before the file is renamed
         proof = verify.compare(keras_probs, probs, job.proof.y)
         row.update(size_bytes=tmp.stat().st_size, quantization=meta.quantization,
                    io={"input": meta.input.to_dict(), "output": meta.output.to_dict()}, **proof)

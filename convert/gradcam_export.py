@@ -5,8 +5,9 @@
 
 The device (`edge_runtime.gradcam`) computes the Grad-CAM gradient in closed
 form from these arrays and reads the features from the fused .tflite, so it
-never needs TensorFlow. The file holds plain float32 arrays and one JSON
-string (`np.load(..., allow_pickle=False)` reads it):
+never needs TensorFlow. The file's schema is `edge_runtime.gradcam`'s
+(`HeadWeights.save` writes it, `HeadWeights.load` reads it): plain float32
+arrays and one JSON string (`np.load(..., allow_pickle=False)` reads it):
 
     conv_kernel (C_in, F), conv_bias (F,)      the head's 1x1 conv
     bn_scale, bn_shift (F,)                    its inference batch norm folded to s * a + t
@@ -30,7 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-SCHEMA = "medge-gradcam/1"
+from edge_runtime.gradcam import HeadWeights
+
 SKIPPED = ("Dropout", "SpatialDropout2D", "GaussianDropout", "GaussianNoise", "InputLayer")
 
 
@@ -97,14 +99,8 @@ def export_head_weights(model: Any, path: str | os.PathLike, labels: Sequence[st
     arrays, feature_shape = head_arrays(find_head(model))
     if arrays["dense_kernel"].shape[1] != len(labels):
         raise ValueError(f"{len(labels)} labels for a head with {arrays['dense_kernel'].shape[1]} outputs")
-    info = {"schema": SCHEMA, "labels": list(labels), "feature_shape": list(feature_shape),
-            "source_sha256": source_sha256, "folded": "bn_scale = gamma / sqrt(var + eps); bn_shift = beta - mean * scale"}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, info=np.array(json.dumps(info)), **arrays)
-    os.replace(tmp, path)
-    return path
+    hw = HeadWeights(feature_shape=feature_shape, labels=tuple(labels), source_sha256=source_sha256, **arrays)
+    return hw.save(path)
 
 
 def write_for_export(model: Any, source: Any, out: str | os.PathLike, log=print) -> Path | None:

@@ -11,7 +11,6 @@ may differ, so the measurement and the choice are recorded in the metadata.
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -99,22 +98,15 @@ def _quantize(src: Path, dest: Path, calib: np.ndarray, activations: str, method
 
 
 def _time_ms(path: Path, x: np.ndarray, runs: int = 30, warmup: int = 5) -> float:
-    """Median batch-1 latency in ms on one thread."""
-    import onnxruntime as ort
+    """Median batch-1 latency in ms on one thread: the device's session and medge's one timing loop."""
+    from edge_runtime.backends import open_session
+    from edge_runtime.timing import time_fn
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    sess = open_session(path, "onnxruntime", threads=1)
     xi = x[:1].astype(np.float32)
-    for _ in range(warmup):
-        sess.run(None, {"image": xi})
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, {"image": xi})
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts) * 1000)
+    stats = time_fn(lambda: sess.run(xi), warmup=warmup, min_runs=runs, max_runs=runs, min_seconds=0.0,
+                    max_seconds=float("inf"))
+    return stats["p50_ms"]
 
 
 def int8_onnx(job) -> tuple[Path, dict[str, Any]]:
@@ -175,7 +167,8 @@ def export_ort_int8(job, fmt, dest: Path) -> dict[str, Any]:
     file runs on ARM phones too.
     """
     import onnx
-    import onnxruntime as ort
+
+    from edge_runtime.backends.onnx_rt import write_ort_format
 
     path, info = int8_onnx(job)
     info = dict(info, ort_optimization="all (without NchwcTransformer)")
@@ -183,11 +176,5 @@ def export_ort_int8(job, fmt, dest: Path) -> dict[str, Any]:
     set_metadata(proto, job.metadata(fmt, path, info).to_json())  # I/O of the .ort = I/O of the .onnx
     tagged = job.workdir / "int8.tagged.onnx"
     onnx.save(proto, str(tagged))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(dest)
-    so.add_session_config_entry("session.save_model_format", "ORT")
-    ort.InferenceSession(str(tagged), sess_options=so, providers=["CPUExecutionProvider"],
-                         disabled_optimizers=["NchwcTransformer"])
+    write_ort_format(tagged, dest, disabled_optimizers=("NchwcTransformer",))
     return info

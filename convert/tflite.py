@@ -110,6 +110,18 @@ INT8_QUANTIZERS = ("converter", "litert-quantizer")
 LITERT_QUANTIZER_INSTALL = "pip install 'ai-edge-quantizer>=0.10,<0.11'"
 
 
+def signatures(model: bytes) -> dict[str, list[str]]:
+    """Signature key -> its input names, read from the .tflite flatbuffer (no interpreter needed)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.Model.GetRootAs(model, 0)
+    out = {}
+    for i in range(m.SignatureDefsLength()):
+        sd = m.SignatureDefs(i)
+        out[sd.SignatureKey().decode()] = [sd.Inputs(j).Name().decode() for j in range(sd.InputsLength())]
+    return out
+
+
 def litert_quantize_int8(float_model: bytes, calib: np.ndarray, work: Path) -> bytes:
     """Full int8 (int8 weights and activations, recipe static_wi8_ai8) with LiteRT Quantizer (ai-edge-quantizer).
 
@@ -121,15 +133,13 @@ def litert_quantize_int8(float_model: bytes, calib: np.ndarray, work: Path) -> b
         from ai_edge_quantizer import quantizer, recipe
     except ImportError:
         raise ImportError(f"--int8-quantizer litert-quantizer needs ai-edge-quantizer: {LITERT_QUANTIZER_INSTALL}") from None
-    from ai_edge_litert.interpreter import Interpreter
-
     src = Path(work) / "float32_for_quantizer.tflite"
     src.write_bytes(float_model)
-    sigs = Interpreter(model_path=str(src)).get_signature_list()
+    sigs = signatures(float_model)
     if len(sigs) != 1:
         raise ValueError(f"LiteRT Quantizer needs one signature, the float model has {sorted(sigs)}")
     key = next(iter(sigs))
-    name = sigs[key]["inputs"][0]
+    name = sigs[key][0]
     qt = quantizer.Quantizer(str(src))
     qt.load_quantization_recipe(recipe.static_wi8_ai8())
     log = io.StringIO()

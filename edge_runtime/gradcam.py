@@ -18,19 +18,22 @@ resized to the image, jet-coloured and blended 50/50 over it — the same
 steps as `train/oct/gradcam.py` (a test holds the two to correlation >= 0.99).
 
 The head's weights reach the device as `{model}_gradcam.npz`, written by
-`convert/gradcam_export.py` next to the artifacts. The 8x8x2048 features
-the head reads are taken from the fused .tflite artifact itself: the input
-of the head's 1x1 conv is found in the graph and made a second output of an
-in-memory copy of the model (float or int8, dequantized with the tensor's
-own scale and zero point). The numpy head's probabilities are
-checked against the artifact's so a wrong tensor or foreign weights are
-refused rather than drawn.
+`convert/gradcam_export.py` next to the artifacts through `HeadWeights.save`
+(the file's schema — `SCHEMA`, `ARRAYS`, `INFO` — is defined here once and
+read by `HeadWeights.load`). The 8x8x2048 features the head reads are taken
+from the fused .tflite artifact itself: the input of the head's 1x1 conv is
+found in the graph the runtime reports (`Session.ops`) and opened as an
+extra output of a second session (`open_session(..., extra_outputs=...)`;
+float or int8, dequantized with the tensor's own scale and zero point). The
+numpy head's probabilities are checked against the artifact's so a wrong
+tensor or foreign weights are refused rather than drawn.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,7 +42,11 @@ from PIL import Image, ImageDraw
 
 from edge_runtime.images import load_image, preprocess
 
+# The `{model}_gradcam.npz` file: plain float32 arrays `ARRAYS` and one JSON string under `INFO`
+# ({"schema": SCHEMA, "labels", "feature_shape", "source_sha256", "folded"}); `np.load(allow_pickle=False)` reads it.
 SCHEMA = "medge-gradcam/1"
+ARRAYS = ("conv_kernel", "conv_bias", "bn_scale", "bn_shift", "dense_kernel", "dense_bias")
+INFO = "info"
 # Largest allowed |p_numpy - p_artifact| before the features/weights pairing is refused.
 # Float artifacts agree to ~1e-5; int8 ones differ by their quantization error.
 MAX_HEAD_DIFF = {"float32": 1e-3, "float16": 2e-2}
@@ -92,9 +99,8 @@ class HeadWeights:
                                "(`python -m convert.gradcam_export RUN --out EXPORT_DIR`) or pass --head-weights")
         try:
             with np.load(path, allow_pickle=False) as z:
-                info = json.loads(str(z["info"]))
-                arrays = {k: np.asarray(z[k], np.float32) for k in (
-                    "conv_kernel", "conv_bias", "bn_scale", "bn_shift", "dense_kernel", "dense_bias")}
+                info = json.loads(str(z[INFO]))
+                arrays = {k: np.asarray(z[k], np.float32) for k in ARRAYS}
         except (OSError, KeyError, ValueError) as e:
             raise GradCamError(f"{path} is not a medge Grad-CAM weights file ({type(e).__name__}: {e})") from None
         if info.get("schema") != SCHEMA:
@@ -103,6 +109,20 @@ class HeadWeights:
                  source_sha256=info.get("source_sha256", ""), **arrays)
         hw.check()
         return hw
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the weights file `path` (.npz, atomically: a temp file renamed into place); returns the path."""
+        self.check()
+        info = {"schema": SCHEMA, "labels": list(self.labels), "feature_shape": list(self.feature_shape),
+                "source_sha256": self.source_sha256,
+                "folded": "bn_scale = gamma / sqrt(var + eps); bn_shift = beta - mean * scale"}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, **{INFO: np.array(json.dumps(info))},
+                 **{k: np.asarray(getattr(self, k), np.float32) for k in ARRAYS})
+        os.replace(tmp, path)
+        return path
 
     def check(self) -> None:
         h, w, c = self.feature_shape
@@ -178,68 +198,37 @@ def overlay(image: Image.Image, cam: np.ndarray, caption: str | None = None, alp
 # ---------------------------------------------------------------- features from the artifact
 
 
-def _dequantize(t: np.ndarray, details: dict[str, Any]) -> np.ndarray:
-    if not np.issubdtype(t.dtype, np.integer):
-        return t.astype(np.float32)
-    q = details.get("quantization_parameters") or {}
-    scales, zps = np.asarray(q.get("scales", []), np.float32), np.asarray(q.get("zero_points", []), np.float32)
-    if scales.size == 0:
-        scale, zp = details.get("quantization", (0.0, 0))
-        scales, zps = np.float32([scale]), np.float32([zp])
-    return (t.astype(np.float32) - zps) * scales
-
-
 def _is_head_conv(in_shape: Sequence[int], kernel_shape: Sequence[int], hw: HeadWeights) -> bool:
     """A CONV_2D/FULLY_CONNECTED reading (N, H, W, C_in) features with F output channels: the head's 1x1 conv."""
     return (tuple(in_shape[1:]) == tuple(hw.feature_shape) and len(kernel_shape) >= 2
             and kernel_shape[0] == hw.filters and kernel_shape[-1] == hw.feature_shape[-1])
 
 
-def _not_found(name: str, hw: HeadWeights) -> GradCamError:
-    return GradCamError(f"{name} has no 1x1 conv from {tuple(hw.feature_shape)} features to {hw.filters} filters; "
-                        "is it the fused OCT model these head weights belong to?")
-
-
-def _with_feature_output(model: bytes, hw: HeadWeights, name: str) -> tuple[bytes, int] | None:
-    """(model bytes with the head's input tensor as a second output, that tensor's index), or None without the schema.
-
-    The runtime then returns the features beside the probabilities in one
-    normal (delegated, fast) call. The flatbuffer schema ships with
-    ai-edge-litert; the legacy tflite-runtime lacks it.
-    """
-    try:
-        import flatbuffers
-        from ai_edge_litert import schema_py_generated as schema
-    except ImportError:
-        return None
-    m = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
-    sg = m.subgraphs[0]
-    wanted = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.FULLY_CONNECTED)
+def find_head_input(session, hw: HeadWeights, name: str) -> int:
+    """Index of the tensor the head's 1x1 conv reads (the last head-like conv), from the runtime's op list."""
+    tensors = session.tensors()
     found = None
-    for op in sg.operators or []:
-        code = m.operatorCodes[op.opcodeIndex]
-        builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
-        if builtin not in wanted or op.inputs is None or len(op.inputs) < 2:
+    for op in session.ops():
+        if op.name not in ("CONV_2D", "FULLY_CONNECTED") or len(op.inputs) < 2 or min(op.inputs[:2]) < 0:
             continue
-        src, kern = sg.tensors[int(op.inputs[0])], sg.tensors[int(op.inputs[1])]
-        if src.shape is not None and kern.shape is not None and _is_head_conv(list(src.shape), list(kern.shape), hw):
-            found = int(op.inputs[0])
+        src, kern = tensors.get(op.inputs[0]), tensors.get(op.inputs[1])
+        if src is not None and kern is not None and _is_head_conv(src.shape, kern.shape, hw):
+            found = op.inputs[0]
     if found is None:
-        raise _not_found(name, hw)
-    sg.outputs = np.append(np.asarray(sg.outputs, np.int32), np.int32(found))
-    b = flatbuffers.Builder(len(model) + 4096)
-    b.Finish(m.Pack(b), file_identifier=b"TFL3")
-    return bytes(b.Output()), found
+        raise GradCamError(f"{name} has no 1x1 conv from {tuple(hw.feature_shape)} features to {hw.filters} "
+                           "filters; is it the fused OCT model these head weights belong to?")
+    return found
 
 
 class FeatureTap:
     """Reads the head's input features out of a fused .tflite artifact while it runs.
 
-    With ai-edge-litert the feature tensor becomes a second output of an
-    in-memory copy of the model (the file is untouched), so a map costs one
-    normal inference. With tflite-runtime (no flatbuffer schema) a second
-    interpreter keeps every intermediate tensor instead: slower (no
-    delegate) and more memory.
+    A second session on the same file returns the feature tensor beside the
+    probabilities (`Session.run_with`). With ai-edge-litert it is an extra
+    output of an in-memory copy of the model (the file is untouched), so a
+    map costs one normal inference; with tflite-runtime (no flatbuffer
+    schema) the interpreter keeps every intermediate tensor instead: slower
+    (no delegate) and more memory. `mode` says which.
     """
 
     def __init__(self, model, hw: HeadWeights):
@@ -247,58 +236,24 @@ class FeatureTap:
             raise GradCamError(
                 f"Grad-CAM reads the head's input from a .tflite artifact; {model.path.name} is "
                 f"{model.path.suffix} (onnxruntime cannot expose inner tensors): use the .tflite artifact")
-        import importlib
-        import warnings
-
-        from edge_runtime.backends import BACKENDS
+        from edge_runtime.backends import open_session
 
         self.model, self.hw = model, hw
-        mod = importlib.import_module(BACKENDS[model.backend].module)
-        patched = _with_feature_output(model.path.read_bytes(), hw, model.path.name)
-        if patched is not None:
-            content, self.index = patched
-            self.interp = mod.interpreter_class()(model_content=content, num_threads=model.threads)
-            self.interp.allocate_tensors()
-            self.mode = "extra-output"
-        else:
-            with warnings.catch_warnings():  # "keeping all tensors is for debugging": here it is the point
-                warnings.simplefilter("ignore", UserWarning)
-                session = mod.open_session(model.path, model.threads, preserve_all_tensors=True)
-            self.index = self._find(session, hw)
-            self.interp = session.interp
-            self.mode = "preserve-all-tensors"
-        self._in = self.interp.get_input_details()[0]
-        outs = self.interp.get_output_details()
-        self._out = next(o for o in outs if o["index"] != self.index)
-        self._feat = self.interp._get_tensor_details(self.index, 0)
-
-    def _find(self, session, hw: HeadWeights) -> int:
-        """The input tensor of the last head-like conv, from the interpreter's op list."""
-        found = None
-        for op in session.ops():
-            if op["op_name"] not in ("CONV_2D", "FULLY_CONNECTED") or len(op["inputs"]) < 2:
-                continue
-            src, kern = session.tensor(int(op["inputs"][0])), session.tensor(int(op["inputs"][1]))
-            if _is_head_conv(list(src["shape"]), list(kern["shape"]), hw):
-                found = int(op["inputs"][0])
-        if found is None:
-            raise _not_found(self.model.path.name, hw)
-        return found
+        self.index = find_head_input(model.session, hw, model.path.name)
+        self.session = open_session(model.path, model.backend, model.threads, extra_outputs=(self.index,))
+        self.mode = self.session.extra_mode
 
     def features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(artifact probabilities (classes,), features (H, W, C_in) float32) for one preprocessed input."""
-        from edge_runtime.backends._tflite import io_spec
         from edge_runtime.model import dequantize, quantize
 
-        inp, out = io_spec(self._in), io_spec(self._out)
+        inp, out, feat = self.session.input, self.session.output, self.session.extra_outputs[0]
         xi = x[None].astype(np.float32)
         xi = quantize(xi, inp) if inp.quantized else xi.astype(inp.dtype)
-        self.interp.set_tensor(self._in["index"], xi)
-        self.interp.invoke()
-        y = self.interp.get_tensor(self._out["index"])
-        f = self.interp.get_tensor(self.index).copy()
+        y, (f,) = self.session.run_with(xi)
         y = dequantize(y, out) if out.quantized else y.astype(np.float32)
-        return y.reshape(-1), _dequantize(f, self._feat).reshape(self.hw.feature_shape)
+        f = dequantize(f, feat) if feat.quantized else f.astype(np.float32)
+        return y.reshape(-1), f.reshape(self.hw.feature_shape)
 
 
 class GradCam:

@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+import numpy as np
+
 from edge_runtime.spec import PreprocessSpec
 
 PathLike = Union[str, os.PathLike]
@@ -36,33 +38,34 @@ TFLITE_IDENTIFIER = b"TFL3"
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-    """One model input or output as the runtime sees it.
+    """One model tensor as the runtime sees it: what a backend reports and what the metadata records.
 
     Attributes:
         name: tensor name in the artifact.
         shape: shape with -1 for a dynamic (batch) dimension.
-        dtype: numpy dtype name, e.g. "float32", "int8", "uint8".
+        dtype: numpy dtype (given as a dtype, a type or a name such as "int8";
+            written to JSON by name, e.g. "float32", "int8", "uint8").
         scale, zero_point: affine quantization (`real = scale * (q - zero_point)`)
             when `dtype` is an integer type, else None.
     """
 
     name: str
     shape: tuple[int, ...]
-    dtype: str
+    dtype: np.dtype
     scale: float | None = None
     zero_point: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
 
     @property
     def quantized(self) -> bool:
         return self.scale is not None
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["shape"] = list(self.shape)
-        return d
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name, "scale": self.scale,
+                "zero_point": self.zero_point}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TensorInfo":
@@ -242,8 +245,6 @@ def embed_tflite(model: bytes | bytearray, meta: ArtifactMetadata) -> bytes:
     m = schema.ModelT.InitFromPackedBuf(bytearray(buf), 0)
     if any(b.offset > 1 for b in (m.buffers or [])):
         raise ValueError("models over 2 GB (buffers outside the flatbuffer) are not supported for metadata embedding")
-    import numpy as np
-
     payload = np.frombuffer(meta.to_json().encode("utf-8"), dtype=np.uint8)
     m.buffers = list(m.buffers or [])
     m.metadata = [e for e in (m.metadata or []) if _name(e.name) != METADATA_KEY]
@@ -283,16 +284,10 @@ def read_tflite(path_or_bytes: PathLike | bytes) -> ArtifactMetadata:
 
 
 def read_onnx(path: PathLike) -> ArtifactMetadata:
-    """The medge metadata of a .onnx or .ort file, read with onnxruntime."""
-    try:
-        import onnxruntime as ort
-    except ImportError:  # pragma: no cover - depends on the install
-        raise ImportError("reading .onnx/.ort metadata needs onnxruntime: pip install 'medge[edge]'") from None
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    props = sess.get_modelmeta().custom_metadata_map
+    """The medge metadata of a .onnx or .ort file, read with onnxruntime (through `edge_runtime.backends`)."""
+    from edge_runtime.backends import open_session
+
+    props = open_session(path, "onnxruntime", optimize=False).metadata() or {}
     if METADATA_KEY not in props:
         raise MetadataNotFound(
             f"{path} has no '{METADATA_KEY}' metadata_props entry (keys: {sorted(props)}); "

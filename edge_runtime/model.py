@@ -25,9 +25,16 @@ import numpy as np
 from PIL import Image
 
 from edge_runtime import backends
-from edge_runtime.backends import BackendError, IOSpec
+from edge_runtime.backends import BackendError
 from edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, load_image, preprocess
-from edge_runtime.metadata import METADATA_KEY, ArtifactMetadata, MetadataNotFound, read_metadata, read_sidecar
+from edge_runtime.metadata import (
+    METADATA_KEY,
+    ArtifactMetadata,
+    MetadataNotFound,
+    TensorInfo,
+    read_metadata,
+    read_sidecar,
+)
 
 UNCERTAIN = "uncertain — refer"
 # Below this top-class probability the answer is UNCERTAIN. Used when the
@@ -81,14 +88,14 @@ class Prediction:
 # ---------------------------------------------------------------- quantization
 
 
-def quantize(x: np.ndarray, spec: IOSpec) -> np.ndarray:
+def quantize(x: np.ndarray, spec: TensorInfo) -> np.ndarray:
     """Float values -> the tensor's integer type: `q = round(x / scale) + zero_point`, clipped."""
     info = np.iinfo(spec.dtype)
     q = np.round(x / np.float32(spec.scale)) + spec.zero_point
     return np.clip(q, info.min, info.max).astype(spec.dtype)
 
 
-def dequantize(q: np.ndarray, spec: IOSpec) -> np.ndarray:
+def dequantize(q: np.ndarray, spec: TensorInfo) -> np.ndarray:
     """The tensor's integers -> float32: `scale * (q - zero_point)`."""
     return (q.astype(np.float32) - np.float32(spec.zero_point)) * np.float32(spec.scale)
 
@@ -111,8 +118,8 @@ def _read_metadata(path: Path, session) -> tuple[ArtifactMetadata, str]:
     """(metadata, where it came from): embedded first, then the sidecar .json."""
     embedded_error = None
     try:
-        if hasattr(session, "metadata_props"):  # onnxruntime: read from the open session, not a second one
-            props = session.metadata_props()
+        props = session.metadata()
+        if props is not None:  # onnxruntime: read from the open session, not a second one
             if METADATA_KEY not in props:
                 raise MetadataNotFound(f"{path.name} has no '{METADATA_KEY}' metadata_props entry")
             return ArtifactMetadata.from_json(props[METADATA_KEY]), "embedded"
@@ -132,7 +139,7 @@ def _read_metadata(path: Path, session) -> tuple[ArtifactMetadata, str]:
         raise ModelError(f"{path.with_suffix('.json')}: sidecar metadata is invalid ({_first_line(e)})") from None
 
 
-def _check_contract(path: Path, meta: ArtifactMetadata, inp: IOSpec, out: IOSpec) -> None:
+def _check_contract(path: Path, meta: ArtifactMetadata, inp: TensorInfo, out: TensorInfo) -> None:
     """Refuse metadata that does not describe the tensors the runtime sees."""
     problems = []
     want = tuple(meta.preprocess.input_shape)
@@ -262,8 +269,7 @@ class EdgeModel:
             "model": m.model, "task": m.task, "format": m.format, "precision": m.precision,
             "labels": list(m.labels), "positive_label": m.positive_label, "threshold": self.threshold,
             "preprocess": m.preprocess.to_dict(),
-            "input": dataclasses.asdict(self.session.input) | {"dtype": self.session.input.dtype.name},
-            "output": dataclasses.asdict(self.session.output) | {"dtype": self.session.output.dtype.name},
+            "input": self.session.input.to_dict(), "output": self.session.output.to_dict(),
             "output_kind": m.output_kind, "quantization": dict(m.quantization),
             "source_sha256": m.source_sha256, "created": m.created, "medge_version": m.medge_version,
             "load_ms": round(self.load_ms, 2), "warmup_ms": round(self.warmup_ms, 2),
@@ -308,8 +314,19 @@ class EdgeModel:
             else:
                 yield f"array[{i}]", item
 
-    def _to_input(self, name: str, item: Any) -> np.ndarray:
-        """One input -> preprocessed float32 (H, W, C); raises ImageError for unusable ones."""
+    def preprocess(self, item: InputLike, name: str | None = None) -> np.ndarray:
+        """One input -> the float32 tensor (H, W, C) `run` takes, exactly as `predict` makes it.
+
+        Args:
+            item: an image file path, a PIL image, a uint8 image array, or an
+                already preprocessed float array (a head: its feature map).
+            name: what error messages call it (default: the path, else "input").
+
+        Raises:
+            ImageError: an unusable input, with the reason.
+        """
+        if name is None:
+            name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else "input"
         if self.metadata.part == "head":
             arr = np.asarray(item) if not isinstance(item, (str, os.PathLike, Image.Image)) else None
             if arr is not None and arr.dtype.kind == "f" and arr.shape == self.input_shape:
@@ -349,7 +366,7 @@ class EdgeModel:
         for name, item in self._iter_inputs(inputs):
             t0 = time.perf_counter()
             try:
-                x = self._to_input(name, item)
+                x = self.preprocess(item, name)
             except ImageError as e:
                 yield Prediction(source=name, error=e.reason,
                                  timing={"preprocess_ms": round((time.perf_counter() - t0) * 1e3, 3)})

@@ -49,6 +49,13 @@ CALIB_N, EVAL_N = 64, 60
 # ---------------------------------------------------------------- fixtures
 
 
+def device_probs(path: Path, x: np.ndarray) -> np.ndarray:
+    """The artifact's probabilities as a device computes them (`edge_runtime.load`, one input per call)."""
+    import edge_runtime
+
+    return edge_runtime.load(path, warmup=False).run(x)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A `tiny` malaria run trained 3 epochs on the bundled sample (~15 s on 2 cores)."""
@@ -161,7 +168,7 @@ def test_row_exported_and_proven(name, exported, trained_run, model, proof_image
 
     # Reload with the device runtime and compare with Keras independently of the exporter's own check.
     keras_probs = model.predict(proof_images.x, verbose=0)
-    probs = verify.predict(path, fmt.runtime, proof_images.x)
+    probs = device_probs(path, proof_images.x)
     cmp = verify.compare(keras_probs, probs, proof_images.y)
     assert cmp["images"] == EVAL_N
     if fmt.is_float:
@@ -263,7 +270,6 @@ def test_inspect_cli_and_reader_without_tensorflow(exported, capsys):
 def test_tflite_metadata_embedding_keeps_model_and_converter_entries(exported, model, proof_images, tmp_path):
     import dataclasses
 
-    from convert import verify
     from convert.tflite import convert_keras
     from edge_runtime.metadata import embed_tflite, read_tflite
 
@@ -278,7 +284,7 @@ def test_tflite_metadata_embedding_keeps_model_and_converter_entries(exported, m
     assert list(tflite_metadata_entries(again.read_bytes())).count("medge") == 1
     assert read_metadata(again) == renamed
     x = proof_images.x[:4]
-    np.testing.assert_array_equal(verify.predict(path, "litert", x), verify.predict(again, "litert", x))
+    np.testing.assert_array_equal(device_probs(path, x), device_probs(again, x))
     with pytest.raises(MetadataNotFound, match="sidecar"):
         read_tflite(convert_keras(model))
     with pytest.raises(ValueError, match="TFLite"):
@@ -346,6 +352,37 @@ def test_failing_row_does_not_stop_the_others(trained_run, tmp_path, monkeypatch
     assert main([str(trained_run), "--out", str(out), "--name", "other", "--formats", "tflite-float32",
                  "--eval-n", "20"]) == 2
     assert "conversion.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_proof_is_the_device_loading_the_file(trained_run, tmp_path, monkeypatch):
+    """A file a device would refuse (metadata not describing its tensors) fails its row and is not published."""
+    import dataclasses
+
+    import convert.export as export
+    import edge_runtime
+
+    loaded = []
+    real_load = edge_runtime.load
+    monkeypatch.setattr(edge_runtime, "load",
+                        lambda path, **kw: loaded.append((Path(path), kw)) or real_load(path, **kw))
+    real_metadata = export.ExportJob.metadata
+
+    def wrong_labels(self, fmt, artifact, quantization):
+        meta = real_metadata(self, fmt, artifact, quantization)
+        return dataclasses.replace(meta, labels=("a", "b", "c"), positive_label=None)
+
+    report = export.run_export(trained_run, tmp_path / "ok", parse_formats("tflite-float32,onnx-float32"),
+                               _options(eval_n=8), log=lambda *a: None)
+    assert report["ok"] and [p.suffix for p, _ in loaded] == [".tflite", ".onnx"]
+    assert [kw["backend"] for _, kw in loaded] == ["litert", "onnxruntime"]
+    assert all(p.name.startswith(".run_") for p, _ in loaded)  # the temp file: the very bytes published after
+    monkeypatch.setattr(export.ExportJob, "metadata", wrong_labels)
+    report = export.run_export(trained_run, tmp_path / "bad", parse_formats("onnx-float32"), _options(eval_n=8),
+                               log=lambda *a: None)
+    row = report["rows"][0]
+    assert row["status"] == "failed" and "one value per label" in row["error"] and row["file"] is None
+    assert not (tmp_path / "bad" / "run_onnx-float32.onnx").exists()
 
 
 @pytest.mark.slow
@@ -436,8 +473,7 @@ def test_int8_io_records_input_quantization(trained_run, tmp_path, proof_images,
     assert meta.quantization["io"] == "int8"
     # Calibration images span 0..max (x/255, black background), so the zero point sits at the bottom.
     assert 0 < meta.input.scale <= 1 / 255 * 1.01 and meta.input.zero_point == -128
-    cmp = verify.compare(model.predict(proof_images.x, verbose=0),
-                         verify.predict(tmp_path / row["file"], "litert", proof_images.x))
+    cmp = verify.compare(model.predict(proof_images.x, verbose=0), device_probs(tmp_path / row["file"], proof_images.x))
     assert cmp["top1_agreement"] >= QUANT_MIN_AGREEMENT
 
 
@@ -469,8 +505,7 @@ def test_litert_quantizer_int8(trained_run, tmp_path, proof_images, model):
     assert row["status"] == "ok", row.get("error")
     meta = read_metadata(tmp_path / row["file"])
     assert meta.quantization["quantizer"].startswith("LiteRT Quantizer") and meta.input.dtype == "int8"
-    cmp = verify.compare(model.predict(proof_images.x, verbose=0),
-                         verify.predict(tmp_path / row["file"], "litert", proof_images.x))
+    cmp = verify.compare(model.predict(proof_images.x, verbose=0), device_probs(tmp_path / row["file"], proof_images.x))
     assert cmp["top1_agreement"] >= QUANT_MIN_AGREEMENT and cmp["max_abs_diff"] <= QUANT_MAX_ABS_DIFF
 
 

@@ -47,9 +47,10 @@ if str(ROOT) not in sys.path:  # `python tests/test_edge_runtime.py --make-artif
 
 import edge_runtime  # noqa: E402
 from edge_runtime import backends  # noqa: E402
-from edge_runtime.backends import BackendError, IOSpec  # noqa: E402
+from edge_runtime.backends import BackendError  # noqa: E402
 from edge_runtime.cli import main as cli_main  # noqa: E402
 from edge_runtime.field import oct_summary, referral_level, slide_summary  # noqa: E402
+from edge_runtime.metadata import TensorInfo  # noqa: E402
 from edge_runtime.model import UNCERTAIN, ModelError, Prediction, dequantize, quantize  # noqa: E402
 from edge_runtime.spec import PreprocessSpec  # noqa: E402
 
@@ -139,12 +140,12 @@ def oct_scans(out: Path, n: int = 6) -> list[Path]:
 
 def _oct_artifact(model, fmt: str, dest: Path, calib: np.ndarray, sha: str) -> None:
     from convert.tflite import convert_keras, int8_config
-    from convert.verify import io_info
     from edge_runtime.metadata import ArtifactMetadata, embed_tflite
 
     raw = convert_keras(model, int8_config(calib, False) if fmt == "int8" else None)
     dest.write_bytes(raw)
-    inp, out = io_info(dest, "litert")
+    session = backends.open_session(dest, "litert")
+    inp, out = session.input, session.output
     meta = ArtifactMetadata(
         model="oct", task="oct", labels=OCT_LABELS, preprocess=OCT_SPEC, format=f"tflite-{fmt}", precision=fmt,
         input=inp, output=out, quantization={"weights": "int8 per-channel"} if fmt == "int8" else {},
@@ -259,7 +260,7 @@ def test_no_tensorflow_after_load_predict_and_gradcam(art):
         "assert all(p.ok for p in r), r\n"
         "lazy = [k for k in ('onnxruntime',) if k in sys.modules]\n"
         f"o = edge_runtime.load({str(art / OCT_FILES['int8'])!r})\n"
-        f"GradCam(o).explain(o._to_input('', {str(sorted((art / 'oct_scans').glob('*.jpeg'))[0])!r}))\n"
+        f"GradCam(o).explain(o.preprocess({str(sorted((art / 'oct_scans').glob('*.jpeg'))[0])!r}))\n"
         f"edge_runtime.load({str(art / MALARIA_FILES['onnx-int8'])!r}).predict({str(cells(1)[0])!r})\n"
         f"heavy = sorted(k for k in sys.modules if k.split('.')[0] in {HEAVY!r})\n"
         "print(heavy, lazy)\n"
@@ -291,7 +292,7 @@ def test_every_format_classifies_real_cells(art, fmt, malaria_float):
         assert p.confidence == pytest.approx(max(p.probabilities.values()))
         assert p.decision == (UNCERTAIN if p.confidence < model.threshold else p.label)
         assert p.timing["inference_ms"] > 0 and p.timing["preprocess_ms"] > 0
-    ref = malaria_float.run(np.stack([malaria_float._to_input("", f) for f in files]))
+    ref = malaria_float.run(np.stack([malaria_float.preprocess(f) for f in files]))
     probs = np.array([[p.probabilities[l] for l in model.labels] for p in preds])
     if model.metadata.precision == "float32":
         assert np.abs(probs - ref).max() < 1e-4
@@ -308,7 +309,7 @@ def test_int8_io_is_quantized_with_the_tensors_own_parameters(art, malaria_int8)
     inp, out = m8.session.input, m8.session.output
     assert inp.dtype == np.int8 and out.dtype == np.int8 and inp.quantized and out.quantized
     assert m8.metadata.input.dtype == "int8" and m8.metadata.input.scale == pytest.approx(inp.scale)
-    x = np.stack([m8._to_input("", f) for f in cells(40, 10)])
+    x = np.stack([m8.preprocess(f) for f in cells(40, 10)])
     p8, pf = m8.run(x), malaria_int8.run(x)
     # Same quantized graph, only the I/O conversion differs: output rounding to 1/256 at most.
     assert np.abs(p8 - pf).max() <= 2 * out.scale + 1e-6
@@ -316,13 +317,67 @@ def test_int8_io_is_quantized_with_the_tensors_own_parameters(art, malaria_int8)
 
 
 def test_quantize_dequantize_round_trip():
-    spec = IOSpec("x", (1, 4), np.dtype(np.int8), scale=1 / 255, zero_point=-128)
+    spec = TensorInfo("x", (1, 4), "int8", scale=1 / 255, zero_point=-128)
     x = np.array([0.0, 0.6, 1.0, 2.0], np.float32)
     q = quantize(x, spec)
     assert q.dtype == np.int8 and q.tolist() == [-128, 25, 127, 127]  # 2.0 saturates
     np.testing.assert_allclose(dequantize(q, spec)[:3], [0.0, 153 / 255, 1.0], atol=1e-6)
-    u = IOSpec("y", (1, 2), np.dtype(np.uint8), scale=0.5, zero_point=10)
+    u = TensorInfo("y", (1, 2), np.uint8, scale=0.5, zero_point=10)
     assert quantize(np.array([-10.0, 1.0]), u).tolist() == [0, 12]
+
+
+def test_only_the_backends_open_a_runtime():
+    """One session factory per runtime: only edge_runtime/backends creates an Interpreter or an InferenceSession."""
+    import re
+
+    pattern = re.compile(r"\b(Interpreter|InferenceSession)\s*\(")
+    offenders = []
+    for pkg in ("convert", "benchmarks", "edge_runtime", "train"):
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            if (ROOT / "edge_runtime" / "backends") in f.parents:
+                continue
+            for i, line in enumerate(f.read_text().splitlines(), 1):
+                code = line.split("#")[0]
+                if pattern.search(code) and not code.lstrip().startswith(('"', "'", "f\"")):
+                    offenders.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("fmt", ["tflite-int8", "onnx-int8"])
+def test_session_interface(art, fmt):
+    """Batched runs, metadata and inner tensors through the public Session interface."""
+    path = art / MALARIA_FILES[fmt]
+    s = backends.open_session(path, threads=1)
+    x = np.stack([edge_runtime.load(path, warmup=False).preprocess(f) for f in cells(5, 30)])
+    xq = quantize(x, s.input) if s.input.quantized else x.astype(s.input.dtype)
+    looped = np.concatenate([s.run(xq[i: i + 1]) for i in range(len(xq))])
+    np.testing.assert_allclose(s.run_batch(xq), looped, atol=1e-5)
+    assert s.run_with(xq[:1])[1] == [] and s.extra_outputs == ()
+    if fmt.startswith("tflite"):
+        assert s.batch == 1 and s.metadata() is None  # the flatbuffer's entries are read by edge_runtime.metadata
+        tensors = s.tensors()
+        assert s.input in tensors.values()
+        convs = [op for op in s.ops() if op.name == "CONV_2D"]
+        assert convs and all(i in tensors for op in convs for i in op.inputs if i >= 0)
+        four = backends.open_session(path, threads=1, batch=4)
+        assert four.batch == 4
+        np.testing.assert_allclose(four.run_batch(xq[:4]), looped[:4], atol=1e-5)
+        with pytest.raises(ValueError, match="batches of 4"):
+            four.run_batch(xq)
+    else:
+        assert s.batch is None and "medge" in s.metadata()  # dynamic batch: one call for the whole batch
+        with pytest.raises(NotImplementedError, match="no inner"):
+            s.ops()
+        with pytest.raises(ValueError, match="no inner"):
+            backends.open_session(path, extra_outputs=(3,))
+
+
+def test_preprocess_names_what_it_refuses(malaria_float):
+    assert malaria_float.preprocess(cells(1)[0]).shape == malaria_float.input_shape
+    with pytest.raises(edge_runtime.ImageError, match="input.*neither an image"):
+        malaria_float.preprocess(np.zeros((5, 5, 7), np.float32))
+    with pytest.raises(edge_runtime.ImageError, match="nope.png"):
+        malaria_float.preprocess("nope.png")
 
 
 def test_same_preprocessing_and_predictions_as_the_keras_pipeline(art, malaria_float):
@@ -333,7 +388,7 @@ def test_same_preprocessing_and_predictions_as_the_keras_pipeline(art, malaria_f
 
     files = cells(100, 4)
     tf_x = np.stack([decode_and_resize(tf.constant(str(f)), malaria_float.spec).numpy() for f in files])
-    edge_x = np.stack([malaria_float._to_input("", f) for f in files])
+    edge_x = np.stack([malaria_float.preprocess(f) for f in files])
     assert np.abs(tf_x - edge_x).max() * 255 < 2
     keras_p = load_model(art / "malaria.keras").predict(tf_x, verbose=0)
     preds = malaria_float.predict(files)
@@ -350,10 +405,10 @@ def test_same_preprocessing_and_predictions_as_the_keras_pipeline(art, malaria_f
 
 def test_paths_pil_arrays_and_batches_agree(malaria_float):
     files = cells(3, 100)
-    by_path = malaria_float.run(np.stack([malaria_float._to_input("", f) for f in files]))
+    by_path = malaria_float.run(np.stack([malaria_float.preprocess(f) for f in files]))
     pil = [Image.open(f) for f in files]
     u8 = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    pre = np.stack([malaria_float._to_input("", f) for f in files])
+    pre = np.stack([malaria_float.preprocess(f) for f in files])
     for inputs in (files, [str(f) for f in files], pil, u8, pre, list(pre)):
         preds = malaria_float.predict(inputs)
         got = np.array([[p.probabilities[l] for l in malaria_float.labels] for p in preds])
@@ -427,7 +482,7 @@ def test_odd_modes_are_classified_like_training_saw_them(malaria_float, odd_imag
     odd, reference = odd_images[kind]
     p_odd, p_ref = malaria_float.predict([odd, reference])
     assert p_odd.ok, p_odd.error
-    x_odd, x_ref = malaria_float._to_input("", odd), malaria_float._to_input("", reference)
+    x_odd, x_ref = malaria_float.preprocess(odd), malaria_float.preprocess(reference)
     tol = 1.5 / 255 if kind == "EXIF" else 1e-6  # JPEG blocks fall differently once rotated
     assert np.abs(x_odd - x_ref).mean() <= tol, kind
     assert p_odd.label == p_ref.label
@@ -442,7 +497,7 @@ def test_odd_modes_match_the_tf_decoder(malaria_float, odd_images):
     for kind in ("rgba", "16-bit", "LA", "P"):
         odd, _ = odd_images[kind]
         tf_x = decode_and_resize(tf.constant(str(odd)), malaria_float.spec).numpy()
-        assert np.abs(tf_x - malaria_float._to_input("", odd)).max() * 255 < 2, kind
+        assert np.abs(tf_x - malaria_float.preprocess(odd)).max() * 255 < 2, kind
 
 
 @pytest.fixture(scope="module")
@@ -565,7 +620,7 @@ def test_slide_summary_counts_and_parasitemia():
 
 
 def test_oct_referral_levels():
-    from edge_runtime.metadata import ArtifactMetadata, TensorInfo
+    from edge_runtime.metadata import ArtifactMetadata
 
     meta = ArtifactMetadata(model="oct", task="oct", labels=OCT_LABELS, preprocess=OCT_SPEC, format="tflite-float32",
                             precision="float32", input=TensorInfo("i", (1, 64, 64, 3), "float32"),
@@ -598,11 +653,29 @@ def test_gradcam_reads_the_features_from_the_artifact(art, precision):
     cam = GradCam(m)
     assert cam.tap.mode == ("extra-output" if HAS_LITERT else "preserve-all-tensors")
     for scan in sorted((art / "oct_scans").glob("*.jpeg"))[:3]:
-        res = cam.explain(m._to_input("", scan))
+        res = cam.explain(m.preprocess(scan))
         assert res["cam"].shape == (8, 8) and res["cam"].min() >= 0 and res["cam"].max() == pytest.approx(1.0)
         assert res["head_max_abs_diff"] < (1e-4 if precision == "float32" else 0.05)
         p = m.predict(scan)[0]
         np.testing.assert_allclose(res["probabilities"], list(p.probabilities.values()), atol=1e-6)
+
+
+def test_gradcam_without_the_flatbuffer_schema_keeps_all_tensors(art, monkeypatch):
+    """tflite-runtime's path (no schema to add an output): the interpreter keeps every tensor; same maps."""
+    if not HAS_LITERT:
+        pytest.skip("the extra-output path needs ai-edge-litert to compare with")
+    from edge_runtime.backends import _tflite
+    from edge_runtime.gradcam import GradCam
+
+    m = edge_runtime.load(art / OCT_FILES["int8"])
+    scan = m.preprocess(sorted((art / "oct_scans").glob("*.jpeg"))[0])
+    fast = GradCam(m).explain(scan)
+    monkeypatch.setattr(_tflite, "with_extra_outputs", lambda model, indices: None)
+    cam = GradCam(m)
+    assert cam.tap.mode == "preserve-all-tensors"
+    slow = cam.explain(scan)
+    np.testing.assert_allclose(slow["probabilities"], fast["probabilities"], atol=1e-6)
+    np.testing.assert_allclose(slow["cam"], fast["cam"], atol=1e-5)
 
 
 @pytest.mark.parametrize("precision", list(OCT_FILES))
@@ -620,7 +693,7 @@ def test_gradcam_matches_gradient_tape(art, precision):
     cam = GradCam(m)
     scans = sorted((art / "oct_scans").glob("*.jpeg"))
     for scan in scans:
-        x = m._to_input("", scan)
+        x = m.preprocess(scan)
         res = cam.explain(x)
         # Reference: the training side's recipe (train/oct/gradcam.py) on the Keras model.
         feats = base(x[None], training=False)

@@ -9,6 +9,11 @@
 file's suffix whose runtime is installed. Nothing here imports a runtime; the
 chosen backend module imports its own on first use. Everything a model needs
 from a backend is the small `Session` interface below.
+
+These modules are the only place in medge that creates a LiteRT/tflite-runtime
+`Interpreter` or an `onnxruntime.InferenceSession`: the device (`edge_runtime.load`),
+the proof in `convert`, the Grad-CAM feature tap and the benchmarks' probes
+all open files through `open_session`.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import dataclasses
 import importlib
 import importlib.util
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
+
+from edge_runtime.metadata import TensorInfo
 
 EXTRA = "pip install 'medge[edge]'"
 
@@ -31,7 +38,8 @@ class Backend:
     Attributes:
         name: what `--backend` takes.
         suffixes: artifact suffixes it runs.
-        module: `edge_runtime.backends.*` module with `open_session(path, threads)`.
+        module: `edge_runtime.backends.*` module with `open_session(path, threads, *, batch, extra_outputs,
+            optimize)`.
         import_name: the runtime's top-level module (checked with find_spec, not imported).
         package: what to pip install for it.
     """
@@ -64,29 +72,64 @@ class BackendError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class IOSpec:
-    """A model input or output as the runtime reports it (quantization from the tensor itself)."""
+class Op:
+    """One operator of a graph, in execution order: its kind (e.g. "CONV_2D") and tensor indices."""
 
     name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    scale: float | None = None
-    zero_point: int | None = None
-
-    @property
-    def quantized(self) -> bool:
-        return self.scale is not None
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
 
 
 class Session(Protocol):
-    """What a backend module's `open_session` returns."""
+    """What a backend module's `open_session` returns.
+
+    Raw tensors in and out: quantizing float inputs and dequantizing integer
+    outputs with `input`/`output`'s scale and zero point is the caller's
+    (`edge_runtime.model.quantize` / `dequantize`).
+
+    Attributes:
+        backend: the row's name ("litert", "tflite-runtime", "onnxruntime").
+        input, output: the model's one input and one output, as the runtime reports them.
+        batch: inputs one `run` call takes (1 for a device; None: any, a dynamic batch dimension).
+        extra_outputs: the inner tensors asked for with `open_session(..., extra_outputs=...)`.
+        extra_mode: how they are read ("extra-output": added to an in-memory
+            copy's outputs; "preserve-all-tensors": the interpreter keeps every
+            tensor), None without them.
+    """
 
     backend: str
-    input: IOSpec
-    output: IOSpec
+    input: TensorInfo
+    output: TensorInfo
+    batch: int | None
+    extra_outputs: tuple[TensorInfo, ...]
+    extra_mode: str | None
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Raw output for one raw (already quantized if needed) batch-1 input."""
+        """Raw output for one raw (already quantized if needed) input of the session's batch."""
+
+    def run_batch(self, x: np.ndarray) -> np.ndarray:
+        """Raw outputs for N raw inputs: one runtime call when the session takes N at once, else one per input.
+
+        TFLite sessions opened at batch 1 (the default, what a device runs:
+        XNNPACK is fastest there) invoke once per input; onnxruntime with a
+        dynamic batch dimension runs the whole batch in one call.
+        """
+
+    def run_with(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """`run`, plus copies of the raw `extra_outputs` tensors of the same call (Grad-CAM's feature tap)."""
+
+    def ops(self) -> list[Op]:
+        """The graph's operators in execution order (TFLite; onnxruntime exposes none and raises)."""
+
+    def tensors(self) -> dict[int, TensorInfo]:
+        """Every tensor of the graph by index, with its shape and quantization (TFLite; onnxruntime raises)."""
+
+    def metadata(self) -> dict[str, str] | None:
+        """Metadata the runtime exposes from the file (onnxruntime: `metadata_props`).
+
+        None where the runtime exposes none (TFLite interpreters): then
+        `edge_runtime.metadata` reads the flatbuffer's metadata entries itself.
+        """
 
     def runtime_version(self) -> str:
         """Version of the runtime package."""
@@ -121,16 +164,21 @@ def resolve(path: str | Path, name: str | None = None) -> Backend:
     )
 
 
-def open_session(path: str | Path, name: str | None = None, threads: int | None = None) -> Session:
-    """Resolve a backend and open `path` with it (the runtime is imported here, first use)."""
+def open_session(path: str | Path, name: str | None = None, threads: int | None = None, *,
+                 batch: int | None = 1, extra_outputs: Sequence[int] = (), optimize: bool = True) -> Session:
+    """Resolve a backend and open `path` with it (the runtime is imported here, first use).
+
+    Args:
+        path: a .tflite, .onnx or .ort file.
+        name: backend row (default: by suffix, see `resolve`).
+        threads: runtime threads (default: the runtime's choice).
+        batch: TFLite: run this many inputs per invoke (1, what a device does;
+            None keeps the file's own input shape). onnxruntime takes whatever
+            batch its graph allows and ignores this.
+        extra_outputs: TFLite tensor indices (see `Session.ops`/`tensors`) that
+            `Session.run_with` returns beside the output.
+        optimize: onnxruntime graph optimizations (off: faster to open, e.g. to read metadata only).
+    """
     b = resolve(path, name)
     mod = importlib.import_module(b.module)
-    return mod.open_session(Path(path), threads)
-
-
-def available() -> list[dict[str, Any]]:
-    """Rows of the table with whether each runtime is installed (for `info` and error messages)."""
-    return [{"backend": b.name, "suffixes": list(b.suffixes), "package": b.package, "installed": b.installed()}
-            for b in BACKENDS.values()]
-
-
+    return mod.open_session(Path(path), threads, batch=batch, extra_outputs=tuple(extra_outputs), optimize=optimize)

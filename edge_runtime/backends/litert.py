@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from edge_runtime.backends._tflite import TFLiteSession
 
 NAME = "litert"
 
 
-def open_session(path: Path, threads: int | None = None, preserve_all_tensors: bool = False) -> TFLiteSession:
+def open_session(path: Path, threads: int | None = None, *, batch: int | None = 1, extra_outputs: Sequence[int] = (),
+                 optimize: bool = True) -> TFLiteSession:
+    """A LiteRT interpreter on `path` (see `edge_runtime.backends.open_session`; `optimize` is onnxruntime's)."""
     import importlib.metadata as md
 
     from ai_edge_litert.interpreter import Interpreter
 
-    return TFLiteSession(Interpreter, path, threads, NAME, md.version("ai-edge-litert"), preserve_all_tensors)
-
-
-def interpreter_class():
-    """The runtime's Interpreter class (for callers that build one from bytes)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    return Interpreter
+    return TFLiteSession(Interpreter, path, threads, NAME, md.version("ai-edge-litert"), batch, extra_outputs)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from edge_runtime.backends._tflite import TFLiteSession
 
@@ -44,17 +45,12 @@ def probe(path: Path, timeout: float = 120.0) -> None:
         raise ValueError(lines[-1] if lines else f"tflite-runtime exited with code {res.returncode}")
 
 
-def open_session(path: Path, threads: int | None = None, preserve_all_tensors: bool = False) -> TFLiteSession:
+def open_session(path: Path, threads: int | None = None, *, batch: int | None = 1, extra_outputs: Sequence[int] = (),
+                 optimize: bool = True) -> TFLiteSession:
+    """A tflite-runtime interpreter on `path`, after the child-process probe (see `backends.open_session`)."""
     import importlib.metadata as md
 
     from tflite_runtime.interpreter import Interpreter
 
     probe(path)
-    return TFLiteSession(Interpreter, path, threads, NAME, md.version("tflite-runtime"), preserve_all_tensors)
-
-
-def interpreter_class():
-    """The runtime's Interpreter class (for callers that build one from bytes)."""
-    from tflite_runtime.interpreter import Interpreter
-
-    return Interpreter
+    return TFLiteSession(Interpreter, path, threads, NAME, md.version("tflite-runtime"), batch, extra_outputs)
