@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {"t_loaded": t_loaded, "t_first_result": t_first, "peak_rss_mb": peak_rss_mb(),
                "probabilities": [float(v) for v in probs]}
         if args.time:
-            from benchmarks.timing import time_fn
+            from edge_runtime.timing import time_fn
 
             limits = dict(min_seconds=args.min_seconds, max_seconds=args.max_seconds)
             # Fast models get hundreds of runs from min_seconds; min_runs only matters for slow ones (InceptionV3).

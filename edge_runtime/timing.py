@@ -1,7 +1,7 @@
 """The one timing function: warm-up runs, then timed runs (numpy only).
 
-Every latency medge reports comes from `time_fn`: the benchmarks
-(`benchmarks.timing` re-exports it) and `convert`'s measured choice of the
+Every latency medge reports comes from `time_fn`: the benchmarks and
+`convert`'s measured choice of the
 ONNX int8 activation type.
 """
 
