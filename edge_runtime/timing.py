@@ -1,8 +1,7 @@
 """The one timing function: warm-up runs, then timed runs (numpy only).
 
 Every latency medge reports comes from `time_fn`: the benchmarks and
-`convert`'s measured choice of the
-ONNX int8 activation type.
+`convert`'s measured choice of the ONNX int8 activation type.
 """
 
 from __future__ import annotations
