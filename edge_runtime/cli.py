@@ -198,7 +198,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from edge_runtime.field import is_malaria, is_oct, oct_summary, slide_summary
+    from edge_runtime.clinical import is_malaria, is_oct, oct_summary, slide_summary
 
     t_start = time.perf_counter()
     model = _load(args)

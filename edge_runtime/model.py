@@ -361,7 +361,7 @@ class EdgeModel:
                                                   "inference_ms": round((t2 - t1) * 1e3, 3)})
 
     def _result(self, name: str, probs: np.ndarray, bar: float, timing: dict[str, float]) -> Prediction:
-        from edge_runtime.field import referral_level
+        from edge_runtime.clinical import referral_level
 
         k = int(np.argmax(probs))
         label, conf = self.labels[k], float(probs[k])

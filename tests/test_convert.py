@@ -37,6 +37,7 @@ from edge_runtime.metadata import (
     tflite_metadata_entries,
 )
 from edge_runtime.spec import MALARIA_SPEC
+from train import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "malaria_sample"
@@ -91,7 +92,7 @@ def exported(trained_run, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def proof_images(trained_run):
-    from convert.data import load_sets
+    from convert.calibration import load_sets
     from convert.sources import load_source
 
     _, src = load_source(trained_run)
@@ -150,7 +151,7 @@ def test_metadata_dataclass_round_trip():
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_row_exported_and_proven(name, exported, trained_run, model, proof_images):
     from convert import verify
-    from convert.sources import sha256_file
+    from edge_runtime.fileio import sha256_file
 
     out, report = exported
     fmt = FORMATS[name]
@@ -378,7 +379,7 @@ def test_legacy_h5_source(trained_run, model, tmp_path):
     twin.set_weights(model.get_weights())
     h5 = tmp_path / "legacy_2018.h5"
     twin.save(h5)
-    manifest = json.loads((trained_run / "config.json").read_text())["manifest"]
+    manifest = runs.read_config(trained_run).manifest
 
     with pytest.raises(ValueError, match="--labels"):
         run_export(h5, tmp_path / "x", parse_formats("tflite-float32"), _options(calib=Path(manifest)))
@@ -399,7 +400,7 @@ def test_saved_model_source(model, trained_run, tmp_path):
 
     sm = tmp_path / "exported_sm"
     model.export(str(sm), verbose=False)
-    manifest = Path(json.loads((trained_run / "config.json").read_text())["manifest"])
+    manifest = Path(runs.read_config(trained_run).manifest)
     report = run_export(sm, tmp_path / "out", parse_formats("tflite-float32,onnx-float32"), _options(calib=manifest),
                         labels=["Parasitized", "Uninfected"], log=lambda *a: None)
     for row in report["rows"]:
@@ -523,13 +524,12 @@ def oct_like_run(tmp_path_factory, trained_run):
         f.attrs.update(format=STORE_FORMAT, labels=json.dumps(labels), n_done=24,
                        preprocess=json.dumps(OCT_INCEPTION_SPEC.to_dict()), base_weights="none", base_seed=0,
                        base_sha256="0" * 64, fingerprint="f" * 16, synthetic=True, manifest="")
-    manifest = json.loads((trained_run / "config.json").read_text())["manifest"]
-    (run / "config.json").write_text(json.dumps({
-        "task": "oct", "mode": "head", "model_file": "fused.keras", "head_file": "head.keras", "labels": labels,
-        "positive_label": None, "preprocess": OCT_INCEPTION_SPEC.to_dict(), "store": str(store),
-        "manifest": manifest, "base": {"weights": "none", "seed": 0, "sha256": "0" * 64},
-        "features_fingerprint": "f" * 16,
-    }))
+    manifest = runs.read_config(trained_run).manifest
+    runs.write_config(run, runs.RunConfig(
+        task="oct", mode="head", model_file="fused.keras", head_file="head.keras", labels=labels,
+        preprocess=OCT_INCEPTION_SPEC, store=str(store), manifest=manifest,
+        base={"weights": "none", "seed": 0, "sha256": "0" * 64}, features_fingerprint="f" * 16,
+    ))
     return run
 
 
