@@ -142,6 +142,9 @@ def test_metadata_dataclass_round_trip():
         ArtifactMetadata.from_dict({**meta.to_dict(), "schema": "medge-artifact/2"})
     with pytest.raises(ValueError, match="positive_label"):
         ArtifactMetadata.from_dict({**meta.to_dict(), "positive_label": "Healthy"})
+    # Artifacts made before calibration was named by basename carry an absolute path and no sha256: still read.
+    older = {**meta.to_dict(), "quantization": {"calibration_from": "/home/build/runs/malaria.csv (train split)"}}
+    assert ArtifactMetadata.from_dict(older).quantization["calibration_from"].startswith("/home/build")
 
 
 # ---------------------------------------------------------------- every row
@@ -195,7 +198,10 @@ def test_row_exported_and_proven(name, exported, trained_run, model, proof_image
         assert meta.quantization["weights"]
     if fmt.calibrated:
         assert meta.quantization["calibration_images"] == CALIB_N
-        assert "train split" in meta.quantization["calibration_from"]
+        # Named by basename (no build-machine path in a released file), pinned by the manifest's sha256.
+        manifest = Path(runs.read_config(trained_run).manifest)
+        assert meta.quantization["calibration_from"] == f"{manifest.name} (train split)"
+        assert meta.quantization["calibration_sha256"] == sha256_file(manifest)
 
 
 @pytest.mark.slow
@@ -638,6 +644,7 @@ def test_calibration_from_an_image_folder(trained_run, tmp_path):
                         _options(calib=SAMPLE, calib_n=40, eval_n=40, min_agreement=0.0), name="cells",
                         log=lambda *a: None)
     assert report["calibration"]["images"] == 40 and "folder" in report["calibration"]["from"]
+    assert str(SAMPLE) not in report["calibration"]["from"] and len(report["calibration"]["sha256"]) == 64
     assert report["proof"]["images"] == 40
     row = report["rows"][0]
     assert row["status"] == "ok" and row["file"] == "cells_tflite-int8.tflite"
