@@ -27,7 +27,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.models import DEFAULT_MODELS, MODELS
+from benchmarks.cache import DEFAULT_MODELS, MODELS
 from convert.formats import FORMATS
 
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = args.format != "table"
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if quiet else (lambda s: print(s, flush=True))
     try:
-        from benchmarks.models import parse_models
+        from benchmarks.cache import parse_models
         from convert.formats import parse_formats
 
         formats = parse_formats(args.formats)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from benchmarks.machine import library_versions, machine_info
-    from benchmarks.models import Builder
+    from benchmarks.cache import Builder
     from benchmarks.peak import measure_peaks
     from benchmarks.report import compare, gates, rows_csv, terminal, write_all
     from benchmarks.run import Settings, add_ratios, benchmark_model

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,13 +68,13 @@ def _keras_first_result(path: str, threads: int | None, image: str | None):
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
     x = np.zeros((1, *shape), np.float32)
     if image and len(shape) == 3 and shape[-1] in (1, 3):
-        from edge_runtime.spec import PreprocessSpec
         from edge_runtime.images import load_and_preprocess
 
-        cfg = os.path.join(os.path.dirname(path), "config.json")
-        if os.path.isfile(cfg):
-            spec = PreprocessSpec.from_dict(json.load(open(cfg))["preprocess"])
-            x = load_and_preprocess(image, spec)[None]
+        from train import runs
+
+        run = Path(path).parent
+        if runs.is_run(run):
+            x = load_and_preprocess(image, runs.read_config(run).preprocess)[None]
     y = np.asarray(model(x, training=False))
     return t_loaded, y.reshape(-1), _KerasTimer(model, x)
 
@@ -169,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             out["throughput"] = time_fn(fn, warmup=1, min_runs=3, **limits) | {"batch": args.batch, "mode": mode}
             out["peak_rss_after_timing_mb"] = peak_rss_mb()
     except Exception as e:  # reported to the parent as the row's error
-        print(json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}))
+        from edge_runtime.model import first_line
+
+        print(json.dumps({"error": first_line(e)}))
         return 1
     print(json.dumps(out))
     return 0

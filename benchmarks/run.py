@@ -22,9 +22,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from benchmarks.models import REPO, Prepared
+from benchmarks.cache import REPO, Prepared
 from benchmarks.peak import peak_for
 from convert.formats import Format
+from edge_runtime.model import first_line
 
 KERAS = "keras"  # format name of the reference row
 
@@ -89,11 +90,6 @@ def empty_row(model: str, fmt: str, threads: int | None, **kw: Any) -> dict[str,
     row.update(model=model, format=fmt, threads=threads, status="ok")
     row.update(kw)
     return row
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 # ---------------------------------------------------------------- data
@@ -235,21 +231,20 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
 
     # Reference: Keras on the evaluation set (this process, all threads).
     try:
+        from train import runs
         from train.evaluate import load_model
-        from edge_runtime.spec import PreprocessSpec
 
-        cfg = json.loads((p.run / "config.json").read_text())
-        labels, positive = list(cfg["labels"]), cfg.get("positive_label")
+        cfg = runs.read_config(p.run)
+        labels, positive = list(cfg.labels), cfg.positive_label
         keras_model = load_model(p.reference)
-        spec = PreprocessSpec.from_dict(cfg["preprocess"])
-        data = load_eval_set(p, spec, labels, settings)
+        data = load_eval_set(p, cfg.preprocess, labels, settings)
         log(f"[{name}] {len(data.y)} evaluation inputs from {data.origin}")
         ref_probs = np.asarray(keras_model.predict(data.x, batch_size=32, verbose=0))
         weights = int(keras_model.count_params())
-        macs = int((cfg.get("size") or {}).get("macs") or count_macs(keras_model))
+        macs = int((cfg.size or {}).get("macs") or count_macs(keras_model))
     except Exception as e:  # nothing to compare against: every row of this model fails with the reason
-        log(f"[{name}] reference failed: {_first_line(e)}")
-        return [r for fmt in names for r in failed_rows(fmt, f"reference: {_first_line(e)}")]
+        log(f"[{name}] reference failed: {first_line(e)}")
+        return [r for fmt in names for r in failed_rows(fmt, f"reference: {first_line(e)}")]
     ref_q = quality(data.y, ref_probs, labels, positive)
     common = dict(weights=weights, macs=macs, n_images=int(len(data.y)), synthetic_data=p.synthetic)
 
@@ -282,9 +277,9 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
                         top1_agreement=float((probs.argmax(1) == ref_probs.argmax(1)).mean()),
                         max_abs_dprob=float(np.abs(probs - ref_probs).max()))
         except Exception as e:
-            rows += [empty_row(name, fmt, t, status="failed", error=f"inference: {_first_line(e)}", **base)
+            rows += [empty_row(name, fmt, t, status="failed", error=f"inference: {first_line(e)}", **base)
                      for t in settings.threads]
-            log(f"[{name}] {fmt}: failed ({_first_line(e)})")
+            log(f"[{name}] {fmt}: failed ({first_line(e)})")
             continue
         # Speed, memory, cold start: a fresh process per thread count.
         for t in settings.threads:
@@ -298,8 +293,8 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
                     f"{row['throughput_ips']:.1f} img/s at batch {row['throughput_batch']}, "
                     f"acc {row['accuracy']:.4f}, RSS {row['peak_rss_mb']:.0f} MB, cold {row['cold_start_s']:.2f} s")
             except Exception as e:
-                row.update(status="failed", error=f"timing: {_first_line(e)}")
-                log(f"[{name}] {fmt} threads={t}: failed ({_first_line(e)})")
+                row.update(status="failed", error=f"timing: {first_line(e)}")
+                log(f"[{name}] {fmt} threads={t}: failed ({first_line(e)})")
             rows.append(row)
     return rows
 

@@ -14,7 +14,6 @@ writes `export/{model}_bundle/` and `export/{model}_bundle.zip`:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,11 +22,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.fileio import sha256_file
 from edge_runtime.metadata import ArtifactMetadata, read_sidecar, sidecar_path
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _input_text(meta: ArtifactMetadata) -> str:
@@ -108,7 +104,7 @@ def integration_note(model: str, metas: list[tuple[str, ArtifactMetadata]]) -> s
             "```",
             "",
             "iOS (Swift), pod `TensorFlowLiteSwift` (LiteRT's iOS package): create "
-            f"`Interpreter(modelPath:)`, `allocateTensors()`, `copy(Data, toInputAt: 0)` with the float32 "
+            "`Interpreter(modelPath:)`, `allocateTensors()`, `copy(Data, toInputAt: 0)` with the float32 "
             "(or quantized) NHWC bytes above, `invoke()`, read `output(at: 0)`.",
             "",
         ]
@@ -159,7 +155,7 @@ def write_bundle(out: Path, model: str, report: dict[str, Any]) -> tuple[Path, P
             metas.append((src.name, meta))
             files.append({
                 "file": src.name, "format": r["format"], "runtime": r["runtime"], "precision": r["precision"],
-                "status": r["status"], "size_bytes": src.stat().st_size, "sha256": _sha256(src),
+                "status": r["status"], "size_bytes": src.stat().st_size, "sha256": sha256_file(src),
                 "input": meta.input.to_dict(), "output": meta.output.to_dict(),
                 "proof": {k: r.get(k) for k in ("images", "top1_agreement", "max_abs_diff", "keras_accuracy",
                                                "accuracy")},

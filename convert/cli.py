@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from convert.formats import FORMATS, parse_formats
+from edge_runtime.cli import fraction
 
 
 def _labels(text: str) -> list[str]:
@@ -35,13 +36,6 @@ def _labels(text: str) -> list[str]:
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise argparse.ArgumentTypeError(f"--labels needs 2+ distinct comma-separated names, got {text!r}")
     return labels
-
-
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
-    return v
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -72,7 +66,7 @@ def export_parser() -> argparse.ArgumentParser:
                         "(default: the run's manifest)")
     d.add_argument("--calib-n", type=int, default=300, help="calibration images (warns below 100)")
     d.add_argument("--eval-n", type=int, default=1000, help="proof images compared with Keras (0: all)")
-    d.add_argument("--min-agreement", type=_fraction, default=DEFAULT_MIN_AGREEMENT,
+    d.add_argument("--min-agreement", type=fraction, default=DEFAULT_MIN_AGREEMENT,
                    help="lowest top-1 agreement with Keras for a quantized artifact")
     d.add_argument("--allow-drop", action="store_true",
                    help="keep artifacts below the thresholds (flagged in the report; exit 0)")

@@ -39,7 +39,7 @@ from edge_runtime.metadata import ArtifactMetadata, embed_tflite, sidecar_path
 from edge_runtime.model import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, EdgeModel
 from edge_runtime.versions import installed_versions
 from convert.formats import Format
-from convert.data import ImageSet
+from convert.calibration import ImageSet
 
 CONVERSION_JSON = "conversion.json"
 
@@ -127,6 +127,9 @@ class ExportJob:
 
         session = open_session(artifact, fmt.runtime)
         inp, out = session.input, session.output
+        if "calibration_from" in quantization and self._calib is not None:
+            # The exporters name the set (a basename: no build-machine path in a released file); pin its content.
+            quantization = {**quantization, "calibration_sha256": self._calib.sha256}
         return ArtifactMetadata(
             model=self.source.name,
             task=self.source.task,
@@ -290,7 +293,7 @@ def run_export(
         FileExistsError: outputs exist and `options.force` is off (nothing is written).
         FileNotFoundError, ValueError: bad source or image set, before any row runs.
     """
-    from convert.data import load_sets
+    from convert.calibration import load_sets
     from edge_runtime.fileio import write_json
     from convert.sources import load_source
 
@@ -313,7 +316,7 @@ def run_export(
     need_calib = any(f.calibrated for f in formats)
     calib_src = options.calib or src.manifest
     if src.part == "head":
-        from convert.data import load_store_sets
+        from convert.calibration import load_store_sets
 
         calib, proof = load_store_sets(src.store, src.labels, options.calib_n, options.eval_n, options.seed)
         train_items: list[tuple[str, str]] = []

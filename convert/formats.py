@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-RUNTIMES = {"litert": "ai-edge-litert", "onnxruntime": "onnxruntime"}
-
 
 @dataclasses.dataclass(frozen=True)
 class Format:
@@ -34,7 +32,6 @@ class Format:
         max_abs_diff: for float rows, the largest allowed |prob - keras prob|
             on the proof batch; None for quantized rows, which are judged by
             top-1 agreement against `--min-agreement` instead.
-        description: one line for tables and docs.
     """
 
     name: str
@@ -45,7 +42,6 @@ class Format:
     calibrated: bool = False
     needs_training_data: bool = False
     max_abs_diff: float | None = None
-    description: str = ""
 
     @property
     def is_float(self) -> bool:
@@ -58,23 +54,23 @@ class Format:
 # Tolerances: float32 graphs differ from Keras only by op order and fused
 # kernels (measured ~1e-6); float16 weights move probabilities by ~1e-3.
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("tflite-float32", ".tflite", "litert", "float32", "convert.tflite:export_float32",
-           max_abs_diff=1e-4, description="LiteRT, float32 weights and activations"),
-    Format("tflite-float16", ".tflite", "litert", "float16", "convert.tflite:export_float16",
-           max_abs_diff=2e-2, description="LiteRT, float16 weights (half the size), float32 compute"),
-    Format("tflite-dynamic", ".tflite", "litert", "dynamic-int8", "convert.tflite:export_dynamic",
-           description="LiteRT, int8 weights, activations quantized on the fly"),
-    Format("tflite-int8", ".tflite", "litert", "int8", "convert.tflite:export_int8", calibrated=True,
-           description="LiteRT, full integer (int8 weights and activations), calibrated"),
+    # LiteRT, float32 weights and activations
+    Format("tflite-float32", ".tflite", "litert", "float32", "convert.tflite:export_float32", max_abs_diff=1e-4),
+    # LiteRT, float16 weights (half the size), float32 compute
+    Format("tflite-float16", ".tflite", "litert", "float16", "convert.tflite:export_float16", max_abs_diff=2e-2),
+    # LiteRT, int8 weights, activations quantized on the fly
+    Format("tflite-dynamic", ".tflite", "litert", "dynamic-int8", "convert.tflite:export_dynamic"),
+    # LiteRT, full integer (int8 weights and activations), calibrated
+    Format("tflite-int8", ".tflite", "litert", "int8", "convert.tflite:export_int8", calibrated=True),
+    # LiteRT, full integer after quantization-aware fine-tuning (tfmot, tf-keras twin)
     Format("tflite-qat-int8", ".tflite", "litert", "int8", "convert.qat:export_qat_int8", calibrated=True,
-           needs_training_data=True,
-           description="LiteRT, full integer after quantization-aware fine-tuning (tfmot, tf-keras twin)"),
-    Format("onnx-float32", ".onnx", "onnxruntime", "float32", "convert.onnx_export:export_float32",
-           max_abs_diff=1e-4, description="ONNX (tf2onnx, opset 17), float32"),
-    Format("onnx-int8", ".onnx", "onnxruntime", "int8", "convert.onnx_export:export_int8", calibrated=True,
-           description="ONNX QDQ, int8 per-channel weights, activation type chosen by measurement"),
-    Format("ort-int8", ".ort", "onnxruntime", "int8", "convert.onnx_export:export_ort_int8", calibrated=True,
-           description="ONNX Runtime Mobile .ort of the onnx-int8 model"),
+           needs_training_data=True),
+    # ONNX (tf2onnx, opset 17), float32
+    Format("onnx-float32", ".onnx", "onnxruntime", "float32", "convert.onnx_export:export_float32", max_abs_diff=1e-4),
+    # ONNX QDQ, int8 per-channel weights, activation type chosen by measurement
+    Format("onnx-int8", ".onnx", "onnxruntime", "int8", "convert.onnx_export:export_int8", calibrated=True),
+    # ONNX Runtime Mobile .ort of the onnx-int8 model
+    Format("ort-int8", ".ort", "onnxruntime", "int8", "convert.onnx_export:export_ort_int8", calibrated=True),
 )}
 
 

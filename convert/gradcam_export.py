@@ -23,7 +23,6 @@ metadata carries, so the device refuses weights from another model.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -129,15 +128,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", help="model name of the artifacts (default: run directory name or file stem)")
     p.add_argument("--labels", help="comma-separated class names for a bare model file")
     args = p.parse_args(argv)
-    from convert.sources import load_keras_model, sha256_file
+    from convert.sources import load_keras_model
+    from edge_runtime.clinical import OCT_LABELS
+    from edge_runtime.fileio import sha256_file
+    from train import runs
 
     src = args.source
-    if src.is_dir():
-        cfg = json.loads((src / "config.json").read_text())
-        model_path, labels, name = src / cfg.get("model_file", "best.keras"), cfg["labels"], src.name
-    else:
-        model_path, labels, name = src, (args.labels or "CNV,DME,DRUSEN,NORMAL").split(","), src.stem
     try:
+        if src.is_dir():
+            model_path, labels, name = runs.model_file(src), list(runs.read_config(src).labels), src.name
+        else:
+            model_path, labels, name = src, args.labels.split(",") if args.labels else list(OCT_LABELS), src.stem
         model = load_keras_model(model_path)
         out = export_head_weights(model, args.out / f"{args.name or name}_gradcam.npz", labels, sha256_file(model_path))
     except (ValueError, FileNotFoundError) as e:

@@ -15,12 +15,13 @@ have a fixed image shape and its one output the class probabilities.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from edge_runtime.fileio import sha256_file
 from edge_runtime.spec import MALARIA_SPEC, PreprocessSpec
+from train import runs
+from train.runs import RunConfig
 
 KERAS_SUFFIXES = (".keras",)
 PARTS = ("model", "head")
@@ -39,7 +40,7 @@ class Source:
         task: e.g. "malaria"; "classification" when unknown.
         positive_label: class a screening flags, if known.
         sha256: hash of the model file.
-        run_config: the run's config.json, when the source is a run.
+        config: the run's config (config.json), when the source is a run.
         manifest: the run's manifest (training split for calibration), if any.
     """
 
@@ -50,7 +51,7 @@ class Source:
     task: str
     positive_label: str | None
     sha256: str
-    run_config: dict[str, Any] | None = None
+    config: RunConfig | None = None
     manifest: Path | None = None
     part: str = "model"
     store: Path | None = None
@@ -58,33 +59,17 @@ class Source:
     @property
     def feature_extractor(self) -> dict[str, Any]:
         """For a head: the base whose features it takes (from the OCT run config), else empty."""
-        if self.part != "head" or not self.run_config:
+        if self.part != "head" or self.config is None:
             return {}
         from train.oct.models import FEATURE_LAYER
 
-        cfg = self.run_config
-        return {"layer": FEATURE_LAYER, "base": cfg.get("base"),
-                "features_fingerprint": cfg.get("features_fingerprint")}
+        return {"layer": FEATURE_LAYER, "base": self.config.base,
+                "features_fingerprint": self.config.features_fingerprint}
 
     @property
     def resnet_config(self) -> dict[str, Any] | None:
         """The ResNet architecture of a malaria run (for the QAT twin), else None."""
-        preset = (self.run_config or {}).get("preset") or {}
-        return preset.get("model")
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, or of a folder (every file's relative path and bytes, in sorted order)."""
-    h = hashlib.sha256()
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+        return ((self.config and self.config.preset) or {}).get("model")
 
 
 def load_saved_model(path: Path):
@@ -121,7 +106,7 @@ def load_saved_model(path: Path):
 def _run_dir_of(path: Path) -> Path | None:
     """The run directory of `path` (a run dir, or a model file inside one), else None."""
     d = path if path.is_dir() else path.parent
-    return d if (d / "config.json").is_file() else None
+    return d if runs.is_run(d) else None
 
 
 def load_keras_model(path: Path):
@@ -174,6 +159,7 @@ def load_source(
         raise FileNotFoundError(f"source {source} does not exist; give a run directory, a .keras or a .h5 file")
     saved_model = source.is_dir() and (source / "saved_model.pb").is_file()
     run_dir = None if saved_model else _run_dir_of(source)
+    cfg = runs.read_config(run_dir) if run_dir is not None else None
     if saved_model:
         model_path = source
     elif source.is_dir():
@@ -182,13 +168,12 @@ def load_source(
                 f"{source} is a directory without config.json or saved_model.pb; "
                 "it is neither a medge run directory nor a SavedModel"
             )
-        run_cfg = json.loads((source / "config.json").read_text())
         if part == "head":
-            if not run_cfg.get("head_file") or not run_cfg.get("store"):
+            if not cfg.head_file or not cfg.store:
                 raise ValueError(f"--part head needs an OCT head run (config.json with head_file and store); {source} has none")
-            model_path = source / run_cfg["head_file"]
+            model_path = source / cfg.head_file
         else:
-            model_path = source / (run_cfg.get("model_file") or "best.keras")
+            model_path = source / cfg.model_file
         if not model_path.is_file():
             raise FileNotFoundError(f"{source} holds no {model_path.name}; has training finished an epoch?")
     else:
@@ -201,15 +186,10 @@ def load_source(
                 "or a run directory"
             )
 
-    cfg: dict[str, Any] | None = None
-    manifest = None
-    if run_dir is not None:
-        cfg = json.loads((run_dir / "config.json").read_text())
-        if cfg.get("manifest"):
-            manifest = Path(cfg["manifest"])
+    manifest = Path(cfg.manifest) if cfg is not None and cfg.manifest else None
     model = load_saved_model(model_path) if saved_model else load_keras_model(model_path)
 
-    run_labels = list(cfg["labels"]) if cfg and cfg.get("labels") else None
+    run_labels = list(cfg.labels) if cfg is not None else None
     if labels is not None and run_labels is not None and list(labels) != run_labels:
         raise ValueError(f"--labels {list(labels)} differ from the run's labels {run_labels}; drop --labels")
     final_labels = run_labels or (list(labels) if labels else None)
@@ -222,10 +202,7 @@ def load_source(
     if len(final_labels) != n_out:
         raise ValueError(f"{len(final_labels)} labels {final_labels} for a model with {n_out} outputs")
 
-    if cfg and cfg.get("preprocess"):
-        final_spec = PreprocessSpec.from_dict(cfg["preprocess"])
-    else:
-        final_spec = spec or MALARIA_SPEC
+    final_spec = cfg.preprocess if cfg is not None else (spec or MALARIA_SPEC)
     in_shape = tuple(model.inputs[0].shape[1:])
     if None in in_shape:
         raise ValueError(f"model input {in_shape} is not fixed; models need a fixed input size")
@@ -237,22 +214,21 @@ def load_source(
     if part == "head":
         default_name = f"{run_dir.name}-head"
     elif run_dir is not None:
-        run_model = (cfg or {}).get("model_file") or "best.keras"
-        default_name = run_dir.name if source.is_dir() or model_path.name == run_model else model_path.stem
+        default_name = run_dir.name if source.is_dir() or model_path.name == cfg.model_file else model_path.stem
     else:
         default_name = model_path.stem
-    positive = (cfg or {}).get("positive_label")
+    positive = cfg.positive_label if cfg is not None else None
     src = Source(
         path=model_path,
         name=name or default_name,
         labels=tuple(final_labels),
         spec=final_spec,
-        task=(cfg or {}).get("task") or "classification",
+        task=cfg.task if cfg is not None else "classification",
         positive_label=positive if positive in final_labels else None,
         sha256=sha256_file(model_path),
-        run_config=cfg,
+        config=cfg,
         manifest=manifest,
         part=part,
-        store=Path(cfg["store"]) if part == "head" else None,
+        store=Path(cfg.store) if part == "head" else None,
     )
     return model, src

@@ -39,10 +39,11 @@ def _threads(text: str) -> int:
     return n
 
 
-def _fraction(text: str) -> float:
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1] (also used by `python -m convert`)."""
     v = float(text)
     if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"--threshold must be in [0, 1], got {text}")
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
     return v
 
 
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                      help="progress on stderr (auto: when stderr is a terminal)")
     d = pr.add_argument_group("decision")
-    d.add_argument("--threshold", type=_fraction,
+    d.add_argument("--threshold", type=fraction,
                    help="confidence below which the answer is 'uncertain — refer' (default: from the model)")
     d.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="reject larger images (decompression-bomb guard)")
@@ -198,7 +199,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from edge_runtime.field import is_malaria, is_oct, oct_summary, slide_summary
+    from edge_runtime.clinical import is_malaria, is_oct, oct_summary, slide_summary
 
     t_start = time.perf_counter()
     model = _load(args)

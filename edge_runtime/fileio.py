@@ -1,10 +1,12 @@
-"""Atomic file writes: temp file in the same folder, then rename, with ordinary permissions.
+"""File helpers shared by train, convert and benchmarks: atomic writes and sha256.
 
-Shared by train, convert and benchmarks: a killed process never leaves half a file.
+Atomic writes go to a temp file in the same folder, then rename, with ordinary
+permissions: a killed process never leaves half a file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -40,3 +42,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def sha256_text(text: str) -> str:
+    """sha256 (hex) of a string's UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, or of a folder (every file's relative path and bytes, in sorted order)."""
+    h = hashlib.sha256()
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

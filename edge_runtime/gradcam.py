@@ -264,7 +264,7 @@ class GradCam:
     """
 
     def __init__(self, model, weights: str | Path | None = None):
-        from edge_runtime.field import is_oct
+        from edge_runtime.clinical import is_oct
 
         if not is_oct(model.metadata):
             raise GradCamError(f"Grad-CAM maps are made for OCT head models; {model.path.name} is a "

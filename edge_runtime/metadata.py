@@ -86,7 +86,10 @@ class ArtifactMetadata:
         input, output: the runtime-visible tensors (dtype and quantization).
         quantization: how weights/activations were quantized (empty for float):
             e.g. {"weights": "int8 per-channel", "activations": "uint8",
-            "calibration": "minmax", "calibration_images": 300}.
+            "calibration": "minmax", "calibration_images": 300,
+            "calibration_from": "malaria.csv (train split)", "calibration_sha256": ...}.
+            `calibration_from` names the manifest or folder by basename (files
+            written before it did carry the build machine's absolute path).
         output_kind: "probabilities" (softmax inside the model) or "logits".
         positive_label: the class a screening result flags, if any.
         confidence_threshold: top-class probability below which a device

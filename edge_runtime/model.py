@@ -14,7 +14,6 @@ tensors' own scale and zero point as the runtime reports them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -109,7 +108,8 @@ def softmax(z: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- loading
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """"Type: first line of the message": an error summary for one-line reports."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
@@ -127,7 +127,7 @@ def _read_metadata(path: Path, session) -> tuple[ArtifactMetadata, str]:
     except (MetadataNotFound, ImportError) as e:  # no entry, or no flatbuffer schema (tflite-runtime only)
         embedded_error = str(e)
     except Exception as e:  # a flatbuffer that does not parse raises struct/Index errors
-        raise ModelError(f"{path}: its medge metadata cannot be read ({_first_line(e)})") from None
+        raise ModelError(f"{path}: its medge metadata cannot be read ({first_line(e)})") from None
     try:
         return read_sidecar(path), "sidecar"
     except FileNotFoundError:
@@ -136,7 +136,7 @@ def _read_metadata(path: Path, session) -> tuple[ArtifactMetadata, str]:
             "export the model with `python -m convert`"
         ) from None
     except (ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{path.with_suffix('.json')}: sidecar metadata is invalid ({_first_line(e)})") from None
+        raise ModelError(f"{path.with_suffix('.json')}: sidecar metadata is invalid ({first_line(e)})") from None
 
 
 def _check_contract(path: Path, meta: ArtifactMetadata, inp: TensorInfo, out: TensorInfo) -> None:
@@ -197,9 +197,9 @@ def load(
     try:
         session = backends.open_session(path, chosen.name, threads)
     except ImportError as e:  # installed but broken runtime
-        raise BackendError(f"backend {chosen.name} failed to import ({_first_line(e)}): {chosen.install_hint()}") from None
+        raise BackendError(f"backend {chosen.name} failed to import ({first_line(e)}): {chosen.install_hint()}") from None
     except Exception as e:  # runtimes raise RuntimeError, ValueError or their own types for bad files
-        raise ModelError(f"{path}: {chosen.name} cannot load it, truncated or not a model ({_first_line(e)})") from None
+        raise ModelError(f"{path}: {chosen.name} cannot load it, truncated or not a model ({first_line(e)})") from None
     meta, meta_source = _read_metadata(path, session)
     _check_contract(path, meta, session.input, session.output)
     model = EdgeModel(path, meta, session, threshold=threshold, max_pixels=max_pixels)
@@ -378,7 +378,7 @@ class EdgeModel:
                                                   "inference_ms": round((t2 - t1) * 1e3, 3)})
 
     def _result(self, name: str, probs: np.ndarray, bar: float, timing: dict[str, float]) -> Prediction:
-        from edge_runtime.field import referral_level
+        from edge_runtime.clinical import referral_level
 
         k = int(np.argmax(probs))
         label, conf = self.labels[k], float(probs[k])
@@ -390,6 +390,3 @@ class EdgeModel:
             referral=referral_level(self.metadata, label, uncertain), timing=timing,
         )
 
-
-def predictions_json(preds: Iterable[Prediction]) -> str:
-    return json.dumps([p.to_dict() for p in preds], indent=2, ensure_ascii=False)

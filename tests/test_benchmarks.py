@@ -10,15 +10,15 @@ asserted (the machine is shared).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from benchmarks import cli, report
-from benchmarks.models import MODELS, Prepared
+from benchmarks.cache import MODELS, Prepared
 from benchmarks.run import KERAS, ROW_FIELDS, Settings, benchmark_model
 from convert.formats import parse_formats
+from train import runs
 
 FORMATS = "tflite-float32,tflite-int8"
 
@@ -81,7 +81,7 @@ def test_failing_format_is_a_row(bench, tiny_run, tmp_path):
     broken = tmp_path / "malaria-edge_tflite-int8.tflite"
     broken.write_bytes(good.read_bytes()[:200])  # truncated: the runtime cannot load it
     p = Prepared(MODELS["malaria-edge"], run=tiny_run, reference=tiny_run / "best.keras",
-                 manifest=Path(json.loads((tiny_run / "config.json").read_text())["manifest"]),
+                 manifest=Path(runs.read_config(tiny_run).manifest),
                  artifacts={"tflite-float32": good, "tflite-int8": broken},
                  errors={"onnx-float32": "conversion failed: something broke"})
     rows = benchmark_model(p, parse_formats("tflite-float32,tflite-int8,onnx-float32"),

@@ -37,6 +37,7 @@ from edge_runtime.metadata import (
     tflite_metadata_entries,
 )
 from edge_runtime.spec import MALARIA_SPEC
+from train import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "malaria_sample"
@@ -98,7 +99,7 @@ def exported(trained_run, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def proof_images(trained_run):
-    from convert.data import load_sets
+    from convert.calibration import load_sets
     from convert.sources import load_source
 
     _, src = load_source(trained_run)
@@ -148,6 +149,9 @@ def test_metadata_dataclass_round_trip():
         ArtifactMetadata.from_dict({**meta.to_dict(), "schema": "medge-artifact/2"})
     with pytest.raises(ValueError, match="positive_label"):
         ArtifactMetadata.from_dict({**meta.to_dict(), "positive_label": "Healthy"})
+    # Artifacts made before calibration was named by basename carry an absolute path and no sha256: still read.
+    older = {**meta.to_dict(), "quantization": {"calibration_from": "/home/build/runs/malaria.csv (train split)"}}
+    assert ArtifactMetadata.from_dict(older).quantization["calibration_from"].startswith("/home/build")
 
 
 # ---------------------------------------------------------------- every row
@@ -157,7 +161,7 @@ def test_metadata_dataclass_round_trip():
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_row_exported_and_proven(name, exported, trained_run, model, proof_images):
     from convert import verify
-    from convert.sources import sha256_file
+    from edge_runtime.fileio import sha256_file
 
     out, report = exported
     fmt = FORMATS[name]
@@ -201,7 +205,10 @@ def test_row_exported_and_proven(name, exported, trained_run, model, proof_image
         assert meta.quantization["weights"]
     if fmt.calibrated:
         assert meta.quantization["calibration_images"] == CALIB_N
-        assert "train split" in meta.quantization["calibration_from"]
+        # Named by basename (no build-machine path in a released file), pinned by the manifest's sha256.
+        manifest = Path(runs.read_config(trained_run).manifest)
+        assert meta.quantization["calibration_from"] == f"{manifest.name} (train split)"
+        assert meta.quantization["calibration_sha256"] == sha256_file(manifest)
 
 
 @pytest.mark.slow
@@ -415,7 +422,7 @@ def test_legacy_h5_source(trained_run, model, tmp_path):
     twin.set_weights(model.get_weights())
     h5 = tmp_path / "legacy_2018.h5"
     twin.save(h5)
-    manifest = json.loads((trained_run / "config.json").read_text())["manifest"]
+    manifest = runs.read_config(trained_run).manifest
 
     with pytest.raises(ValueError, match="--labels"):
         run_export(h5, tmp_path / "x", parse_formats("tflite-float32"), _options(calib=Path(manifest)))
@@ -436,7 +443,7 @@ def test_saved_model_source(model, trained_run, tmp_path):
 
     sm = tmp_path / "exported_sm"
     model.export(str(sm), verbose=False)
-    manifest = Path(json.loads((trained_run / "config.json").read_text())["manifest"])
+    manifest = Path(runs.read_config(trained_run).manifest)
     report = run_export(sm, tmp_path / "out", parse_formats("tflite-float32,onnx-float32"), _options(calib=manifest),
                         labels=["Parasitized", "Uninfected"], log=lambda *a: None)
     for row in report["rows"]:
@@ -558,13 +565,12 @@ def oct_like_run(tmp_path_factory, trained_run):
         f.attrs.update(format=STORE_FORMAT, labels=json.dumps(labels), n_done=24,
                        preprocess=json.dumps(OCT_INCEPTION_SPEC.to_dict()), base_weights="none", base_seed=0,
                        base_sha256="0" * 64, fingerprint="f" * 16, synthetic=True, manifest="")
-    manifest = json.loads((trained_run / "config.json").read_text())["manifest"]
-    (run / "config.json").write_text(json.dumps({
-        "task": "oct", "mode": "head", "model_file": "fused.keras", "head_file": "head.keras", "labels": labels,
-        "positive_label": None, "preprocess": OCT_INCEPTION_SPEC.to_dict(), "store": str(store),
-        "manifest": manifest, "base": {"weights": "none", "seed": 0, "sha256": "0" * 64},
-        "features_fingerprint": "f" * 16,
-    }))
+    manifest = runs.read_config(trained_run).manifest
+    runs.write_config(run, runs.RunConfig(
+        task="oct", mode="head", model_file="fused.keras", head_file="head.keras", labels=labels,
+        preprocess=OCT_INCEPTION_SPEC, store=str(store), manifest=manifest,
+        base={"weights": "none", "seed": 0, "sha256": "0" * 64}, features_fingerprint="f" * 16,
+    ))
     return run
 
 
@@ -761,6 +767,7 @@ def test_calibration_from_an_image_folder(trained_run, tmp_path):
                         _options(calib=SAMPLE, calib_n=40, eval_n=40, min_agreement=0.0), name="cells",
                         log=lambda *a: None)
     assert report["calibration"]["images"] == 40 and "folder" in report["calibration"]["from"]
+    assert str(SAMPLE) not in report["calibration"]["from"] and len(report["calibration"]["sha256"]) == 64
     assert report["proof"]["images"] == 40
     row = report["rows"][0]
     assert row["status"] == "ok" and row["file"] == "cells_tflite-int8.tflite"

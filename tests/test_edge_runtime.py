@@ -49,7 +49,7 @@ import edge_runtime  # noqa: E402
 from edge_runtime import backends  # noqa: E402
 from edge_runtime.backends import BackendError  # noqa: E402
 from edge_runtime.cli import main as cli_main  # noqa: E402
-from edge_runtime.field import oct_summary, referral_level, slide_summary  # noqa: E402
+from edge_runtime.clinical import OCT_LABELS, oct_summary, referral_level, slide_summary  # noqa: E402
 from edge_runtime.metadata import TensorInfo  # noqa: E402
 from edge_runtime.model import UNCERTAIN, ModelError, Prediction, dequantize, quantize  # noqa: E402
 from edge_runtime.spec import PreprocessSpec  # noqa: E402
@@ -59,7 +59,6 @@ ART_ENV = "MEDGE_EDGE_ARTIFACTS"
 MALARIA_FORMATS = ("tflite-float32", "tflite-int8", "onnx-float32", "onnx-int8", "ort-int8")
 MALARIA_FILES = {f: f"malaria_{f}.{f.split('-')[0]}" for f in MALARIA_FORMATS}
 INT8_IO_FILE = "malaria-io8_tflite-int8.tflite"  # int8 input and output tensors
-OCT_LABELS = ("CNV", "DME", "DRUSEN", "NORMAL")
 # A small OCT stand-in: same head as the paper's approach B, a 3-conv "base" giving 8x8x2048 features.
 OCT_SPEC = PreprocessSpec(input_size=(64, 64), color_mode="rgb", scale=1.0 / 127.5, offset=-1.0)
 OCT_FILES = {"float32": "oct_tflite-float32.tflite", "int8": "oct_tflite-int8.tflite"}
@@ -161,7 +160,8 @@ def make_artifacts(out: Path, run: Path | None = None) -> Path:
     from convert.export import Options, run_export
     from convert.formats import parse_formats
     from convert.gradcam_export import write_for_export
-    from convert.sources import Source, sha256_file
+    from convert.sources import Source
+    from edge_runtime.fileio import sha256_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

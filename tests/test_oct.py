@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.oct.facts import OCT_LABELS, SYNTHETIC_MARKER, referral_metrics
+from edge_runtime.clinical import OCT_LABELS
+from train.oct.facts import SYNTHETIC_MARKER, referral_metrics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,8 +219,8 @@ def test_head_run_and_fused_model(head_run, store, loaded):
     from train.oct.store import read_column, split_indices
 
     cfg = runs.read_config(head_run)
-    assert cfg["task"] == "oct" and cfg["mode"] == "head" and cfg["model_file"] == "fused.keras"
-    assert cfg["synthetic"] is True and cfg["referral"]["DME"] == "urgent"
+    assert cfg.task == "oct" and cfg.mode == "head" and cfg.model_file == "fused.keras"
+    assert cfg.synthetic is True and cfg.referral["DME"] == "urgent"
     hist = runs.read_history(head_run)
     assert len(hist) == 3 and all(r["seconds"] > 0 for r in hist) and "learning_rate" in hist[0]
 
@@ -409,7 +410,7 @@ def test_end_to_end_mode(store, work):
 
     run = train(store, work / "run-e2e", mode="end-to-end", epochs=1, batch_size=8, verbose=0)
     cfg = runs.read_config(run)
-    assert cfg["mode"] == "end-to-end" and cfg["head_file"] is None
+    assert cfg.mode == "end-to-end" and cfg.head_file is None
     assert (run / "fused.keras").is_file() and not (run / "head.keras").exists()
     assert runs.read_history(run)[0]["seconds"] > 0
 

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_tiny_trains_saves_reloads_and_evaluates(tiny_run, sample_manifest, tmp_path):
-    cfg = json.loads((tiny_run / "config.json").read_text())
-    assert cfg["labels"] == ["Parasitized", "Uninfected"] and cfg["positive_label"] == "Parasitized"
-    assert cfg["preprocess"]["input_size"] == [64, 64] and cfg["preset"]["name"] == "tiny"
-    assert cfg["size"]["weights"] > 0 and cfg["size"]["macs"] > 0
+    cfg = runs.read_config(tiny_run)
+    assert cfg.labels == ("Parasitized", "Uninfected") and cfg.positive_label == "Parasitized"
+    assert cfg.preprocess.input_size == (64, 64) and cfg.preset["name"] == "tiny"
+    assert cfg.size["weights"] > 0 and cfg.size["macs"] > 0 and cfg.model_file == "best.keras"
     assert (tiny_run / "history.png").stat().st_size > 1000
     hist = runs.read_history(tiny_run)
     assert [r["epoch"] for r in hist] == [0] and {"loss", "val_accuracy"} <= set(hist[0])

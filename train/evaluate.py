@@ -73,8 +73,8 @@ def evaluate_run(
     """Evaluate and write the report folder; return the report dict."""
     run_dir, model_path = runs.resolve_run(run)
     cfg = runs.read_config(run_dir)
-    labels = cfg["labels"]
-    spec = PreprocessSpec.from_dict(cfg["preprocess"])
+    labels = list(cfg.labels)
+    spec = cfg.preprocess
     if data is not None:
         res = build_split(data, progress=True)
         records = [r for r in res.records]
@@ -95,19 +95,19 @@ def evaluate_run(
     model = load_model(model_path)
     probs = predict_records(model, records, labels, spec, batch_size)
     y_true = np.array([labels.index(r.label) for r in records])
-    report = classification_metrics(y_true, probs, labels, cfg.get("positive_label"))
+    report = classification_metrics(y_true, probs, labels, cfg.positive_label)
     report.update({
         "model": str(model_path.resolve()),
-        "task": cfg.get("task"),
+        "task": cfg.task,
         "source": source,
         "patients": len({r.patient for r in records}),
         "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     from train.oct.facts import SYNTHETIC_NOTE, any_synthetic, referral_metrics
 
-    if cfg.get("referral"):  # OCT: Kermany et al.'s urgent / routine / observation view
-        report["referral"] = referral_metrics(y_true, probs.argmax(axis=1), labels, cfg["referral"])
-    synthetic = bool(cfg.get("synthetic")) or any_synthetic(r.path for r in records)
+    if cfg.referral:  # OCT: Kermany et al.'s urgent / routine / observation view
+        report["referral"] = referral_metrics(y_true, probs.argmax(axis=1), labels, cfg.referral)
+    synthetic = cfg.synthetic or any_synthetic(r.path for r in records)
     if synthetic:
         report["synthetic"] = True
         report["synthetic_note"] = SYNTHETIC_NOTE

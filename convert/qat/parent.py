@@ -31,11 +31,11 @@ def twin_architecture(source) -> Architecture:
     Raises:
         ValueError: a source medge has no architecture code for (a bare model file).
     """
-    cfg = source.run_config or {}
+    cfg = source.config
     if source.resnet_config is not None:
         return Architecture("resnet", resnet=source.resnet_config)
-    if cfg.get("task") == "oct" and cfg.get("mode") in ("head", "end-to-end"):
-        return Architecture("oct-head" if source.part == "head" else "oct-fused", mode=cfg["mode"])
+    if cfg is not None and cfg.task == "oct" and cfg.mode in ("head", "end-to-end"):
+        return Architecture("oct-head" if source.part == "head" else "oct-fused", mode=cfg.mode)
     raise ValueError(
         "tflite-qat-int8 builds a tf-keras twin from the architecture code, which needs a medge run directory "
         "(a malaria ResNet run or an OCT run, whose config.json names the architecture); this source has none"

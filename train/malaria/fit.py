@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
@@ -56,12 +55,12 @@ def train_malaria(
     out = Path(out)
     if resume:
         cfg = runs.read_config(out)
-        p = MalariaPreset.from_dict(cfg["preset"])
-        seed = cfg["seed"]
-        manifest = Path(cfg["manifest"])
+        p = MalariaPreset.from_dict(cfg.preset)
+        seed = cfg.seed
+        manifest = Path(cfg.manifest)
         print(f"resuming {out} (preset {p.name}, {p.epochs} epochs)")
     else:
-        if (out / runs.CONFIG).exists():
+        if runs.is_run(out):
             raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         p = MALARIA_PRESETS[preset] if isinstance(preset, str) else preset
         if isinstance(preset, str) and preset not in MALARIA_PRESETS:
@@ -111,21 +110,21 @@ def train_malaria(
         if hist and "val_accuracy" in hist[0]:
             best_so_far = max(r["val_accuracy"] for r in hist)
     else:
-        runs.write_json(out / runs.CONFIG, {
-            "task": "malaria",
-            "model": "malaria_resnet",
-            "labels": labels,
-            "positive_label": POSITIVE_LABEL if POSITIVE_LABEL in labels else labels[-1],
-            "preprocess": spec.to_dict(),
-            "preset": p.to_dict(),
-            "seed": seed,
-            "manifest": str(Path(manifest).resolve()),
-            "images": {"train": len(train_rec), "val": len(val_rec)},
-            "size": size,
-            "replicas": replicas,
-            "versions": runs.versions(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        })
+        runs.write_config(out, runs.RunConfig(
+            task="malaria",
+            model="malaria_resnet",
+            labels=tuple(labels),
+            positive_label=POSITIVE_LABEL if POSITIVE_LABEL in labels else labels[-1],
+            preprocess=spec,
+            preset=p.to_dict(),
+            seed=seed,
+            manifest=str(Path(manifest).resolve()),
+            images={"train": len(train_rec), "val": len(val_rec)},
+            size=size,
+            replicas=replicas,
+            versions=runs.versions(),
+            created=runs.utc_now(),
+        ))
 
     cbs = [
         # Restores weights, optimizer state (so the LR schedule too) and the epoch counter.

@@ -10,26 +10,21 @@ The OCT pipeline, one command per arrow (see `python -m train oct --help`):
     python -m train oct gradcam runs/oct-head IMAGE... --out runs/oct-head/gradcam
     python -m train oct predict runs/oct-head IMAGE_OR_URL...
 
-This module holds the class list, the clinical referral levels of Kermany et
-al. (2018) and the synthetic-data marker, so that reports can say what they
-are about without importing Keras.
+This module holds the referral metrics of Kermany et al. (2018) and the
+synthetic-data marker, so that reports can say what they are about without
+importing Keras (the class list and referral levels come from
+edge_runtime.clinical).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-# OCT2017's class folders, in the (alphabetical) order Keras' directory loaders give them.
-OCT_LABELS = ("CNV", "DME", "DRUSEN", "NORMAL")
+from edge_runtime.clinical import OCT_REFERRAL, REFERRAL_LEVELS
 
-# Kermany et al.: choroidal neovascularisation and diabetic macular oedema need
-# urgent referral, drusen (early AMD) routine referral, a normal scan observation.
-REFERRAL = {"CNV": "urgent", "DME": "urgent", "DRUSEN": "routine", "NORMAL": "observation"}
-REFERRAL_LEVELS = ("urgent", "routine", "observation")
 # What Kermany et al. report for their own model on the 1,000 test images.
 KERMANY_REFERENCE = {"accuracy": 0.966, "sensitivity": 0.978, "specificity": 0.974}
 
@@ -71,7 +66,7 @@ def referral_metrics(
     Args:
         y_true, y_pred: class indices into `labels`.
         labels: class names; each must have a level in `referral`.
-        referral: class -> "urgent" | "routine" | "observation" (default `REFERRAL`).
+        referral: class -> "urgent" | "routine" | "observation" (default `OCT_REFERRAL`).
 
     Returns:
         A dict for report.json's `referral` key: the class -> level map, the
@@ -80,7 +75,7 @@ def referral_metrics(
     """
     from train.metrics import binary_rates
 
-    referral = dict(referral or REFERRAL)
+    referral = dict(referral or OCT_REFERRAL)
     missing = [l for l in labels if l not in referral]
     if missing:
         raise ValueError(f"labels {missing} have no referral level; known: {referral}")
@@ -119,13 +114,3 @@ def referral_markdown(r: dict[str, Any]) -> str:
     for name, row in zip(r["level_order"], r["level_confusion_matrix"]):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
-
-
-def read_marker(root: str | Path) -> dict[str, Any]:
-    """The generator settings recorded in a synthetic root's marker file ({} when absent)."""
-    p = Path(root) / SYNTHETIC_MARKER
-    if not p.is_file():
-        return {}
-    text = p.read_text()
-    start = text.find("{")
-    return json.loads(text[start:]) if start >= 0 else {}

@@ -25,14 +25,14 @@ Both write a run directory that `python -m train evaluate`, `oct gradcam`,
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from train import runs
-from train.oct.facts import REFERRAL, SYNTHETIC_NOTE, referral_metrics
+from edge_runtime.clinical import OCT_LABELS, referral_map
+from train.oct.facts import SYNTHETIC_NOTE, referral_metrics
 from train.oct.models import describe_base, features_fingerprint, preprocess_name
 
 MODES = ("head", "end-to-end")
@@ -41,27 +41,27 @@ HEAD = "head.keras"
 
 
 def _config(mode: str, labels: list[str], spec, base_weights: str, base_seed: int, base_sha: str,
-            synthetic: bool, **extra: Any) -> dict[str, Any]:
-    return {
-        "task": "oct",
-        "mode": mode,
-        "model": f"oct_inceptionv3_{mode.replace('-', '_')}",
-        "model_file": FUSED,
-        "head_file": HEAD if mode != "end-to-end" else None,
-        "labels": labels,
-        "positive_label": None,
-        "referral": {l: REFERRAL[l] for l in labels if l in REFERRAL} if set(labels) <= set(REFERRAL) else None,
-        "preprocess": spec.to_dict(),
-        "preprocess_name": preprocess_name(spec),
-        "base": {"weights": base_weights, "seed": base_seed, "sha256": base_sha,
-                 "description": describe_base(base_weights, base_seed)},
-        "features_fingerprint": features_fingerprint(base_sha, spec),
-        "synthetic": synthetic,
-        **({"synthetic_note": SYNTHETIC_NOTE} if synthetic else {}),
+            synthetic: bool, **extra: Any) -> runs.RunConfig:
+    return runs.RunConfig(
+        task="oct",
+        mode=mode,
+        model=f"oct_inceptionv3_{mode.replace('-', '_')}",
+        model_file=FUSED,
+        head_file=HEAD if mode != "end-to-end" else None,
+        labels=tuple(labels),
+        positive_label=None,
+        referral=referral_map(labels),
+        preprocess=spec,
+        preprocess_name=preprocess_name(spec),
+        base={"weights": base_weights, "seed": base_seed, "sha256": base_sha,
+              "description": describe_base(base_weights, base_seed)},
+        features_fingerprint=features_fingerprint(base_sha, spec),
+        synthetic=synthetic,
+        synthetic_note=SYNTHETIC_NOTE if synthetic else None,
+        versions=runs.versions(),
+        created=runs.utc_now(),
         **extra,
-        "versions": runs.versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    )
 
 
 def _check_base(info, base_weights: str | None, base_seed: int | None, preprocess: str | None):
@@ -118,23 +118,25 @@ def evaluate_head_on_store(run: Path, store: Path, split: str = "test", head=Non
 
     cfg = runs.read_config(run)
     info = read_info(store)
-    if info.fingerprint != cfg["features_fingerprint"]:
+    if info.fingerprint != cfg.features_fingerprint:
         raise ValueError(f"store {store} ({info.describe()}) does not match run {run} "
-                         f"(features fingerprint {cfg['features_fingerprint']}): refusing to evaluate")
-    head = head or load_model(Path(run) / cfg["head_file"])
+                         f"(features fingerprint {cfg.features_fingerprint}): refusing to evaluate")
+    if not cfg.head_file:
+        raise ValueError(f"run {run} ({cfg.mode}) has no head to evaluate on stored features")
+    head = head or load_model(Path(run) / cfg.head_file)
     idx = split_indices(store, split)
     if len(idx) == 0:
         raise ValueError(f"store {store} has no {split!r} images")
     probs = head.predict(make_sequence(store, split, batch_size, shuffle=False), verbose=0)
-    labels = cfg["labels"]
+    labels = list(cfg.labels)
     y_true = read_column(store, "label", idx).astype(int)
     report = classification_metrics(y_true, probs, labels)
-    if cfg.get("referral"):
-        report["referral"] = referral_metrics(y_true, probs.argmax(1), labels, cfg["referral"])
-    report.update({"model": str((Path(run) / cfg["head_file"]).resolve()), "task": "oct", "store": str(store),
+    if cfg.referral:
+        report["referral"] = referral_metrics(y_true, probs.argmax(1), labels, cfg.referral)
+    report.update({"model": str((Path(run) / cfg.head_file).resolve()), "task": "oct", "store": str(store),
                    "split": split, "patients": int(len(set(read_column(store, "patient", idx)))),
                    "synthetic": info.synthetic,
-                   "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                   "evaluated": runs.utc_now()})
     out = Path(run) / f"eval-store-{split}"
     title = f"{Path(run).name} head on stored {split} features ({len(idx)} images, {report['patients']} patients)"
     write_report(out, report, title)
@@ -179,9 +181,9 @@ def train(
     out = Path(out)
     if resume:
         cfg = runs.read_config(out)
-        store, mode, seed = Path(cfg["store"]), cfg["mode"], cfg["seed"]
-        epochs, batch_size = cfg["epochs"], cfg["batch_size"]
-    elif (out / runs.CONFIG).exists():
+        store, mode, seed = Path(cfg.store), cfg.mode, cfg.seed
+        epochs, batch_size = cfg.epochs, cfg.batch_size
+    elif runs.is_run(out):
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     info = read_info(store)
     if not info.complete:
@@ -216,7 +218,7 @@ def train(
         ckpt = FUSED
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
     if not resume:
-        runs.write_json(out / runs.CONFIG, _config(
+        runs.write_config(out, _config(
             mode, labels, spec, weights, bseed, sha, info.synthetic, store=str(Path(store).resolve()),
             manifest=info.manifest, seed=seed, epochs=epochs, batch_size=batch_size, images=n,
             weights_trainable=int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
@@ -266,12 +268,11 @@ def import_head(head_path: Path, out: Path, base_weights: str = "imagenet", base
 
     With `store`, the base and preprocessing must be the store's (checked by fingerprint).
     """
-    from train.oct.facts import OCT_LABELS
     from train.oct.models import build_base, fuse, load_head, preprocess_spec, weights_fingerprint
     from train.oct.store import read_info
 
     out = Path(out)
-    if (out / runs.CONFIG).exists():
+    if runs.is_run(out):
         raise ValueError(f"{out} already holds a run; choose another --out")
     labels = list(labels or OCT_LABELS)
     head = load_head(head_path, len(labels))
@@ -284,7 +285,7 @@ def import_head(head_path: Path, out: Path, base_weights: str = "imagenet", base
     out.mkdir(parents=True, exist_ok=True)
     head.save(out / HEAD)
     fuse(base, head).save(out / FUSED)
-    runs.write_json(out / runs.CONFIG, _config(
+    runs.write_config(out, _config(
         "imported-head", labels, spec, base_weights, base_seed, sha, synthetic=False,
         imported_from=str(Path(head_path).resolve()),
     ))

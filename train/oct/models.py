@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.fileio import sha256_text
 from edge_runtime.spec import OCT_INCEPTION_SPEC, OCT_RESCALE_SPEC, PreprocessSpec
 from train.training import keras_module as keras_module_of
 
@@ -143,7 +144,7 @@ def weights_fingerprint(model: Any) -> str:
 def features_fingerprint(base_sha: str, spec: PreprocessSpec) -> str:
     """What stored features depend on: the base's weights, its output layer and the preprocessing."""
     blob = json.dumps({"base": base_sha, "layer": FEATURE_LAYER, "preprocess": spec.to_dict()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return sha256_text(blob)[:16]
 
 
 def describe_base(weights: str, seed: int) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 
 from edge_runtime.images import load_image, preprocess
 from edge_runtime.spec import PreprocessSpec
-from train.oct.facts import OCT_LABELS, REFERRAL
+from edge_runtime.clinical import OCT_LABELS, referral_map
 
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MAX_BYTES = 20 * 2**20
@@ -57,8 +57,8 @@ def load_for_inference(run: Path | None = None, head: Path | None = None, base_w
 
         run = Path(run)
         cfg = runs.read_config(run)
-        if cfg.get("task") != "oct":
-            raise ValueError(f"{run} is a {cfg.get('task')!r} run, not an OCT run")
+        if cfg.task != "oct":
+            raise ValueError(f"{run} is a {cfg.task!r} run, not an OCT run")
         path = runs.model_file(run)
         fused = load_model(path)
         subs = [l for l in fused.layers if hasattr(l, "layers")]
@@ -67,13 +67,12 @@ def load_for_inference(run: Path | None = None, head: Path | None = None, base_w
             raise ValueError(f"{path} is not a base+head OCT model (nested models: {[l.name for l in subs]})")
         base = bases[0]
         top = [l for l in subs if l is not base][0]
-        return Loaded(base, top, cfg["labels"], PreprocessSpec.from_dict(cfg["preprocess"]), cfg.get("referral"),
-                      str(run), bool(cfg.get("synthetic")))
+        return Loaded(base, top, list(cfg.labels), cfg.preprocess, dict(cfg.referral) if cfg.referral else None,
+                      str(run), cfg.synthetic)
     labels = list(labels or OCT_LABELS)
     h = load_head(head, len(labels))
     base = build_base(base_weights, base_seed)
-    referral = {l: REFERRAL[l] for l in labels} if set(labels) <= set(REFERRAL) else None
-    return Loaded(base, h, labels, preprocess_spec(preprocess_name), referral, str(head))
+    return Loaded(base, h, labels, preprocess_spec(preprocess_name), referral_map(labels), str(head))
 
 
 def is_url(s: str) -> bool:

@@ -31,8 +31,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from edge_runtime.clinical import OCT_LABELS
 from edge_runtime.spec import PreprocessSpec
-from train.oct.facts import OCT_LABELS, any_synthetic
+from train.oct.facts import any_synthetic
 from train.oct.models import (
     FEATURE_LAYER, FEATURE_SHAPE, build_base, describe_base, features_fingerprint, preprocess_spec,
     weights_fingerprint,

@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from train.oct.facts import OCT_LABELS, SYNTHETIC_MARKER, SYNTHETIC_NOTE
+from edge_runtime.clinical import OCT_LABELS
+from train.oct.facts import SYNTHETIC_MARKER, SYNTHETIC_NOTE
 
 HEIGHT, WIDTH = 496, 512  # the commonest OCT2017 B-scan size (width x height 512x496)
 

@@ -8,6 +8,11 @@ Keras runs on images neither calibration nor training saw.
 `--calib` may be a manifest CSV (its splits are used as above) or a folder of
 images (class folders give labels for the accuracy column); a folder is split
 into disjoint calibration and proof images.
+
+What an image set came from is recorded by name (the manifest's or folder's
+basename, never the build machine's absolute path, since artifact metadata
+carries it) plus a sha256: of the manifest file, of the folder's sorted image
+listing, or of a feature store's fingerprint and records.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from edge_runtime.fileio import sha256_file, sha256_text
 from edge_runtime.images import is_image_file
 from edge_runtime.spec import PreprocessSpec
 
@@ -29,18 +35,24 @@ MIN_CALIB_WARN = 100
 
 @dataclasses.dataclass
 class ImageSet:
-    """Preprocessed images with their labels (index into the model's labels, -1 if unknown)."""
+    """Preprocessed images with their labels (index into the model's labels, -1 if unknown).
+
+    Attributes:
+        origin: what they were drawn from, by basename, e.g. "malaria.csv (train split)".
+        sha256: of that manifest file, folder listing or feature store (see the module docstring).
+    """
 
     x: np.ndarray
     y: np.ndarray
     paths: list[str]
     origin: str
+    sha256: str = ""
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def describe(self) -> dict:
-        return {"images": len(self), "from": self.origin}
+        return {"images": len(self), "from": self.origin, "sha256": self.sha256}
 
 
 def preprocess_paths(paths: Sequence[str], spec: PreprocessSpec, batch: int = 64) -> np.ndarray:
@@ -69,14 +81,15 @@ def _labels_of(paths_labels: list[tuple[str, str]], labels: Sequence[str]) -> np
     return np.array([idx.get(l, -1) for _, l in paths_labels], dtype=np.int64)
 
 
-def _folder_items(folder: Path) -> list[tuple[str, str]]:
-    """(path, class folder name) of every image below `folder` ("" for images directly in it)."""
-    items = []
+def _folder_items(folder: Path) -> tuple[list[tuple[str, str]], str]:
+    """((path, class folder name) of every image below `folder` ("" for images directly in it), listing sha256)."""
+    items, listing = [], []
     for p in sorted(folder.rglob("*")):
         if p.is_file() and is_image_file(p) and not p.name.startswith("."):
             rel = p.relative_to(folder).parts
             items.append((str(p.resolve()), rel[0] if len(rel) > 1 else ""))
-    return items
+            listing.append("/".join(rel) + "\n")
+    return items, sha256_text("".join(listing))
 
 
 def load_sets(
@@ -116,16 +129,17 @@ def load_sets(
             raise ValueError(f"manifest {calib} needs a train split and a test (or val) split")
         calib_items = _sample(train, calib_n, seed)
         eval_items = _sample(held, eval_n, seed + 1)
-        calib_origin, eval_origin = f"{calib} (train split)", f"{calib} ({held_name} split)"
+        calib_origin, eval_origin = f"{calib.name} (train split)", f"{calib.name} ({held_name} split)"
+        digest = sha256_file(calib)
         train_items = train
     else:
-        items = _folder_items(calib)
+        items, digest = _folder_items(calib)
         if len(items) < 2:
             raise ValueError(f"--calib folder {calib} holds {len(items)} images; need at least 2")
         items = _sample(items, 0, seed)
         k = min(calib_n, len(items) // 2) if need_calib else 0
         calib_items, eval_items = items[:k], items[k:][: eval_n if eval_n > 0 else None]
-        calib_origin = eval_origin = f"{calib} (folder; disjoint calibration and proof images)"
+        calib_origin = eval_origin = f"{calib.resolve().name}/ (folder; disjoint calibration and proof images)"
         train_items = calib_items
     if need_calib and len(calib_items) < MIN_CALIB_WARN:
         warnings.warn(
@@ -135,9 +149,9 @@ def load_sets(
     calib_set = None
     if need_calib:
         calib_set = ImageSet(preprocess_paths([p for p, _ in calib_items], spec),
-                             _labels_of(calib_items, labels), [p for p, _ in calib_items], calib_origin)
+                             _labels_of(calib_items, labels), [p for p, _ in calib_items], calib_origin, digest)
     eval_set = ImageSet(preprocess_paths([p for p, _ in eval_items], spec),
-                        _labels_of(eval_items, labels), [p for p, _ in eval_items], eval_origin)
+                        _labels_of(eval_items, labels), [p for p, _ in eval_items], eval_origin, digest)
     return calib_set, eval_set, train_items
 
 
@@ -161,11 +175,14 @@ def load_store_sets(
             raise ValueError(f"store labels {store_labels} differ from the head's labels {list(labels)}")
         y_all = f["label"][:]
         feats = f["features"]
+        # Hashing a (possibly 44 GB) store is too slow: its features fingerprint and records hash identify it.
+        digest = sha256_text(json.dumps({k: str(f.attrs.get(k, "")) for k in ("fingerprint", "records_sha")},
+                                        sort_keys=True))
 
         def take(rows: np.ndarray, origin: str) -> ImageSet:
             rows = np.sort(rows)
             x = np.stack([feats[int(i)] for i in rows]).astype(np.float32) if len(rows) else np.zeros((0, *feats.shape[1:]), np.float32)
-            return ImageSet(x, y_all[rows].astype(np.int64), [f"{store.name}#{int(i)}" for i in rows], origin)
+            return ImageSet(x, y_all[rows].astype(np.int64), [f"{store.name}#{int(i)}" for i in rows], origin, digest)
 
         rng = np.random.default_rng(seed)
         train = np.flatnonzero(split == "train")
@@ -179,5 +196,5 @@ def load_store_sets(
         eval_rows = rng.permutation(held)[: eval_n if eval_n > 0 else None]
         if len(calib_rows) < MIN_CALIB_WARN:
             warnings.warn(f"only {len(calib_rows)} calibration feature maps (fewer than {MIN_CALIB_WARN})", stacklevel=2)
-        return (take(calib_rows, f"{store} (train split features)"),
-                take(eval_rows, f"{store} ({held_name} split features)"))
+        return (take(calib_rows, f"{store.name} (train split features)"),
+                take(eval_rows, f"{store.name} ({held_name} split features)"))

@@ -1,4 +1,4 @@
-"""The models `python -m benchmarks` knows, and how it finds or builds their runs and artifacts.
+"""The benchmark cache: the models `python -m benchmarks` knows, and how it finds or builds their runs and artifacts.
 
     malaria-edge   the `edge` ResNet (built when missing: bundled sample, a few epochs)
     malaria-paper  the source's ResNet (benchmarked only when a run is given or cached; too slow to build here)
@@ -21,7 +21,6 @@ its artifacts are exported into the cache, never into DIR).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -31,10 +30,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from convert.formats import Format
+from edge_runtime.fileio import sha256_file, sha256_text
+from train import runs
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "tests" / "data" / "malaria_sample"
-OCT_LABELS = ("CNV", "DME", "DRUSEN", "NORMAL")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,21 +60,19 @@ class BenchModel:
         task: "malaria" or "oct".
         input: "image" (takes images) or "features" (OCT head: InceptionV3 features).
         builds: built from shipped data when missing (else needs `--run` or a cached run).
-        description: one line for tables and docs.
     """
 
     name: str
     task: str
     input: str
     builds: bool
-    description: str
 
 
 MODELS: dict[str, BenchModel] = {m.name: m for m in (
-    BenchModel("malaria-edge", "malaria", "image", True, "malaria ResNet, `edge` preset (33.8 k weights)"),
-    BenchModel("malaria-paper", "malaria", "image", False, "malaria ResNet, `paper` preset (2.16 M weights)"),
-    BenchModel("oct-fused", "oct", "image", True, "OCT InceptionV3 base + head, 299x299 image -> 4 classes"),
-    BenchModel("oct-head", "oct", "features", True, "OCT head alone, 8x8x2048 features -> 4 classes"),
+    BenchModel("malaria-edge", "malaria", "image", True),
+    BenchModel("malaria-paper", "malaria", "image", False),
+    BenchModel("oct-fused", "oct", "image", True),
+    BenchModel("oct-head", "oct", "features", True),
 )}
 DEFAULT_MODELS = ("malaria-edge", "malaria-paper", "oct-fused", "oct-head")
 
@@ -151,8 +149,8 @@ def py(*args: str | Path) -> list[str]:
     return [sys.executable, *map(str, args)]
 
 
-def _run_done(run: Path, model_file: str = "best.keras") -> bool:
-    return (run / "config.json").is_file() and (run / model_file).is_file()
+def _run_done(run: Path, model_file: str = runs.BEST) -> bool:
+    return runs.is_run(run) and (run / model_file).is_file()
 
 
 def _fresh(path: Path) -> Path:
@@ -243,7 +241,7 @@ class Builder:
         Earlier conversions count only when made from the very same Keras file
         (sha256 in the report): a retrained model is converted again.
         """
-        sha = _sha256(p.reference) if p.reference is not None and p.reference.is_file() else None
+        sha = sha256_file(p.reference) if p.reference is not None and p.reference.is_file() else None
 
         def collect() -> set[str]:
             seen = set()
@@ -297,26 +295,28 @@ class Builder:
         try:
             if m.task == "malaria":
                 p.run = self.malaria_run(m)
-                p.reference = p.run / "best.keras"
-                cfg = json.loads((p.run / "config.json").read_text())
-                p.manifest = Path(cfg["manifest"]) if cfg.get("manifest") else None
+                cfg = runs.read_config(p.run)
+                p.reference = p.run / cfg.model_file
+                p.manifest = Path(cfg.manifest) if cfg.manifest else None
                 key = m.name if m.name not in self.runs else f"{m.name}-{_digest(self.runs[m.name])}"
                 self.export(p, formats, p.run, key)
             else:
                 p.run, p.store = self.oct_run()
-                cfg = json.loads((p.run / "config.json").read_text())
-                p.synthetic = bool(cfg.get("synthetic"))
+                cfg = runs.read_config(p.run)
+                p.synthetic = cfg.synthetic
                 p.manifest = self.cache / "oct" / "oct.csv" if p.store is not None else None
                 given = "oct-fused" in self.runs or "oct-head" in self.runs
                 key = m.name if not given else f"{m.name}-{_digest(p.run)}"
                 # The run directory, not its .keras file: convert then reads the run's config (labels,
                 # preprocessing, model_file, feature store) and writes the Grad-CAM head weights.
                 if m.input == "image":
-                    p.reference = p.run / cfg.get("model_file", "fused.keras")
+                    p.reference = p.run / cfg.model_file
                     calib = ["--calib", str(p.manifest)] if p.manifest else []
                     self.export(p, formats, p.run, key, calib)
                 else:
-                    p.reference = p.run / (cfg.get("head_file") or "head.keras")
+                    if not cfg.head_file:
+                        raise ValueError(f"{p.run} ({cfg.mode}) has no head model to benchmark")
+                    p.reference = p.run / cfg.head_file
                     # The head is calibrated and proven on the run's feature store.
                     self.export(p, formats, p.run, key, ["--part", "head"])
         except (FileNotFoundError, ValueError, StepFailed, KeyError) as e:
@@ -324,13 +324,5 @@ class Builder:
         return p
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _digest(path: Path) -> str:
-    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]
+    return sha256_text(str(Path(path).resolve()))[:8]

@@ -1,4 +1,7 @@
-"""What a field worker reads: the OCT referral level per scan and the malaria slide summary.
+"""Clinical summaries, what a field worker reads: the OCT referral level per scan and the malaria slide summary.
+
+Also the one definition of the OCT classes and their referral levels, which
+train/ imports (edge_runtime is the bottom layer).
 
 Referral levels follow Kermany et al. (Cell, 2018): choroidal neovascularisation
 (CNV) and diabetic macular edema (DME) need urgent referral, drusen routine
@@ -12,8 +15,19 @@ from typing import Any, Iterable
 
 from edge_runtime.metadata import ArtifactMetadata
 
+# OCT2017's class folders, in the (alphabetical) order Keras' directory loaders give them.
+OCT_LABELS = ("CNV", "DME", "DRUSEN", "NORMAL")
+# Choroidal neovascularisation and diabetic macular oedema need urgent referral,
+# drusen (early AMD) routine referral, a normal scan observation.
 OCT_REFERRAL = {"CNV": "urgent", "DME": "urgent", "DRUSEN": "routine", "NORMAL": "observation"}
+REFERRAL_LEVELS = ("urgent", "routine", "observation")
 UNCERTAIN_REFERRAL = "specialist review"
+
+
+def referral_map(labels: Iterable[str]) -> dict[str, str] | None:
+    """class -> referral level for OCT labels (all of them must have one), else None."""
+    labels = list(labels)
+    return {l: OCT_REFERRAL[l] for l in labels} if set(labels) <= set(OCT_REFERRAL) else None
 
 
 def is_oct(meta: ArtifactMetadata) -> bool:
@@ -64,7 +78,7 @@ def slide_summary(predictions: Iterable[Any], positive_label: str = "Parasitized
 def oct_summary(predictions: Iterable[Any]) -> dict[str, Any]:
     """Counts of scans per referral level (error records count as rejected)."""
     preds = list(predictions)
-    levels = ["urgent", "routine", "observation", UNCERTAIN_REFERRAL]
+    levels = [*REFERRAL_LEVELS, UNCERTAIN_REFERRAL]
     out: dict[str, Any] = {"scans": sum(p.error is None for p in preds)}
     out.update({lvl: sum(1 for p in preds if p.error is None and p.referral == lvl) for lvl in levels})
     out["rejected"] = len(preds) - out["scans"]
