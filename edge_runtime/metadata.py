@@ -274,10 +274,14 @@ def read_tflite(path_or_bytes: PathLike | bytes) -> ArtifactMetadata:
     else:
         buf, where = Path(path_or_bytes).read_bytes(), str(path_or_bytes)
     _check_tflite(buf, where)
-    entries = tflite_metadata_entries(buf)
+    return _from_entries(tflite_metadata_entries(buf), where, "metadata entry")
+
+
+def _from_entries(entries: dict[str, Any], where: str, kind: str) -> ArtifactMetadata:
+    """The medge entry of a file's metadata key/value pairs, or MetadataNotFound naming what was there."""
     if METADATA_KEY not in entries:
         raise MetadataNotFound(
-            f"{where} has no '{METADATA_KEY}' metadata entry (entries: {sorted(entries)}); "
+            f"{where} has no '{METADATA_KEY}' {kind} (keys: {sorted(entries)}); "
             "export it with `python -m convert` or read its sidecar .json"
         )
     return ArtifactMetadata.from_json(entries[METADATA_KEY])
@@ -290,13 +294,8 @@ def read_onnx(path: PathLike) -> ArtifactMetadata:
     """The medge metadata of a .onnx or .ort file, read with onnxruntime (through `edge_runtime.backends`)."""
     from edge_runtime.backends import open_session
 
-    props = open_session(path, "onnxruntime", optimize=False).metadata() or {}
-    if METADATA_KEY not in props:
-        raise MetadataNotFound(
-            f"{path} has no '{METADATA_KEY}' metadata_props entry (keys: {sorted(props)}); "
-            "export it with `python -m convert` or read its sidecar .json"
-        )
-    return ArtifactMetadata.from_json(props[METADATA_KEY])
+    return _from_entries(open_session(path, "onnxruntime", optimize=False).metadata() or {}, str(path),
+                         "metadata_props entry")
 
 
 def sidecar_path(artifact: PathLike) -> Path:

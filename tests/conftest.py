@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-SAMPLE = Path(__file__).parent / "data" / "malaria_sample"
+from helpers import SAMPLE, train_tiny, write_sample_manifest
 
 
 def pytest_configure(config):
@@ -22,7 +22,7 @@ def pytest_configure(config):
 
 
 # Fixtures that train a TensorFlow model; a test that uses one (directly or through another fixture) is slow.
-TRAINING_FIXTURES = {"tiny_run", "trained_run", "art"}
+TRAINING_FIXTURES = {"tiny_run", "art"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,19 +44,10 @@ def sample_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def sample_manifest(tmp_path_factory) -> Path:
-    from train import split
-
-    out = tmp_path_factory.mktemp("manifest") / "sample.csv"
-    res = split.build_split(SAMPLE, progress=False)
-    split.write_manifest(res.records, out)
-    return out
+    return write_sample_manifest(tmp_path_factory.mktemp("manifest") / "sample.csv")
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, sample_manifest) -> Path:
-    """`tiny` trained for one epoch on the bundled sample (a few seconds)."""
-    from train.malaria.fit import train_malaria
-
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    train_malaria(sample_manifest, "tiny", out, epochs=1, verbose=0)
-    return out
+    """The one tiny malaria run of the session (`helpers.train_tiny`), shared by every test file."""
+    return train_tiny(sample_manifest, tmp_path_factory.mktemp("tiny") / "run")

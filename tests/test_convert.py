@@ -8,9 +8,9 @@ Tolerances (stated once, used below):
   >= 0.8 on 60 real cells;
 - tflite-qat-int8: agreement >= 0.7 (fine-tuning changes the weights, so
   it is judged by agreement only).
-The tiny model (3 epochs on 280 cells, ~60% accurate, retrained each session
-without op determinism) puts most probabilities near 0.5, where rounding
-flips decisions far more often than on a trained model: on the real edge
+The tiny model (conftest's `tiny_run`: 3 epochs on 280 cells, ~60% accurate)
+puts most probabilities near 0.5, where rounding flips decisions far more
+often than on a trained model: on the real edge
 model (1413 held-out cells) every int8 row agrees >= 0.985 and the CLI's
 default threshold is 0.98.
 """
@@ -38,9 +38,9 @@ from edge_runtime.metadata import (
 )
 from edge_runtime.spec import MALARIA_SPEC
 from train import runs
+from helpers import SAMPLE, assert_same_class_off_ties
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "tests" / "data" / "malaria_sample"
 QUANT_MIN_AGREEMENT = 0.8
 QUANT_MAX_ABS_DIFF = 0.35
 QAT_MIN_AGREEMENT = 0.7
@@ -58,24 +58,10 @@ def device_probs(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
-    """A `tiny` malaria run trained 3 epochs on the bundled sample (~15 s on 2 cores)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from train.malaria.fit import train_malaria
-    from train.split import build_split, write_manifest
-
-    base = tmp_path_factory.mktemp("convert")
-    manifest = base / "sample.csv"
-    write_manifest(build_split(SAMPLE, progress=False).records, manifest)
-    run = train_malaria(manifest, "tiny", base / "run", epochs=3, verbose=0)
-    return run
-
-
-@pytest.fixture(scope="session")
-def model(trained_run):
+def model(tiny_run):
     from convert.sources import load_keras_model
 
-    return load_keras_model(trained_run / "best.keras")
+    return load_keras_model(tiny_run / "best.keras")
 
 
 def _options(**kw):
@@ -88,21 +74,21 @@ def _options(**kw):
 
 
 @pytest.fixture(scope="session")
-def exported(trained_run, tmp_path_factory):
+def exported(tiny_run, tmp_path_factory):
     """Every row of the table exported once (~50 s, most of it the QAT process)."""
     from convert.export import run_export
 
     out = tmp_path_factory.mktemp("export")
-    report = run_export(trained_run, out, list(FORMATS.values()), _options(bundle=True), log=lambda *a: None)
+    report = run_export(tiny_run, out, list(FORMATS.values()), _options(bundle=True), log=lambda *a: None)
     return out, report
 
 
 @pytest.fixture(scope="session")
-def proof_images(trained_run):
+def proof_images(tiny_run):
     from convert.calibration import load_sets
     from convert.sources import load_source
 
-    _, src = load_source(trained_run)
+    _, src = load_source(tiny_run)
     _, proof, _ = load_sets(src.manifest, src.labels, src.spec, CALIB_N, EVAL_N, 0, need_calib=False)
     return proof
 
@@ -159,7 +145,7 @@ def test_metadata_dataclass_round_trip():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_row_exported_and_proven(name, exported, trained_run, model, proof_images):
+def test_row_exported_and_proven(name, exported, tiny_run, model, proof_images):
     from convert import verify
     from edge_runtime.fileio import sha256_file
 
@@ -178,9 +164,7 @@ def test_row_exported_and_proven(name, exported, trained_run, model, proof_image
     if fmt.is_float:
         assert cmp["max_abs_diff"] <= fmt.max_abs_diff
         # A float artifact may flip only a near-tie: where Keras' top two are within 2 x tolerance.
-        flips = keras_probs.argmax(1) != probs.argmax(1)
-        top2 = np.sort(keras_probs, axis=1)[:, -2:]
-        assert np.all(top2[flips, 1] - top2[flips, 0] <= 2 * fmt.max_abs_diff)
+        assert_same_class_off_ties(keras_probs, probs, 2 * fmt.max_abs_diff)
     else:
         if fmt.needs_training_data:  # QAT fine-tunes the weights: a different model, judged by agreement only
             assert cmp["top1_agreement"] >= QAT_MIN_AGREEMENT
@@ -197,7 +181,7 @@ def test_row_exported_and_proven(name, exported, trained_run, model, proof_image
     assert meta.labels == ("Parasitized", "Uninfected") and meta.positive_label == "Parasitized"
     assert meta.preprocess == MALARIA_SPEC
     assert meta.task == "malaria" and meta.output_kind == "probabilities"
-    assert meta.source_sha256 == sha256_file(trained_run / "best.keras")
+    assert meta.source_sha256 == sha256_file(tiny_run / "best.keras")
     assert meta.input.shape[1:] == (64, 64, 3) and meta.output.shape[-1] == 2
     assert meta.input.dtype == "float32"
     assert meta.medge_version and meta.created and meta.tools["tensorflow"]
@@ -206,7 +190,7 @@ def test_row_exported_and_proven(name, exported, trained_run, model, proof_image
     if fmt.calibrated:
         assert meta.quantization["calibration_images"] == CALIB_N
         # Named by basename (no build-machine path in a released file), pinned by the manifest's sha256.
-        manifest = Path(runs.read_config(trained_run).manifest)
+        manifest = Path(runs.read_config(tiny_run).manifest)
         assert meta.quantization["calibration_from"] == f"{manifest.name} (train split)"
         assert meta.quantization["calibration_sha256"] == sha256_file(manifest)
 
@@ -302,7 +286,7 @@ def test_tflite_metadata_embedding_keeps_model_and_converter_entries(exported, m
 
 
 @pytest.mark.slow
-def test_interrupted_export_leaves_nothing(trained_run, tmp_path, monkeypatch):
+def test_interrupted_export_leaves_nothing(tiny_run, tmp_path, monkeypatch):
     import convert.tflite
     from convert.export import run_export
 
@@ -317,12 +301,12 @@ def test_interrupted_export_leaves_nothing(trained_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(convert.tflite, "export_float32", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_export(trained_run, out, parse_formats("tflite-float32"), _options(), log=lambda *a: None)
+        run_export(tiny_run, out, parse_formats("tflite-float32"), _options(), log=lambda *a: None)
     assert list(out.iterdir()) == []
 
 
 @pytest.mark.slow
-def test_failing_row_does_not_stop_the_others(trained_run, tmp_path, monkeypatch, capsys):
+def test_failing_row_does_not_stop_the_others(tiny_run, tmp_path, monkeypatch, capsys):
     import convert.tflite
     from convert.cli import main
 
@@ -331,7 +315,7 @@ def test_failing_row_does_not_stop_the_others(trained_run, tmp_path, monkeypatch
 
     monkeypatch.setattr(convert.tflite, "export_float16", broken)
     out = tmp_path / "out"
-    args = [str(trained_run), "--out", str(out), "--formats", "tflite-float16,tflite-float32,onnx-float32",
+    args = [str(tiny_run), "--out", str(out), "--formats", "tflite-float16,tflite-float32,onnx-float32",
             "--eval-n", "20"]
     assert main(args) == 1
     text = capsys.readouterr().out
@@ -350,19 +334,19 @@ def test_failing_row_does_not_stop_the_others(trained_run, tmp_path, monkeypatch
     monkeypatch.undo()
     assert main(args + ["--force"]) == 0
     # A later export of another format of the same model needs no --force and keeps the earlier rows.
-    assert main([str(trained_run), "--out", str(out), "--formats", "tflite-dynamic", "--eval-n", "20",
+    assert main([str(tiny_run), "--out", str(out), "--formats", "tflite-dynamic", "--eval-n", "20",
                  "--min-agreement", "0"]) == 0
     rows = json.loads((out / "conversion.json").read_text())["rows"]
     assert [r["format"] for r in rows] == ["tflite-float32", "tflite-float16", "tflite-dynamic", "onnx-float32"]
     assert [bool(r.get("carried_over")) for r in rows] == [True, True, False, True]
     # Another model into the same folder would overwrite its report: refused without --force.
-    assert main([str(trained_run), "--out", str(out), "--name", "other", "--formats", "tflite-float32",
+    assert main([str(tiny_run), "--out", str(out), "--name", "other", "--formats", "tflite-float32",
                  "--eval-n", "20"]) == 2
     assert "conversion.json" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_proof_is_the_device_loading_the_file(trained_run, tmp_path, monkeypatch):
+def test_proof_is_the_device_loading_the_file(tiny_run, tmp_path, monkeypatch):
     """A file a device would refuse (metadata not describing its tensors) fails its row and is not published."""
     import dataclasses
 
@@ -379,13 +363,13 @@ def test_proof_is_the_device_loading_the_file(trained_run, tmp_path, monkeypatch
         meta = real_metadata(self, fmt, artifact, quantization)
         return dataclasses.replace(meta, labels=("a", "b", "c"), positive_label=None)
 
-    report = export.run_export(trained_run, tmp_path / "ok", parse_formats("tflite-float32,onnx-float32"),
+    report = export.run_export(tiny_run, tmp_path / "ok", parse_formats("tflite-float32,onnx-float32"),
                                _options(eval_n=8), log=lambda *a: None)
     assert report["ok"] and [p.suffix for p, _ in loaded] == [".tflite", ".onnx"]
     assert [kw["backend"] for _, kw in loaded] == ["litert", "onnxruntime"]
     assert all(p.name.startswith(".run_") for p, _ in loaded)  # the temp file: the very bytes published after
     monkeypatch.setattr(export.ExportJob, "metadata", wrong_labels)
-    report = export.run_export(trained_run, tmp_path / "bad", parse_formats("onnx-float32"), _options(eval_n=8),
+    report = export.run_export(tiny_run, tmp_path / "bad", parse_formats("onnx-float32"), _options(eval_n=8),
                                log=lambda *a: None)
     row = report["rows"][0]
     assert row["status"] == "failed" and "one value per label" in row["error"] and row["file"] is None
@@ -393,14 +377,14 @@ def test_proof_is_the_device_loading_the_file(trained_run, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_threshold_fails_row_unless_allow_drop(trained_run, tmp_path):
+def test_threshold_fails_row_unless_allow_drop(tiny_run, tmp_path):
     from convert.export import run_export
 
     fmts = parse_formats("tflite-dynamic")
-    strict = run_export(trained_run, tmp_path / "a", fmts, _options(min_agreement=1.01), log=lambda *a: None)
+    strict = run_export(tiny_run, tmp_path / "a", fmts, _options(min_agreement=1.01), log=lambda *a: None)
     assert strict["ok"] is False and strict["rows"][0]["status"] == "failed"
     assert "agreement" in strict["rows"][0]["error"] and not (tmp_path / "a" / "run_tflite-dynamic.tflite").exists()
-    kept = run_export(trained_run, tmp_path / "b", fmts, _options(min_agreement=1.01, allow_drop=True),
+    kept = run_export(tiny_run, tmp_path / "b", fmts, _options(min_agreement=1.01, allow_drop=True),
                       log=lambda *a: None)
     assert kept["ok"] is True and kept["rows"][0]["status"] == "kept-below-threshold"
     assert (tmp_path / "b" / "run_tflite-dynamic.tflite").is_file()
@@ -410,7 +394,7 @@ def test_threshold_fails_row_unless_allow_drop(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_legacy_h5_source(trained_run, model, tmp_path):
+def test_legacy_h5_source(tiny_run, model, tmp_path):
     """A Keras 2 (tf-keras) .h5 file converts; it needs --labels and cannot do QAT (no architecture)."""
     import tf_keras
 
@@ -422,7 +406,7 @@ def test_legacy_h5_source(trained_run, model, tmp_path):
     twin.set_weights(model.get_weights())
     h5 = tmp_path / "legacy_2018.h5"
     twin.save(h5)
-    manifest = runs.read_config(trained_run).manifest
+    manifest = runs.read_config(tiny_run).manifest
 
     with pytest.raises(ValueError, match="--labels"):
         run_export(h5, tmp_path / "x", parse_formats("tflite-float32"), _options(calib=Path(manifest)))
@@ -438,12 +422,12 @@ def test_legacy_h5_source(trained_run, model, tmp_path):
 
 
 @pytest.mark.slow
-def test_saved_model_source(model, trained_run, tmp_path):
+def test_saved_model_source(model, tiny_run, tmp_path):
     from convert.export import run_export
 
     sm = tmp_path / "exported_sm"
     model.export(str(sm), verbose=False)
-    manifest = Path(runs.read_config(trained_run).manifest)
+    manifest = Path(runs.read_config(tiny_run).manifest)
     report = run_export(sm, tmp_path / "out", parse_formats("tflite-float32,onnx-float32"), _options(calib=manifest),
                         labels=["Parasitized", "Uninfected"], log=lambda *a: None)
     for row in report["rows"]:
@@ -468,11 +452,11 @@ def test_bad_sources_say_what_to_do(tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_io_records_input_quantization(trained_run, tmp_path, proof_images, model):
+def test_int8_io_records_input_quantization(tiny_run, tmp_path, proof_images, model):
     from convert import verify
     from convert.export import run_export
 
-    report = run_export(trained_run, tmp_path, parse_formats("tflite-int8"), _options(int8_io=True), log=lambda *a: None)
+    report = run_export(tiny_run, tmp_path, parse_formats("tflite-int8"), _options(int8_io=True), log=lambda *a: None)
     row = report["rows"][0]
     assert row["status"] == "ok", row.get("error")
     meta = read_metadata(tmp_path / row["file"])
@@ -499,13 +483,13 @@ def test_lambda_layer_is_refused_by_name(tmp_path):
 
 
 @pytest.mark.slow
-def test_litert_quantizer_int8(trained_run, tmp_path, proof_images, model):
+def test_litert_quantizer_int8(tiny_run, tmp_path, proof_images, model):
     """The optional LiteRT Quantizer path of tflite-int8 (skipped where ai-edge-quantizer is not installed)."""
     pytest.importorskip("ai_edge_quantizer")
     from convert import verify
     from convert.export import run_export
 
-    report = run_export(trained_run, tmp_path, parse_formats("tflite-int8"),
+    report = run_export(tiny_run, tmp_path, parse_formats("tflite-int8"),
                         _options(int8_quantizer="litert-quantizer", min_agreement=QUANT_MIN_AGREEMENT),
                         log=lambda *a: None)
     row = report["rows"][0]
@@ -534,7 +518,7 @@ def test_litert_quantizer_missing_names_the_install(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def oct_like_run(tmp_path_factory, trained_run):
+def oct_like_run(tmp_path_factory, tiny_run):
     """An OCT-shaped run without InceptionV3: a small stand-in fused model (299x299x3 -> 4), the real head
     (8x8x2048 -> 4, untrained) and a float16 feature store, laid out as `python -m train oct head` writes them."""
     import h5py
@@ -565,7 +549,7 @@ def oct_like_run(tmp_path_factory, trained_run):
         f.attrs.update(format=STORE_FORMAT, labels=json.dumps(labels), n_done=24,
                        preprocess=json.dumps(OCT_INCEPTION_SPEC.to_dict()), base_weights="none", base_seed=0,
                        base_sha256="0" * 64, fingerprint="f" * 16, synthetic=True, manifest="")
-    manifest = runs.read_config(trained_run).manifest
+    manifest = runs.read_config(tiny_run).manifest
     runs.write_config(run, runs.RunConfig(
         task="oct", mode="head", model_file="fused.keras", head_file="head.keras", labels=labels,
         preprocess=OCT_INCEPTION_SPEC, store=str(store), manifest=manifest,
@@ -710,7 +694,7 @@ assert len(up) == len(f.KEPT_TRANSFORMS) + 5 and sum(t.startswith("Concat") for 
 
 
 @pytest.mark.slow
-def test_sigterm_mid_qat_export_leaves_nothing(trained_run, tmp_path):
+def test_sigterm_mid_qat_export_leaves_nothing(tiny_run, tmp_path):
     """A real `python -m convert` process, terminated while the QAT child fine-tunes: exit 130, the child gone,
     no file left in --out nor in the work folder.
 
@@ -726,7 +710,7 @@ def test_sigterm_mid_qat_export_leaves_nothing(trained_run, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp))  # lines as printed; the work folder in tmp
     with err_path.open("w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "convert", str(trained_run), "--out", str(out), "--formats", "tflite-qat-int8",
+            [sys.executable, "-m", "convert", str(tiny_run), "--out", str(out), "--formats", "tflite-qat-int8",
              "--calib-n", "16", "--eval-n", "8", "--qat-epochs", "10000"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
         )
@@ -759,11 +743,11 @@ def test_sigterm_mid_qat_export_leaves_nothing(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_calibration_from_an_image_folder(trained_run, tmp_path):
+def test_calibration_from_an_image_folder(tiny_run, tmp_path):
     """A bare .keras file calibrated on a class-folder tree: disjoint calibration and proof images, labels from folders."""
     from convert.export import run_export
 
-    report = run_export(trained_run / "best.keras", tmp_path, parse_formats("tflite-int8"),
+    report = run_export(tiny_run / "best.keras", tmp_path, parse_formats("tflite-int8"),
                         _options(calib=SAMPLE, calib_n=40, eval_n=40, min_agreement=0.0), name="cells",
                         log=lambda *a: None)
     assert report["calibration"]["images"] == 40 and "folder" in report["calibration"]["from"]
@@ -776,10 +760,10 @@ def test_calibration_from_an_image_folder(trained_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["percentile", "entropy"])
-def test_onnx_int8_other_calibrations_and_fixed_activation_type(trained_run, tmp_path, method):
+def test_onnx_int8_other_calibrations_and_fixed_activation_type(tiny_run, tmp_path, method):
     from convert.export import run_export
 
-    report = run_export(trained_run, tmp_path, parse_formats("onnx-int8"),
+    report = run_export(tiny_run, tmp_path, parse_formats("onnx-int8"),
                         _options(calib_method=method, onnx_activations="int8",
                                  min_agreement=QUANT_MIN_AGREEMENT), log=lambda *a: None)
     row = report["rows"][0]

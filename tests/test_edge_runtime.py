@@ -9,7 +9,7 @@ Two ways to run this file:
 - In an environment with only `pip install .[edge]` (no TensorFlow): set
   `MEDGE_EDGE_ARTIFACTS=DIR` to a folder made beforehand by
 
-      python tests/test_edge_runtime.py --make-artifacts DIR
+      python -m tests.helpers --make-artifacts DIR
 
   and the tests that need TensorFlow skip themselves.
 
@@ -41,27 +41,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python tests/test_edge_runtime.py --make-artifacts`
-    sys.path.insert(0, str(ROOT))
+import edge_runtime
+from edge_runtime import backends
+from edge_runtime.backends import BackendError
+from edge_runtime.cli import main as cli_main
+from edge_runtime.clinical import OCT_LABELS, oct_summary, referral_level, slide_summary
+from edge_runtime.metadata import TensorInfo
+from edge_runtime.model import UNCERTAIN, ModelError, Prediction, dequantize, quantize
+from helpers import (
+    ARTIFACT_FILES,
+    INT8_IO_FILE,
+    MALARIA_FILES,
+    MALARIA_FORMATS,
+    OCT_FILES,
+    OCT_SPEC,
+    ROOT,
+    SAMPLE,
+    assert_same_class_off_ties,
+    cells,
+    make_artifacts,
+)
 
-import edge_runtime  # noqa: E402
-from edge_runtime import backends  # noqa: E402
-from edge_runtime.backends import BackendError  # noqa: E402
-from edge_runtime.cli import main as cli_main  # noqa: E402
-from edge_runtime.clinical import OCT_LABELS, oct_summary, referral_level, slide_summary  # noqa: E402
-from edge_runtime.metadata import TensorInfo  # noqa: E402
-from edge_runtime.model import UNCERTAIN, ModelError, Prediction, dequantize, quantize  # noqa: E402
-from edge_runtime.spec import PreprocessSpec  # noqa: E402
-
-SAMPLE = ROOT / "tests" / "data" / "malaria_sample"
 ART_ENV = "MEDGE_EDGE_ARTIFACTS"
-MALARIA_FORMATS = ("tflite-float32", "tflite-int8", "onnx-float32", "onnx-int8", "ort-int8")
-MALARIA_FILES = {f: f"malaria_{f}.{f.split('-')[0]}" for f in MALARIA_FORMATS}
-INT8_IO_FILE = "malaria-io8_tflite-int8.tflite"  # int8 input and output tensors
-# A small OCT stand-in: same head as the paper's approach B, a 3-conv "base" giving 8x8x2048 features.
-OCT_SPEC = PreprocessSpec(input_size=(64, 64), color_mode="rgb", scale=1.0 / 127.5, offset=-1.0)
-OCT_FILES = {"float32": "oct_tflite-float32.tflite", "int8": "oct_tflite-int8.tflite"}
 GRADCAM_MIN_CORR = {"float32": 0.99, "int8": 0.95}
 QUANT_MAX_ABS_DIFF, QUANT_SURE_MARGIN = 0.25, 0.2
 HEAVY = ("tensorflow", "keras", "tf_keras")
@@ -70,144 +71,17 @@ HAS_LITERT = backends.BACKENDS["litert"].installed()
 TFLITE_BACKEND = "litert" if HAS_LITERT else "tflite-runtime"
 
 
-def cells(n: int, step: int = 1) -> list[Path]:
-    """n real cells spread over both classes and all 20 patients."""
-    files = sorted(SAMPLE.glob("*/*.png"))
-    return files[::step][:n]
-
-
-# ---------------------------------------------------------------- making the artifacts (needs TensorFlow)
-
-
-def build_oct_model(seed: int = 0):
-    """Fused tiny base + the paper's head (1x1 conv 64 no bias, BN, ReLU, dropout, flatten, dense 4 softmax).
-
-    Every weight is drawn from a numpy generator (no global Keras seed is
-    touched, so other tests' training is unaffected). The BN gets non-trivial
-    moving statistics and the dense layer random weights, so the Grad-CAM
-    closed form is exercised on every term.
-    """
-    import keras
-
-    L = keras.layers
-    img = keras.Input((*OCT_SPEC.input_size, 3), name="image")
-    x = L.Conv2D(16, 3, strides=2, padding="same", activation="relu")(img)
-    x = L.Conv2D(32, 3, strides=2, padding="same", activation="relu")(x)
-    feats = L.Conv2D(2048, 3, strides=2, padding="same", activation="relu", name="mixed10")(x)
-    base = keras.Model(img, feats, name="inception_v3")
-    f_in = keras.Input((8, 8, 2048), name="features")
-    h = L.Conv2D(64, 1, use_bias=False, name="head_conv")(f_in)
-    h = L.BatchNormalization(name="head_bn")(h)
-    h = L.Activation("relu", name="head_relu")(h)
-    h = L.Dropout(0.5, name="head_dropout")(h)
-    h = L.Flatten(name="head_flatten")(h)
-    out = L.Dense(len(OCT_LABELS), activation="softmax", name="head_probs")(h)
-    head = keras.Model(f_in, out, name="head")
-    rng = np.random.default_rng(seed)
-    for layer in [*base.layers, head.get_layer("head_conv")]:
-        if isinstance(layer, L.Conv2D):  # He-normal, so the features stay O(1) through the ReLUs
-            k = layer.kernel.shape
-            std = np.sqrt(2.0 / (k[0] * k[1] * k[2]))
-            layer.set_weights([(rng.standard_normal(k) * std).astype("float32")]
-                              + ([np.zeros(k[-1], "float32")] if layer.use_bias else []))
-    bn = head.get_layer("head_bn")
-    bn.set_weights([rng.uniform(0.5, 1.5, 64).astype("float32"), rng.normal(0, 0.3, 64).astype("float32"),
-                    rng.normal(0, 0.2, 64).astype("float32"), rng.uniform(0.05, 0.3, 64).astype("float32")])
-    dense = head.get_layer("head_probs")
-    dense.set_weights([rng.normal(0, 0.05, dense.kernel.shape).astype("float32"),
-                       rng.normal(0, 0.1, len(OCT_LABELS)).astype("float32")])
-    inp = keras.Input((*OCT_SPEC.input_size, 3), name="image")
-    return keras.Model(inp, head(base(inp)), name="oct_fused")
-
-
-def oct_scans(out: Path, n: int = 6) -> list[Path]:
-    """Synthetic grayscale B-scan-like JPEGs (layered bands with a bump), various sizes."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    paths = []
-    for i in range(n):
-        h, w = 180 + 20 * i, 240 + 30 * i
-        yy, xx = np.mgrid[0:h, 0:w]
-        band = np.sin(yy / (6 + i)) * 60 + 90
-        bump = 120 * np.exp(-(((xx - w * (0.3 + 0.1 * i)) / 25) ** 2 + ((yy - h / 2) / 15) ** 2))
-        img = np.clip(band + bump + rng.normal(0, 12, (h, w)), 0, 255).astype(np.uint8)
-        p = out / f"{OCT_LABELS[i % 4]}-{1000 + i}-1.jpeg"
-        Image.fromarray(img, "L").save(p, quality=92)
-        paths.append(p)
-    return paths
-
-
-def _oct_artifact(model, fmt: str, dest: Path, calib: np.ndarray, sha: str) -> None:
-    from convert.tflite import convert_keras, int8_config
-    from edge_runtime.metadata import ArtifactMetadata, embed_tflite
-
-    raw = convert_keras(model, int8_config(calib, False) if fmt == "int8" else None)
-    dest.write_bytes(raw)
-    session = backends.open_session(dest, "litert")
-    inp, out = session.input, session.output
-    meta = ArtifactMetadata(
-        model="oct", task="oct", labels=OCT_LABELS, preprocess=OCT_SPEC, format=f"tflite-{fmt}", precision=fmt,
-        input=inp, output=out, quantization={"weights": "int8 per-channel"} if fmt == "int8" else {},
-        source_sha256=sha, source_name="oct_fused.keras", medge_version=edge_runtime.__version__,
-    )
-    dest.write_bytes(embed_tflite(raw, meta))
-    dest.with_suffix(".json").write_text(meta.to_json())
-
-
-def make_artifacts(out: Path, run: Path | None = None) -> Path:
-    """Every artifact these tests read, into `out` (needs TensorFlow; ~40 s on 2 cores)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from convert.export import Options, run_export
-    from convert.formats import parse_formats
-    from convert.gradcam_export import write_for_export
-    from convert.sources import Source
-    from edge_runtime.fileio import sha256_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if run is None:
-        from train.malaria.fit import train_malaria
-        from train.split import build_split, write_manifest
-
-        manifest = out / "work" / "sample.csv"
-        manifest.parent.mkdir(parents=True, exist_ok=True)
-        write_manifest(build_split(SAMPLE, progress=False).records, manifest)
-        run = train_malaria(manifest, "tiny", out / "work" / "run", epochs=2, verbose=0)
-    quiet = dict(log=lambda *a: None)
-    opts = dict(calib_n=48, eval_n=20, min_agreement=0.0, allow_drop=True, force=True)
-    run_export(run, out, parse_formats(",".join(MALARIA_FORMATS)), Options(**opts), name="malaria", **quiet)
-    run_export(run, out, parse_formats("tflite-int8"), Options(int8_io=True, **opts), name="malaria-io8", **quiet)
-    shutil.copy(Path(run) / "best.keras", out / "malaria.keras")
-
-    model = build_oct_model()
-    keras_path = out / "oct_fused.keras"
-    model.save(keras_path)
-    sha = sha256_file(keras_path)
-    scans = oct_scans(out / "oct_scans")
-    from edge_runtime.images import load_and_preprocess
-
-    calib = np.stack([load_and_preprocess(p, OCT_SPEC) for p in scans] * 4)
-    for fmt, name in OCT_FILES.items():
-        _oct_artifact(model, fmt, out / name, calib, sha)
-    src = Source(path=keras_path, name="oct", labels=OCT_LABELS, spec=OCT_SPEC, task="oct", positive_label=None,
-                 sha256=sha)
-    assert write_for_export(model, src, out, log=lambda *a: None) == out / "oct_gradcam.npz"
-    return out
-
-
 @pytest.fixture(scope="session")
 def art(tmp_path_factory, request) -> Path:
     env = os.environ.get(ART_ENV)
     if env:
         p = Path(env)
-        missing = [n for n in (*MALARIA_FILES.values(), INT8_IO_FILE, *OCT_FILES.values(), "oct_gradcam.npz")
-                   if not (p / n).is_file()]
+        missing = [n for n in ARTIFACT_FILES if not (p / n).is_file()]
         if missing:
-            pytest.fail(f"{ART_ENV}={p} lacks {missing}; make it with `python tests/test_edge_runtime.py "
-                        f"--make-artifacts {p}`")
+            pytest.fail(f"{ART_ENV}={p} lacks {missing}; make it with `python -m tests.helpers --make-artifacts {p}`")
         return p
     pytest.importorskip("tensorflow")
-    # conftest's tiny run (one epoch on the bundled sample), shared with the other test files.
+    # conftest's tiny run, shared with the other test files.
     return make_artifacts(tmp_path_factory.mktemp("edge_artifacts"), run=request.getfixturevalue("tiny_run"))
 
 
@@ -299,9 +173,7 @@ def test_every_format_classifies_real_cells(art, fmt, malaria_float):
     else:
         assert np.abs(probs - ref).max() <= QUANT_MAX_ABS_DIFF
         # The tiny model sits near 0.5: int8 may flip only cells the float model is unsure about.
-        top2 = np.sort(ref, axis=1)[:, -2:]
-        sure = top2[:, 1] - top2[:, 0] > QUANT_SURE_MARGIN
-        assert (probs.argmax(1) == ref.argmax(1))[sure].all()
+        assert_same_class_off_ties(ref, probs, QUANT_SURE_MARGIN)
 
 
 def test_int8_io_is_quantized_with_the_tensors_own_parameters(art, malaria_int8):
@@ -398,9 +270,7 @@ def test_same_preprocessing_and_predictions_as_the_keras_pipeline(art, malaria_f
     # The whole path (TF decoding vs Pillow, <= 2 grey levels apart): same classes, probabilities within 0.02.
     assert np.abs(keras_p - edge_p).max() < 0.02
     # Same class wherever the tiny model is not on the fence (a flip within 2 x 0.02 of a tie is not a bug).
-    top2 = np.sort(keras_p, axis=1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > 0.04
-    assert (keras_p.argmax(1) == edge_p.argmax(1))[clear].all()
+    assert_same_class_off_ties(keras_p, edge_p, 0.04)
 
 
 def test_paths_pil_arrays_and_batches_agree(malaria_float):
@@ -423,7 +293,7 @@ def test_paths_pil_arrays_and_batches_agree(malaria_float):
 
 def test_threshold_makes_uncertain_answers(art):
     m = edge_runtime.load(art / MALARIA_FILES["tflite-float32"])
-    assert m.threshold == 0.8  # malaria default, no threshold in the metadata
+    assert m.threshold == 0.8  # the malaria threshold convert embeds (metadata confidence_threshold)
     files = cells(20, 20)
     assert all(p.decision == p.label and not p.uncertain for p in m.predict(files, threshold=0.0))
     # "Below the threshold" is uncertain: a bar between the confidences splits them exactly.
@@ -821,10 +691,3 @@ def test_cli_in_process_threshold(art, capsys):
     out = capsys.readouterr().out
     assert code == 0 and UNCERTAIN in out and "slide (files): 1 cells" in out and "1 uncertain" in out
 
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="make the artifacts an edge-only environment tests against")
-    ap.add_argument("--make-artifacts", type=Path, required=True, metavar="DIR")
-    print(make_artifacts(ap.parse_args().make_artifacts))

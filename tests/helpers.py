@@ -1,0 +1,197 @@
+"""What several test files share: the bundled sample, the one tiny trained run, the artifacts
+edge_runtime is tested on, and the "same class unless it was a near-tie" check.
+
+Make the artifacts for an edge-only environment (needs TensorFlow, ~40 s on 2 cores):
+
+    python -m tests.helpers --make-artifacts DIR
+
+Nothing here imports TensorFlow at module level: the edge-only environment imports
+this module for the file names.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import edge_runtime
+from edge_runtime.backends import open_session
+from edge_runtime.clinical import OCT_LABELS
+from edge_runtime.spec import PreprocessSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "tests" / "data" / "malaria_sample"
+# The one tiny run every test file uses: `tiny` for 3 epochs on the bundled sample (~15 s on 2 cores),
+# graded (lr 0.01) and trained with deterministic TF ops (conftest), so it is the same model every session.
+TINY_EPOCHS = 3
+MALARIA_FORMATS = ("tflite-float32", "tflite-int8", "onnx-float32", "onnx-int8", "ort-int8")
+MALARIA_FILES = {f: f"malaria_{f}.{f.split('-')[0]}" for f in MALARIA_FORMATS}
+INT8_IO_FILE = "malaria-io8_tflite-int8.tflite"  # int8 input and output tensors
+# A small OCT stand-in: same head as the paper's approach B, a 3-conv "base" giving 8x8x2048 features.
+OCT_SPEC = PreprocessSpec(input_size=(64, 64), color_mode="rgb", scale=1.0 / 127.5, offset=-1.0)
+OCT_FILES = {"float32": "oct_tflite-float32.tflite", "int8": "oct_tflite-int8.tflite"}
+GRADCAM_FILE = "oct_gradcam.npz"
+ARTIFACT_FILES = (*MALARIA_FILES.values(), INT8_IO_FILE, *OCT_FILES.values(), GRADCAM_FILE)
+
+
+def assert_same_class_off_ties(reference: np.ndarray, candidate: np.ndarray, margin: float) -> None:
+    """Top-1 of `candidate` equals `reference`'s wherever reference's top two are more than `margin` apart.
+
+    A tiny test model sits near its decision fence, where rounding (float16, int8,
+    another resize) may legitimately flip a class; a flip anywhere else is a bug.
+    """
+    reference, candidate = np.asarray(reference), np.asarray(candidate)
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > margin
+    flipped = np.flatnonzero(clear & (reference.argmax(1) != candidate.argmax(1)))
+    assert flipped.size == 0, (
+        f"{flipped.size} of {clear.sum()} inputs off the fence (margin > {margin}) changed class: rows {flipped[:10].tolist()}"
+    )
+
+
+def write_sample_manifest(out: Path) -> Path:
+    """The bundled sample split by patient, as `python -m train split` writes it."""
+    from train.split import build_split, write_manifest
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(build_split(SAMPLE, progress=False).records, out)
+    return out
+
+
+def train_tiny(manifest: Path, out: Path) -> Path:
+    """The tiny malaria run (needs TensorFlow)."""
+    from train.malaria.fit import train_malaria
+
+    return train_malaria(manifest, "tiny", out, epochs=TINY_EPOCHS, verbose=0)
+
+
+def cells(n: int, step: int = 1) -> list[Path]:
+    """n real cells spread over both classes and all 20 patients."""
+    files = sorted(SAMPLE.glob("*/*.png"))
+    return files[::step][:n]
+
+
+# ---------------------------------------------------------------- making the artifacts (needs TensorFlow)
+
+
+def build_oct_model(seed: int = 0):
+    """Fused tiny base + the paper's head (1x1 conv 64 no bias, BN, ReLU, dropout, flatten, dense 4 softmax).
+
+    Every weight is drawn from a numpy generator (no global Keras seed is
+    touched, so other tests' training is unaffected). The BN gets non-trivial
+    moving statistics and the dense layer random weights, so the Grad-CAM
+    closed form is exercised on every term.
+    """
+    import keras
+
+    L = keras.layers
+    img = keras.Input((*OCT_SPEC.input_size, 3), name="image")
+    x = L.Conv2D(16, 3, strides=2, padding="same", activation="relu")(img)
+    x = L.Conv2D(32, 3, strides=2, padding="same", activation="relu")(x)
+    feats = L.Conv2D(2048, 3, strides=2, padding="same", activation="relu", name="mixed10")(x)
+    base = keras.Model(img, feats, name="inception_v3")
+    f_in = keras.Input((8, 8, 2048), name="features")
+    h = L.Conv2D(64, 1, use_bias=False, name="head_conv")(f_in)
+    h = L.BatchNormalization(name="head_bn")(h)
+    h = L.Activation("relu", name="head_relu")(h)
+    h = L.Dropout(0.5, name="head_dropout")(h)
+    h = L.Flatten(name="head_flatten")(h)
+    out = L.Dense(len(OCT_LABELS), activation="softmax", name="head_probs")(h)
+    head = keras.Model(f_in, out, name="head")
+    rng = np.random.default_rng(seed)
+    for layer in [*base.layers, head.get_layer("head_conv")]:
+        if isinstance(layer, L.Conv2D):  # He-normal, so the features stay O(1) through the ReLUs
+            k = layer.kernel.shape
+            std = np.sqrt(2.0 / (k[0] * k[1] * k[2]))
+            layer.set_weights([(rng.standard_normal(k) * std).astype("float32")]
+                              + ([np.zeros(k[-1], "float32")] if layer.use_bias else []))
+    bn = head.get_layer("head_bn")
+    bn.set_weights([rng.uniform(0.5, 1.5, 64).astype("float32"), rng.normal(0, 0.3, 64).astype("float32"),
+                    rng.normal(0, 0.2, 64).astype("float32"), rng.uniform(0.05, 0.3, 64).astype("float32")])
+    dense = head.get_layer("head_probs")
+    dense.set_weights([rng.normal(0, 0.05, dense.kernel.shape).astype("float32"),
+                       rng.normal(0, 0.1, len(OCT_LABELS)).astype("float32")])
+    inp = keras.Input((*OCT_SPEC.input_size, 3), name="image")
+    return keras.Model(inp, head(base(inp)), name="oct_fused")
+
+
+def oct_scans(out: Path, n: int = 6) -> list[Path]:
+    """Synthetic grayscale B-scan-like JPEGs (layered bands with a bump), various sizes."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(n):
+        h, w = 180 + 20 * i, 240 + 30 * i
+        yy, xx = np.mgrid[0:h, 0:w]
+        band = np.sin(yy / (6 + i)) * 60 + 90
+        bump = 120 * np.exp(-(((xx - w * (0.3 + 0.1 * i)) / 25) ** 2 + ((yy - h / 2) / 15) ** 2))
+        img = np.clip(band + bump + rng.normal(0, 12, (h, w)), 0, 255).astype(np.uint8)
+        p = out / f"{OCT_LABELS[i % 4]}-{1000 + i}-1.jpeg"
+        Image.fromarray(img, "L").save(p, quality=92)
+        paths.append(p)
+    return paths
+
+
+def _oct_artifact(model, fmt: str, dest: Path, calib: np.ndarray, sha: str) -> None:
+    from convert.tflite import convert_keras, int8_config
+    from edge_runtime.metadata import ArtifactMetadata, embed_tflite
+
+    raw = convert_keras(model, int8_config(calib, False) if fmt == "int8" else None)
+    dest.write_bytes(raw)
+    session = open_session(dest, "litert")
+    inp, out = session.input, session.output
+    meta = ArtifactMetadata(
+        model="oct", task="oct", labels=OCT_LABELS, preprocess=OCT_SPEC, format=f"tflite-{fmt}", precision=fmt,
+        input=inp, output=out, quantization={"weights": "int8 per-channel"} if fmt == "int8" else {},
+        source_sha256=sha, source_name="oct_fused.keras", medge_version=edge_runtime.__version__,
+    )
+    dest.write_bytes(embed_tflite(raw, meta))
+    dest.with_suffix(".json").write_text(meta.to_json())
+
+
+def make_artifacts(out: Path, run: Path | None = None) -> Path:
+    """Every artifact these tests read, into `out` (needs TensorFlow; ~40 s on 2 cores)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from convert.export import Options, run_export
+    from convert.formats import parse_formats
+    from convert.gradcam_export import write_for_export
+    from convert.sources import Source
+    from edge_runtime.fileio import sha256_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if run is None:
+        run = train_tiny(write_sample_manifest(out / "work" / "sample.csv"), out / "work" / "run")
+    quiet = dict(log=lambda *a: None)
+    opts = dict(calib_n=48, eval_n=20, min_agreement=0.0, allow_drop=True, force=True)
+    run_export(run, out, parse_formats(",".join(MALARIA_FORMATS)), Options(**opts), name="malaria", **quiet)
+    run_export(run, out, parse_formats("tflite-int8"), Options(int8_io=True, **opts), name="malaria-io8", **quiet)
+    shutil.copy(Path(run) / "best.keras", out / "malaria.keras")
+
+    model = build_oct_model()
+    keras_path = out / "oct_fused.keras"
+    model.save(keras_path)
+    sha = sha256_file(keras_path)
+    scans = oct_scans(out / "oct_scans")
+    from edge_runtime.images import load_and_preprocess
+
+    calib = np.stack([load_and_preprocess(p, OCT_SPEC) for p in scans] * 4)
+    for fmt, name in OCT_FILES.items():
+        _oct_artifact(model, fmt, out / name, calib, sha)
+    src = Source(path=keras_path, name="oct", labels=OCT_LABELS, spec=OCT_SPEC, task="oct", positive_label=None,
+                 sha256=sha)
+    assert write_for_export(model, src, out, log=lambda *a: None) == out / GRADCAM_FILE
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="make the artifacts an edge-only environment tests against")
+    ap.add_argument("--make-artifacts", type=Path, required=True, metavar="DIR")
+    print(make_artifacts(ap.parse_args().make_artifacts))
