@@ -88,28 +88,28 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch a parsed `oct` command; FileNotFoundError/ValueError reach the caller (exit 2)."""
     c = args.oct_command
     if c == "synth":
-        from train.oct import synth as oct_synth
+        from train.oct import synth
 
-        return oct_synth.run(args.out, args.per_class, args.patients, args.test_per_class, args.test_patients,
+        return synth.run(args.out, args.per_class, args.patients, args.test_per_class, args.test_patients,
                              args.seed)
     if c == "extract":
-        from train.oct import store as oct_store
+        from train.oct import store
 
-        return oct_store.run(args.manifest, args.out, args.base_weights, args.base_seed, args.preprocess,
+        return store.run(args.manifest, args.out, args.base_weights, args.base_seed, args.preprocess,
                              args.dtype, args.batch_size, args.splits)
     if c == "head":
-        from train.oct import fit as oct_train
+        from train.oct import fit
 
         if args.store is None and not args.resume:
             raise ValueError("--store is required (except with --resume)")
-        oct_train.train(args.store, args.out, args.mode, args.epochs, args.batch_size, args.seed,
+        fit.train(args.store, args.out, args.mode, args.epochs, args.batch_size, args.seed,
                         args.base_weights, args.base_seed, args.preprocess, resume=args.resume,
                         verbose=2 if args.quiet else 1)
         return 0
     if c == "fuse":
-        from train.oct import fit as oct_train
+        from train.oct import fit
 
-        oct_train.import_head(args.head, args.out, args.base_weights, args.base_seed, args.preprocess,
+        fit.import_head(args.head, args.out, args.base_weights, args.base_seed, args.preprocess,
                               args.labels, args.store)
         return 0
     if c in ("gradcam", "predict"):
@@ -122,12 +122,12 @@ def run(args: argparse.Namespace) -> int:
         if c == "predict" and not images:
             raise ValueError("oct predict needs at least one image path or http(s) URL")
         if c == "gradcam":
-            from train.oct import gradcam as oct_gradcam
+            from train.oct import gradcam
 
-            return oct_gradcam.run(run_dir, images, args.out, args.head, args.base_weights, args.base_seed,
+            return gradcam.run(run_dir, images, args.out, args.head, args.base_weights, args.base_seed,
                                    args.preprocess, args.misclassified, args.split)
-        from train.oct import predict as oct_predict
+        from train.oct import predict
 
-        return oct_predict.run(run_dir, images, args.head, args.base_weights, args.base_seed,
+        return predict.run(run_dir, images, args.head, args.base_weights, args.base_seed,
                                args.preprocess, args.format, args.timeout, args.max_bytes)
     raise AssertionError(c)
