@@ -118,3 +118,15 @@ def test_int8_graph_has_folded_bn_and_no_reshape_ops(name, tmp_path):
     # Every residual add stays an ADD; nothing else adds: one ADD per add layer.
     assert ops.count("ADD") == sum(type(layer).__name__ == "Add" for layer in model.layers), ops
     assert "MEAN" in ops and ("DEPTHWISE_CONV_2D" in ops) == (name == "tiny-inv"), ops
+
+
+def test_schedules_and_new_training_options_default_to_the_old_behaviour():
+    from train.malaria.fit import learning_rate
+
+    p = MALARIA_PRESETS["edge"]
+    assert (p.schedule, p.label_smoothing, p.nesterov) == ("linear", 0.0, False)
+    assert float(learning_rate(p, 100)(50)) == pytest.approx(0.025)
+    cos = learning_rate(MalariaPreset("c", p.model, 1, 8, 0.1, schedule="cosine"), 100)
+    assert float(cos(0)) == pytest.approx(0.1) and float(cos(50)) == pytest.approx(0.05) and float(cos(100)) < 1e-7
+    with pytest.raises(ValueError, match="schedule"):
+        MalariaPreset("bad", p.model, 1, 8, 0.1, schedule="step")
