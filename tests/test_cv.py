@@ -85,20 +85,27 @@ def test_cv_writes_report_and_every_cell_once(cv_dir, sample_manifest):
 
 @pytest.mark.slow
 def test_resume_skips_finished_folds(cv_dir, tmp_path, capsys):
+    """Fold 2 killed before training, fold 1 after training but before its report: only fold 2 trains."""
     out = tmp_path / "cv"
     shutil.copytree(cv_dir, out)
     shutil.rmtree(out / "fold-2")
+    (out / "fold-1" / "fold.json").unlink()
     (out / "cv.json").unlink()
     fold1_model = out / "fold-1" / "run" / "final.keras"
     mtime = fold1_model.stat().st_mtime_ns
     plan = json.loads((out / "plan.json").read_text())
+    args = ("--manifest", plan["manifest"], "--preset", "tiny", "--folds", str(FOLDS), "--epochs", "1",
+            "--bootstrap", "50", "--out", str(out), "--resume")
     capsys.readouterr()
-    assert _cli("--manifest", plan["manifest"], "--preset", "tiny", "--folds", str(FOLDS), "--epochs", "1",
-                "--bootstrap", "50", "--out", str(out), "--resume") == 0
+    assert _cli(*args) == 0
     printed = capsys.readouterr().out
-    assert "fold 1/2: finished earlier, skipped" in printed and "fold 2/2: train" in printed
-    assert fold1_model.stat().st_mtime_ns == mtime
+    assert printed.count("model malaria_tiny:") == 1 and "fold 2/2: train" in printed
+    assert fold1_model.stat().st_mtime_ns == mtime, "fold 1 had finished training; it must not train again"
     assert json.loads((out / "cv.json").read_text())["pooled"]["cells"] == 400
+    assert _cli(*args) == 0
+    printed = capsys.readouterr().out
+    assert "fold 1/2: finished earlier, skipped" in printed and "fold 2/2: finished earlier, skipped" in printed
+    assert "model malaria_tiny:" not in printed
 
 
 def test_cli_errors(sample_manifest, tmp_path, capsys):

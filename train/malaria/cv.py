@@ -191,23 +191,23 @@ def run_cv(
             print(f"fold {i}/{folds}: finished earlier, skipped ({len(held)} cells)")
             continue
         fdir.mkdir(parents=True, exist_ok=True)
-        run = fdir / "run"
+        run_dir = fdir / "run"
         fold_manifest = fdir / "manifest.csv"
         n_train = len(records) - len(held)
         print(f"fold {i}/{folds}: train {n_train} cells of {len(patients) - len({r.patient for r in held})} "
               f"patients, predict {len(held)} cells of {len({r.patient for r in held})} patients", flush=True)
         t0 = time.perf_counter()
-        if runs.is_run(run):
+        if runs.is_run(run_dir):
             total = MALARIA_PRESETS[preset].epochs if epochs is None else epochs
-            if not _training_finished(run, total):
-                train_malaria(fold_manifest, preset, run, resume=True, verbose=verbose)
+            if not _training_finished(run_dir, total):
+                train_malaria(fold_manifest, preset, run_dir, resume=True, verbose=verbose)
         else:
             write_manifest(_fold_records(records, patients, i), fold_manifest)
-            train_malaria(fold_manifest, preset, run, epochs=epochs, batch_size=batch_size, seed=seed,
+            train_malaria(fold_manifest, preset, run_dir, epochs=epochs, batch_size=batch_size, seed=seed,
                           verbose=verbose, select_best=False)
-        cfg = runs.read_config(run)
+        cfg = runs.read_config(run_dir)
         positive = cfg.positive_label
-        probs = predict_records(load_model(runs.model_file(run)), held, list(cfg.labels), cfg.preprocess)
+        probs = predict_records(load_model(runs.model_file(run_dir)), held, list(cfg.labels), cfg.preprocess)
         k = list(cfg.labels).index(positive)
         y = np.array([list(cfg.labels).index(r.label) for r in held])
         m = classification_metrics(y, probs, list(cfg.labels), positive)
