@@ -29,8 +29,9 @@ def build_resnet(
     (K), added to the input; the first module of each stage projects the
     (activated) input with a strided 1x1 conv; BN-ReLU before the head.
 
-    "post": 3x3 stem Conv-BN-act, then basic blocks Conv3x3-BN-act (stride),
-    Conv3x3-BN, add (a strided 1x1 Conv-BN projection when the shape changes),
+    "post": 3x3 stem Conv-BN-act, then the source's bottleneck turned
+    post-activation: 1x1 Conv-BN-act (K/4), 3x3 Conv-BN-act (K/4, stride), 1x1
+    Conv-BN (K), add (a strided 1x1 Conv-BN projection when the shape changes),
     act. "inverted": the same stem, then MobileNetV2 blocks 1x1 expand
     Conv-BN-act (`expansion` x input channels), 3x3 DepthwiseConv-BN-act
     (stride), 1x1 linear project Conv-BN, added when stride 1 and channels match.
@@ -72,8 +73,9 @@ def build_resnet(
         return L.Add(name=f"{name}_add")([y, shortcut])
 
     def post(x, filters: int, stride: int, first: bool, name: str):
-        y = act(conv_bn(x, filters, 3, stride, f"{name}_1"), f"{name}_1_relu")
-        y = conv_bn(y, filters, 3, 1, f"{name}_2")
+        y = act(conv_bn(x, filters // 4, 1, 1, f"{name}_1"), f"{name}_1_relu")
+        y = act(conv_bn(y, filters // 4, 3, stride, f"{name}_2"), f"{name}_2_relu")
+        y = conv_bn(y, filters, 1, 1, f"{name}_3")
         shortcut = x
         if stride != 1 or x.shape[-1] != filters:
             shortcut = conv_bn(x, filters, 1, stride, f"{name}_proj")

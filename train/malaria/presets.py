@@ -26,7 +26,8 @@ class ResNetConfig:
 
     `block`: "preact" (the source: input BN, BN-ReLU-conv bottlenecks; a BN
     before a conv cannot fold into it, so it stays as int8 MUL/ADD ops),
-    "post" (basic block Conv-BN-ReLU, Conv-BN, add, ReLU; strided 1x1 Conv-BN
+    "post" (the same bottleneck post-activation: 1x1 Conv-BN-ReLU (K/4), 3x3
+    Conv-BN-ReLU (K/4, stride), 1x1 Conv-BN (K), add, ReLU; strided 1x1 Conv-BN
     projection) or "inverted" (MobileNetV2: 1x1 expand Conv-BN-act, 3x3
     depthwise Conv-BN-act with the stride, 1x1 linear project Conv-BN, added
     when shapes match). "post" and "inverted" start with a Conv-BN-act stem and
@@ -64,7 +65,7 @@ class ResNetConfig:
             raise ValueError(f"stages {self.stages} must each hold at least one module")
         # TF 2.21's oneDNN CPU kernels abort the process (double free) when training
         # a bottleneck of 2 channels; 4 and more were checked to train fine.
-        if self.block == "preact" and min(self.filters[1:]) < 16:
+        if self.block in ("preact", "post") and min(self.filters[1:]) < 16:
             raise ValueError(f"stage filters {self.filters[1:]} must be >= 16 (bottleneck width K/4 >= 4)")
         if min(self.filters) < 4:
             raise ValueError(f"filters {self.filters} must be >= 4")
