@@ -1,7 +1,8 @@
-"""`python -m train <command>`: split, malaria, evaluate, demo, oct.
+"""`python -m train <command>`: split, malaria, cv, evaluate, demo, oct.
 
     python -m train split --data DIR --out MANIFEST.csv [--mode patient|random]
     python -m train malaria --manifest MANIFEST.csv --preset edge --out RUN
+    python -m train cv --manifest MANIFEST.csv --preset edge --folds 5 --out DIR
     python -m train evaluate RUN --manifest MANIFEST.csv --split test --out RUN/eval
     python -m train demo [--out runs/demo]
     python -m train oct synth|extract|head|fuse|gradcam|predict ...   (see train/oct/cli.py)
@@ -39,6 +40,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--seed", type=int, default=42)
     m.add_argument("--quiet", action="store_true", help="no per-batch progress bar (per-epoch lines only)")
 
+    c = sub.add_parser(
+        "cv", help="patient-grouped k-fold cross-validation of a malaria preset",
+        description="Pools ALL records of the manifest (train, val and test splits alike, unless --exclude-split), "
+                    "deals whole patients to class-stratified folds, trains the preset on k-1 folds with its fixed "
+                    "schedule (final epoch kept, no checkpoint selection) and predicts the held-out fold. Writes "
+                    "cv.json, cv.csv, cv.md and oof.csv (out-of-fold predictions) into --out.",
+    )
+    c.add_argument("--manifest", required=True, type=Path)
+    c.add_argument("--preset", choices=sorted(MALARIA_PRESETS), required=True)
+    c.add_argument("--folds", type=int, default=5)
+    c.add_argument("--out", required=True, type=Path, help="cross-validation folder (one run dir per fold)")
+    c.add_argument("--seed", type=int, default=42, help="fold assignment, training and bootstrap seed")
+    c.add_argument("--epochs", type=int, help="override the preset's epochs")
+    c.add_argument("--batch-size", type=int, help="override the preset's global batch size")
+    c.add_argument("--resume", action="store_true",
+                   help="continue a killed cross-validation: finished folds are skipped, an unfinished one resumes")
+    c.add_argument("--bootstrap", type=int, default=2000, help="patient-level bootstrap draws for the 95%% intervals")
+    c.add_argument("--exclude-split", choices=("train", "val", "test"),
+                   help="keep this split of the manifest out of the cross-validation (e.g. a held-out test split)")
+
     e = sub.add_parser("evaluate", help="evaluate a run on a manifest split or a class-folder tree")
     e.add_argument("run", type=Path, help="run directory (or a .keras file inside one)")
     src = e.add_mutually_exclusive_group(required=True)
@@ -72,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                 resume=args.resume, seed=args.seed, verbose=1 if not args.quiet else 2,
             )
             return 0
+        if args.command == "cv":
+            from train.malaria import cv
+
+            return cv.run(args, sys.argv[1:] if argv is None else argv)
         if args.command == "evaluate":
             from train import evaluate
 

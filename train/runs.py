@@ -4,6 +4,7 @@ A run directory holds everything one training produced:
 
     config.json     resolved preset, labels, preprocessing spec, data, seed, model size
     best.keras      best checkpoint by validation accuracy
+                    (or final.keras, the last epoch, for a run trained with select_best=False, e.g. a CV fold)
     history.csv     one row per finished epoch
     history.png     train/val loss and accuracy per epoch
     backup/         last finished epoch, for --resume (removed when training ends)
@@ -45,7 +46,8 @@ class RunConfig:
         labels: class names in output order.
         preprocess: how an image becomes the model's input.
         model: architecture name, e.g. "malaria_resnet", "oct_inceptionv3_head".
-        model_file: the run's image -> probabilities model (OCT: fused.keras).
+        model_file: the run's image -> probabilities model (OCT: fused.keras; malaria without
+            checkpoint selection, e.g. a cross-validation fold: final.keras).
         positive_label: the class a screening flags (malaria), else None.
         seed, manifest, images: training seed, the split manifest, images per split.
         versions, created: library versions and UTC time of writing.

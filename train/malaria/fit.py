@@ -5,8 +5,9 @@
 
 Reads the manifest's train and val splits, trains with the preset's optimizer
 and schedule on every visible GPU (MirroredStrategy when there are several),
-keeps the best checkpoint by validation accuracy, and can resume a killed run
-from its last finished epoch.
+keeps the best checkpoint by validation accuracy (or, with `select_best=False`,
+the final epoch's weights, val then optional and only logged), and can resume
+a killed run from its last finished epoch.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ from train.training import RunLogger, pick_strategy
 from train.split import read_manifest
 
 POSITIVE_LABEL = "Parasitized"
+FINAL = "final.keras"  # the run's model when the final epoch is kept (select_best=False)
+
+
+def learning_rate(p: MalariaPreset, total_steps: int) -> keras.optimizers.schedules.LearningRateSchedule:
+    """The preset's schedule over `total_steps`: linear (polynomial, power 1) or cosine decay to 0."""
+    if p.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(p.learning_rate, decay_steps=max(1, total_steps), alpha=0.0)
+    return keras.optimizers.schedules.PolynomialDecay(
+        p.learning_rate, decay_steps=max(1, total_steps), end_learning_rate=0.0, power=1.0
+    )
 
 
 def train_malaria(
@@ -39,6 +50,7 @@ def train_malaria(
     seed: int = 42,
     verbose: int = 1,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    select_best: bool = True,
 ) -> Path:
     """Train and return the run directory.
 
@@ -51,6 +63,10 @@ def train_malaria(
         seed: seeds Python, numpy and TensorFlow, and the shuffles.
         verbose: Keras verbosity (1 progress bar, 2 one line per epoch).
         callbacks: extra Keras callbacks (tests use one to interrupt training).
+        select_best: keep the best epoch by val accuracy as best.keras (needs a val
+            split); False keeps the final epoch's weights as final.keras (the run's
+            `model_file`), and a val split, if any, is only logged. A resumed run
+            keeps the choice it was started with.
     """
     out = Path(out)
     if resume:
@@ -58,6 +74,7 @@ def train_malaria(
         p = MalariaPreset.from_dict(cfg.preset)
         seed = cfg.seed
         manifest = Path(cfg.manifest)
+        select_best = cfg.model_file != FINAL
         print(f"resuming {out} (preset {p.name}, {p.epochs} epochs)")
     else:
         if runs.is_run(out):
@@ -76,24 +93,22 @@ def train_malaria(
     labels = sorted({r.label for r in records})
     train_rec = [r for r in records if r.split == "train"]
     val_rec = [r for r in records if r.split == "val"]
-    if not train_rec or not val_rec:
+    if not train_rec or (select_best and not val_rec):
         raise ValueError(f"{manifest} needs images in both train ({len(train_rec)}) and val ({len(val_rec)}) splits")
     spec = MALARIA_SPEC
 
     strategy = pick_strategy()
     replicas = strategy.num_replicas_in_sync
     train_ds = make_dataset(train_rec, labels, spec, p.batch_size, training=True, augment=p.augment, seed=seed)
-    val_ds = make_dataset(val_rec, labels, spec, p.batch_size)
+    val_ds = make_dataset(val_rec, labels, spec, p.batch_size) if val_rec else None
     steps = math.ceil(len(train_rec) / p.batch_size)
 
     with strategy.scope():
         model = build_resnet(p.model, spec.input_shape, len(labels), name=f"malaria_{p.name}")
-        lr = keras.optimizers.schedules.PolynomialDecay(
-            p.learning_rate, decay_steps=max(1, p.epochs * steps), end_learning_rate=0.0, power=1.0
-        )
         model.compile(
-            optimizer=keras.optimizers.SGD(lr, momentum=p.momentum),
-            loss="categorical_crossentropy",
+            optimizer=keras.optimizers.SGD(learning_rate(p, p.epochs * steps), momentum=p.momentum,
+                                           nesterov=p.nesterov),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=p.label_smoothing),
             metrics=["accuracy"],
         )
     size = describe(model)
@@ -114,6 +129,7 @@ def train_malaria(
             task="malaria",
             model="malaria_resnet",
             labels=tuple(labels),
+            model_file=runs.BEST if select_best else FINAL,
             positive_label=POSITIVE_LABEL if POSITIVE_LABEL in labels else labels[-1],
             preprocess=spec,
             preset=p.to_dict(),
@@ -132,7 +148,7 @@ def train_malaria(
         keras.callbacks.ModelCheckpoint(
             str(out / runs.BEST), monitor="val_accuracy", mode="max", save_best_only=True,
             initial_value_threshold=best_so_far,
-        ),
+        ) if select_best else keras.callbacks.ModelCheckpoint(str(out / FINAL)),
         RunLogger(out, f"malaria ResNet ({p.name}): loss and accuracy"),
         *callbacks,
     ]
@@ -141,9 +157,11 @@ def train_malaria(
               shuffle=False)  # the dataset shuffles itself
     wall = time.perf_counter() - t0
     hist = runs.read_history(out)
-    best = max(hist, key=lambda r: r.get("val_accuracy", 0.0))
-    print(
-        f"done in {wall:.0f} s: best val accuracy {best['val_accuracy']:.4f} at epoch {int(best['epoch']) + 1}; "
-        f"model {out / runs.BEST}, history {out / runs.HISTORY_CSV}, plot {out / runs.HISTORY_PNG}"
-    )
+    if select_best:
+        best = max(hist, key=lambda r: r.get("val_accuracy", 0.0))
+        kept = f"best val accuracy {best['val_accuracy']:.4f} at epoch {int(best['epoch']) + 1}"
+    else:
+        kept = f"final epoch {len(hist)} kept"
+    print(f"done in {wall:.0f} s: {kept}; model {out / (runs.BEST if select_best else FINAL)}, "
+          f"history {out / runs.HISTORY_CSV}, plot {out / runs.HISTORY_PNG}")
     return out

@@ -1,4 +1,5 @@
-"""Named training presets: the papers' settings, an `edge` size for 2 CPU cores, `tiny` for tests.
+"""Named training presets: the papers' settings, an `edge` size for 2 CPU cores, `tiny` for tests,
+and a quantization-friendly family (`post-*`, `inv-*`) whose BatchNorms fold into convolutions.
 
 Frozen dataclasses, saved as the resolved config of every run.
 """
@@ -9,13 +10,33 @@ import dataclasses
 from typing import Any, Mapping
 
 
+BLOCKS = ("preact", "post", "inverted")
+HEADS = ("flatten", "gap")
+ACTIVATIONS = ("relu", "relu6")
+SCHEDULES = ("linear", "cosine")
+
+
 @dataclasses.dataclass(frozen=True)
 class ResNetConfig:
-    """A pre-activation bottleneck ResNet (the source's "DL4CV" ResNet).
+    """A residual network; by default the source's pre-activation bottleneck ResNet ("DL4CV").
 
     `filters[0]` is the stem conv; stage i has `stages[i]` modules of
     `filters[i + 1]` output channels. Stage 0 keeps the resolution, the others
-    halve it. `pool` is the final average-pooling window.
+    halve it.
+
+    `block`: "preact" (the source: input BN, BN-ReLU-conv bottlenecks; a BN
+    before a conv cannot fold into it, so it stays as int8 MUL/ADD ops),
+    "post" (the same bottleneck post-activation: 1x1 Conv-BN-ReLU (K/4), 3x3
+    Conv-BN-ReLU (K/4, stride), 1x1 Conv-BN (K), add, ReLU; strided 1x1 Conv-BN
+    projection) or "inverted" (MobileNetV2: 1x1 expand Conv-BN-act, 3x3
+    depthwise Conv-BN-act with the stride, 1x1 linear project Conv-BN, added
+    when shapes match). "post" and "inverted" start with a Conv-BN-act stem and
+    no input BN (the preprocessing already scales to [0, 1]), so every BN
+    follows a conv and folds into it.
+    `head`: "flatten" (AvgPool(`pool`) + Flatten, the source) or "gap"
+    (GlobalAveragePooling2D: no SHAPE/STRIDED_SLICE/PACK/RESHAPE ops in TFLite).
+    `expansion`: the inverted block's expansion factor.
+    `activation`: "relu" or "relu6" (both fuse into TFLite int8 convolutions).
     """
 
     stages: tuple[int, ...] = (3, 4, 6)
@@ -24,16 +45,30 @@ class ResNetConfig:
     bn_epsilon: float = 2e-5
     bn_momentum: float = 0.9
     pool: int = 8
+    block: str = "preact"
+    head: str = "flatten"
+    expansion: int = 6
+    activation: str = "relu"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
         object.__setattr__(self, "filters", tuple(self.filters))
         if len(self.filters) != len(self.stages) + 1:
             raise ValueError(f"filters {self.filters} needs one more entry than stages {self.stages}")
+        for field, value, allowed in (("block", self.block, BLOCKS), ("head", self.head, HEADS),
+                                      ("activation", self.activation, ACTIVATIONS)):
+            if value not in allowed:
+                raise ValueError(f"ResNetConfig {field} {value!r} is not one of {allowed}")
+        if not (isinstance(self.expansion, int) and self.expansion >= 1):
+            raise ValueError(f"ResNetConfig expansion {self.expansion!r} must be an integer >= 1")
+        if min(self.stages) < 1:
+            raise ValueError(f"stages {self.stages} must each hold at least one module")
         # TF 2.21's oneDNN CPU kernels abort the process (double free) when training
         # a bottleneck of 2 channels; 4 and more were checked to train fine.
-        if min(self.filters[1:]) < 16:
+        if self.block in ("preact", "post") and min(self.filters[1:]) < 16:
             raise ValueError(f"stage filters {self.filters[1:]} must be >= 16 (bottleneck width K/4 >= 4)")
+        if min(self.filters) < 4:
+            raise ValueError(f"filters {self.filters} must be >= 4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +79,23 @@ class MalariaPreset:
     batch_size: int  # global: split over replicas under tf.distribute
     learning_rate: float
     momentum: float = 0.9
-    schedule: str = "linear"  # polynomial decay, power 1, to 0 over all epochs
+    schedule: str = "linear"  # "linear": polynomial decay, power 1, to 0 over all epochs; "cosine": cosine decay to 0
     augment: bool = True
+    label_smoothing: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"preset {self.name!r}: schedule {self.schedule!r} is not one of {SCHEDULES}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"preset {self.name!r}: label_smoothing {self.label_smoothing} must be in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MalariaPreset":
+        """From `to_dict()`; keys added since (e.g. `block`, `label_smoothing`) take their defaults."""
         d = dict(d)
         d["model"] = ResNetConfig(**d["model"])
         return cls(**d)
@@ -72,3 +116,31 @@ MALARIA_PRESETS: dict[str, MalariaPreset] = {
         learning_rate=0.01, augment=True,
     ),
 }
+
+
+def _quant_friendly(name: str, block: str, filters: tuple[int, ...], stages: tuple[int, ...], **model) -> MalariaPreset:
+    """A `post`/`inv` preset: BN folds into every conv, GAP head; `edge`'s schedule so only the network differs."""
+    return MalariaPreset(
+        name, ResNetConfig(stages=stages, filters=filters, block=block, head="gap", **model),
+        epochs=15, batch_size=64, learning_rate=0.05,
+    )
+
+
+# Names say block, stem/stage widths (w32: 32, 64, 128, 256), modules per stage (d111) and input size (64x64,
+# the malaria preprocessing). Not yet measured on unseen patients (project issue 11).
+for _name, _block, _w, _d in (
+    ("post-w16-d111-64", "post", 16, (1, 1, 1)),
+    ("post-w32-d111-64", "post", 32, (1, 1, 1)),
+    ("post-w32-d222-64", "post", 32, (2, 2, 2)),
+    ("inv-w32-d111-64", "inverted", 32, (1, 1, 1)),
+):
+    # The inverted block is MobileNetV2's, with its ReLU6.
+    MALARIA_PRESETS[_name] = _quant_friendly(_name, _block, tuple(_w * 2**i for i in range(4)), _d,
+                                             activation="relu6" if _block == "inverted" else "relu")
+# For tests: the two new blocks at `tiny` size and schedule.
+for _name, _block in (("tiny-post", "post"), ("tiny-inv", "inverted")):
+    MALARIA_PRESETS[_name] = dataclasses.replace(
+        MALARIA_PRESETS["tiny"], name=_name,
+        model=ResNetConfig(stages=(1, 1), filters=(8, 16, 32), block=_block, head="gap", expansion=4,
+                           activation="relu6" if _block == "inverted" else "relu"),
+    )
