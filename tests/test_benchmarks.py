@@ -139,3 +139,19 @@ def test_cli_rejects_bad_arguments(capsys, tmp_path):
     with pytest.raises(SystemExit):
         cli.parse_args(["--threads", "0"])
     assert cli.parse_args(["--threads", "1,1,2"]).threads == [1, 2]
+
+
+@pytest.mark.slow
+def test_presets_benchmark_reports_int8_against_float32(tmp_path, capsys):
+    from benchmarks.presets import main
+
+    assert main(["--presets", "nope"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["--presets", "tiny,tiny-post", "--min-seconds", "0.05", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "presets.json").read_text())
+    rows = {r["preset"]: r for r in report["rows"]}
+    assert rows["tiny-post"]["weights"] == 2_634 and rows["tiny-post"]["int8_p50_ms"] > 0
+    # The source's pre-activation BN stays as int8 MUL ops and its Flatten head as reshaping ops; the post block's don't.
+    assert "MUL" in rows["tiny"]["other_int8_ops"] and "RESHAPE" in rows["tiny"]["other_int8_ops"]
+    assert rows["tiny-post"]["other_int8_ops"] == "2 ADD"  # the two residual additions
+    assert (tmp_path / "presets.csv").read_text().count("\n") == 3 and "| tiny-post |" in capsys.readouterr().out
