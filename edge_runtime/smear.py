@@ -323,3 +323,241 @@ def _regions(labels: np.ndarray, norm: np.ndarray, dark: np.ndarray, mask: np.nd
         bbox = [int(round(x * scale)), int(round(y * scale)), int(round(w * scale)), int(round(h * scale))]
         cells.append(Cell(index=k, bbox=bbox, area=int(round(area * scale * scale)), kind=kind, mask=m, box=box))
     return cells
+
+
+# ---------------------------------------------------------------- crops the model recognises
+
+
+def crop(seg: Segmentation, cell: Cell) -> np.ndarray:
+    """The cell cut the NIH way: its mask applied, black outside, tight box with a small black margin."""
+    x, y, w, h = cell.box
+    m = max(2, int(round(0.08 * seg.radius)))
+    out = np.zeros((h + 2 * m, w + 2 * m, 3), np.uint8)
+    out[m:m + h, m:m + w][cell.mask] = seg.image[y:y + h, x:x + w][cell.mask]
+    return out
+
+
+# ---------------------------------------------------------------- one field, one slide
+
+VERDICT_COLOURS = {"uninfected": (0, 200, 0), "parasitized": (230, 0, 0), "uncertain": (255, 150, 0),
+                   "other": (150, 150, 150)}
+
+
+@dataclasses.dataclass
+class CellResult:
+    """One cell's place, kind and verdict (label/confidence None for regions that are not classified)."""
+
+    field: str
+    index: int
+    bbox: list[int]
+    kind: str
+    area: int
+    label: str | None = None
+    confidence: float | None = None
+    uncertain: bool = False
+
+    def verdict(self, positive: str) -> str:
+        """"parasitized", "uninfected", "uncertain" or "other" (not a red cell): the overlay colour."""
+        if self.label is None:
+            return "other"
+        if self.uncertain:
+            return "uncertain"
+        return "parasitized" if self.label == positive else "uninfected"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class FieldResult:
+    """One field: its cells, or the reason it gave none (`error`)."""
+
+    field: str
+    cells: list[CellResult] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    radius_px: float | None = None
+    segment_ms: float | None = None
+    classify_ms: float | None = None
+    predictions: list[Any] = dataclasses.field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = {k: sum(c.kind == k for c in self.cells) for k in KINDS}
+        return {"field": self.field, "error": self.error, "counts": counts, "radius_px": self.radius_px,
+                "segment_ms": self.segment_ms, "classify_ms": self.classify_ms,
+                "cells": [{k: c.to_dict()[k] for k in ("index", "bbox", "kind", "label", "confidence", "uncertain")}
+                          for c in self.cells]}
+
+
+@dataclasses.dataclass
+class SlideReport:
+    """Several fields of one slide: per-field results, the slide summary and the files written."""
+
+    fields: list[FieldResult]
+    summary: dict[str, Any]
+    written: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def rejected(self) -> list[FieldResult]:
+        return [f for f in self.fields if f.error is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fields": [f.to_dict() for f in self.fields], "summary": self.summary, "written": self.written}
+
+
+def analyse_field(model, source, name: str | None = None) -> tuple[FieldResult, Segmentation | None]:
+    """Segment one field and classify its red cells in one `model.predict` call; errors become the record's `error`."""
+    import time
+
+    from edge_runtime.images import ImageError, load_image
+
+    name = name or (str(source) if not isinstance(source, (Image.Image, np.ndarray)) else "field")
+    t0 = time.perf_counter()
+    try:
+        img = source if isinstance(source, np.ndarray) else load_image(source, "rgb", model.max_pixels)
+        seg = segment(img, name)
+    except (ImageError, SmearError) as e:
+        return FieldResult(field=name, error=e.reason), None
+    t1 = time.perf_counter()
+    rbcs = [c for c in seg.cells if c.kind == "rbc"]
+    preds = model.predict([crop(seg, c) for c in rbcs]) if rbcs else []
+    t2 = time.perf_counter()
+    by_index = {c.index: p for c, p in zip(rbcs, preds)}
+    results = []
+    for c in seg.cells:
+        p = by_index.get(c.index)
+        results.append(CellResult(field=name, index=c.index, bbox=c.bbox, kind=c.kind, area=c.area,
+                                  label=p.label if p else None,
+                                  confidence=round(p.confidence, 4) if p and p.confidence is not None else None,
+                                  uncertain=bool(p.uncertain) if p else False))
+    return FieldResult(field=name, cells=results, radius_px=round(seg.radius * seg.scale, 1),
+                       segment_ms=round((t1 - t0) * 1e3, 1), classify_ms=round((t2 - t1) * 1e3, 1),
+                       predictions=preds), seg
+
+
+def analyse_slide(model, fields, out=None, min_cells: int | None = None, rbc_per_ul: float | None = None,
+                  wbc_count: int | None = None, wbc_per_ul: float | None = None) -> SlideReport:
+    """Several field photos of one slide -> one report (and, with `out`, files a person can check).
+
+    Args:
+        model: an `EdgeModel` (malaria) from `edge_runtime.load`.
+        fields: image paths, PIL images or RGB arrays.
+        out: folder for overlays, cells.csv/json, summary.json and the contact sheet (None: write nothing).
+        min_cells, rbc_per_ul, wbc_count, wbc_per_ul: see `edge_runtime.clinical.slide_referral`.
+
+    A field that cannot be read or holds no cells gets an `error` and the others go on.
+    """
+    from edge_runtime.clinical import WHO_WBC_PER_UL, slide_referral, slide_summary
+
+    positive = model.metadata.positive_label or "Parasitized"
+    results, sheet, overlays = [], [], []
+    for k, source in enumerate(fields):
+        name = str(source) if not isinstance(source, (Image.Image, np.ndarray)) else f"field[{k}]"
+        res, seg = analyse_field(model, source, name)
+        results.append(res)
+        if seg is not None and out is not None:
+            overlays.append(_overlay_path(out, name, k))
+            _write_overlay(seg, res, positive, overlays[-1])
+            sheet += [(res.field, c, crop(seg, seg.cells[c.index - 1])) for c in res.cells
+                      if c.verdict(positive) in ("parasitized", "uncertain")]
+    preds = [p for r in results for p in r.predictions]
+    summary = slide_referral(slide_summary(preds, positive), rbc_per_ul=rbc_per_ul, wbc_count=wbc_count,
+                             wbc_per_ul=WHO_WBC_PER_UL if wbc_per_ul is None else wbc_per_ul, min_cells=min_cells)
+    summary["fields"] = len(results)
+    summary["fields_without_cells"] = sum(r.error is not None for r in results)
+    summary["non_rbc"] = {k: sum(c.kind == k for r in results for c in r.cells) for k in KINDS if k != "rbc"}
+    report = SlideReport(fields=results, summary=summary)
+    if out is not None:
+        report.written = [str(p) for p in overlays] + _write_outputs(report, out, sheet)
+    return report
+
+
+# ---------------------------------------------------------------- files a person can check
+
+
+def _overlay_path(out, name: str, k: int):
+    from pathlib import Path
+
+    return Path(out) / f"{k:03d}_{Path(name).stem or 'field'}_overlay.png"
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _write_overlay(seg: Segmentation, res: FieldResult, positive: str, path) -> None:
+    """The field with each cell outlined in its verdict's colour; parasitized cells numbered."""
+    from edge_runtime.fileio import atomic_write_bytes
+
+    cv2 = _cv2()
+    canvas = np.ascontiguousarray(seg.image.copy())
+    thick = max(1, int(round(seg.radius / 15)))
+    for cell, c in zip(seg.cells, res.cells):
+        x, y, _, _ = cell.box
+        contours, _ = cv2.findContours(cell.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        verdict = c.verdict(positive)
+        cv2.drawContours(canvas, contours, -1, VERDICT_COLOURS[verdict], thick, offset=(x, y))
+        if verdict in ("parasitized", "uncertain"):
+            cv2.putText(canvas, str(c.index), (x, max(12, y - 3)), cv2.FONT_HERSHEY_SIMPLEX,
+                        max(0.5, seg.radius / 40), VERDICT_COLOURS[verdict], thick + 1, cv2.LINE_AA)
+    atomic_write_bytes(path, _png_bytes(Image.fromarray(canvas)))
+
+
+CONTACT_TILE = 160  # pixels per crop on the contact sheet: large enough to judge a ring stage by eye
+
+
+def _contact_sheet(items: list[tuple[str, CellResult, np.ndarray]]) -> Image.Image:
+    """Parasitized and uncertain crops in a grid, each captioned with field, number, verdict and confidence."""
+    from pathlib import Path
+
+    from PIL import ImageDraw
+
+    cols = min(6, len(items))
+    rows = -(-len(items) // cols)
+    cap = 30
+    sheet = Image.new("RGB", (cols * CONTACT_TILE, rows * (CONTACT_TILE + cap)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (field, c, arr) in enumerate(items):
+        tile = Image.fromarray(arr)
+        tile.thumbnail((CONTACT_TILE - 8, CONTACT_TILE - 8), Image.Resampling.LANCZOS)
+        if max(tile.size) < CONTACT_TILE - 8:  # small crops are enlarged, not left tiny
+            f = (CONTACT_TILE - 8) / max(tile.size)
+            tile = tile.resize((round(tile.width * f), round(tile.height * f)), Image.Resampling.BICUBIC)
+        x0, y0 = (i % cols) * CONTACT_TILE, (i // cols) * (CONTACT_TILE + cap)
+        sheet.paste(tile, (x0 + (CONTACT_TILE - tile.width) // 2, y0 + 4))
+        what = "uncertain" if c.uncertain else c.label
+        draw.text((x0 + 4, y0 + CONTACT_TILE), f"{Path(field).stem} #{c.index}", fill=(0, 0, 0))
+        draw.text((x0 + 4, y0 + CONTACT_TILE + 13), f"{what} {c.confidence:.2f}", fill=(0, 0, 0))
+    return sheet
+
+
+CSV_FIELDS = ("field", "index", "x", "y", "w", "h", "kind", "area", "label", "confidence", "uncertain")
+
+
+def _write_outputs(report: SlideReport, out, sheet) -> list[str]:
+    """cells.csv, cells.json, summary.json and (when any) contact_sheet.png; returns every path written."""
+    import csv
+    import io
+    from pathlib import Path
+
+    from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, write_json
+
+    out = Path(out)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_FIELDS)
+    for f in report.fields:
+        for c in f.cells:
+            w.writerow([c.field, c.index, *c.bbox, c.kind, c.area, c.label or "",
+                        "" if c.confidence is None else c.confidence, int(c.uncertain)])
+    atomic_write_text(out / "cells.csv", buf.getvalue())
+    write_json(out / "cells.json", {"fields": [f.to_dict() for f in report.fields]})
+    write_json(out / "summary.json", report.summary)
+    written = [str(out / n) for n in ("cells.csv", "cells.json", "summary.json")]
+    if sheet:
+        atomic_write_bytes(out / "contact_sheet.png", _png_bytes(_contact_sheet(sheet)))
+        written.append(str(out / "contact_sheet.png"))
+    return written
