@@ -340,7 +340,7 @@ def crop(seg: Segmentation, cell: Cell) -> np.ndarray:
 # ---------------------------------------------------------------- one field, one slide
 
 VERDICT_COLOURS = {"uninfected": (0, 200, 0), "parasitized": (230, 0, 0), "uncertain": (255, 150, 0),
-                   "other": (150, 150, 150)}
+                   "other": (80, 80, 80)}
 
 
 @dataclasses.dataclass
