@@ -248,6 +248,11 @@ def segment(image: Image.Image | np.ndarray, name: str = "field") -> Segmentatio
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     rgb, scale = _working_image(image)
+    # Giemsa stains cells pink to purple: a photo without colour (an OCT scan, any greyscale
+    # picture) cannot be a stained smear, whatever shapes it shows.
+    spread = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
+    if np.percentile(spread, 90) < 4:
+        raise SmearError(name, "no cells found (a greyscale image, not a stained smear)")
     norm = flatten_background(rgb)
     # Darkness in green: haemoglobin and Giemsa both absorb it; clip the bright side (glare).
     dark = np.clip(1.0 - norm[:, :, 1], 0.0, 1.0)
@@ -260,9 +265,10 @@ def segment(image: Image.Image | np.ndarray, name: str = "field") -> Segmentatio
     if radius >= MIN_RADIUS:
         mask = _fill_cell_holes(mask, dark, math.pi * radius * radius, mode + 2 * sigma)
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
-    # A photo with no cells: nothing stands out of the background, or what does is
-    # not cell-shaped (a flat image, a landscape's sky line, noise).
-    if radius < MIN_RADIUS or mask.mean() < 0.01:
+    # A photo with no cells: nothing stands out of the background, or everything does (no
+    # background to count against), or what does is far larger than a cell among many
+    # (a landscape's sky line, a dark half, an OCT scan's layers).
+    if radius < MIN_RADIUS or not 0.01 < mask.mean() < 0.9 or radius > min(mask.shape) / 8:
         raise SmearError(name, "no cells found (nothing cell-shaped stands out of the background)")
     markers = _markers(dist, radius)
     # Watershed of the inverted distance transform; unmarked foreground floods from the nearest marker.
