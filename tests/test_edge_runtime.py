@@ -58,6 +58,7 @@ from helpers import (
     SAMPLE,
     assert_same_class_off_ties,
     cells,
+    run_cli,
 )
 
 GRADCAM_MIN_CORR = {"float32": 0.99, "int8": 0.95}
@@ -76,14 +77,6 @@ def malaria_float(art):
 @pytest.fixture(scope="session")
 def malaria_int8(art):
     return edge_runtime.load(art / MALARIA_FILES["tflite-int8"], threads=2)
-
-
-def run_cli(*argv) -> tuple[int, str, str]:
-    """The CLI in a subprocess (as a user runs it): (exit code, stdout, stderr)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    res = subprocess.run([sys.executable, "-m", "edge_runtime", *map(str, argv)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
-    return res.returncode, res.stdout, res.stderr
 
 
 # ---------------------------------------------------------------- light by construction

@@ -27,7 +27,7 @@ from benchmarks.smear import load_annotations, match  # noqa: E402
 from edge_runtime.clinical import REFER_UNCERTAIN_SHARE, slide_referral, slide_summary  # noqa: E402
 from edge_runtime.model import Prediction  # noqa: E402
 from edge_runtime.smear import SmearError, analyse_slide, crop, segment  # noqa: E402
-from helpers import MALARIA_FILES, ROOT  # noqa: E402
+from helpers import MALARIA_FILES, ROOT, run_cli  # noqa: E402
 
 SMEAR_SAMPLE = ROOT / "tests" / "data" / "iml_malaria_sample"
 RECALL_FLOOR = 0.80
@@ -43,13 +43,6 @@ def model(art):
     import edge_runtime
 
     return edge_runtime.load(art / MALARIA_FILES["tflite-int8"], threads=2)
-
-
-def run_cli(*argv) -> tuple[int, str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    res = subprocess.run([sys.executable, "-m", "edge_runtime", *map(str, argv)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
-    return res.returncode, res.stdout, res.stderr
 
 
 def test_segmentation_finds_the_annotated_cells():
