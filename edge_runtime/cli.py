@@ -4,12 +4,16 @@
     python -m edge_runtime predict export/malaria-edge_tflite-int8.tflite slides/C100P61/ --csv > C100P61.csv
     python -m edge_runtime predict export/oct_tflite-int8.tflite scan1.jpeg scan2.jpeg --gradcam maps/
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
+    python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N]
 
 INPUT is an image file or a folder (its images, recursively, in name order).
 A malaria model treats each folder as the cell crops of one slide and
 prints a slide summary (cells, parasitized, parasitemia %, uncertain); an OCT
 model gives each scan a referral level (urgent, routine, observation).
 Answers below the confidence threshold are "uncertain — refer".
+`smear` takes whole microscope field photos of one slide (files or folders),
+finds and classifies every red cell and prints one slide report
+(edge_runtime.smear); exit 1 there also means a field with no cells found.
 
 Exit codes: 0 every input classified, 1 some inputs rejected (each has an
 error record; the rest were classified), 2 bad arguments or unusable model.
@@ -37,6 +41,20 @@ def _threads(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"--threads must be >= 1, got {n}")
     return n
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
 
 
 def fraction(text: str) -> float:
@@ -79,6 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reject larger images (decompression-bomb guard)")
     runtime_args(pr)
     pr.set_defaults(format="table")
+
+    ps = sub.add_parser("smear", help="field photos of one slide -> cells, verdicts, slide report")
+    ps.add_argument("model", type=Path, help="malaria .tflite, .onnx or .ort artifact")
+    ps.add_argument("inputs", nargs="+", type=Path, metavar="field", help="field photos and/or folders of them")
+    so = ps.add_argument_group("output")
+    so.add_argument("--out", type=Path, metavar="DIR",
+                    help="write overlays, cells.csv/json, summary.json and a contact sheet into DIR")
+    so.add_argument("--json", action="store_const", const="json", dest="format",
+                    help="one JSON document: per field its cells, and the slide summary")
+    sr = ps.add_argument_group("slide report")
+    sr.add_argument("--min-cells", type=_positive_int, metavar="N",
+                    help="say so (enough_cells: false) when fewer red cells were counted")
+    sr.add_argument("--rbc-per-ul", type=_positive_float, metavar="X",
+                    help="the patient's red cells per microlitre: parasites/uL = parasitemia x X")
+    sr.add_argument("--wbc-count", type=_positive_int, metavar="N",
+                    help="white cells counted over these fields: parasites/uL = parasitized / N x --wbc-per-ul")
+    sr.add_argument("--wbc-per-ul", type=_positive_float, default=8000.0, metavar="X",
+                    help="white cells per microlitre (default 8000, the WHO convention)")
+    ps.add_argument("--threshold", type=fraction, help="confidence below which a cell is uncertain")
+    runtime_args(ps)
+    ps.set_defaults(format="table", max_pixels=DEFAULT_MAX_PIXELS)
 
     pi = sub.add_parser("info", help="print an artifact's metadata and tensors")
     pi.add_argument("model", type=Path)
@@ -263,6 +302,60 @@ def cmd_predict(args) -> int:
     return EXIT_REJECTED if rejected else EXIT_OK
 
 
+def _smear_table(report, positive: str) -> str:
+    lines = []
+    for f in report.fields:
+        if f.error:
+            lines.append(f"{f.field}: REJECTED  {f.error}")
+            continue
+        rbc = [c for c in f.cells if c.kind == "rbc"]
+        par = [c.index for c in rbc if c.verdict(positive) == "parasitized"]
+        unc = sum(c.uncertain for c in rbc)
+        lines.append(f"{f.field}: {len(rbc)} red cells, {len(par)} parasitized {par if par else ''}, "
+                     f"{unc} uncertain; {len(f.cells) - len(rbc)} other regions; "
+                     f"{f.segment_ms:.0f} ms segmentation, {f.classify_ms:.0f} ms classification")
+    s = report.summary
+    pct = "n/a" if s["parasitemia_percent"] is None else f"{s['parasitemia_percent']:.2f}%"
+    hi = "n/a" if s["parasitemia_max_percent"] is None else f"{s['parasitemia_max_percent']:.2f}%"
+    lines.append(f"slide: {s['fields']} field(s), {s['cells']} red cells counted, {s['parasitized']} parasitized, "
+                 f"{s['uncertain']} uncertain; parasitemia {pct} (up to {hi} if every uncertain cell is parasitized)")
+    for key, what in (("parasites_per_ul_from_rbc", "from the RBC density"),
+                      ("parasites_per_ul_from_wbc", "from the WBC count")):
+        if s[key] is not None:
+            lines.append(f"parasites per uL {what}: {s[key]} (up to {s[key + '_max']})")
+    if s["enough_cells"] is False:
+        lines.append(f"NOT ENOUGH CELLS: {s['cells']} counted, {s['min_cells']} needed; photograph more fields")
+    lines.append("REFER: " + "; ".join(s["refer_reasons"]) if s["refer"] else "refer: no")
+    return "\n".join(lines)
+
+
+def cmd_smear(args) -> int:
+    from edge_runtime.smear import analyse_slide
+
+    fields = [f for _, files in expand_inputs(args.inputs)[0] for f in files]
+    if not fields:
+        print("error: no field photos given", file=sys.stderr)
+        return EXIT_USAGE
+    model = _load(args)
+    report = analyse_slide(model, fields, out=args.out, min_cells=args.min_cells, rbc_per_ul=args.rbc_per_ul,
+                           wbc_count=args.wbc_count, wbc_per_ul=args.wbc_per_ul)
+    if args.format == "json":
+        doc = {"model": {k: v for k, v in model.describe().items() if k in ("file", "model", "format", "backend",
+                                                                             "labels", "threshold")},
+               **report.to_dict()}
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+    else:
+        print(_smear_table(report, model.metadata.positive_label or "Parasitized"))
+        if report.written:
+            print(f"wrote {len(report.written)} file(s) into {args.out}")
+    for f in report.rejected:
+        print(f"warning: {f.field}: {f.error}", file=sys.stderr)
+    return EXIT_REJECTED if report.rejected else EXIT_OK
+
+
+COMMANDS = {"info": cmd_info, "predict": cmd_predict, "smear": cmd_smear}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -272,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from edge_runtime.model import ModelError
 
     try:
-        return cmd_info(args) if args.command == "info" else cmd_predict(args)
+        return COMMANDS[args.command](args)
     except (ModelError, BackendError, ImageError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

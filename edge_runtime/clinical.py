@@ -75,6 +75,53 @@ def slide_summary(predictions: Iterable[Any], positive_label: str = "Parasitized
     }
 
 
+# A slide is referred when any parasite is seen, or when more than this share of its
+# counted cells could not be classified confidently (the model cannot vouch for the slide).
+REFER_UNCERTAIN_SHARE = 0.05
+# WHO convention when the patient's white cell count is unknown: 8,000 WBC per microlitre.
+WHO_WBC_PER_UL = 8000.0
+
+
+def slide_referral(summary: dict[str, Any], rbc_per_ul: float | None = None, wbc_count: int | None = None,
+                   wbc_per_ul: float = WHO_WBC_PER_UL, min_cells: int | None = None) -> dict[str, Any]:
+    """`slide_summary`'s dict plus parasite density, the referral flag and whether enough cells were counted.
+
+    Parasite density, when the user gives what it needs:
+    - from the RBC density (thin smear): parasites/uL = parasitized / (parasitized + uninfected) * rbc_per_ul,
+      i.e. parasitemia % / 100 * RBC/uL; the worst case uses `parasitemia_max_percent`.
+    - from white cells counted on the same fields (WHO): parasites/uL = parasitized / wbc_count * wbc_per_ul
+      (8,000/uL by default); the worst case adds the uncertain cells.
+
+    Args:
+        summary: what `slide_summary` returned.
+        rbc_per_ul: the patient's red cells per microlitre, if known.
+        wbc_count: white cells counted over the same fields.
+        wbc_per_ul: the patient's white cells per microlitre (default: WHO's 8,000).
+        min_cells: the fewest counted cells a reliable parasitemia needs (None: no minimum).
+    """
+    out = dict(summary)
+    pct, pct_max = summary["parasitemia_percent"], summary["parasitemia_max_percent"]
+    out["parasites_per_ul_from_rbc"] = None if rbc_per_ul is None or pct is None else round(pct / 100 * rbc_per_ul)
+    out["parasites_per_ul_from_rbc_max"] = (None if rbc_per_ul is None or pct_max is None
+                                            else round(pct_max / 100 * rbc_per_ul))
+    by_wbc = wbc_count is not None and wbc_count > 0
+    out["parasites_per_ul_from_wbc"] = round(summary["parasitized"] / wbc_count * wbc_per_ul) if by_wbc else None
+    out["parasites_per_ul_from_wbc_max"] = (round((summary["parasitized"] + summary["uncertain"]) / wbc_count
+                                                  * wbc_per_ul) if by_wbc else None)
+    cells = summary["cells"]
+    uncertain_share = summary["uncertain"] / cells if cells else 0.0
+    reasons = []
+    if summary["parasitized"]:
+        reasons.append(f"{summary['parasitized']} parasitized cell(s) seen")
+    if uncertain_share > REFER_UNCERTAIN_SHARE:
+        reasons.append(f"{100 * uncertain_share:.1f}% of cells uncertain (> {100 * REFER_UNCERTAIN_SHARE:.0f}%)")
+    out["refer"] = bool(reasons)
+    out["refer_reasons"] = reasons
+    out["min_cells"] = min_cells
+    out["enough_cells"] = None if min_cells is None else cells >= min_cells
+    return out
+
+
 def oct_summary(predictions: Iterable[Any]) -> dict[str, Any]:
     """Counts of scans per referral level (error records count as rejected)."""
     preds = list(predictions)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the bundled real sample, a manifest of it, and a tiny trained run."""
+"""Shared fixtures: the bundled real sample, a manifest of it, a tiny trained run and the artifacts made from it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from helpers import SAMPLE, train_tiny, write_sample_manifest
+from helpers import ARTIFACT_FILES, SAMPLE, make_artifacts, train_tiny, write_sample_manifest
+
+ART_ENV = "MEDGE_EDGE_ARTIFACTS"
 
 
 def pytest_configure(config):
@@ -51,3 +53,18 @@ def sample_manifest(tmp_path_factory) -> Path:
 def tiny_run(tmp_path_factory, sample_manifest) -> Path:
     """The one tiny malaria run of the session (`helpers.train_tiny`), shared by every test file."""
     return train_tiny(sample_manifest, tmp_path_factory.mktemp("tiny") / "run")
+
+
+@pytest.fixture(scope="session")
+def art(tmp_path_factory, request) -> Path:
+    """The artifacts edge_runtime is tested on: $MEDGE_EDGE_ARTIFACTS (edge-only env), else made from `tiny_run`."""
+    env = os.environ.get(ART_ENV)
+    if env:
+        p = Path(env)
+        missing = [n for n in ARTIFACT_FILES if not (p / n).is_file()]
+        if missing:
+            pytest.fail(f"{ART_ENV}={p} lacks {missing}; make it with `python -m tests.helpers --make-artifacts {p}`")
+        return p
+    pytest.importorskip("tensorflow")
+    # conftest's tiny run, shared with the other test files.
+    return make_artifacts(tmp_path_factory.mktemp("edge_artifacts"), run=request.getfixturevalue("tiny_run"))

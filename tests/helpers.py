@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,14 @@ def cells(n: int, step: int = 1) -> list[Path]:
     """n real cells spread over both classes and all 20 patients."""
     files = sorted(SAMPLE.glob("*/*.png"))
     return files[::step][:n]
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    """The CLI in a subprocess (as a user runs it): (exit code, stdout, stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    res = subprocess.run([sys.executable, "-m", "edge_runtime", *map(str, argv)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    return res.returncode, res.stdout, res.stderr
 
 
 # ---------------------------------------------------------------- making the artifacts (needs TensorFlow)

@@ -49,7 +49,6 @@ from edge_runtime.clinical import OCT_LABELS, oct_summary, referral_level, slide
 from edge_runtime.metadata import TensorInfo
 from edge_runtime.model import UNCERTAIN, ModelError, Prediction, dequantize, quantize
 from helpers import (
-    ARTIFACT_FILES,
     INT8_IO_FILE,
     MALARIA_FILES,
     MALARIA_FORMATS,
@@ -59,30 +58,15 @@ from helpers import (
     SAMPLE,
     assert_same_class_off_ties,
     cells,
-    make_artifacts,
+    run_cli,
 )
 
-ART_ENV = "MEDGE_EDGE_ARTIFACTS"
 GRADCAM_MIN_CORR = {"float32": 0.99, "int8": 0.95}
 QUANT_MAX_ABS_DIFF, QUANT_SURE_MARGIN = 0.25, 0.2
 HEAVY = ("tensorflow", "keras", "tf_keras")
 # LiteRT where installed; the legacy tflite-runtime in a Pi-like environment without it.
 HAS_LITERT = backends.BACKENDS["litert"].installed()
 TFLITE_BACKEND = "litert" if HAS_LITERT else "tflite-runtime"
-
-
-@pytest.fixture(scope="session")
-def art(tmp_path_factory, request) -> Path:
-    env = os.environ.get(ART_ENV)
-    if env:
-        p = Path(env)
-        missing = [n for n in ARTIFACT_FILES if not (p / n).is_file()]
-        if missing:
-            pytest.fail(f"{ART_ENV}={p} lacks {missing}; make it with `python -m tests.helpers --make-artifacts {p}`")
-        return p
-    pytest.importorskip("tensorflow")
-    # conftest's tiny run, shared with the other test files.
-    return make_artifacts(tmp_path_factory.mktemp("edge_artifacts"), run=request.getfixturevalue("tiny_run"))
 
 
 @pytest.fixture(scope="session")
@@ -93,14 +77,6 @@ def malaria_float(art):
 @pytest.fixture(scope="session")
 def malaria_int8(art):
     return edge_runtime.load(art / MALARIA_FILES["tflite-int8"], threads=2)
-
-
-def run_cli(*argv) -> tuple[int, str, str]:
-    """The CLI in a subprocess (as a user runs it): (exit code, stdout, stderr)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    res = subprocess.run([sys.executable, "-m", "edge_runtime", *map(str, argv)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
-    return res.returncode, res.stdout, res.stderr
 
 
 # ---------------------------------------------------------------- light by construction

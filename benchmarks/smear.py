@@ -1,0 +1,196 @@
+"""`python -m benchmarks smear`: the field pipeline measured against annotated field photos.
+
+    python -m benchmarks smear --data ../shared/data/iml_malaria --out runs/smear-bench
+    python -m benchmarks smear --data ../shared/data/iml_malaria --model export/malaria-edge_tflite-int8.tflite
+
+DATA holds `fields/*.JPG` and `annotations.json` (IML-Malaria's layout: a list
+of {"image_name", "objects": [{"type", "bbox": {"x", "y", "w", "h"}}]}).
+An annotated cell (every type but "difficult") is found when a detected region's
+box overlaps it with IoU >= 0.5 (greedy one-to-one matching, highest IoU first).
+
+Reported: cell recall, parasite-cell recall (detection only; with --model also
+found AND called parasitized or uncertain), with --model the false-positive
+rate on annotated uninfected cells (called parasitized), field-level
+sensitivity (a field with an annotated parasite is flagged for referral), RBC
+count error per field (detected "rbc" regions minus annotated cells, mean
+absolute and mean signed) and time per field (segmentation; end to end with
+the model). Writes smear.json, smear.csv (one row per field) and smear.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+PARASITE_TYPES = ("ring", "trophozoite", "schizont", "gametocyte")
+IOU_MATCH = 0.5
+
+
+def iou_matrix(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> np.ndarray:
+    """IoU of every [x, y, w, h] box of `a` with every box of `b`, shape (len(a), len(b))."""
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    A = np.asarray(a, float)[:, None, :]
+    B = np.asarray(b, float)[None, :, :]
+    w = np.clip(np.minimum(A[..., 0] + A[..., 2], B[..., 0] + B[..., 2]) - np.maximum(A[..., 0], B[..., 0]), 0, None)
+    h = np.clip(np.minimum(A[..., 1] + A[..., 3], B[..., 1] + B[..., 3]) - np.maximum(A[..., 1], B[..., 1]), 0, None)
+    inter = w * h
+    return inter / np.maximum(A[..., 2] * A[..., 3] + B[..., 2] * B[..., 3] - inter, 1e-9)
+
+
+def match(truth: Sequence[Sequence[float]], found: Sequence[Sequence[float]], iou: float = IOU_MATCH) -> np.ndarray:
+    """For each truth box the index of its matched found box, or -1; greedy one-to-one, highest IoU first."""
+    m = iou_matrix(truth, found)
+    out = np.full(len(truth), -1)
+    if not m.size:
+        return out
+    used = np.zeros(m.shape[1], bool)
+    for flat in np.argsort(-m, axis=None):
+        t, f = divmod(int(flat), m.shape[1])
+        if m[t, f] < iou:
+            break
+        if out[t] < 0 and not used[f]:
+            out[t], used[f] = f, True
+    return out
+
+
+def load_annotations(data: Path) -> list[dict[str, Any]]:
+    """[{"image", "boxes": [[x, y, w, h]], "parasite": [bool]}] for every annotated field with a photo."""
+    path = data / "annotations.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; --data needs fields/ and annotations.json (IML-Malaria layout)")
+    out = []
+    for entry in json.loads(path.read_text()):
+        img = data / "fields" / entry["image_name"]
+        objs = [o for o in entry["objects"] if o["type"] != "difficult"]
+        out.append({"image": img, "boxes": [[float(o["bbox"][k]) for k in "xywh"] for o in objs],
+                    "parasite": [o["type"] in PARASITE_TYPES for o in objs]})
+    return out
+
+
+def measure_field(ann: dict[str, Any], model=None) -> dict[str, Any]:
+    """One row: annotated and found cells, parasites found (and called), false positives, counts, times."""
+    from edge_runtime.images import load_image
+    from edge_runtime.smear import SmearError, analyse_field, segment
+
+    row: dict[str, Any] = {"field": ann["image"].name, "annotated": len(ann["boxes"]),
+                           "annotated_parasites": int(sum(ann["parasite"])), "error": None}
+    t0 = time.perf_counter()
+    if model is None:
+        try:
+            seg = segment(load_image(ann["image"]), ann["image"].name)
+        except (SmearError, ValueError) as e:
+            return {**row, "error": str(e)}
+        cells = [{"bbox": c.bbox, "kind": c.kind, "label": None, "uncertain": False} for c in seg.cells]
+        row["segment_ms"] = (time.perf_counter() - t0) * 1e3
+    else:
+        res, _ = analyse_field(model, ann["image"], ann["image"].name)
+        if res.error:
+            return {**row, "error": res.error}
+        cells = [c.to_dict() for c in res.cells]
+        row["segment_ms"], row["total_ms"] = res.segment_ms, (time.perf_counter() - t0) * 1e3
+    matched = match(ann["boxes"], [c["bbox"] for c in cells])
+    par = np.asarray(ann["parasite"], bool)
+    found = matched >= 0
+    row.update(found=int(found.sum()), parasites_found=int(found[par].sum()),
+               detected_rbc=sum(c["kind"] == "rbc" for c in cells), detected_regions=len(cells))
+    row["count_error"] = row["detected_rbc"] - row["annotated"]
+    if model is not None:
+        positive = model.metadata.positive_label or "Parasitized"
+        called = np.array([m >= 0 and (cells[m]["uncertain"] or cells[m]["label"] == positive) for m in matched], bool)
+        sure_pos = np.array([m >= 0 and not cells[m]["uncertain"] and cells[m]["label"] == positive
+                             for m in matched], bool)
+        row["parasites_called"] = int(called[par].sum())
+        row["uninfected_found"] = int(found[~par].sum())
+        row["uninfected_called_parasitized"] = int(sure_pos[~par].sum())
+        row["flagged"] = bool(any(c["label"] == positive or c["uncertain"] for c in cells if c["kind"] == "rbc"))
+    return row
+
+
+def summarise(rows: list[dict[str, Any]], with_model: bool) -> dict[str, Any]:
+    """The headline metrics over every field that gave cells."""
+    ok = [r for r in rows if r["error"] is None]
+    tot = lambda k: sum(r[k] for r in ok)  # noqa: E731
+    s: dict[str, Any] = {
+        "fields": len(rows), "fields_failed": len(rows) - len(ok),
+        "annotated_cells": tot("annotated"), "cell_recall": tot("found") / max(tot("annotated"), 1),
+        "annotated_parasites": tot("annotated_parasites"),
+        "parasite_recall_detection": tot("parasites_found") / max(tot("annotated_parasites"), 1),
+        "count_error_mean_abs": float(np.mean([abs(r["count_error"]) for r in ok])) if ok else None,
+        "count_error_mean_signed": float(np.mean([r["count_error"] for r in ok])) if ok else None,
+        "segment_ms_per_field": float(np.mean([r["segment_ms"] for r in ok])) if ok else None,
+    }
+    if with_model:
+        with_par = [r for r in ok if r["annotated_parasites"]]
+        s.update(parasite_recall_called=tot("parasites_called") / max(tot("annotated_parasites"), 1),
+                 uninfected_false_positive_rate=tot("uninfected_called_parasitized") / max(tot("uninfected_found"), 1),
+                 field_sensitivity=sum(r["flagged"] for r in with_par) / max(len(with_par), 1),
+                 fields_with_parasites=len(with_par),
+                 total_ms_per_field=float(np.mean([r["total_ms"] for r in ok])) if ok else None)
+    return s
+
+
+def table(summary: dict[str, Any]) -> str:
+    """A Markdown table of the headline metrics."""
+    lines = ["| metric | value |", "|---|---:|"]
+    for k, v in summary.items():
+        lines.append(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks smear", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="folder with fields/ and annotations.json")
+    p.add_argument("--model", type=Path, help="malaria artifact: also measure classification and end-to-end time")
+    p.add_argument("--out", type=Path, default=Path("runs/smear-bench"), help="results folder")
+    p.add_argument("--threads", type=int, help="runtime threads for --model")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from edge_runtime.fileio import atomic_write_text, write_json
+
+    try:
+        anns = load_annotations(args.data)
+        model = None
+        if args.model is not None:
+            from edge_runtime.model import load
+
+            model = load(args.model, threads=args.threads)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = []
+    for ann in anns:
+        rows.append(measure_field(ann, model))
+        r = rows[-1]
+        print(f"{r['field']}: " + (r["error"] or f"{r['found']}/{r['annotated']} cells, "
+                                   f"{r['parasites_found']}/{r['annotated_parasites']} parasites, "
+                                   f"count error {r['count_error']:+d}, {r['segment_ms']:.0f} ms"), file=sys.stderr)
+    summary = summarise(rows, model is not None)
+    report = {"command": "python -m benchmarks smear " + " ".join(sys.argv[2:] if argv is None else argv),
+              "data": str(args.data), "model": str(args.model) if args.model else None,
+              "iou_match": IOU_MATCH, "summary": summary, "fields": rows}
+    if model is not None:
+        report["note"] = ("classification figures are only as good as the model: a tiny test artifact's numbers "
+                          "mean nothing")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_json(args.out / "smear.json", report)
+    atomic_write_text(args.out / "smear.csv", buf.getvalue())
+    atomic_write_text(args.out / "smear.md", table(summary) + "\n")
+    print(table(summary))
+    print(f"wrote {args.out / 'smear.json'}, smear.csv, smear.md")
+    return 0

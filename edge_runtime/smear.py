@@ -1,0 +1,572 @@
+"""From a thin-smear field photo to classified cells and a slide report, on the device.
+
+    import edge_runtime
+    from edge_runtime.smear import analyse_slide
+    model = edge_runtime.load("malaria-edge_tflite-int8.tflite")
+    report = analyse_slide(model, ["field1.jpg", "field2.jpg"], out="report/", rbc_per_ul=5e6)
+    print(report.summary["parasitemia_percent"], report.summary["refer"])
+
+    python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N]
+
+The malaria model was trained on NIH crops: one segmented red blood cell on a
+black background. A field photo holds ~100 cells, many touching, so this
+module finds them first (classical image processing, OpenCV), cuts each the
+NIH way (mask applied, black outside, tight box) and classifies every cell of
+a field in one `EdgeModel.predict` call.
+
+Segmentation, and why each step:
+1. Background flattening: the lamp and the camera make the field brighter in
+   the middle; dividing each channel by its background (a large grey closing,
+   computed on a 1/8 image) puts the background at 1.0 everywhere, whatever
+   the lamp colour and the stain.
+2. Foreground: cells absorb green (haemoglobin, Giemsa), so darkness is
+   1 - green/background. The threshold is the lower of Otsu's (between the
+   two modes) and the background mode plus 6 noise sigmas (robust, from the
+   median absolute deviation): pale, parasitized cells are faint and Otsu
+   alone cuts them.
+3. Clean-up: holes are filled (pale centres, ring stages), a small opening
+   removes specks and thin bridges between cells.
+4. Cell size from the image itself: the median, over connected components,
+   of their largest distance-transform value is the typical cell radius
+   (touching cells keep their own maxima), so nothing depends on a
+   magnification constant.
+5. Splitting touching cells: markers are the distance transform's regional
+   maxima at least 0.6 radius apart and at least 0.4 radius deep, then a
+   watershed of the inverted distance transform.
+6. Kinds, by size relative to the typical cell area A = pi r^2 and by stain:
+   "debris" below 0.2 A, "platelet" below 0.2 A and stained purple,
+   "clump" above 2.2 A (several cells not split), "wbc" when the region holds a
+   large dark-purple nucleus (nuclear stain covering > 12% of A), else "rbc".
+   Nothing is dropped: every region is reported with its kind.
+
+Library: OpenCV's headless build (`opencv-python-headless` 5.0, numpy its only
+dependency). Measured here on a 1280x960 field (PA171704), same mask and
+markers: distance transform + marker watershed take 4.6 + 36.7 ms with OpenCV
+against 62.9 + 166.2 ms with scipy's EDT + scikit-image's watershed (5.5x);
+installed, OpenCV is 153 MB against 199 MB for scikit-image + scipy + networkx
++ imageio/tifffile. Quality with scikit-image was not measured on the 44 fields
+(its watershed floods the inverted distance transform, OpenCV's the photo's
+gradient, so results would differ). Whole-pipeline figures: README, "Smear fields".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+# Fields larger than this (longest side, pixels) are segmented on a downscaled copy: a
+# 1280x960 microscope photo is kept as is, a 12 MP phone photo is halved twice.
+MAX_SIDE = 2048
+BACKGROUND_SIGMAS = 6.0  # foreground = darker than background by this many noise sigmas (or Otsu, the lower)
+DEBRIS_AREA, CLUMP_AREA = 0.2, 2.2  # x typical cell area
+WBC_NUCLEUS_AREA = 0.12  # x typical cell area of nuclear (dark purple) stain in one region
+MARKER_SPACING, MARKER_DEPTH = 0.6, 0.4  # x typical radius
+MIN_RADIUS = 4.0  # pixels: below this the "cells" are noise, not cells
+KINDS = ("rbc", "wbc", "platelet", "clump", "debris")
+
+
+class SmearError(ValueError):
+    """A field that cannot be analysed (no cells found, unusable image); `path` and `reason` say why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _cv2():
+    """OpenCV, imported on first use with the install command when it is missing."""
+    try:
+        import cv2
+    except ImportError:
+        raise ImportError("smear analysis needs OpenCV: pip install \"medge[smear]\" "
+                          "(or opencv-python-headless)") from None
+    return cv2
+
+
+@dataclasses.dataclass
+class Cell:
+    """One region found in a field.
+
+    Attributes:
+        index: 1-based number within its field (overlays and contact sheets use it).
+        bbox: [x, y, w, h] in the original photo's pixels.
+        area: pixels of the region (original photo's scale).
+        kind: "rbc", "wbc", "platelet", "clump" or "debris".
+        mask: bool array over `bbox` at the working scale (see `Segmentation.scale`).
+        box: (x, y, w, h) of `mask` at the working scale.
+    """
+
+    index: int
+    bbox: list[int]
+    area: int
+    kind: str
+    mask: np.ndarray = dataclasses.field(repr=False)
+    box: tuple[int, int, int, int] = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass
+class Segmentation:
+    """The cells of one field and what was measured on the way.
+
+    Attributes:
+        cells: every region, in reading order (top to bottom, left to right).
+        image: the RGB uint8 array the cells were found in (working scale).
+        scale: original pixels per working pixel (1.0 unless the photo was larger than MAX_SIDE).
+        radius: the estimated typical cell radius, working pixels.
+        threshold: the darkness threshold used.
+        labels: int32 label image (0 background, i = cells[i-1]).
+    """
+
+    cells: list[Cell]
+    image: np.ndarray = dataclasses.field(repr=False)
+    scale: float
+    radius: float
+    threshold: float
+    labels: np.ndarray = dataclasses.field(repr=False)
+
+    def counts(self) -> dict[str, int]:
+        return {k: sum(c.kind == k for c in self.cells) for k in KINDS}
+
+
+def _working_image(img: Image.Image) -> tuple[np.ndarray, float]:
+    """RGB uint8 array no larger than MAX_SIDE, and the scale back to the original."""
+    img = img.convert("RGB")
+    side = max(img.size)
+    if side <= MAX_SIDE:
+        return np.asarray(img), 1.0
+    f = MAX_SIDE / side
+    small = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BILINEAR)
+    return np.asarray(small), img.width / small.width
+
+
+def flatten_background(rgb: np.ndarray) -> np.ndarray:
+    """Each channel divided by its background (float32, background ~1.0, cells < 1)."""
+    cv2 = _cv2()
+    h, w = rgb.shape[:2]
+    f = 8
+    small = cv2.resize(rgb, (max(1, w // f), max(1, h // f)), interpolation=cv2.INTER_AREA)
+    # The closing must be wider than a cell so none survives it: a tenth of the short side
+    # (a cell is about 1/15 of a 960-pixel field at 100x).
+    k = max(3, (min(small.shape[:2]) // 10) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    bg = cv2.morphologyEx(small, cv2.MORPH_CLOSE, kernel)
+    bg = cv2.dilate(bg, kernel)  # the closing leaves cell-sized dips inside clumps; a max fills them
+    bg = cv2.GaussianBlur(bg, (0, 0), k / 2)
+    bg = cv2.resize(bg, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    return rgb.astype(np.float32) / np.maximum(bg, 1.0)
+
+
+def _threshold(dark: np.ndarray) -> tuple[float, float, float]:
+    """(threshold, background mode, noise sigma): the lower of Otsu's and mode + BACKGROUND_SIGMAS sigmas."""
+    cv2 = _cv2()
+    d8 = np.clip(dark * 255.0, 0, 255).astype(np.uint8)
+    otsu, _ = cv2.threshold(d8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    below = dark[d8 < otsu]  # mostly background
+    if below.size < 100:
+        return otsu / 255.0, 0.0, 1.0 / 255.0
+    mode = float(np.median(below))
+    sigma = max(1.4826 * float(np.median(np.abs(below - mode))), 1.0 / 255.0)
+    return min(otsu / 255.0, mode + BACKGROUND_SIGMAS * sigma), mode, sigma
+
+
+def _holes(mask: np.ndarray) -> np.ndarray:
+    """Background pixels not connected to the border (uint8 0/1)."""
+    cv2 = _cv2()
+    h, w = mask.shape
+    pad = np.zeros((h + 2, w + 2), np.uint8)
+    pad[1:-1, 1:-1] = mask
+    cv2.floodFill(pad, np.zeros((h + 4, w + 4), np.uint8), (0, 0), 1)
+    return (1 - pad)[1:-1, 1:-1]
+
+
+def _fill_cell_holes(mask: np.ndarray, dark: np.ndarray, typical: float, stained: float) -> np.ndarray:
+    """Fill the holes that are a cell's pale centre, not the gaps between touching cells.
+
+    A pale centre (or a ring-stage vacuole) is smaller than half a cell and still
+    a little stained; a gap enclosed by a ring of cells is background-bright.
+    """
+    cv2 = _cv2()
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(_holes(mask), connectivity=4)
+    if n <= 1:
+        return mask
+    sums = np.bincount(lab.ravel(), weights=dark.ravel(), minlength=n)
+    area = stats[:, cv2.CC_STAT_AREA]
+    keep = (area < 0.5 * typical) & (sums / np.maximum(area, 1) > stained)
+    keep[0] = False
+    return (mask | keep[lab]).astype(np.uint8)
+
+
+def _estimate_radius(mask: np.ndarray, dist: np.ndarray) -> float:
+    """Median over connected components of their largest distance-transform value."""
+    cv2 = _cv2()
+    n, lab = cv2.connectedComponents(mask, connectivity=8)
+    if n <= 1:
+        return 0.0
+    peaks = np.zeros(n, np.float32)
+    np.maximum.at(peaks, lab.ravel(), dist.ravel())
+    peaks = peaks[1:]
+    peaks = peaks[peaks >= MIN_RADIUS]
+    return float(np.median(peaks)) if peaks.size else 0.0
+
+
+def _markers(dist: np.ndarray, radius: float) -> np.ndarray:
+    """int32 markers at the distance transform's maxima, >= MARKER_SPACING radius apart and MARKER_DEPTH deep."""
+    cv2 = _cv2()
+    r = max(1, int(round(MARKER_SPACING * radius)))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    smooth = cv2.GaussianBlur(dist, (0, 0), max(1.0, radius / 8))
+    peaks = (smooth >= cv2.dilate(smooth, kernel) - 1e-3) & (dist >= MARKER_DEPTH * radius)
+    # Plateau maxima are several pixels: merge those closer than the spacing into one marker.
+    peaks = cv2.dilate(peaks.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (r | 1, r | 1)))
+    _, markers = cv2.connectedComponents(peaks, connectivity=8)
+    return markers.astype(np.int32)
+
+
+def _kind(area_px: float, typical: float, nucleus_px: int, purple_share: float) -> str:
+    if area_px < DEBRIS_AREA * typical:
+        return "platelet" if purple_share > 0.3 else "debris"
+    if nucleus_px > WBC_NUCLEUS_AREA * typical:
+        return "wbc"
+    if area_px > CLUMP_AREA * typical:
+        return "clump"
+    return "rbc"
+
+
+def segment(image: Image.Image | np.ndarray, name: str = "field") -> Segmentation:
+    """Find the cells of one field photo.
+
+    Args:
+        image: a PIL image (already loaded, e.g. by `edge_runtime.load_image`) or an RGB uint8 array.
+        name: what errors call it.
+
+    Raises:
+        SmearError: no cells found (a blank, black or non-smear photo).
+    """
+    cv2 = _cv2()
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    rgb, scale = _working_image(image)
+    # Giemsa stains cells pink to purple: a photo without colour (an OCT scan, any greyscale
+    # picture) cannot be a stained smear, whatever shapes it shows.
+    spread = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
+    if np.percentile(spread, 90) < 4:
+        raise SmearError(name, "no cells found (a greyscale image, not a stained smear)")
+    norm = flatten_background(rgb)
+    # Darkness in green: haemoglobin and Giemsa both absorb it; clip the bright side (glare).
+    dark = np.clip(1.0 - norm[:, :, 1], 0.0, 1.0)
+    threshold, mode, sigma = _threshold(dark)
+    mask = (dark > threshold).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    # Size first, on every hole filled (gaps too: a ring of cells counts once in the median).
+    filled = mask | _holes(mask)
+    radius = _estimate_radius(filled, cv2.distanceTransform(filled, cv2.DIST_L2, 5))
+    if radius >= MIN_RADIUS:
+        mask = _fill_cell_holes(mask, dark, math.pi * radius * radius, mode + 2 * sigma)
+    dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
+    # A photo with no cells: nothing stands out of the background, or everything does (no
+    # background to count against), or what does is far larger than a cell among many
+    # (a landscape's sky line, a dark half, an OCT scan's layers).
+    if radius < MIN_RADIUS or not 0.01 < mask.mean() < 0.9 or radius > min(mask.shape) / 8:
+        raise SmearError(name, "no cells found (nothing cell-shaped stands out of the background)")
+    markers = _markers(dist, radius)
+    # Watershed of the inverted distance transform; unmarked foreground floods from the nearest marker.
+    relief = cv2.normalize(-dist, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    markers[mask == 0] = -1  # protected background: neither flooded nor a seed
+    work = markers.copy()
+    work[mask == 0] = 0
+    bg_seed = markers.max() + 1
+    work[(mask == 0)] = bg_seed
+    labels = cv2.watershed(np.ascontiguousarray(rgb), work)
+    labels[(labels == bg_seed) | (labels < 0) | (mask == 0)] = 0
+    cells = _regions(labels, norm, dark, mask, radius, scale)
+    if not any(c.kind == "rbc" for c in cells):
+        raise SmearError(name, "no cells found (no region the size and shape of a red blood cell)")
+    relabelled = np.zeros_like(labels)
+    for c in cells:
+        x, y, w, h = c.box
+        relabelled[y:y + h, x:x + w][c.mask] = c.index
+    return Segmentation(cells=cells, image=rgb, scale=scale, radius=radius, threshold=threshold, labels=relabelled)
+
+
+def _regions(labels: np.ndarray, norm: np.ndarray, dark: np.ndarray, mask: np.ndarray, radius: float,
+             scale: float) -> list[Cell]:
+    """One Cell per watershed label, in reading order, with its kind."""
+    typical = math.pi * radius * radius
+    # Nuclear (and chromatin) stain is darker than the field's typical cell by half of what is
+    # left to black, and purple (red and blue above green); relative, because stains vary
+    # from pale pink cells to deep magenta ones.
+    cell_dark = float(np.median(dark[mask > 0]))
+    purple = (dark > cell_dark + 0.5 * (1.0 - cell_dark)) & (norm[:, :, 0] > norm[:, :, 1]) \
+        & (norm[:, :, 2] > norm[:, :, 1])
+    found = []
+    n = int(labels.max())
+    if n < 1:
+        return []
+    ys, xs = np.nonzero(labels > 0)
+    vals = labels[ys, xs]
+    order = np.argsort(vals, kind="stable")
+    ys, xs, vals = ys[order], xs[order], vals[order]
+    bounds = np.searchsorted(vals, np.arange(1, n + 2))
+    for i in range(1, n + 1):
+        a, z = bounds[i - 1], bounds[i]
+        if z - a < 4:
+            continue
+        yy, xx = ys[a:z], xs[a:z]
+        x0, y0, x1, y1 = int(xx.min()), int(yy.min()), int(xx.max()) + 1, int(yy.max()) + 1
+        m = np.zeros((y1 - y0, x1 - x0), bool)
+        m[yy - y0, xx - x0] = True
+        area = int(z - a)
+        pur = purple[y0:y1, x0:x1][m]
+        nucleus = int(pur.sum())
+        kind = _kind(area, typical, nucleus, nucleus / area)
+        found.append((y0, x0, m, (x0, y0, x1 - x0, y1 - y0), area, kind))
+    found.sort(key=lambda f: (f[0] // max(1, int(radius)), f[1]))
+    cells = []
+    for k, (_, _, m, box, area, kind) in enumerate(found, start=1):
+        x, y, w, h = box
+        bbox = [int(round(x * scale)), int(round(y * scale)), int(round(w * scale)), int(round(h * scale))]
+        cells.append(Cell(index=k, bbox=bbox, area=int(round(area * scale * scale)), kind=kind, mask=m, box=box))
+    return cells
+
+
+# ---------------------------------------------------------------- crops the model recognises
+
+
+def crop(seg: Segmentation, cell: Cell) -> np.ndarray:
+    """The cell cut the NIH way: its mask applied, black outside, tight box with a small black margin."""
+    x, y, w, h = cell.box
+    m = max(2, int(round(0.08 * seg.radius)))
+    out = np.zeros((h + 2 * m, w + 2 * m, 3), np.uint8)
+    out[m:m + h, m:m + w][cell.mask] = seg.image[y:y + h, x:x + w][cell.mask]
+    return out
+
+
+# ---------------------------------------------------------------- one field, one slide
+
+VERDICT_COLOURS = {"uninfected": (0, 200, 0), "parasitized": (230, 0, 0), "uncertain": (255, 150, 0),
+                   "other": (80, 80, 80)}
+
+
+@dataclasses.dataclass
+class CellResult:
+    """One cell's place, kind and verdict (label/confidence None for regions that are not classified)."""
+
+    field: str
+    index: int
+    bbox: list[int]
+    kind: str
+    area: int
+    label: str | None = None
+    confidence: float | None = None
+    uncertain: bool = False
+
+    def verdict(self, positive: str) -> str:
+        """"parasitized", "uninfected", "uncertain" or "other" (not a red cell): the overlay colour."""
+        if self.label is None:
+            return "other"
+        if self.uncertain:
+            return "uncertain"
+        return "parasitized" if self.label == positive else "uninfected"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class FieldResult:
+    """One field: its cells, or the reason it gave none (`error`)."""
+
+    field: str
+    cells: list[CellResult] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    radius_px: float | None = None
+    segment_ms: float | None = None
+    classify_ms: float | None = None
+    predictions: list[Any] = dataclasses.field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = {k: sum(c.kind == k for c in self.cells) for k in KINDS}
+        return {"field": self.field, "error": self.error, "counts": counts, "radius_px": self.radius_px,
+                "segment_ms": self.segment_ms, "classify_ms": self.classify_ms,
+                "cells": [{k: c.to_dict()[k] for k in ("index", "bbox", "kind", "label", "confidence", "uncertain")}
+                          for c in self.cells]}
+
+
+@dataclasses.dataclass
+class SlideReport:
+    """Several fields of one slide: per-field results, the slide summary and the files written."""
+
+    fields: list[FieldResult]
+    summary: dict[str, Any]
+    written: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def rejected(self) -> list[FieldResult]:
+        return [f for f in self.fields if f.error is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fields": [f.to_dict() for f in self.fields], "summary": self.summary, "written": self.written}
+
+
+def analyse_field(model, source, name: str | None = None) -> tuple[FieldResult, Segmentation | None]:
+    """Segment one field and classify its red cells in one `model.predict` call; errors become the record's `error`."""
+    import time
+
+    from edge_runtime.images import ImageError, load_image
+
+    name = name or (str(source) if not isinstance(source, (Image.Image, np.ndarray)) else "field")
+    t0 = time.perf_counter()
+    try:
+        img = source if isinstance(source, np.ndarray) else load_image(source, "rgb", model.max_pixels)
+        seg = segment(img, name)
+    except (ImageError, SmearError) as e:
+        return FieldResult(field=name, error=e.reason), None
+    t1 = time.perf_counter()
+    rbcs = [c for c in seg.cells if c.kind == "rbc"]
+    preds = model.predict([crop(seg, c) for c in rbcs]) if rbcs else []
+    t2 = time.perf_counter()
+    by_index = {c.index: p for c, p in zip(rbcs, preds)}
+    results = []
+    for c in seg.cells:
+        p = by_index.get(c.index)
+        results.append(CellResult(field=name, index=c.index, bbox=c.bbox, kind=c.kind, area=c.area,
+                                  label=p.label if p else None,
+                                  confidence=round(p.confidence, 4) if p and p.confidence is not None else None,
+                                  uncertain=bool(p.uncertain) if p else False))
+    return FieldResult(field=name, cells=results, radius_px=round(seg.radius * seg.scale, 1),
+                       segment_ms=round((t1 - t0) * 1e3, 1), classify_ms=round((t2 - t1) * 1e3, 1),
+                       predictions=preds), seg
+
+
+def analyse_slide(model, fields, out=None, min_cells: int | None = None, rbc_per_ul: float | None = None,
+                  wbc_count: int | None = None, wbc_per_ul: float | None = None) -> SlideReport:
+    """Several field photos of one slide -> one report (and, with `out`, files a person can check).
+
+    Args:
+        model: an `EdgeModel` (malaria) from `edge_runtime.load`.
+        fields: image paths, PIL images or RGB arrays.
+        out: folder for overlays, cells.csv/json, summary.json and the contact sheet (None: write nothing).
+        min_cells, rbc_per_ul, wbc_count, wbc_per_ul: see `edge_runtime.clinical.slide_referral`.
+
+    A field that cannot be read or holds no cells gets an `error` and the others go on.
+    """
+    from edge_runtime.clinical import WHO_WBC_PER_UL, slide_referral, slide_summary
+
+    positive = model.metadata.positive_label or "Parasitized"
+    results, sheet, overlays = [], [], []
+    for k, source in enumerate(fields):
+        name = str(source) if not isinstance(source, (Image.Image, np.ndarray)) else f"field[{k}]"
+        res, seg = analyse_field(model, source, name)
+        results.append(res)
+        if seg is not None and out is not None:
+            overlays.append(_overlay_path(out, name, k))
+            _write_overlay(seg, res, positive, overlays[-1])
+            sheet += [(res.field, c, crop(seg, seg.cells[c.index - 1])) for c in res.cells
+                      if c.verdict(positive) in ("parasitized", "uncertain")]
+    preds = [p for r in results for p in r.predictions]
+    summary = slide_referral(slide_summary(preds, positive), rbc_per_ul=rbc_per_ul, wbc_count=wbc_count,
+                             wbc_per_ul=WHO_WBC_PER_UL if wbc_per_ul is None else wbc_per_ul, min_cells=min_cells)
+    summary["fields"] = len(results)
+    summary["fields_without_cells"] = sum(r.error is not None for r in results)
+    summary["non_rbc"] = {k: sum(c.kind == k for r in results for c in r.cells) for k in KINDS if k != "rbc"}
+    report = SlideReport(fields=results, summary=summary)
+    if out is not None:
+        report.written = [str(p) for p in overlays] + _write_outputs(report, out, sheet)
+    return report
+
+
+# ---------------------------------------------------------------- files a person can check
+
+
+def _overlay_path(out, name: str, k: int):
+    from pathlib import Path
+
+    return Path(out) / f"{k:03d}_{Path(name).stem or 'field'}_overlay.png"
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _write_overlay(seg: Segmentation, res: FieldResult, positive: str, path) -> None:
+    """The field with each cell outlined in its verdict's colour; parasitized cells numbered."""
+    from edge_runtime.fileio import atomic_write_bytes
+
+    cv2 = _cv2()
+    canvas = np.ascontiguousarray(seg.image.copy())
+    thick = max(1, int(round(seg.radius / 15)))
+    for cell, c in zip(seg.cells, res.cells):
+        x, y, _, _ = cell.box
+        contours, _ = cv2.findContours(cell.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        verdict = c.verdict(positive)
+        cv2.drawContours(canvas, contours, -1, VERDICT_COLOURS[verdict], thick, offset=(x, y))
+        if verdict in ("parasitized", "uncertain"):
+            cv2.putText(canvas, str(c.index), (x, max(12, y - 3)), cv2.FONT_HERSHEY_SIMPLEX,
+                        max(0.5, seg.radius / 40), VERDICT_COLOURS[verdict], thick + 1, cv2.LINE_AA)
+    atomic_write_bytes(path, _png_bytes(Image.fromarray(canvas)))
+
+
+CONTACT_TILE = 160  # pixels per crop on the contact sheet: large enough to judge a ring stage by eye
+
+
+def _contact_sheet(items: list[tuple[str, CellResult, np.ndarray]]) -> Image.Image:
+    """Parasitized and uncertain crops in a grid, each captioned with field, number, verdict and confidence."""
+    from pathlib import Path
+
+    from PIL import ImageDraw
+
+    cols = min(6, len(items))
+    rows = -(-len(items) // cols)
+    cap = 30
+    sheet = Image.new("RGB", (cols * CONTACT_TILE, rows * (CONTACT_TILE + cap)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (field, c, arr) in enumerate(items):
+        tile = Image.fromarray(arr)
+        tile.thumbnail((CONTACT_TILE - 8, CONTACT_TILE - 8), Image.Resampling.LANCZOS)
+        if max(tile.size) < CONTACT_TILE - 8:  # small crops are enlarged, not left tiny
+            f = (CONTACT_TILE - 8) / max(tile.size)
+            tile = tile.resize((round(tile.width * f), round(tile.height * f)), Image.Resampling.BICUBIC)
+        x0, y0 = (i % cols) * CONTACT_TILE, (i // cols) * (CONTACT_TILE + cap)
+        sheet.paste(tile, (x0 + (CONTACT_TILE - tile.width) // 2, y0 + 4))
+        what = "uncertain" if c.uncertain else c.label
+        draw.text((x0 + 4, y0 + CONTACT_TILE), f"{Path(field).stem} #{c.index}", fill=(0, 0, 0))
+        draw.text((x0 + 4, y0 + CONTACT_TILE + 13), f"{what} {c.confidence:.2f}", fill=(0, 0, 0))
+    return sheet
+
+
+CSV_FIELDS = ("field", "index", "x", "y", "w", "h", "kind", "area", "label", "confidence", "uncertain")
+
+
+def _write_outputs(report: SlideReport, out, sheet) -> list[str]:
+    """cells.csv, cells.json, summary.json and (when any) contact_sheet.png; returns every path written."""
+    import csv
+    import io
+    from pathlib import Path
+
+    from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, write_json
+
+    out = Path(out)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_FIELDS)
+    for f in report.fields:
+        for c in f.cells:
+            w.writerow([c.field, c.index, *c.bbox, c.kind, c.area, c.label or "",
+                        "" if c.confidence is None else c.confidence, int(c.uncertain)])
+    atomic_write_text(out / "cells.csv", buf.getvalue())
+    write_json(out / "cells.json", {"fields": [f.to_dict() for f in report.fields]})
+    write_json(out / "summary.json", report.summary)
+    written = [str(out / n) for n in ("cells.csv", "cells.json", "summary.json")]
+    if sheet:
+        atomic_write_bytes(out / "contact_sheet.png", _png_bytes(_contact_sheet(sheet)))
+        written.append(str(out / "contact_sheet.png"))
+    return written
