@@ -5,6 +5,7 @@
     python -m benchmarks --run malaria-edge=runs/malaria-edge --data runs/malaria.csv --n-images 1000
     python -m benchmarks --compare runs/benchmarks/old.json --max-drop 1.0 --min-speedup 1.5
     python -m benchmarks smear --data ../shared/data/iml_malaria [--model MODEL] [--out DIR]   # field photos
+    python -m benchmarks presets [--presets edge,post-w32-d111-64] [--out DIR]   # int8 cost of a network design
 
 With no arguments it reuses the models and artifacts in the cache folder and
 builds the missing ones from data shipped in the project (the bundled malaria
@@ -99,10 +100,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv_list = sys.argv[1:] if argv is None else list(argv)
-    if argv_list[:1] == ["smear"]:  # the field-photo benchmark, a verb of its own (benchmarks/smear.py)
+    # Benchmarks with verbs of their own: field photos (benchmarks/smear.py), network designs (benchmarks/presets.py).
+    if argv_list[:1] == ["smear"]:
         from benchmarks.smear import main as smear_main
 
         return smear_main(argv_list[1:])
+    if argv_list[:1] == ["presets"]:
+        from benchmarks.presets import main as presets_main
+
+        return presets_main(argv_list[1:])
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """What a malaria network design costs on the device, before any training: int8 against float32 per preset.
 
-    python -m benchmarks.presets                                   # every malaria preset but `paper`
-    python -m benchmarks.presets --presets edge,post-w32-d111-64 --threads 1 --out runs/presets
+    python -m benchmarks presets                                   # every malaria preset but `paper`
+    python -m benchmarks presets --presets edge,post-w32-d111-64 --threads 1 --out runs/presets
 
 Each preset is built with random weights (seeded), converted to `tflite-float32`
 and `tflite-int8` with the same converter settings `python -m convert` uses
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.malaria.presets import MALARIA_PRESETS
 
     default = [n for n in MALARIA_PRESETS if n != "paper" and not n.startswith("tiny")]
-    p = argparse.ArgumentParser(prog="python -m benchmarks.presets", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks presets", description=__doc__.split("\n")[0])
     p.add_argument("--presets", default=",".join(default), help=f"comma-separated (default: {','.join(default)})")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds per measurement, at least")

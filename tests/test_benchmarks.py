@@ -143,11 +143,11 @@ def test_cli_rejects_bad_arguments(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_presets_benchmark_reports_int8_against_float32(tmp_path, capsys):
-    from benchmarks.presets import main
+    from benchmarks.cli import main
 
-    assert main(["--presets", "nope"]) == 2
+    assert main(["presets", "--presets", "nope"]) == 2
     assert "unknown preset" in capsys.readouterr().err
-    assert main(["--presets", "tiny,tiny-post", "--min-seconds", "0.05", "--out", str(tmp_path)]) == 0
+    assert main(["presets", "--presets", "tiny,tiny-post", "--min-seconds", "0.05", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "presets.json").read_text())
     rows = {r["preset"]: r for r in report["rows"]}
     assert rows["tiny-post"]["weights"] == 2_634 and rows["tiny-post"]["int8_p50_ms"] > 0
