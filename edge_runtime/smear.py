@@ -32,7 +32,9 @@ Segmentation, and why each step:
    magnification constant.
 5. Splitting touching cells: markers are the distance transform's regional
    maxima at least 0.6 radius apart and at least 0.4 radius deep, then a
-   watershed of the inverted distance transform.
+   watershed from those markers over the photo itself, so borders follow the
+   membranes (flooding the inverted distance transform instead found 37% of
+   the annotated cells against 87%).
 6. Kinds, by size relative to the typical cell area A = pi r^2 and by stain:
    "debris" below 0.2 A, "platelet" below 0.2 A and stained purple,
    "clump" above 2.2 A (several cells not split), "wbc" when the region holds a
