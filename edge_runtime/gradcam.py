@@ -32,6 +32,7 @@ tensor or foreign weights are refused rather than drawn.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -40,6 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from edge_runtime.fileio import atomic_write_bytes
 from edge_runtime.images import load_image, preprocess
 
 # The `{model}_gradcam.npz` file: plain float32 arrays `ARRAYS` and one JSON string under `INFO`
@@ -111,17 +113,16 @@ class HeadWeights:
         return hw
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the weights file `path` (.npz, atomically: a temp file renamed into place); returns the path."""
+        """Write the weights file `path` (.npz, atomically through `edge_runtime.fileio`); returns the path."""
         self.check()
         info = {"schema": SCHEMA, "labels": list(self.labels), "feature_shape": list(self.feature_shape),
                 "source_sha256": self.source_sha256,
                 "folded": "bn_scale = gamma / sqrt(var + eps); bn_shift = beta - mean * scale"}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, **{INFO: np.array(json.dumps(info))},
+        buf = io.BytesIO()
+        np.savez(buf, **{INFO: np.array(json.dumps(info))},
                  **{k: np.asarray(getattr(self, k), np.float32) for k in ARRAYS})
-        os.replace(tmp, path)
+        path = Path(path)
+        atomic_write_bytes(path, buf.getvalue())
         return path
 
     def check(self) -> None:

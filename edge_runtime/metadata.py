@@ -274,10 +274,10 @@ def read_tflite(path_or_bytes: PathLike | bytes) -> ArtifactMetadata:
     else:
         buf, where = Path(path_or_bytes).read_bytes(), str(path_or_bytes)
     _check_tflite(buf, where)
-    return _from_entries(tflite_metadata_entries(buf), where, "metadata entry")
+    return metadata_from_entries(tflite_metadata_entries(buf), where, "metadata entry")
 
 
-def _from_entries(entries: dict[str, Any], where: str, kind: str) -> ArtifactMetadata:
+def metadata_from_entries(entries: dict[str, Any], where: str, kind: str) -> ArtifactMetadata:
     """The medge entry of a file's metadata key/value pairs, or MetadataNotFound naming what was there."""
     if METADATA_KEY not in entries:
         raise MetadataNotFound(
@@ -294,7 +294,7 @@ def read_onnx(path: PathLike) -> ArtifactMetadata:
     """The medge metadata of a .onnx or .ort file, read with onnxruntime (through `edge_runtime.backends`)."""
     from edge_runtime.backends import open_session
 
-    return _from_entries(open_session(path, "onnxruntime", optimize=False).metadata() or {}, str(path),
+    return metadata_from_entries(open_session(path, "onnxruntime", optimize=False).metadata() or {}, str(path),
                          "metadata_props entry")
 
 

@@ -27,10 +27,10 @@ from edge_runtime import backends
 from edge_runtime.backends import BackendError
 from edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, load_image, preprocess
 from edge_runtime.metadata import (
-    METADATA_KEY,
     ArtifactMetadata,
     MetadataNotFound,
     TensorInfo,
+    metadata_from_entries,
     read_metadata,
     read_sidecar,
 )
@@ -120,9 +120,7 @@ def _read_metadata(path: Path, session) -> tuple[ArtifactMetadata, str]:
     try:
         props = session.metadata()
         if props is not None:  # onnxruntime: read from the open session, not a second one
-            if METADATA_KEY not in props:
-                raise MetadataNotFound(f"{path.name} has no '{METADATA_KEY}' metadata_props entry")
-            return ArtifactMetadata.from_json(props[METADATA_KEY]), "embedded"
+            return metadata_from_entries(props, path.name, "metadata_props entry"), "embedded"
         return read_metadata(path), "embedded"
     except (MetadataNotFound, ImportError) as e:  # no entry, or no flatbuffer schema (tflite-runtime only)
         embedded_error = str(e)
