@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--val", type=float, default=0.1, help="share of the non-test images for validation")
     s.add_argument("--test", type=float, default=0.2, help="share of all images for test")
+    s.add_argument("--exclude-patients-of", type=Path, metavar="TREE",
+                   help="leave out every patient with an image under this class-folder tree (e.g. the bundled "
+                        "sample, so it stays unseen)")
 
     m = sub.add_parser("malaria", help="train the malaria cell ResNet")
     m.add_argument("--manifest", required=True, type=Path)
@@ -39,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     m.add_argument("--seed", type=int, default=42)
     m.add_argument("--quiet", action="store_true", help="no per-batch progress bar (per-epoch lines only)")
+    m.add_argument("--keep", choices=("best", "final"), default="best",
+                   help="best: the epoch with the best val accuracy (needs a val split); final: the last epoch "
+                        "(a fixed schedule, e.g. a release trained on every developer patient)")
 
     c = sub.add_parser(
         "cv", help="patient-grouped k-fold cross-validation of a malaria preset",
@@ -84,13 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "split":
             from train import split
 
-            return split.run(args.data, args.out, args.mode, args.seed, args.val, args.test)
+            return split.run(args.data, args.out, args.mode, args.seed, args.val, args.test, args.exclude_patients_of)
         if args.command == "malaria":
             from train.malaria import fit
 
             fit.train_malaria(
                 args.manifest, args.preset, args.out, epochs=args.epochs, batch_size=args.batch_size,
                 resume=args.resume, seed=args.seed, verbose=1 if not args.quiet else 2,
+                select_best=args.keep == "best",
             )
             return 0
         if args.command == "cv":

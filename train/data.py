@@ -29,22 +29,36 @@ def decode_and_resize(path: tf.Tensor, spec: PreprocessSpec) -> tf.Tensor:
     return tf.cast(img, tf.float32) * spec.scale + spec.offset
 
 
-def augmentation(seed: int | None = None) -> keras.Sequential:
+def augmentation(
+    seed: int | None = None,
+    hue: float = 0.0,
+    saturation: float = 0.0,
+    value_range: tuple[float, float] = (0.0, 1.0),
+) -> keras.Sequential:
     """The source's augmentation: rotation 20 degrees, zoom 0.05, shifts 0.05, shear 0.05, horizontal flip.
 
     Nearest fill, as the source's ImageDataGenerator used. Training split only.
+
+    Optional stain jitter (Giemsa staining differs from slide to slide): `hue`
+    rotates the hue by up to +-hue/2 of the colour circle (Keras RandomHue's
+    factor), `saturation` draws Keras RandomSaturation's factor from
+    0.5 +- saturation (0.5 leaves it unchanged). Both keep black black, so the
+    crops' black background stays what the device sees. `value_range` is the
+    range of the preprocessed pixels they run on.
     """
     L = keras.layers
-    return keras.Sequential(
-        [
-            L.RandomRotation(20 / 360, fill_mode="nearest", seed=seed),
-            L.RandomZoom(0.05, 0.05, fill_mode="nearest", seed=seed),
-            L.RandomTranslation(0.05, 0.05, fill_mode="nearest", seed=seed),
-            L.RandomShear(0.05, 0.05, fill_mode="nearest", seed=seed),
-            L.RandomFlip("horizontal", seed=seed),
-        ],
-        name="augmentation",
-    )
+    layers = [
+        L.RandomRotation(20 / 360, fill_mode="nearest", seed=seed),
+        L.RandomZoom(0.05, 0.05, fill_mode="nearest", seed=seed),
+        L.RandomTranslation(0.05, 0.05, fill_mode="nearest", seed=seed),
+        L.RandomShear(0.05, 0.05, fill_mode="nearest", seed=seed),
+        L.RandomFlip("horizontal", seed=seed),
+    ]
+    if hue:
+        layers.append(L.RandomHue(hue, value_range=value_range, seed=seed))
+    if saturation:
+        layers.append(L.RandomSaturation((0.5 - saturation, 0.5 + saturation), value_range=value_range, seed=seed))
+    return keras.Sequential(layers, name="augmentation")
 
 
 def make_dataset(
@@ -56,11 +70,14 @@ def make_dataset(
     augment: bool = False,
     seed: int = 42,
     cache: bool = True,
+    hue: float = 0.0,
+    saturation: float = 0.0,
 ) -> tf.data.Dataset:
     """(image, one-hot label) batches; shuffled and augmented only when `training`.
 
     Decoded images are cached in memory (64x64x3 float32 is 48 KiB a cell, so
-    the whole NIH set is about 1.3 GB), then augmented per epoch.
+    the whole NIH set is about 1.3 GB), then augmented per epoch (`hue` and
+    `saturation`: the stain jitter of `augmentation`).
     """
     if not records:
         raise ValueError("no images to build a dataset from (empty split?)")
@@ -88,6 +105,6 @@ def make_dataset(
         ds = ds.shuffle(min(len(records), 20_000), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if training and augment:
-        aug = augmentation(seed)
+        aug = augmentation(seed, hue, saturation, (spec.offset, 255.0 * spec.scale + spec.offset))
         ds = ds.map(lambda x, t: (aug(x, training=True), t), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)

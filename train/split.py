@@ -2,6 +2,8 @@
 
     python -m train split --data ../shared/data/malaria --out runs/malaria.csv
     python -m train split --data OCT2017 --out runs/oct.csv --mode patient
+    python -m train split --data ../shared/data/malaria --out runs/release.csv --val 0 --test 0 \
+        --exclude-patients-of tests/data/malaria_sample      # every developer patient but the sample's
 
 Accepted layouts: `<root>/<class>/<image>` (the NIH malaria set) and
 `<root>/{train,test}/<class>/<image>` (OCT2017; its `test/` folder stays the
@@ -181,12 +183,25 @@ def split_records(
     return out
 
 
+def patients_of(tree: Path) -> set[str]:
+    """The patient ids of the image files under `tree` (e.g. a bundled sample to keep unseen)."""
+    files, _ = discover(Path(tree))
+    ids = {patient_id(f.name) for f, _, _ in files}
+    if None in ids:
+        raise ValueError(f"{tree}: some file names match no patient rule ({', '.join(PATIENT_RULES)})")
+    return ids  # type: ignore[return-value]
+
+
 def build_split(
-    data: Path, mode: str = "patient", seed: int = 42, val: float = 0.1, test: float = 0.2, progress: bool = True
+    data: Path, mode: str = "patient", seed: int = 42, val: float = 0.1, test: float = 0.2, progress: bool = True,
+    exclude_patients: Iterable[str] = (),
 ) -> SplitResult:
-    """Discover, verify and split a class-folder tree."""
+    """Discover, verify and split a class-folder tree; `exclude_patients` are left out of every split."""
     data = Path(data)
+    exclude = set(exclude_patients)
     files, labels = discover(data)
+    if exclude:
+        files = [f for f in files if patient_id(f[0].name) not in exclude]
     reasons = verify([f for f, _, _ in files], progress=progress)
     records, bad, unmatched = [], [], 0
     for (f, label, fixed), reason in zip(files, reasons):
@@ -256,9 +271,12 @@ def summary_table(records: Sequence[Record], labels: Sequence[str]) -> str:
     )
 
 
-def run(data: Path, out: Path, mode: str, seed: int, val: float, test: float) -> int:
+def run(data: Path, out: Path, mode: str, seed: int, val: float, test: float, exclude_of: Path | None = None) -> int:
     """CLI body of `python -m train split`."""
-    res = build_split(data, mode=mode, seed=seed, val=val, test=test)
+    exclude = patients_of(exclude_of) if exclude_of else set()
+    res = build_split(data, mode=mode, seed=seed, val=val, test=test, exclude_patients=exclude)
+    if exclude:
+        print(f"left out the {len(exclude)} patients of {exclude_of}")
     write_manifest(res.records, out)
     bad_path = Path(out).with_suffix(".bad_files.csv")
     if res.bad_files:

@@ -99,7 +99,8 @@ def train_malaria(
 
     strategy = pick_strategy()
     replicas = strategy.num_replicas_in_sync
-    train_ds = make_dataset(train_rec, labels, spec, p.batch_size, training=True, augment=p.augment, seed=seed)
+    train_ds = make_dataset(train_rec, labels, spec, p.batch_size, training=True, augment=p.augment, seed=seed,
+                            hue=p.hue, saturation=p.saturation)
     val_ds = make_dataset(val_rec, labels, spec, p.batch_size) if val_rec else None
     steps = math.ceil(len(train_rec) / p.batch_size)
 
