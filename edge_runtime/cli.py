@@ -5,6 +5,7 @@
     python -m edge_runtime predict export/oct_tflite-int8.tflite scan1.jpeg scan2.jpeg --gradcam maps/
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
     python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N]
+    python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR] [--access-code CODE]
 
 INPUT is an image file or a folder (its images, recursively, in name order).
 A malaria model treats each folder as the cell crops of one slide and
@@ -14,6 +15,8 @@ Answers below the confidence threshold are "uncertain — refer".
 `smear` takes whole microscope field photos of one slide (files or folders),
 finds and classifies every red cell and prints one slide report
 (edge_runtime.smear); exit 1 there also means a field with no cells found.
+`serve` runs the field app (edge_runtime.serve): a page and an HTTP API for
+the phones around the device; it needs the `serve` extra (Starlette, uvicorn).
 
 Exit codes: 0 every input classified, 1 some inputs rejected (each has an
 error record; the rest were classified), 2 bad arguments or unusable model.
@@ -118,6 +121,27 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--threshold", type=fraction, help="confidence below which a cell is uncertain")
     runtime_args(ps)
     ps.set_defaults(format="table", max_pixels=DEFAULT_MAX_PIXELS)
+
+    pv = sub.add_parser("serve", help="the field app: a screening page and HTTP API for phones on the local network")
+    pv.add_argument("--models", nargs="+", metavar="NAME|PATH",
+                    help="models to serve, one malaria and/or one OCT, each a released name or an artifact path "
+                         "(default: the released models malaria and oct)")
+    pv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default loopback; 0.0.0.0 for phones, which requires an access code)")
+    pv.add_argument("--port", type=int, default=8080)
+    pv.add_argument("--data", type=Path, metavar="DIR",
+                    help="where cases are kept (default: $XDG_DATA_HOME/medge/field-app)")
+    pv.add_argument("--access-code", metavar="CODE",
+                    help="code every API call needs (default: none on loopback, generated and printed otherwise)")
+    lim = pv.add_argument_group("limits")
+    lim.add_argument("--max-upload-mb", type=_positive_float, default=64.0, help="one case's upload (default 64)")
+    lim.add_argument("--max-file-mb", type=_positive_float, default=20.0, help="one photo (default 20)")
+    lim.add_argument("--max-files", type=_positive_int, default=12, help="photos per case (default 12)")
+    lim.add_argument("--max-megapixels", type=_positive_float, default=40.0, help="one photo (default 40)")
+    pv.add_argument("--workers", type=_positive_int,
+                    help="analyses at once (default: one per CPU core; each model still runs one inference at a time)")
+    pv.add_argument("--threads", type=_threads, help="runtime threads per model (default: the runtime's choice)")
+    pv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
     pi = sub.add_parser("info", help="print an artifact's metadata and tensors")
     pi.add_argument("model", type=Path)
@@ -353,7 +377,14 @@ def cmd_smear(args) -> int:
     return EXIT_REJECTED if report.rejected else EXIT_OK
 
 
-COMMANDS = {"info": cmd_info, "predict": cmd_predict, "smear": cmd_smear}
+def cmd_serve(args) -> int:
+    # Imported here: the plain device install (no `serve` extra) never imports the web framework.
+    from edge_runtime.serve.server import run
+
+    return run(args)
+
+
+COMMANDS = {"info": cmd_info, "predict": cmd_predict, "smear": cmd_smear, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

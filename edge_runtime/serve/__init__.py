@@ -1,0 +1,16 @@
+"""The field app: a Raspberry Pi serves a screening page to the phones around it.
+
+    pip install ".[edge,serve]"
+    python -m edge_runtime serve --models malaria_tflite-int8.tflite oct_tflite-int8.tflite [--host 0.0.0.0]
+
+- `analysis`: what an upload becomes (image checks, `analyse_slide` for malaria,
+  `predict` + Grad-CAM for OCT, one lock per model); no web framework.
+- `storage`: cases in SQLite (WAL) with their files, stored whole or not at all.
+- `app`: the Starlette application (HTTP API, access code, limits, the page).
+- `server`: the `serve` verb (models, store, uvicorn).
+- `loadtest`: a stdlib client that uploads cases from many threads (tests, load figures).
+- `static/`: the page (one HTML, one script, one style sheet; no build step, nothing from the internet).
+
+Only `app` and `server` import Starlette/uvicorn (the `serve` extra); `import
+edge_runtime` never imports this package.
+"""

@@ -1,0 +1,349 @@
+"""What the field app does with an upload, with the same functions as the CLI: no web framework here.
+
+    slots = load_models(["malaria_tflite-int8.tflite", "oct_tflite-int8.tflite"])
+    images = [check_upload(name, data, limits) for name, data in uploads]   # UploadError: 413 / 415
+    with store.stage() as st:
+        record = analyse_malaria(slots["malaria"], images, st)                # analyse_slide, as `smear`
+        store.commit(st, record)
+
+Malaria cases run `edge_runtime.smear.analyse_slide` (what `python -m edge_runtime
+smear --out` runs); OCT cases run `EdgeModel.predict` and `GradCam.write_overlays`
+(what `python -m edge_runtime predict --gradcam` runs). The app only adds the
+parts a phone needs: per-cell crops from the photo, a one-line headline, and
+the record that goes into the case store.
+
+One interpreter is never run by two threads at once: each `ModelSlot` holds a
+lock, and a malaria model is handed to `analyse_slide` wrapped in
+`SerialModel`, whose `predict` takes the lock, so two slides can be segmented
+(OpenCV, most of a field's time) in parallel while their cells are classified
+one slide at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+from edge_runtime.clinical import is_malaria, is_oct
+from edge_runtime.fileio import sha256_file
+
+KINDS = ("malaria", "oct")
+# Shown per case at most; a slide the model reads badly can flag hundreds of cells, and a phone must stay usable.
+MAX_CROPS = 60
+CROP_SIDE = 160  # pixels of a crop image; the page shows it 1:1 or larger, enough to see a ring stage
+# Pillow formats accepted, and the file suffix they are stored under.
+FORMAT_SUFFIX = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif", "MPO": "jpg"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Upload limits; a request over one gets 413, a file that is not an image 415.
+
+    Attributes:
+        max_request_bytes: one whole upload (all files of a case and the form).
+        max_file_bytes: one file.
+        max_files: files per case (OCT cases take exactly one).
+        max_pixels: width x height of one image (a 12 MP phone photo is 12,000,000).
+    """
+
+    max_request_bytes: int = 64 * 2**20
+    max_file_bytes: int = 20 * 2**20
+    max_files: int = 12
+    max_pixels: int = 40_000_000
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class UploadError(ValueError):
+    """An upload the app refuses; `status` is the HTTP status, the message is for a person."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def display_name(name: str | None, k: int) -> str:
+    """The client's file name for display only (never a path here): last component, printable, <= 80 chars."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if c.isprintable()).strip()[:80]
+    return base or f"photo {k + 1}"
+
+
+@dataclasses.dataclass
+class CheckedImage:
+    """An upload Pillow decoded fully: its bytes, what to call it, and what it is."""
+
+    name: str
+    data: bytes
+    format: str
+    size: tuple[int, int]
+
+    @property
+    def suffix(self) -> str:
+        return FORMAT_SUFFIX[self.format]
+
+
+def check_upload(name: str, data: bytes, limits: Limits) -> CheckedImage:
+    """Accept only what Pillow decodes completely, within the limits, whatever the file name says.
+
+    Raises:
+        UploadError: 413 too many bytes or pixels; 415 not an image, an unsupported format, truncated data.
+    """
+    if len(data) > limits.max_file_bytes:
+        raise UploadError(413, f"“{name}” is {len(data) / 2**20:.1f} MB; the limit is "
+                               f"{limits.max_file_bytes / 2**20:.0f} MB per photo.")
+    if not data:
+        raise UploadError(415, f"“{name}” is empty (0 bytes).")
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format or ""
+        w, h = img.size
+    except Image.DecompressionBombError:
+        raise UploadError(413, f"“{name}” has far too many pixels for this device.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise UploadError(415, f"“{name}” is not a photo this device can read (send a JPEG or PNG).") from None
+    if fmt not in FORMAT_SUFFIX:
+        raise UploadError(415, f"“{name}” is a {fmt or 'unknown'} image; send a JPEG or PNG "
+                               f"(accepted: {', '.join(sorted(set(FORMAT_SUFFIX) - {'MPO'}))}).")
+    if w * h > limits.max_pixels:
+        raise UploadError(413, f"“{name}” is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is "
+                               f"{limits.max_pixels / 1e6:.0f} megapixels.")
+    try:
+        img.load()  # decode every pixel: a truncated or corrupt file fails here, not in the analysis
+    except Image.DecompressionBombError:
+        raise UploadError(413, f"“{name}” has far too many pixels for this device.") from None
+    except (OSError, SyntaxError, ValueError):
+        raise UploadError(415, f"“{name}” is damaged or cut short: the photo cannot be read to the end.") from None
+    return CheckedImage(name=name, data=data, format=fmt, size=(w, h))
+
+
+# ---------------------------------------------------------------- models
+
+
+class SerialModel:
+    """An `EdgeModel` whose `predict` holds its slot's lock: one inference at a time on one interpreter."""
+
+    def __init__(self, model, lock: threading.Lock):
+        self._model, self._lock = model, lock
+
+    def predict(self, *args, **kwargs):
+        with self._lock:
+            return self._model.predict(*args, **kwargs)
+
+    def __getattr__(self, name):  # metadata, max_pixels, labels...: read-only attributes of the model
+        return getattr(self._model, name)
+
+
+class ModelSlot:
+    """One loaded model of one kind, its lock and what a case records about it."""
+
+    def __init__(self, model, source: str, kind: str, gradcam=None, gradcam_error: str | None = None):
+        self.model, self.source, self.kind = model, source, kind
+        self.lock = threading.Lock()
+        self.gradcam, self.gradcam_error = gradcam, gradcam_error
+        meta = model.metadata
+        sha = getattr(model, "sha256", None) or sha256_file(model.path)
+        # A released model may carry a version of its own; an exported file has the toolchain version and date.
+        version = getattr(model, "version", None) or meta.medge_version or "unknown"
+        self.info = {"name": meta.model, "kind": kind, "version": str(version), "format": meta.format,
+                     "precision": meta.precision, "created": meta.created, "sha256": sha,
+                     "file": model.path.name, "backend": model.backend, "labels": list(model.labels),
+                     "threshold": model.threshold, "gradcam": gradcam is not None}
+
+
+def load_models(specs: Sequence[str], threads: int | None = None, log=print) -> dict[str, ModelSlot]:
+    """kind -> ModelSlot for each `--models` value (a name or a path, passed to `edge_runtime.load` unchanged).
+
+    Raises:
+        ValueError: a model that is neither malaria nor OCT, or two models of one kind.
+        ModelError / BackendError: from `edge_runtime.load`.
+    """
+    import edge_runtime
+
+    slots: dict[str, ModelSlot] = {}
+    for spec in specs:
+        model = edge_runtime.load(spec, threads=threads)
+        meta = model.metadata
+        kind = "malaria" if is_malaria(meta) else "oct" if is_oct(meta) else None
+        if kind is None:
+            raise ValueError(f"{spec}: a {meta.task!r} model with labels {list(meta.labels)}; the field app serves "
+                             "malaria (Parasitized/Uninfected) and OCT (CNV/DME/DRUSEN/NORMAL) models")
+        if kind in slots:
+            raise ValueError(f"{spec}: a second {kind} model (already serving {slots[kind].source}); give one per kind")
+        cam, cam_error = None, None
+        if kind == "oct":
+            from edge_runtime.gradcam import GradCam, GradCamError
+
+            try:
+                cam = GradCam(model)
+            except (GradCamError, FileNotFoundError, ValueError) as e:
+                cam_error = str(e)
+                log(f"note: {spec}: no Grad-CAM overlays ({cam_error})")
+        slots[kind] = ModelSlot(model, spec, kind, cam, cam_error)
+    return slots
+
+
+# ---------------------------------------------------------------- malaria
+
+
+def _write(st, name: str, data: bytes) -> str:
+    st.path(name).write_bytes(data)
+    return name
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _cell_crop(photo: Image.Image, bbox: Sequence[int]) -> Image.Image:
+    """The cell with a margin of half its size, from the photo itself (colours as the camera saw them), scaled up."""
+    x, y, w, h = bbox
+    m = max(w, h) // 2
+    box = (max(0, x - m), max(0, y - m), min(photo.width, x + w + m), min(photo.height, y + h + m))
+    tile = photo.crop(box)
+    f = CROP_SIDE / max(tile.size)
+    return tile.resize((max(1, round(tile.width * f)), max(1, round(tile.height * f))), Image.Resampling.LANCZOS)
+
+
+def malaria_headline(summary: dict[str, Any]) -> str:
+    """One sentence a health worker reads first."""
+    if not summary.get("cells"):
+        return "No red cells could be counted."
+    if summary["parasitized"]:
+        return f"Refer: {summary['parasitized']} parasitized cell(s) seen in {summary['cells']} red cells."
+    if summary.get("refer"):
+        return f"Refer: too many uncertain cells ({summary['uncertain']} of {summary['cells']})."
+    return f"No parasites seen in {summary['cells']} red cells."
+
+
+def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject: str = "",
+                    note: str = "") -> dict[str, Any]:
+    """One slide: `analyse_slide` over the uploaded fields, files into the staging folder; returns the case record.
+
+    Raises:
+        UploadError: 422 when no field holds cells (nothing is stored then).
+    """
+    from edge_runtime.images import ImageError, load_image
+    from edge_runtime.smear import analyse_slide
+
+    t0 = time.perf_counter()
+    model = slot.model
+    photos, names = [], []
+    for k, im in enumerate(images):
+        names.append(_write(st, f"field_{k:02d}.{im.suffix}", im.data))
+        try:
+            photos.append(load_image(st.path(names[-1]), "rgb", model.max_pixels))
+        except ImageError as e:
+            raise UploadError(415, f"“{im.name}” cannot be read: {e.reason}.") from None
+    report_dir = st.dir / "report"
+    report = analyse_slide(SerialModel(model, slot.lock), photos, out=report_dir)
+    if len(report.rejected) == len(images):
+        reasons = "; ".join(f"“{im.name}”: {f.error}" for im, f in zip(images, report.fields))
+        lead = "This photo has no cells we can find." if len(images) == 1 else \
+            "None of these photos has cells we can find."
+        raise UploadError(422, f"{lead} Photograph a thin, stained smear through the microscope, in focus. "
+                               f"({reasons})")
+    positive = model.metadata.positive_label or "Parasitized"
+    overlays = sorted(report_dir.glob("*_overlay.png"))  # analyse_slide names them {k:03d}_field[k]_overlay.png
+    by_field = {int(p.name[:3]): p for p in overlays}
+    fields, flagged = [], []
+    for k, (im, f) in enumerate(zip(images, report.fields)):
+        entry: dict[str, Any] = {"name": im.name, "photo": names[k], "error": f.error, "overlay": None,
+                                 "size": list(im.size)}
+        if k in by_field:
+            entry["overlay"] = _write(st, f"overlay_{k:02d}.png", by_field[k].read_bytes())
+        rbc = [c for c in f.cells if c.kind == "rbc"]
+        entry.update(red_cells=len(rbc), parasitized=sum(c.verdict(positive) == "parasitized" for c in rbc),
+                     uncertain=sum(c.uncertain for c in rbc), other_regions=len(f.cells) - len(rbc),
+                     segment_ms=f.segment_ms, classify_ms=f.classify_ms)
+        fields.append(entry)
+        flagged += [(k, c) for c in rbc if c.verdict(positive) in ("parasitized", "uncertain")]
+    # Parasitized first, most confident first: the cells that decide the referral.
+    flagged.sort(key=lambda kc: (kc[1].verdict(positive) != "parasitized", -(kc[1].confidence or 0)))
+    crops = []
+    for n, (k, c) in enumerate(flagged[:MAX_CROPS]):
+        name = _write(st, f"crop_{n:03d}.png", _png(_cell_crop(photos[k], c.bbox)))
+        crops.append({"image": name, "field": k, "cell": c.index, "verdict": c.verdict(positive),
+                      "label": c.label, "confidence": c.confidence, "bbox": list(c.bbox)})
+    for src in ("cells.csv", "summary.json", "contact_sheet.png"):
+        if (report_dir / src).is_file():
+            _write(st, src, (report_dir / src).read_bytes())
+    # The cells of every field, for the per-case CSV export (cells.csv names fields field[k]).
+    cells = [{"field": k, "field_name": images[k].name, **{key: c.to_dict()[key] for key in
+              ("index", "bbox", "kind", "area", "label", "confidence", "uncertain")}, "verdict": c.verdict(positive)}
+             for k, f in enumerate(report.fields) for c in f.cells]
+    _write(st, "cells.json", _json_bytes(cells))
+    shutil.rmtree(report_dir)
+    summary = report.summary
+    return {
+        "kind": "malaria", "subject": subject, "note": note, "model": slot.info,
+        "headline": malaria_headline(summary), "refer": bool(summary["refer"]),
+        "result": {"summary": summary, "fields": fields, "crops": crops, "crops_total": len(flagged),
+                   "positive_label": positive, "cells_csv": "cells.csv", "contact_sheet":
+                   "contact_sheet.png" if (st.dir / "contact_sheet.png").is_file() else None},
+        "analysis_ms": round((time.perf_counter() - t0) * 1e3, 1),
+    }
+
+
+def _json_bytes(data: Any) -> bytes:
+    import json
+
+    return (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# ---------------------------------------------------------------- OCT
+
+REFERRAL_TEXT = {"urgent": "Urgent referral", "routine": "Routine referral", "observation": "Observation",
+                 "specialist review": "Uncertain: specialist review"}
+
+
+def analyse_oct(slot: ModelSlot, image: CheckedImage, st, subject: str = "", note: str = "") -> dict[str, Any]:
+    """One scan: `model.predict`, then the Grad-CAM overlay the CLI's `--gradcam` writes; returns the case record.
+
+    Raises:
+        UploadError: 415 when the model cannot read the image.
+    """
+    t0 = time.perf_counter()
+    scan = _write(st, f"scan.{image.suffix}", image.data)
+    model = slot.model
+    gradcam = None
+    with slot.lock:  # the prediction and Grad-CAM's feature tap: both interpreters of this model, one at a time
+        pred = model.predict([st.path(scan)])[0]
+        if not pred.ok:
+            raise UploadError(415, f"“{image.name}” cannot be read: {pred.error}.")
+        if slot.gradcam is not None:
+            written = slot.gradcam.write_overlays([pred], st.dir / "gradcam")
+            if written:
+                gradcam = _write(st, "gradcam.png", Path(written[0]).read_bytes())
+    if (st.dir / "gradcam").is_dir():
+        shutil.rmtree(st.dir / "gradcam")
+    level = pred.referral or "specialist review"
+    headline = (f"{REFERRAL_TEXT.get(level, level)}: {pred.label} ({pred.confidence:.0%})" if not pred.uncertain
+                else f"{REFERRAL_TEXT['specialist review']} (best guess {pred.label}, {pred.confidence:.0%})")
+    return {
+        "kind": "oct", "subject": subject, "note": note, "model": slot.info, "headline": headline,
+        "refer": level in ("urgent", "routine", "specialist review"),
+        "result": {"name": image.name, "scan": scan, "size": list(image.size), "label": pred.label,
+                   "decision": pred.decision, "confidence": pred.confidence, "uncertain": pred.uncertain,
+                   "referral": level, "probabilities": pred.probabilities, "gradcam": gradcam,
+                   "gradcam_unavailable": None if gradcam else (slot.gradcam_error or "no Grad-CAM for this model"),
+                   "timing": pred.timing},
+        "analysis_ms": round((time.perf_counter() - t0) * 1e3, 1),
+    }
+
+
+def cpu_workers() -> int:
+    """Default analyses at once: one per core (segmentation is the heavy part and runs in parallel)."""
+    return max(1, os.cpu_count() or 1)

@@ -1,0 +1,108 @@
+"""`python -m edge_runtime serve`: load the models, open the case store, print how to connect, run uvicorn.
+
+    python -m edge_runtime serve --models export/malaria_tflite-int8.tflite export/oct_tflite-int8.tflite
+    python -m edge_runtime serve --models malaria oct --host 0.0.0.0 --port 8080 --data /srv/medge
+
+Models are named or given as paths; each value goes to `edge_runtime.load`
+unchanged and its metadata decides whether it serves malaria or OCT cases.
+Beyond loopback an access code is required: `--access-code`, or one is
+generated and printed at start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import socket
+import sys
+from pathlib import Path
+
+# No 0/O, 1/l/i: read off a screen and typed on a phone.
+CODE_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
+DEFAULT_MODELS = ("malaria", "oct")
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "medge" / "field-app"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def new_access_code(n: int = 8) -> str:
+    return "".join(secrets.choice(CODE_ALPHABET) for _ in range(n))
+
+
+def lan_addresses() -> list[str]:
+    """This machine's IPv4 addresses other phones may reach (best effort, no network traffic)."""
+    found = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.add(info[4][0])
+    except OSError:
+        pass
+    return sorted(a for a in found if not a.startswith("127."))
+
+
+def run(args) -> int:
+    """Start the server from parsed `serve` arguments; returns the exit code."""
+    try:
+        import uvicorn
+
+        from edge_runtime.serve.app import build_app
+    except ImportError as e:
+        print(f"error: the field app needs its extra: pip install \"medge[serve]\" ({e})", file=sys.stderr)
+        return 2
+    from edge_runtime.model import ModelError
+    from edge_runtime.serve.analysis import Limits, load_models
+    from edge_runtime.serve.storage import CaseStore, StoreError
+
+    models = args.models or list(DEFAULT_MODELS)
+    try:
+        slots = load_models(models, threads=args.threads, log=lambda m: print(m, file=sys.stderr))
+    except ModelError as e:
+        hint = ("" if args.models else
+                f"\n(no --models given, so the released models {', '.join(DEFAULT_MODELS)} were tried; "
+                "give artifact paths: --models MALARIA.tflite OCT.tflite)")
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return 2
+    try:
+        store = CaseStore(args.data or default_data_dir())
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    loopback = is_loopback(args.host)
+    code = args.access_code
+    if code is not None and not code.strip():
+        print("error: --access-code is empty", file=sys.stderr)
+        return 2
+    if code is None and not loopback:
+        code = new_access_code()
+    limits = Limits(max_request_bytes=int(args.max_upload_mb * 2**20), max_file_bytes=int(args.max_file_mb * 2**20),
+                    max_files=args.max_files, max_pixels=int(args.max_megapixels * 1e6))
+    app = build_app(slots, store, limits, access_code=code, loopback=loopback, workers=args.workers)
+    rec = store.recovered
+    print(f"medge field app on http://{args.host}:{args.port}/", flush=True)
+    for kind, slot in slots.items():
+        i = slot.info
+        print(f"  {kind}: {i['name']} {i['format']} ({i['file']}, sha256 {i['sha256'][:12]}...)", flush=True)
+    print(f"  cases: {store.count()} in {store.root}"
+          + (f" (removed {rec['tmp']} unfinished upload(s) and {rec['orphans']} unregistered folder(s))"
+             if rec["tmp"] or rec["orphans"] else ""), flush=True)
+    if not loopback:
+        addrs = lan_addresses()
+        if addrs:
+            print("  phones open: " + ", ".join(f"http://{a}:{args.port}/" for a in addrs), flush=True)
+    if code is not None:
+        print(f"  access code: {code}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
+                timeout_graceful_shutdown=10)
+    return 0

@@ -1,0 +1,373 @@
+// medge field app: the page a phone opens. Plain JavaScript, no build step, nothing from the internet.
+// Routes (in the URL hash, so a reload stays where it was): #/malaria, #/oct, #/cases, #/case/<id>.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const state = { health: null, malariaFiles: [], octFile: null, busy: false };
+
+// ------------------------------------------------------------ small helpers
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+function pct(v) { return v === null || v === undefined ? "n/a" : `${Number(v).toFixed(1)}%`; }
+function when(iso) {
+  const d = new Date(iso);
+  return isNaN(d) ? iso : d.toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
+}
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+const NETWORK_MESSAGE = "Cannot reach the device. Check that this phone is on the device's Wi-Fi or network, then try again.";
+
+async function api(path, options) {
+  let resp;
+  try {
+    resp = await fetch(path, Object.assign({ credentials: "same-origin" }, options || {}));
+  } catch (e) {
+    throw new ApiError(0, NETWORK_MESSAGE);
+  }
+  if (resp.status === 204) return null;
+  let body = null;
+  try { body = await resp.json(); } catch (e) { body = null; }
+  if (!resp.ok) throw new ApiError(resp.status, (body && body.error) || `The device answered with an error (${resp.status}).`);
+  return body;
+}
+
+function showError(err) {
+  if (err && err.status === 401) { showCodeView(); return; }
+  const box = $("#error");
+  box.textContent = (err && err.message) || String(err);
+  box.hidden = false;
+  box.scrollIntoView({ block: "nearest" });
+}
+function clearError() { $("#error").hidden = true; $("#error").textContent = ""; }
+
+// ------------------------------------------------------------ progress
+
+let progressTimer = null;
+function progress(text, fraction) {
+  const box = $("#progress");
+  box.hidden = false;
+  $("#progress-text").textContent = text;
+  const bar = $("#progress-bar");
+  if (fraction === null || fraction === undefined) bar.parentElement.classList.add("indeterminate");
+  else { bar.parentElement.classList.remove("indeterminate"); bar.style.width = `${Math.round(fraction * 100)}%`; }
+}
+function analysing(what) {
+  const t0 = Date.now();
+  clearInterval(progressTimer);
+  const tick = () => progress(`Analysing ${what}… ${Math.round((Date.now() - t0) / 1000)} s`, null);
+  tick();
+  progressTimer = setInterval(tick, 1000);
+}
+function progressDone() { clearInterval(progressTimer); $("#progress").hidden = true; }
+
+// Upload with XMLHttpRequest: fetch cannot report upload progress.
+function upload(form) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", "/api/cases");
+    xhr.responseType = "json";
+    xhr.upload.onprogress = (e) => {
+      if (e.lengthComputable) progress(`Sending photos… ${Math.round(100 * e.loaded / e.total)}%`, e.loaded / e.total);
+    };
+    xhr.upload.onload = () => analysing(form.get("kind") === "oct" ? "the scan" : `${form.getAll("files").length} field photo(s)`);
+    xhr.onerror = () => reject(new ApiError(0, NETWORK_MESSAGE));
+    xhr.onload = () => {
+      const body = xhr.response;
+      if (xhr.status === 201) resolve(body);
+      else reject(new ApiError(xhr.status, (body && body.error) || `The device answered with an error (${xhr.status}).`));
+    };
+    xhr.send(form);
+  });
+}
+
+// ------------------------------------------------------------ views
+
+const VIEWS = ["code-view", "malaria-view", "oct-view", "cases-view", "case-view"];
+function show(id, tab) {
+  for (const v of VIEWS) document.getElementById(v).hidden = v !== id;
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.tab === tab);
+}
+
+function showCodeView() {
+  show("code-view", null);
+  $("#code-input").focus();
+}
+
+async function route() {
+  clearError();
+  const hash = location.hash || "#/malaria";
+  const m = hash.match(/^#\/case\/([0-9a-f-]+)$/);
+  try {
+    if (m) {
+      show("case-view", "cases");
+      $("#case-view").replaceChildren(el("p", { class: "muted", text: "Opening the case…" }));
+      renderCase(await api(`/api/cases/${m[1]}`));
+    } else if (hash === "#/cases") {
+      show("cases-view", "cases");
+      await loadCases();
+    } else if (hash === "#/oct") {
+      show("oct-view", "oct");
+      needModel("oct");
+    } else {
+      show("malaria-view", "malaria");
+      needModel("malaria");
+    }
+  } catch (err) {
+    showError(err);
+  }
+}
+
+function needModel(kind) {
+  if (state.health && !state.health.kinds.includes(kind)) {
+    showError(new ApiError(400, `This device has no ${kind === "oct" ? "OCT" : "malaria"} model loaded; ` +
+      `it can analyse: ${state.health.kinds.join(", ") || "nothing"}.`));
+  }
+}
+
+// ------------------------------------------------------------ picking photos
+
+function thumbs(list, files, onRemove) {
+  list.replaceChildren(...files.map((f, i) => {
+    const url = URL.createObjectURL(f);
+    const img = el("img", { src: url, alt: f.name });
+    img.onload = () => URL.revokeObjectURL(url);
+    const rm = el("button", { type: "button", class: "remove", "aria-label": `remove ${f.name}`, text: "×" });
+    rm.onclick = () => onRemove(i);
+    return el("li", {}, img, el("span", { text: `${i + 1}. ${f.name}` }), rm);
+  }));
+}
+
+function refreshMalariaList() {
+  thumbs($("#malaria-list"), state.malariaFiles, (i) => { state.malariaFiles.splice(i, 1); refreshMalariaList(); });
+  $("#malaria-submit").textContent = state.malariaFiles.length > 1
+    ? `Analyse slide (${state.malariaFiles.length} fields)` : "Analyse slide";
+}
+function refreshOctList() {
+  thumbs($("#oct-list"), state.octFile ? [state.octFile] : [], () => { state.octFile = null; refreshOctList(); });
+}
+
+function addMalaria(input) {
+  const max = state.health ? state.health.limits.max_files : 12;
+  for (const f of input.files) {
+    if (state.malariaFiles.length >= max) { showError(new ApiError(413, `At most ${max} photos per slide.`)); break; }
+    state.malariaFiles.push(f);
+  }
+  input.value = "";
+  refreshMalariaList();
+}
+
+async function submitCase(kind, formEl, files) {
+  if (state.busy) return;
+  clearError();
+  if (!files.length) {
+    showError(new ApiError(400, kind === "oct" ? "Choose a scan first." : "Take or choose at least one field photo first."));
+    return;
+  }
+  const form = new FormData();
+  form.append("kind", kind);
+  form.append("subject", formEl.elements.subject.value);
+  form.append("note", formEl.elements.note.value);
+  for (const f of files) form.append("files", f, f.name);
+  state.busy = true;
+  for (const b of document.querySelectorAll("form button[type=submit]")) b.disabled = true;
+  progress("Sending photos… 0%", 0);
+  try {
+    const c = await upload(form);
+    formEl.reset();
+    if (kind === "oct") { state.octFile = null; refreshOctList(); }
+    else { state.malariaFiles = []; refreshMalariaList(); }
+    location.hash = `#/case/${c.id}`;  // the route renders it (and a reload finds it again)
+  } catch (err) {
+    showError(err);
+  } finally {
+    progressDone();
+    state.busy = false;
+    for (const b of document.querySelectorAll("form button[type=submit]")) b.disabled = false;
+  }
+}
+
+// ------------------------------------------------------------ one case
+
+function modelLine(m) {
+  if (!m) return null;
+  return el("details", { class: "model" },
+    el("summary", {}, `Model: ${m.name} ${m.format}, version ${m.version}, sha256 ${String(m.sha256).slice(0, 12)}…`),
+    el("p", {}, `file ${m.file} · ${m.backend} · threshold ${m.threshold}`),
+    el("p", { class: "mono" }, `sha256 ${m.sha256}`),
+    m.created ? el("p", {}, `exported ${m.created}`) : null);
+}
+
+function figure(url, alt, caption, cls) {
+  return el("figure", { class: cls || null },
+    el("a", { href: url, target: "_blank", rel: "noopener" }, el("img", { src: url, alt: alt, loading: "lazy" })),
+    caption ? el("figcaption", {}, caption) : null);
+}
+
+function header(c) {
+  return [
+    el("p", { class: `headline ${c.refer ? "refer" : "ok"}`, id: "headline", text: c.headline }),
+    el("p", { class: "muted" }, `Case ${c.id} · ${when(c.created)}`, c.subject ? ` · ${c.subject}` : ""),
+    c.note ? el("p", { class: "note", text: c.note }) : null,
+  ];
+}
+
+function renderMalaria(c) {
+  const r = c.result, s = r.summary, u = c.file_urls;
+  const rows = [
+    ["Fields", s.fields],
+    ["Red cells counted", s.cells],
+    ["Parasitized", s.parasitized],
+    ["Uncertain", s.uncertain],
+    ["Parasitemia", pct(s.parasitemia_percent)],
+    ["Worst case (uncertain counted parasitized)", pct(s.parasitemia_max_percent)],
+    ["Refer", s.refer ? `Yes: ${s.refer_reasons.join("; ")}` : "No"],
+  ];
+  const noCells = r.fields.filter((f) => f.error);
+  const legend = el("p", { class: "legend" },
+    el("span", { class: "key green" }), "uninfected ", el("span", { class: "key red" }), "parasitized ",
+    el("span", { class: "key orange" }), "uncertain ", el("span", { class: "key grey" }), "not a red cell");
+  return [
+    ...header(c),
+    el("table", { class: "summary", id: "summary" }, el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v }))))),
+    noCells.length ? el("div", { class: "warning" }, noCells.map((f) => el("p", {}, `“${f.name}”: ${f.error}. This photo has no cells we can find.`))) : null,
+    el("h3", { text: "Fields" }), legend,
+    r.fields.filter((f) => f.overlay).map((f) => figure(u[f.overlay], `overlay of ${f.name}`,
+      `${f.name}: ${f.red_cells} red cells, ${f.parasitized} parasitized, ${f.uncertain} uncertain`, "overlay")),
+    el("h3", { text: "Cells to check" }),
+    r.crops.length
+      ? el("p", { class: "muted" }, `Parasitized and uncertain cells, parasitized first` +
+          (r.crops_total > r.crops.length ? ` (showing ${r.crops.length} of ${r.crops_total})` : ` (${r.crops.length})`) + ".")
+      : el("p", { class: "muted", text: "No parasitized or uncertain cells." }),
+    el("div", { class: "crops", id: "crops" }, r.crops.map((k) => figure(u[k.image], `cell ${k.cell} of field ${k.field + 1}`,
+      `${k.verdict} ${k.confidence === null ? "" : k.confidence.toFixed(2)} · field ${k.field + 1} #${k.cell}`, `crop ${k.verdict}`))),
+    modelLine(c.model),
+    el("p", { class: "links" },
+      el("a", { class: "button secondary", href: c.export_csv, download: true, text: "Export CSV" }),
+      r.contact_sheet ? el("a", { href: u[r.contact_sheet], target: "_blank", text: "contact sheet" }) : null),
+  ];
+}
+
+const LEVEL_CLASS = { urgent: "refer", routine: "routine", observation: "ok", "specialist review": "refer" };
+
+function renderOct(c) {
+  const r = c.result, u = c.file_urls;
+  const probs = Object.entries(r.probabilities || {}).sort((a, b) => b[1] - a[1]);
+  return [
+    el("p", { class: `headline ${LEVEL_CLASS[r.referral] || "refer"}`, id: "headline", text: c.headline }),
+    el("p", { class: "muted" }, `Case ${c.id} · ${when(c.created)}`, c.subject ? ` · ${c.subject}` : ""),
+    c.note ? el("p", { class: "note", text: c.note }) : null,
+    el("table", { class: "summary", id: "summary" }, el("tbody", {},
+      el("tr", {}, el("th", { text: "Class" }), el("td", { text: r.uncertain ? `uncertain (best guess ${r.label})` : r.label })),
+      el("tr", {}, el("th", { text: "Referral" }), el("td", { text: r.referral })),
+      el("tr", {}, el("th", { text: "Confidence" }), el("td", { text: pct(100 * r.confidence) })))),
+    el("h3", { text: "Probabilities" }),
+    el("div", { class: "probs" }, probs.map(([k, v]) => {
+      const fill = el("span", { class: "fill" });
+      fill.style.width = `${(100 * v).toFixed(1)}%`;  // CSSOM, not a style attribute: the CSP allows no inline styles
+      return el("div", { class: "prob" }, el("span", { class: "name", text: k }), el("span", { class: "track" }, fill),
+        el("span", { class: "val", text: pct(100 * v) }));
+    })),
+    el("h3", { text: "Where the model looked (Grad-CAM)" }),
+    r.gradcam ? figure(u[r.gradcam], "Grad-CAM overlay", "red: the regions that drove the answer", "overlay")
+      : el("p", { class: "muted", text: `No Grad-CAM: ${r.gradcam_unavailable}` }),
+    figure(u[r.scan], `scan ${r.name}`, `the scan: ${r.name}`, "overlay"),
+    modelLine(c.model),
+    el("p", { class: "links" }, el("a", { class: "button secondary", href: c.export_csv, download: true, text: "Export CSV" })),
+  ];
+}
+
+function renderCase(c) {
+  const view = $("#case-view");
+  view.replaceChildren(...(c.kind === "oct" ? renderOct(c) : renderMalaria(c)).flat().filter(Boolean));
+  view.dataset.caseId = c.id;
+  window.scrollTo(0, 0);
+}
+
+// ------------------------------------------------------------ case list
+
+let searchTimer = null;
+async function loadCases() {
+  const q = $("#case-search").value.trim();
+  const params = new URLSearchParams();
+  if (q) params.set("q", q);
+  if ($("#today-only").checked) params.set("day", "today");
+  const exportParams = new URLSearchParams(params);
+  $("#export-all").href = `/api/cases/export.csv${exportParams.toString() ? "?" + exportParams : ""}`;
+  params.set("limit", "200");
+  const data = await api(`/api/cases?${params}`);
+  $("#case-count").textContent = data.total === 0
+    ? ($("#today-only").checked ? "No cases today yet." : "No cases match.")
+    : `${data.total} case(s)${data.total > data.cases.length ? `, newest ${data.cases.length} shown` : ""}.`;
+  $("#case-list").replaceChildren(...data.cases.map((c) => el("li", { class: c.refer ? "refer" : "ok" },
+    el("a", { href: `#/case/${c.id}` },
+      el("strong", { text: c.subject || "(no id)" }), " ",
+      el("span", { class: "badge", text: c.kind === "oct" ? "OCT" : "malaria" }),
+      el("span", { class: "line", text: c.headline }),
+      el("span", { class: "muted line", text: `${c.id} · ${when(c.created)}` })))));
+}
+
+// ------------------------------------------------------------ start
+
+async function health() {
+  try {
+    state.health = await api("/healthz");
+    const kinds = Object.values(state.health.models).map((m) => `${m.kind}: ${m.name} ${m.version}`);
+    $("#device").textContent = kinds.length ? kinds.join(" · ") : "no models loaded";
+  } catch (err) {
+    $("#device").textContent = "device not reachable";
+    showError(err);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", async () => {
+  $("#malaria-camera").addEventListener("change", (e) => addMalaria(e.target));
+  $("#malaria-files").addEventListener("change", (e) => addMalaria(e.target));
+  $("#oct-file").addEventListener("change", (e) => {
+    state.octFile = e.target.files[0] || null;
+    e.target.value = "";
+    refreshOctList();
+  });
+  $("#malaria-form").addEventListener("submit", (e) => { e.preventDefault(); submitCase("malaria", e.target, state.malariaFiles); });
+  $("#oct-form").addEventListener("submit", (e) => { e.preventDefault(); submitCase("oct", e.target, state.octFile ? [state.octFile] : []); });
+  $("#case-search").addEventListener("input", () => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => loadCases().catch(showError), 250);
+  });
+  $("#today-only").addEventListener("change", () => loadCases().catch(showError));
+  $("#code-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    try {
+      await api("/api/session", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ code: $("#code-input").value.trim() }) });
+      $("#code-input").value = "";
+      route();
+    } catch (err) {
+      if (err.status === 401) { $("#error").textContent = err.message; $("#error").hidden = false; }
+      else showError(err);
+    }
+  });
+  window.addEventListener("hashchange", route);
+  await health();
+  if (state.health && state.health.access_code_required) {
+    // One call tells whether this phone already holds the code's cookie.
+    try { await api("/api/cases?limit=1"); } catch (err) { if (err.status === 401) { showCodeView(); return; } }
+  }
+  route();
+});
