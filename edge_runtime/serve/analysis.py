@@ -201,20 +201,27 @@ def _write(st, name: str, data: bytes) -> str:
     return name
 
 
-def _png(img: Image.Image) -> bytes:
+def _jpeg(img: Image.Image) -> bytes:
+    """What the phone downloads: JPEG quality 90 (a 1280x960 overlay: 0.15 MB in 4 ms, against 1.3 MB as a PNG)."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
+    img.convert("RGB").save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
-def _cell_crop(photo: Image.Image, bbox: Sequence[int]) -> Image.Image:
-    """The cell with a margin of half its size, from the photo itself (colours as the camera saw them), scaled up."""
+def _cell_crop(photo: Image.Image, bbox: Sequence[int], colour: tuple[int, int, int]) -> Image.Image:
+    """The cell with a margin of half its size, from the photo itself (colours as the camera saw them), scaled up,
+    its box drawn in the verdict's colour so the cell meant is plain among its neighbours."""
+    from PIL import ImageDraw
+
     x, y, w, h = bbox
     m = max(w, h) // 2
     box = (max(0, x - m), max(0, y - m), min(photo.width, x + w + m), min(photo.height, y + h + m))
     tile = photo.crop(box)
     f = CROP_SIDE / max(tile.size)
-    return tile.resize((max(1, round(tile.width * f)), max(1, round(tile.height * f))), Image.Resampling.LANCZOS)
+    tile = tile.resize((max(1, round(tile.width * f)), max(1, round(tile.height * f))), Image.Resampling.LANCZOS)
+    x0, y0 = (x - box[0]) * f, (y - box[1]) * f
+    ImageDraw.Draw(tile).rectangle((x0 - 2, y0 - 2, x0 + w * f + 2, y0 + h * f + 2), outline=colour, width=2)
+    return tile
 
 
 def malaria_headline(summary: dict[str, Any]) -> str:
@@ -236,7 +243,7 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
         UploadError: 422 when no field holds cells (nothing is stored then).
     """
     from edge_runtime.images import ImageError, load_image
-    from edge_runtime.smear import analyse_slide
+    from edge_runtime.smear import VERDICT_COLOURS, analyse_slide
 
     t0 = time.perf_counter()
     model = slot.model
@@ -263,7 +270,7 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
         entry: dict[str, Any] = {"name": im.name, "photo": names[k], "error": f.error, "overlay": None,
                                  "size": list(im.size)}
         if k in by_field:
-            entry["overlay"] = _write(st, f"overlay_{k:02d}.png", by_field[k].read_bytes())
+            entry["overlay"] = _write(st, f"overlay_{k:02d}.jpg", _jpeg(Image.open(by_field[k])))
         rbc = [c for c in f.cells if c.kind == "rbc"]
         entry.update(red_cells=len(rbc), parasitized=sum(c.verdict(positive) == "parasitized" for c in rbc),
                      uncertain=sum(c.uncertain for c in rbc), other_regions=len(f.cells) - len(rbc),
@@ -274,7 +281,8 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
     flagged.sort(key=lambda kc: (kc[1].verdict(positive) != "parasitized", -(kc[1].confidence or 0)))
     crops = []
     for n, (k, c) in enumerate(flagged[:MAX_CROPS]):
-        name = _write(st, f"crop_{n:03d}.png", _png(_cell_crop(photos[k], c.bbox)))
+        tile = _cell_crop(photos[k], c.bbox, VERDICT_COLOURS[c.verdict(positive)])
+        name = _write(st, f"crop_{n:03d}.jpg", _jpeg(tile))
         crops.append({"image": name, "field": k, "cell": c.index, "verdict": c.verdict(positive),
                       "label": c.label, "confidence": c.confidence, "bbox": list(c.bbox)})
     for src in ("cells.csv", "summary.json", "contact_sheet.png"):

@@ -113,7 +113,8 @@ class CaseStore:
             probe.unlink()
         except OSError as e:
             raise StoreError(f"data folder {self.root} is not usable: {e}") from None
-        self._write_lock = threading.Lock()  # one writer at a time; SQLite would serialise anyway, this avoids busy waits
+        # One writer at a time: SQLite would serialise the inserts anyway; this avoids its busy waits.
+        self._write_lock = threading.Lock()
         with self._connect() as con:
             mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":

@@ -216,7 +216,7 @@ function modelLine(m) {
 
 function figure(url, alt, caption, cls) {
   return el("figure", { class: cls || null },
-    el("a", { href: url, target: "_blank", rel: "noopener" }, el("img", { src: url, alt: alt, loading: "lazy" })),
+    el("a", { href: url, target: "_blank", rel: "noopener" }, el("img", { src: url, alt: alt })),
     caption ? el("figcaption", {}, caption) : null);
 }
 
@@ -256,7 +256,8 @@ function renderMalaria(c) {
           (r.crops_total > r.crops.length ? ` (showing ${r.crops.length} of ${r.crops_total})` : ` (${r.crops.length})`) + ".")
       : el("p", { class: "muted", text: "No parasitized or uncertain cells." }),
     el("div", { class: "crops", id: "crops" }, r.crops.map((k) => figure(u[k.image], `cell ${k.cell} of field ${k.field + 1}`,
-      `${k.verdict} ${k.confidence === null ? "" : k.confidence.toFixed(2)} · field ${k.field + 1} #${k.cell}`, `crop ${k.verdict}`))),
+      `${k.verdict === "uncertain" ? `uncertain (${k.label} ${k.confidence.toFixed(2)})` : `${k.verdict} ${k.confidence.toFixed(2)}`}` +
+      ` · field ${k.field + 1} #${k.cell}`, `crop ${k.verdict}`))),
     modelLine(c.model),
     el("p", { class: "links" },
       el("a", { class: "button secondary", href: c.export_csv, download: true, text: "Export CSV" }),
