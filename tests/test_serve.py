@@ -532,9 +532,11 @@ def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path
         assert driver.find_elements(By.CSS_SELECTOR, "#case-view figure.overlay img")
         assert "sha256" in driver.find_element(By.CSS_SELECTOR, "details.model summary").text
         shot("2-malaria-case")
-        driver.execute_script("document.getElementById('crops').scrollIntoView()")
+        driver.execute_script("document.querySelector('#case-view h3').scrollIntoView(); window.scrollBy(0, -60)")
+        shot("3-malaria-overlay")
+        driver.execute_script("document.getElementById('crops').scrollIntoView(); window.scrollBy(0, -60)")
         images_loaded("#crops img")
-        shot("3-malaria-crops")
+        shot("4-malaria-crops")
 
         # OCT: one scan -> class, referral, probabilities, Grad-CAM.
         driver.find_element(By.CSS_SELECTOR, "nav a[data-tab=oct]").click()
@@ -547,12 +549,12 @@ def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path
         images_loaded("#case-view img")
         text = driver.find_element(By.ID, "case-view").text
         assert "Referral" in text and "Probabilities" in text and "Grad-CAM" in text
-        shot("4-oct-case")
+        shot("5-oct-case")
 
         # Cases: both listed; search by id.
         driver.find_element(By.CSS_SELECTOR, "nav a[data-tab=cases]").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#case-list li")) == 2)
-        shot("5-cases")
+        shot("6-cases")
         driver.find_element(By.ID, "case-search").send_keys("eye-7")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#case-list li")) == 1)
         driver.find_element(By.CSS_SELECTOR, "#case-list li a").click()
@@ -568,7 +570,7 @@ def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path
         assert done_case() == malaria_id
         images_loaded("#case-view figure.overlay img")
         assert "Red cells counted" in driver.find_element(By.ID, "summary").text
-        shot("6-after-restart")
+        shot("7-after-restart")
         console += driver.get_log("browser")
         assert s2.json("/api/cases")["total"] == 2
     finally:
