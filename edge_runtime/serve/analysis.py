@@ -247,15 +247,11 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
 
     t0 = time.perf_counter()
     model = slot.model
-    photos, names = [], []
-    for k, im in enumerate(images):
-        names.append(_write(st, f"field_{k:02d}.{im.suffix}", im.data))
-        try:
-            photos.append(load_image(st.path(names[-1]), "rgb", model.max_pixels))
-        except ImageError as e:
-            raise UploadError(415, f"“{im.name}” cannot be read: {e.reason}.") from None
+    # Paths, not decoded photos: analyse_slide reads one field at a time, so a 12-photo slide never holds
+    # twelve decoded 12 MP images at once on a Pi.
+    paths = [st.path(_write(st, f"field_{k:02d}.{im.suffix}", im.data)) for k, im in enumerate(images)]
     report_dir = st.dir / "report"
-    report = analyse_slide(SerialModel(model, slot.lock), photos, out=report_dir)
+    report = analyse_slide(SerialModel(model, slot.lock), paths, out=report_dir)
     if len(report.rejected) == len(images):
         reasons = "; ".join(f"“{im.name}”: {f.error}" for im, f in zip(images, report.fields))
         lead = "This photo has no cells we can find." if len(images) == 1 else \
@@ -263,11 +259,11 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
         raise UploadError(422, f"{lead} Photograph a thin, stained smear through the microscope, in focus. "
                                f"({reasons})")
     positive = model.metadata.positive_label or "Parasitized"
-    overlays = sorted(report_dir.glob("*_overlay.png"))  # analyse_slide names them {k:03d}_field[k]_overlay.png
+    overlays = sorted(report_dir.glob("*_overlay.png"))  # analyse_slide names them {k:03d}_{stem}_overlay.png
     by_field = {int(p.name[:3]): p for p in overlays}
     fields, flagged = [], []
     for k, (im, f) in enumerate(zip(images, report.fields)):
-        entry: dict[str, Any] = {"name": im.name, "photo": names[k], "error": f.error, "overlay": None,
+        entry: dict[str, Any] = {"name": im.name, "photo": paths[k].name, "error": f.error, "overlay": None,
                                  "size": list(im.size)}
         if k in by_field:
             entry["overlay"] = _write(st, f"overlay_{k:02d}.jpg", _jpeg(Image.open(by_field[k])))
@@ -279,16 +275,24 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
         flagged += [(k, c) for c in rbc if c.verdict(positive) in ("parasitized", "uncertain")]
     # Parasitized first, most confident first: the cells that decide the referral.
     flagged.sort(key=lambda kc: (kc[1].verdict(positive) != "parasitized", -(kc[1].confidence or 0)))
-    crops = []
-    for n, (k, c) in enumerate(flagged[:MAX_CROPS]):
-        tile = _cell_crop(photos[k], c.bbox, VERDICT_COLOURS[c.verdict(positive)])
-        name = _write(st, f"crop_{n:03d}.jpg", _jpeg(tile))
-        crops.append({"image": name, "field": k, "cell": c.index, "verdict": c.verdict(positive),
-                      "label": c.label, "confidence": c.confidence, "bbox": list(c.bbox)})
-    for src in ("cells.csv", "summary.json", "contact_sheet.png"):
+    shown = flagged[:MAX_CROPS]
+    crops: list[dict[str, Any]] = [{}] * len(shown)
+    for k in sorted({k for k, _ in shown}):  # one decoded photo at a time
+        try:
+            photo = load_image(paths[k], "rgb", model.max_pixels)  # as analyse_slide read it (EXIF-rotated)
+        except ImageError as e:
+            raise UploadError(415, f"“{images[k].name}” cannot be read: {e.reason}.") from None
+        for n, (kk, c) in enumerate(shown):
+            if kk == k:
+                tile = _cell_crop(photo, c.bbox, VERDICT_COLOURS[c.verdict(positive)])
+                crops[n] = {"image": _write(st, f"crop_{n:03d}.jpg", _jpeg(tile)), "field": k, "cell": c.index,
+                            "verdict": c.verdict(positive), "label": c.label, "confidence": c.confidence,
+                            "bbox": list(c.bbox)}
+    # analyse_slide's cells.csv/json name fields by their staging path: the case keeps its own cells.json.
+    for src in ("summary.json", "contact_sheet.png"):
         if (report_dir / src).is_file():
             _write(st, src, (report_dir / src).read_bytes())
-    # The cells of every field, for the per-case CSV export (cells.csv names fields field[k]).
+    # Every region of every field, for the per-case CSV (field: upload index; field_name: the client's name).
     cells = [{"field": k, "field_name": images[k].name, **{key: c.to_dict()[key] for key in
               ("index", "bbox", "kind", "area", "label", "confidence", "uncertain")}, "verdict": c.verdict(positive)}
              for k, f in enumerate(report.fields) for c in f.cells]
@@ -299,7 +303,7 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
         "kind": "malaria", "subject": subject, "note": note, "model": slot.info,
         "headline": malaria_headline(summary), "refer": bool(summary["refer"]),
         "result": {"summary": summary, "fields": fields, "crops": crops, "crops_total": len(flagged),
-                   "positive_label": positive, "cells_csv": "cells.csv", "contact_sheet":
+                   "positive_label": positive, "cells": "cells.json", "contact_sheet":
                    "contact_sheet.png" if (st.dir / "contact_sheet.png").is_file() else None},
         "analysis_ms": round((time.perf_counter() - t0) * 1e3, 1),
     }

@@ -261,6 +261,18 @@ class FieldApp:
                                  max_part_size=64 * 1024)
         return await parser.parse()
 
+    async def _drain(self, request: Request) -> None:
+        """Read and drop the rest of a refused body (up to 4x the limit), so the client, still sending, gets
+        the 413 instead of a broken pipe; beyond that the connection is closed on it."""
+        cap, seen = 4 * self.limits.max_request_bytes, 0
+        while seen <= cap:
+            message = await request.receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
     async def create_case(self, request: Request) -> Response:
         ctype = request.headers.get("content-type", "")
         if not ctype.lower().startswith("multipart/form-data"):
@@ -271,6 +283,7 @@ class FieldApp:
         except ValueError:
             return error(400, "Content-Length is not a number")
         if declared > limit:
+            await self._drain(request)
             return error(413, f"this upload is {declared / 2**20:.1f} MB; the limit is {limit / 2**20:.0f} MB "
                               "per case. Send fewer or smaller photos.", {"connection": "close"})
         form = None
@@ -278,6 +291,7 @@ class FieldApp:
             try:
                 form = await self._read_form(request)
             except TooLarge:
+                await self._drain(request)
                 return error(413, f"this upload is over the limit of {limit / 2**20:.0f} MB per case. "
                                   "Send fewer or smaller photos.", {"connection": "close"})
             except MultiPartException as e:
@@ -315,7 +329,7 @@ class FieldApp:
             if f.size is not None and f.size > self.limits.max_file_bytes:
                 raise UploadError(413, f"“{name}” is {f.size / 2**20:.1f} MB; the limit is "
                                        f"{self.limits.max_file_bytes / 2**20:.0f} MB per photo.")
-            uploads.append((name, await f.read()))
+            uploads.append((name, f.file))  # read in the worker: a queued upload waits on disk, not in memory
         slot = self.slots[kind]
         record = await anyio.to_thread.run_sync(self._analyse, kind, slot, uploads, subject, note,
                                                 limiter=self.limiter)
@@ -323,7 +337,10 @@ class FieldApp:
 
     def _analyse(self, kind, slot, uploads, subject, note) -> dict[str, Any]:
         """In a worker thread: check every image, analyse, store. Nothing is stored unless all of it worked."""
-        images = [check_upload(name, data, self.limits) for name, data in uploads]
+        images = []
+        for name, fh in uploads:
+            fh.seek(0)
+            images.append(check_upload(name, fh.read(self.limits.max_file_bytes + 1), self.limits))
         with self.store.stage() as st:
             if kind == "malaria":
                 record = analyse_malaria(slot, images, st, subject, note)

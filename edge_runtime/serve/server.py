@@ -79,6 +79,11 @@ def run(args) -> int:
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Uploads over 1 MB are spooled to temp files while they arrive; keep them on the data folder's disk
+    # (a Pi's /tmp may be RAM), in its tmp/ that every start empties.
+    import tempfile
+
+    tempfile.tempdir = str(store.tmp_dir)
     loopback = is_loopback(args.host)
     code = args.access_code
     if code is not None and not code.strip():
