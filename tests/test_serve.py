@@ -475,19 +475,17 @@ print(store.count())
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
-def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path):
+def need_browser():
+    """selenium.webdriver, or a skip saying what is missing."""
     if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
         pytest.skip(f"needs Debian's Chromium and driver ({CHROMIUM}, {CHROMEDRIVER}): "
                     "apt-get install -y chromium chromium-driver")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
+    return pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
 
-    shots = Path(os.environ.get("MEDGE_SCREENSHOTS") or tmp_path / "screenshots")
-    shots.mkdir(parents=True, exist_ok=True)
-    data = tmp_path / "data"
-    s = start_server(data=data)
+
+def phone_browser(tmp_path: Path):
+    """Debian's Chromium, headless, as a 360x800 phone, console logged."""
+    webdriver = need_browser()
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -497,7 +495,20 @@ def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path
     # A phone's viewport: 360 x 800 CSS pixels, touch, a phone's user agent.
     opts.add_experimental_option("mobileEmulation", {"deviceMetrics": {"width": 360, "height": 800, "pixelRatio": 1}})
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+
+
+def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path):
+    need_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    shots = Path(os.environ.get("MEDGE_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "data"
+    s = start_server(data=data)
+    driver = phone_browser(tmp_path)
     console = []
     try:
         wait = WebDriverWait(driver, READY_TIMEOUT_S)
@@ -578,3 +589,33 @@ def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path
     errors = [e for e in console if e.get("level") == "SEVERE"]
     assert not errors, errors
     print(f"\nscreenshots in {shots}")
+
+
+def test_phone_browser_access_code_entered_once(start_server, art, tmp_path):
+    need_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    s = start_server("--access-code", "k7m2p9qx")
+    driver = phone_browser(tmp_path)
+    try:
+        wait = WebDriverWait(driver, READY_TIMEOUT_S)
+        driver.get(s.url + "/#/cases")
+        wait.until(lambda d: d.find_element(By.ID, "code-view").is_displayed())
+        driver.find_element(By.ID, "code-input").send_keys("wrong")
+        driver.find_element(By.CSS_SELECTOR, "#code-form button").click()
+        wait.until(lambda d: "not right" in d.find_element(By.ID, "error").text)
+        driver.find_element(By.ID, "code-input").clear()
+        driver.find_element(By.ID, "code-input").send_keys("k7m2p9qx")
+        driver.find_element(By.CSS_SELECTOR, "#code-form button").click()
+        wait.until(lambda d: d.find_element(By.ID, "cases-view").is_displayed())
+        wait.until(lambda d: "No cases" in d.find_element(By.ID, "case-count").text)
+        driver.refresh()  # once entered, the code is remembered (cookie)
+        wait.until(lambda d: d.find_element(By.ID, "cases-view").is_displayed())
+        assert not driver.find_element(By.ID, "code-view").is_displayed()
+        console = driver.get_log("browser")
+    finally:
+        driver.quit()
+    # The 401s of the probe and of the wrong code are the only errors the browser may log.
+    errors = [e for e in console if e.get("level") == "SEVERE" and "401" not in e.get("message", "")]
+    assert not errors, errors
