@@ -6,6 +6,7 @@
     python -m benchmarks --compare runs/benchmarks/old.json --max-drop 1.0 --min-speedup 1.5
     python -m benchmarks smear --data ../shared/data/iml_malaria [--model MODEL] [--out DIR]   # field photos
     python -m benchmarks presets [--presets edge,post-w32-d111-64] [--out DIR]   # int8 cost of a network design
+    python -m benchmarks serve --models M O --field FIELD.jpg --scan SCAN.jpeg [--clients 16]   # the field app, loaded
 
 With no arguments it reuses the models and artifacts in the cache folder and
 builds the missing ones from data shipped in the project (the bundled malaria
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.presets import main as presets_main
 
         return presets_main(argv_list[1:])
+    if argv_list[:1] == ["serve"]:
+        from benchmarks.serve import main as serve_main
+
+        return serve_main(argv_list[1:])
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     t0 = time.perf_counter()

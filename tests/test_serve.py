@@ -351,6 +351,19 @@ def test_sixteen_clients_at_once_all_answered_and_stored(start_server, art, tmp_
     print("\nload figures (16 clients, this machine):", json.dumps(figures, indent=2))
 
 
+def test_benchmark_verb_reports_both_kinds(art, tmp_path):
+    from benchmarks.serve import main
+
+    scan = sorted((art / "oct_scans").glob("*.jpeg"))[0]
+    rc = main(["--models", str(art / MALARIA_MODEL), str(art / OCT_MODEL), "--field", str(smear_fields()[0]),
+               "--scan", str(scan), "--clients", "2", "--out", str(tmp_path / "bench")])
+    doc = json.loads((tmp_path / "bench" / "serve.json").read_text())
+    assert rc == 0 and [r["kind"] for r in doc["rows"]] == ["malaria", "oct"]
+    for r in doc["rows"]:
+        assert r["ok"] == r["requests"] == 2 and r["p95_ms"] >= r["p50_ms"] > 0
+    assert "cases/s" in (tmp_path / "bench" / "serve.md").read_text()
+
+
 # ---------------------------------------------------------------- nothing lost
 
 
