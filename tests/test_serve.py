@@ -256,6 +256,7 @@ def test_bad_uploads_get_plain_4xx_and_store_nothing(shared_server, art, tmp_pat
     assert "no cells we can find" in _error(post_case(url, "malaria", [scan]), 422)
     assert "no cells we can find" in _error(post_case(url, "malaria", [("pink.png", png.getvalue())]), 422)
     assert "kind" in _error(post_case(url, "xray", [field]), 400)
+    assert "too small" in _error(post_case(url, "oct", [("thumb.png", png.getvalue())]), 422)
     assert "one scan" in _error(post_case(url, "oct", [scan, scan]), 400)
     assert "no photo" in _error(post_case(url, "malaria", []), 400)
     status, _, body = request(url + "/api/cases", "POST", b"kind=malaria",

@@ -113,7 +113,7 @@ def check_upload(name: str, data: bytes, limits: Limits) -> CheckedImage:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise UploadError(415, f"“{name}” is not a photo this device can read (send a JPEG or PNG).") from None
     if fmt not in FORMAT_SUFFIX:
-        raise UploadError(415, f"“{name}” is a {fmt or 'unknown'} image; send a JPEG or PNG "
+        raise UploadError(415, f"“{name}” is in {fmt or 'an unknown'} format; send a JPEG or PNG "
                                f"(accepted: {', '.join(sorted(set(FORMAT_SUFFIX) - {'MPO'}))}).")
     if w * h > limits.max_pixels:
         raise UploadError(413, f"“{name}” is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is "
@@ -317,6 +317,8 @@ def _json_bytes(data: Any) -> bytes:
 
 # ---------------------------------------------------------------- OCT
 
+# OCT2017 B-scans are 384-1536 pixels wide; far smaller is a thumbnail or another picture, not a scan to read.
+MIN_OCT_SIDE = 128
 REFERRAL_TEXT = {"urgent": "Urgent referral", "routine": "Routine referral", "observation": "Observation",
                  "specialist review": "Uncertain: specialist review"}
 
@@ -327,6 +329,9 @@ def analyse_oct(slot: ModelSlot, image: CheckedImage, st, subject: str = "", not
     Raises:
         UploadError: 415 when the model cannot read the image.
     """
+    if min(image.size) < MIN_OCT_SIDE:
+        raise UploadError(422, f"“{image.name}” is {image.size[0]}x{image.size[1]} pixels: too small to be an OCT "
+                               f"scan (at least {MIN_OCT_SIDE} pixels a side). Send the scan as the device saved it.")
     t0 = time.perf_counter()
     scan = _write(st, f"scan.{image.suffix}", image.data)
     model = slot.model

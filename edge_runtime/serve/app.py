@@ -307,7 +307,8 @@ class FieldApp:
 
     async def _create(self, form) -> Response:
         kind = form.get("kind")
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
+            kind = kind if isinstance(kind, str) or kind is None else "a file"
             raise UploadError(400, f"“kind” must be one of {', '.join(KINDS)}; got {kind!r}")
         if kind not in self.slots:
             served = ", ".join(self.slots) or "none"
@@ -355,8 +356,13 @@ class FieldApp:
         day = request.query_params.get("day") or None
         if day == "today":  # the device's date: phones and an offline Pi may disagree, the device's list is what counts
             day = dt.date.today().isoformat()
-        if day is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", day):
-            raise UploadError(400, f"day must be YYYY-MM-DD, got {day!r}")
+        if day is not None:
+            try:
+                ok = bool(re.fullmatch(r"\d{4}-\d{2}-\d{2}", day)) and dt.date.fromisoformat(day) is not None
+            except ValueError:
+                ok = False
+            if not ok:
+                raise UploadError(400, f"day must be a date YYYY-MM-DD or 'today', got {day!r}")
         return q, day
 
     async def list_cases(self, request: Request) -> Response:
