@@ -433,6 +433,22 @@ def test_sigkill_mid_upload_then_restart_keeps_every_case_and_no_half_case(start
           f"in-flight answers: {answers}")
 
 
+def test_model_version_is_the_release_version_when_the_file_is_a_released_one(art, tmp_path):
+    import shutil
+
+    from edge_runtime.serve.analysis import release_version
+
+    model = tmp_path / "released" / MALARIA_MODEL
+    model.parent.mkdir()
+    shutil.copy(art / MALARIA_MODEL, model)
+    sha = sha256_file(model)
+    assert release_version(model, sha) is None  # an exported file: no registry beside it
+    entry = {"name": "malaria", "version": "1.2.0", "file": model.name, "sha256": sha}
+    (model.parent / "models.json").write_text(json.dumps({"schema": "medge.released/1", "models": [entry]}))
+    assert release_version(model, sha) == "1.2.0"
+    assert release_version(model, "0" * 64) is None  # another file under the released name is not that release
+
+
 def test_store_removes_folders_without_rows_and_rolls_back_a_failed_insert(tmp_path):
     from edge_runtime.serve.storage import CaseStore
 

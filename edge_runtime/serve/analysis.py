@@ -144,6 +144,24 @@ class SerialModel:
         return getattr(self._model, name)
 
 
+def release_version(path: Path, sha256: str) -> str | None:
+    """The release version of a packaged model: its entry in the `models.json` beside it (written by `python -m
+    convert release`, schema medge.released/1) with this file name and sha256; None for any other file."""
+    import json
+
+    registry = Path(path).parent / "models.json"
+    try:
+        doc = json.loads(registry.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("schema") != "medge.released/1":
+        return None
+    for entry in doc.get("models", []):
+        if isinstance(entry, dict) and entry.get("file") == Path(path).name and entry.get("sha256") == sha256:
+            return str(entry.get("version") or "") or None
+    return None
+
+
 class ModelSlot:
     """One loaded model of one kind, its lock and what a case records about it."""
 
@@ -153,8 +171,9 @@ class ModelSlot:
         self.gradcam, self.gradcam_error = gradcam, gradcam_error
         meta = model.metadata
         sha = getattr(model, "sha256", None) or sha256_file(model.path)
-        # A released model may carry a version of its own; an exported file has the toolchain version and date.
-        version = getattr(model, "version", None) or meta.medge_version or "unknown"
+        # A released model has a version of its own (its registry entry); an exported file has the toolchain's.
+        version = release_version(model.path, sha) or getattr(model, "version", None) or meta.medge_version \
+            or "unknown"
         self.info = {"name": meta.model, "kind": kind, "version": str(version), "format": meta.format,
                      "precision": meta.precision, "created": meta.created, "sha256": sha,
                      "file": model.path.name, "backend": model.backend, "labels": list(model.labels),
