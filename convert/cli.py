@@ -7,6 +7,8 @@
     python -m convert runs/oct-head --out export/oct              # OCT: image -> class (base + head fused)
     python -m convert runs/oct-head --out export/oct-head --part head   # OCT: the head alone (8x8x2048 features)
     python -m convert inspect export/malaria-edge_tflite-int8.tflite [--format table|json]
+    python -m convert release runs/release-edge --name malaria --version 1.0.0 --sample tests/data/malaria_sample \
+        --cv runs/cv-edge     # the package's released model: releases/malaria/ and edge_runtime/released/
 
 SOURCE is a run directory (labels, preprocessing and calibration manifest come
 from its config.json), a .keras file, a Keras 2 .h5/.hdf5 file, or a SavedModel
@@ -102,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = inspect_parser().parse_args(argv[1:])
         args.command = "inspect"
         return args
+    if argv and argv[0] == "release":
+        from convert.release import release_parser
+
+        args = release_parser().parse_args(argv[1:])
+        args.command, args.argv = "release", argv[1:]
+        return args
     args = export_parser().parse_args(argv)
     args.command = "export"
     return args
@@ -171,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "release":
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            from convert.release import run_cli
+
+            return run_cli(args, args.argv)
         signal.signal(signal.SIGTERM, _terminate)
         return _export(args)
     except (FileNotFoundError, FileExistsError, ValueError, LookupError) as e:

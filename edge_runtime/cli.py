@@ -5,6 +5,11 @@
     python -m edge_runtime predict export/oct_tflite-int8.tflite scan1.jpeg scan2.jpeg --gradcam maps/
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
     python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N]
+    python -m edge_runtime models [--json] [--card NAME]
+    python -m edge_runtime predict malaria cells/          # a released model, by name
+
+MODEL is an artifact file or the name of a model released with the package
+(`models` lists them with version, sha256 and measured figures).
 
 INPUT is an image file or a folder (its images, recursively, in name order).
 A malaria model treats each folder as the cell crops of one slide and
@@ -77,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--threads", type=_threads, help="runtime threads (default: the runtime's choice)")
 
     pr = sub.add_parser("predict", help="classify images or folders of images")
-    pr.add_argument("model", type=Path, help=".tflite, .onnx or .ort artifact made by `python -m convert`")
+    pr.add_argument("model", type=Path,
+                    help=".tflite, .onnx or .ort artifact made by `python -m convert`, or a released name (`models`)")
     pr.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders of images")
     out = pr.add_argument_group("output")
     fmt = out.add_mutually_exclusive_group()
@@ -99,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(format="table")
 
     ps = sub.add_parser("smear", help="field photos of one slide -> cells, verdicts, slide report")
-    ps.add_argument("model", type=Path, help="malaria .tflite, .onnx or .ort artifact")
+    ps.add_argument("model", type=Path, help="malaria .tflite, .onnx or .ort artifact, or a released name")
     ps.add_argument("inputs", nargs="+", type=Path, metavar="field", help="field photos and/or folders of them")
     so = ps.add_argument_group("output")
     so.add_argument("--out", type=Path, metavar="DIR",
@@ -123,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("model", type=Path)
     pi.add_argument("--json", action="store_const", const="json", dest="format", default="table")
     runtime_args(pi)
+
+    pm = sub.add_parser("models", help="list the models released with the package")
+    pm.add_argument("--json", action="store_const", const="json", dest="format", default="table")
+    pm.add_argument("--card", metavar="NAME", help="print the model card of this released model")
     return p
 
 
@@ -353,7 +363,51 @@ def cmd_smear(args) -> int:
     return EXIT_REJECTED if report.rejected else EXIT_OK
 
 
-COMMANDS = {"info": cmd_info, "predict": cmd_predict, "smear": cmd_smear}
+def _figure(metrics: dict, key: str) -> str:
+    v = metrics.get(key)
+    return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else "-"
+
+
+def cmd_models(args) -> int:
+    from edge_runtime import registry
+
+    releases = registry.read_registry()
+    if args.card:
+        text = registry.card_text(registry.get(args.card))
+        if not text:
+            raise ValueError(f"released model {args.card!r} has no model card in this install")
+        print(text, end="")
+        return EXIT_OK
+    if args.format == "json":
+        print(json.dumps([dict(r.to_dict(), path=str(r.path), intact=_intact(r)) for r in releases], indent=2))
+        return EXIT_OK
+    if not releases:
+        print("no models are released with this install")
+        return EXIT_OK
+    head = ("name", "version", "format", "KB", "sample acc", "CV acc", "sha256", "file")
+    rows = []
+    for r in releases:
+        sample, cv = r.metrics.get("sample", {}), r.metrics.get("cv", {})
+        rows.append((r.name, r.version, r.format, f"{r.bytes / 1024:.0f}", _figure(sample, "accuracy"),
+                     _figure(cv, "accuracy_mean"), r.sha256[:12] + ("" if _intact(r) else " ALTERED"), str(r.path)))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for row in (head, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+    print("\nmodel cards: python -m edge_runtime models --card NAME")
+    return EXIT_OK
+
+
+def _intact(release) -> bool:
+    from edge_runtime import registry
+
+    try:
+        registry.verified_path(release)
+        return True
+    except registry.ReleaseError:
+        return False
+
+
+COMMANDS = {"info": cmd_info, "predict": cmd_predict, "smear": cmd_smear, "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -263,6 +263,27 @@ def embed_tflite(model: bytes | bytearray, meta: ArtifactMetadata) -> bytes:
     return bytes(builder.Output())
 
 
+def tflite_without_metadata(model: bytes | bytearray, key: str = METADATA_KEY) -> bytes:
+    """The .tflite bytes with the `key` metadata entry and its buffer's data removed, repacked.
+
+    Two conversions of one model differ in medge's entry (its `created` time)
+    and nowhere else; comparing what this returns tells whether they are the
+    same network, weights and quantization.
+    """
+    import flatbuffers
+
+    schema = _schema()
+    buf = bytes(model)
+    _check_tflite(buf, "model")
+    m = schema.ModelT.InitFromPackedBuf(bytearray(buf), 0)
+    for e in [e for e in (m.metadata or []) if _name(e.name) == key]:
+        m.buffers[e.buffer] = schema.BufferT()
+    m.metadata = [e for e in (m.metadata or []) if _name(e.name) != key]
+    builder = flatbuffers.Builder(len(buf) + 1024)
+    builder.Finish(m.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
 def _name(n: Any) -> str:
     return n.decode("utf-8") if isinstance(n, (bytes, bytearray)) else str(n)
 
