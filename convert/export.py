@@ -35,7 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edge_runtime.metadata import ArtifactMetadata, embed_tflite, sidecar_path
+from edge_runtime.golden import GoldenSet, selftest
+from edge_runtime.metadata import GOLDEN_KEY, ArtifactMetadata, embed_tflite, sidecar_path
 from edge_runtime.model import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, EdgeModel
 from edge_runtime.versions import installed_versions
 from convert.formats import Format
@@ -157,20 +158,70 @@ def resolve_exporter(fmt: Format):
     return getattr(importlib.import_module(module), func)
 
 
-def embed(fmt: Format, path: Path, meta: ArtifactMetadata) -> None:
-    """Write `meta` into the artifact at `path` (in place; `path` is still the temp file)."""
+def embed(fmt: Format, path: Path, meta: ArtifactMetadata, golden: GoldenSet | None = None, job=None) -> None:
+    """Write `meta` (and the golden set) into the artifact at `path` (in place; `path` is still the temp file).
+
+    An .ort file is converted again from its .onnx with the new entries
+    (`convert.onnx_export.write_ort`; needs the `job` that made it).
+    """
+    extra = {GOLDEN_KEY: golden.to_json()} if golden is not None else {}
     if fmt.ext == ".tflite":
-        path.write_bytes(embed_tflite(path.read_bytes(), meta))
+        path.write_bytes(embed_tflite(path.read_bytes(), meta, {k: v.encode("utf-8") for k, v in extra.items()}))
     elif fmt.ext == ".onnx":
         import onnx
 
         from convert.onnx_export import set_metadata
 
         proto = onnx.load(str(path))
-        set_metadata(proto, meta.to_json())
+        set_metadata(proto, meta.to_json(), extra)
         onnx.save(proto, str(path))
+    elif fmt.ext == ".ort" and job is not None and "ort_source" in job.cache:
+        from convert.onnx_export import write_ort
+
+        write_ort(job, job.cache["ort_source"], path, meta.to_json(), extra)
     else:
         raise ValueError(f"cannot embed metadata after export into {fmt.ext} files")
+
+
+# Self-test tolerance by precision: the largest |probability difference| another device (another CPU,
+# another build of the same runtime) may show on the golden inputs. Float kernels differ by op order
+# (~1e-6); int8 kernels may round an intermediate differently (one output step is 1/256).
+GOLDEN_ATOL = {"float32": 1e-4, "float16": 1e-3, "dynamic-int8": 0.02, "int8": 0.03}
+GOLDEN_N = 8
+
+
+def make_golden(device: EdgeModel, job: "ExportJob", fmt: Format, proof_probs: np.ndarray) -> GoldenSet:
+    """The artifact's golden set: up to GOLDEN_N proof inputs, as stored, and what `device` answers on them.
+
+    Picked per predicted class among inputs whose top two probabilities are
+    more than twice the tolerance apart (`edge_runtime.golden.pick`), so a
+    legitimate difference cannot change their class.
+
+    Raises:
+        ValueError: no proof input is clear enough of a tie to serve.
+    """
+    from edge_runtime import golden as g
+
+    atol = GOLDEN_ATOL[fmt.precision]
+    floor = 2 * atol
+    candidates = g.pick(proof_probs, 3 * GOLDEN_N, floor + 0.01)
+    if not candidates:
+        raise ValueError(f"no proof input has its top two probabilities more than {floor:g} apart; "
+                         "cannot make a golden set for the self-test")
+    spec = job.source.spec
+    # Images are stored as the uint8 pixels the preprocessing scales; a head's feature maps by their own range.
+    image = device.metadata.part == "model"
+    codes, scales, offsets = g.encode_inputs(job.proof.x[candidates], spec.scale if image else None,
+                                             spec.offset if image else None)
+    x = g.decode_inputs(codes, scales, offsets)
+    out = device.run(x)
+    keep = g.pick(out, GOLDEN_N, floor)
+    if not keep:
+        raise ValueError("no stored proof input stays clear of a tie; cannot make a golden set for the self-test")
+    return GoldenSet(codes=codes[keep], scales=tuple(scales[i] for i in keep), offsets=tuple(offsets[i] for i in keep),
+                     outputs=out[keep], atol=atol,
+                     sources=tuple(Path(job.proof.paths[candidates[i]]).name for i in keep),
+                     made_on=g.made_on(device.session))
 
 
 def _temp_path(out: Path, fmt: Format, model: str) -> Path:
@@ -225,13 +276,25 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
         if fmt.ext != ".ort":  # .ort: embedded before conversion by the exporter
             written = job.metadata(fmt, tmp, quantization)
             embed(fmt, tmp, written)
-        device = prove(tmp, fmt)  # the bytes that are published below
+        device = prove(tmp, fmt)
         meta = device.metadata
         if written is not None and meta.to_dict() != written.to_dict():
             raise RuntimeError("metadata read back from the artifact differs from what was written")
         probs = device.run(job.proof.x)
+        golden = make_golden(device, job, fmt, probs)
+        del device  # release the runtime before the file is rewritten
+        embed(fmt, tmp, meta, golden, job)
+        device = prove(tmp, fmt)  # the bytes that are published below
+        if device.metadata.to_dict() != meta.to_dict():
+            raise RuntimeError("metadata read back after embedding the golden set differs from what was written")
+        check = selftest(device)  # the published file answers its own golden set on this machine
+        if not check["ok"]:
+            raise RuntimeError(f"the artifact does not reproduce its own golden outputs right after conversion "
+                               f"({check['reason']}): its runtime is not deterministic here")
         del device  # release the runtime before the file is renamed
         proof = verify.compare(keras_probs, probs, job.proof.y)
+        row["selftest"] = {"inputs": check["inputs"], "atol": check["atol"], "max_abs_diff": check["max_abs_diff"],
+                           "golden_bytes": len(golden.to_json())}
         row.update(size_bytes=tmp.stat().st_size, quantization=meta.quantization,
                    io={"input": meta.input.to_dict(), "output": meta.output.to_dict()}, **proof)
         reason = judge(fmt, proof, job.options.min_agreement)
