@@ -62,6 +62,8 @@ DEFAULT_MIN_AGREEMENT = 0.98
 TOOLS = ("tensorflow", "keras", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnx", "onnxruntime",
          "ai-edge-litert")
 
+GOLDEN_N = 4  # per artifact: 4 cells are ~26 KB of JSON, +15% on the 173 KB int8 malaria model
+
 # Row statuses.
 OK, FLAGGED, FAILED = "ok", "kept-below-threshold", "failed"
 
@@ -86,6 +88,8 @@ class Options:
     qat_batch_size: int = 32
     seed: int = 0
     bundle: bool = False
+    layer_report_n: int = 64
+    golden_n: int = GOLDEN_N
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -121,6 +125,33 @@ class ExportJob:
         if self._calib is None or len(self._calib) == 0:
             raise ValueError("this format needs calibration images; pass --calib MANIFEST|DIR")
         return self._calib
+
+    def layer_report(self, key: str, make) -> dict[str, Any]:
+        """`make(images)`: the per-layer error report (`convert.layer_errors`) on the first
+        `--layer-report-n` calibration images, kept for the row under `key`; returns what the
+        metadata's `quantization` records of it ({} when off or failed).
+        """
+        from convert.layer_errors import describe, worst_summary
+
+        n = self.options.layer_report_n
+        if n <= 0:
+            return {}
+        x = self.calibration().x[:n]
+        try:
+            report = make(x)
+        except Exception as e:  # the artifact is sound without its report: the row says why it has none
+            self.cache[("layer_errors", key)] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            self.log(f"per-layer report failed: {self.cache[('layer_errors', key)]['error']}")
+            return {}
+        self.cache[("layer_errors", key)] = report
+        for line in describe(report):
+            self.log(f"  {line}")
+        return {"worst_layers": worst_summary(report), "layer_report_images": len(x)}
+
+    def share_layer_report(self, fmt: Format, key: str) -> None:
+        """Give `fmt`'s row the report made under `key` (onnx-int8 and ort-int8 share one QDQ graph)."""
+        if ("layer_errors", key) in self.cache:
+            self.cache[("layer_errors", fmt.name)] = self.cache[("layer_errors", key)]
 
     def metadata(self, fmt: Format, artifact: Path, quantization: dict[str, Any]) -> ArtifactMetadata:
         """Metadata for `fmt`, with the I/O tensors read from the artifact by its runtime (the device's backend)."""
@@ -187,11 +218,10 @@ def embed(fmt: Format, path: Path, meta: ArtifactMetadata, golden: GoldenSet | N
 # another build of the same runtime) may show on the golden inputs. Float kernels differ by op order
 # (~1e-6); int8 kernels may round an intermediate differently (one output step is 1/256).
 GOLDEN_ATOL = {"float32": 1e-4, "float16": 1e-3, "dynamic-int8": 0.02, "int8": 0.03}
-GOLDEN_N = 8
 
 
 def make_golden(device: EdgeModel, job: "ExportJob", fmt: Format, proof_probs: np.ndarray) -> GoldenSet:
-    """The artifact's golden set: up to GOLDEN_N proof inputs, as stored, and what `device` answers on them.
+    """The artifact's golden set: up to `--golden-n` proof inputs, as stored, and what `device` answers on them.
 
     Picked per predicted class among inputs whose top two probabilities are
     more than twice the tolerance apart (`edge_runtime.golden.pick`), so a
@@ -204,7 +234,10 @@ def make_golden(device: EdgeModel, job: "ExportJob", fmt: Format, proof_probs: n
 
     atol = GOLDEN_ATOL[fmt.precision]
     floor = 2 * atol
-    candidates = g.pick(proof_probs, 3 * GOLDEN_N, floor + 0.01)
+    n = job.options.golden_n
+    if not 1 <= n <= 32:
+        raise ValueError(f"--golden-n {n}: give 1..32 golden inputs")
+    candidates = g.pick(proof_probs, 3 * n, floor + 0.01)
     if not candidates:
         raise ValueError(f"no proof input has its top two probabilities more than {floor:g} apart; "
                          "cannot make a golden set for the self-test")
@@ -215,7 +248,7 @@ def make_golden(device: EdgeModel, job: "ExportJob", fmt: Format, proof_probs: n
                                              spec.offset if image else None)
     x = g.decode_inputs(codes, scales, offsets)
     out = device.run(x)
-    keep = g.pick(out, GOLDEN_N, floor)
+    keep = g.pick(out, n, floor)
     if not keep:
         raise ValueError("no stored proof input stays clear of a tie; cannot make a golden set for the self-test")
     return GoldenSet(codes=codes[keep], scales=tuple(scales[i] for i in keep), offsets=tuple(offsets[i] for i in keep),
@@ -305,9 +338,27 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
         row.update(status=OK if reason is None else FLAGGED, error=reason)
         publish(tmp, final)
         atomic_write_text(sidecar_path(final), meta.to_json())
+        layer_report = job.cache.get(("layer_errors", fmt.name))
+        if layer_report is not None:
+            row["layer_errors"] = write_layer_report(out, job.source.name, fmt, layer_report)
         return row
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_layer_report(out: Path, model: str, fmt: Format, report: dict[str, Any]) -> dict[str, Any]:
+    """The row's `layer_errors` record, with its PNG written beside the artifact (atomically)."""
+    from convert.layer_errors import layer_png_name, plot_png
+    from edge_runtime.fileio import atomic_write_bytes
+
+    if "layers" not in report:
+        return dict(report)
+    png = out / layer_png_name(model, fmt.name)
+    try:
+        atomic_write_bytes(png, plot_png(report, f"{model} {fmt.name}"))
+    except ImportError as e:  # matplotlib is optional for conversion; the table is in the report either way
+        return {**report, "png": None, "png_error": str(e)}
+    return {**report, "png": png.name}
 
 
 def _same_model(prior: dict[str, Any], src) -> bool:
@@ -337,6 +388,10 @@ def outputs_of(out: Path, model: str, formats: Sequence[Format], bundle: bool = 
         paths += [out / f"{model}_bundle", out / f"{model}_bundle.zip"]
     for f in formats:
         paths += [out / f.filename(model), sidecar_path(out / f.filename(model))]
+        if f.calibrated:
+            from convert.layer_errors import layer_png_name
+
+            paths.append(out / layer_png_name(model, f.name))
     return paths + [out / f"{model}_gradcam.npz"]  # OCT runs only
 
 

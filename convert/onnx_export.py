@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from convert.layer_errors import onnx_layer_errors
 from edge_runtime.metadata import METADATA_KEY
 
 OPSET = 17
@@ -150,12 +151,14 @@ def int8_onnx(job) -> tuple[Path, dict[str, Any]]:
     }
     if timing:
         info["latency_ms_batch1_1thread"] = timing
+    info.update(job.layer_report("int8_onnx", lambda x: onnx_layer_errors(prep, paths[chosen], x, job.workdir)))
     job.cache["int8_onnx"] = (paths[chosen], info)
     return paths[chosen], info
 
 
 def export_int8(job, fmt, dest: Path) -> dict[str, Any]:
     path, info = int8_onnx(job)
+    job.share_layer_report(fmt, "int8_onnx")
     shutil.copyfile(path, dest)
     return dict(info)
 
@@ -168,6 +171,7 @@ def export_ort_int8(job, fmt, dest: Path) -> dict[str, Any]:
     file runs on ARM phones too.
     """
     path, info = int8_onnx(job)
+    job.share_layer_report(fmt, "int8_onnx")  # the same QDQ graph as onnx-int8
     info = dict(info, ort_optimization="all (without NchwcTransformer)")
     job.cache["ort_source"] = path
     write_ort(job, path, dest, job.metadata(fmt, path, info).to_json())  # I/O of the .ort = I/O of the .onnx

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from convert.layer_errors import tflite_layer_errors
+
 
 def representative(x: np.ndarray) -> Callable[[], Iterator[list[np.ndarray]]]:
     """The converter's representative dataset: one real image at a time."""
@@ -167,7 +169,7 @@ def export_int8(job, fmt, dest: Path) -> dict[str, Any]:
         _write(dest, convert_keras(job.model, int8_config(calib.x, job.options.int8_io)))
         name = "tf.lite.TFLiteConverter (post-training, MinMax calibration)"
         io_type = "int8" if job.options.int8_io else "float32"
-    return {
+    info = {
         "weights": "int8 per-channel",
         "activations": "int8",
         "io": io_type,
@@ -175,3 +177,8 @@ def export_int8(job, fmt, dest: Path) -> dict[str, Any]:
         "calibration_images": len(calib),
         "calibration_from": calib.origin,
     }
+    if which == "converter":
+        info.update(job.layer_report(fmt.name, lambda x: tflite_layer_errors(job.model, x, job.options.int8_io)))
+    elif job.options.layer_report_n > 0:
+        job.cache[("layer_errors", fmt.name)] = {"error": "the per-layer report needs --int8-quantizer converter"}
+    return info

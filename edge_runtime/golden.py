@@ -16,8 +16,9 @@ open these files, and files made before it simply have no golden set.
 Inputs are stored compactly and exactly: each as uint8 codes `q` with a
 `scale` and `offset`, the input being `q * scale + offset` in float32. For
 images that is the model's own preprocessing (`pixel = uint8 * scale +
-offset`), so a golden input is a real preprocessed image; a head's feature
-map gets its own range. The codes are zlib-compressed and base64-encoded.
+offset`), so a golden input is a real preprocessed image, stored as a
+lossless PNG (about 5 KB per 64x64 cell, base64 in the JSON); a head's
+feature map gets its own range and is zlib-compressed.
 """
 
 from __future__ import annotations
@@ -93,11 +94,11 @@ class GoldenSet:
         return decode_inputs(self.codes, self.scales, self.offsets)
 
     def to_dict(self) -> dict[str, Any]:
-        raw = np.ascontiguousarray(self.codes, np.uint8).tobytes()
+        codes = np.ascontiguousarray(self.codes, np.uint8)
         return {
             "schema": GOLDEN_SCHEMA,
-            "shape": list(self.codes.shape),
-            "codes": base64.b64encode(zlib.compress(raw, 9)).decode("ascii"),
+            "shape": list(codes.shape),
+            **encode_codes(codes),
             "scales": [float(s) for s in self.scales],
             "offsets": [float(o) for o in self.offsets],
             "outputs": [[float(v) for v in row] for row in np.asarray(self.outputs, np.float32)],
@@ -114,13 +115,8 @@ class GoldenSet:
         if str(d.get("schema", "")).split(".")[0] != GOLDEN_SCHEMA:
             raise ValueError(f"golden set schema {d.get('schema')!r} is not {GOLDEN_SCHEMA!r}; upgrade medge")
         shape = tuple(int(v) for v in d["shape"])
-        try:
-            raw = zlib.decompress(base64.b64decode(d["codes"], validate=True))
-        except (ValueError, zlib.error) as e:
-            raise ValueError(f"golden inputs do not decode ({e})") from None
-        if len(raw) != int(np.prod(shape)):
-            raise ValueError(f"golden inputs hold {len(raw)} bytes, shape {shape} needs {int(np.prod(shape))}")
-        return cls(codes=np.frombuffer(raw, np.uint8).reshape(shape), scales=tuple(d["scales"]),
+        codes = decode_codes(d, shape)
+        return cls(codes=codes, scales=tuple(d["scales"]),
                    offsets=tuple(d["offsets"]), outputs=np.asarray(d["outputs"], np.float32),
                    atol=float(d["atol"]), sources=tuple(d.get("sources", ())), made_on=dict(d.get("made_on", {})))
 
@@ -134,6 +130,52 @@ class GoldenSet:
             return cls.from_dict(d)
         except (KeyError, TypeError) as e:
             raise ValueError(f"golden set lacks or mistypes a field ({e})") from None
+
+
+def _is_image(shape: Sequence[int]) -> bool:
+    return len(shape) == 3 and shape[2] in (1, 3)
+
+
+def encode_codes(codes: np.ndarray) -> dict[str, Any]:
+    """{"encoding", "codes"}: lossless PNG per input for images (about 5 KB per 64x64 cell), else zlib of all."""
+    if _is_image(codes.shape[1:]):
+        import io
+
+        from PIL import Image
+
+        out = []
+        for q in codes:
+            buf = io.BytesIO()
+            Image.fromarray(q[:, :, 0] if q.shape[2] == 1 else q).save(buf, "PNG", optimize=True)
+            out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+        return {"encoding": "png", "codes": out}
+    return {"encoding": "zlib", "codes": base64.b64encode(zlib.compress(codes.tobytes(), 9)).decode("ascii")}
+
+
+def decode_codes(d: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+    """The uint8 codes of a stored golden set, checked against `shape`."""
+    encoding = d.get("encoding", "zlib")
+    try:
+        if encoding == "png":
+            import io
+
+            from PIL import Image
+
+            arrays = [np.asarray(Image.open(io.BytesIO(base64.b64decode(c, validate=True))), np.uint8)
+                      for c in d["codes"]]
+            if len(arrays) != shape[0]:
+                raise ValueError(f"{len(arrays)} PNG inputs for a set of {shape[0]}")
+            codes = np.stack([a.reshape(shape[1:]) for a in arrays])
+        elif encoding == "zlib":
+            raw = zlib.decompress(base64.b64decode(d["codes"], validate=True))
+            codes = np.frombuffer(raw, np.uint8).reshape(shape)
+        else:
+            raise ValueError(f"unknown encoding {encoding!r}")
+    except (ValueError, OSError, zlib.error) as e:  # bad base64, PNG, zlib stream or size
+        raise ValueError(f"golden inputs do not decode ({e})") from None
+    if codes.shape != shape:
+        raise ValueError(f"golden inputs decode to {codes.shape}, the set says {shape}")
+    return codes
 
 
 def pick(probs: np.ndarray, n: int, floor: float) -> list[int]:

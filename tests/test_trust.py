@@ -41,10 +41,18 @@ def test_golden_set_round_trips_and_decodes_inputs_like_the_preprocessing():
     assert back.atol == g.atol and back.sources == g.sources
     # pixel = uint8 * scale + offset, in float32, as edge_runtime.images.preprocess computes it
     np.testing.assert_array_equal(back.inputs, g.codes.astype(np.float32) * np.float32(1 / 255))
+    assert json.loads(g.to_json())["encoding"] == "png"  # images: lossless PNG
     bad = json.loads(g.to_json())
-    bad["codes"] = bad["codes"][:-8]
+    bad["codes"] = bad["codes"][:-1]
     with pytest.raises(ValueError, match="golden"):
         GoldenSet.from_json(json.dumps(bad))
+    bad["codes"] = [c[: len(c) // 2] for c in json.loads(g.to_json())["codes"]]
+    with pytest.raises(ValueError, match="golden"):
+        GoldenSet.from_json(json.dumps(bad))
+    features = GoldenSet(codes=g.codes.reshape(3, 4, 12), scales=g.scales, offsets=g.offsets, outputs=g.outputs,
+                         atol=g.atol)
+    assert json.loads(features.to_json())["encoding"] == "zlib"
+    np.testing.assert_array_equal(GoldenSet.from_json(features.to_json()).codes, features.codes)
     with pytest.raises(ValueError, match="schema"):
         GoldenSet.from_json(json.dumps({**json.loads(g.to_json()), "schema": "medge-golden/2"}))
 
@@ -196,3 +204,77 @@ def test_selftest_imports_no_tensorflow(trusted):
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------- per-layer error report
+
+
+@pytest.mark.parametrize("fmt", ["tflite-int8", "onnx-int8", "ort-int8"])
+def test_int8_rows_carry_a_per_layer_report_in_graph_order(trusted, fmt):
+    from PIL import Image
+
+    from edge_runtime.metadata import read_metadata
+
+    out, report = trusted
+    row = next(r for r in report["rows"] if r["format"] == fmt)
+    rep = row["layer_errors"]
+    layers = rep["layers"]
+    assert rep["images"] == 48 and len(layers) >= 5  # calib_n 48 < the default 64
+    assert [r["index"] for r in layers] == list(range(len(layers)))
+    conv = "CONV_2D" if fmt.startswith("tflite") else "Conv"
+    assert sum(r["op"] == conv for r in layers) >= 3
+    finite = [r["sqnr_db"] for r in layers if r["sqnr_db"] is not None]
+    # Exact ops (a reshape, a pool of already-quantized values) have ~no noise: very high or no figure.
+    assert len(finite) >= len(layers) // 2 and all(0 < v < 200 for v in finite)
+    # The worst three are the three lowest, ranked and marked in the table.
+    assert [w["sqnr_db"] for w in rep["worst"]] == sorted(finite)[:3]
+    assert [r["worst_rank"] for r in sorted(layers, key=lambda r: r["worst_rank"] or 99)[:3]] == [1, 2, 3]
+    # The artifact itself says which layers are worst; the PNG lies beside it.
+    meta = read_metadata(out / row["file"])
+    assert [w["layer"] for w in meta.quantization["worst_layers"]] == [w["layer"] for w in rep["worst"]]
+    with Image.open(out / rep["png"]) as im:
+        assert im.format == "PNG" and im.width > 300
+
+
+def test_tflite_report_follows_the_artifacts_op_order(trusted):
+    """Graph order is the interpreter's execution order of the int8 artifact's quantized ops."""
+    from edge_runtime.backends import open_session
+
+    out, report = trusted
+    row = next(r for r in report["rows"] if r["format"] == "tflite-int8")
+    ops = iter(o.name for o in open_session(out / row["file"], "litert").ops())
+    reported = [r["op"] for r in row["layer_errors"]["layers"]]
+    # Every reported op appears in the artifact, in the same order (shape-only ops are not verified: skipped).
+    assert all(any(op == o for o in ops) for op in reported), reported
+
+
+def test_onnx_report_accumulated_error_matches_the_artifacts(trusted, tiny_run):
+    """The last layer's accumulated SQNR is what the float and int8 files give through edge_runtime."""
+    import edge_runtime
+    from convert.calibration import load_sets
+    from convert.layer_errors import sqnr_db
+    from convert.sources import load_source
+
+    out, report = trusted
+    rows = {r["format"]: r for r in report["rows"]}
+    layers = rows["onnx-int8"]["layer_errors"]["layers"]
+    last = next(r for r in reversed(layers) if r["accumulated_sqnr_db"] is not None)
+    _, src = load_source(tiny_run)
+    calib, _, _ = load_sets(src.manifest, src.labels, src.spec, 48, 4, 0)
+    assert last["op"] == "Softmax"  # the model's output tensor
+    f = edge_runtime.load(out / rows["onnx-float32"]["file"], warmup=False).run(calib.x)
+    q = edge_runtime.load(out / rows["onnx-int8"]["file"], warmup=False).run(calib.x)
+    # The report runs both graphs unoptimized (qdq_loss_debug's sessions), the device with every fusion: within 1.5 dB.
+    assert sqnr_db(f, f - q) == pytest.approx(last["accumulated_sqnr_db"], abs=1.5)
+
+
+def test_inspect_shows_the_report_beside_the_artifact(trusted, capsys):
+    from convert.cli import main
+
+    out, report = trusted
+    row = next(r for r in report["rows"] if r["format"] == "tflite-int8")
+    assert main(["inspect", str(out / row["file"])]) == 0
+    text = capsys.readouterr().out
+    assert "per-layer int8 error" in text and "<< worst 1" in text and row["layer_errors"]["png"] in text
+    worst = row["layer_errors"]["worst"][0]["layer"]
+    assert any(worst in line and "<< worst 1" in line for line in text.splitlines())
