@@ -89,6 +89,10 @@ def export_parser() -> argparse.ArgumentParser:
     d.add_argument("--golden-n", type=int, default=4, metavar="N",
                    help="proof inputs embedded in every artifact with its own outputs, for "
                         "`python -m edge_runtime selftest` on the device (1..32)")
+    q.add_argument("--max-drop", type=float, metavar="PP",
+                   help="tflite-int8: keep the most sensitive layers (per-layer report) in float, one at a time, "
+                        "until the accuracy drop vs Keras on the proof split is at most PP percentage points; "
+                        "fails when no mix does")
     q.add_argument("--opset", type=int, default=OPSET, help="ONNX opset")
     q.add_argument("--qat-epochs", type=int, default=2, help="quantization-aware fine-tuning epochs")
     q.add_argument("--qat-learning-rate", type=float, default=1e-3)
@@ -187,7 +191,7 @@ def _export(args) -> int:
         opset=args.opset,
         qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate,
         qat_batch_size=args.qat_batch_size, seed=args.seed, bundle=args.bundle,
-        layer_report_n=args.layer_report_n, golden_n=args.golden_n,
+        layer_report_n=args.layer_report_n, golden_n=args.golden_n, max_drop=args.max_drop,
     )
     log = print if args.report_format == "table" else (lambda *a, **k: print(*a, file=sys.stderr, **k))
     report = run_export(args.source, args.out, formats, options, labels=args.labels, name=args.name, log=log,

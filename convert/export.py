@@ -90,6 +90,7 @@ class Options:
     bundle: bool = False
     layer_report_n: int = 64
     golden_n: int = GOLDEN_N
+    max_drop: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -118,7 +119,8 @@ class ExportJob:
         self.model, self.source, self.options, self.workdir = model, source, options, Path(workdir)
         self.log = log  # progress lines of long rows (QAT)
         self._calib, self.proof, self.train_items = calib, proof, train_items
-        self.cache: dict[str, Any] = {}
+        self.cache: dict[Any, Any] = {}
+        self.keras_probs: np.ndarray | None = None  # Keras on the proof images (set by run_export)
         self.tools = tool_versions()
 
     def calibration(self) -> ImageSet:
@@ -338,6 +340,8 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
         row.update(status=OK if reason is None else FLAGGED, error=reason)
         publish(tmp, final)
         atomic_write_text(sidecar_path(final), meta.to_json())
+        if ("max_drop", fmt.name) in job.cache:
+            row["max_drop"] = job.cache[("max_drop", fmt.name)]
         layer_report = job.cache.get(("layer_errors", fmt.name))
         if layer_report is not None:
             row["layer_errors"] = write_layer_report(out, job.source.name, fmt, layer_report)
@@ -448,6 +452,7 @@ def run_export(
     rows = []
     with tempfile.TemporaryDirectory(prefix="medge-convert-") as work:
         job = ExportJob(model, src, options, Path(work), calib, proof, train_items, log=log)
+        job.keras_probs = keras_probs
         for fmt in formats:
             t0 = time.perf_counter()
             log(f"[{fmt.name}] exporting ...")
@@ -456,6 +461,8 @@ def run_export(
             except Exception as e:  # one row's failure must not stop the others
                 row = {"format": fmt.name, "file": None, "runtime": fmt.runtime, "precision": fmt.precision,
                        "status": FAILED, "error": f"{type(e).__name__}: {e}"}
+                if ("max_drop", fmt.name) in job.cache:  # the steps tried before no mix met the bound
+                    row["max_drop"] = job.cache[("max_drop", fmt.name)]
             row["seconds"] = round(time.perf_counter() - t0, 2)
             rows.append(row)
             log(f"[{fmt.name}] {row['status']}" + (f": {row['error']}" if row.get("error") else "")

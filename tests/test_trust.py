@@ -278,3 +278,44 @@ def test_inspect_shows_the_report_beside_the_artifact(trusted, capsys):
     assert "per-layer int8 error" in text and "<< worst 1" in text and row["layer_errors"]["png"] in text
     worst = row["layer_errors"]["worst"][0]["layer"]
     assert any(worst in line and "<< worst 1" in line for line in text.splitlines())
+
+
+# ---------------------------------------------------------------- --max-drop
+
+
+def test_max_drop_keeps_the_worst_layers_in_float_one_at_a_time(tiny_run, tmp_path, monkeypatch):
+    from convert import bounded
+    from convert.export import Options, run_export
+    from convert.formats import parse_formats
+    from edge_runtime.metadata import read_metadata
+
+    monkeypatch.setattr(bounded, "MAX_STEPS", 2)
+    opts = dict(calib_n=48, eval_n=60, min_agreement=0.0, allow_drop=True, layer_report_n=16)
+    # A bound no model can meet (int8 100 points better than Keras): every step is tried, then the row fails.
+    failed = run_export(tiny_run, tmp_path / "a", parse_formats("tflite-int8"), Options(max_drop=-100.0, **opts),
+                        name="m", log=lambda *a: None)
+    row = failed["rows"][0]
+    assert row["status"] == "failed" and "no mix met it" in row["error"] and not failed["ok"]
+    assert not list((tmp_path / "a").glob("*.tflite"))
+    steps = row["max_drop"]["steps"]
+    assert [s["step"] for s in steps] == [0, 1, 2] and row["max_drop"]["chosen_step"] is None
+    assert [len(s["float_layers"]) for s in steps] == [0, 1, 2]
+    assert steps[2]["float_tensors"][:1] == steps[1]["float_tensors"]  # one more layer each step, worst first
+    assert steps[2]["size_bytes"] > steps[0]["size_bytes"]  # float weights are 4 bytes, int8 one
+    for s in steps:
+        assert s["drop_pp"] == pytest.approx(100 * (row["max_drop"]["keras_accuracy"] - s["accuracy"]), abs=1e-6)
+        assert s["latency_ms_batch1_1thread"] > 0
+
+    # A bound the second step meets: the first step within it is the artifact, and it says so.
+    d0, d1 = steps[0]["drop_pp"], steps[1]["drop_pp"]
+    bound, expect = (d1, 1) if d1 < d0 else (d0, 0)
+    ok = run_export(tiny_run, tmp_path / "b", parse_formats("tflite-int8"), Options(max_drop=bound, **opts),
+                    name="m", log=lambda *a: None)
+    row = ok["rows"][0]
+    assert row["status"] != "failed", row.get("error")
+    chosen = row["max_drop"]["chosen_step"]
+    assert chosen == expect and row["max_drop"]["steps"][chosen]["drop_pp"] <= bound
+    meta = read_metadata(tmp_path / "b" / row["file"])
+    assert meta.quantization["max_drop"]["float_layers"] == row["max_drop"]["steps"][chosen]["float_layers"]
+    code, out, err = run_cli("selftest", tmp_path / "b" / row["file"])
+    assert code == 0, out + err
