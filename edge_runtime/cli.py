@@ -6,6 +6,7 @@
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
     python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N]
     python -m edge_runtime models [--json] [--card NAME]
+    python -m edge_runtime selftest MODEL [--json]     # the artifact's golden set on this device's runtime
     python -m edge_runtime predict malaria cells/          # a released model, by name
 
 MODEL is an artifact file or the name of a model released with the package
@@ -22,6 +23,10 @@ finds and classifies every red cell and prints one slide report
 
 Exit codes: 0 every input classified, 1 some inputs rejected (each has an
 error record; the rest were classified), 2 bad arguments or unusable model.
+`selftest`: 0 the artifact gives the answers it gave right after conversion
+(within its tolerance, same top class), 1 drift (the worst difference and its
+input are printed), 2 unusable file (missing, truncated, unreadable metadata,
+no golden set).
 """
 
 from __future__ import annotations
@@ -129,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("model", type=Path)
     pi.add_argument("--json", action="store_const", const="json", dest="format", default="table")
     runtime_args(pi)
+
+    pt = sub.add_parser("selftest", help="run the artifact's golden inputs here and compare with its stored answers")
+    pt.add_argument("model", type=Path, help=".tflite, .onnx or .ort artifact, or a released name")
+    pt.add_argument("--json", action="store_const", const="json", dest="format", default="table")
+    runtime_args(pt)
 
     pm = sub.add_parser("models", help="list the models released with the package")
     pm.add_argument("--json", action="store_const", const="json", dest="format", default="table")
@@ -407,7 +417,44 @@ def _intact(release) -> bool:
         return False
 
 
-COMMANDS = {"info": cmd_info, "predict": cmd_predict, "smear": cmd_smear, "models": cmd_models}
+def cmd_selftest(args) -> int:
+    """Exit 0 same answers, 1 drift, 2 unusable file (raised as ModelError/ValueError/LookupError to `main`)."""
+    from edge_runtime.golden import GoldenMissing, read_golden, selftest
+    from edge_runtime.model import ModelError
+
+    model = _load(args)
+    try:
+        golden = read_golden(model)
+    except GoldenMissing as e:
+        raise ModelError(str(e)) from None
+    except ImportError as e:  # tflite-runtime alone has no flatbuffer schema to read entries with
+        raise ModelError(f"{model.path}: cannot read its golden set on this install ({e})") from None
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ModelError(f"{model.path}: its golden set is unreadable ({e})") from None
+    result = selftest(model, golden)
+    doc = {"file": str(model.path), "format": model.metadata.format, "backend": model.backend,
+           "runtime_version": model.session.runtime_version(), "made_on": dict(golden.made_on), **result}
+    if args.format == "json":
+        print(json.dumps(doc, indent=2))
+    else:
+        where = f"{model.backend} {doc['runtime_version']}"
+        if result["ok"]:
+            print(f"selftest passed: {model.path.name} gives its {result['inputs']} golden answers on {where} "
+                  f"(max |dprob| {result['max_abs_diff']:.3g}, tolerance {result['atol']:g})")
+        else:
+            worst = result["worst_input"]
+            print(f"selftest FAILED: {model.path.name} on {where}: {result['reason']}")
+            if worst is not None:
+                print(f"worst: golden input {worst} ({result['worst_source'] or 'unnamed'}): "
+                      f"|dprob| {result['per_input_max_abs_diff'][worst]:.4g}: stored "
+                      f"{[round(v, 4) for v in result['worst_expected']]}, now {[round(v, 4) for v in result['worst_got']]}")
+            print(f"golden answers were computed on {golden.made_on.get('runtime', '?')} "
+                  f"{golden.made_on.get('runtime_version', '')} ({golden.made_on.get('machine', '?')}); "
+                  "the file was altered, or this runtime computes differently: do not use it for decisions")
+    return EXIT_OK if result["ok"] else EXIT_REJECTED
+
+
+COMMANDS = {"info": cmd_info, "selftest": cmd_selftest, "predict": cmd_predict, "smear": cmd_smear, "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
