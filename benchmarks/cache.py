@@ -1,6 +1,8 @@
 """The benchmark cache: the models `python -m benchmarks` knows, and how it finds or builds their runs and artifacts.
 
-    malaria-edge   the `edge` ResNet (built when missing: bundled sample, a few epochs)
+    malaria-edge   the released `edge` model (releases/malaria: the Keras model whose int8 file ships with
+                   edge_runtime), scored on the bundled sample of unseen patients; with --from-scratch,
+                   an `edge` trained for a few epochs on the bundled sample instead
     malaria-paper  the source's ResNet (benchmarked only when a run is given or cached; too slow to build here)
     oct-fused      InceptionV3 base + head, image -> class (built when missing: synthetic scans, random base)
     oct-head       the head alone, 8x8x2048 features -> class (same run as oct-fused)
@@ -10,7 +12,7 @@ next run; every step is the project's own command (`python -m train ...`,
 `python -m convert ...`), run in its own process with its output shown:
 
     CACHE/data/malaria-sample.csv        patient split of tests/data/malaria_sample
-    CACHE/malaria-edge/run/              python -m train malaria --preset edge
+    CACHE/malaria-edge/run/              python -m train malaria --preset edge (--from-scratch only)
     CACHE/oct/data/, oct.csv, features.h5, run/   python -m train oct synth|extract|head
     CACHE/<model>/export*/               python -m convert (one folder per conversion, conversion.json each)
 
@@ -35,6 +37,9 @@ from train import runs
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "tests" / "data" / "malaria_sample"
+# The released malaria model (python -m convert release): a run directory (config.json, model.keras) and
+# calibration.csv (calibration cells from ../shared/data/malaria as its train split, the bundled sample as test).
+RELEASE = REPO / "releases" / "malaria"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,11 +169,12 @@ class Builder:
     """Finds or builds every model's run and artifacts in the cache folder."""
 
     def __init__(self, cache: Path, quick: QuickSettings = QuickSettings(), runs: dict[str, Path] | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, from_scratch: bool = False):
         self.cache = Path(cache).resolve()  # absolute: the build steps run in their own processes
         self.quick = quick
         self.runs = {k: Path(v).resolve() for k, v in (runs or {}).items()}
         self.log = log
+        self.from_scratch = from_scratch
 
     # -- malaria
 
@@ -179,9 +185,15 @@ class Builder:
             run_step(py("-m", "train", "split", "--data", SAMPLE, "--out", out), self.log)
         return out
 
+    def uses_release(self, m: BenchModel) -> bool:
+        return (m.name == "malaria-edge" and m.name not in self.runs and not self.from_scratch
+                and (RELEASE / "model.keras").is_file())
+
     def malaria_run(self, m: BenchModel) -> Path:
         if m.name in self.runs:
             return self.runs[m.name]
+        if self.uses_release(m):
+            return RELEASE
         preset = m.name.split("-", 1)[1]
         run = self.cache / m.name / "run"
         if _run_done(run):
@@ -299,7 +311,12 @@ class Builder:
                 p.reference = p.run / cfg.model_file
                 p.manifest = Path(cfg.manifest) if cfg.manifest else None
                 key = m.name if m.name not in self.runs else f"{m.name}-{_digest(self.runs[m.name])}"
-                self.export(p, formats, p.run, key)
+                extra: list[str] = []
+                if self.uses_release(m):
+                    # Calibrated as released (all 300 cells), so its tflite-int8 row is the shipped file.
+                    p.manifest, key = RELEASE / "calibration.csv", f"{m.name}-release"
+                    extra = ["--calib", str(p.manifest), "--calib-n", "300"]
+                self.export(p, formats, p.run, key, extra)
             else:
                 p.run, p.store = self.oct_run()
                 cfg = runs.read_config(p.run)

@@ -7,6 +7,8 @@
     python -m convert runs/oct-head --out export/oct              # OCT: image -> class (base + head fused)
     python -m convert runs/oct-head --out export/oct-head --part head   # OCT: the head alone (8x8x2048 features)
     python -m convert inspect export/malaria-edge_tflite-int8.tflite [--format table|json]
+    python -m convert release runs/release-edge --name malaria --version 1.0.0 --sample tests/data/malaria_sample \
+        --cv runs/cv-edge     # the package's released model: releases/malaria/ and edge_runtime/released/
 
 SOURCE is a run directory (labels, preprocessing and calibration manifest come
 from its config.json), a .keras file, a Keras 2 .h5/.hdf5 file, or a SavedModel
@@ -81,6 +83,16 @@ def export_parser() -> argparse.ArgumentParser:
     q.add_argument("--int8-quantizer", choices=("converter", "litert-quantizer"), default="converter",
                    help="tflite-int8 quantizer: the TFLite converter, or LiteRT Quantizer (ai-edge-quantizer, "
                         "int8 I/O; measured slightly closer to Keras, needs that package)")
+    q.add_argument("--layer-report-n", type=int, default=64, metavar="N",
+                   help="int8 rows: per-layer float-vs-int8 error on N calibration images, in conversion.json "
+                        "and {model}_{format}_layers.png (0: off)")
+    d.add_argument("--golden-n", type=int, default=4, metavar="N",
+                   help="proof inputs embedded in every artifact with its own outputs, for "
+                        "`python -m edge_runtime selftest` on the device (1..32)")
+    q.add_argument("--max-drop", type=float, metavar="PP",
+                   help="tflite-int8: keep the most sensitive layers (per-layer report) in float, one at a time, "
+                        "until the accuracy drop vs Keras on the proof split is at most PP percentage points; "
+                        "fails when no mix does")
     q.add_argument("--opset", type=int, default=OPSET, help="ONNX opset")
     q.add_argument("--qat-epochs", type=int, default=2, help="quantization-aware fine-tuning epochs")
     q.add_argument("--qat-learning-rate", type=float, default=1e-3)
@@ -101,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if argv and argv[0] == "inspect":
         args = inspect_parser().parse_args(argv[1:])
         args.command = "inspect"
+        return args
+    if argv and argv[0] == "release":
+        from convert.release import release_parser
+
+        args = release_parser().parse_args(argv[1:])
+        args.command, args.argv = "release", argv[1:]
         return args
     args = export_parser().parse_args(argv)
     args.command = "export"
@@ -129,7 +147,31 @@ def _inspect(args) -> int:
     else:
         print(f"{args.file} ({args.file.stat().st_size / 1e6:.3f} MB)")
         print(format_metadata(meta))
+        row = _row_beside(args.file)
+        report = (row or {}).get("layer_errors")
+        if report and "layers" in report:
+            from convert.layer_errors import format_table
+
+            print(f"\nper-layer int8 error ({report['tool']}, {report['images']} calibration images; "
+                  f"{report['metric']}; from {args.file.parent / 'conversion.json'}):")
+            print(format_table(report))
+            if report.get("png"):
+                print(f"plot: {args.file.parent / report['png']}")
+        elif report:
+            print(f"\nper-layer int8 error: none ({report.get('error')})")
     return 0
+
+
+def _row_beside(artifact: Path) -> dict | None:
+    """The conversion.json row of `artifact` when that report lies beside it."""
+    p = artifact.parent / "conversion.json"
+    if not p.is_file():
+        return None
+    try:
+        rows = json.loads(p.read_text()).get("rows", [])
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return next((r for r in rows if r.get("file") == artifact.name), None)
 
 
 def _terminate(signum, frame):
@@ -149,6 +191,7 @@ def _export(args) -> int:
         opset=args.opset,
         qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate,
         qat_batch_size=args.qat_batch_size, seed=args.seed, bundle=args.bundle,
+        layer_report_n=args.layer_report_n, golden_n=args.golden_n, max_drop=args.max_drop,
     )
     log = print if args.report_format == "table" else (lambda *a, **k: print(*a, file=sys.stderr, **k))
     report = run_export(args.source, args.out, formats, options, labels=args.labels, name=args.name, log=log,
@@ -171,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "release":
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            from convert.release import run_cli
+
+            return run_cli(args, args.argv)
         signal.signal(signal.SIGTERM, _terminate)
         return _export(args)
     except (FileNotFoundError, FileExistsError, ValueError, LookupError) as e:

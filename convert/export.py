@@ -35,7 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edge_runtime.metadata import ArtifactMetadata, embed_tflite, sidecar_path
+from edge_runtime.golden import GoldenSet, selftest
+from edge_runtime.metadata import GOLDEN_KEY, ArtifactMetadata, embed_tflite, sidecar_path
 from edge_runtime.model import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, EdgeModel
 from edge_runtime.versions import installed_versions
 from convert.formats import Format
@@ -61,6 +62,8 @@ DEFAULT_MIN_AGREEMENT = 0.98
 TOOLS = ("tensorflow", "keras", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnx", "onnxruntime",
          "ai-edge-litert")
 
+GOLDEN_N = 4  # per artifact: 4 cells are ~26 KB of JSON, +15% on the 173 KB int8 malaria model
+
 # Row statuses.
 OK, FLAGGED, FAILED = "ok", "kept-below-threshold", "failed"
 
@@ -85,6 +88,9 @@ class Options:
     qat_batch_size: int = 32
     seed: int = 0
     bundle: bool = False
+    layer_report_n: int = 64
+    golden_n: int = GOLDEN_N
+    max_drop: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -113,13 +119,41 @@ class ExportJob:
         self.model, self.source, self.options, self.workdir = model, source, options, Path(workdir)
         self.log = log  # progress lines of long rows (QAT)
         self._calib, self.proof, self.train_items = calib, proof, train_items
-        self.cache: dict[str, Any] = {}
+        self.cache: dict[Any, Any] = {}
+        self.keras_probs: np.ndarray | None = None  # Keras on the proof images (set by run_export)
         self.tools = tool_versions()
 
     def calibration(self) -> ImageSet:
         if self._calib is None or len(self._calib) == 0:
             raise ValueError("this format needs calibration images; pass --calib MANIFEST|DIR")
         return self._calib
+
+    def layer_report(self, key: str, make) -> dict[str, Any]:
+        """`make(images)`: the per-layer error report (`convert.layer_errors`) on the first
+        `--layer-report-n` calibration images, kept for the row under `key`; returns what the
+        metadata's `quantization` records of it ({} when off or failed).
+        """
+        from convert.layer_errors import describe, worst_summary
+
+        n = self.options.layer_report_n
+        if n <= 0:
+            return {}
+        x = self.calibration().x[:n]
+        try:
+            report = make(x)
+        except Exception as e:  # the artifact is sound without its report: the row says why it has none
+            self.cache[("layer_errors", key)] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            self.log(f"per-layer report failed: {self.cache[('layer_errors', key)]['error']}")
+            return {}
+        self.cache[("layer_errors", key)] = report
+        for line in describe(report):
+            self.log(f"  {line}")
+        return {"worst_layers": worst_summary(report), "layer_report_images": len(x)}
+
+    def share_layer_report(self, fmt: Format, key: str) -> None:
+        """Give `fmt`'s row the report made under `key` (onnx-int8 and ort-int8 share one QDQ graph)."""
+        if ("layer_errors", key) in self.cache:
+            self.cache[("layer_errors", fmt.name)] = self.cache[("layer_errors", key)]
 
     def metadata(self, fmt: Format, artifact: Path, quantization: dict[str, Any]) -> ArtifactMetadata:
         """Metadata for `fmt`, with the I/O tensors read from the artifact by its runtime (the device's backend)."""
@@ -157,20 +191,72 @@ def resolve_exporter(fmt: Format):
     return getattr(importlib.import_module(module), func)
 
 
-def embed(fmt: Format, path: Path, meta: ArtifactMetadata) -> None:
-    """Write `meta` into the artifact at `path` (in place; `path` is still the temp file)."""
+def embed(fmt: Format, path: Path, meta: ArtifactMetadata, golden: GoldenSet | None = None, job=None) -> None:
+    """Write `meta` (and the golden set) into the artifact at `path` (in place; `path` is still the temp file).
+
+    An .ort file is converted again from its .onnx with the new entries
+    (`convert.onnx_export.write_ort`; needs the `job` that made it).
+    """
+    extra = {GOLDEN_KEY: golden.to_json()} if golden is not None else {}
     if fmt.ext == ".tflite":
-        path.write_bytes(embed_tflite(path.read_bytes(), meta))
+        path.write_bytes(embed_tflite(path.read_bytes(), meta, {k: v.encode("utf-8") for k, v in extra.items()}))
     elif fmt.ext == ".onnx":
         import onnx
 
         from convert.onnx_export import set_metadata
 
         proto = onnx.load(str(path))
-        set_metadata(proto, meta.to_json())
+        set_metadata(proto, meta.to_json(), extra)
         onnx.save(proto, str(path))
+    elif fmt.ext == ".ort" and job is not None and "ort_source" in job.cache:
+        from convert.onnx_export import write_ort
+
+        write_ort(job, job.cache["ort_source"], path, meta.to_json(), extra)
     else:
         raise ValueError(f"cannot embed metadata after export into {fmt.ext} files")
+
+
+# Self-test tolerance by precision: the largest |probability difference| another device (another CPU,
+# another build of the same runtime) may show on the golden inputs. Float kernels differ by op order
+# (~1e-6); int8 kernels may round an intermediate differently (one output step is 1/256).
+GOLDEN_ATOL = {"float32": 1e-4, "float16": 1e-3, "dynamic-int8": 0.02, "int8": 0.03}
+
+
+def make_golden(device: EdgeModel, job: "ExportJob", fmt: Format, proof_probs: np.ndarray) -> GoldenSet:
+    """The artifact's golden set: up to `--golden-n` proof inputs, as stored, and what `device` answers on them.
+
+    Picked per predicted class among inputs whose top two probabilities are
+    more than twice the tolerance apart (`edge_runtime.golden.pick`), so a
+    legitimate difference cannot change their class.
+
+    Raises:
+        ValueError: no proof input is clear enough of a tie to serve.
+    """
+    from edge_runtime import golden as g
+
+    atol = GOLDEN_ATOL[fmt.precision]
+    floor = 2 * atol
+    n = job.options.golden_n
+    if not 1 <= n <= 32:
+        raise ValueError(f"--golden-n {n}: give 1..32 golden inputs")
+    candidates = g.pick(proof_probs, 3 * n, floor + 0.01)
+    if not candidates:
+        raise ValueError(f"no proof input has its top two probabilities more than {floor:g} apart; "
+                         "cannot make a golden set for the self-test")
+    spec = job.source.spec
+    # Images are stored as the uint8 pixels the preprocessing scales; a head's feature maps by their own range.
+    image = device.metadata.part == "model"
+    codes, scales, offsets = g.encode_inputs(job.proof.x[candidates], spec.scale if image else None,
+                                             spec.offset if image else None)
+    x = g.decode_inputs(codes, scales, offsets)
+    out = device.run(x)
+    keep = g.pick(out, n, floor)
+    if not keep:
+        raise ValueError("no stored proof input stays clear of a tie; cannot make a golden set for the self-test")
+    return GoldenSet(codes=codes[keep], scales=tuple(scales[i] for i in keep), offsets=tuple(offsets[i] for i in keep),
+                     outputs=out[keep], atol=atol,
+                     sources=tuple(Path(job.proof.paths[candidates[i]]).name for i in keep),
+                     made_on=g.made_on(device.session))
 
 
 def _temp_path(out: Path, fmt: Format, model: str) -> Path:
@@ -225,13 +311,25 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
         if fmt.ext != ".ort":  # .ort: embedded before conversion by the exporter
             written = job.metadata(fmt, tmp, quantization)
             embed(fmt, tmp, written)
-        device = prove(tmp, fmt)  # the bytes that are published below
+        device = prove(tmp, fmt)
         meta = device.metadata
         if written is not None and meta.to_dict() != written.to_dict():
             raise RuntimeError("metadata read back from the artifact differs from what was written")
         probs = device.run(job.proof.x)
+        golden = make_golden(device, job, fmt, probs)
+        del device  # release the runtime before the file is rewritten
+        embed(fmt, tmp, meta, golden, job)
+        device = prove(tmp, fmt)  # the bytes that are published below
+        if device.metadata.to_dict() != meta.to_dict():
+            raise RuntimeError("metadata read back after embedding the golden set differs from what was written")
+        check = selftest(device)  # the published file answers its own golden set on this machine
+        if not check["ok"]:
+            raise RuntimeError(f"the artifact does not reproduce its own golden outputs right after conversion "
+                               f"({check['reason']}): its runtime is not deterministic here")
         del device  # release the runtime before the file is renamed
         proof = verify.compare(keras_probs, probs, job.proof.y)
+        row["selftest"] = {"inputs": check["inputs"], "atol": check["atol"], "max_abs_diff": check["max_abs_diff"],
+                           "golden_bytes": len(golden.to_json())}
         row.update(size_bytes=tmp.stat().st_size, quantization=meta.quantization,
                    io={"input": meta.input.to_dict(), "output": meta.output.to_dict()}, **proof)
         reason = judge(fmt, proof, job.options.min_agreement)
@@ -242,9 +340,29 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
         row.update(status=OK if reason is None else FLAGGED, error=reason)
         publish(tmp, final)
         atomic_write_text(sidecar_path(final), meta.to_json())
+        if ("max_drop", fmt.name) in job.cache:
+            row["max_drop"] = job.cache[("max_drop", fmt.name)]
+        layer_report = job.cache.get(("layer_errors", fmt.name))
+        if layer_report is not None:
+            row["layer_errors"] = write_layer_report(out, job.source.name, fmt, layer_report)
         return row
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_layer_report(out: Path, model: str, fmt: Format, report: dict[str, Any]) -> dict[str, Any]:
+    """The row's `layer_errors` record, with its PNG written beside the artifact (atomically)."""
+    from convert.layer_errors import layer_png_name, plot_png
+    from edge_runtime.fileio import atomic_write_bytes
+
+    if "layers" not in report:
+        return dict(report)
+    png = out / layer_png_name(model, fmt.name)
+    try:
+        atomic_write_bytes(png, plot_png(report, f"{model} {fmt.name}"))
+    except ImportError as e:  # matplotlib is optional for conversion; the table is in the report either way
+        return {**report, "png": None, "png_error": str(e)}
+    return {**report, "png": png.name}
 
 
 def _same_model(prior: dict[str, Any], src) -> bool:
@@ -274,6 +392,10 @@ def outputs_of(out: Path, model: str, formats: Sequence[Format], bundle: bool = 
         paths += [out / f"{model}_bundle", out / f"{model}_bundle.zip"]
     for f in formats:
         paths += [out / f.filename(model), sidecar_path(out / f.filename(model))]
+        if f.calibrated:
+            from convert.layer_errors import layer_png_name
+
+            paths.append(out / layer_png_name(model, f.name))
     return paths + [out / f"{model}_gradcam.npz"]  # OCT runs only
 
 
@@ -330,6 +452,7 @@ def run_export(
     rows = []
     with tempfile.TemporaryDirectory(prefix="medge-convert-") as work:
         job = ExportJob(model, src, options, Path(work), calib, proof, train_items, log=log)
+        job.keras_probs = keras_probs
         for fmt in formats:
             t0 = time.perf_counter()
             log(f"[{fmt.name}] exporting ...")
@@ -338,6 +461,8 @@ def run_export(
             except Exception as e:  # one row's failure must not stop the others
                 row = {"format": fmt.name, "file": None, "runtime": fmt.runtime, "precision": fmt.precision,
                        "status": FAILED, "error": f"{type(e).__name__}: {e}"}
+                if ("max_drop", fmt.name) in job.cache:  # the steps tried before no mix met the bound
+                    row["max_drop"] = job.cache[("max_drop", fmt.name)]
             row["seconds"] = round(time.perf_counter() - t0, 2)
             rows.append(row)
             log(f"[{fmt.name}] {row['status']}" + (f": {row['error']}" if row.get("error") else "")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
+from convert.layer_errors import onnx_layer_errors
 from edge_runtime.metadata import METADATA_KEY
 
 OPSET = 17
@@ -41,11 +42,12 @@ def keras_to_onnx(model, input_shape: tuple[int, ...], opset: int = OPSET):
     return proto
 
 
-def set_metadata(proto, text: str) -> None:
-    """Put the medge JSON in `metadata_props` (replacing an older entry)."""
-    keep = [(p.key, p.value) for p in proto.metadata_props if p.key != METADATA_KEY]
+def set_metadata(proto, text: str, extra: Mapping[str, str] | None = None) -> None:
+    """Put the medge JSON in `metadata_props` (replacing an older entry), plus `extra` key/values (e.g. the golden set)."""
+    new = {METADATA_KEY: text, **dict(extra or {})}
+    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in new]
     del proto.metadata_props[:]
-    for k, v in keep + [(METADATA_KEY, text)]:
+    for k, v in keep + list(new.items()):
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
 
@@ -149,12 +151,14 @@ def int8_onnx(job) -> tuple[Path, dict[str, Any]]:
     }
     if timing:
         info["latency_ms_batch1_1thread"] = timing
+    info.update(job.layer_report("int8_onnx", lambda x: onnx_layer_errors(prep, paths[chosen], x, job.workdir)))
     job.cache["int8_onnx"] = (paths[chosen], info)
     return paths[chosen], info
 
 
 def export_int8(job, fmt, dest: Path) -> dict[str, Any]:
     path, info = int8_onnx(job)
+    job.share_layer_report(fmt, "int8_onnx")
     shutil.copyfile(path, dest)
     return dict(info)
 
@@ -166,15 +170,27 @@ def export_ort_int8(job, fmt, dest: Path) -> dict[str, Any]:
     by default (all optimizations except the x86-only NCHWc layout), so the
     file runs on ARM phones too.
     """
+    path, info = int8_onnx(job)
+    job.share_layer_report(fmt, "int8_onnx")  # the same QDQ graph as onnx-int8
+    info = dict(info, ort_optimization="all (without NchwcTransformer)")
+    job.cache["ort_source"] = path
+    write_ort(job, path, dest, job.metadata(fmt, path, info).to_json())  # I/O of the .ort = I/O of the .onnx
+    return info
+
+
+def write_ort(job, src: Path, dest: Path, text: str, extra: Mapping[str, str] | None = None) -> None:
+    """`src` (.onnx) with the metadata `text` (and `extra` entries) embedded, converted to the ORT format at `dest`.
+
+    An .ort file cannot be edited after conversion, so embedding the golden
+    set (`convert.export.export_row`) converts again from the same .onnx: the
+    same graph, the same weights.
+    """
     import onnx
 
     from edge_runtime.backends.onnx_rt import write_ort_format
 
-    path, info = int8_onnx(job)
-    info = dict(info, ort_optimization="all (without NchwcTransformer)")
-    proto = onnx.load(str(path))
-    set_metadata(proto, job.metadata(fmt, path, info).to_json())  # I/O of the .ort = I/O of the .onnx
+    proto = onnx.load(str(src))
+    set_metadata(proto, text, extra)
     tagged = job.workdir / "int8.tagged.onnx"
     onnx.save(proto, str(tagged))
     write_ort_format(tagged, dest, disabled_optimizers=("NchwcTransformer",))
-    return info

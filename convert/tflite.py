@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from convert.layer_errors import tflite_layer_errors
+
 
 def representative(x: np.ndarray) -> Callable[[], Iterator[list[np.ndarray]]]:
     """The converter's representative dataset: one real image at a time."""
@@ -167,7 +169,7 @@ def export_int8(job, fmt, dest: Path) -> dict[str, Any]:
         _write(dest, convert_keras(job.model, int8_config(calib.x, job.options.int8_io)))
         name = "tf.lite.TFLiteConverter (post-training, MinMax calibration)"
         io_type = "int8" if job.options.int8_io else "float32"
-    return {
+    info = {
         "weights": "int8 per-channel",
         "activations": "int8",
         "io": io_type,
@@ -175,3 +177,25 @@ def export_int8(job, fmt, dest: Path) -> dict[str, Any]:
         "calibration_images": len(calib),
         "calibration_from": calib.origin,
     }
+    if which == "converter":
+        info.update(job.layer_report(fmt.name, lambda x: tflite_layer_errors(job.model, x, job.options.int8_io)))
+        if job.options.max_drop is not None:
+            from convert.bounded import bounded_int8
+
+            report = job.cache.get(("layer_errors", fmt.name), {})
+            if "layers" not in report:
+                raise ValueError("--max-drop needs the per-layer report to order the layers; "
+                                 f"it has none ({report.get('error', '--layer-report-n is 0')})")
+            data, record = bounded_int8(job, fmt, Path(dest).read_bytes(), report)
+            _write(dest, data)
+            chosen = record["steps"][record["chosen_step"]]
+            info["max_drop"] = {"bound_pp": record["bound_pp"], "drop_pp": chosen["drop_pp"],
+                                "float_layers": chosen["float_layers"], "steps": len(record["steps"])}
+            if chosen["float_layers"]:
+                info["activations"] = f"int8, {len(chosen['float_layers'])} layer(s) kept in float (--max-drop)"
+                info["quantizer"] += " + selective quantization (QuantizationDebugger denylisted_nodes)"
+    elif job.options.max_drop is not None:
+        raise ValueError("--max-drop on tflite-int8 needs --int8-quantizer converter")
+    elif job.options.layer_report_n > 0:
+        job.cache[("layer_errors", fmt.name)] = {"error": "the per-layer report needs --int8-quantizer converter"}
+    return info

@@ -6,6 +6,12 @@
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
     python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N]
     python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR] [--access-code CODE]
+    python -m edge_runtime models [--json] [--card NAME]
+    python -m edge_runtime selftest MODEL [--json]     # the artifact's golden set on this device's runtime
+    python -m edge_runtime predict malaria cells/          # a released model, by name
+
+MODEL is an artifact file or the name of a model released with the package
+(`models` lists them with version, sha256 and measured figures).
 
 INPUT is an image file or a folder (its images, recursively, in name order).
 A malaria model treats each folder as the cell crops of one slide and
@@ -20,6 +26,10 @@ the phones around the device; it needs the `serve` extra (Starlette, uvicorn).
 
 Exit codes: 0 every input classified, 1 some inputs rejected (each has an
 error record; the rest were classified), 2 bad arguments or unusable model.
+`selftest`: 0 the artifact gives the answers it gave right after conversion
+(within its tolerance, same top class), 1 drift (the worst difference and its
+input are printed), 2 unusable file (missing, truncated, unreadable metadata,
+no golden set).
 """
 
 from __future__ import annotations
@@ -80,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--threads", type=_threads, help="runtime threads (default: the runtime's choice)")
 
     pr = sub.add_parser("predict", help="classify images or folders of images")
-    pr.add_argument("model", type=Path, help=".tflite, .onnx or .ort artifact made by `python -m convert`")
+    pr.add_argument("model", type=Path,
+                    help=".tflite, .onnx or .ort artifact made by `python -m convert`, or a released name (`models`)")
     pr.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders of images")
     out = pr.add_argument_group("output")
     fmt = out.add_mutually_exclusive_group()
@@ -102,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(format="table")
 
     ps = sub.add_parser("smear", help="field photos of one slide -> cells, verdicts, slide report")
-    ps.add_argument("model", type=Path, help="malaria .tflite, .onnx or .ort artifact")
+    ps.add_argument("model", type=Path, help="malaria .tflite, .onnx or .ort artifact, or a released name")
     ps.add_argument("inputs", nargs="+", type=Path, metavar="field", help="field photos and/or folders of them")
     so = ps.add_argument_group("output")
     so.add_argument("--out", type=Path, metavar="DIR",
@@ -125,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv = sub.add_parser("serve", help="the field app: a screening page and HTTP API for phones on the local network")
     pv.add_argument("--models", nargs="+", metavar="NAME|PATH",
                     help="models to serve, one malaria and/or one OCT, each a released name or an artifact path "
-                         "(default: the released models malaria and oct)")
+                         "(default: every model released with the package, see `models`)")
     pv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default loopback; 0.0.0.0 for phones, which requires an access code)")
     pv.add_argument("--port", type=int, default=8080)
@@ -147,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("model", type=Path)
     pi.add_argument("--json", action="store_const", const="json", dest="format", default="table")
     runtime_args(pi)
+
+    pt = sub.add_parser("selftest", help="run the artifact's golden inputs here and compare with its stored answers")
+    pt.add_argument("model", type=Path, help=".tflite, .onnx or .ort artifact, or a released name")
+    pt.add_argument("--json", action="store_const", const="json", dest="format", default="table")
+    runtime_args(pt)
+
+    pm = sub.add_parser("models", help="list the models released with the package")
+    pm.add_argument("--json", action="store_const", const="json", dest="format", default="table")
+    pm.add_argument("--card", metavar="NAME", help="print the model card of this released model")
     return p
 
 
@@ -384,7 +404,89 @@ def cmd_serve(args) -> int:
     return run(args)
 
 
-COMMANDS = {"info": cmd_info, "predict": cmd_predict, "smear": cmd_smear, "serve": cmd_serve}
+def _figure(metrics: dict, key: str) -> str:
+    v = metrics.get(key)
+    return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else "-"
+
+
+def cmd_models(args) -> int:
+    from edge_runtime import registry
+
+    releases = registry.read_registry()
+    if args.card:
+        text = registry.card_text(registry.get(args.card))
+        if not text:
+            raise ValueError(f"released model {args.card!r} has no model card in this install")
+        print(text, end="")
+        return EXIT_OK
+    if args.format == "json":
+        print(json.dumps([dict(r.to_dict(), path=str(r.path), intact=_intact(r)) for r in releases], indent=2))
+        return EXIT_OK
+    if not releases:
+        print("no models are released with this install")
+        return EXIT_OK
+    head = ("name", "version", "format", "KB", "sample acc", "CV acc", "sha256", "file")
+    rows = []
+    for r in releases:
+        sample, cv = r.metrics.get("sample", {}), r.metrics.get("cv", {})
+        rows.append((r.name, r.version, r.format, f"{r.bytes / 1024:.0f}", _figure(sample, "accuracy"),
+                     _figure(cv, "accuracy_mean"), r.sha256[:12] + ("" if _intact(r) else " ALTERED"), str(r.path)))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for row in (head, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+    print("\nmodel cards: python -m edge_runtime models --card NAME")
+    return EXIT_OK
+
+
+def _intact(release) -> bool:
+    from edge_runtime import registry
+
+    try:
+        registry.verified_path(release)
+        return True
+    except registry.ReleaseError:
+        return False
+
+
+def cmd_selftest(args) -> int:
+    """Exit 0 same answers, 1 drift, 2 unusable file (raised as ModelError/ValueError/LookupError to `main`)."""
+    from edge_runtime.golden import GoldenMissing, read_golden, selftest
+    from edge_runtime.model import ModelError
+
+    model = _load(args)
+    try:
+        golden = read_golden(model)
+    except GoldenMissing as e:
+        raise ModelError(str(e)) from None
+    except ImportError as e:  # tflite-runtime alone has no flatbuffer schema to read entries with
+        raise ModelError(f"{model.path}: cannot read its golden set on this install ({e})") from None
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ModelError(f"{model.path}: its golden set is unreadable ({e})") from None
+    result = selftest(model, golden)
+    doc = {"file": str(model.path), "format": model.metadata.format, "backend": model.backend,
+           "runtime_version": model.session.runtime_version(), "made_on": dict(golden.made_on), **result}
+    if args.format == "json":
+        print(json.dumps(doc, indent=2))
+    else:
+        where = f"{model.backend} {doc['runtime_version']}"
+        if result["ok"]:
+            print(f"selftest passed: {model.path.name} gives its {result['inputs']} golden answers on {where} "
+                  f"(max |dprob| {result['max_abs_diff']:.3g}, tolerance {result['atol']:g})")
+        else:
+            worst = result["worst_input"]
+            print(f"selftest FAILED: {model.path.name} on {where}: {result['reason']}")
+            if worst is not None:
+                print(f"worst: golden input {worst} ({result['worst_source'] or 'unnamed'}): "
+                      f"|dprob| {result['per_input_max_abs_diff'][worst]:.4g}: stored "
+                      f"{[round(v, 4) for v in result['worst_expected']]}, now {[round(v, 4) for v in result['worst_got']]}")
+            print(f"golden answers were computed on {golden.made_on.get('runtime', '?')} "
+                  f"{golden.made_on.get('runtime_version', '')} ({golden.made_on.get('machine', '?')}); "
+                  "the file was altered, or this runtime computes differently: do not use it for decisions")
+    return EXIT_OK if result["ok"] else EXIT_REJECTED
+
+
+COMMANDS = {"info": cmd_info, "selftest": cmd_selftest, "predict": cmd_predict, "smear": cmd_smear,
+            "models": cmd_models, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -33,6 +33,8 @@ PathLike = Union[str, os.PathLike]
 SCHEMA = "medge-artifact/1"
 # Name of the metadata entry (TFLite) and of the metadata_props key (ONNX).
 METADATA_KEY = "medge"
+# The golden set's entry (edge_runtime.golden), beside METADATA_KEY; readers that do not know it ignore it.
+GOLDEN_KEY = "medge-golden"
 TFLITE_IDENTIFIER = b"TFL3"
 
 
@@ -234,12 +236,18 @@ def tflite_metadata_entries(model: bytes | bytearray) -> dict[str, bytes]:
     return out
 
 
-def embed_tflite(model: bytes | bytearray, meta: ArtifactMetadata) -> bytes:
+def embed_tflite(model: bytes | bytearray, meta: ArtifactMetadata, extra: Mapping[str, bytes] | None = None) -> bytes:
     """The .tflite bytes with `meta` as the `medge` metadata entry (replacing an older one).
 
-    Other entries (the converter's `min_runtime_version`, `CONVERSION_METADATA`)
-    are kept.
+    `extra` adds (or replaces) further entries by name, e.g. the golden set
+    (`edge_runtime.golden`). Other entries (the converter's
+    `min_runtime_version`, `CONVERSION_METADATA`) are kept.
     """
+    return embed_tflite_entries(model, {METADATA_KEY: meta.to_json().encode("utf-8"), **dict(extra or {})})
+
+
+def embed_tflite_entries(model: bytes | bytearray, entries: Mapping[str, bytes]) -> bytes:
+    """The .tflite bytes with `entries` (name -> bytes) as `Model.metadata` entries, replacing same-named ones."""
     import flatbuffers
 
     schema = _schema()
@@ -248,17 +256,46 @@ def embed_tflite(model: bytes | bytearray, meta: ArtifactMetadata) -> bytes:
     m = schema.ModelT.InitFromPackedBuf(bytearray(buf), 0)
     if any(b.offset > 1 for b in (m.buffers or [])):
         raise ValueError("models over 2 GB (buffers outside the flatbuffer) are not supported for metadata embedding")
-    payload = np.frombuffer(meta.to_json().encode("utf-8"), dtype=np.uint8)
     m.buffers = list(m.buffers or [])
-    m.metadata = [e for e in (m.metadata or []) if _name(e.name) != METADATA_KEY]
-    buffer = schema.BufferT()
-    buffer.data = payload
-    m.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = METADATA_KEY
-    entry.buffer = len(m.buffers) - 1
-    m.metadata.append(entry)
-    builder = flatbuffers.Builder(len(buf) + len(payload) + 1024)
+    old = [e for e in (m.metadata or []) if _name(e.name) in entries]
+    for e in old:  # empty the replaced entries' buffers (indices of the others must not move)
+        m.buffers[e.buffer] = schema.BufferT()
+    m.metadata = [e for e in (m.metadata or []) if _name(e.name) not in entries]
+    size = 0
+    for key, data in entries.items():
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(bytes(data), dtype=np.uint8)
+        size += len(data)
+        m.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name = key
+        entry.buffer = len(m.buffers) - 1
+        m.metadata.append(entry)
+    builder = flatbuffers.Builder(len(buf) + size + 1024)
+    builder.Finish(m.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def tflite_without_metadata(model: bytes | bytearray, keys: Sequence[str] = (METADATA_KEY, GOLDEN_KEY)) -> bytes:
+    """The .tflite bytes with medge's metadata entries (`keys`) and their buffers' data removed, repacked.
+
+    Two conversions of one model differ in medge's entry (its `created` time)
+    and nowhere else (the golden set, when both have one, is the same);
+    comparing what this returns tells whether they are the same network,
+    weights and quantization.
+    """
+    import flatbuffers
+
+    if isinstance(keys, str):
+        keys = (keys,)
+    schema = _schema()
+    buf = bytes(model)
+    _check_tflite(buf, "model")
+    m = schema.ModelT.InitFromPackedBuf(bytearray(buf), 0)
+    for e in [e for e in (m.metadata or []) if _name(e.name) in keys]:
+        m.buffers[e.buffer] = schema.BufferT()
+    m.metadata = [e for e in (m.metadata or []) if _name(e.name) not in keys]
+    builder = flatbuffers.Builder(len(buf) + 1024)
     builder.Finish(m.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
     return bytes(builder.Output())
 

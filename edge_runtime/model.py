@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Union
 import numpy as np
 from PIL import Image
 
-from edge_runtime import backends
+from edge_runtime import backends, registry
 from edge_runtime.backends import BackendError
 from edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, load_image, preprocess
 from edge_runtime.metadata import (
@@ -167,10 +167,11 @@ def load(
     warmup: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> "EdgeModel":
-    """Open a medge artifact (.tflite, .onnx, .ort) with one runtime.
+    """Open a medge artifact (.tflite, .onnx, .ort), or a released model by name, with one runtime.
 
     Args:
-        path: the artifact.
+        path: the artifact, or the name of a model released with the package
+            (`python -m edge_runtime models` lists them; e.g. "malaria").
         backend: "litert", "tflite-runtime" or "onnxruntime"; default: the
             first installed one for the file's suffix (LiteRT preferred).
         threads: runtime threads (default: the runtime's choice).
@@ -180,11 +181,15 @@ def load(
         max_pixels: larger images are rejected (decompression-bomb guard).
 
     Raises:
-        ModelError: missing, unreadable or foreign file; metadata missing or not matching the model.
+        ModelError: missing, unreadable or foreign file; metadata missing or not matching the model;
+            unknown released name, or a released file that no longer matches its sha256.
         BackendError: unknown backend name, or its runtime is not installed.
     """
     t0 = time.perf_counter()
-    path = Path(path)
+    try:
+        path = registry.resolve(path)
+    except registry.ReleaseError as e:
+        raise ModelError(str(e)) from None
     if not path.exists():
         raise ModelError(f"model file {path} does not exist")
     if not path.is_file():

@@ -365,8 +365,9 @@ def test_proof_is_the_device_loading_the_file(tiny_run, tmp_path, monkeypatch):
 
     report = export.run_export(tiny_run, tmp_path / "ok", parse_formats("tflite-float32,onnx-float32"),
                                _options(eval_n=8), log=lambda *a: None)
-    assert report["ok"] and [p.suffix for p, _ in loaded] == [".tflite", ".onnx"]
-    assert [kw["backend"] for _, kw in loaded] == ["litert", "onnxruntime"]
+    # Each file is opened twice: to prove it, then again after its golden set is embedded (the published bytes).
+    assert report["ok"] and [p.suffix for p, _ in loaded] == [".tflite", ".tflite", ".onnx", ".onnx"]
+    assert [kw["backend"] for _, kw in loaded] == ["litert", "litert", "onnxruntime", "onnxruntime"]
     assert all(p.name.startswith(".run_") for p, _ in loaded)  # the temp file: the very bytes published after
     monkeypatch.setattr(export.ExportJob, "metadata", wrong_labels)
     report = export.run_export(tiny_run, tmp_path / "bad", parse_formats("onnx-float32"), _options(eval_n=8),

@@ -56,7 +56,7 @@ def test_cv_writes_report_and_every_cell_once(cv_dir, sample_manifest):
     assert sum(r["patients"] for r in rows) == 20
     for r in rows:
         for m in ("accuracy", "sensitivity", "specificity", "roc_auc"):
-            assert 0.0 <= r[m] <= 1.0
+            assert 0.0 <= r[m] <= 1.0 and 0.0 <= r[f"tta_{m}"] <= 1.0
     # Each fold's model never saw its held-out patients: its run trained on the other fold only.
     for i in (1, 2):
         fold = read_manifest(cv_dir / f"fold-{i}" / "manifest.csv")
@@ -80,7 +80,8 @@ def test_cv_writes_report_and_every_cell_once(cv_dir, sample_manifest):
         assert 0.0 <= lo <= pooled[m] <= hi <= 1.0, (m, lo, pooled[m], hi)
     table = (cv_dir / "cv.csv").read_text().splitlines()
     assert table[0].startswith("fold,accuracy") and [r.split(",")[0] for r in table[1:]] == ["1", "2", "mean", "std"]
-    assert "| mean |" in (cv_dir / "cv.md").read_text()
+    assert "| mean |" in (cv_dir / "cv.md").read_text() and "Test-time flip averaging" in (cv_dir / "cv.md").read_text()
+    assert set(report["summary"]) >= {"accuracy", "tta_accuracy", "seconds"}
 
 
 @pytest.mark.slow

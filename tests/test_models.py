@@ -1,5 +1,6 @@
 """Architecture sizes: MAC counting by hand, and the paper ResNet's published size."""
 
+import numpy as np
 import pytest
 
 keras = pytest.importorskip("keras")
@@ -39,15 +40,16 @@ def test_depthwise_macs_are_per_channel():
 
 def test_source_presets_keep_their_architecture():
     """The new block/head fields default to the source's network: sizes pinned (README's table)."""
-    sizes = {n: describe(build_resnet(MALARIA_PRESETS[n].model)) for n in ("paper", "edge", "tiny")}
-    assert {n: s["weights"] for n, s in sizes.items()} == {"paper": 2_163_918, "edge": 33_790, "tiny": 6_486}
-    assert sizes["edge"]["macs"] == 23_004_160
+    sizes = {n: describe(build_resnet(MALARIA_PRESETS[n].model)) for n in ("paper", "preact-w16-d111-64", "tiny")}
+    assert {n: s["weights"] for n, s in sizes.items()} == {"paper": 2_163_918, "preact-w16-d111-64": 33_790,
+                                                           "tiny": 6_486}
+    assert sizes["preact-w16-d111-64"]["macs"] == 23_004_160
     old = {"stages": [1, 1, 1], "filters": [16, 32, 64, 128], "l2": 5e-4, "bn_epsilon": 2e-5,
            "bn_momentum": 0.9, "pool": 8}  # a config.json written before the new fields
-    preset = MalariaPreset.from_dict({"name": "edge", "model": old, "epochs": 15, "batch_size": 64,
+    preset = MalariaPreset.from_dict({"name": "preact-w16-d111-64", "model": old, "epochs": 15, "batch_size": 64,
                                       "learning_rate": 0.05, "momentum": 0.9, "schedule": "linear",
                                       "augment": True})
-    assert preset == MALARIA_PRESETS["edge"]
+    assert preset == MALARIA_PRESETS["preact-w16-d111-64"]
 
 
 # (weights, MACs) from count_macs, pinned so a change to the builder is seen.
@@ -123,10 +125,30 @@ def test_int8_graph_has_folded_bn_and_no_reshape_ops(name, tmp_path):
 def test_schedules_and_new_training_options_default_to_the_old_behaviour():
     from train.malaria.fit import learning_rate
 
-    p = MALARIA_PRESETS["edge"]
-    assert (p.schedule, p.label_smoothing, p.nesterov) == ("linear", 0.0, False)
+    p = MALARIA_PRESETS["preact-w16-d111-64"]
+    assert (p.schedule, p.label_smoothing, p.nesterov, p.hue, p.saturation) == ("linear", 0.0, False, 0.0, 0.0)
     assert float(learning_rate(p, 100)(50)) == pytest.approx(0.025)
     cos = learning_rate(MalariaPreset("c", p.model, 1, 8, 0.1, schedule="cosine"), 100)
     assert float(cos(0)) == pytest.approx(0.1) and float(cos(50)) == pytest.approx(0.05) and float(cos(100)) < 1e-7
     with pytest.raises(ValueError, match="schedule"):
         MalariaPreset("bad", p.model, 1, 8, 0.1, schedule="step")
+
+
+def test_edge_is_the_int8_friendly_network_with_the_release_recipe():
+    edge, net = MALARIA_PRESETS["edge"], MALARIA_PRESETS["post-w32-d111-64"]
+    assert edge.model == net.model and (edge.epochs, edge.batch_size) == (net.epochs, net.batch_size)
+    assert (edge.schedule, edge.nesterov, edge.label_smoothing) == ("cosine", True, 0.1)
+    with pytest.raises(ValueError, match="saturation"):
+        MalariaPreset("bad", edge.model, 1, 8, 0.1, saturation=0.5)
+
+
+def test_stain_jitter_changes_colour_and_keeps_the_black_background():
+    from train.data import augmentation
+
+    rng = np.random.default_rng(0)
+    x = np.zeros((8, 64, 64, 3), np.float32)
+    x[:, 16:48, 16:48] = rng.uniform(0.3, 0.9, (8, 32, 32, 3))  # a "cell" on black, like the NIH crops
+    plain = np.asarray(augmentation(seed=1)(x, training=True))
+    jitter = np.asarray(augmentation(seed=1, hue=0.08, saturation=0.1)(x, training=True))
+    assert np.abs(jitter - plain).max() > 0.01  # colours moved
+    assert np.abs(jitter[:, :4, :4]).max() < 1e-6  # corners: black stays black under hue and saturation

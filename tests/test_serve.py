@@ -61,8 +61,11 @@ def free_port() -> int:
 class Server:
     """`python -m edge_runtime serve` in a subprocess; `start` waits for /healthz."""
 
-    def __init__(self, art: Path, data: Path, *extra: str, port: int | None = None, host: str = "127.0.0.1"):
+    def __init__(self, art: Path, data: Path, *extra: str, port: int | None = None, host: str = "127.0.0.1",
+                 models: list[str] | None = None):
         self.art, self.data, self.extra, self.host = art, data, extra, host
+        # The test artifacts by default; [] starts the app without --models (the released models).
+        self.models = [str(art / MALARIA_MODEL), str(art / OCT_MODEL)] if models is None else models
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -70,9 +73,9 @@ class Server:
 
     def start(self) -> "Server":
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-        cmd = [sys.executable, "-m", "edge_runtime", "serve", "--models", str(self.art / MALARIA_MODEL),
-               str(self.art / OCT_MODEL), "--host", self.host, "--port", str(self.port), "--data", str(self.data),
-               "--log-level", "warning", *self.extra]
+        cmd = [sys.executable, "-m", "edge_runtime", "serve", *(["--models", *self.models] if self.models else []),
+               "--host", self.host, "--port", str(self.port), "--data", str(self.data), "--log-level", "warning",
+               *self.extra]
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -436,6 +439,7 @@ def test_sigkill_mid_upload_then_restart_keeps_every_case_and_no_half_case(start
 def test_model_version_is_the_release_version_when_the_file_is_a_released_one(art, tmp_path):
     import shutil
 
+    from edge_runtime.registry import SCHEMA
     from edge_runtime.serve.analysis import release_version
 
     model = tmp_path / "released" / MALARIA_MODEL
@@ -443,10 +447,24 @@ def test_model_version_is_the_release_version_when_the_file_is_a_released_one(ar
     shutil.copy(art / MALARIA_MODEL, model)
     sha = sha256_file(model)
     assert release_version(model, sha) is None  # an exported file: no registry beside it
-    entry = {"name": "malaria", "version": "1.2.0", "file": model.name, "sha256": sha}
-    (model.parent / "models.json").write_text(json.dumps({"schema": "medge.released/1", "models": [entry]}))
+    entry = {"name": "malaria", "version": "1.2.0", "file": model.name, "sha256": sha, "bytes": model.stat().st_size,
+             "format": "tflite-int8", "task": "malaria", "labels": ["Parasitized", "Uninfected"]}
+    (model.parent / "models.json").write_text(json.dumps({"schema": SCHEMA, "models": [entry]}))
     assert release_version(model, sha) == "1.2.0"
     assert release_version(model, "0" * 64) is None  # another file under the released name is not that release
+
+
+def test_released_model_by_name(start_server, tmp_path):
+    from edge_runtime.registry import read_registry
+
+    released = {r.name: r for r in read_registry()}
+    if "malaria" not in released:
+        pytest.skip("no released malaria model in this install")
+    server = start_server(models=[], data=tmp_path / "data-released")  # no --models: the released ones
+    status, case = post_case(server.url, "malaria", smear_fields()[:1])
+    assert status == 201, case
+    assert case["model"]["version"] == released["malaria"].version
+    assert case["model"]["sha256"] == released["malaria"].sha256
 
 
 def test_store_removes_folders_without_rows_and_rolls_back_a_failed_insert(tmp_path):

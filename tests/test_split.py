@@ -134,3 +134,19 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     from train.cli import main
 
     assert main(["split", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "m.csv")]) == 2
+
+
+def test_exclude_patients_of_a_tree_keeps_them_out_of_every_split(sample_dir, tmp_path, capsys):
+    """A release trains on every developer patient but the bundled sample's: none of them may slip in."""
+    held = tmp_path / "held" / "Parasitized"
+    held.mkdir(parents=True)
+    first = sorted((sample_dir / "Parasitized").iterdir())[0]
+    shutil.copy(first, held / first.name)  # one image names its patient: all of that patient's cells go
+    pid = patient_id(first.name)
+    assert split.patients_of(tmp_path / "held") == {pid}
+    out = tmp_path / "release.csv"
+    assert split.run(sample_dir, out, "patient", 42, 0.0, 0.0, tmp_path / "held") == 0
+    back = read_manifest(out)
+    assert len(back) == 380 and pid not in {r.patient for r in back}
+    assert {r.split for r in back} == {"train"}
+    assert "left out the 1 patients" in capsys.readouterr().out

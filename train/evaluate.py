@@ -39,6 +39,19 @@ def predict_records(model, records: list[Record], labels: list[str], spec: Prepr
     return model.predict(ds.map(lambda x, y: x), verbose=0)
 
 
+def predict_records_flips(model, records: list[Record], labels: list[str], spec: PreprocessSpec,
+                          batch_size: int = 64) -> np.ndarray:
+    """Test-time augmentation: probabilities averaged over the image and its three flips (a cell has no up)."""
+    import tensorflow as tf
+
+    from train.data import make_dataset
+
+    ds = make_dataset(records, labels, spec, batch_size, cache=True).map(lambda x, y: x)
+    flips = (lambda x: x, tf.image.flip_left_right, tf.image.flip_up_down,
+             lambda x: tf.image.flip_up_down(tf.image.flip_left_right(x)))
+    return np.mean([model.predict(ds.map(f), verbose=0) for f in flips], axis=0)
+
+
 def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: str) -> None:
     import matplotlib
 

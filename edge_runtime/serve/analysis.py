@@ -145,21 +145,15 @@ class SerialModel:
 
 
 def release_version(path: Path, sha256: str) -> str | None:
-    """The release version of a packaged model: its entry in the `models.json` beside it (written by `python -m
-    convert release`, schema medge.released/1) with this file name and sha256; None for any other file."""
-    import json
+    """The release version of a packaged model: its entry in the registry (`models.json`) beside it with this
+    file name and sha256; None for any other file."""
+    from edge_runtime import registry
 
-    registry = Path(path).parent / "models.json"
     try:
-        doc = json.loads(registry.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        releases = registry.read_registry(Path(path).parent)
+    except registry.ReleaseError:
         return None
-    if not isinstance(doc, dict) or doc.get("schema") != "medge.released/1":
-        return None
-    for entry in doc.get("models", []):
-        if isinstance(entry, dict) and entry.get("file") == Path(path).name and entry.get("sha256") == sha256:
-            return str(entry.get("version") or "") or None
-    return None
+    return next((r.version for r in releases if r.file == Path(path).name and r.sha256 == sha256), None)
 
 
 class ModelSlot:

@@ -1,10 +1,11 @@
 """`python -m edge_runtime serve`: load the models, open the case store, print how to connect, run uvicorn.
 
     python -m edge_runtime serve --models export/malaria_tflite-int8.tflite export/oct_tflite-int8.tflite
-    python -m edge_runtime serve --models malaria oct --host 0.0.0.0 --port 8080 --data /srv/medge
+    python -m edge_runtime serve --host 0.0.0.0 --port 8080 --data /srv/medge     # every released model
 
 Models are named or given as paths; each value goes to `edge_runtime.load`
 unchanged and its metadata decides whether it serves malaria or OCT cases.
+Without `--models`, every model released with the package is served.
 Beyond loopback an access code is required: `--access-code`, or one is
 generated and printed at start.
 """
@@ -20,7 +21,6 @@ from pathlib import Path
 
 # No 0/O, 1/l/i: read off a screen and typed on a phone.
 CODE_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
-DEFAULT_MODELS = ("malaria", "oct")
 
 
 def default_data_dir() -> Path:
@@ -65,14 +65,21 @@ def run(args) -> int:
     from edge_runtime.serve.analysis import Limits, load_models
     from edge_runtime.serve.storage import CaseStore, StoreError
 
-    models = args.models or list(DEFAULT_MODELS)
+    from edge_runtime import registry
+
+    try:
+        models = args.models or [r.name for r in registry.read_registry()]
+    except registry.ReleaseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not models:
+        print("error: no released models in this install; give artifacts: --models MALARIA.tflite OCT.tflite",
+              file=sys.stderr)
+        return 2
     try:
         slots = load_models(models, threads=args.threads, log=lambda m: print(m, file=sys.stderr))
     except ModelError as e:
-        hint = ("" if args.models else
-                f"\n(no --models given, so the released models {', '.join(DEFAULT_MODELS)} were tried; "
-                "give artifact paths: --models MALARIA.tflite OCT.tflite)")
-        print(f"error: {e}{hint}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         store = CaseStore(args.data or default_data_dir())

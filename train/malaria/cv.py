@@ -169,7 +169,7 @@ def run_cv(
     command: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or with `resume` continue) the cross-validation; write the report files and return cv.json's content."""
-    from train.evaluate import load_model, predict_records
+    from train.evaluate import load_model, predict_records, predict_records_flips
     from train.malaria.fit import train_malaria
 
     out = Path(out)
@@ -207,14 +207,19 @@ def run_cv(
                           verbose=verbose, select_best=False)
         cfg = runs.read_config(run_dir)
         positive = cfg.positive_label
-        probs = predict_records(load_model(runs.model_file(run_dir)), held, list(cfg.labels), cfg.preprocess)
+        model = load_model(runs.model_file(run_dir))
+        probs = predict_records(model, held, list(cfg.labels), cfg.preprocess)
         k = list(cfg.labels).index(positive)
         y = np.array([list(cfg.labels).index(r.label) for r in held])
         m = classification_metrics(y, probs, list(cfg.labels), positive)
+        # Measured beside, never chosen silently: flip averaging costs the device 4 inferences a cell.
+        m_tta = classification_metrics(y, predict_records_flips(model, held, list(cfg.labels), cfg.preprocess),
+                                       list(cfg.labels), positive)
         _write_csv(fdir / OOF, ("fold", "path", "patient", "label", f"prob_{positive}", "predicted"),
                    [(i, r.path, r.patient, r.label, f"{p[k]:.6f}", cfg.labels[int(p.argmax())])
                     for r, p in zip(held, probs)])
-        row = {"fold": i, **{key: m[key] for key in METRICS}, "cells": len(held),
+        row = {"fold": i, **{key: m[key] for key in METRICS}, **{f"tta_{key}": m_tta[key] for key in METRICS},
+               "cells": len(held),
                "patients": len({r.patient for r in held}), "seconds": round(time.perf_counter() - t0, 1),
                "confusion_matrix": m["confusion_matrix"]}
         runs.write_json(done, row)  # last: the fold's finished marker
@@ -249,7 +254,8 @@ def _report(plan: dict[str, Any], out: Path, fold_rows: list[dict[str, Any]], la
     prob = np.array([float(row[f"prob_{positive}"]) for row in oof])
     pooled = _rates(y, pred, prob)
     ci = bootstrap_intervals(y, pred, prob, [row["patient"] for row in oof], draws, plan["seed"])
-    summary = {key: dict(zip(("mean", "std"), _mean_std(fold_rows, key))) for key in (*METRICS, "seconds")}
+    keys = (*METRICS, *(f"tta_{m}" for m in METRICS if all(f"tta_{m}" in r for r in fold_rows)), "seconds")
+    summary = {key: dict(zip(("mean", "std"), _mean_std(fold_rows, key))) for key in keys}
     preset = MALARIA_PRESETS[plan["preset"]]
     report = {
         "command": list(command) if command is not None else None,
@@ -297,6 +303,11 @@ def markdown(report: dict[str, Any]) -> str:
     for stat in ("mean", "std"):
         lines.append(f"| {stat} | " + " | ".join(_fmt(s[m][stat]) for m in METRICS)
                      + f" | | | {s['seconds'][stat]:.0f} |")
+    if "tta_accuracy" in s:
+        lines += ["", "Test-time flip averaging (the image and its 3 flips; 4 inferences a cell on the device), "
+                      "mean +- std over folds: " + ", ".join(
+                          f"{m.replace('_', ' ')} {_fmt(s[f'tta_{m}']['mean'])} +- {_fmt(s[f'tta_{m}']['std'])}"
+                          for m in METRICS)]
     p, ci = report["pooled"], report["bootstrap"]["intervals"]
     lines += ["", f"Pooled out-of-fold ({p['cells']} cells, {p['patients']} patients), 95% interval from "
                   f"{report['bootstrap']['draws']} patient-level bootstrap draws:", ""]

@@ -1,0 +1,247 @@
+"""Per-layer quantization error of the int8 rows: which layer loses what, in graph order.
+
+    python -m convert runs/malaria-edge --out export --formats tflite-int8,onnx-int8   # report on by default
+    python -m convert inspect export/malaria-edge_tflite-int8.tflite                  # shows the worst layers
+
+Each int8 row gets a table, one line per quantized layer in graph order, made
+on the first `--layer-report-n` calibration images (default 64) by the
+library that quantized it:
+
+- `tflite-int8`: TFLite's `tf.lite.experimental.QuantizationDebugger` with the
+  row's converter settings. Its debug model runs every quantized op beside
+  its float twin fed with the same (dequantized) inputs, so each line is that
+  op's own error, not what it inherited. Columns: `sqnr_db` (signal over
+  quantization noise of the op's output: 10 log10 E[f^2] / E[(f - q)^2]),
+  `rmse_over_scale` (RMSE in quantization steps; about 0.29 is plain
+  rounding, more means clipping or weight error), `max_abs_error`.
+- `onnx-int8`: onnxruntime's `quantization.qdq_loss_debug` on the float and
+  the QDQ model (its activations, their matching, its weight error). Columns:
+  `sqnr_db`, the lower of the tensor's own QDQ error (`activation_sqnr_db`,
+  the tensor before vs after its Quantize/DequantizeLinear pair: rounding and
+  clipping) and, for Conv/Gemm/MatMul, its weight's (`weight_sqnr_db`); `accumulated_sqnr_db`
+  compares with the float model's same tensor, i.e. everything the layers
+  before added too.
+
+The worst layers (lowest `sqnr_db`) are listed in the artifact's metadata
+(`quantization.worst_layers`), the whole table goes to conversion.json (the
+row's `layer_errors`) and a PNG `{model}_{format}_layers.png` beside the
+artifact plots it, worst marked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+WORST_N = 3
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+DEFAULT_IMAGES = 64
+
+
+def short_name(tensor: str) -> str:
+    """A Keras layer name from a converter's tensor name, e.g.
+    "model_1/s1m1_3_bn_1/batchnorm/add_1;model_1/s1m1_3_conv_1/convolution" -> "s1m1_3_conv".
+
+    Fused ops carry several names joined by ";"; the last is the op's first
+    layer (the conv of conv+BN+ReLU).
+    """
+    piece = tensor.split(";")[-1]
+    parts = [p for p in piece.split("/") if p]
+    name = parts[1] if len(parts) > 1 else (parts[0] if parts else tensor)
+    return re.sub(r"_\d+$", "", name.split(":")[0])
+
+
+def sqnr_db(signal: np.ndarray, noise: np.ndarray) -> float:
+    """10 log10(E[signal^2] / E[noise^2]); inf when the noise is zero."""
+    s = float(np.mean(np.square(signal, dtype=np.float64)))
+    n = float(np.mean(np.square(noise, dtype=np.float64)))
+    if n == 0.0:
+        return math.inf
+    if s == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(s / n)
+
+
+def _finite(v: float) -> float | None:
+    return round(float(v), 3) if v is not None and math.isfinite(v) else None
+
+
+def summarize(layers: list[dict[str, Any]], tool: str, images: int, n: int = WORST_N) -> dict[str, Any]:
+    """The `layer_errors` record of a row: the table, the worst `n` (lowest sqnr_db) marked and listed."""
+    ranked = sorted((r for r in layers if r.get("sqnr_db") is not None), key=lambda r: r["sqnr_db"])
+    worst = [r["index"] for r in ranked[:n]]
+    for r in layers:
+        r["worst_rank"] = worst.index(r["index"]) + 1 if r["index"] in worst else None
+    return {"tool": tool, "images": images, "metric": "sqnr_db (lower is worse)", "layers": layers,
+            "worst": [{"index": r["index"], "layer": r["layer"], "op": r["op"], "sqnr_db": r["sqnr_db"]}
+                      for r in ranked[:n]]}
+
+
+# ---------------------------------------------------------------- TFLite
+
+
+def tflite_layer_errors(model, calib: np.ndarray, int8_io: bool = False) -> dict[str, Any]:
+    """Per-op error of the converter's full-int8 model of `model` on `calib` (TFLite QuantizationDebugger)."""
+    import tensorflow as tf
+
+    from convert.tflite import int8_config, representative
+
+    def direct_sqnr(f, q, scale, zp):
+        return sqnr_db(f, f - (q.astype(np.float32) - zp) * np.float32(scale))
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    int8_config(calib, int8_io)(conv)
+    options = tf.lite.experimental.QuantizationDebugOptions(layer_direct_compare_metrics={"sqnr_db": direct_sqnr})
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # Keras' export lists every variable
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=conv, debug_dataset=representative(calib), debug_options=options)
+        debugger.run()
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+    layers = []
+    for i, r in enumerate(csv.DictReader(io.StringIO(dump.getvalue()))):  # graph (execution) order
+        scale = float(r["scale"])
+        mse = float(r["mean_squared_error"])
+        layers.append({
+            "index": i, "layer": short_name(r["tensor_name"]), "op": r["op_name"], "tensor": r["tensor_name"],
+            "sqnr_db": _finite(float(r["sqnr_db"])),
+            "rmse_over_scale": _finite(math.sqrt(mse) / scale) if scale else None,
+            "max_abs_error": _finite(float(r["max_abs_error"])), "scale": scale,
+        })
+    return summarize(layers, "tf.lite.experimental.QuantizationDebugger", len(calib))
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def onnx_layer_errors(float_path: Path, qdq_path: Path, calib: np.ndarray, work: Path,
+                      input_name: str = "image") -> dict[str, Any]:
+    """Per-tensor error of a QDQ model against its float model on `calib` (onnxruntime's qdq_loss_debug)."""
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_weight_error,
+        create_activation_matching,
+        create_weight_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    work = Path(work)
+    aug_float, aug_qdq = work / "float.debug.onnx", work / "qdq.debug.onnx"
+    modify_model_output_intermediate_tensors(str(float_path), str(aug_float))
+    modify_model_output_intermediate_tensors(str(qdq_path), str(aug_qdq))
+    feeds = [{input_name: calib[i: i + 1].astype(np.float32)} for i in range(len(calib))]  # one image per run
+    float_acts = collect_activations(str(aug_float), feeds)
+    qdq_acts = collect_activations(str(aug_qdq), feeds)
+    matching = create_activation_matching(qdq_acts, float_acts)
+    w_err = compute_weight_error(create_weight_matching(str(float_path), str(qdq_path)))
+    layers = []
+    for node in onnx.load(str(float_path)).graph.node:  # topologically sorted: graph order
+        for out in node.output:
+            if out not in matching:
+                continue
+            m = matching[out]
+            pre = np.concatenate(m["pre_qdq"]).astype(np.float32)
+            post = np.concatenate(m["post_qdq"]).astype(np.float32)
+            if node.op_type == "Relu":
+                # The QDQ quantizer drops a Relu whose output range the QuantizeLinear already clips to (the
+                # tensor keeps the Relu's name): compare what the Relu would give with what the QDQ pair gives.
+                pre = np.maximum(pre, 0)
+            own = sqnr_db(pre, pre - post)
+            acc = sqnr_db(np.concatenate(m["float"]), np.concatenate(m["float"]) - post) if "float" in m else None
+            weights = [w_err[i] for i in node.input if i in w_err]
+            # A weight's own SQNR says how much of the layer's output it spoils only where it multiplies the
+            # input (conv, matmul); a small constant added by an Add (a folded BN offset) may round badly and
+            # still not matter beside the signal it is added to, which `activation_sqnr_db` already measures.
+            counted = weights if node.op_type in WEIGHTED_OPS else []
+            local = [v for v in (own, *counted) if v is not None and not math.isnan(v)]
+            layers.append({
+                "index": len(layers), "op": node.op_type, "tensor": out,
+                # tf2onnx names a fused conv's output after the node ("Conv__74:0"); its weight keeps the layer.
+                "layer": short_name(out if "/" in out or len(node.input) < 2 else node.input[1]),
+                "node": node.name,
+                "sqnr_db": _finite(min(local)) if local else None,
+                "activation_sqnr_db": _finite(own),
+                "weight_sqnr_db": _finite(min(weights)) if weights else None,
+                "accumulated_sqnr_db": _finite(acc) if acc is not None else None,
+            })
+    return summarize(layers, "onnxruntime.quantization.qdq_loss_debug", len(calib))
+
+
+# ---------------------------------------------------------------- plot and text
+
+
+def plot_png(report: dict[str, Any], title: str) -> bytes:
+    """A bar per layer in graph order (sqnr_db; lower is worse), the worst in red and labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = report["layers"]
+    x = np.arange(len(layers))
+    y = np.array([r["sqnr_db"] if r["sqnr_db"] is not None else np.nan for r in layers], float)
+    worst = {w["index"] for w in report["worst"]}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(layers) + 2), 4.2), dpi=110)
+    ax.bar(x, y, color=["#d62728" if r["index"] in worst else "#4c72b0" for r in layers])
+    acc = [r.get("accumulated_sqnr_db") for r in layers]
+    if any(v is not None for v in acc):
+        ax.plot(x, [np.nan if v is None else v for v in acc], "k.-", lw=1, ms=3, label="accumulated (vs float model)")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{r['layer']} ({r['op']})" for r in layers], rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("SQNR (dB), lower is worse")
+    names = ", ".join(f"{w['layer']} {w['sqnr_db']:.1f} dB" for w in report["worst"])
+    ax.set_title(f"{title}: per-layer int8 error on {report['images']} calibration images\nworst: {names}",
+                 fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def format_table(report: dict[str, Any], limit: int | None = None) -> str:
+    """The table as text, graph order, worst marked with "<< worst N"."""
+    extra = [k for k in ("rmse_over_scale", "activation_sqnr_db", "weight_sqnr_db", "accumulated_sqnr_db")
+             if any(k in r for r in report["layers"])]
+    head = ["#", "layer", "op", "sqnr_db", *extra, ""]
+    rows = []
+    for r in report["layers"]:
+        mark = f"<< worst {r['worst_rank']}" if r.get("worst_rank") else ""
+        rows.append([str(r["index"]), r["layer"], r["op"], _cell(r["sqnr_db"]), *[_cell(r.get(k)) for k in extra],
+                     mark])
+    if limit is not None:
+        rows = [r for r in rows if r[-1]][:limit]
+    widths = [max(len(c) for c in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), *map(line, rows)])
+
+
+def _cell(v: Any) -> str:
+    return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def worst_summary(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The short list embedded in the artifact's metadata (`quantization.worst_layers`)."""
+    return [{"layer": w["layer"], "op": w["op"], "sqnr_db": w["sqnr_db"]} for w in report["worst"]]
+
+
+def layer_png_name(model: str, fmt_name: str) -> str:
+    return f"{model}_{fmt_name}_layers.png"
+
+
+def describe(report: dict[str, Any] | None) -> Sequence[str]:
+    """One line per worst layer, for logs."""
+    if not report or "worst" not in report:
+        return []
+    return [f"worst layer {i + 1}: {w['layer']} ({w['op']}) {w['sqnr_db']} dB" for i, w in enumerate(report["worst"])]

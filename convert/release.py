@@ -1,0 +1,379 @@
+"""Release a trained malaria run with the package: the Keras model, its int8 artifact, a model card.
+
+    python -m convert release runs/release-edge --name malaria --version 1.0.0 \\
+        --sample tests/data/malaria_sample --cv runs/cv-edge
+
+Writes
+    releases/<name>/model.keras         the run's final weights, no optimizer state (the source of truth)
+    releases/<name>/config.json         the run's config (preset, preprocessing, labels, seed, images)
+    releases/<name>/calibration.csv     manifest: the calibration cells (train split, drawn from the
+                                        run's training cells) and the bundled sample (test split, the proof)
+    releases/<name>/conversion.json     the convert report of that conversion
+    releases/<name>/MODEL_CARD.md
+    edge_runtime/released/<name>.tflite the int8 artifact, as package data (`edge_runtime.load("<name>")`)
+    edge_runtime/released/<name>.md     the model card again, for `python -m edge_runtime models --card`
+    edge_runtime/released/models.json   the registry: version, sha256, measured figures, provenance
+
+The artifact is made by the ordinary `python -m convert` path from the
+committed `model.keras` and `calibration.csv` (see `reproduce_command`), so a
+test can make it again and check the committed file is exactly what convert
+makes. The figures on the sample are measured through `edge_runtime`, the way
+a device runs the file; the cross-validation figures come from `python -m
+train cv` of the same preset on the same developer patients (other model
+instances: they say how well this recipe does on unseen patients).
+
+The sample must hold patients the run never saw; the release checks it
+against the run's training manifest and refuses otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from edge_runtime import registry
+from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, sha256_file
+
+FORMAT = "tflite-int8"
+FLOAT = "tflite-float32"
+INTENDED_USE = (
+    "A screening aid for thin blood smears: it sorts single red-blood-cell crops (one cell, black outside, as in "
+    "the NIH set) into Parasitized or Uninfected, and says 'uncertain — refer' below its confidence threshold. "
+    "It is not a diagnosis: a trained microscopist confirms every positive slide. It learned P. falciparum cells "
+    "stained and photographed at one site (NIH/LHNCBC, Chittagong Medical College Hospital); other species, "
+    "stains, microscopes or whole-field photos are a domain shift to measure before use."
+)
+
+
+def calibration_manifest(train_manifest: Path, sample: Path, dest: Path, n: int, seed: int) -> dict[str, Any]:
+    """Write dest/calibration.csv: `n` seeded training cells (train split) and the sample's cells (test split)."""
+    from dataclasses import replace
+
+    from train.split import build_split, read_manifest, write_manifest
+
+    trained = read_manifest(train_manifest)
+    trained_patients = {r.patient for r in trained if r.split in ("train", "val")}
+    sample_records = build_split(sample, val=0.0, test=0.0, progress=False).records
+    seen = sorted({r.patient for r in sample_records} & trained_patients)
+    if seen:
+        raise ValueError(f"the sample {sample} holds patients the run trained on ({', '.join(seen[:5])}); "
+                         "a release is scored on unseen patients only")
+    pool = sorted((r for r in trained if r.split == "train"), key=lambda r: r.path)
+    calib = random.Random(seed).sample(pool, min(n, len(pool)))
+    records = [replace(r, split="train") for r in calib] + [replace(r, split="test") for r in sample_records]
+    write_manifest(records, dest / "calibration.csv")
+    root = os.path.commonpath([r.path for r in trained])  # <data>/<class>/... -> <data>
+    return {"data_root": os.path.relpath(root), "calibration_cells": len(calib), "sample_cells": len(sample_records),
+            "sample_patients": len({r.patient for r in sample_records}),
+            "trained_cells": sum(r.split in ("train", "val") for r in trained),
+            "trained_patients": len(trained_patients)}
+
+
+def reproduce_command(dest: Path, out: str = "OUT") -> list[str]:
+    """The `python -m convert` call that makes the released artifact from the committed files."""
+    return ["python", "-m", "convert", str(dest), "--out", out, "--formats", f"{FLOAT},{FORMAT}",
+            "--calib", str(dest / "calibration.csv"), "--eval-n", "0", "--force"]
+
+
+def score(path: Path, images: Sequence[str], y: np.ndarray, labels: Sequence[str], positive: str) -> dict[str, Any]:
+    """Accuracy, sensitivity, specificity, ROC AUC and uncertain share of an artifact, through edge_runtime."""
+    import edge_runtime
+    from train.metrics import classification_metrics
+
+    model = edge_runtime.load(path, threads=1)
+    preds = model.predict(list(images))
+    bad = [p for p in preds if p.error]
+    if bad:
+        raise ValueError(f"{bad[0].source}: {bad[0].error}")
+    probs = np.array([[p.probabilities[l] for l in labels] for p in preds])
+    m = classification_metrics(y, probs, labels, positive)
+    return {"cells": int(len(y)), "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
+            "specificity": m["specificity"], "roc_auc": m["roc_auc"],
+            "uncertain": float(np.mean([p.uncertain for p in preds])), "predicted": probs.argmax(1).tolist()}
+
+
+def cv_figures(cv_dir: Path | None, preset: str) -> dict[str, Any]:
+    """The headline of `python -m train cv`'s cv.json; {} when none was given."""
+    if cv_dir is None:
+        return {}
+    path = Path(cv_dir) / "cv.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--cv {cv_dir}: no cv.json (is the cross-validation finished?)")
+    cv = json.loads(path.read_text())
+    if cv["preset"]["name"] != preset:
+        raise ValueError(f"--cv {cv_dir} cross-validated preset {cv['preset']['name']!r}, the run is {preset!r}")
+    s, p, ci = cv["summary"], cv["pooled"], cv["bootstrap"]["intervals"]
+    out: dict[str, Any] = {"folds": cv["folds"], "cells": p["cells"], "patients": p["patients"],
+                           "command": " ".join(cv["command"] or [])}
+    for m in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+        out[f"{m}_mean"], out[f"{m}_std"] = s[m]["mean"], s[m]["std"]
+        out[f"{m}_pooled"], out[f"{m}_ci95"] = p[m], ci[m]
+    return out
+
+
+def release(
+    run: Path,
+    name: str,
+    version: str,
+    sample: Path,
+    cv_dir: Path | None = None,
+    dest: Path | None = None,
+    package: Path | None = None,
+    calib_n: int = 300,
+    seed: int = 0,
+    log: Callable[..., None] = print,
+    command: Sequence[str] | None = None,
+) -> registry.Release:
+    """Make the release of `run` (see the module docstring); returns its registry entry."""
+    import keras
+
+    from convert.export import Options, run_export
+    from convert.formats import parse_formats
+    from train import runs
+    from train.malaria.models import describe
+
+    run, sample = Path(run), Path(sample)
+    cfg = runs.read_config(run)
+    if cfg.task != "malaria" or not cfg.preset:
+        raise ValueError(f"{run}: releases are made from malaria runs (task {cfg.task!r})")
+    if not cfg.manifest or not Path(cfg.manifest).exists():
+        raise FileNotFoundError(f"{run}: its training manifest {cfg.manifest} is gone; the calibration cells "
+                                "are drawn from it")
+    dest = Path(dest) if dest else Path("releases") / name
+    package = Path(package) if package else registry.RELEASED_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    package.mkdir(parents=True, exist_ok=True)
+
+    log(f"== 1/4 model: {runs.model_file(run)} -> {dest / 'model.keras'}")
+    model = keras.saving.load_model(runs.model_file(run), compile=False)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:  # same folder: the rename is atomic
+        model.save(Path(tmp) / "model.keras")
+        (Path(tmp) / "model.keras").replace(dest / "model.keras")
+    size = describe(model)
+    released_cfg = runs.RunConfig.from_dict({**cfg.to_dict(), "model_file": "model.keras", "manifest": None})
+    runs.write_config(dest, released_cfg)
+    data = calibration_manifest(Path(cfg.manifest), sample, dest, calib_n, seed)
+
+    log(f"== 2/4 convert ({FLOAT}, {FORMAT}), calibrated on {data['calibration_cells']} training cells, "
+        f"proved on the {data['sample_cells']} sample cells")
+    with tempfile.TemporaryDirectory(prefix="medge-release-") as work:
+        out = Path(work)
+        report = run_export(dest, out, parse_formats(f"{FLOAT},{FORMAT}"),
+                            Options(calib=dest / "calibration.csv", calib_n=calib_n, eval_n=0, seed=0, force=True),
+                            name=name, log=log)
+        if not report["ok"]:
+            failed = [r for r in report["rows"] if r["status"] == "failed"]
+            raise ValueError(f"conversion failed: {failed[0]['format']}: {failed[0].get('error')}")
+        files = {r["format"]: out / r["file"] for r in report["rows"]}
+
+        log("== 3/4 score on the sample through edge_runtime (float32 and int8)")
+        from train.split import read_manifest
+
+        held = read_manifest(dest / "calibration.csv", "test")
+        labels = list(cfg.labels)
+        y = np.array([labels.index(r.label) for r in held])
+        paths = [r.path for r in held]
+        f32 = score(files[FLOAT], paths, y, labels, cfg.positive_label)
+        q8 = score(files[FORMAT], paths, y, labels, cfg.positive_label)
+        agree = float(np.mean(np.array(f32.pop("predicted")) == np.array(q8.pop("predicted"))))
+
+        log("== 4/4 package data, registry and model card")
+        artifact = package / f"{name}.tflite"
+        atomic_write_bytes(artifact, files[FORMAT].read_bytes())
+    report["source"]["path"] = "model.keras"  # not the build machine's absolute path
+    atomic_write_text(dest / "conversion.json", json.dumps(report, indent=2) + "\n")
+
+    entry = registry.Release(
+        name=name, version=version, file=artifact.name, sha256=sha256_file(artifact),
+        bytes=artifact.stat().st_size, format=FORMAT, task=cfg.task, labels=tuple(labels), card=f"{name}.md",
+        metrics={
+            "sample": {**q8, "patients": data["sample_patients"]},
+            "sample_float32": f32,
+            "int8_drop_points": round(100 * (f32["accuracy"] - q8["accuracy"]), 2),
+            "int8_float32_agreement": agree,
+            "cv": cv_figures(cv_dir, cfg.preset["name"]),
+        },
+        trained={
+            "preset": cfg.preset["name"], "epochs": cfg.preset["epochs"], "seed": cfg.seed,
+            "cells": data["trained_cells"], "patients": data["trained_patients"],
+            "weights": size["weights"], "macs": size["macs"],
+            "source_sha256": sha256_file(dest / "model.keras"),
+            "data": "NIH malaria cell images (LHNCBC), the developer patients minus the bundled sample's",
+            "created": cfg.created,
+        },
+    )
+    card = model_card(entry, dest, sample, cfg, data, command, run)
+    atomic_write_text(dest / "MODEL_CARD.md", card)
+    atomic_write_text(package / entry.card, card)
+    others = [r for r in registry.read_registry(package) if r.name != name]
+    atomic_write_text(package / registry.REGISTRY, registry.registry_json([*others, entry]))
+    return entry
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _ci(v: Sequence[float] | None) -> str:
+    return "" if not v else f" [{100 * v[0]:.2f}, {100 * v[1]:.2f}]"
+
+
+BLOCK_NAMES = {"preact": "pre-activation residual", "post": "post-activation residual (BatchNorm folds into "
+               "the convolutions)", "inverted": "inverted-residual (MobileNetV2)"}
+
+
+def _jitter(preset: dict[str, Any]) -> str:
+    parts = []
+    if preset.get("hue"):
+        parts.append(f"hue +-{preset['hue'] / 2:g} turn")
+    if preset.get("saturation"):
+        parts.append(f"saturation factor 0.5 +- {preset['saturation']:g}")
+    return ", " + ", ".join(parts) if parts else ""
+
+
+def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any],
+               command: Sequence[str] | None, run: Path) -> str:
+    """The model card (Markdown): what it is for, what it learned from, how well it does, how it was made."""
+    m, t = r.metrics, r.trained
+    s, f, cv = m["sample"], m["sample_float32"], m["cv"]
+    preset = cfg.preset
+    net = preset["model"]
+    final = cfg.model_file == "final.keras"
+    manifest = os.path.relpath(cfg.manifest)
+    lines = [
+        f"# Model card: `{r.name}` {r.version}",
+        "",
+        f"`edge_runtime.load(\"{r.name}\")` · {r.format} · {r.bytes / 1024:.0f} KB · sha256 `{r.sha256}`",
+        "",
+        "## Intended use",
+        "",
+        INTENDED_USE,
+        "",
+        "## Model",
+        "",
+        f"- Preset `{preset['name']}` (train/malaria/presets.py): {BLOCK_NAMES[net['block']]} network, "
+        f"stem {net['filters'][0]} then stages of {', '.join(map(str, net['filters'][1:]))} channels, "
+        f"{'/'.join(map(str, net['stages']))} modules, {net['head']} head; {t['weights']:,} weights, "
+        f"{t['macs'] / 1e6:.1f} M MACs per image.",
+        f"- Input: {cfg.preprocess.input_size[0]}x{cfg.preprocess.input_size[1]} RGB, bilinear resize, "
+        f"pixel x {cfg.preprocess.scale:.6g} + {cfg.preprocess.offset:g}; output: softmax over "
+        f"{', '.join(r.labels)}.",
+        f"- int8: weights per channel, activations int8 (TFLite full-integer, float input and output), "
+        f"calibrated on {data['calibration_cells']} training cells (min/max).",
+        "",
+        "## Training data",
+        "",
+        f"NIH malaria cell images (U.S. National Library of Medicine, LHNCBC; Rajaraman et al., PeerJ 6:e4568, 2018): "
+        f"{t['cells']:,} cells of {t['patients']} patients under `{data['data_root']}`; the {s['patients']} "
+        f"patients of the sample it is scored on (`{sample}`) are not among them.",
+        "",
+        f"Recipe: {preset['epochs']} epochs, batch {preset['batch_size']}, SGD lr {preset['learning_rate']} "
+        f"(momentum {preset['momentum']}{', Nesterov' if preset.get('nesterov') else ''}, {preset['schedule']} "
+        f"decay), label smoothing {preset.get('label_smoothing', 0)}, augmentation: rotation, zoom, shift, shear, "
+        f"flip{_jitter(preset)}; seed {t['seed']}; "
+        + ("final-epoch weights (no checkpoint picked on a validation split)." if final
+           else "the epoch with the best validation accuracy."),
+        "",
+        "## Measured",
+        "",
+    ]
+    if cv:
+        lines += [
+            f"**Unseen patients, {cv['folds']}-fold patient-grouped cross-validation** of the same preset on the "
+            f"same {cv['patients']} patients ({cv['cells']:,} cells; each fold a new model, float32 Keras; "
+            "mean +- std over folds, pooled out-of-fold with a 95% patient-bootstrap interval):",
+            "",
+            "| metric | mean +- std | pooled [95% CI] |",
+            "|---|---:|---:|",
+        ]
+        for k in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+            mean, std = cv[f"{k}_mean"], cv[f"{k}_std"]
+            lines.append(f"| {k.replace('_', ' ')} | {_pct(mean)} +- {100 * std:.2f} | "
+                         f"{_pct(cv[f'{k}_pooled'])}{_ci(cv[f'{k}_ci95'])} |")
+        lines += ["", f"`{cv['command']}`", ""]
+    else:
+        lines += ["No cross-validation was given to the release (`--cv`).", ""]
+    lines += [
+        f"**The bundled sample** ({s['cells']} cells of {s['patients']} unseen patients), through edge_runtime:",
+        "",
+        "| artifact | accuracy | sensitivity | specificity | ROC AUC | uncertain |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| {FLOAT} | {_pct(f['accuracy'])} | {_pct(f['sensitivity'])} | {_pct(f['specificity'])} | "
+        f"{f['roc_auc']:.4f} | {_pct(f['uncertain'])} |",
+        f"| {FORMAT} (released) | {_pct(s['accuracy'])} | {_pct(s['sensitivity'])} | {_pct(s['specificity'])} | "
+        f"{s['roc_auc']:.4f} | {_pct(s['uncertain'])} |",
+        "",
+        f"int8 accuracy drop: {m['int8_drop_points']:+.2f} points; int8 and float32 agree on "
+        f"{_pct(m['int8_float32_agreement'])} of the cells. {s['cells']} cells of {s['patients']} patients is a small "
+        "test: a 95% interval on it is several points wide; the cross-validation is the better estimate. Speed: "
+        "`python -m benchmarks` and the README's Pareto table.",
+        "",
+        "## Limitations",
+        "",
+        "- Sensitivity is what a screen lives by: a missed parasitized cell is the costly error. Answers below the "
+        "confidence threshold are 'uncertain — refer'; treat them as positives.",
+        "- The NIH labels hold known mistakes (cells labelled Uninfected with visible parasites and the reverse).",
+        "- On whole-field photos of P. vivax from another microscope (IML-Malaria, `python -m edge_runtime smear`) "
+        "the NIH-trained model calls many uninfected cells parasitized: measure before trusting it there.",
+        "",
+        "## How it was made",
+        "",
+        "```",
+        f"python -m train split --data {data['data_root']} --out {manifest} --val 0 --test 0 "
+        f"--exclude-patients-of {sample}",
+        f"python -m train malaria --manifest {manifest} --preset {preset['name']} --out {os.path.relpath(run)} "
+        f"--keep {'final' if final else 'best'} --seed {t['seed']}",
+    ]
+    if cv:
+        lines.append(cv["command"])
+    lines += [
+        " ".join(command) if command else f"python -m convert release RUN --name {r.name} --version {r.version}",
+        "```",
+        "",
+        "The released artifact is what this makes from the committed `model.keras` (a test checks it):",
+        "",
+        "```",
+        " ".join(reproduce_command(dest)),
+        "```",
+        "",
+        f"Model file sha256 `{t['source_sha256']}`; trained {t['created']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def release_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m convert release",
+                                description="release a trained malaria run with the package (artifact, card, registry)")
+    p.add_argument("run", type=Path, help="run directory (python -m train malaria ... --keep final)")
+    p.add_argument("--name", required=True, help="released name, e.g. malaria (edge_runtime.load(NAME))")
+    p.add_argument("--version", required=True, help="release version, e.g. 1.0.0")
+    p.add_argument("--sample", type=Path, required=True,
+                   help="class-folder tree of unseen patients to score on (e.g. tests/data/malaria_sample)")
+    p.add_argument("--cv", type=Path, help="folder of `python -m train cv` of the same preset (its cv.json)")
+    p.add_argument("--dest", type=Path, help="repository folder for model.keras and the card (default releases/NAME)")
+    p.add_argument("--calib-n", type=int, default=300, help="calibration cells drawn from the run's training cells")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+    return p
+
+
+def run_cli(args, argv: Sequence[str]) -> int:
+    """CLI body of `python -m convert release` (`argv`: its arguments, recorded in the model card)."""
+    entry = release(args.run, args.name, args.version, args.sample, cv_dir=args.cv, dest=args.dest,
+                    calib_n=args.calib_n, seed=args.seed,
+                    command=["python", "-m", "convert", "release", *argv])
+    s, cv = entry.metrics["sample"], entry.metrics["cv"]
+    print(f"\nreleased {entry.name} {entry.version}: {registry.RELEASED_DIR / entry.file} "
+          f"({entry.bytes / 1024:.0f} KB, sha256 {entry.sha256[:12]})")
+    print(f"sample ({s['cells']} cells, {s['patients']} patients): int8 accuracy {_pct(s['accuracy'])}, "
+          f"drop {entry.metrics['int8_drop_points']:+.2f} points"
+          + (f"; CV accuracy {_pct(cv['accuracy_mean'])} +- {100 * cv['accuracy_std']:.2f}" if cv else ""))
+    return 0

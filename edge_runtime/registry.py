@@ -1,0 +1,146 @@
+"""The models released with the package: open them by name, list them, check they are intact.
+
+    import edge_runtime
+    model = edge_runtime.load("malaria")          # the packaged int8 artifact, sha256-checked
+
+    python -m edge_runtime models                 # name, version, format, size, sha256, measured figures
+    python -m edge_runtime predict malaria cells/
+
+The files live in `edge_runtime/released/` (package data, so `pip install
+medge[edge]` carries them): one artifact per model, its model card, and
+`models.json`, the registry `python -m convert release` writes. The registry
+records each file's sha256; `resolve` refuses a file that no longer matches
+it, so a device never answers with a damaged or swapped model under a
+released name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from edge_runtime.fileio import sha256_file
+
+RELEASED_DIR = Path(__file__).resolve().parent / "released"
+REGISTRY = "models.json"
+SCHEMA = "medge.released/1"
+
+
+class ReleaseError(ValueError):
+    """A released name that is unknown, or a packaged file that is missing or altered."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """One released model, as `models.json` records it.
+
+    Attributes:
+        name: what `edge_runtime.load(name)` takes, e.g. "malaria".
+        version: semantic version of this release.
+        file: the artifact's file name in the released folder.
+        sha256, bytes: of that file.
+        format: row of the convert format table, e.g. "tflite-int8".
+        task, labels: from the artifact's metadata.
+        card: file name of the model card (Markdown) beside it.
+        metrics: measured figures (e.g. "sample": accuracy on the bundled unseen patients, "cv": cross-validation).
+        trained: provenance (preset, data, patients, seed, command, source sha256).
+    """
+
+    name: str
+    version: str
+    file: str
+    sha256: str
+    bytes: int
+    format: str
+    task: str
+    labels: tuple[str, ...]
+    card: str = ""
+    metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    trained: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))
+
+    @property
+    def path(self) -> Path:
+        return RELEASED_DIR / self.file
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["labels"] = list(self.labels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Release":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ReleaseError(f"{REGISTRY}: unknown keys {sorted(unknown)} in the entry of {d.get('name')!r}")
+        return cls(**d)
+
+
+def read_registry(folder: Path | None = None) -> list[Release]:
+    """Every release recorded in `folder/models.json` (default: the package's; none if the file is absent)."""
+    path = Path(folder or RELEASED_DIR) / REGISTRY
+    if not path.exists():
+        return []
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReleaseError(f"{path}: unreadable registry ({e})") from None
+    if doc.get("schema") != SCHEMA:
+        raise ReleaseError(f"{path}: schema {doc.get('schema')!r} is not {SCHEMA!r}")
+    return [Release.from_dict(d) for d in doc.get("models", [])]
+
+
+def registry_json(releases: list[Release]) -> str:
+    """The text of `models.json` for these releases (sorted by name)."""
+    doc = {"schema": SCHEMA, "models": [r.to_dict() for r in sorted(releases, key=lambda r: r.name)]}
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def get(name: str, folder: Path | None = None) -> Release:
+    for r in read_registry(folder):
+        if r.name == name:
+            return r
+    names = ", ".join(r.name for r in read_registry(folder)) or "none in this install"
+    raise ReleaseError(f"no released model named {name!r} (released: {names})")
+
+
+def is_name(value: str | os.PathLike) -> bool:
+    """A bare name like "malaria" (no folder, no suffix), not a path."""
+    s = os.fspath(value)
+    return bool(s) and os.sep not in s and "/" not in s and not Path(s).suffix
+
+
+def verified_path(release: Release) -> Path:
+    """The packaged file of `release`, after checking it is there and its sha256 is the recorded one."""
+    p = release.path
+    if not p.is_file():
+        raise ReleaseError(f"released model {release.name!r}: its file {p} is missing from this install")
+    digest = sha256_file(p)
+    if digest != release.sha256:
+        raise ReleaseError(
+            f"released model {release.name!r}: {p} has sha256 {digest[:12]}..., not the released "
+            f"{release.sha256[:12]}...; the file was altered or replaced (reinstall medge)"
+        )
+    return p
+
+
+def resolve(value: str | os.PathLike) -> Path:
+    """A path as given, or for a released name its verified packaged file.
+
+    An existing path always wins; a bare name that is neither a file here nor
+    a release is an error that lists the released names.
+    """
+    if os.path.exists(value) or not is_name(value):
+        return Path(value)
+    return verified_path(get(os.fspath(value)))
+
+
+def card_text(release: Release) -> str:
+    """The model card's Markdown, or "" when the release has none."""
+    p = RELEASED_DIR / release.card if release.card else None
+    return p.read_text(encoding="utf-8") if p and p.is_file() else ""

@@ -1,0 +1,81 @@
+"""Released models by name (edge_runtime.registry): no TensorFlow, runs in the edge-only environment too."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import edge_runtime
+from edge_runtime import registry
+from edge_runtime.model import ModelError
+from tests.helpers import SAMPLE, run_cli
+
+RELEASED = {r.name: r for r in registry.read_registry()}
+needs_release = pytest.mark.skipif("malaria" not in RELEASED, reason="no malaria model released yet")
+
+
+def test_names_and_paths_are_told_apart():
+    assert registry.is_name("malaria") and registry.is_name("oct")
+    assert not registry.is_name("malaria.tflite") and not registry.is_name("export/malaria")
+
+
+def test_an_unknown_name_lists_the_released_ones():
+    with pytest.raises(ModelError, match="no released model named 'nosuch'"):
+        edge_runtime.load("nosuch")
+    code, out, err = run_cli("predict", "nosuch", SAMPLE)
+    assert code == 2 and "no released model named 'nosuch'" in err
+
+
+@needs_release
+def test_released_malaria_loads_by_name_and_is_intact():
+    r = RELEASED["malaria"]
+    model = edge_runtime.load("malaria")
+    assert model.path == registry.RELEASED_DIR / r.file
+    assert model.metadata.format == r.format == "tflite-int8" and list(model.labels) == list(r.labels)
+    assert registry.card_text(r).startswith("# Model card: `malaria`")
+
+
+@needs_release
+def test_released_malaria_classifies_the_sample_as_its_card_says():
+    """The CLI, by name, on the bundled sample of unseen patients: the accuracy the release recorded."""
+    code, out, err = run_cli("predict", "malaria", SAMPLE, "--csv", "--threads", "1")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 400
+    truth = [("Parasitized" if "/Parasitized/" in row["source"] else "Uninfected") for row in rows]
+    accuracy = float(np.mean([row["label"] == t for row, t in zip(rows, truth)]))
+    assert accuracy == pytest.approx(RELEASED["malaria"].metrics["sample"]["accuracy"], abs=1e-9)
+
+
+@needs_release
+def test_models_verb_lists_version_sha_and_figures():
+    code, out, err = run_cli("models")
+    assert code == 0, err
+    r = RELEASED["malaria"]
+    line = next(l for l in out.splitlines() if l.startswith("malaria "))
+    assert r.version in line and r.sha256[:12] in line and f"{100 * r.metrics['sample']['accuracy']:.2f}%" in line
+    code, out, _ = run_cli("models", "--json")
+    entry = next(d for d in json.loads(out) if d["name"] == "malaria")
+    assert entry["intact"] is True and entry["sha256"] == r.sha256
+    code, out, _ = run_cli("models", "--card", "malaria")
+    assert code == 0 and "## Intended use" in out
+
+
+@needs_release
+def test_an_altered_released_file_is_refused(tmp_path, monkeypatch):
+    shutil.copytree(registry.RELEASED_DIR, tmp_path / "released")
+    monkeypatch.setattr(registry, "RELEASED_DIR", tmp_path / "released")
+    path = tmp_path / "released" / RELEASED["malaria"].file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="altered or replaced"):
+        edge_runtime.load("malaria")
+    path.unlink()
+    with pytest.raises(ModelError, match="missing from this install"):
+        edge_runtime.load("malaria")

@@ -1,0 +1,117 @@
+"""Releasing a model with the package (convert.release) and the committed release itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from edge_runtime import registry  # noqa: E402
+from edge_runtime.metadata import read_tflite, tflite_without_metadata  # noqa: E402
+from tests.helpers import ROOT, SAMPLE  # noqa: E402
+from train.split import read_manifest  # noqa: E402
+
+RELEASE = ROOT / "releases" / "malaria"
+SHARED_MALARIA = ROOT.parent / "shared" / "data" / "malaria"
+
+
+def _python(argv) -> subprocess.CompletedProcess:
+    """`python ARGV` from the repository root, as the model card tells a user to run it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _tree_of(records, out: Path) -> Path:
+    for r in records:
+        (out / r.label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(r.path, out / r.label / Path(r.path).name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def released(tiny_run, sample_manifest, tmp_path_factory):
+    """The tiny run released into a temporary package folder, scored on its unseen test patients."""
+    from convert.release import release
+
+    tmp = tmp_path_factory.mktemp("release")
+    unseen = _tree_of(read_manifest(sample_manifest, "test"), tmp / "unseen")
+    entry = release(tiny_run, "tinymal", "0.0.1", unseen, dest=tmp / "rel", package=tmp / "pkg", calib_n=40,
+                    log=lambda *a, **k: None)
+    return entry, tmp
+
+
+def test_release_writes_artifact_registry_and_card(released, monkeypatch):
+    entry, tmp = released
+    pkg, dest = tmp / "pkg", tmp / "rel"
+    assert (dest / "model.keras").is_file() and (dest / "config.json").is_file()
+    assert [r.name for r in registry.read_registry(pkg)] == ["tinymal"]
+    assert entry.sha256 == registry.sha256_file(pkg / "tinymal.tflite") and entry.format == "tflite-int8"
+    s = entry.metrics["sample"]
+    assert s["cells"] == 80 and s["patients"] == 4 and 0.0 <= s["accuracy"] <= 1.0
+    card = (pkg / "tinymal.md").read_text()
+    assert card == (dest / "MODEL_CARD.md").read_text()
+    assert f"{100 * s['accuracy']:.2f}%" in card and "Intended use" in card and "not a diagnosis" in card
+    calib = read_manifest(dest / "calibration.csv")
+    assert sum(r.split == "train" for r in calib) == 40 and sum(r.split == "test" for r in calib) == 80
+    # By name, through the registry of that folder.
+    monkeypatch.setattr(registry, "RELEASED_DIR", pkg)
+    import edge_runtime
+
+    model = edge_runtime.load("tinymal")
+    assert model.path == pkg / "tinymal.tflite" and model.metadata.format == "tflite-int8"
+
+
+def test_release_refuses_a_sample_the_run_trained_on(tiny_run, tmp_path):
+    from convert.release import release
+
+    with pytest.raises(ValueError, match="patients the run trained on"):
+        release(tiny_run, "x", "0.0.1", SAMPLE, dest=tmp_path / "rel", package=tmp_path / "pkg", calib_n=10,
+                log=lambda *a, **k: None)
+    assert not (tmp_path / "pkg" / "x.tflite").exists()
+
+
+def test_convert_remakes_the_released_artifact_exactly(released, tmp_path):
+    """What the release shipped is what the ordinary `python -m convert` call makes from the committed files."""
+    from convert.release import reproduce_command
+
+    entry, tmp = released
+    proc = _python(reproduce_command(tmp / "rel", str(tmp_path))[1:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    made = next(tmp_path.glob("*_tflite-int8.tflite")).read_bytes()
+    shipped = (tmp / "pkg" / entry.file).read_bytes()
+    assert tflite_without_metadata(made) == tflite_without_metadata(shipped)
+
+
+@pytest.mark.skipif(not (RELEASE / "model.keras").is_file(), reason="no committed release")
+@pytest.mark.skipif(not SHARED_MALARIA.is_dir(), reason="the calibration cells live in ../shared/data/malaria")
+def test_committed_release_is_what_convert_makes_from_the_committed_model(tmp_path):
+    from convert.release import reproduce_command
+
+    entry = registry.get("malaria")
+    proc = _python(reproduce_command(RELEASE.relative_to(ROOT), str(tmp_path))[1:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    made = next(tmp_path.glob("*_tflite-int8.tflite")).read_bytes()
+    assert tflite_without_metadata(made) == tflite_without_metadata(registry.verified_path(entry).read_bytes())
+    meta = read_tflite(registry.verified_path(entry))
+    assert meta.source_sha256 == entry.trained["source_sha256"] == registry.sha256_file(RELEASE / "model.keras")
+
+
+def test_default_benchmark_uses_the_release_and_its_int8_row_is_the_shipped_file(released, tmp_path, monkeypatch):
+    from benchmarks import cache
+    from convert.formats import parse_formats
+
+    entry, tmp = released
+    monkeypatch.setattr(cache, "RELEASE", tmp / "rel")
+    builder = cache.Builder(tmp_path / "cache", log=lambda s: None)
+    p = builder.prepare(cache.MODELS["malaria-edge"], parse_formats("tflite-int8"))
+    assert p.error is None and p.run == tmp / "rel" and p.manifest == tmp / "rel" / "calibration.csv"
+    made = p.artifacts["tflite-int8"].read_bytes()
+    assert tflite_without_metadata(made) == tflite_without_metadata((tmp / "pkg" / entry.file).read_bytes())
+    scratch = cache.Builder(tmp_path / "cache2", log=lambda s: None, from_scratch=True)
+    assert not scratch.uses_release(cache.MODELS["malaria-edge"])
