@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--wbc-per-ul", type=_positive_float, default=8000.0, metavar="X",
                     help="white cells per microlitre (default 8000, the WHO convention)")
     ps.add_argument("--threshold", type=fraction, help="confidence below which a cell is uncertain")
+    ps.add_argument("--normalise", action="store_true",
+                    help="move each field's stain colours to the NIH training crops' before classifying")
     runtime_args(ps)
     ps.set_defaults(format="table", max_pixels=DEFAULT_MAX_PIXELS)
 
@@ -348,7 +350,7 @@ def cmd_smear(args) -> int:
         return EXIT_USAGE
     model = _load(args)
     report = analyse_slide(model, fields, out=args.out, min_cells=args.min_cells, rbc_per_ul=args.rbc_per_ul,
-                           wbc_count=args.wbc_count, wbc_per_ul=args.wbc_per_ul)
+                           wbc_count=args.wbc_count, wbc_per_ul=args.wbc_per_ul, normalise=args.normalise)
     if args.format == "json":
         doc = {"model": {k: v for k, v in model.describe().items() if k in ("file", "model", "format", "backend",
                                                                              "labels", "threshold")},

@@ -445,13 +445,45 @@ def _regions(labels: np.ndarray, norm: np.ndarray, dark: np.ndarray, mask: np.nd
 # ---------------------------------------------------------------- crops the model recognises
 
 
-def crop(seg: Segmentation, cell: Cell) -> np.ndarray:
-    """The cell cut the NIH way: its mask applied, black outside, tight box with a small black margin."""
+def crop(seg: Segmentation, cell: Cell, image: np.ndarray | None = None) -> np.ndarray:
+    """The cell cut the NIH way: its mask applied, black outside, tight box with a small black margin.
+
+    `image` (same shape as `seg.image`, e.g. from `normalise_stain`) is cut instead of the photo.
+    """
     x, y, w, h = cell.box
+    src = seg.image if image is None else image
     m = max(2, int(round(0.08 * seg.radius)))
     out = np.zeros((h + 2 * m, w + 2 * m, 3), np.uint8)
-    out[m:m + h, m:m + w][cell.mask] = seg.image[y:y + h, x:x + w][cell.mask]
+    out[m:m + h, m:m + w][cell.mask] = src[y:y + h, x:x + w][cell.mask]
     return out
+
+
+# Colour statistics of the NIH training crops, CIELAB as OpenCV encodes it for 8-bit RGB
+# (L 0..255, a and b offset by 128): mean and standard deviation over every non-black pixel (the
+# cells; the background is exactly black) of the 400 crops of tests/data/malaria_sample (200
+# Parasitized, 200 Uninfected, 5.23 M pixels). tests/test_smear.py recomputes them from the sample.
+NIH_LAB_MEAN = (172.01, 143.77, 129.98)
+NIH_LAB_STD = (14.00, 8.29, 10.53)
+
+
+def normalise_stain(seg: Segmentation) -> np.ndarray:
+    """The field's colours moved to the NIH crops' (Reinhard: per-channel mean and std in CIELAB).
+
+    The statistics of the field are taken over all its red cells together, not cell by cell: a stain
+    shifts every cell of a slide alike, while a parasite's own colour is what the model must still see.
+    Returns an RGB uint8 array like `seg.image` (background pixels are moved too; crops black them).
+    """
+    cv2 = _cv2()
+    index = np.zeros(len(seg.cells) + 1, bool)
+    index[[c.index for c in seg.cells if c.kind == "rbc"]] = True
+    rbc = index[seg.labels]
+    lab = cv2.cvtColor(np.ascontiguousarray(seg.image), cv2.COLOR_RGB2LAB).astype(np.float32)
+    if rbc.sum() < 100:
+        return seg.image
+    px = lab[rbc]
+    mean, std = px.mean(axis=0), np.maximum(px.std(axis=0), 1.0)
+    out = (lab - mean) * (np.asarray(NIH_LAB_STD, np.float32) / std) + np.asarray(NIH_LAB_MEAN, np.float32)
+    return cv2.cvtColor(np.clip(out + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
 
 
 # ---------------------------------------------------------------- one field, one slide
@@ -521,8 +553,12 @@ class SlideReport:
         return {"fields": [f.to_dict() for f in self.fields], "summary": self.summary, "written": self.written}
 
 
-def analyse_field(model, source, name: str | None = None) -> tuple[FieldResult, Segmentation | None]:
-    """Segment one field and classify its red cells in one `model.predict` call; errors become the record's `error`."""
+def analyse_field(model, source, name: str | None = None,
+                  normalise: bool = False) -> tuple[FieldResult, Segmentation | None]:
+    """Segment one field and classify its red cells in one `model.predict` call; errors become the record's `error`.
+
+    With `normalise`, the crops given to the model are cut from `normalise_stain`'s colours.
+    """
     import time
 
     from edge_runtime.images import ImageError, load_image
@@ -536,7 +572,8 @@ def analyse_field(model, source, name: str | None = None) -> tuple[FieldResult, 
         return FieldResult(field=name, error=e.reason), None
     t1 = time.perf_counter()
     rbcs = [c for c in seg.cells if c.kind == "rbc"]
-    preds = model.predict([crop(seg, c) for c in rbcs]) if rbcs else []
+    source_img = normalise_stain(seg) if normalise and rbcs else None
+    preds = model.predict([crop(seg, c, source_img) for c in rbcs]) if rbcs else []
     t2 = time.perf_counter()
     by_index = {c.index: p for c, p in zip(rbcs, preds)}
     results = []
@@ -552,7 +589,8 @@ def analyse_field(model, source, name: str | None = None) -> tuple[FieldResult, 
 
 
 def analyse_slide(model, fields, out=None, min_cells: int | None = None, rbc_per_ul: float | None = None,
-                  wbc_count: int | None = None, wbc_per_ul: float | None = None) -> SlideReport:
+                  wbc_count: int | None = None, wbc_per_ul: float | None = None,
+                  normalise: bool = False) -> SlideReport:
     """Several field photos of one slide -> one report (and, with `out`, files a person can check).
 
     Args:
@@ -560,6 +598,7 @@ def analyse_slide(model, fields, out=None, min_cells: int | None = None, rbc_per
         fields: image paths, PIL images or RGB arrays.
         out: folder for overlays, cells.csv/json, summary.json and the contact sheet (None: write nothing).
         min_cells, rbc_per_ul, wbc_count, wbc_per_ul: see `edge_runtime.clinical.slide_referral`.
+        normalise: classify crops with the field's stain moved to the NIH crops' colours (`normalise_stain`).
 
     A field that cannot be read or holds no cells gets an `error` and the others go on.
     """
@@ -569,7 +608,7 @@ def analyse_slide(model, fields, out=None, min_cells: int | None = None, rbc_per
     results, sheet, overlays = [], [], []
     for k, source in enumerate(fields):
         name = str(source) if not isinstance(source, (Image.Image, np.ndarray)) else f"field[{k}]"
-        res, seg = analyse_field(model, source, name)
+        res, seg = analyse_field(model, source, name, normalise=normalise)
         results.append(res)
         if seg is not None and out is not None:
             overlays.append(_overlay_path(out, name, k))
