@@ -71,6 +71,7 @@ WBC_PART_AREA = 0.03  # x typical cell area of such a nucleus inside a region ma
 # even-numbered fields of the 44 (0.3/0.4/0.5/0.6: cell recall 91.4/90.9/90.1/88.9%, count error
 # rising as it falls) and holds on the odd ones (README "Smear fields").
 MARKER_SPACING, MARKER_DEPTH = 0.4, 0.4
+STAIN_RED_MARGIN = 0.02  # foreground must pass red better than green by this (x background): a stain
 MIN_RADIUS = 4.0  # pixels: below this the "cells" are noise, not cells
 SINGLE_SOLIDITY = 0.92  # area / convex hull area at or above which a region is one cell, not touching ones
 MERGE_AREA = 1.5  # x typical cell area: two pieces are merged back into one cell only below this
@@ -141,6 +142,21 @@ class Segmentation:
 
     def counts(self) -> dict[str, int]:
         return {k: sum(c.kind == k for c in self.cells) for k in KINDS}
+
+
+def _array_image(arr: np.ndarray, name: str) -> Image.Image:
+    """An RGB PIL image from an HxW, HxWx3 or HxWx4 array (uint8, or 16-bit/float scaled to 8 bits)."""
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)) or arr.size == 0:
+        raise SmearError(name, f"not an image array: shape {arr.shape} (expected HxW, HxWx3 or HxWx4)")
+    if arr.dtype != np.uint8:
+        a = np.nan_to_num(arr.astype(np.float64))
+        top = 1.0 if a.max() <= 1.0 and arr.dtype.kind == "f" else (65535.0 if a.max() > 255 else 255.0)
+        arr = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
 
 
 def _working_image(img: Image.Image) -> tuple[np.ndarray, float]:
@@ -351,7 +367,9 @@ def segment(image: Image.Image | np.ndarray, name: str = "field") -> Segmentatio
     """
     cv2 = _cv2()
     if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
+        image = _array_image(image, name)
+    if min(image.size) < 8 * MIN_RADIUS:
+        raise SmearError(name, f"no cells found (a {image.width}x{image.height} image is too small for a field)")
     rgb, scale = _working_image(image)
     # Giemsa stains cells pink to purple: a photo without colour (an OCT scan, any greyscale
     # picture) cannot be a stained smear, whatever shapes it shows.
@@ -363,6 +381,12 @@ def segment(image: Image.Image | np.ndarray, name: str = "field") -> Segmentatio
     dark = np.clip(1.0 - norm[:, :, 1], 0.0, 1.0)
     threshold, mode, sigma = _threshold(dark)
     mask = (dark > threshold).astype(np.uint8)
+    # Stained red cells pass red better than green (haemoglobin and eosin absorb green): what stands out
+    # of a landscape or a document (green trees, black text) does not. On the 44 IML fields the
+    # median of (red - green), background-relative, over the foreground is 0.09 to 0.53.
+    fg = mask > 0
+    if fg.any() and float(np.median(norm[:, :, 0][fg] - norm[:, :, 1][fg])) < STAIN_RED_MARGIN:
+        raise SmearError(name, "no cells found (what stands out is not stained pink or purple: not a blood smear)")
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
     # Size first, on every hole filled (gaps too: a ring of cells counts once in the median).
     filled = mask | _holes(mask)
