@@ -4,7 +4,7 @@
     python -m edge_runtime predict export/malaria-edge_tflite-int8.tflite slides/C100P61/ --csv > C100P61.csv
     python -m edge_runtime predict export/oct_tflite-int8.tflite scan1.jpeg scan2.jpeg --gradcam maps/
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
-    python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N]
+    python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N] [--normalise]
     python -m edge_runtime models [--json] [--card NAME]
     python -m edge_runtime predict malaria cells/          # a released model, by name
 
