@@ -76,7 +76,7 @@ def load_annotations(data: Path) -> list[dict[str, Any]]:
     return out
 
 
-def measure_field(ann: dict[str, Any], model=None) -> dict[str, Any]:
+def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> dict[str, Any]:
     """One row: annotated and found cells, parasites found (and called), false positives, counts, times."""
     from edge_runtime.images import load_image
     from edge_runtime.smear import SmearError, analyse_field, segment
@@ -92,7 +92,7 @@ def measure_field(ann: dict[str, Any], model=None) -> dict[str, Any]:
         cells = [{"bbox": c.bbox, "kind": c.kind, "label": None, "uncertain": False} for c in seg.cells]
         row["segment_ms"] = (time.perf_counter() - t0) * 1e3
     else:
-        res, _ = analyse_field(model, ann["image"], ann["image"].name)
+        res, _ = analyse_field(model, ann["image"], ann["image"].name, normalise=normalise)
         if res.error:
             return {**row, "error": res.error}
         cells = [c.to_dict() for c in res.cells]
@@ -153,6 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="malaria artifact: also measure classification and end-to-end time")
     p.add_argument("--out", type=Path, default=Path("runs/smear-bench"), help="results folder")
     p.add_argument("--threads", type=int, help="runtime threads for --model")
+    p.add_argument("--normalise", action="store_true", help="with --model: stain-normalise crops (smear --normalise)")
     return p.parse_args(argv)
 
 
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     for ann in anns:
-        rows.append(measure_field(ann, model))
+        rows.append(measure_field(ann, model, args.normalise))
         r = rows[-1]
         print(f"{r['field']}: " + (r["error"] or f"{r['found']}/{r['annotated']} cells, "
                                    f"{r['parasites_found']}/{r['annotated_parasites']} parasites, "

@@ -4,7 +4,7 @@
     python -m edge_runtime predict export/malaria-edge_tflite-int8.tflite slides/C100P61/ --csv > C100P61.csv
     python -m edge_runtime predict export/oct_tflite-int8.tflite scan1.jpeg scan2.jpeg --gradcam maps/
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
-    python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N]
+    python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N] [--normalise]
     python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR] [--access-code CODE]
     python -m edge_runtime models [--json] [--card NAME]
     python -m edge_runtime selftest MODEL [--json]     # the artifact's golden set on this device's runtime
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--wbc-per-ul", type=_positive_float, default=8000.0, metavar="X",
                     help="white cells per microlitre (default 8000, the WHO convention)")
     ps.add_argument("--threshold", type=fraction, help="confidence below which a cell is uncertain")
+    ps.add_argument("--normalise", action="store_true",
+                    help="move each field's stain colours to the NIH training crops' before classifying")
     runtime_args(ps)
     ps.set_defaults(format="table", max_pixels=DEFAULT_MAX_PIXELS)
 
@@ -382,7 +384,7 @@ def cmd_smear(args) -> int:
         return EXIT_USAGE
     model = _load(args)
     report = analyse_slide(model, fields, out=args.out, min_cells=args.min_cells, rbc_per_ul=args.rbc_per_ul,
-                           wbc_count=args.wbc_count, wbc_per_ul=args.wbc_per_ul)
+                           wbc_count=args.wbc_count, wbc_per_ul=args.wbc_per_ul, normalise=args.normalise)
     if args.format == "json":
         doc = {"model": {k: v for k, v in model.describe().items() if k in ("file", "model", "format", "backend",
                                                                              "labels", "threshold")},

@@ -67,16 +67,67 @@ def test_matcher_is_one_to_one():
     assert match(truth, [[50, 50, 10, 10]]).tolist() == [-1, -1]
 
 
-@pytest.mark.parametrize("kind", ["blank", "black", "noise", "gradient", "oct"])
+def _landscape(w: int = 640, h: int = 480) -> Image.Image:
+    """A drawn landscape: sky, sun, green hills, a red house and round dark-green trees (cell-sized blobs)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(0)
+    sky = np.linspace([90, 150, 230], [200, 225, 250], h // 2).astype(np.uint8)
+    img = Image.new("RGB", (w, h))
+    img.paste(Image.fromarray(np.repeat(sky[:, None, :], w, 1)), (0, 0))
+    d = ImageDraw.Draw(img)
+    d.ellipse((w - 140, 30, w - 70, 100), fill=(255, 220, 80))
+    d.polygon([(0, h // 2), (w // 3, h // 3), (2 * w // 3, h // 2), (w, h // 3), (w, h), (0, h)], fill=(60, 140, 60))
+    d.rectangle((w // 5, h // 2, w // 5 + 90, h // 2 + 70), fill=(180, 60, 50))
+    for _ in range(12):
+        x, y = int(rng.integers(0, w)), int(rng.integers(h // 2, h - 40))
+        d.ellipse((x - 18, y - 30, x + 18, y + 10), fill=(30, 90, 35))
+    return img
+
+
+def _oct_like(w: int = 640, h: int = 480) -> np.ndarray:
+    """A greyscale OCT-like B-scan: speckled bright retinal layers on black."""
+    rng = np.random.default_rng(1)
+    y = np.arange(h)[:, None] - (h / 2 + 40 * np.sin(np.arange(w)[None, :] / 90))
+    layers = sum(a * np.exp(-((y - o) / s) ** 2) for a, o, s in [(200, -60, 12), (120, -20, 25), (230, 30, 8)])
+    return np.clip(layers * rng.gamma(2.0, 0.5, (h, w)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", ["blank", "black", "noise", "gradient", "oct", "oct_scan", "landscape", "tiny"])
 def test_no_cells_is_an_error_not_a_crash(kind):
     rng = np.random.default_rng(0)
     arr = {"blank": np.full((480, 640, 3), 230, np.uint8), "black": np.zeros((480, 640, 3), np.uint8),
            "noise": rng.integers(0, 256, (480, 640, 3), dtype=np.uint8),
            "gradient": np.repeat(np.linspace(0, 255, 640, dtype=np.uint8)[None, :, None], 480, 0).repeat(3, 2),
            "oct": np.asarray(Image.open(sorted((ROOT / "tests" / "data" / "malaria_sample").glob("*/*.png"))[0])
-                             .convert("L").resize((640, 480)).convert("RGB"))}[kind]
+                             .convert("L").resize((640, 480)).convert("RGB")),
+           "oct_scan": _oct_like(), "landscape": np.asarray(_landscape()),
+           "tiny": np.full((3, 5, 3), 200, np.uint8)}[kind]
     with pytest.raises(SmearError, match="no cells found"):
         segment(arr, kind)
+
+
+def test_array_inputs_of_every_kind_segment_alike(fields):
+    """RGBA, 16-bit and float arrays of a field give the cells of its 8-bit RGB photo; bad shapes are errors."""
+    rgb = np.asarray(Image.open(fields[1]).convert("RGB"))
+    ref = [c.bbox for c in segment(rgb).cells]
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    for arr in (rgba, rgb.astype(np.uint16) * 257, rgb.astype(np.float32) / 255.0):
+        assert [c.bbox for c in segment(arr).cells] == ref
+    with pytest.raises(SmearError, match="not an image array"):
+        segment(np.zeros((4, 4, 4, 3), np.uint8), "odd")
+
+
+def test_large_photo_is_segmented_downscaled_in_its_own_pixels(fields):
+    """A phone-sized photo (the field at 2x) is found on a MAX_SIDE copy; boxes come back in its pixels."""
+    img = Image.open(fields[1]).convert("RGB")
+    small = segment(img)
+    big = segment(img.resize((img.width * 2, img.height * 2), Image.Resampling.BICUBIC))
+    assert big.scale > 1 and max(big.image.shape) <= 2048
+    assert abs(big.counts()["rbc"] - small.counts()["rbc"]) <= 0.1 * small.counts()["rbc"]
+    matched = match([c.bbox for c in small.cells if c.kind == "rbc"],
+                    [[v / 2 for v in c.bbox] for c in big.cells])
+    assert np.mean(matched >= 0) >= 0.8
 
 
 def _p(label, conf, uncertain=False):
@@ -120,6 +171,66 @@ def test_analyse_slide_writes_what_a_person_checks(model, fields, tmp_path):
     if s["parasitized"] + s["uncertain"]:
         assert Image.open(out / "contact_sheet.png").width >= 160
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temp files
+
+
+def test_bad_fields_never_lose_the_others(art, fields, tmp_path):
+    """Corrupt, huge, 16-bit, RGBA, EXIF-rotated, landscape: each field gets a verdict or its own error."""
+    import edge_runtime
+
+    d = tmp_path / "bad"
+    d.mkdir()
+    good = Image.open(fields[1]).convert("RGB")
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    good.convert("RGBA").save(d / "rgba.png")
+    Image.fromarray((np.asarray(good.convert("L")).astype(np.uint16) * 257)).save(d / "grey16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned 90 CCW, shown upright
+    good.transpose(Image.Transpose.ROTATE_90).save(d / "exif.jpg", quality=95, exif=exif)
+    good.resize((1600, 1200)).save(d / "huge.jpg", quality=90)
+    _landscape().save(d / "landscape.png")
+    names = ["corrupt.jpg", "rgba.png", "grey16.png", "exif.jpg", "huge.jpg", "landscape.png"]
+    model = edge_runtime.load(art / MALARIA_FILES["tflite-int8"], threads=1, max_pixels=1_500_000)
+    report = analyse_slide(model, [d / n for n in names] + [fields[1]], out=tmp_path / "o")
+    err = {Path(f.field).name: f.error for f in report.fields}
+    assert err["corrupt.jpg"] and "too large" in err["huge.jpg"]
+    assert "greyscale" in err["grey16.png"] and "no cells found" in err["landscape.png"]
+    assert err["rgba.png"] is None and err["exif.jpg"] is None and err[fields[1].name] is None
+    n_ref = len(report.fields[-1].cells)
+    for k in (1, 3):  # RGBA and the EXIF-rotated copy: about the cells of the photo itself
+        assert abs(len(report.fields[k].cells) - n_ref) <= 0.1 * n_ref
+    xs = [c.bbox[0] + c.bbox[2] for c in report.fields[3].cells]
+    assert max(xs) <= 1280 and max(c.bbox[1] + c.bbox[3] for c in report.fields[3].cells) <= 960  # upright
+    assert report.summary["fields"] == 7 and report.summary["fields_without_cells"] == 4
+    assert len(list((tmp_path / "o").glob("*_overlay.png"))) == 3
+
+
+def test_normalise_stain_moves_cells_to_the_nih_colours(fields):
+    import cv2
+
+    from edge_runtime.smear import NIH_LAB_MEAN, NIH_LAB_STD, normalise_stain
+
+    seg = segment(Image.open(fields[1]))
+    out = normalise_stain(seg)
+    assert out.shape == seg.image.shape and out.dtype == np.uint8
+    rbc = np.isin(seg.labels, [c.index for c in seg.cells if c.kind == "rbc"])
+    lab = cv2.cvtColor(out, cv2.COLOR_RGB2LAB).astype(float)[rbc]
+    before = cv2.cvtColor(seg.image, cv2.COLOR_RGB2LAB).astype(float)[rbc]
+    assert np.abs(lab.mean(0) - NIH_LAB_MEAN).max() < 2.0 < np.abs(before.mean(0) - NIH_LAB_MEAN).max()
+    assert np.abs(lab.std(0) - NIH_LAB_STD).max() < 2.0
+
+
+def test_nih_colour_constants_are_those_of_the_bundled_sample():
+    """NIH_LAB_MEAN/STD are recomputed from tests/data/malaria_sample (every non-black pixel of the 400 crops)."""
+    import cv2
+
+    from edge_runtime.smear import NIH_LAB_MEAN, NIH_LAB_STD
+
+    px = []
+    for f in sorted((ROOT / "tests" / "data" / "malaria_sample").glob("*/*.png")):
+        a = np.asarray(Image.open(f).convert("RGB"))
+        px.append(a[a.max(axis=2) > 0])
+    lab = cv2.cvtColor(np.concatenate(px)[None], cv2.COLOR_RGB2LAB)[0].astype(float)
+    assert np.allclose(lab.mean(0), NIH_LAB_MEAN, atol=0.01) and np.allclose(lab.std(0), NIH_LAB_STD, atol=0.01)
 
 
 def test_cli_json_exit_codes_and_no_cells(art, fields, tmp_path):
