@@ -68,6 +68,9 @@ def export_parser() -> argparse.ArgumentParser:
                         "(default: the run's manifest)")
     d.add_argument("--calib-n", type=int, default=300, help="calibration images (warns below 100)")
     d.add_argument("--eval-n", type=int, default=1000, help="proof images compared with Keras (0: all)")
+    p.add_argument("--threshold", type=fraction,
+                   help="confidence below which a device answers 'uncertain — refer', stored in the metadata "
+                        "(default: the task's, malaria 0.8, OCT 0.6)")
     d.add_argument("--min-agreement", type=fraction, default=DEFAULT_MIN_AGREEMENT,
                    help="lowest top-1 agreement with Keras for a quantized artifact")
     d.add_argument("--allow-drop", action="store_true",
@@ -192,6 +195,7 @@ def _export(args) -> int:
         qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate,
         qat_batch_size=args.qat_batch_size, seed=args.seed, bundle=args.bundle,
         layer_report_n=args.layer_report_n, golden_n=args.golden_n, max_drop=args.max_drop,
+        threshold=args.threshold,
     )
     log = print if args.report_format == "table" else (lambda *a, **k: print(*a, file=sys.stderr, **k))
     report = run_export(args.source, args.out, formats, options, labels=args.labels, name=args.name, log=log,

@@ -91,6 +91,7 @@ class Options:
     layer_report_n: int = 64
     golden_n: int = GOLDEN_N
     max_drop: float | None = None
+    threshold: float | None = None  # the metadata's confidence_threshold (None: the task's default)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -175,7 +176,8 @@ class ExportJob:
             output=out,
             quantization=quantization,
             positive_label=self.source.positive_label,
-            confidence_threshold=DEFAULT_THRESHOLDS.get(self.source.task, DEFAULT_THRESHOLD),
+            confidence_threshold=(self.options.threshold if self.options.threshold is not None
+                                  else DEFAULT_THRESHOLDS.get(self.source.task, DEFAULT_THRESHOLD)),
             source_sha256=self.source.sha256,
             source_name=self.source.path.name,
             medge_version=medge_version(),

@@ -39,6 +39,7 @@ import numpy as np
 
 from edge_runtime import registry
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, sha256_file
+from edge_runtime.metadata import read_metadata
 
 FORMAT = "tflite-int8"
 FLOAT = "tflite-float32"
@@ -77,8 +78,11 @@ def calibration_manifest(train_manifest: Path, sample: Path, dest: Path, n: int,
 
 def reproduce_command(dest: Path, out: str = "OUT") -> list[str]:
     """The `python -m convert` call that makes the released artifact from the committed files."""
-    return ["python", "-m", "convert", str(dest), "--out", out, "--formats", f"{FLOAT},{FORMAT}",
+    argv = ["python", "-m", "convert", str(dest), "--out", out, "--formats", f"{FLOAT},{FORMAT}",
             "--calib", str(dest / "calibration.csv"), "--eval-n", "0", "--force"]
+    threshold = json.loads((dest / "release.json").read_text()).get("threshold") if (dest / "release.json").exists() \
+        else None
+    return argv + (["--threshold", str(threshold)] if threshold is not None else [])
 
 
 def score(path: Path, images: Sequence[str], y: np.ndarray, labels: Sequence[str], positive: str) -> dict[str, Any]:
@@ -110,10 +114,32 @@ def cv_figures(cv_dir: Path | None, preset: str) -> dict[str, Any]:
         raise ValueError(f"--cv {cv_dir} cross-validated preset {cv['preset']['name']!r}, the run is {preset!r}")
     s, p, ci = cv["summary"], cv["pooled"], cv["bootstrap"]["intervals"]
     out: dict[str, Any] = {"folds": cv["folds"], "cells": p["cells"], "patients": p["patients"],
-                           "command": " ".join(cv["command"] or [])}
+                           "command": " ".join(cv["command"] or []),
+                           "thresholds": threshold_table(Path(cv_dir) / "oof.csv", cv["positive_label"])}
     for m in ("accuracy", "sensitivity", "specificity", "roc_auc"):
         out[f"{m}_mean"], out[f"{m}_std"] = s[m]["mean"], s[m]["std"]
         out[f"{m}_pooled"], out[f"{m}_ci95"] = p[m], ci[m]
+    return out
+
+
+def threshold_table(oof_csv: Path, positive: str, grid: Sequence[float] = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+                    ) -> list[dict[str, float]]:
+    """Per confidence threshold, on out-of-fold predictions: the share answered 'uncertain', and the accuracy
+    and sensitivity on the cells answered (a binary model's confidence is max(p, 1 - p))."""
+    import csv
+
+    with open(oof_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    p = np.array([float(r[f"prob_{positive}"]) for r in rows])
+    y = np.array([r["label"] == positive for r in rows])
+    conf, pred = np.maximum(p, 1 - p), p >= 0.5
+    out = []
+    for t in grid:
+        kept = conf >= t
+        pos = kept & y
+        out.append({"threshold": t, "uncertain": float(1 - kept.mean()),
+                    "accuracy_answered": float((pred[kept] == y[kept]).mean()) if kept.any() else float("nan"),
+                    "sensitivity_answered": float(pred[pos].mean()) if pos.any() else float("nan")})
     return out
 
 
@@ -129,6 +155,7 @@ def release(
     seed: int = 0,
     log: Callable[..., None] = print,
     command: Sequence[str] | None = None,
+    threshold: float | None = None,
 ) -> registry.Release:
     """Make the release of `run` (see the module docstring); returns its registry entry."""
     import keras
@@ -159,13 +186,16 @@ def release(
     released_cfg = runs.RunConfig.from_dict({**cfg.to_dict(), "model_file": "model.keras", "manifest": None})
     runs.write_config(dest, released_cfg)
     data = calibration_manifest(Path(cfg.manifest), sample, dest, calib_n, seed)
+    atomic_write_text(dest / "release.json", json.dumps({"name": name, "version": version, "threshold": threshold},
+                                                        indent=2) + "\n")  # what reproduce_command reads
 
     log(f"== 2/4 convert ({FLOAT}, {FORMAT}), calibrated on {data['calibration_cells']} training cells, "
         f"proved on the {data['sample_cells']} sample cells")
     with tempfile.TemporaryDirectory(prefix="medge-release-") as work:
         out = Path(work)
         report = run_export(dest, out, parse_formats(f"{FLOAT},{FORMAT}"),
-                            Options(calib=dest / "calibration.csv", calib_n=calib_n, eval_n=0, seed=0, force=True),
+                            Options(calib=dest / "calibration.csv", calib_n=calib_n, eval_n=0, seed=0, force=True,
+                                    threshold=threshold),
                             name=name, log=log)
         if not report["ok"]:
             failed = [r for r in report["rows"] if r["status"] == "failed"]
@@ -205,6 +235,7 @@ def release(
             "weights": size["weights"], "macs": size["macs"],
             "source_sha256": sha256_file(dest / "model.keras"),
             "data": "NIH malaria cell images (LHNCBC), the developer patients minus the bundled sample's",
+            "threshold": read_metadata(artifact).confidence_threshold,
             "created": cfg.created,
         },
     )
@@ -245,6 +276,18 @@ def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
     preset = cfg.preset
     net = preset["model"]
     final = cfg.model_file == "final.keras"
+    threshold_text = f"{r.trained['threshold']:g}"
+    threshold_lines: list[str] = []
+    if cv and cv.get("thresholds"):
+        threshold_lines = [
+            "How the threshold trades answers for accuracy, on the cross-validation's out-of-fold cells "
+            "(float32; each fold's model on its unseen patients):", "",
+            "| threshold | answered 'uncertain' | accuracy of the cells answered | sensitivity of those |",
+            "|---:|---:|---:|---:|",
+            *[f"| {t['threshold']:g} | {_pct(t['uncertain'])} | {_pct(t['accuracy_answered'])} | "
+              f"{_pct(t['sensitivity_answered'])} |" for t in cv["thresholds"]],
+            "",
+        ]
     manifest = os.path.relpath(cfg.manifest)
     lines = [
         f"# Model card: `{r.name}` {r.version}",
@@ -314,6 +357,9 @@ def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         "test: a 95% interval on it is several points wide; the cross-validation is the better estimate. Speed: "
         "`python -m benchmarks` and the README's Pareto table.",
         "",
+        f"Confidence threshold: {threshold_text}; below it the answer is 'uncertain — refer'.",
+        "",
+        *threshold_lines,
         "## Limitations",
         "",
         "- Sensitivity is what a screen lives by: a missed parasitized cell is the costly error. Answers below the "
@@ -362,13 +408,16 @@ def release_parser():
     p.add_argument("--dest", type=Path, help="repository folder for model.keras and the card (default releases/NAME)")
     p.add_argument("--calib-n", type=int, default=300, help="calibration cells drawn from the run's training cells")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+    p.add_argument("--threshold", type=float,
+                   help="confidence below which the device answers 'uncertain — refer' (default: the task's); the "
+                        "card tabulates the choices on the cross-validation's out-of-fold cells")
     return p
 
 
 def run_cli(args, argv: Sequence[str]) -> int:
     """CLI body of `python -m convert release` (`argv`: its arguments, recorded in the model card)."""
     entry = release(args.run, args.name, args.version, args.sample, cv_dir=args.cv, dest=args.dest,
-                    calib_n=args.calib_n, seed=args.seed,
+                    calib_n=args.calib_n, seed=args.seed, threshold=args.threshold,
                     command=["python", "-m", "convert", "release", *argv])
     s, cv = entry.metrics["sample"], entry.metrics["cv"]
     print(f"\nreleased {entry.name} {entry.version}: {registry.RELEASED_DIR / entry.file} "
