@@ -28,6 +28,13 @@ from edge_runtime.metadata import ArtifactMetadata, read_sidecar, sidecar_path
 
 def _input_text(meta: ArtifactMetadata) -> str:
     p = meta.preprocess
+    if meta.part == "head" and not meta.feature_extractor.get("layer"):  # a bare features model
+        return "\n".join([
+            f"- Input: features, shape {[1, *meta.input.shape[1:]]}, dtype {meta.input.dtype}, from the feature "
+            "extractor the model was trained on (the source file does not name it; no image preprocessing applies).",
+            f"- Output: shape [1, {len(meta.labels)}], dtype {meta.output.dtype}, {meta.output_kind} "
+            "in the order of labels.txt.",
+        ])
     if meta.part == "head":
         fe = meta.feature_extractor
         return "\n".join([

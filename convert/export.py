@@ -125,6 +125,10 @@ class ExportJob:
 
     def calibration(self) -> ImageSet:
         if self._calib is None or len(self._calib) == 0:
+            if self.source.part == "head":
+                shape = tuple(int(d) for d in self.model.inputs[0].shape[1:])
+                raise ValueError(f"this format needs calibration inputs; pass --calib with a feature store .h5 "
+                                 f"(`python -m train oct extract`) or a .npy of inputs (N, {', '.join(map(str, shape))})")
             raise ValueError("this format needs calibration images; pass --calib MANIFEST|DIR")
         return self._calib
 
@@ -437,16 +441,19 @@ def run_export(
 
     need_calib = any(f.calibrated for f in formats)
     calib_src = options.calib or src.manifest
-    if src.part == "head":
-        from convert.calibration import load_store_sets
+    if src.part == "head":  # features in: an OCT run's feature store, or a bare model's --calib / random inputs
+        from convert.calibration import load_feature_sets
 
-        calib, proof = load_store_sets(src.store, src.labels, options.calib_n, options.eval_n, options.seed)
+        calib, proof = load_feature_sets(options.calib or src.store, src.labels,
+                                         tuple(int(d) for d in model.inputs[0].shape[1:]), options.calib_n,
+                                         options.eval_n, options.seed, need_calib=need_calib or src.store is not None)
         train_items: list[tuple[str, str]] = []
     else:
         calib, proof, train_items = load_sets(calib_src, src.labels, src.spec, options.calib_n, options.eval_n,
                                               options.seed, need_calib=need_calib)
-    log(f"source {src.path} ({src.name}, {len(src.labels)} classes); proof batch {len(proof)} images from "
-        f"{proof.origin}" + (f"; calibration {len(calib)} images from {calib.origin}" if calib else ""))
+    kind = "" if src.part == "model" else f", takes features {tuple(proof.x.shape[1:])}"
+    log(f"source {src.path} ({src.name}, {len(src.labels)} classes{kind}); proof batch {len(proof)} inputs from "
+        f"{proof.origin}" + (f"; calibration {len(calib)} inputs from {calib.origin}" if calib else ""))
     keras_probs = model.predict(proof.x, batch_size=64, verbose=0)
 
     rows = []

@@ -105,7 +105,9 @@ class ArtifactMetadata:
         part: "model" (takes the preprocessed image) or "head" (takes the
             feature map of `feature_extractor`, e.g. InceptionV3 "mixed10"
             for the OCT head; `preprocess` then describes the base's images).
-        feature_extractor: for a head, the base layer, weights and features fingerprint.
+        feature_extractor: for a head, the base layer, weights and features fingerprint; for a
+            bare features model (`python -m convert head.h5 --labels ...`, any input that is not an
+            image) `base` and `layer` are None: the file names no base and `preprocess` does not apply.
         schema: metadata schema id; readers refuse an unknown major version.
     """
 

@@ -283,7 +283,7 @@ class EdgeModel:
     def run(self, x: np.ndarray) -> np.ndarray:
         """Probabilities (N, classes) for preprocessed float inputs (N, H, W, C), one runtime call each."""
         x = np.asarray(x, dtype=np.float32)
-        if x.ndim == 3:
+        if x.ndim == len(self.input_shape):
             x = x[None]
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"expected preprocessed inputs (N, {', '.join(map(str, self.input_shape))}), "
@@ -308,7 +308,9 @@ class EdgeModel:
         if isinstance(inputs, (str, os.PathLike, Image.Image)):
             inputs = [inputs]
         elif isinstance(inputs, np.ndarray):
-            inputs = list(inputs) if inputs.ndim == 4 else [inputs]
+            # A batch has one more axis than one input: (N, H, W, C) images, or (N, *input_shape) features.
+            batch_ndim = len(self.input_shape) + 1 if self.metadata.part == "head" else 4
+            inputs = list(inputs) if inputs.ndim == batch_ndim else [inputs]
         for i, item in enumerate(inputs):
             if isinstance(item, (str, os.PathLike)):
                 yield os.fspath(item), item
@@ -331,12 +333,16 @@ class EdgeModel:
         if name is None:
             name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else "input"
         if self.metadata.part == "head":
-            arr = np.asarray(item) if not isinstance(item, (str, os.PathLike, Image.Image)) else None
-            if arr is not None and arr.dtype.kind == "f" and arr.shape == self.input_shape:
+            fe = dict(self.metadata.feature_extractor)
+            base = f"from {fe['layer']}" if fe.get("layer") else "of its feature extractor"
+            if isinstance(item, (str, os.PathLike, Image.Image)):
+                raise ImageError(name, f"this artifact takes features, not images: float arrays {self.input_shape} "
+                                       f"{base}" + ("; run the fused artifact on images" if fe.get("layer") else ""))
+            arr = np.asarray(item)
+            if arr.dtype.kind == "f" and arr.shape == self.input_shape:
                 return arr.astype(np.float32, copy=False)
-            raise ImageError(name, f"this artifact is a head: it takes {self.input_shape} float features from "
-                                   f"{dict(self.metadata.feature_extractor).get('layer', 'its base')}, not images; "
-                                   "run the fused artifact on images")
+            raise ImageError(name, f"got an array of shape {arr.shape} and dtype {arr.dtype}; this artifact takes "
+                                   f"float features of shape {self.input_shape} {base}")
         if isinstance(item, (str, os.PathLike)):
             return preprocess(load_image(item, self.spec.color_mode, self.max_pixels), self.spec)
         if isinstance(item, Image.Image):

@@ -319,3 +319,116 @@ def test_max_drop_keeps_the_worst_layers_in_float_one_at_a_time(tiny_run, tmp_pa
     assert meta.quantization["max_drop"]["float_layers"] == row["max_drop"]["steps"][chosen]["float_layers"]
     code, out, err = run_cli("selftest", tmp_path / "b" / row["file"])
     assert code == 0, out + err
+
+
+# ---------------------------------------------------------------- any Keras classifier (a bare features model)
+
+HEAD_LABELS = "CNV,DME,DRUSEN,NORMAL"
+
+
+@pytest.fixture(scope="module")
+def bare_head(tmp_path_factory):
+    """The 2018 write-up's situation: a Keras 2 .h5 head (8x8x2048 features -> 4 classes) and nothing else,
+    plus a feature store and a .npy of features for its calibration."""
+    import h5py
+    import keras
+
+    from train.oct.store import STORE_FORMAT
+
+    d = tmp_path_factory.mktemp("bare_head")
+    keras.utils.set_random_seed(3)
+    L = keras.layers
+    f = keras.Input((8, 8, 2048))
+    h = L.Flatten()(L.Activation("relu")(L.BatchNormalization()(L.Conv2D(16, 1, use_bias=False)(f))))
+    model = keras.Model(f, L.Dense(4, activation="softmax")(h))
+    model.save(d / "head.h5")  # the legacy Keras 2 HDF5 format
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.standard_normal((48, 8, 8, 2048))).astype(np.float32)
+    np.save(d / "feats.npy", feats)
+    np.save(d / "wrong.npy", feats[:, :4])
+    with h5py.File(d / "store.h5", "w") as s:
+        s.create_dataset("features", data=feats.astype(np.float16), chunks=(1, 8, 8, 2048))
+        s.create_dataset("label", data=model.predict(feats, verbose=0).argmax(1).astype(np.int16))
+        s.create_dataset("split", data=np.array(["train"] * 24 + ["test"] * 24, dtype=object),
+                         dtype=h5py.string_dtype())
+        s.attrs.update(format=STORE_FORMAT, labels=json.dumps(HEAD_LABELS.split(",")), fingerprint="f" * 16)
+    return d, model
+
+
+@pytest.mark.slow
+def test_bare_features_head_converts_without_calibration_and_runs_on_arrays(bare_head, tmp_path, capsys):
+    import edge_runtime
+    from convert.cli import main
+    from edge_runtime.metadata import read_metadata
+
+    d, keras_model = bare_head
+    code = main([str(d / "head.h5"), "--labels", HEAD_LABELS, "--formats", "tflite-float32,onnx-float32",
+                 "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "random normal inputs (8, 8, 2048)" in out and "all rows passed" in out
+    report = json.loads((tmp_path / "o" / "conversion.json").read_text())
+    assert report["source"]["part"] == "head" and report["calibration"] is None
+    for name in ("head_tflite-float32.tflite", "head_onnx-float32.onnx"):
+        meta = read_metadata(tmp_path / "o" / name)
+        assert meta.part == "head" and meta.input.shape == (-1, 8, 8, 2048) and meta.feature_extractor["base"] is None
+        model = edge_runtime.load(tmp_path / "o" / name)
+        x = np.abs(np.random.default_rng(5).standard_normal((3, 8, 8, 2048))).astype(np.float32)
+        np.testing.assert_allclose(model.run(x), keras_model.predict(x, verbose=0), atol=1e-4)
+        preds = model.predict(x)  # a batch of feature maps
+        assert [p.label for p in preds] == [HEAD_LABELS.split(",")[i] for i in keras_model.predict(x, verbose=0).argmax(1)]
+        assert model.predict(x[0])[0].ok  # one feature map
+        bad = model.predict([x[0, :4], str(d / "head.h5")])
+        assert "shape (4, 8, 2048)" in bad[0].error and "(8, 8, 2048)" in bad[0].error
+        assert "takes features, not images" in bad[1].error
+
+
+@pytest.mark.slow
+def test_bare_head_int8_needs_calib_of_its_own_shape(bare_head, tmp_path, capsys):
+    from convert.cli import main
+    from edge_runtime.metadata import read_metadata
+
+    d, _ = bare_head
+    base = [str(d / "head.h5"), "--labels", HEAD_LABELS, "--formats", "tflite-int8", "--layer-report-n", "0"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 1  # the row fails, saying what it needs
+    out = capsys.readouterr().out
+    assert "needs calibration inputs" in out and ".npy of inputs (N, 8, 8, 2048)" in out
+
+    assert main(base + ["--out", str(tmp_path / "b"), "--calib", str(d / "wrong.npy")]) == 2
+    assert "shape (48, 4, 8, 2048)" in capsys.readouterr().err
+
+    assert main(base + ["--out", str(tmp_path / "c"), "--calib", str(d / "feats.npy"), "--calib-n", "24",
+                        "--allow-drop"]) == 0
+    meta = read_metadata(tmp_path / "c" / "head_tflite-int8.tflite")
+    assert meta.quantization["calibration_images"] == 24 and meta.quantization["calibration_from"].startswith("feats.npy")
+
+    # A feature store: train split calibrates, test split proves, with labels (here Keras' own answers).
+    assert main(base + ["--out", str(tmp_path / "d"), "--calib", str(d / "store.h5"), "--allow-drop"]) == 0
+    report = json.loads((tmp_path / "d" / "conversion.json").read_text())
+    assert report["proof"]["images"] == 24 and report["rows"][0]["keras_accuracy"] == 1.0
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "e"), "--calib", str(d / "store.h5"), "--labels", "a,b,c,d"]) == 2
+    assert "differ from the model's labels" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_image_sized_bare_model_says_how_to_take_features(tmp_path, capsys):
+    import keras
+
+    from convert.cli import main
+
+    inp = keras.Input((32, 32, 3))
+    keras.Model(inp, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(inp))).save(tmp_path / "m.h5")
+    args = [str(tmp_path / "m.h5"), "--labels", "a,b", "--formats", "tflite-float32"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the preprocessing (64, 64, 3)" in err and "--part head" in err
+    assert main(args + ["--out", str(tmp_path / "b"), "--part", "head"]) == 0
+    vec = keras.Input((16,))  # a 1-D feature vector: a features model without being asked
+    keras.Model(vec, keras.layers.Dense(3, activation="softmax")(vec)).save(tmp_path / "v.keras")
+    assert main([str(tmp_path / "v.keras"), "--labels", "a,b,c", "--formats", "tflite-float32",
+                 "--out", str(tmp_path / "c")]) == 0
+    import edge_runtime
+
+    model = edge_runtime.load(tmp_path / "c" / "v_tflite-float32.tflite")
+    assert len(model.predict(np.ones((5, 16), np.float32))) == 5
