@@ -165,7 +165,7 @@ def write_bundle(out: Path, model: str, report: dict[str, Any]) -> tuple[Path, P
                 "status": r["status"], "size_bytes": src.stat().st_size, "sha256": sha256_file(src),
                 "input": meta.input.to_dict(), "output": meta.output.to_dict(),
                 "proof": {k: r.get(k) for k in ("images", "top1_agreement", "max_abs_diff", "keras_accuracy",
-                                               "accuracy")},
+                                               "accuracy", "criterion")},
             })
         if report.get("gradcam_weights"):  # OCT head weights for Grad-CAM on the device
             shutil.copy2(out / report["gradcam_weights"], tmp_dir / report["gradcam_weights"])

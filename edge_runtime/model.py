@@ -137,6 +137,15 @@ def _read_metadata(path: Path, session) -> tuple[ArtifactMetadata, str]:
         raise ModelError(f"{path.with_suffix('.json')}: sidecar metadata is invalid ({first_line(e)})") from None
 
 
+def _needs_newer_runtime(path: Path, backend: "backends.Backend", error: BaseException,
+                         version: str | None = None) -> str | None:
+    """What `path` needs, when `backend` failed on it because it is too old (`edge_runtime.compat`), else None."""
+    from edge_runtime import compat
+
+    text = " ".join(str(error).split()) or type(error).__name__
+    return compat.explain(path, backend.name, version or backend.version(), text, backend.install_hint())
+
+
 def _check_contract(path: Path, meta: ArtifactMetadata, inp: TensorInfo, out: TensorInfo) -> None:
     """Refuse metadata that does not describe the tensors the runtime sees."""
     problems = []
@@ -202,6 +211,9 @@ def load(
     except ImportError as e:  # installed but broken runtime
         raise BackendError(f"backend {chosen.name} failed to import ({first_line(e)}): {chosen.install_hint()}") from None
     except Exception as e:  # runtimes raise RuntimeError, ValueError or their own types for bad files
+        too_old = _needs_newer_runtime(path, chosen, e)
+        if too_old:
+            raise ModelError(too_old) from None
         raise ModelError(f"{path}: {chosen.name} cannot load it, truncated or not a model ({first_line(e)})") from None
     meta, meta_source = _read_metadata(path, session)
     _check_contract(path, meta, session.input, session.output)
@@ -294,7 +306,14 @@ class EdgeModel:
         inp, out = self.session.input, self.session.output
         xi = x[None]
         xi = quantize(xi, inp) if inp.quantized else xi.astype(inp.dtype, copy=False)
-        y = self.session.run(xi)
+        try:
+            y = self.session.run(xi)
+        except Exception as e:  # e.g. a kernel newer than this runtime, found only when it runs
+            too_old = _needs_newer_runtime(self.path, backends.BACKENDS[self.backend], e,
+                                           self.session.runtime_version())
+            if too_old:
+                raise ModelError(too_old) from None
+            raise
         y = dequantize(y, out) if out.quantized else y.astype(np.float32)
         y = y.reshape(-1)
         if self.metadata.output_kind == "logits":
