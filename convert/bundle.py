@@ -28,6 +28,13 @@ from edge_runtime.metadata import ArtifactMetadata, read_sidecar, sidecar_path
 
 def _input_text(meta: ArtifactMetadata) -> str:
     p = meta.preprocess
+    if meta.part == "head" and not meta.feature_extractor.get("layer"):  # a bare features model
+        return "\n".join([
+            f"- Input: features, shape {[1, *meta.input.shape[1:]]}, dtype {meta.input.dtype}, from the feature "
+            "extractor the model was trained on (the source file does not name it; no image preprocessing applies).",
+            f"- Output: shape [1, {len(meta.labels)}], dtype {meta.output.dtype}, {meta.output_kind} "
+            "in the order of labels.txt.",
+        ])
     if meta.part == "head":
         fe = meta.feature_extractor
         return "\n".join([
@@ -158,7 +165,7 @@ def write_bundle(out: Path, model: str, report: dict[str, Any]) -> tuple[Path, P
                 "status": r["status"], "size_bytes": src.stat().st_size, "sha256": sha256_file(src),
                 "input": meta.input.to_dict(), "output": meta.output.to_dict(),
                 "proof": {k: r.get(k) for k in ("images", "top1_agreement", "max_abs_diff", "keras_accuracy",
-                                               "accuracy")},
+                                               "accuracy", "criterion")},
             })
         if report.get("gradcam_weights"):  # OCT head weights for Grad-CAM on the device
             shutil.copy2(out / report["gradcam_weights"], tmp_dir / report["gradcam_weights"])

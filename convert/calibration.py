@@ -157,24 +157,41 @@ def load_sets(
 
 def load_store_sets(
     store: Path, labels: Sequence[str], calib_n: int = 300, eval_n: int = 1000, seed: int = 0,
+    input_shape: Sequence[int] | None = None,
 ) -> tuple[ImageSet, ImageSet]:
     """(calibration, proof) feature sets for an OCT head from its feature store (train and test splits).
 
     Rows are read one by one (one HDF5 chunk each), so a 44 GB store is never
     loaded whole.
+
+    Raises:
+        FileNotFoundError: no such store.
+        ValueError: not a feature store, other labels, or features of another shape than `input_shape`.
     """
     import h5py
 
     store = Path(store)
     if not store.is_file():
-        raise FileNotFoundError(f"feature store {store} (named by the run's config.json) does not exist")
-    with h5py.File(store, "r") as f:
+        raise FileNotFoundError(f"feature store {store} does not exist")
+    try:
+        f = h5py.File(store, "r")
+    except OSError as e:
+        raise ValueError(f"{store} is not an HDF5 feature store ({e})") from None
+    with f:
+        missing = [k for k in ("features", "split", "label") if k not in f] + (
+            [] if "labels" in f.attrs else ["attribute 'labels'"])
+        if missing:
+            raise ValueError(f"{store} is not a feature store from `python -m train oct extract`: it lacks "
+                             f"{', '.join(missing)}")
         split = f["split"].asstr()[:]
         store_labels = json.loads(f.attrs["labels"])
         if list(store_labels) != list(labels):
-            raise ValueError(f"store labels {store_labels} differ from the head's labels {list(labels)}")
+            raise ValueError(f"store {store.name} labels {store_labels} differ from the model's labels {list(labels)}")
         y_all = f["label"][:]
         feats = f["features"]
+        if input_shape is not None and tuple(feats.shape[1:]) != tuple(input_shape):
+            raise ValueError(f"store {store.name} holds features of shape {tuple(feats.shape[1:])}, but the model "
+                             f"takes {tuple(input_shape)}")
         # Hashing a (possibly 44 GB) store is too slow: its features fingerprint and records hash identify it.
         digest = sha256_text(json.dumps({k: str(f.attrs.get(k, "")) for k in ("fingerprint", "records_sha")},
                                         sort_keys=True))
@@ -198,3 +215,67 @@ def load_store_sets(
             warnings.warn(f"only {len(calib_rows)} calibration feature maps (fewer than {MIN_CALIB_WARN})", stacklevel=2)
         return (take(calib_rows, f"{store.name} (train split features)"),
                 take(eval_rows, f"{store.name} ({held_name} split features)"))
+
+
+RANDOM_PROOF_N = 64  # random inputs prove a float features model when no --calib is given
+
+
+def load_feature_sets(
+    calib: Path | None, labels: Sequence[str], input_shape: Sequence[int], calib_n: int = 300,
+    eval_n: int = 1000, seed: int = 0, need_calib: bool = True,
+) -> tuple[ImageSet | None, ImageSet]:
+    """(calibration set or None, proof set) for a model that takes features (`part` "head"), not images.
+
+    `calib` is a feature store .h5 (`python -m train oct extract`: train split
+    calibrates, test split proves), a .npy of inputs shaped (N, *input_shape)
+    (split into disjoint calibration and proof inputs, no labels), or None:
+    then the proof is `RANDOM_PROOF_N` seeded standard-normal inputs of the
+    model's own shape (enough to prove a float conversion numerically; no
+    accuracy) and there is no calibration set (int8 rows then ask for --calib).
+
+    Raises:
+        FileNotFoundError: `calib` does not exist.
+        ValueError: an unsupported file, or inputs of another shape than the model's.
+    """
+    shape = tuple(int(v) for v in input_shape)
+    if calib is None:
+        n = RANDOM_PROOF_N if eval_n <= 0 else min(eval_n, RANDOM_PROOF_N)
+        x = np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+        origin = f"random normal inputs {shape} (seed {seed}; no --calib given)"
+        return None, ImageSet(x, np.full(n, -1, np.int64), [f"random#{i}" for i in range(n)], origin,
+                              sha256_text(f"standard-normal:{seed}:{shape}:{n}"))
+    calib = Path(calib)
+    if not calib.exists():
+        raise FileNotFoundError(f"--calib {calib} does not exist; give a feature store .h5 or a .npy of inputs {shape}")
+    suffix = calib.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        return load_store_sets(calib, labels, calib_n, eval_n, seed, input_shape=shape)
+    if suffix != ".npy":
+        raise ValueError(f"--calib {calib.name}: this model takes features {shape}, not images; give a feature "
+                         "store .h5 (`python -m train oct extract`) or a .npy of inputs shaped (N, "
+                         f"{', '.join(map(str, shape))})")
+    try:
+        x = np.load(calib, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"--calib {calib.name} is not a numeric .npy array ({e})") from None
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+        raise ValueError(f"--calib {calib.name} holds an array of shape {x.shape}; the model takes inputs "
+                         f"(N, {', '.join(map(str, shape))})")
+    if x.dtype.kind not in "fiu":
+        raise ValueError(f"--calib {calib.name} holds {x.dtype} values; give numbers")
+    if len(x) < 2:
+        raise ValueError(f"--calib {calib.name} holds {len(x)} inputs; need at least 2")
+    order = np.random.default_rng(seed).permutation(len(x))
+    k = min(calib_n, len(x) // 2) if need_calib else 0
+    calib_rows = np.sort(order[:k])
+    eval_rows = np.sort(order[k:][: eval_n if eval_n > 0 else None])
+    if need_calib and k < MIN_CALIB_WARN:
+        warnings.warn(f"only {k} calibration inputs (fewer than {MIN_CALIB_WARN}); int8 ranges may be poor",
+                      stacklevel=2)
+    digest, origin = sha256_file(calib), f"{calib.name} (.npy inputs; disjoint calibration and proof rows)"
+
+    def take(rows: np.ndarray) -> ImageSet:
+        return ImageSet(np.asarray(x[rows], np.float32), np.full(len(rows), -1, np.int64),
+                        [f"{calib.name}#{int(i)}" for i in rows], origin, digest)
+
+    return (take(calib_rows) if need_calib else None), take(eval_rows)

@@ -41,7 +41,7 @@ def _labels(text: str) -> list[str]:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    from convert.export import DEFAULT_MIN_AGREEMENT
+    from convert.export import DEFAULT_MIN_AGREEMENT, DEFAULT_QAT_MAX_DROP
     from convert.onnx_export import ACTIVATION_TYPES, CALIBRATION_METHODS, OPSET
 
     p = argparse.ArgumentParser(
@@ -72,7 +72,11 @@ def export_parser() -> argparse.ArgumentParser:
                    help="confidence below which a device answers 'uncertain — refer', stored in the metadata "
                         "(default: the task's, malaria 0.8, OCT 0.6)")
     d.add_argument("--min-agreement", type=fraction, default=DEFAULT_MIN_AGREEMENT,
-                   help="lowest top-1 agreement with Keras for a quantized artifact")
+                   help="lowest top-1 agreement with Keras for a post-training quantized artifact "
+                        "(QAT rows: --qat-max-drop)")
+    d.add_argument("--qat-max-drop", type=float, default=DEFAULT_QAT_MAX_DROP, metavar="PP",
+                   help="tflite-qat-int8 is a fine-tune, judged by accuracy: at most PP percentage points below "
+                        "Keras' on the proof split (not by agreement; with unlabelled proof inputs, agreement)")
     d.add_argument("--allow-drop", action="store_true",
                    help="keep artifacts below the thresholds (flagged in the report; exit 0)")
     d.add_argument("--seed", type=int, default=0, help="seed of the calibration and proof samples")
@@ -196,6 +200,7 @@ def _export(args) -> int:
         qat_batch_size=args.qat_batch_size, seed=args.seed, bundle=args.bundle,
         layer_report_n=args.layer_report_n, golden_n=args.golden_n, max_drop=args.max_drop,
         threshold=args.threshold,
+        qat_max_drop=args.qat_max_drop,
     )
     log = print if args.report_format == "table" else (lambda *a, **k: print(*a, file=sys.stderr, **k))
     report = run_export(args.source, args.out, formats, options, labels=args.labels, name=args.name, log=log,

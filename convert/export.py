@@ -59,6 +59,8 @@ def _prior_report(out: Path) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return {}
 DEFAULT_MIN_AGREEMENT = 0.98
+# QAT rows are fine-tunes: held to their accuracy on the proof split, within this many points of Keras'.
+DEFAULT_QAT_MAX_DROP = 1.0
 TOOLS = ("tensorflow", "keras", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnx", "onnxruntime",
          "ai-edge-litert")
 
@@ -92,6 +94,7 @@ class Options:
     golden_n: int = GOLDEN_N
     max_drop: float | None = None
     threshold: float | None = None  # the metadata's confidence_threshold (None: the task's default)
+    qat_max_drop: float = DEFAULT_QAT_MAX_DROP
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -126,6 +129,10 @@ class ExportJob:
 
     def calibration(self) -> ImageSet:
         if self._calib is None or len(self._calib) == 0:
+            if self.source.part == "head":
+                shape = tuple(int(d) for d in self.model.inputs[0].shape[1:])
+                raise ValueError(f"this format needs calibration inputs; pass --calib with a feature store .h5 "
+                                 f"(`python -m train oct extract`) or a .npy of inputs (N, {', '.join(map(str, shape))})")
             raise ValueError("this format needs calibration images; pass --calib MANIFEST|DIR")
         return self._calib
 
@@ -261,6 +268,45 @@ def make_golden(device: EdgeModel, job: "ExportJob", fmt: Format, proof_probs: n
                      made_on=g.made_on(device.session))
 
 
+def runtime_record(job: "ExportJob", fmt: Format, path: Path, device: EdgeModel, golden: GoldenSet) -> dict[str, Any]:
+    """The artifact's `runtimes` metadata (`edge_runtime.compat`): what it requires of a runtime, and the
+    runtimes it ran on here: the proof's, then every other installed runtime for its suffix, each given the
+    golden inputs and held to the golden tolerance (a failure is recorded, not raised).
+    """
+    import platform
+
+    import edge_runtime
+    from edge_runtime import backends, compat
+    from edge_runtime.golden import compare
+
+    if fmt.ext == ".tflite":
+        requires = compat.tflite_requirements(Path(path).read_bytes())
+    else:
+        import onnx
+
+        src = job.cache["ort_source"] if fmt.ext == ".ort" else path  # an .ort keeps its .onnx's opsets
+        requires = compat.onnx_requirements(onnx.load(str(src), load_external_data=False))
+    proven = [{"runtime": device.backend, "version": device.session.runtime_version(), "ok": True,
+               "how": f"{len(job.proof)} proof inputs vs Keras", "machine": platform.machine()}]
+    for b in backends.BACKENDS.values():
+        if fmt.ext not in b.suffixes or b.name == device.backend or not b.installed():
+            continue
+        entry: dict[str, Any] = {"runtime": b.name, "machine": platform.machine(),
+                                 "how": f"{len(golden)} golden inputs within {golden.atol:g}"}
+        try:
+            other = edge_runtime.load(path, backend=b.name, warmup=False)
+            entry["version"] = other.session.runtime_version()
+            check = compare(golden, other.run(golden.inputs))
+            entry["ok"] = bool(check["ok"])
+            if not check["ok"]:
+                entry["error"] = check["reason"]
+            del other
+        except Exception as e:  # a runtime that cannot run the file is the finding, not a failed export
+            entry.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        proven.append(entry)
+    return {"requires": requires, "proven_on": proven}
+
+
 def _temp_path(out: Path, fmt: Format, model: str) -> Path:
     # Keeps the real suffix: onnxruntime recognises .ort files by it.
     fd, tmp = tempfile.mkstemp(prefix=f".{model}_{fmt.name}.tmp-", suffix=fmt.ext, dir=out)
@@ -272,15 +318,48 @@ def _stale_temps(out: Path, model: str) -> list[Path]:
     return [Path(p) for p in glob.glob(str(out / f".{glob.escape(model)}_*.tmp-*"))]
 
 
-def judge(fmt: Format, proof: dict[str, Any], min_agreement: float) -> str | None:
-    """None when the artifact passes, else why not."""
+def criterion(fmt: Format, proof: dict[str, Any], options: Options, bounded: bool = False) -> dict[str, Any]:
+    """How a row is judged, by what it is, with the measured value and whether it passes.
+
+    - float rows: max |prob - Keras prob| <= the row's `max_abs_diff` (a copy must answer like Keras);
+    - QAT rows: a fine-tune, not a copy: accuracy on the proof split at most `--qat-max-drop`
+      points below Keras' (agreement is only reported; with no labelled proof inputs, agreement);
+    - `--max-drop` rows (`bounded`): chosen by accuracy drop, so held to it;
+    - other quantized rows: top-1 agreement with Keras >= `--min-agreement`.
+
+    Returns {"metric", "value", "bound", "passed", "text"}, plus "why" when the usual metric could not apply.
+    """
+    labelled = proof.get("keras_accuracy") is not None and proof.get("accuracy") is not None
     if fmt.is_float:
-        if proof["max_abs_diff"] > fmt.max_abs_diff:
-            return f"float artifact differs from Keras: max |dprob| {proof['max_abs_diff']:.2e} > {fmt.max_abs_diff:.0e}"
+        c = {"metric": "max_abs_diff", "value": proof["max_abs_diff"], "bound": fmt.max_abs_diff,
+             "passed": proof["max_abs_diff"] <= fmt.max_abs_diff}
+        c["text"] = f"|dp| {c['value']:.1e}<={c['bound']:.0e}"
+        return c
+    drop_bound = options.qat_max_drop if fmt.needs_training_data else (options.max_drop if bounded else None)
+    if drop_bound is not None and labelled:
+        drop = round(100 * (proof["keras_accuracy"] - proof["accuracy"]), 6)  # rounding: 0.1 + 0.2 != 0.3
+        return {"metric": "accuracy_drop_pp", "value": drop, "bound": float(drop_bound), "passed": drop <= drop_bound,
+                "text": f"drop {drop:.2f}<={drop_bound:g}pp"}
+    c = {"metric": "top1_agreement", "value": proof["top1_agreement"], "bound": options.min_agreement,
+         "passed": proof["top1_agreement"] >= options.min_agreement}
+    c["text"] = f"agree {c['value']:.4f}>={c['bound']:g}"
+    if drop_bound is not None:
+        c["why"] = "no labelled proof inputs to measure the accuracy drop"
+    return c
+
+
+def judge(fmt: Format, proof: dict[str, Any], options: Options, bounded: bool = False) -> str | None:
+    """None when the artifact passes its `criterion`, else why not."""
+    c = criterion(fmt, proof, options, bounded)
+    if c["passed"]:
         return None
-    if proof["top1_agreement"] < min_agreement:
-        return f"top-1 agreement {proof['top1_agreement']:.4f} < --min-agreement {min_agreement}"
-    return None
+    if c["metric"] == "max_abs_diff":
+        return f"float artifact differs from Keras: max |dprob| {c['value']:.2e} > {c['bound']:.0e}"
+    if c["metric"] == "accuracy_drop_pp":
+        flag = "--qat-max-drop" if fmt.needs_training_data else "--max-drop"
+        return (f"accuracy {proof['accuracy']:.4f} is {c['value']:.2f} points below Keras' "
+                f"{proof['keras_accuracy']:.4f} > {flag} {c['bound']:g}")
+    return f"top-1 agreement {c['value']:.4f} < --min-agreement {c['bound']}"
 
 
 def prove(path: Path, fmt: Format) -> EdgeModel:
@@ -319,6 +398,7 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
             raise RuntimeError("metadata read back from the artifact differs from what was written")
         probs = device.run(job.proof.x)
         golden = make_golden(device, job, fmt, probs)
+        meta = dataclasses.replace(meta, runtimes=runtime_record(job, fmt, tmp, device, golden))
         del device  # release the runtime before the file is rewritten
         embed(fmt, tmp, meta, golden, job)
         device = prove(tmp, fmt)  # the bytes that are published below
@@ -332,9 +412,12 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
         proof = verify.compare(keras_probs, probs, job.proof.y)
         row["selftest"] = {"inputs": check["inputs"], "atol": check["atol"], "max_abs_diff": check["max_abs_diff"],
                            "golden_bytes": len(golden.to_json())}
+        row["runtimes"] = json.loads(json.dumps(meta.runtimes))
         row.update(size_bytes=tmp.stat().st_size, quantization=meta.quantization,
                    io={"input": meta.input.to_dict(), "output": meta.output.to_dict()}, **proof)
-        reason = judge(fmt, proof, job.options.min_agreement)
+        bounded = (job.cache.get(("max_drop", fmt.name)) or {}).get("chosen_step") is not None
+        row["criterion"] = criterion(fmt, proof, job.options, bounded)
+        reason = judge(fmt, proof, job.options, bounded)
         if reason is not None and not job.options.allow_drop:
             row.update(status=FAILED, error=reason)
             row["file"] = None
@@ -439,16 +522,19 @@ def run_export(
 
     need_calib = any(f.calibrated for f in formats)
     calib_src = options.calib or src.manifest
-    if src.part == "head":
-        from convert.calibration import load_store_sets
+    if src.part == "head":  # features in: an OCT run's feature store, or a bare model's --calib / random inputs
+        from convert.calibration import load_feature_sets
 
-        calib, proof = load_store_sets(src.store, src.labels, options.calib_n, options.eval_n, options.seed)
+        calib, proof = load_feature_sets(options.calib or src.store, src.labels,
+                                         tuple(int(d) for d in model.inputs[0].shape[1:]), options.calib_n,
+                                         options.eval_n, options.seed, need_calib=need_calib or src.store is not None)
         train_items: list[tuple[str, str]] = []
     else:
         calib, proof, train_items = load_sets(calib_src, src.labels, src.spec, options.calib_n, options.eval_n,
                                               options.seed, need_calib=need_calib)
-    log(f"source {src.path} ({src.name}, {len(src.labels)} classes); proof batch {len(proof)} images from "
-        f"{proof.origin}" + (f"; calibration {len(calib)} images from {calib.origin}" if calib else ""))
+    kind = "" if src.part == "model" else f", takes features {tuple(proof.x.shape[1:])}"
+    log(f"source {src.path} ({src.name}, {len(src.labels)} classes{kind}); proof batch {len(proof)} inputs from "
+        f"{proof.origin}" + (f"; calibration {len(calib)} inputs from {calib.origin}" if calib else ""))
     keras_probs = model.predict(proof.x, batch_size=64, verbose=0)
 
     rows = []
@@ -479,6 +565,8 @@ def run_export(
         "proof": proof.describe(),
         "thresholds": {
             "min_agreement": options.min_agreement,
+            "qat_max_drop_pp": options.qat_max_drop,
+            "max_drop_pp": options.max_drop,
             "float_max_abs_diff": {f.name: f.max_abs_diff for f in formats if f.is_float},
         },
         "rows": _with_earlier_rows(out, src, formats, rows),
@@ -514,14 +602,16 @@ def _fmt(v: Any, spec: str) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """The summary table printed at the end of a run: one line per row of the format table."""
-    head = ["format", "status", "size_mb", "top1_agree", "max_dprob", "keras_acc", "acc", "seconds", "file / error"]
+    head = ["format", "status", "size_mb", "top1_agree", "max_dprob", "keras_acc", "acc", "judged by", "seconds",
+            "file / error"]
     lines = []
     for r in report["rows"]:
         size = r.get("size_bytes")
         lines.append([
             r["format"], r["status"], _fmt(size / 1e6 if size else None, ".3f"),
             _fmt(r.get("top1_agreement"), ".4f"), _fmt(r.get("max_abs_diff"), ".2e"),
-            _fmt(r.get("keras_accuracy"), ".4f"), _fmt(r.get("accuracy"), ".4f"), _fmt(r.get("seconds"), ".1f"),
+            _fmt(r.get("keras_accuracy"), ".4f"), _fmt(r.get("accuracy"), ".4f"),
+            (r.get("criterion") or {}).get("text", "-"), _fmt(r.get("seconds"), ".1f"),
             (r.get("file") or "") + (("  " if r.get("file") else "") + r["error"] if r.get("error") else ""),
         ])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]

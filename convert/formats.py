@@ -31,7 +31,9 @@ class Format:
         needs_training_data: fine-tunes on the training split (QAT).
         max_abs_diff: for float rows, the largest allowed |prob - keras prob|
             on the proof batch; None for quantized rows, which are judged by
-            top-1 agreement against `--min-agreement` instead.
+            top-1 agreement against `--min-agreement` instead, except QAT rows
+            (`needs_training_data`, fine-tunes): accuracy drop vs Keras against
+            `--qat-max-drop` (`convert.export.criterion`).
     """
 
     name: str

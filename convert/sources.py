@@ -6,6 +6,12 @@ for quantization-aware training) and the manifest whose training split feeds
 calibration. A bare model file carries only the network, so `--labels` (and
 `--calib`) supply the rest.
 
+A bare model file whose input is not an image (e.g. the 2018 OCT write-up's
+Keras head, 8x8x2048 InceptionV3 features -> 4 classes) is a features model
+(`part` "head", with no named base): float rows are proven on random normal
+inputs of its own shape, or on `--calib` (a feature store .h5 from
+`python -m train oct extract`, or a .npy of inputs), which int8 rows need.
+
 A TensorFlow SavedModel (a folder with saved_model.pb) is wrapped in a Keras
 model through `keras.layers.TFSMLayer` on its `serving_default` signature:
 the graph's TF ops run, no Python code from the folder does. Its one input must
@@ -58,9 +64,13 @@ class Source:
 
     @property
     def feature_extractor(self) -> dict[str, Any]:
-        """For a head: the base whose features it takes (from the OCT run config), else empty."""
-        if self.part != "head" or self.config is None:
+        """For a head: the base whose features it takes (from the OCT run config; a bare file names
+        none, which the metadata says), else empty."""
+        if self.part != "head":
             return {}
+        if self.config is None or not self.config.store:
+            return {"base": None, "layer": None,
+                    "note": f"features of a base {self.path.name} does not name; preprocess does not apply"}
         from train.oct.models import FEATURE_LAYER
 
         return {"layer": FEATURE_LAYER, "base": self.config.base,
@@ -103,10 +113,33 @@ def load_saved_model(path: Path):
     return keras.Model(inp, out, name=Path(path).name)
 
 
+def is_image_shape(shape: Sequence[int]) -> bool:
+    """(H, W, C) with 1 or 3 channels: what `PreprocessSpec` can describe."""
+    return len(shape) == 3 and shape[2] in (1, 3)
+
+
 def _run_dir_of(path: Path) -> Path | None:
     """The run directory of `path` (a run dir, or a model file inside one), else None."""
     d = path if path.is_dir() else path.parent
     return d if runs.is_run(d) else None
+
+
+def _check_h5_is_model(path: Path) -> None:
+    """Refuse an .h5 that holds no Keras model (e.g. a feature store given as the source), naming what it is."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            is_model = "model_config" in f.attrs
+            is_store = "features" in f and "split" in f
+    except OSError as e:
+        raise ValueError(f"{path} is not an HDF5 file ({e})") from None
+    if is_store:
+        raise ValueError(f"{path} is a feature store, not a model: give it as --calib, and as the source the "
+                         "head's .h5/.keras or the OCT run directory")
+    if not is_model:
+        raise ValueError(f"{path} holds no Keras model (no 'model_config'); weights-only .h5 files cannot be "
+                         "converted: save the whole model (model.save)")
 
 
 def load_keras_model(path: Path):
@@ -177,8 +210,6 @@ def load_source(
         if not model_path.is_file():
             raise FileNotFoundError(f"{source} holds no {model_path.name}; has training finished an epoch?")
     else:
-        if part == "head":
-            raise ValueError("--part head needs an OCT run directory (the head is calibrated on its feature store)")
         model_path = source
         if model_path.suffix.lower() not in KERAS_SUFFIXES + H5_SUFFIXES:
             raise ValueError(
@@ -186,6 +217,8 @@ def load_source(
                 "or a run directory"
             )
 
+    if model_path.suffix.lower() in H5_SUFFIXES:
+        _check_h5_is_model(model_path)
     manifest = Path(cfg.manifest) if cfg is not None and cfg.manifest else None
     model = load_saved_model(model_path) if saved_model else load_keras_model(model_path)
 
@@ -203,15 +236,21 @@ def load_source(
         raise ValueError(f"{len(final_labels)} labels {final_labels} for a model with {n_out} outputs")
 
     final_spec = cfg.preprocess if cfg is not None else (spec or MALARIA_SPEC)
+    if len(model.inputs) != 1:
+        raise ValueError(f"{model_path.name} has {len(model.inputs)} inputs; medge converts one-input classifiers")
     in_shape = tuple(model.inputs[0].shape[1:])
     if None in in_shape:
-        raise ValueError(f"model input {in_shape} is not fixed; models need a fixed input size")
+        raise ValueError(f"{model_path.name}: model input {in_shape} is not fixed; models need a fixed input size")
+    if part == "model" and cfg is None and not saved_model and not is_image_shape(in_shape):
+        part = "head"  # a bare features model (e.g. 8x8x2048 -> classes): no image preprocessing applies
     if part == "model" and in_shape != final_spec.input_shape:
+        hint = ("" if cfg is not None else
+                "; if it takes features rather than images, pass --part head to convert it as a features model")
         raise ValueError(
-            f"model input {in_shape} does not match the preprocessing {final_spec.input_shape} "
-            "(height, width, channels); models need a fixed input size"
+            f"{model_path.name}: model input {in_shape} does not match the preprocessing {final_spec.input_shape} "
+            f"(height, width, channels){hint}"
         )
-    if part == "head":
+    if part == "head" and run_dir is not None:
         default_name = f"{run_dir.name}-head"
     elif run_dir is not None:
         default_name = run_dir.name if source.is_dir() or model_path.name == cfg.model_file else model_path.stem
@@ -229,6 +268,6 @@ def load_source(
         config=cfg,
         manifest=manifest,
         part=part,
-        store=Path(cfg.store) if part == "head" else None,
+        store=Path(cfg.store) if part == "head" and cfg is not None and cfg.store else None,
     )
     return model, src

@@ -105,7 +105,13 @@ class ArtifactMetadata:
         part: "model" (takes the preprocessed image) or "head" (takes the
             feature map of `feature_extractor`, e.g. InceptionV3 "mixed10"
             for the OCT head; `preprocess` then describes the base's images).
-        feature_extractor: for a head, the base layer, weights and features fingerprint.
+        feature_extractor: for a head, the base layer, weights and features fingerprint; for a
+            bare features model (`python -m convert head.h5 --labels ...`, any input that is not an
+            image) `base` and `layer` are None: the file names no base and `preprocess` does not apply.
+        runtimes: what the file requires of a runtime and where it was proven
+            (`edge_runtime.compat`): {"requires": {"min_runtime_version", "op_versions"}
+            or {"ir_version", "opsets"}, "proven_on": [{"runtime", "version", ...}]};
+            empty in files made before medge recorded it (and then left out of the JSON).
         schema: metadata schema id; readers refuse an unknown major version.
     """
 
@@ -128,6 +134,7 @@ class ArtifactMetadata:
     tools: Mapping[str, str] = dataclasses.field(default_factory=dict)
     part: str = "model"
     feature_extractor: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    runtimes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:
@@ -165,6 +172,7 @@ class ArtifactMetadata:
             "tools": dict(self.tools),
             "part": self.part,
             "feature_extractor": dict(self.feature_extractor),
+            **({"runtimes": json.loads(json.dumps(self.runtimes))} if self.runtimes else {}),
         }
 
     def to_json(self) -> str:

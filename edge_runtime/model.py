@@ -137,6 +137,15 @@ def _read_metadata(path: Path, session) -> tuple[ArtifactMetadata, str]:
         raise ModelError(f"{path.with_suffix('.json')}: sidecar metadata is invalid ({first_line(e)})") from None
 
 
+def _needs_newer_runtime(path: Path, backend: "backends.Backend", error: BaseException,
+                         version: str | None = None) -> str | None:
+    """What `path` needs, when `backend` failed on it because it is too old (`edge_runtime.compat`), else None."""
+    from edge_runtime import compat
+
+    text = " ".join(str(error).split()) or type(error).__name__
+    return compat.explain(path, backend.name, version or backend.version(), text, backend.install_hint())
+
+
 def _check_contract(path: Path, meta: ArtifactMetadata, inp: TensorInfo, out: TensorInfo) -> None:
     """Refuse metadata that does not describe the tensors the runtime sees."""
     problems = []
@@ -202,6 +211,9 @@ def load(
     except ImportError as e:  # installed but broken runtime
         raise BackendError(f"backend {chosen.name} failed to import ({first_line(e)}): {chosen.install_hint()}") from None
     except Exception as e:  # runtimes raise RuntimeError, ValueError or their own types for bad files
+        too_old = _needs_newer_runtime(path, chosen, e)
+        if too_old:
+            raise ModelError(too_old) from None
         raise ModelError(f"{path}: {chosen.name} cannot load it, truncated or not a model ({first_line(e)})") from None
     meta, meta_source = _read_metadata(path, session)
     _check_contract(path, meta, session.input, session.output)
@@ -283,7 +295,7 @@ class EdgeModel:
     def run(self, x: np.ndarray) -> np.ndarray:
         """Probabilities (N, classes) for preprocessed float inputs (N, H, W, C), one runtime call each."""
         x = np.asarray(x, dtype=np.float32)
-        if x.ndim == 3:
+        if x.ndim == len(self.input_shape):
             x = x[None]
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"expected preprocessed inputs (N, {', '.join(map(str, self.input_shape))}), "
@@ -294,7 +306,14 @@ class EdgeModel:
         inp, out = self.session.input, self.session.output
         xi = x[None]
         xi = quantize(xi, inp) if inp.quantized else xi.astype(inp.dtype, copy=False)
-        y = self.session.run(xi)
+        try:
+            y = self.session.run(xi)
+        except Exception as e:  # e.g. a kernel newer than this runtime, found only when it runs
+            too_old = _needs_newer_runtime(self.path, backends.BACKENDS[self.backend], e,
+                                           self.session.runtime_version())
+            if too_old:
+                raise ModelError(too_old) from None
+            raise
         y = dequantize(y, out) if out.quantized else y.astype(np.float32)
         y = y.reshape(-1)
         if self.metadata.output_kind == "logits":
@@ -308,7 +327,9 @@ class EdgeModel:
         if isinstance(inputs, (str, os.PathLike, Image.Image)):
             inputs = [inputs]
         elif isinstance(inputs, np.ndarray):
-            inputs = list(inputs) if inputs.ndim == 4 else [inputs]
+            # A batch has one more axis than one input: (N, H, W, C) images, or (N, *input_shape) features.
+            batch_ndim = len(self.input_shape) + 1 if self.metadata.part == "head" else 4
+            inputs = list(inputs) if inputs.ndim == batch_ndim else [inputs]
         for i, item in enumerate(inputs):
             if isinstance(item, (str, os.PathLike)):
                 yield os.fspath(item), item
@@ -331,12 +352,16 @@ class EdgeModel:
         if name is None:
             name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else "input"
         if self.metadata.part == "head":
-            arr = np.asarray(item) if not isinstance(item, (str, os.PathLike, Image.Image)) else None
-            if arr is not None and arr.dtype.kind == "f" and arr.shape == self.input_shape:
+            fe = dict(self.metadata.feature_extractor)
+            base = f"from {fe['layer']}" if fe.get("layer") else "of its feature extractor"
+            if isinstance(item, (str, os.PathLike, Image.Image)):
+                raise ImageError(name, f"this artifact takes features, not images: float arrays {self.input_shape} "
+                                       f"{base}" + ("; run the fused artifact on images" if fe.get("layer") else ""))
+            arr = np.asarray(item)
+            if arr.dtype.kind == "f" and arr.shape == self.input_shape:
                 return arr.astype(np.float32, copy=False)
-            raise ImageError(name, f"this artifact is a head: it takes {self.input_shape} float features from "
-                                   f"{dict(self.metadata.feature_extractor).get('layer', 'its base')}, not images; "
-                                   "run the fused artifact on images")
+            raise ImageError(name, f"got an array of shape {arr.shape} and dtype {arr.dtype}; this artifact takes "
+                                   f"float features of shape {self.input_shape} {base}")
         if isinstance(item, (str, os.PathLike)):
             return preprocess(load_image(item, self.spec.color_mode, self.max_pixels), self.spec)
         if isinstance(item, Image.Image):

@@ -319,3 +319,273 @@ def test_max_drop_keeps_the_worst_layers_in_float_one_at_a_time(tiny_run, tmp_pa
     assert meta.quantization["max_drop"]["float_layers"] == row["max_drop"]["steps"][chosen]["float_layers"]
     code, out, err = run_cli("selftest", tmp_path / "b" / row["file"])
     assert code == 0, out + err
+
+
+# ---------------------------------------------------------------- any Keras classifier (a bare features model)
+
+HEAD_LABELS = "CNV,DME,DRUSEN,NORMAL"
+
+
+@pytest.fixture(scope="module")
+def bare_head(tmp_path_factory):
+    """The 2018 write-up's situation: a Keras 2 .h5 head (8x8x2048 features -> 4 classes) and nothing else,
+    plus a feature store and a .npy of features for its calibration."""
+    import h5py
+    import keras
+
+    from train.oct.store import STORE_FORMAT
+
+    d = tmp_path_factory.mktemp("bare_head")
+    keras.utils.set_random_seed(3)
+    L = keras.layers
+    f = keras.Input((8, 8, 2048))
+    h = L.Flatten()(L.Activation("relu")(L.BatchNormalization()(L.Conv2D(16, 1, use_bias=False)(f))))
+    model = keras.Model(f, L.Dense(4, activation="softmax")(h))
+    model.save(d / "head.h5")  # the legacy Keras 2 HDF5 format
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.standard_normal((48, 8, 8, 2048))).astype(np.float32)
+    np.save(d / "feats.npy", feats)
+    np.save(d / "wrong.npy", feats[:, :4])
+    with h5py.File(d / "store.h5", "w") as s:
+        s.create_dataset("features", data=feats.astype(np.float16), chunks=(1, 8, 8, 2048))
+        s.create_dataset("label", data=model.predict(feats, verbose=0).argmax(1).astype(np.int16))
+        s.create_dataset("split", data=np.array(["train"] * 24 + ["test"] * 24, dtype=object),
+                         dtype=h5py.string_dtype())
+        s.attrs.update(format=STORE_FORMAT, labels=json.dumps(HEAD_LABELS.split(",")), fingerprint="f" * 16)
+    return d, model
+
+
+@pytest.mark.slow
+def test_bare_features_head_converts_without_calibration_and_runs_on_arrays(bare_head, tmp_path, capsys):
+    import edge_runtime
+    from convert.cli import main
+    from edge_runtime.metadata import read_metadata
+
+    d, keras_model = bare_head
+    code = main([str(d / "head.h5"), "--labels", HEAD_LABELS, "--formats", "tflite-float32,onnx-float32",
+                 "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "random normal inputs (8, 8, 2048)" in out and "all rows passed" in out
+    report = json.loads((tmp_path / "o" / "conversion.json").read_text())
+    assert report["source"]["part"] == "head" and report["calibration"] is None
+    for name in ("head_tflite-float32.tflite", "head_onnx-float32.onnx"):
+        meta = read_metadata(tmp_path / "o" / name)
+        assert meta.part == "head" and meta.input.shape == (-1, 8, 8, 2048) and meta.feature_extractor["base"] is None
+        model = edge_runtime.load(tmp_path / "o" / name)
+        x = np.abs(np.random.default_rng(5).standard_normal((3, 8, 8, 2048))).astype(np.float32)
+        np.testing.assert_allclose(model.run(x), keras_model.predict(x, verbose=0), atol=1e-4)
+        preds = model.predict(x)  # a batch of feature maps
+        assert [p.label for p in preds] == [HEAD_LABELS.split(",")[i] for i in keras_model.predict(x, verbose=0).argmax(1)]
+        assert model.predict(x[0])[0].ok  # one feature map
+        bad = model.predict([x[0, :4], str(d / "head.h5")])
+        assert "shape (4, 8, 2048)" in bad[0].error and "(8, 8, 2048)" in bad[0].error
+        assert "takes features, not images" in bad[1].error
+
+
+@pytest.mark.slow
+def test_bare_head_int8_needs_calib_of_its_own_shape(bare_head, tmp_path, capsys):
+    from convert.cli import main
+    from edge_runtime.metadata import read_metadata
+
+    d, _ = bare_head
+    base = [str(d / "head.h5"), "--labels", HEAD_LABELS, "--formats", "tflite-int8", "--layer-report-n", "0"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 1  # the row fails, saying what it needs
+    out = capsys.readouterr().out
+    assert "needs calibration inputs" in out and ".npy of inputs (N, 8, 8, 2048)" in out
+
+    assert main(base + ["--out", str(tmp_path / "b"), "--calib", str(d / "wrong.npy")]) == 2
+    assert "shape (48, 4, 8, 2048)" in capsys.readouterr().err
+
+    assert main(base + ["--out", str(tmp_path / "c"), "--calib", str(d / "feats.npy"), "--calib-n", "24",
+                        "--allow-drop"]) == 0
+    meta = read_metadata(tmp_path / "c" / "head_tflite-int8.tflite")
+    assert meta.quantization["calibration_images"] == 24 and meta.quantization["calibration_from"].startswith("feats.npy")
+
+    # A feature store: train split calibrates, test split proves, with labels (here Keras' own answers).
+    assert main(base + ["--out", str(tmp_path / "d"), "--calib", str(d / "store.h5"), "--allow-drop"]) == 0
+    report = json.loads((tmp_path / "d" / "conversion.json").read_text())
+    assert report["proof"]["images"] == 24 and report["rows"][0]["keras_accuracy"] == 1.0
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "e"), "--calib", str(d / "store.h5"), "--labels", "a,b,c,d"]) == 2
+    assert "differ from the model's labels" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_image_sized_bare_model_says_how_to_take_features(tmp_path, capsys):
+    import keras
+
+    from convert.cli import main
+
+    inp = keras.Input((32, 32, 3))
+    keras.Model(inp, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(inp))).save(tmp_path / "m.h5")
+    args = [str(tmp_path / "m.h5"), "--labels", "a,b", "--formats", "tflite-float32"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the preprocessing (64, 64, 3)" in err and "--part head" in err
+    assert main(args + ["--out", str(tmp_path / "b"), "--part", "head"]) == 0
+    vec = keras.Input((16,))  # a 1-D feature vector: a features model without being asked
+    keras.Model(vec, keras.layers.Dense(3, activation="softmax")(vec)).save(tmp_path / "v.keras")
+    assert main([str(tmp_path / "v.keras"), "--labels", "a,b,c", "--formats", "tflite-float32",
+                 "--out", str(tmp_path / "c")]) == 0
+    import edge_runtime
+
+    model = edge_runtime.load(tmp_path / "c" / "v_tflite-float32.tflite")
+    assert len(model.predict(np.ones((5, 16), np.float32))) == 5
+
+
+# ---------------------------------------------------------------- each row judged by what it is
+
+
+def test_qat_rows_are_judged_by_accuracy_drop_not_agreement():
+    from convert.export import Options, criterion, judge
+    from convert.formats import FORMATS
+
+    qat, ptq = FORMATS["tflite-qat-int8"], FORMATS["tflite-int8"]
+    # Issue 14's edge run: the QAT row agrees 0.963 with Keras while its accuracy is 0.939 against 0.938.
+    proof = {"top1_agreement": 0.963, "max_abs_diff": 0.4, "keras_accuracy": 0.938, "accuracy": 0.939}
+    opts = Options()
+    assert judge(qat, proof, opts) is None
+    c = criterion(qat, proof, opts)
+    assert c["metric"] == "accuracy_drop_pp" and c["value"] == pytest.approx(-0.1) and c["bound"] == 1.0
+    assert "agreement" in judge(ptq, proof, opts)  # post-training int8 is a copy: held to agreement
+    lost = {**proof, "top1_agreement": 0.99, "accuracy": 0.92}  # agrees more, yet 1.8 points less accurate
+    assert "--qat-max-drop 1" in judge(qat, lost, opts) and judge(ptq, lost, opts) is None
+    assert judge(qat, lost, Options(qat_max_drop=2.0)) is None
+    unlabelled = {**proof, "keras_accuracy": None, "accuracy": None}
+    c = criterion(qat, unlabelled, opts)
+    assert c["metric"] == "top1_agreement" and not c["passed"] and "no labelled" in c["why"]
+    assert criterion(FORMATS["tflite-float32"], {**proof, "max_abs_diff": 2e-4}, opts)["passed"] is False
+
+
+@pytest.mark.slow
+def test_qat_row_records_its_criterion_through_the_cli(tiny_run, tmp_path, capsys):
+    from convert.cli import main
+
+    base = [str(tiny_run), "--formats", "tflite-qat-int8", "--qat-epochs", "1", "--qat-learning-rate", "1e-4",
+            "--calib-n", "16", "--eval-n", "40", "--layer-report-n", "0", "--golden-n", "2", "--name", "m"]
+    # Any disagreement would fail --min-agreement 1.0; a QAT row is held to accuracy instead.
+    assert main(base + ["--out", str(tmp_path / "a"), "--min-agreement", "1.0", "--qat-max-drop", "100"]) == 0
+    out = capsys.readouterr().out
+    row = json.loads((tmp_path / "a" / "conversion.json").read_text())["rows"][0]
+    assert row["status"] == "ok" and row["criterion"]["metric"] == "accuracy_drop_pp"
+    assert row["criterion"]["value"] == pytest.approx(100 * (row["keras_accuracy"] - row["accuracy"]), abs=1e-6)
+    assert "judged by" in out and row["criterion"]["text"] in out
+    # A bound no fine-tune can meet (100 points better than Keras): flagged, and kept only with --allow-drop.
+    assert main(base + ["--out", str(tmp_path / "b"), "--qat-max-drop", "-100", "--allow-drop"]) == 0
+    report = json.loads((tmp_path / "b" / "conversion.json").read_text())
+    row = report["rows"][0]
+    assert row["status"] == "kept-below-threshold" and "--qat-max-drop -100" in row["error"]
+    assert not row["criterion"]["passed"] and report["thresholds"]["qat_max_drop_pp"] == -100
+
+
+# ---------------------------------------------------------------- runtime compatibility
+
+FAKE_INTERPRETER = '''
+"""A stand-in for the legacy tflite-runtime: LiteRT underneath, refusing op versions newer than
+FAKE_TFLITE_MAX_OP_VERSIONS (JSON {op: highest version}) with the message TFLite 2.14 gives."""
+import json
+import os
+
+from ai_edge_litert import schema_py_generated as schema
+from ai_edge_litert.interpreter import Interpreter as _Interpreter
+
+NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
+class Interpreter(_Interpreter):
+    def __init__(self, model_path=None, model_content=None, **kw):
+        buf = model_content if model_content is not None else open(model_path, "rb").read()
+        limits = json.loads(os.environ.get("FAKE_TFLITE_MAX_OP_VERSIONS", "{}"))
+        m = schema.Model.GetRootAs(buf, 0)
+        for i in range(m.OperatorCodesLength()):
+            c = m.OperatorCodes(i)
+            name = NAMES[max(c.BuiltinCode(), c.DeprecatedBuiltinCode())]
+            if name in limits and c.Version() > limits[name]:
+                raise ValueError(f"Didn't find op for builtin opcode '{name}' version '{c.Version()}'. An older "
+                                 "version of this builtin might be supported. Are you using an old TFLite binary "
+                                 "with a newer model?\\nRegistration failed.\\n")
+        kw.pop("experimental_preserve_all_tensors", None)
+        super().__init__(model_path=model_path, model_content=model_content, **kw)
+'''
+
+
+def _fake_tflite_runtime(root: Path, version: str = "2.14.0") -> Path:
+    pkg = root / "tflite_runtime"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    (pkg / "interpreter.py").write_text(FAKE_INTERPRETER)
+    dist = root / f"tflite_runtime-{version}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: tflite-runtime\nVersion: {version}\n")
+    return root
+
+
+def _edge_cli(env_extra: dict, *argv) -> tuple[int, str, str]:
+    import os
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env_extra}
+    res = subprocess.run([sys.executable, "-m", "edge_runtime", *map(str, argv)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    return res.returncode, res.stdout, res.stderr
+
+
+def test_each_artifact_records_what_it_requires_and_where_it_ran(trusted):
+    import importlib.metadata as md
+
+    from edge_runtime.compat import tflite_entries
+    from edge_runtime.metadata import read_metadata, tflite_metadata_entries
+
+    out, report = trusted
+    for fmt in SELFTEST_FORMATS:
+        row = next(r for r in report["rows"] if r["format"] == fmt)
+        path = _file(trusted, fmt)
+        assert read_metadata(path).runtimes == row["runtimes"]
+        proven = row["runtimes"]["proven_on"][0]
+        assert proven["ok"] and proven["runtime"] == row["runtime"]
+        assert proven["version"] == md.version("ai-edge-litert" if row["runtime"] == "litert" else "onnxruntime")
+        requires = row["runtimes"]["requires"]
+        if path.suffix == ".tflite":
+            buf = path.read_bytes()
+            entry = tflite_metadata_entries(buf)["min_runtime_version"].rstrip(b"\0").decode()
+            assert requires["min_runtime_version"] == entry and requires["op_versions"]["CONV_2D"] >= 1
+            assert tflite_entries(buf) == tflite_metadata_entries(buf)  # the schema-free reader reads the same
+        else:
+            assert requires["opsets"]["ai.onnx"] == 17 and requires["ir_version"] >= 7
+
+
+def test_too_old_runtime_names_what_the_file_needs(trusted, tmp_path):
+    """A fake tflite-runtime 2.14 that lacks the int8 CONV_2D version the file uses: edge_runtime says which
+    op and version the file needs, where it was proven, and what to install, not "truncated"."""
+    fake = _fake_tflite_runtime(tmp_path / "fake")
+    src = _file(trusted, "tflite-int8")
+    path = tmp_path / src.name  # no sidecar: the record is read from the file without the flatbuffer schema
+    path.write_bytes(src.read_bytes())
+    row = next(r for r in trusted[1]["rows"] if r["format"] == "tflite-int8")
+    conv = row["runtimes"]["requires"]["op_versions"]["CONV_2D"]
+    litert = row["runtimes"]["proven_on"][0]["version"]
+    env = {"PYTHONPATH": f"{fake}:{ROOT}"}
+
+    code, out, err = _edge_cli(env, "info", path, "--backend", "tflite-runtime")
+    assert code == 0, err  # an up-to-date "runtime": no false alarm
+    code, out, err = _edge_cli({**env, "FAKE_TFLITE_MAX_OP_VERSIONS": json.dumps({"CONV_2D": conv - 1})},
+                               "info", path, "--backend", "tflite-runtime")
+    assert code == 2, out + err
+    assert "needs a newer runtime than the installed tflite-runtime 2.14.0" in err
+    assert f"CONV_2D version {conv}" in err and f"proven on litert {litert}" in err
+    assert "min_runtime_version" in err and "truncated" not in err and "Traceback" not in err
+
+
+def test_compat_tells_a_too_new_file_from_a_broken_one(tmp_path):
+    from edge_runtime.compat import explain, too_new, version_tuple
+
+    assert version_tuple("2.14.0") < version_tuple("2.15.0") and version_tuple("2.14.0rc1") == (2, 14, 0)
+    assert too_new("Didn't find op for builtin opcode 'FULLY_CONNECTED' version '12'. An older version") == {
+        "op": "FULLY_CONNECTED", "version": "12"}
+    p = tmp_path / "m.tflite"
+    p.write_bytes(b"\0" * 64)
+    assert explain(p, "litert", "2.3.0", "Could not open 'm.tflite': the model is not a valid flatbuffer", "pip") is None
+    # A legacy runtime older than the version the file's metadata states: said even when its error is opaque.
+    p.with_suffix(".json").write_text(json.dumps({"runtimes": {"requires": {"min_runtime_version": "2.15.0"}}}))
+    msg = explain(p, "tflite-runtime", "2.14.0", "Registration failed.", "pip install x")
+    assert "minimum TFLite runtime version of 2.15.0" in msg and "sidecar .json" in msg

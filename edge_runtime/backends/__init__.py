@@ -53,6 +53,15 @@ class Backend:
     def installed(self) -> bool:
         return importlib.util.find_spec(self.import_name) is not None
 
+    def version(self) -> str:
+        """The installed runtime package's version, read without importing it ("unknown" if not found)."""
+        import importlib.metadata as md
+
+        try:
+            return md.version(self.package)
+        except md.PackageNotFoundError:
+            return "unknown"
+
     def install_hint(self) -> str:
         if self.name == "tflite-runtime":
             return "pip install tflite-runtime (needs numpy < 2; prefer ai-edge-litert: " + EXTRA + ")"

@@ -41,8 +41,16 @@ def probe(path: Path, timeout: float = 120.0) -> None:
         raise ValueError(f"tflite-runtime crashed opening it ({sig}); the file is truncated or corrupt "
                          "(tflite-runtime 2.14 does not verify model files; LiteRT does)")
     if res.returncode != 0:
-        lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
-        raise ValueError(lines[-1] if lines else f"tflite-runtime exited with code {res.returncode}")
+        raise ValueError(_exception_text(res.stderr) or f"tflite-runtime exited with code {res.returncode}")
+
+
+def _exception_text(stderr: str) -> str:
+    """The exception of a child's traceback, all its lines: TFLite's "Didn't find op ... version '12'" comes
+    on the line before the last one ("Registration failed.")."""
+    lines = [l for l in stderr.strip().splitlines() if l.strip()]
+    frames = [i for i, l in enumerate(lines) if l.startswith(" ")]  # traceback frames are indented
+    tail = lines[frames[-1] + 1:] if frames else lines[-1:]
+    return " ".join(l.strip() for l in tail)
 
 
 def open_session(path: Path, threads: int | None = None, *, batch: int | None = 1, extra_outputs: Sequence[int] = (),
