@@ -123,14 +123,15 @@ def mediapipe_files(metas: list[tuple[str, ArtifactMetadata]],
 
 def _mediapipe_text(model: str, metas, standard) -> list[str]:
     files = mediapipe_files(metas, standard)
+    others = [f for f, m in metas if f.endswith(".tflite") and f not in {x[0] for x in files}]
     if not files:
-        return []
+        return ["## MediaPipe Tasks", "", "- not for MediaPipe (its ImageClassifier takes float32 or uint8 input): "
+                + ", ".join(f"`{f}`" for f in others) + "; use LiteRT below.", ""] if others else []
     f0, m0, s0 = files[0]
     norm = s0["inputs"][0]["normalization"]
     labels_file = s0["outputs"][0]["associated_files"][0]["name"]
     n = len(m0.labels)
     stem = f0.rsplit(".", 1)[0]
-    others = [f for f, m in metas if f.endswith(".tflite") and f not in {x[0] for x in files}]
     out = [
         "## Android and iOS with MediaPipe Tasks (.tflite): no glue code",
         "",
