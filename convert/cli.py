@@ -145,15 +145,41 @@ def format_metadata(meta) -> str:
     return "\n".join(lines)
 
 
+def format_standard(d: dict) -> str:
+    """The standard TFLite metadata (`edge_runtime.standard_metadata.read`), one field a line."""
+    lines = [f"  {k}: {d[k]}" for k in ("name", "version", "author", "license", "min_parser_version")]
+    for kind in ("inputs", "outputs"):
+        for t in d[kind]:
+            norm = t.get("normalization")
+            lines.append(f"  {kind[:-1]} {t['name']}: {t.get('content')}"
+                         + (f" {t['color_space']}" if t.get("color_space") else "")
+                         + (f", normalisation mean {norm['mean']} std {norm['std']}" if norm else "")
+                         + (f", range {t['stats']['min']}..{t['stats']['max']}" if t.get("stats") else "")
+                         + "".join(f", {f['type']} file {f['name']}" for f in t["associated_files"]))
+    lines.append(f"  packed files: {', '.join(d['packed_files']) or 'none'}")
+    return "\n".join(lines)
+
+
 def _inspect(args) -> int:
     from edge_runtime.metadata import read_metadata
 
     meta = read_metadata(args.file)
+    standard = None
+    if args.file.suffix.lower() == ".tflite":
+        from edge_runtime.standard_metadata import read
+
+        standard = read(args.file.read_bytes())
     if args.format == "json":
-        print(meta.to_json(), end="")
+        d = meta.to_dict()
+        if standard is not None:
+            d["tflite_metadata"] = standard  # beside medge's keys; the sidecar .json holds medge's alone
+        print(json.dumps(d, indent=2))
     else:
         print(f"{args.file} ({args.file.stat().st_size / 1e6:.3f} MB)")
         print(format_metadata(meta))
+        if standard is not None:
+            print("\nstandard TFLite metadata (TFLITE_METADATA; MediaPipe Tasks reads it):")
+            print(format_standard(standard))
         row = _row_beside(args.file)
         report = (row or {}).get("layer_errors")
         if report and "layers" in report:

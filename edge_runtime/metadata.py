@@ -11,6 +11,11 @@
 - every artifact also gets a sidecar `<artifact stem>.json` with the same
   dictionary, for tools that cannot open the model file.
 
+An image-input `.tflite` also gets the standard TFLite Model Metadata
+(`TFLITE_METADATA` entry and `labels.txt` packed after the flatbuffer), derived
+from the `medge` entry, so MediaPipe Tasks classifies with the file as it is
+(`edge_runtime.standard_metadata`).
+
     python -m convert inspect runs/malaria-edge/export/malaria-edge_tflite-int8.tflite
 
 Nothing here imports TensorFlow or Keras; a test checks that.
@@ -35,6 +40,8 @@ SCHEMA = "medge-artifact/1"
 METADATA_KEY = "medge"
 # The golden set's entry (edge_runtime.golden), beside METADATA_KEY; readers that do not know it ignore it.
 GOLDEN_KEY = "medge-golden"
+# The standard TFLite Model Metadata's entry (MediaPipe Tasks, TFLite Support), made from METADATA_KEY's contract.
+STANDARD_KEY = "TFLITE_METADATA"
 TFLITE_IDENTIFIER = b"TFL3"
 
 
@@ -249,18 +256,37 @@ def embed_tflite(model: bytes | bytearray, meta: ArtifactMetadata, extra: Mappin
 
     `extra` adds (or replaces) further entries by name, e.g. the golden set
     (`edge_runtime.golden`). Other entries (the converter's
-    `min_runtime_version`, `CONVERSION_METADATA`) are kept.
+    `min_runtime_version`, `CONVERSION_METADATA`) are kept. An image-input
+    model (`meta.part == "model"`) also gets the standard `TFLITE_METADATA`
+    entry and its `labels.txt`, made from `meta` (`edge_runtime.standard_metadata`).
     """
-    return embed_tflite_entries(model, {METADATA_KEY: meta.to_json().encode("utf-8"), **dict(extra or {})})
+    from edge_runtime import standard_metadata as std
+
+    entries = {METADATA_KEY: meta.to_json().encode("utf-8"), **dict(extra or {})}
+    files = None
+    if std.applies(meta):
+        entries[STANDARD_KEY] = std.build(meta)
+        files = std.associated_files(meta)
+    return embed_tflite_entries(model, entries, files)
 
 
-def embed_tflite_entries(model: bytes | bytearray, entries: Mapping[str, bytes]) -> bytes:
-    """The .tflite bytes with `entries` (name -> bytes) as `Model.metadata` entries, replacing same-named ones."""
+def embed_tflite_entries(model: bytes | bytearray, entries: Mapping[str, bytes],
+                         files: Mapping[str, bytes] | None = None) -> bytes:
+    """The .tflite bytes with `entries` (name -> bytes) as `Model.metadata` entries, replacing same-named ones.
+
+    `files` (name -> bytes) are packed after the flatbuffer as the standard
+    metadata's associated files (a zip archive); None keeps the ones the model
+    already carries, when it has a `TFLITE_METADATA` entry that names them.
+    """
     import flatbuffers
+
+    from edge_runtime import standard_metadata as std
 
     schema = _schema()
     buf = bytes(model)
     _check_tflite(buf, "model")
+    if files is None:  # repacking writes the flatbuffer alone: carry the packed files over
+        files = std.packed_files(buf) if STANDARD_KEY in tflite_metadata_entries(buf) else {}
     m = schema.ModelT.InitFromPackedBuf(bytearray(buf), 0)
     if any(b.offset > 1 for b in (m.buffers or [])):
         raise ValueError("models over 2 GB (buffers outside the flatbuffer) are not supported for metadata embedding")
@@ -281,24 +307,34 @@ def embed_tflite_entries(model: bytes | bytearray, entries: Mapping[str, bytes])
         m.metadata.append(entry)
     builder = flatbuffers.Builder(len(buf) + size + 1024)
     builder.Finish(m.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
-    return bytes(builder.Output())
+    return std.pack_files(bytes(builder.Output()), files)
 
 
-def tflite_without_metadata(model: bytes | bytearray, keys: Sequence[str] = (METADATA_KEY, GOLDEN_KEY)) -> bytes:
-    """The .tflite bytes with medge's metadata entries (`keys`) and their buffers' data removed, repacked.
+# The entries `python -m convert` writes: medge's contract, the golden set, the standard metadata made from them.
+CONVERT_KEYS = (METADATA_KEY, GOLDEN_KEY, STANDARD_KEY)
+
+
+def tflite_without_metadata(model: bytes | bytearray, keys: Sequence[str] = CONVERT_KEYS) -> bytes:
+    """The .tflite bytes with the metadata entries convert writes (`keys`) and their buffers' data removed, repacked.
 
     Two conversions of one model differ in medge's entry (its `created` time)
-    and nowhere else (the golden set, when both have one, is the same);
-    comparing what this returns tells whether they are the same network,
-    weights and quantization.
+    and nowhere else (the golden set, when both have one, is the same; the
+    standard entry holds no time); comparing what this returns tells whether
+    they are the same network, weights and quantization. The files packed
+    after the flatbuffer (the standard metadata's `labels.txt`) go with the
+    standard entry, and stay when it does.
     """
     import flatbuffers
+
+    from edge_runtime import standard_metadata as std
 
     if isinstance(keys, str):
         keys = (keys,)
     schema = _schema()
     buf = bytes(model)
     _check_tflite(buf, "model")
+    entries = tflite_metadata_entries(buf)
+    files = std.packed_files(buf) if STANDARD_KEY in entries and STANDARD_KEY not in keys else {}
     m = schema.ModelT.InitFromPackedBuf(bytearray(buf), 0)
     for e in [e for e in (m.metadata or []) if _name(e.name) in keys]:
         m.buffers[e.buffer] = schema.BufferT()
@@ -310,7 +346,7 @@ def tflite_without_metadata(model: bytes | bytearray, keys: Sequence[str] = (MET
         m.buffers.pop()
     builder = flatbuffers.Builder(len(buf) + 1024)
     builder.Finish(m.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
-    return bytes(builder.Output())
+    return std.pack_files(bytes(builder.Output()), files)
 
 
 def _name(n: Any) -> str:

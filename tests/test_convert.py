@@ -242,6 +242,12 @@ def test_bundle(exported):
     note = (folder / "INTEGRATION.md").read_text()
     for needle in ("[1, 64, 64, 3]", "NHWC", "float32", "Android", "iOS", "ONNX Runtime Mobile", "labels.txt"):
         assert needle in note
+    # MediaPipe Tasks on the .tflite files (their standard metadata), the decision with the files' own threshold.
+    from edge_runtime.model import EdgeModel
+
+    meta = read_metadata(out / "run_tflite-float32.tflite")
+    assert 'setModelAssetPath("run_tflite-float32.tflite")' in note and "MPImage(uiImage: image)" in note
+    assert f"val threshold = {EdgeModel.default_threshold(meta):g}f" in note and "std [255.0, 255.0, 255.0]" in note
     with zipfile.ZipFile(out / "run_bundle.zip") as zf:
         assert sorted(zf.namelist()) == sorted(f"run_bundle/{p.name}" for p in folder.iterdir())
 

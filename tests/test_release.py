@@ -65,6 +65,11 @@ def test_release_writes_artifact_registry_and_card(released, monkeypatch):
 
     model = edge_runtime.load("tinymal")
     assert model.path == pkg / "tinymal.tflite" and model.metadata.format == "tflite-int8"
+    # The released file carries the standard metadata MediaPipe Tasks reads, with its labels packed in.
+    from edge_runtime.standard_metadata import read as read_standard
+
+    standard = read_standard(model.path.read_bytes())
+    assert standard is not None and standard["packed_files"] == ["labels.txt"]
 
 
 def test_release_refuses_a_sample_the_run_trained_on(tiny_run, tmp_path):
