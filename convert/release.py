@@ -234,7 +234,7 @@ def release(
             "cells": data["trained_cells"], "patients": data["trained_patients"],
             "weights": size["weights"], "macs": size["macs"],
             "source_sha256": sha256_file(dest / "model.keras"),
-            "data": "NIH malaria cell images (LHNCBC), the developer patients minus the bundled sample's",
+            "data": f"{data['data_root']}: every patient of the training manifest; none of {sample}'s",
             "threshold": read_metadata(artifact).confidence_threshold,
             "created": cfg.created,
         },
