@@ -335,10 +335,13 @@ def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
             "| metric | mean +- std | pooled [95% CI] |",
             "|---|---:|---:|",
         ]
-        for k in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+        for k in ("accuracy", "sensitivity", "specificity"):
             mean, std = cv[f"{k}_mean"], cv[f"{k}_std"]
-            lines.append(f"| {k.replace('_', ' ')} | {_pct(mean)} +- {100 * std:.2f} | "
+            lines.append(f"| {k} | {_pct(mean)} +- {100 * std:.2f} | "
                          f"{_pct(cv[f'{k}_pooled'])}{_ci(cv[f'{k}_ci95'])} |")
+        lo, hi = cv["roc_auc_ci95"] or (float("nan"), float("nan"))
+        lines.append(f"| ROC AUC | {cv['roc_auc_mean']:.4f} +- {cv['roc_auc_std']:.4f} | "
+                     f"{cv['roc_auc_pooled']:.4f} [{lo:.4f}, {hi:.4f}] |")
         lines += ["", f"`{cv['command']}`", ""]
     else:
         lines += ["No cross-validation was given to the release (`--cv`).", ""]
