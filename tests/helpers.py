@@ -78,11 +78,16 @@ def cells(n: int, step: int = 1) -> list[Path]:
     return files[::step][:n]
 
 
-def run_cli(*argv) -> tuple[int, str, str]:
-    """The CLI in a subprocess (as a user runs it): (exit code, stdout, stderr)."""
+def run_python(argv, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python ARGV` in a subprocess from the repository root, as a user runs it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    res = subprocess.run([sys.executable, "-m", "edge_runtime", *map(str, argv)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    """The edge_runtime CLI in a subprocess (as a user runs it): (exit code, stdout, stderr)."""
+    res = run_python(["-m", "edge_runtime", *argv])
     return res.returncode, res.stdout, res.stderr
 
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,17 +11,11 @@ pytest.importorskip("tensorflow")
 
 from edge_runtime import registry  # noqa: E402
 from edge_runtime.metadata import read_tflite, tflite_without_metadata  # noqa: E402
-from tests.helpers import ROOT, SAMPLE  # noqa: E402
+from tests.helpers import ROOT, SAMPLE, run_python  # noqa: E402
 from train.split import read_manifest  # noqa: E402
 
 RELEASE = ROOT / "releases" / "malaria"
 SHARED_MALARIA = ROOT.parent / "shared" / "data" / "malaria"
-
-
-def _python(argv) -> subprocess.CompletedProcess:
-    """`python ARGV` from the repository root, as the model card tells a user to run it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _tree_of(records, out: Path) -> Path:
@@ -86,7 +77,7 @@ def test_convert_remakes_the_released_artifact_exactly(released, tmp_path):
     from convert.release import reproduce_command
 
     entry, tmp = released
-    proc = _python(reproduce_command(tmp / "rel", str(tmp_path))[1:])
+    proc = run_python(reproduce_command(tmp / "rel", str(tmp_path))[1:], timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     made = next(tmp_path.glob("*_tflite-int8.tflite")).read_bytes()
     shipped = (tmp / "pkg" / entry.file).read_bytes()
@@ -99,7 +90,7 @@ def test_committed_release_is_what_convert_makes_from_the_committed_model(tmp_pa
     from convert.release import reproduce_command
 
     entry = registry.get("malaria")
-    proc = _python(reproduce_command(RELEASE.relative_to(ROOT), str(tmp_path))[1:])
+    proc = run_python(reproduce_command(RELEASE.relative_to(ROOT), str(tmp_path))[1:], timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     made = next(tmp_path.glob("*_tflite-int8.tflite")).read_bytes()
     assert tflite_without_metadata(made) == tflite_without_metadata(registry.verified_path(entry).read_bytes())
