@@ -66,6 +66,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--exclude-split", choices=("train", "val", "test"),
                    help="keep this split of the manifest out of the cross-validation (e.g. a held-out test split)")
 
+    r = sub.add_parser(
+        "review", help="which labels to doubt: cleanlab on a cross-validation's out-of-fold predictions",
+        description="Flags the cells whose given label disagrees with their out-of-fold prediction (cleanlab's "
+                    "confident learning), estimates the share of wrong labels, and writes label_issues.csv, "
+                    "summary.json/.md and a contact sheet per label for a person to review. Changes nothing.",
+    )
+    r.add_argument("cv", type=Path, help="a `train cv` folder (its oof.csv is read)")
+    r.add_argument("--out", type=Path, help="output folder (default: CV/review)")
+    r.add_argument("--top", type=int, default=48, help="cells per contact sheet (default 48)")
+
     e = sub.add_parser("evaluate", help="evaluate a run on a manifest split or a class-folder tree")
     e.add_argument("run", type=Path, help="run directory (or a .keras file inside one)")
     src = e.add_mutually_exclusive_group(required=True)
@@ -104,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             from train.malaria import cv
 
             return cv.run(args, sys.argv[1:] if argv is None else argv)
+        if args.command == "review":
+            from train.malaria import review
+
+            return review.run(args.cv, args.out, args.top)
         if args.command == "evaluate":
             from train import evaluate
 
