@@ -9,6 +9,7 @@
     python -m edge_runtime models [--json] [--card NAME]
     python -m edge_runtime selftest MODEL [--json]     # the artifact's golden set on this device's runtime
     python -m edge_runtime predict malaria cells/          # a released model, by name
+    python -m edge_runtime webruntime fetch [--dir DIR]    # LiteRT.js for the field app's on-phone inference
 
 MODEL is an artifact file or the name of a model released with the package
 (`models` lists them with version, sha256 and measured figures).
@@ -165,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("model", type=Path, help=".tflite, .onnx or .ort artifact, or a released name")
     pt.add_argument("--json", action="store_const", const="json", dest="format", default="table")
     runtime_args(pt)
+
+    pw = sub.add_parser("webruntime", help="fetch (pinned, verified) or check LiteRT.js, which the field app serves "
+                                           "so phones run the malaria model themselves")
+    from edge_runtime.webruntime import add_arguments as webruntime_args
+
+    webruntime_args(pw)
 
     pm = sub.add_parser("models", help="list the models released with the package")
     pm.add_argument("--json", action="store_const", const="json", dest="format", default="table")
@@ -411,6 +418,12 @@ def _figure(metrics: dict, key: str) -> str:
     return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else "-"
 
 
+def cmd_webruntime(args) -> int:
+    from edge_runtime.webruntime import run
+
+    return run(args)
+
+
 def cmd_models(args) -> int:
     from edge_runtime import registry
 
@@ -488,7 +501,7 @@ def cmd_selftest(args) -> int:
 
 
 COMMANDS = {"info": cmd_info, "selftest": cmd_selftest, "predict": cmd_predict, "smear": cmd_smear,
-            "models": cmd_models, "serve": cmd_serve}
+            "models": cmd_models, "serve": cmd_serve, "webruntime": cmd_webruntime}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
