@@ -6,6 +6,7 @@
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
     python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N] [--normalise]
     python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR] [--access-code CODE]
+                                 [--web-runtime DIR|off]
     python -m edge_runtime models [--json] [--card NAME]
     python -m edge_runtime selftest MODEL [--json]     # the artifact's golden set on this device's runtime
     python -m edge_runtime predict malaria cells/          # a released model, by name
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where cases are kept (default: $XDG_DATA_HOME/medge/field-app)")
     pv.add_argument("--access-code", metavar="CODE",
                     help="code every API call needs (default: none on loopback, generated and printed otherwise)")
+    pv.add_argument("--web-runtime", metavar="DIR|off",
+                    help="where `webruntime fetch` put LiteRT.js, which lets phones run the malaria model themselves "
+                         "(default: $MEDGE_WEB_RUNTIME, else ~/.cache/medge/web-runtime; off: always on this device)")
     lim = pv.add_argument_group("limits")
     lim.add_argument("--max-upload-mb", type=_positive_float, default=64.0, help="one case's upload (default 64)")
     lim.add_argument("--max-file-mb", type=_positive_float, default=20.0, help="one photo (default 20)")

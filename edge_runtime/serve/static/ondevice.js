@@ -162,8 +162,15 @@ export async function loadModel(info) {
   }
   const t0 = performance.now();
   const litert = await import(info.runtime.module);
-  if (!litert.getGlobalLiteRtPromise()) await litert.loadLiteRt(info.runtime.wasm_dir);
-  else await litert.getGlobalLiteRtPromise();
+  if (!litert.getGlobalLiteRtPromise()) {
+    // The runtime's own log (INFO lines on stderr, which Emscripten prints with console.error) at its real level:
+    // the Emscripten module takes `printErr` from the Module object LiteRT.js' loader passes on.
+    self.Module = { printErr: (line) => (/^(INFO|VERBOSE|DEBUG)/.test(line) ? console.debug
+      : /^WARNING/.test(line) ? console.warn : console.error)(line) };
+    await litert.loadLiteRt(info.runtime.wasm_dir);
+  } else {
+    await litert.getGlobalLiteRtPromise();
+  }
   const resp = await fetch(info.model.url, { credentials: "same-origin" });
   if (!resp.ok) throw new Error(`the model file could not be fetched (${resp.status})`);
   const bytes = new Uint8Array(await resp.arrayBuffer());
