@@ -283,14 +283,32 @@ def _load(args):
                 threshold=getattr(args, "threshold", None), max_pixels=getattr(args, "max_pixels", DEFAULT_MAX_PIXELS))
 
 
+def _standard_metadata(path: Path) -> dict[str, Any] | None:
+    """The standard TFLite Model Metadata beside medge's entry (what MediaPipe Tasks reads), if the file has it."""
+    from edge_runtime.standard_metadata import read
+
+    if path.suffix.lower() != ".tflite":
+        return None
+    try:
+        return read(path.read_bytes())
+    except ImportError:  # tflite-runtime alone ships no flatbuffer schema to read entries with
+        return None
+
+
 def cmd_info(args) -> int:
+    from edge_runtime.standard_metadata import format_lines
+
     model = _load(args)
     d = model.describe()
+    standard = _standard_metadata(model.path)
     if args.format == "json":
-        print(json.dumps(d, indent=2))
+        print(json.dumps({**d, "tflite_metadata": standard} if standard else d, indent=2))
     else:
         for k, v in d.items():
             print(f"{k:>16}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+        if standard is not None:
+            print("\nstandard TFLite metadata (TFLITE_METADATA; MediaPipe Tasks reads it):")
+            print(format_lines(standard))
     return EXIT_OK
 
 
