@@ -254,6 +254,10 @@ def test_phone_browser_classifies_the_sample_cells_itself(tmp_path, reference):
     try:
         got = _classify_in_browser(driver, s, sample_cells())
         console = driver.get_log("browser")
+        # What the phone downloaded to run the model itself (Resource Timing: body bytes as sent, no compression).
+        served = driver.execute_script(
+            "return performance.getEntriesByType('resource').filter(e => /\\/web-runtime\\/|\\/api\\/ondevice|ondevice\\.js/"
+            ".test(e.name)).map(e => [new URL(e.name).pathname, e.encodedBodySize])")
         shots = Path(os.environ.get("MEDGE_SCREENSHOTS") or tmp_path / "screenshots")
         shots.mkdir(parents=True, exist_ok=True)
         driver.execute_script("window.scrollTo(0, 0)")
@@ -268,7 +272,10 @@ def test_phone_browser_classifies_the_sample_cells_itself(tmp_path, reference):
     assert float(d["phoneMsP50"]) > 0 and "per cell" in got["summary"]
     errors = [e for e in console if e.get("level") == "SEVERE"]
     assert not errors, errors
-    print(f"\non the phone ({rt.lock.name} {rt.lock.version}, {rt.bytes / 2**20:.1f} MB of runtime files): "
+    assert any(path.endswith(".wasm") for path, _ in served), served
+    print("\nserved to the phone: " + ", ".join(f"{path} {n / 1024:.0f} KB" for path, n in served)
+          + f"; {sum(n for _, n in served) / 2**20:.2f} MB in all")
+    print(f"on the phone ({rt.lock.name} {rt.lock.version}, {rt.bytes / 2**20:.1f} MB of runtime files cached): "
           f"{len(got['rows'])} cells, agreement with edge_runtime {100 * agreement:.2f}%; per cell p50 "
           f"{float(d['phoneMsP50']):.2f} ms (preprocess {float(d['preprocessMsP50']):.2f} + inference "
           f"{float(d['inferenceMsP50']):.2f}), p95 {float(d['phoneMsP95']):.2f} ms; {got['wall_s']:.1f} s in all\n"
