@@ -365,10 +365,11 @@ async function onDeviceBatch(files) {
 
 function cellRow(c) {
   const verdict = c.error ? "error" : c.uncertain ? "uncertain" : c.label === "Parasitized" ? "parasitized" : "uninfected";
-  const answer = c.error ? c.error : `${c.uncertain ? "uncertain: " : ""}${c.label} ${c.confidence.toFixed(2)}`;
+  const answer = c.error ? c.error : `${c.uncertain ? "uncertain" : c.label} ${c.confidence.toFixed(2)}`;
+  const detail = c.error ? c.error : `${c.uncertain ? "uncertain, best guess " : ""}${c.label} ${c.confidence.toFixed(3)}`;
   return el("tr", { class: verdict, "data-name": c.source, "data-label": c.label || "", "data-where": c.where,
     "data-ms": c.ms.toFixed(3) },
-    el("td", { text: c.source, title: c.source }), el("td", { text: answer }),
+    el("td", { text: c.source, title: c.source }), el("td", { text: answer, title: detail }),
     el("td", { text: c.where === "phone" ? "phone" : "device" }), el("td", { text: c.ms.toFixed(1) }));
 }
 
