@@ -145,21 +145,6 @@ def format_metadata(meta) -> str:
     return "\n".join(lines)
 
 
-def format_standard(d: dict) -> str:
-    """The standard TFLite metadata (`edge_runtime.standard_metadata.read`), one field a line."""
-    lines = [f"  {k}: {d[k]}" for k in ("name", "version", "author", "license", "min_parser_version")]
-    for kind in ("inputs", "outputs"):
-        for t in d[kind]:
-            norm = t.get("normalization")
-            lines.append(f"  {kind[:-1]} {t['name']}: {t.get('content')}"
-                         + (f" {t['color_space']}" if t.get("color_space") else "")
-                         + (f", normalisation mean {norm['mean']} std {norm['std']}" if norm else "")
-                         + (f", range {t['stats']['min']}..{t['stats']['max']}" if t.get("stats") else "")
-                         + "".join(f", {f['type']} file {f['name']}" for f in t["associated_files"]))
-    lines.append(f"  packed files: {', '.join(d['packed_files']) or 'none'}")
-    return "\n".join(lines)
-
-
 def _inspect(args) -> int:
     from edge_runtime.metadata import read_metadata
 
@@ -178,8 +163,10 @@ def _inspect(args) -> int:
         print(f"{args.file} ({args.file.stat().st_size / 1e6:.3f} MB)")
         print(format_metadata(meta))
         if standard is not None:
+            from edge_runtime.standard_metadata import format_lines
+
             print("\nstandard TFLite metadata (TFLITE_METADATA; MediaPipe Tasks reads it):")
-            print(format_standard(standard))
+            print(format_lines(standard))
         row = _row_beside(args.file)
         report = (row or {}).get("layer_errors")
         if report and "layers" in report:

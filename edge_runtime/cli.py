@@ -6,9 +6,11 @@
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
     python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N] [--normalise]
     python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR] [--access-code CODE]
+                                 [--web-runtime DIR|off]
     python -m edge_runtime models [--json] [--card NAME]
     python -m edge_runtime selftest MODEL [--json]     # the artifact's golden set on this device's runtime
     python -m edge_runtime predict malaria cells/          # a released model, by name
+    python -m edge_runtime webruntime fetch [--dir DIR]    # LiteRT.js for the field app's on-phone inference
 
 MODEL is an artifact file or the name of a model released with the package
 (`models` lists them with version, sha256 and measured figures).
@@ -146,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where cases are kept (default: $XDG_DATA_HOME/medge/field-app)")
     pv.add_argument("--access-code", metavar="CODE",
                     help="code every API call needs (default: none on loopback, generated and printed otherwise)")
+    pv.add_argument("--web-runtime", metavar="DIR|off",
+                    help="where `webruntime fetch` put LiteRT.js, which lets phones run the malaria model themselves "
+                         "(default: $MEDGE_WEB_RUNTIME, else ~/.cache/medge/web-runtime; off: always on this device)")
     lim = pv.add_argument_group("limits")
     lim.add_argument("--max-upload-mb", type=_positive_float, default=64.0, help="one case's upload (default 64)")
     lim.add_argument("--max-file-mb", type=_positive_float, default=20.0, help="one photo (default 20)")
@@ -165,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("model", type=Path, help=".tflite, .onnx or .ort artifact, or a released name")
     pt.add_argument("--json", action="store_const", const="json", dest="format", default="table")
     runtime_args(pt)
+
+    pw = sub.add_parser("webruntime", help="fetch (pinned, verified) or check LiteRT.js, which the field app serves "
+                                           "so phones run the malaria model themselves")
+    from edge_runtime.webruntime import add_arguments as webruntime_args
+
+    webruntime_args(pw)
 
     pm = sub.add_parser("models", help="list the models released with the package")
     pm.add_argument("--json", action="store_const", const="json", dest="format", default="table")
@@ -272,14 +283,32 @@ def _load(args):
                 threshold=getattr(args, "threshold", None), max_pixels=getattr(args, "max_pixels", DEFAULT_MAX_PIXELS))
 
 
+def _standard_metadata(path: Path) -> dict[str, Any] | None:
+    """The standard TFLite Model Metadata beside medge's entry (what MediaPipe Tasks reads), if the file has it."""
+    from edge_runtime.standard_metadata import read
+
+    if path.suffix.lower() != ".tflite":
+        return None
+    try:
+        return read(path.read_bytes())
+    except ImportError:  # tflite-runtime alone ships no flatbuffer schema to read entries with
+        return None
+
+
 def cmd_info(args) -> int:
+    from edge_runtime.standard_metadata import format_lines
+
     model = _load(args)
     d = model.describe()
+    standard = _standard_metadata(model.path)
     if args.format == "json":
-        print(json.dumps(d, indent=2))
+        print(json.dumps({**d, "tflite_metadata": standard} if standard else d, indent=2))
     else:
         for k, v in d.items():
             print(f"{k:>16}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+        if standard is not None:
+            print("\nstandard TFLite metadata (TFLITE_METADATA; MediaPipe Tasks reads it):")
+            print(format_lines(standard))
     return EXIT_OK
 
 
@@ -411,6 +440,12 @@ def _figure(metrics: dict, key: str) -> str:
     return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else "-"
 
 
+def cmd_webruntime(args) -> int:
+    from edge_runtime.webruntime import run
+
+    return run(args)
+
+
 def cmd_models(args) -> int:
     from edge_runtime import registry
 
@@ -488,7 +523,7 @@ def cmd_selftest(args) -> int:
 
 
 COMMANDS = {"info": cmd_info, "selftest": cmd_selftest, "predict": cmd_predict, "smear": cmd_smear,
-            "models": cmd_models, "serve": cmd_serve}
+            "models": cmd_models, "serve": cmd_serve, "webruntime": cmd_webruntime}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

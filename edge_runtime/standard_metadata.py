@@ -344,3 +344,18 @@ def read(model: bytes) -> dict[str, Any] | None:
     d = parse(entries[STANDARD_KEY])
     d["packed_files"] = sorted(packed_files(model))
     return d
+
+
+def format_lines(d: dict[str, Any]) -> str:
+    """The standard TFLite metadata (`read`), one field a line."""
+    lines = [f"  {k}: {d[k]}" for k in ("name", "version", "author", "license", "min_parser_version")]
+    for kind in ("inputs", "outputs"):
+        for t in d[kind]:
+            norm = t.get("normalization")
+            lines.append(f"  {kind[:-1]} {t['name']}: {t.get('content')}"
+                         + (f" {t['color_space']}" if t.get("color_space") else "")
+                         + (f", normalisation mean {norm['mean']} std {norm['std']}" if norm else "")
+                         + (f", range {t['stats']['min']}..{t['stats']['max']}" if t.get("stats") else "")
+                         + "".join(f", {f['type']} file {f['name']}" for f in t["associated_files"]))
+    lines.append(f"  packed files: {', '.join(d['packed_files']) or 'none'}")
+    return "\n".join(lines)

@@ -67,6 +67,18 @@ def test_models_verb_lists_version_sha_and_figures():
 
 
 @needs_release
+def test_info_shows_the_standard_metadata_beside_medges():
+    code, out, err = run_cli("info", "malaria")
+    assert code == 0, err
+    medge, _, standard = out.partition("standard TFLite metadata (TFLITE_METADATA")
+    assert "threshold: 0.8" in medge and "resize_method" in medge
+    assert "normalisation mean [0.0, 0.0, 0.0] std [255.0, 255.0, 255.0]" in standard and "labels.txt" in standard
+    code, out, _ = run_cli("info", "malaria", "--json")
+    d = json.loads(out)
+    assert d["labels"] == ["Parasitized", "Uninfected"] and d["tflite_metadata"]["packed_files"] == ["labels.txt"]
+
+
+@needs_release
 def test_an_altered_released_file_is_refused(tmp_path, monkeypatch):
     shutil.copytree(registry.RELEASED_DIR, tmp_path / "released")
     monkeypatch.setattr(registry, "RELEASED_DIR", tmp_path / "released")

@@ -144,6 +144,15 @@ class SerialModel:
         return getattr(self._model, name)
 
 
+def classify_cells(slot: "ModelSlot", images: Sequence[CheckedImage]) -> list[dict[str, Any]]:
+    """Single-cell crops -> one answer each, as `python -m edge_runtime predict` gives it (the page's fallback when
+    the phone cannot run the model itself)."""
+    pil = [Image.open(io.BytesIO(im.data)) for im in images]
+    with slot.lock:
+        preds = slot.model.predict(pil)
+    return [{**p.to_dict(), "source": im.name} for p, im in zip(preds, images)]
+
+
 def release_version(path: Path, sha256: str) -> str | None:
     """The release version of a packaged model: its entry in the registry (`models.json`) beside it with this
     file name and sha256; None for any other file."""

@@ -23,6 +23,12 @@ API (JSON unless said otherwise; errors are {"error": message, "status": code}, 
     GET  /api/cases/{id}                   one case
     GET  /api/cases/{id}/export.csv        malaria: one row per cell region; OCT: the scan's row
     GET  /api/cases/{id}/files/{name}      a file the case lists (photos, overlays, crops, Grad-CAM, reports)
+    GET  /api/ondevice                     what a phone needs to run a model itself: the runtime's URLs (or why
+                                           there is none) and per kind the model file and its medge metadata
+    GET  /api/ondevice/{kind}/model.tflite that model file, as the phone's runtime takes it (ondevice.static_batch)
+    POST /api/cells                        multipart: files (1..max_files cell crops) -> {"cells": [...], "model"}:
+                                           the malaria model on this device, for a phone that cannot run it itself
+    GET  /web-runtime/...                  LiteRT.js (`python -m edge_runtime webruntime fetch`), when installed
 
 Safety on a shared network: with an access code (always when bound beyond
 loopback) every /api call needs it, as the header `X-Access-Code` or the
@@ -57,21 +63,22 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from edge_runtime.serve.analysis import (KINDS, Limits, UploadError, analyse_malaria, analyse_oct, check_upload,
-                                         cpu_workers, display_name)
+                                         classify_cells, cpu_workers, display_name)
+from edge_runtime.serve.ondevice import RUNTIME_URL, OnDevice
 from edge_runtime.serve.storage import CASE_ID, CaseStore
 
 STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "medge_access"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 MAX_SUBJECT, MAX_NOTE = 64, 2000
+CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src {script}; connect-src 'self'; "
+       "frame-ancestors 'none'; form-action 'self'")
 SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
-                                 b"script-src 'self'; connect-src 'self'; frame-ancestors 'none'; form-action 'self'"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
@@ -98,9 +105,10 @@ def _host_name(host: str) -> str:
 class Guard:
     """ASGI middleware: host check, Origin check on writes, access code on /api, security headers."""
 
-    def __init__(self, app, access_code: str | None, loopback: bool):
+    def __init__(self, app, access_code: str | None, loopback: bool, script_src: str = "'self'"):
         self.app, self.code, self.loopback = app, access_code, loopback
         self.token = _token(access_code) if access_code else None
+        self.headers = [(b"content-security-policy", CSP.format(script=script_src).encode()), *SECURITY_HEADERS]
 
     def authorised(self, request: Request) -> bool:
         if self.code is None:
@@ -118,7 +126,7 @@ class Guard:
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + SECURITY_HEADERS
+                message["headers"] = list(message["headers"]) + self.headers
             await send(message)
 
         request = Request(scope)
@@ -206,24 +214,27 @@ def with_urls(case: dict[str, Any]) -> dict[str, Any]:
 class FieldApp:
     """Routes and the state they share (models, store, limits, the worker pool)."""
 
-    def __init__(self, slots, store: CaseStore, limits: Limits, workers: int | None, access_code: str | None):
+    def __init__(self, slots, store: CaseStore, limits: Limits, workers: int | None, access_code: str | None,
+                 ondevice: OnDevice):
         self.slots, self.store, self.limits = slots, store, limits
         self.workers = workers or cpu_workers()
         self.access_code = access_code
         self.limiter: anyio.CapacityLimiter | None = None
         self.started = None
+        self.ondevice = ondevice
+        self.page, self.page_script_hash = ondevice.page((STATIC / "index.html").read_text("utf-8"))
 
     # -------------------------------------------------------- pages and health
 
     async def index(self, request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+        return HTMLResponse(self.page, headers={"cache-control": "no-cache"})
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({
             "status": "ok", "models": {k: s.info for k, s in self.slots.items()}, "kinds": list(self.slots),
             "cases": await anyio.to_thread.run_sync(self.store.count), "limits": self.limits.to_dict(),
             "workers": self.workers, "access_code_required": self.access_code is not None,
-            "recovered_at_start": self.store.recovered,
+            "recovered_at_start": self.store.recovered, "on_device": self.ondevice.health(),
         })
 
     async def session(self, request: Request) -> Response:
@@ -274,9 +285,14 @@ class FieldApp:
                 return
 
     async def create_case(self, request: Request) -> Response:
+        return await self._with_form(request, self._create, "send the case as multipart/form-data (fields kind, "
+                                                             "files, subject, note)")
+
+    async def _with_form(self, request: Request, handle, wrong_type: str) -> Response:
+        """Read a multipart upload within the limits and hand it to `handle`; 4xx JSON for anything wrong."""
         ctype = request.headers.get("content-type", "")
         if not ctype.lower().startswith("multipart/form-data"):
-            return error(415, "send the case as multipart/form-data (fields kind, files, subject, note)")
+            return error(415, wrong_type)
         limit = self.limits.max_request_bytes
         try:
             declared = int(request.headers.get("content-length", "0") or 0)
@@ -298,7 +314,7 @@ class FieldApp:
                 if "Too many files" in e.message:
                     return error(413, f"too many photos: at most {self.limits.max_files} per case")
                 return error(400, f"the upload could not be read: {e.message}")
-            return await self._create(form)
+            return await handle(form)
         except UploadError as e:
             return error(e.status, e.message)
         finally:
@@ -310,11 +326,24 @@ class FieldApp:
         if not isinstance(kind, str) or kind not in KINDS:
             kind = kind if isinstance(kind, str) or kind is None else "a file"
             raise UploadError(400, f"“kind” must be one of {', '.join(KINDS)}; got {kind!r}")
+        slot = self._slot(kind)
+        subject = _clean_text(form.get("subject"), "subject", MAX_SUBJECT)
+        note = _clean_text(form.get("note"), "note", MAX_NOTE)
+        uploads = self._uploads(form)
+        if kind == "oct" and len(uploads) != 1:
+            raise UploadError(400, f"an OCT case takes one scan; {len(uploads)} were sent")
+        record = await anyio.to_thread.run_sync(self._analyse, kind, slot, uploads, subject, note,
+                                                limiter=self.limiter)
+        return JSONResponse(with_urls(record), status_code=201)
+
+    def _slot(self, kind: str):
         if kind not in self.slots:
             served = ", ".join(self.slots) or "none"
             raise UploadError(400, f"this device has no {kind} model loaded (it serves: {served})")
-        subject = _clean_text(form.get("subject"), "subject", MAX_SUBJECT)
-        note = _clean_text(form.get("note"), "note", MAX_NOTE)
+        return self.slots[kind]
+
+    def _uploads(self, form) -> list[tuple[str, Any]]:
+        """(display name, file object) of each part under "files", within the count and per-file limits."""
         files = form.getlist("files")
         if any(not isinstance(f, UploadFile) for f in files):
             raise UploadError(400, "“files” must be file uploads (multipart parts with a filename)")
@@ -322,8 +351,6 @@ class FieldApp:
             raise UploadError(400, "no photo was sent: add at least one file under “files”")
         if len(files) > self.limits.max_files:
             raise UploadError(413, f"too many photos: {len(files)} sent, at most {self.limits.max_files} per case")
-        if kind == "oct" and len(files) != 1:
-            raise UploadError(400, f"an OCT case takes one scan; {len(files)} were sent")
         uploads = []
         for k, f in enumerate(files):
             name = display_name(f.filename, k)
@@ -331,23 +358,52 @@ class FieldApp:
                 raise UploadError(413, f"“{name}” is {f.size / 2**20:.1f} MB; the limit is "
                                        f"{self.limits.max_file_bytes / 2**20:.0f} MB per photo.")
             uploads.append((name, f.file))  # read in the worker: a queued upload waits on disk, not in memory
-        slot = self.slots[kind]
-        record = await anyio.to_thread.run_sync(self._analyse, kind, slot, uploads, subject, note,
-                                                limiter=self.limiter)
-        return JSONResponse(with_urls(record), status_code=201)
+        return uploads
 
-    def _analyse(self, kind, slot, uploads, subject, note) -> dict[str, Any]:
-        """In a worker thread: check every image, analyse, store. Nothing is stored unless all of it worked."""
+    def _checked(self, uploads) -> list:
+        """In a worker thread: every upload read and decoded (`check_upload`), or the first one's UploadError."""
         images = []
         for name, fh in uploads:
             fh.seek(0)
             images.append(check_upload(name, fh.read(self.limits.max_file_bytes + 1), self.limits))
+        return images
+
+    def _analyse(self, kind, slot, uploads, subject, note) -> dict[str, Any]:
+        """In a worker thread: check every image, analyse, store. Nothing is stored unless all of it worked."""
+        images = self._checked(uploads)
         with self.store.stage() as st:
             if kind == "malaria":
                 record = analyse_malaria(slot, images, st, subject, note)
             else:
                 record = analyse_oct(slot, images[0], st, subject, note)
             return self.store.commit(st, record)
+
+    # -------------------------------------------------------- on the phone, or cells on this device
+
+    async def ondevice_info(self, request: Request) -> Response:
+        return JSONResponse(self.ondevice.describe())
+
+    async def ondevice_model(self, request: Request) -> Response:
+        kind = request.path_params["kind"]
+        data = self.ondevice.model_bytes(kind)
+        if data is None:
+            raise HTTPException(404, f"no {kind} model for phones here: "
+                                     f"{self.ondevice.unfit.get(kind, 'this device does not serve one')}")
+        return Response(data, media_type="application/octet-stream",
+                        headers={"cache-control": "no-cache", "etag": f'"{self.ondevice.models[kind]["sha256"]}"'})
+
+    async def create_cells(self, request: Request) -> Response:
+        return await self._with_form(request, self._cells, "send the cells as multipart/form-data (field files)")
+
+    async def _cells(self, form) -> Response:
+        slot = self._slot("malaria")
+        uploads = self._uploads(form)
+
+        def work():
+            return classify_cells(slot, self._checked(uploads))
+
+        cells = await anyio.to_thread.run_sync(work, limiter=self.limiter)
+        return JSONResponse({"cells": cells, "model": slot.info})
 
     # -------------------------------------------------------- reading
 
@@ -444,8 +500,17 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error(500, "the device hit an internal error; the case was not stored. Please try again.")
 
 
+class RuntimeFiles(StaticFiles):
+    """The phone runtime's files: revalidated by ETag on each load (a 304, not 9 MB, when unchanged)."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        resp = super().file_response(*args, **kwargs)
+        resp.headers["cache-control"] = "no-cache"
+        return resp
+
+
 def build_app(slots, store: CaseStore, limits: Limits | None = None, access_code: str | None = None,
-              loopback: bool = True, workers: int | None = None) -> Starlette:
+              loopback: bool = True, workers: int | None = None, web_runtime: str | None = None) -> Starlette:
     """The ASGI app.
 
     Args:
@@ -455,8 +520,10 @@ def build_app(slots, store: CaseStore, limits: Limits | None = None, access_code
         access_code: required on every /api call when given.
         loopback: the server is bound to a loopback address (enables the Host check).
         workers: analyses run at once (default: one per CPU core).
+        web_runtime: the phone runtime's cache folder (`edge_runtime.webruntime.cache_dir`'s default when None;
+            "off": never offer on-phone inference).
     """
-    fa = FieldApp(slots, store, limits or Limits(), workers, access_code)
+    fa = FieldApp(slots, store, limits or Limits(), workers, access_code, OnDevice(slots, web_runtime))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -473,10 +540,17 @@ def build_app(slots, store: CaseStore, limits: Limits | None = None, access_code
         Route("/api/cases/{case_id}", fa.get_case, methods=["GET"]),
         Route("/api/cases/{case_id}/export.csv", fa.export_case, methods=["GET"]),
         Route("/api/cases/{case_id}/files/{name}", fa.case_file, methods=["GET"]),
+        Route("/api/ondevice", fa.ondevice_info, methods=["GET"]),
+        Route("/api/ondevice/{kind}/model.tflite", fa.ondevice_model, methods=["GET"]),
+        Route("/api/cells", fa.create_cells, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
+    if fa.ondevice.runtime is not None:
+        routes.append(Mount(RUNTIME_URL.rstrip("/"), RuntimeFiles(directory=fa.ondevice.runtime.root)))
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error, Exception: _server_error})
     app.state.field_app = fa
-    app.add_middleware(Guard, access_code=access_code, loopback=loopback)
+    # WebAssembly compiles only under 'wasm-unsafe-eval'; the import map is the page's one inline script.
+    script_src = "'self'" + (f" 'wasm-unsafe-eval' {fa.page_script_hash}" if fa.page_script_hash else "")
+    app.add_middleware(Guard, access_code=access_code, loopback=loopback, script_src=script_src)
     return app

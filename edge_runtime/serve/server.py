@@ -100,7 +100,8 @@ def run(args) -> int:
         code = new_access_code()
     limits = Limits(max_request_bytes=int(args.max_upload_mb * 2**20), max_file_bytes=int(args.max_file_mb * 2**20),
                     max_files=args.max_files, max_pixels=int(args.max_megapixels * 1e6))
-    app = build_app(slots, store, limits, access_code=code, loopback=loopback, workers=args.workers)
+    app = build_app(slots, store, limits, access_code=code, loopback=loopback, workers=args.workers,
+                    web_runtime=args.web_runtime)
     rec = store.recovered
     print(f"medge field app on http://{args.host}:{args.port}/", flush=True)
     for kind, slot in slots.items():
@@ -109,6 +110,10 @@ def run(args) -> int:
     print(f"  cases: {store.count()} in {store.root}"
           + (f" (removed {rec['tmp']} unfinished upload(s) and {rec['orphans']} unregistered folder(s))"
              if rec["tmp"] or rec["orphans"] else ""), flush=True)
+    od = app.state.field_app.ondevice
+    print(f"  on the phone: {', '.join(od.models)} with {od.health()['runtime']}" if od.ready
+          else f"  on the phone: no ({od.reason or '; '.join(od.unfit.values()) or 'no model'}); cells run here",
+          flush=True)
     if not loopback:
         addrs = lan_addresses()
         if addrs:

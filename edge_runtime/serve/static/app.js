@@ -1,5 +1,5 @@
 // medge field app: the page a phone opens. Plain JavaScript, no build step, nothing from the internet.
-// Routes (in the URL hash, so a reload stays where it was): #/malaria, #/oct, #/cases, #/case/<id>.
+// Routes (in the URL hash, so a reload stays where it was): #/malaria, #/cells, #/oct, #/cases, #/case/<id>.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
@@ -99,7 +99,7 @@ function upload(form) {
 
 // ------------------------------------------------------------ views
 
-const VIEWS = ["code-view", "malaria-view", "oct-view", "cases-view", "case-view"];
+const VIEWS = ["code-view", "malaria-view", "cells-view", "oct-view", "cases-view", "case-view"];
 function show(id, tab) {
   for (const v of VIEWS) document.getElementById(v).hidden = v !== id;
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.tab === tab);
@@ -122,6 +122,10 @@ async function route() {
     } else if (hash === "#/cases") {
       show("cases-view", "cases");
       await loadCases();
+    } else if (hash === "#/cells") {
+      show("cells-view", "cells");
+      needModel("malaria");
+      await phoneModel();
     } else if (hash === "#/oct") {
       show("oct-view", "oct");
       needModel("oct");
@@ -301,6 +305,140 @@ function renderCase(c) {
   window.scrollTo(0, 0);
 }
 
+// ------------------------------------------------------------ single cells: on this phone, or on the device
+
+// The on-phone model is loaded once, on first use (the runtime is 9 MB); null when this phone cannot, and why.
+const cells = { loading: null, model: null, why: null, busy: false };
+
+function phoneModel() {
+  if (!cells.loading) {
+    cells.loading = (async () => {
+      try {
+        const info = await api("/api/ondevice");
+        if (!info.runtime) throw new Error(info.reason);
+        if (!info.models.malaria) throw new Error(info.unavailable.malaria || "the device has no malaria model for phones");
+        $("#cells-where").textContent = `Loading the model onto this phone (${(info.runtime.bytes / 2 ** 20).toFixed(0)} MB, once)…`;
+        const ondevice = await import("/static/ondevice.js");
+        cells.model = await ondevice.loadModel({ runtime: info.runtime, model: info.models.malaria });
+        cells.model.name = `${info.models.malaria.name} ${info.models.malaria.version}`;
+      } catch (err) {
+        if (err && err.status === 401) { cells.loading = null; throw err; }
+        cells.why = (err && err.message) || String(err);
+        console.warn(`on-phone inference unavailable: ${cells.why}`);
+      }
+      showWhere();
+      return cells.model;
+    })();
+  }
+  return cells.loading;
+}
+
+function onPhone() { return cells.model !== null && !$("#cells-on-device").checked; }
+
+function showWhere() {
+  const p = $("#cells-where");
+  if (onPhone()) {
+    p.className = "where phone";
+    p.textContent = `On this phone: ${cells.model.name} with ${cells.model.runtime.name} ${cells.model.runtime.version} ` +
+      `(WebAssembly, CPU), loaded in ${Math.round(cells.model.loadMs)} ms. Nothing is sent to the device.`;
+  } else {
+    p.className = "where device";
+    p.textContent = cells.model ? "On the device: the cells are sent to it (chosen below)."
+      : `On the device: this phone cannot run the model itself (${cells.why}). The cells are sent to the device.`;
+  }
+}
+
+function median(xs) {
+  const s = [...xs].sort((a, b) => a - b), n = s.length;
+  return n ? (n % 2 ? s[(n - 1) / 2] : (s[n / 2 - 1] + s[n / 2]) / 2) : null;
+}
+function quantile(xs, q) { const s = [...xs].sort((a, b) => a - b); return s.length ? s[Math.min(s.length - 1, Math.floor(q * s.length))] : null; }
+
+async function onDeviceBatch(files) {
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  const t0 = performance.now();
+  const body = await api("/api/cells", { method: "POST", body: form });
+  const each = (performance.now() - t0) / files.length;
+  return body.cells.map((c) => ({ ...c, where: "device", ms: each }));
+}
+
+function cellRow(c) {
+  const verdict = c.error ? "error" : c.uncertain ? "uncertain" : c.label === "Parasitized" ? "parasitized" : "uninfected";
+  const answer = c.error ? c.error : `${c.uncertain ? "uncertain" : c.label} ${c.confidence.toFixed(2)}`;
+  const detail = c.error ? c.error : `${c.uncertain ? "uncertain, best guess " : ""}${c.label} ${c.confidence.toFixed(3)}`;
+  return el("tr", { class: verdict, "data-name": c.source, "data-label": c.label || "", "data-where": c.where,
+    "data-ms": c.ms.toFixed(3) },
+    el("td", { text: c.source, title: c.source }), el("td", { text: answer, title: detail }),
+    el("td", { text: c.where === "phone" ? "phone" : "device" }), el("td", { text: c.ms.toFixed(1) }));
+}
+
+function cellsSummary(results) {
+  const ok = results.filter((c) => !c.error);
+  const count = (v) => ok.filter(v).length;
+  const phone = ok.filter((c) => c.where === "phone");
+  const box = $("#cells-summary");
+  const lines = [`${results.length} cell(s): ${count((c) => !c.uncertain && c.label === "Parasitized")} parasitized, ` +
+    `${count((c) => !c.uncertain && c.label !== "Parasitized")} uninfected, ${count((c) => c.uncertain)} uncertain` +
+    (ok.length < results.length ? `, ${results.length - ok.length} unreadable` : "") + "."];
+  if (phone.length) {
+    const ms = phone.map((c) => c.ms);
+    lines.push(`On this phone, per cell: median ${median(ms).toFixed(1)} ms (reading and resizing ` +
+      `${median(phone.map((c) => c.preprocess_ms)).toFixed(1)} ms, model ${median(phone.map((c) => c.inference_ms)).toFixed(1)} ms), ` +
+      `95% under ${quantile(ms, 0.95).toFixed(1)} ms.`);
+    Object.assign(box.dataset, { phoneCells: phone.length, phoneMsP50: median(ms).toFixed(3),
+      phoneMsP95: quantile(ms, 0.95).toFixed(3), inferenceMsP50: median(phone.map((c) => c.inference_ms)).toFixed(3),
+      preprocessMsP50: median(phone.map((c) => c.preprocess_ms)).toFixed(3) });
+  }
+  const device = ok.filter((c) => c.where === "device");
+  if (device.length) lines.push(`On the device: ${device.length} cell(s), ${median(device.map((c) => c.ms)).toFixed(1)} ms per cell including the network.`);
+  box.dataset.done = String(results.length);
+  box.replaceChildren(...lines.map((t) => el("p", { text: t })));
+  box.hidden = false;
+}
+
+async function classifyCells(input) {
+  const files = [...input.files];
+  input.value = "";
+  if (cells.busy || !files.length) return;
+  clearError();
+  cells.busy = true;
+  const tbody = $("#cells-table tbody"), results = [];
+  tbody.replaceChildren();
+  $("#cells-table").hidden = false;
+  $("#cells-summary").hidden = true;
+  delete $("#cells-summary").dataset.done;
+  const batch = state.health ? state.health.limits.max_files : 12;
+  try {
+    await phoneModel();
+    for (let i = 0; i < files.length;) {
+      progress(`Classifying cell ${i + 1} of ${files.length}…`, i / files.length);
+      let done;
+      if (onPhone()) {
+        const f = files[i];
+        try {
+          const r = await cells.model.classify(f);
+          done = [{ ...r, source: f.name, where: "phone", ms: r.preprocess_ms + r.inference_ms }];
+        } catch (err) {  // this file failed here (an image the browser cannot decode): the device tries it
+          console.warn(`on-phone classification of ${f.name} failed: ${err.message}`);
+          done = await onDeviceBatch([f]);
+        }
+      } else {
+        done = await onDeviceBatch(files.slice(i, i + batch));
+      }
+      i += done.length;
+      results.push(...done);
+      tbody.append(...done.map(cellRow));
+    }
+    cellsSummary(results);
+  } catch (err) {
+    showError(err);
+  } finally {
+    progressDone();
+    cells.busy = false;
+  }
+}
+
 // ------------------------------------------------------------ case list
 
 let searchTimer = null;
@@ -345,6 +483,8 @@ document.addEventListener("DOMContentLoaded", async () => {
     e.target.value = "";
     refreshOctList();
   });
+  $("#cells-files").addEventListener("change", (e) => classifyCells(e.target));
+  $("#cells-on-device").addEventListener("change", showWhere);
   $("#malaria-form").addEventListener("submit", (e) => { e.preventDefault(); submitCase("malaria", e.target, state.malariaFiles); });
   $("#oct-form").addEventListener("submit", (e) => { e.preventDefault(); submitCase("oct", e.target, state.octFile ? [state.octFile] : []); });
   $("#case-search").addEventListener("input", () => {

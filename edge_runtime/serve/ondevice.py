@@ -1,0 +1,131 @@
+"""On-phone inference, the server's side: what the page needs to run a model in the phone's browser.
+
+    ondevice = OnDevice(slots, web_runtime_dir=None)   # None: $MEDGE_WEB_RUNTIME or ~/.cache/medge/web-runtime
+    ondevice.describe()        # GET /api/ondevice: the runtime's URLs, and per kind the model file and its metadata
+    ondevice.model_bytes("malaria")                    # GET /api/ondevice/malaria/model.tflite
+
+The page (static/ondevice.js) runs the malaria model with LiteRT.js, which the
+app serves at /web-runtime/ from the cache `python -m edge_runtime webruntime
+fetch` fills (edge_runtime.webruntime); without it, or on a phone that cannot
+(no WebAssembly, a load failure), the page sends the cells to this device
+instead (POST /api/cells). Only a .tflite image model with float32 or uint8
+input and output can go to the phone: LiteRT.js has no int8 tensors.
+
+The file a phone gets is the served model's own bytes with one change:
+every tensor's `shape_signature` has its dynamic batch (-1) set to the
+tensor's static shape (1). LiteRT.js cannot resize inputs and refuses a
+one-image tensor against a -1 signature; the operators, weights and
+metadata are untouched (`static_batch`; a test checks only those int32s
+differ and that the outputs are the same).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+RUNTIME_URL = "/web-runtime/"
+PHONE_KINDS = ("malaria",)  # OCT needs Grad-CAM and a 299x299 InceptionV3: it stays on the device
+PHONE_DTYPES = ("float32", "uint8")
+IMPORT_MAP_SLOT = "<!-- medge:importmap -->"
+
+
+def static_batch(model: bytes) -> bytes:
+    """The .tflite with every dynamic dimension (-1) of every `shape_signature` set to the tensor's static shape."""
+    from edge_runtime.metadata import _check_tflite, _schema
+
+    _check_tflite(bytes(model[:8]), "model")
+    buf = bytearray(model)
+    m = _schema().Model.GetRootAsModel(buf, 0)
+    for g in (m.Subgraphs(i) for i in range(m.SubgraphsLength())):
+        for t in (g.Tensors(j) for j in range(g.TensorsLength())):
+            if t.ShapeSignatureLength():
+                sig, shape = t.ShapeSignatureAsNumpy(), t.ShapeAsNumpy()  # views into `buf`: written in place
+                dynamic = sig == -1
+                sig[dynamic] = shape[dynamic]
+    return bytes(buf)
+
+
+def phone_unfit(slot) -> str | None:
+    """Why this model cannot run in a phone's browser, or None when it can."""
+    meta = slot.model.metadata
+    if slot.kind not in PHONE_KINDS:
+        return f"{slot.kind} models run on this device only"
+    if slot.model.path.suffix != ".tflite":
+        return f"{slot.model.path.name}: the phone runtime (LiteRT.js) runs .tflite files"
+    if meta.part != "model":
+        return f"{slot.model.path.name} takes features, not images"
+    for t in (meta.input, meta.output):
+        if t.dtype.name not in PHONE_DTYPES:
+            return f"{slot.model.path.name}: tensor {t.name} is {t.dtype.name}; LiteRT.js takes float32 or uint8"
+    return None
+
+
+class OnDevice:
+    """The runtime (or why there is none) and, per kind a phone can run, the model file it gets."""
+
+    def __init__(self, slots, web_runtime_dir: str | None = None):
+        from edge_runtime import webruntime
+
+        self.runtime, self.reason = None, None
+        if web_runtime_dir == "off":
+            self.reason = "on-phone inference is switched off on this device (--web-runtime off)"
+        else:
+            try:
+                self.runtime = webruntime.find(web_runtime_dir)
+            except webruntime.WebRuntimeError as e:
+                self.reason = f"the phone runtime is not installed on this device: {e}"
+        self.models: dict[str, dict[str, Any]] = {}
+        self.unfit: dict[str, str] = {}
+        for kind, slot in slots.items():
+            why = phone_unfit(slot)
+            if why:
+                self.unfit[kind] = why
+                continue
+            data = static_batch(slot.model.path.read_bytes())
+            self.models[kind] = {"bytes": data, "sha256": hashlib.sha256(data).hexdigest(), "slot": slot}
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime is not None and bool(self.models)
+
+    def import_map(self) -> str:
+        """The page's import map (LiteRT.js imports its helper package by bare name), or "" without a runtime."""
+        if self.runtime is None:
+            return ""
+        imports = {k: RUNTIME_URL + v for k, v in self.runtime.lock.import_map.items()}
+        return json.dumps({"imports": imports}, separators=(",", ":"))
+
+    def page(self, html: str) -> tuple[str, str | None]:
+        """index.html with the import map in its slot, and the CSP source that allows that inline script."""
+        text = self.import_map()
+        if not text:
+            return html.replace(IMPORT_MAP_SLOT, ""), None
+        digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+        return html.replace(IMPORT_MAP_SLOT, f'<script type="importmap">{text}</script>'), f"'sha256-{digest}'"
+
+    def health(self) -> dict[str, Any]:
+        rt = self.runtime
+        return {"runtime": f"{rt.lock.name} {rt.lock.version}" if rt else None, "kinds": sorted(self.models),
+                "reason": self.reason}
+
+    def describe(self) -> dict[str, Any]:
+        rt = self.runtime
+        runtime = None if rt is None else {
+            "name": rt.lock.name, "version": rt.lock.version, "bytes": rt.bytes,
+            "module": RUNTIME_URL + rt.lock.entry, "wasm_dir": RUNTIME_URL + rt.lock.wasm_dir}
+        models = {}
+        for kind, m in self.models.items():
+            slot = m["slot"]
+            models[kind] = {"url": f"/api/ondevice/{kind}/model.tflite", "sha256": m["sha256"], "bytes": len(m["bytes"]),
+                            "source_sha256": slot.info["sha256"], "name": slot.info["name"],
+                            "version": slot.info["version"], "threshold": slot.model.threshold,
+                            "metadata": slot.model.metadata.to_dict()}
+        return {"runtime": runtime, "reason": self.reason, "models": models, "unavailable": self.unfit}
+
+    def model_bytes(self, kind: str) -> bytes | None:
+        m = self.models.get(kind)
+        return m["bytes"] if m else None
+
