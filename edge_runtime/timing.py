@@ -49,12 +49,12 @@ class EnergyCounter:
 
     def _find(self) -> None:
         if not self.root.is_dir():
-            self.reason = f"no {self.root} (not Linux, or the kernel or virtual machine does not expose powercap)"
+            self.reason = f"no {self.root}: not Linux, or the kernel or virtual machine does not expose powercap"
             return
         tops = sorted(d for d in self.root.iterdir()
                       if d.name.startswith("intel-rapl:") and d.name.count(":") == 1)  # AMD RAPL is named so too
         if not tops:
-            self.reason = f"no RAPL domain under {self.root} (this CPU or virtual machine has no power counter)"
+            self.reason = f"no RAPL domain under {self.root}: this CPU or virtual machine has no power counter"
             return
         found = []
         for d in tops:
@@ -69,7 +69,7 @@ class EnergyCounter:
             for _, path, _ in found:
                 int(path.read_text())
         except PermissionError:
-            self.reason = (f"{found[0][1]} is readable by root only (kernels since 2020, CVE-2020-8694); run as "
+            self.reason = (f"{found[0][1]} is readable by root only since CVE-2020-8694; run as "
                            f"root or `sudo chmod o+r {self.root}/intel-rapl:*/energy_uj`")
             return
         except (OSError, ValueError) as e:
