@@ -252,6 +252,21 @@ def test_plot_labels_stay_apart_with_twenty_crowded_points(tmp_path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
 
 
+def test_thread_choice_weighs_latency_against_cpu():
+    """Two threads halve the latency and cost more CPU per image: the table says both."""
+    rows = [empty_row("m", "tflite-int8", 1, latency_p50_ms=2.0, cpu_ms_per_image=2.0, cpu_cores_busy=1.0),
+            empty_row("m", "tflite-int8", 2, latency_p50_ms=1.0, cpu_ms_per_image=2.5, cpu_cores_busy=2.5),
+            empty_row("m", "onnx-int8", 1, latency_p50_ms=1.0, cpu_ms_per_image=1.0),
+            empty_row("m", "onnx-int8", 2, latency_p50_ms=0.9, cpu_ms_per_image=1.0 - 1e-9),
+            empty_row("m", "tflite-float32", 1, status="failed", error="boom")]
+    text = report.thread_choice(rows)
+    lines = {l.split()[1]: l.split() for l in text.splitlines()[2:]}
+    assert lines["tflite-int8"][2] == "2" and lines["tflite-int8"][5] == "1" and "+25%" in lines["tflite-int8"]
+    assert lines["onnx-int8"][-1] == "same"
+    assert "tflite-float32" not in text and "tflite-float32" not in report.steady_table(rows)
+    assert report.thread_choice(rows[:1]).startswith("(one thread count")
+
+
 def test_cli_rejects_bad_arguments(capsys, tmp_path):
     assert cli.main(["--formats", "tflite-nope", "--out", str(tmp_path)]) == 2
     assert "tflite-float32" in capsys.readouterr().err  # the message lists the valid names
