@@ -2,6 +2,7 @@
 
     python -m benchmarks                                   # build what is missing (cached), benchmark everything
     python -m benchmarks --models malaria-edge --formats tflite-float32,tflite-int8 --threads 1
+    python -m benchmarks --threads 1,all                   # two thread counts instead of every one (many cores)
     python -m benchmarks --run malaria-edge=runs/malaria-edge --data runs/malaria.csv --n-images 1000
     python -m benchmarks --compare runs/benchmarks/old.json --max-drop 1.0 --min-speedup 1.5
     python -m benchmarks smear --data ../shared/data/iml_malaria [--model MODEL] [--out DIR]   # field photos
@@ -15,6 +16,13 @@ settings, showing each step; `--from-scratch` trains the malaria model on the
 bundled sample instead. Built models and artifacts are cached and reused. Results go
 to `--out`: benchmark.json, benchmark.csv, benchmark.md, latency_vs_size.png,
 accuracy_vs_latency.png.
+
+Per artifact and thread count (1..cores by default) it reports what a device
+sees first: load, the first image end to end, the warm-up calls, then the
+steady state (p50/p90/p99) of inference alone and end to end (decode +
+preprocess + inference), with the CPU time per image summed over all threads
+(the battery's cost) and, where Linux powercap/RAPL is readable, the energy
+per image (the report says when it is not, and why).
 
 Exit codes: 0 done (failed formats are rows with their error), 1 a gate
 (--max-drop, --min-speedup) failed, 2 bad arguments or inputs.
@@ -42,9 +50,13 @@ def _threads(text: str) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
+        if part == "sweep":  # every count a device could pick
+            out += [n for n in range(1, cores() + 1) if n not in out]
+            continue
         n = cores() if part == "all" else int(part) if part.isdigit() else 0
         if n < 1:
-            raise argparse.ArgumentTypeError(f"--threads takes positive integers or 'all', comma-separated; got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"--threads takes positive integers, 'all' or 'sweep' (1..cores), comma-separated; got {text!r}")
         if n not in out:
             out.append(n)
     return out
@@ -74,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--models", help=f"'all' or comma-separated (default: {', '.join(DEFAULT_MODELS)}; "
                                     "malaria-paper only when a run of it is cached or given with --run)")
     w.add_argument("--formats", default="all", help="'all' or comma-separated rows of convert's format table")
-    w.add_argument("--threads", type=_threads, default="1,all", help="thread counts, e.g. 1,all or 1,2,4")
+    w.add_argument("--threads", type=_threads, default="sweep",
+                   help="thread counts: 'sweep' (every count from 1 to the cores, the default), or e.g. 1,all "
+                        "or 1,2,4 (fewer probes on a many-core machine)")
     w.add_argument("--from-scratch", action="store_true",
                    help="malaria-edge: train `edge` for a few epochs on the bundled sample instead of benchmarking "
                         "the released model (releases/malaria)")
@@ -152,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.peak import measure_peaks
     from benchmarks.report import compare, gates, rows_csv, terminal, write_all
     from benchmarks.run import Settings, add_ratios, benchmark_model
+    from edge_runtime.timing import EnergyCounter
 
     if args.rebuild and cache.exists():
         shutil.rmtree(cache)
@@ -193,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                     "reference": str(p.reference) if p.reference else None, "synthetic_data": p.synthetic,
                     "error": p.error} for p in prepared],
         "peaks": peaks,
+        # Energy per image needs a power counter; where there is none the report says so (never a made-up figure).
+        "energy": EnergyCounter().describe(),
         "rows": rows,
     }
     problems = gates(rows, args.max_drop, args.min_speedup)

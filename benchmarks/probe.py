@@ -9,6 +9,14 @@ wall-clock time of its first result and its own peak resident memory
 (`resource.getrusage`, no extra dependency). `.keras` files are loaded with
 Keras (the reference row); everything else with `edge_runtime`, which never
 imports TensorFlow.
+
+`first_use` holds what the device sees first, in order: the load (`init_ms`:
+open the runtime session, read the metadata), the first image end to end
+(`first_e2e_ms`: decode + preprocess + the first inference, `first_infer_ms`
+of it). With `--time` follow the warm-up calls (each timed) and the steady
+state (`time_fn`) of inference alone (`latency`) and end to end through
+`EdgeModel.predict` on the image file (`e2e`), each with its process CPU time
+per image over all threads and, where powercap/RAPL is readable, its energy.
 """
 
 from __future__ import annotations
@@ -63,8 +71,10 @@ def _keras_first_result(path: str, threads: int | None, image: str | None):
         tf.config.threading.set_inter_op_parallelism_threads(1)
     import keras
 
+    t0 = time.perf_counter()
     model = keras.saving.load_model(path, compile=False, safe_mode=True)
     t_loaded = time.time()
+    first = {"init_ms": (time.perf_counter() - t0) * 1e3, "first_e2e_ms": None, "e2e_input": None}
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
     x = np.zeros((1, *shape), np.float32)
     if image and len(shape) == 3 and shape[-1] in (1, 3):
@@ -75,8 +85,10 @@ def _keras_first_result(path: str, threads: int | None, image: str | None):
         run = Path(path).parent
         if runs.is_run(run):
             x = load_and_preprocess(image, runs.read_config(run).preprocess)[None]
+    t0 = time.perf_counter()
     y = np.asarray(model(x, training=False))
-    return t_loaded, y.reshape(-1), _KerasTimer(model, x)
+    first["first_infer_ms"] = (time.perf_counter() - t0) * 1e3
+    return t_loaded, y.reshape(-1), _KerasTimer(model, x), first
 
 
 def _edge_first_result(path: str, threads: int | None, image: str | None):
@@ -86,16 +98,26 @@ def _edge_first_result(path: str, threads: int | None, image: str | None):
 
     model = edge_runtime.load(path, threads=threads, warmup=False)
     t_loaded = time.time()
+    first: dict = {"init_ms": model.load_ms}
     if image:
+        t0 = time.perf_counter()
         pred = model.predict([image])[0]
+        first["first_e2e_ms"] = (time.perf_counter() - t0) * 1e3
         if not pred.ok:
             raise ValueError(f"{image}: {pred.error}")
+        first["first_infer_ms"] = pred.timing["inference_ms"]
+        first["e2e_input"] = f"image file ({Path(image).suffix.lstrip('.') or 'no suffix'})"
         probs = np.array(list(pred.probabilities.values()))
         x = model.preprocess(image)[None]
-    else:
+        item = [image]
+    else:  # no image (the OCT head takes features): `predict` on the array, which skips decoding
         x = np.zeros((1, *model.input_shape), np.float32)
+        t0 = time.perf_counter()
         probs = model.run(x)[0]
-    return t_loaded, probs, _EdgeTimer(model, x, threads)
+        first.update(first_infer_ms=(time.perf_counter() - t0) * 1e3, first_e2e_ms=None,
+                     e2e_input="features array" if model.metadata.part == "head" else "preprocessed array")
+        item = x
+    return t_loaded, probs, _EdgeTimer(model, x, threads, item), first
 
 
 class _KerasTimer:
@@ -106,6 +128,9 @@ class _KerasTimer:
 
     def one(self):
         return lambda: self.model.predict_on_batch(self.x)
+
+    def e2e(self):
+        return None  # the reference is not a device path: no end-to-end figure
 
     def batched(self, n: int):
         import numpy as np
@@ -123,11 +148,15 @@ class _EdgeTimer:
     fixed batch of 1 is looped instead, and the row says so.
     """
 
-    def __init__(self, model, x, threads):
-        self.model, self.x, self.threads = model, x, threads
+    def __init__(self, model, x, threads, item):
+        self.model, self.x, self.threads, self.item = model, x, threads, item
 
     def one(self):
         return lambda: self.model.run(self.x)
+
+    def e2e(self):
+        """One input through `predict`, as a device classifies it (an image file: decode, preprocess, infer)."""
+        return lambda: self.model.predict(self.item)
 
     def batched(self, n: int):
         import numpy as np
@@ -156,16 +185,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         runner = _keras_first_result if args.model.endswith(".keras") else _edge_first_result
-        t_loaded, probs, timer = runner(args.model, args.threads, args.image)
+        t_loaded, probs, timer, first = runner(args.model, args.threads, args.image)
         t_first = time.time()
         out = {"t_loaded": t_loaded, "t_first_result": t_first, "peak_rss_mb": peak_rss_mb(),
-               "probabilities": [float(v) for v in probs]}
+               "probabilities": [float(v) for v in probs], "first_use": first}
         if args.time:
-            from edge_runtime.timing import time_fn
+            from edge_runtime.timing import EnergyCounter, time_fn
 
             limits = dict(min_seconds=args.min_seconds, max_seconds=args.max_seconds)
+            energy = EnergyCounter()
+            out["energy"] = energy.describe()
             # Fast models get hundreds of runs from min_seconds; min_runs only matters for slow ones (InceptionV3).
-            out["latency"] = time_fn(timer.one(), warmup=5, min_runs=20, **limits)
+            out["latency"] = time_fn(timer.one(), warmup=5, min_runs=20, energy=energy, **limits)
+            e2e = timer.e2e()
+            if e2e is not None:
+                out["e2e"] = time_fn(e2e, warmup=2, min_runs=20, energy=energy, **limits)
             fn, mode = timer.batched(args.batch)
             out["throughput"] = time_fn(fn, warmup=1, min_runs=3, **limits) | {"batch": args.batch, "mode": mode}
             out["peak_rss_after_timing_mb"] = peak_rss_mb()

@@ -76,6 +76,63 @@ def side_by_side(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     return _table(head, lines, markdown)
 
 
+def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["status"] == "ok"]
+
+
+def first_use_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """What a device pays before the steady state: process start, load, the first image, the warm-up calls."""
+    head = ["model", "format", "thr", "cold s", "init ms", "first e2e ms", "first inf ms", "warm-up calls ms",
+            "steady p50 ms"]
+    lines = [[r["model"], r["format"], r["threads"], _f(r["cold_start_s"], ".2f"), _f(r["init_ms"], ".1f"),
+              _f(r["first_e2e_ms"], ".2f"), _f(r["first_infer_ms"], ".2f"),
+              " ".join(format(v, ".3g") for v in r["warmup_ms"] or []) or "-", _f(r["latency_p50_ms"], ".2f")]
+             for r in _ok(rows)]
+    return _table(head, lines, markdown)
+
+
+def steady_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """Steady state per thread count: inference alone and end to end, latency, CPU time and energy per image."""
+    head = ["model", "format", "thr", "inf p50", "p90", "p99", "CPU ms/img", "cores busy", "mJ/img", "e2e p50",
+            "p90", "p99", "e2e CPU ms/img", "e2e mJ/img", "e2e input"]
+    lines = [[r["model"], r["format"], r["threads"], _f(r["latency_p50_ms"], ".2f"), _f(r["latency_p90_ms"], ".2f"),
+              _f(r["latency_p99_ms"], ".2f"), _f(r["cpu_ms_per_image"], ".2f"), _f(r["cpu_cores_busy"], ".2f"),
+              _f(r["energy_mj_per_image"], ".2f"), _f(r["e2e_p50_ms"], ".2f"), _f(r["e2e_p90_ms"], ".2f"),
+              _f(r["e2e_p99_ms"], ".2f"), _f(r["e2e_cpu_ms_per_image"], ".2f"), _f(r["e2e_energy_mj_per_image"], ".2f"),
+              r["e2e_input"] or "-"] for r in _ok(rows)]
+    return _table(head, lines, markdown)
+
+
+def thread_choice(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """Per artifact measured at several thread counts: the fastest count against the one that costs least CPU."""
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in _ok(rows):
+        if r["cpu_ms_per_image"] is not None:
+            by.setdefault((r["model"], r["format"]), []).append(r)
+    head = ["model", "format", "fastest thr", "p50 ms", "CPU ms/img", "least-CPU thr", "p50 ms", "CPU ms/img",
+            "fastest costs"]
+    lines = []
+    for (model, fmt), rs in by.items():
+        if len(rs) < 2:
+            continue
+        fast = min(rs, key=lambda r: r["latency_p50_ms"])
+        lean = min(rs, key=lambda r: r["cpu_ms_per_image"])
+        extra = (fast["cpu_ms_per_image"] / lean["cpu_ms_per_image"] - 1) * 100 if lean["cpu_ms_per_image"] else None
+        lines.append([model, fmt, fast["threads"], _f(fast["latency_p50_ms"], ".2f"), _f(fast["cpu_ms_per_image"], ".2f"),
+                      lean["threads"], _f(lean["latency_p50_ms"], ".2f"), _f(lean["cpu_ms_per_image"], ".2f"),
+                      "same" if fast is lean else _f(extra, "+.0f") + "% CPU"])
+    return _table(head, lines, markdown) if lines else "(one thread count measured: no sweep)"
+
+
+def energy_line(report: dict[str, Any]) -> str:
+    """Whether energy per image was measured, and from what; or why not."""
+    e = report.get("energy") or {}
+    if e.get("available"):
+        return (f"Energy (RAPL): measured from {', '.join(e['domains'])} (whole CPU package: other processes on "
+                f"the machine count too).")
+    return f"RAPL: absent on this machine ({e.get('reason') or 'not checked'}); energy per image is not reported."
+
+
 def peaks_table(peaks: list[dict[str, Any]], markdown: bool = False) -> str:
     head = ["runtime", "precision", "threads", "GEMM", "p50 ms", "best ms", "GMAC/s (best)"]
     lines = [[p["runtime"], p["precision"], p["threads"], p["op"], _f(p["latency_p50_ms"], ".2f"),
@@ -99,8 +156,13 @@ def terminal(report: dict[str, Any]) -> str:
              "float32 vs quantized (same runtime and threads; speed-up and size ratio = float32 / quantized):", "",
              side_by_side(rows), "", "all rows (latency at batch 1 after warm-up; img/s at batch "
              f"{report['settings']['batch']}; RSS and cold start of a fresh process; drop and agreement vs Keras):",
-             "", rows_table(rows), "", "machine peak (one large matrix product per runtime):", "",
-             peaks_table(report["peaks"])]
+             "", rows_table(rows), "",
+             "what a device sees first (fresh process: load, first image end to end, warm-up calls, steady state):",
+             "", first_use_table(rows), "",
+             "steady state per thread count (inference alone and end to end; CPU time summed over all threads):",
+             "", steady_table(rows), "", energy_line(report), "",
+             "thread choice (fastest vs least CPU per image, the battery's cost):", "", thread_choice(rows), "",
+             "machine peak (one large matrix product per runtime):", "", peaks_table(report["peaks"])]
     if any(r.get("synthetic_data") for r in rows):
         parts += ["", "note: OCT rows are scored on synthetic scans with a random (not ImageNet) base; their "
                       "accuracy tests the pipeline, not the model."]
@@ -115,6 +177,15 @@ def markdown(report: dict[str, Any]) -> str:
              f"Command: `{report['command']}` ({report['seconds']:.0f} s).", "",
              "## Float32 vs quantized", "", side_by_side(report["rows"], markdown=True), "",
              "## All rows", "", rows_table(report["rows"], markdown=True), "",
+             "## What a device sees first", "",
+             "A fresh process per row: load, the first image end to end (decode + preprocess + inference) and its "
+             "inference alone, the next calls one by one, then the steady state.", "",
+             first_use_table(report["rows"], markdown=True), "",
+             "## Steady state and battery cost per thread count", "",
+             "Inference alone (`EdgeModel.run`) and end to end (`EdgeModel.predict` on the image file). CPU time is "
+             "the process's, summed over all threads: the battery's cost, which more threads can raise while "
+             "latency falls.", "", energy_line(report), "", steady_table(report["rows"], markdown=True), "",
+             "## Thread choice", "", thread_choice(report["rows"], markdown=True), "",
              "## Machine peak", "", peaks_table(report["peaks"], markdown=True), "",
              "## Fields", "", *[f"- `{k}`: {v}" for k, v in FIELD_NOTES.items()], ""]
     if any(r.get("synthetic_data") for r in report["rows"]):
@@ -127,12 +198,74 @@ def rows_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), extrasaction="ignore")
     w.writeheader()
-    w.writerows(rows)
+    # A list (the warm-up calls) is one cell, its values space-separated.
+    w.writerows({k: " ".join(format(x, ".4g") for x in v) if isinstance(v, list) else v for k, v in r.items()}
+                for r in rows)
     return buf.getvalue()
 
 
+# Numbered labels beside the plot points: a label's box in pixels (fontsize 8) and the spots tried around a point.
+LABEL_H, LABEL_CHAR_W, LABEL_GAP, MARKER_R = 11.0, 6.0, 4.0, 5.0
+LABEL_RADII = (9, 13, 18, 24, 31, 40, 50, 62, 76)
+LABEL_ANGLES = (45, 135, 315, 225, 90, 270, 0, 180)
+
+
+def label_offsets(points: Sequence[tuple[float, float]], texts: Sequence[str],
+                  bounds: tuple[float, float, float, float]) -> list[tuple[float, float]]:
+    """Pixel offsets that put each point's label where it covers no marker and no other label, inside `bounds`.
+
+    Greedy, most crowded point first: the nearest free spot on rings of
+    growing radius around the point (the plot draws a leader line to a far
+    one); when no spot is free, the least crowded of the outer ring.
+
+    Args:
+        points: marker centres in pixels.
+        texts: the labels (their length sets the box width).
+        bounds: (x0, y0, x1, y1) in pixels that labels must stay inside.
+    """
+    import math
+
+    def box(cx: float, cy: float, text: str) -> tuple[float, float, float, float]:
+        # with a gap around it, so that "4" beside "7" never reads as "47"
+        w, h = LABEL_CHAR_W * len(text) + LABEL_GAP, LABEL_H + LABEL_GAP / 2
+        return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+
+    def hits(b: tuple[float, float, float, float], others: list[tuple[float, float, float, float]]) -> int:
+        return sum(b[0] < o[2] and o[0] < b[2] and b[1] < o[3] and o[1] < b[3] for o in others)
+
+    markers = [(x - MARKER_R, y - MARKER_R, x + MARKER_R, y + MARKER_R) for x, y in points]
+    crowd = [sum(math.dist(p, q) < 40 for q in points) for p in points]
+    placed: list[tuple[float, float, float, float]] = []
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(points)
+    for i in sorted(range(len(points)), key=lambda k: -crowd[k]):
+        (x, y), best = points[i], None
+        for r in LABEL_RADII:
+            for a in LABEL_ANGLES:
+                dx, dy = r * math.cos(math.radians(a)), r * math.sin(math.radians(a))
+                b = box(x + dx, y + dy, texts[i])
+                if not (bounds[0] <= b[0] and b[2] <= bounds[2] and bounds[1] <= b[1] and b[3] <= bounds[3]):
+                    continue
+                n = hits(b, markers) + hits(b, placed)
+                if best is None or n < best[0] or (n == best[0] == 0):
+                    best = (n, dx, dy, b)
+                if n == 0:
+                    break
+            if best is not None and best[0] == 0:
+                break
+        if best is None:  # nothing fits inside: keep the label on the point's upper right
+            best = (0, LABEL_RADII[0], LABEL_RADII[0], box(x + LABEL_RADII[0], y + LABEL_RADII[0], texts[i]))
+        out[i] = (best[1], best[2])
+        placed.append(best[3])
+    return out
+
+
 def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """latency_vs_size.png and accuracy_vs_latency.png, one point per measured row at the most threads."""
+    """latency_vs_size.png and accuracy_vs_latency.png, one point per measured row at the most threads.
+
+    Points are numbered (the same number in both plots), the key beside the
+    axes names each; labels are placed clear of the markers and of each
+    other, so 20-30 points stay readable when formats of two models crowd.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,36 +277,56 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         return []
     top = max(r["threads"] for r in ok)
     ok = [r for r in ok if r["threads"] == top]
-    models = sorted({r["model"] for r in ok})
+    models = list(dict.fromkeys(r["model"] for r in ok))
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(models)}
+    dpi, size = 100, (11.5, 6.2)
     written = []
     for fname, xkey, ykey, xlabel, ylabel in (
         (PLOT_SIZE, "size_mb", "latency_p50_ms", "file size (MB)", "latency p50, batch 1 (ms)"),
         (PLOT_ACCURACY, "latency_p50_ms", "accuracy", "latency p50, batch 1 (ms)", "accuracy"),
     ):
-        fig, ax = plt.subplots(figsize=(8, 5.5))
-        for r in ok:
-            if r[xkey] is None or r[ykey] is None:
-                continue
+        fig = plt.figure(figsize=size, dpi=dpi)
+        ax = fig.add_axes((0.085, 0.1, 0.585, 0.8))  # fixed place: the pixel positions below stay true when saved
+        drawn = [(n, r) for n, r in enumerate(ok, 1) if r[xkey] is not None and r[ykey] is not None]
+        for _, r in drawn:
             marker = "s" if r["format"] == KERAS else ("^" if r["precision"] == "int8" else "o")
-            ax.scatter(r[xkey], r[ykey], color=colors[r["model"]], marker=marker, s=40)
-            ax.annotate(r["format"], (r[xkey], r[ykey]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        for m in models:
-            ax.scatter([], [], color=colors[m], label=m)
+            ax.scatter(r[xkey], r[ykey], color=colors[r["model"]], marker=marker, s=36, zorder=3,
+                       edgecolors="white", linewidths=0.5)
+        # Log axes labelled as plain numbers (a narrow range gets labelled minor ticks: "0.102", not "1.02x10^-1").
+        axes = [ax.xaxis] + ([ax.yaxis] if ykey == "latency_p50_ms" else [])
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         if ykey == "latency_p50_ms":
             ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.margins(0.15)
+        ax.autoscale_view()
+        for axis, (lo, hi) in zip(axes, (ax.get_xlim(), ax.get_ylim())):
+            axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            axis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g") if hi / lo < 20
+                                     else matplotlib.ticker.NullFormatter())
+        if drawn:
+            pix = ax.transData.transform([(r[xkey], r[ykey]) for _, r in drawn])
+            bb = ax.get_window_extent()
+            texts = [str(n) for n, _ in drawn]
+            offs = label_offsets([tuple(p) for p in pix], texts, (bb.x0 + 2, bb.y0 + 2, bb.x1 - 2, bb.y1 - 2))
+            for (n, r), text, (dx, dy) in zip(drawn, texts, offs):
+                far = (dx * dx + dy * dy) ** 0.5 > LABEL_RADII[1] + 1
+                ax.annotate(text, (r[xkey], r[ykey]), xytext=(dx, dy), textcoords="offset pixels", fontsize=8,
+                            ha="center", va="center", color=colors[r["model"]], fontweight="bold", zorder=4,
+                            bbox=dict(boxstyle="square,pad=0.05", fc="white", ec="none", alpha=0.75),
+                            arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5", shrinkA=0, shrinkB=3) if far else None)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel} vs {xlabel} ({top} threads; triangles int8, squares Keras)", fontsize=9)
+        ax.set_title(f"{ylabel} vs {xlabel} ({top} threads; triangles int8, squares Keras, circles float)", fontsize=9)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        # The key: one line per number, coloured by model.
+        step = min(0.035, 0.86 / max(len(ok), 1))
+        fig.text(0.70, 0.93, "key (model, format)", fontsize=9, fontweight="bold", va="top")
+        for n, r in enumerate(ok, 1):
+            fig.text(0.70, 0.93 - step * (n + 0.3), f"{n:>2}  {r['model']}  {r['format']}", fontsize=8 if step >= 0.028 else 7,
+                     va="top", color=colors[r["model"]], family="monospace")
         path = out / fname
         tmp = path.with_name(".tmp-" + path.name)
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
         plt.close(fig)
         os.replace(tmp, path)
         written.append(path)
@@ -199,8 +352,9 @@ def write_all(report: dict[str, Any], out: Path) -> list[Path]:
 
 # ---------------------------------------------------------------- compare and gates
 
-COMPARED = (("latency_p50_ms", ".2f", "ms"), ("throughput_ips", ".1f", "img/s"), ("size_mb", ".3f", "MB"),
-            ("peak_rss_mb", ".0f", "MB"), ("accuracy", ".4f", ""), ("top1_agreement", ".4f", ""))
+COMPARED = (("latency_p50_ms", ".2f", "ms"), ("e2e_p50_ms", ".2f", "ms"), ("cpu_ms_per_image", ".2f", "ms"),
+            ("throughput_ips", ".1f", "img/s"), ("size_mb", ".3f", "MB"), ("peak_rss_mb", ".0f", "MB"),
+            ("accuracy", ".4f", ""), ("top1_agreement", ".4f", ""))
 
 
 def compare(old: dict[str, Any], new: dict[str, Any]) -> str:

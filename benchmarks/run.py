@@ -34,6 +34,9 @@ ROW_FIELDS = (
     "model", "format", "precision", "runtime", "backend", "backend_version", "threads", "status", "error",
     "file", "size_mb", "weights", "macs", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_runs",
     "throughput_batch", "throughput_mode", "throughput_ips", "peak_rss_mb", "cold_start_s", "load_s",
+    "init_ms", "first_e2e_ms", "first_infer_ms", "warmup_ms", "cpu_ms_per_image", "cpu_cores_busy",
+    "energy_mj_per_image", "e2e_input", "e2e_p50_ms", "e2e_p90_ms", "e2e_p99_ms", "e2e_runs",
+    "e2e_cpu_ms_per_image", "e2e_energy_mj_per_image",
     "n_images", "accuracy", "sensitivity", "specificity", "accuracy_drop_pp", "top1_agreement", "max_abs_dprob",
     "speedup_vs_float32", "size_ratio_vs_float32", "gmacs_per_s", "peak_gmacs_per_s", "peak_fraction",
     "synthetic_data",
@@ -50,6 +53,20 @@ FIELD_NOTES = {
     "peak_rss_mb": "peak resident memory of a fresh process that imported the runtime, loaded the model and "
                    "classified one image",
     "cold_start_s": "from starting that process to its first result (interpreter start, imports, load, first image)",
+    "init_ms": "in that process: `edge_runtime.load` (open the runtime session, read and check the metadata); "
+               "for Keras `load_model`",
+    "first_e2e_ms": "the first image of that process end to end (decode + preprocess + the first inference, "
+                    "`EdgeModel.predict`); `first_infer_ms` its inference alone",
+    "warmup_ms": "the next 5 inference calls, each (how fast the runtime settles); then the steady state",
+    "cpu_ms_per_image": "process CPU time (user + system, all threads) per image in the steady-state loop of "
+                        "inference alone: the battery's cost, which more threads can raise while latency falls; "
+                        "`cpu_cores_busy` = CPU time / wall time (threads that spin while waiting count)",
+    "energy_mj_per_image": "millijoules per image from Linux powercap/RAPL over the same loop (whole CPU package: "
+                           "other processes count too); null where the machine has no readable counter, "
+                           "the report says why",
+    "e2e_p50_ms": "steady state end to end: `EdgeModel.predict` on the image file (decode + preprocess + inference "
+                  "+ result), same loop as latency; `e2e_input` says what went in (the OCT head takes a features "
+                  "array, no decoding); p90/p99, `e2e_cpu_ms_per_image`, `e2e_energy_mj_per_image` likewise",
     "accuracy": "on the evaluation inputs; sensitivity/specificity of the positive class "
                 "(macro one-vs-rest when there is none)",
     "accuracy_drop_pp": "Keras accuracy minus this row's, percentage points (same inputs)",
@@ -201,12 +218,17 @@ def probe(path: Path, threads: int, image: str | None, settings: Settings) -> di
 
 
 def fill_speed(row: dict[str, Any], r: dict[str, Any]) -> None:
-    lat, thr = r["latency"], r["throughput"]
+    lat, thr, first, e2e = r["latency"], r["throughput"], r["first_use"], r.get("e2e") or {}
     row.update(
         latency_p50_ms=lat["p50_ms"], latency_p90_ms=lat["p90_ms"], latency_p99_ms=lat["p99_ms"],
         latency_runs=lat["runs"], throughput_batch=thr["batch"], throughput_mode=thr["mode"],
         throughput_ips=thr["batch"] / (thr["p50_ms"] / 1e3), peak_rss_mb=r["peak_rss_mb"],
         cold_start_s=r["cold_start_s"], load_s=r["load_s"],
+        init_ms=first["init_ms"], first_e2e_ms=first["first_e2e_ms"], first_infer_ms=first["first_infer_ms"],
+        warmup_ms=lat["warmup_ms"], cpu_ms_per_image=lat["cpu_ms"], cpu_cores_busy=lat["cpu_ms"] / lat["mean_ms"],
+        energy_mj_per_image=lat["energy_mj"], e2e_input=first["e2e_input"] if e2e else None,
+        e2e_p50_ms=e2e.get("p50_ms"), e2e_p90_ms=e2e.get("p90_ms"), e2e_p99_ms=e2e.get("p99_ms"),
+        e2e_runs=e2e.get("runs"), e2e_cpu_ms_per_image=e2e.get("cpu_ms"), e2e_energy_mj_per_image=e2e.get("energy_mj"),
     )
 
 

@@ -16,8 +16,9 @@ import pytest
 
 from benchmarks import cli, report
 from benchmarks.cache import MODELS, Prepared
-from benchmarks.run import KERAS, ROW_FIELDS, Settings, benchmark_model
+from benchmarks.run import KERAS, ROW_FIELDS, Settings, benchmark_model, empty_row
 from convert.formats import parse_formats
+from edge_runtime.timing import EnergyCounter, time_fn
 from train import runs
 
 FORMATS = "tflite-float32,tflite-int8"
@@ -73,6 +74,40 @@ def test_end_to_end_rows_and_files(bench):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     side = report.side_by_side(rows)
     assert "tflite-float32" in side and "tflite-int8" in side and "x" in side
+
+
+@pytest.mark.slow
+def test_what_a_device_sees_first(bench):
+    """First use, warm-up, steady state alone and end to end, CPU time, and energy or the reason it is absent."""
+    _, out, rep = bench
+    for r in rep["rows"]:
+        print(f"{r['format']}: init {r['init_ms']:.1f} ms, first e2e {r['first_e2e_ms']} ms (inference "
+              f"{r['first_infer_ms']:.2f}), warm-up {r['warmup_ms']}, e2e p50 {r['e2e_p50_ms']} ms, "
+              f"CPU {r['cpu_ms_per_image']:.3f} ms/img (e2e {r['e2e_cpu_ms_per_image']}), "
+              f"energy {r['energy_mj_per_image']}")
+        assert r["init_ms"] > 0 and r["first_infer_ms"] > 0
+        assert len(r["warmup_ms"]) == 5 and all(v > 0 for v in r["warmup_ms"])
+        assert r["cpu_ms_per_image"] > 0 and r["cpu_cores_busy"] > 0
+        if r["format"] == KERAS:  # the reference is not a device path: no end-to-end figures
+            assert r["first_e2e_ms"] is None and r["e2e_p50_ms"] is None and r["e2e_input"] is None
+            continue
+        assert r["e2e_input"] == "image file (png)" and r["e2e_runs"] >= 20
+        assert 0 < r["e2e_p50_ms"] <= r["e2e_p90_ms"] <= r["e2e_p99_ms"]
+        assert r["latency_p50_ms"] <= r["latency_p90_ms"] <= r["latency_p99_ms"]
+        # end to end contains the inference (decode and preprocess come on top)
+        assert r["first_e2e_ms"] >= r["first_infer_ms"] and r["e2e_cpu_ms_per_image"] > 0
+    energy = rep["energy"]
+    assert set(energy) == {"available", "source", "domains", "reason"}
+    for r in rep["rows"]:
+        if energy["available"]:
+            assert r["energy_mj_per_image"] > 0
+        else:  # never a made-up figure: null in the rows, the reason in the report
+            assert r["energy_mj_per_image"] is None and r["e2e_energy_mj_per_image"] is None
+    md = (out / report.RESULTS_MD).read_text()
+    assert "## What a device sees first" in md and "## Thread choice" in md and "e2e p50" in md
+    assert ("RAPL: absent on this machine (" + energy["reason"]) in md if not energy["available"] else "Energy (RAPL)" in md
+    csv_head, csv_row = (out / report.RESULTS_CSV).read_text().splitlines()[:2]
+    assert "warmup_ms" in csv_head.split(",") and "[" not in csv_row  # the warm-up list is one space-separated cell
 
 
 @pytest.mark.slow
@@ -132,6 +167,106 @@ def test_cli_gate_exit_code_and_compare(bench, tiny_run, tmp_path, capsys):
     assert rep["gates"]["failures"] and rep["peaks"] == []
 
 
+def _rapl_tree(root: Path, packages: dict[str, tuple[int, int]]) -> None:
+    """A fake /sys/class/powercap: package domains (energy_uj, max_energy_range_uj), a core sub-domain, and psys."""
+    for i, (name, (energy, span)) in enumerate(packages.items()):
+        d = root / f"intel-rapl:{i}"
+        (d / f"intel-rapl:{i}:0").mkdir(parents=True)
+        for f, v in (("name", name), ("energy_uj", energy), ("max_energy_range_uj", span)):
+            (d / f).write_text(f"{v}\n")
+        (d / f"intel-rapl:{i}:0" / "energy_uj").write_text("5\n")
+    psys = root / f"intel-rapl:{len(packages)}"
+    psys.mkdir()
+    (psys / "name").write_text("psys\n")
+    (psys / "energy_uj").write_text("999\n")
+
+
+def test_energy_counter_reads_rapl_packages_and_unwraps(tmp_path):
+    _rapl_tree(tmp_path, {"package-0": (1_000, 10_000), "package-1": (9_500, 10_000)})
+    e = EnergyCounter(tmp_path)
+    assert e.available and e.describe() == {"available": True, "source": "linux powercap/RAPL",
+                                            "domains": ["package-0", "package-1"], "reason": None}
+    before = e.read()
+    assert before == [1_000, 9_500]  # the packages only: not their core sub-domains, not psys
+    (tmp_path / "intel-rapl:0" / "energy_uj").write_text("3000\n")
+    (tmp_path / "intel-rapl:1" / "energy_uj").write_text("500\n")  # wrapped past its range of 10,000 uJ
+    assert e.joules(before, e.read()) == pytest.approx((2_000 + 1_000) / 1e6)
+    assert e.joules(None, before) is None
+
+
+def test_energy_counter_says_why_it_is_absent(tmp_path, monkeypatch):
+    assert not EnergyCounter(tmp_path / "none").available
+    assert "no " in EnergyCounter(tmp_path / "none").reason and "powercap" in EnergyCounter(tmp_path / "none").reason
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no RAPL domain" in EnergyCounter(empty).describe()["reason"]
+    locked = tmp_path / "locked"
+    _rapl_tree(locked, {"package-0": (1, 10)})
+    real_read = Path.read_text
+
+    def read_text(self, *a, **kw):  # root can read a chmod 000 file; a monkeypatch refuses for everyone
+        if self.name == "energy_uj":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    e = EnergyCounter(locked)
+    d = e.describe()
+    assert not e.available and d["available"] is False and d["domains"] == [] and e.read() is None
+    assert "root only" in d["reason"] and "chmod" in d["reason"]
+    report_text = report.energy_line({"energy": d})
+    assert report_text.startswith("RAPL: absent on this machine (") and "root only" in report_text
+
+
+def test_time_fn_reports_warmup_cpu_and_energy(tmp_path):
+    calls = []
+    stats = time_fn(lambda: calls.append(sum(range(20_000))), warmup=3, min_runs=5, min_seconds=0.0)
+    assert len(stats["warmup_ms"]) == 3 and stats["runs"] == len(calls) - 3 >= 5
+    assert stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] and stats["cpu_ms"] > 0
+    assert stats["energy_mj"] is None  # no counter given
+    _rapl_tree(tmp_path, {"package-0": (1_000, 10_000)})
+    stats = time_fn(lambda: None, warmup=0, min_runs=4, min_seconds=0.0, energy=EnergyCounter(tmp_path))
+    assert stats["energy_mj"] == 0.0  # the fake counter never moved: zero, not a guess
+
+
+def test_plot_labels_stay_apart_with_twenty_crowded_points(tmp_path):
+    """20 points, two models' formats on top of each other: every label clear of the others, numbers in a key."""
+    pts = [(100 + 3 * (i % 5), 200 + 2 * (i // 5)) for i in range(20)]  # a 15 x 8 px huddle
+    texts = [str(i + 1) for i in range(20)]
+    offs = report.label_offsets(pts, texts, (0, 0, 800, 600))
+    boxes = []
+    for (x, y), t, (dx, dy) in zip(pts, texts, offs):
+        w = report.LABEL_CHAR_W * len(t)
+        boxes.append((x + dx - w / 2, y + dy - report.LABEL_H / 2, x + dx + w / 2, y + dy + report.LABEL_H / 2))
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    rows = []
+    for model in ("malaria-edge", "oct-head"):
+        for k, fmt in enumerate(("keras", "tflite-float32", "tflite-float16", "tflite-dynamic", "tflite-int8",
+                                 "tflite-qat-int8", "onnx-float32", "onnx-int8", "ort-int8", "tflite-int8x")):
+            rows.append(empty_row(model, fmt, 2, precision="int8" if "int8" in fmt else "float32",
+                                  size_mb=0.1 + 0.001 * k, latency_p50_ms=0.09 + 0.001 * k, accuracy=0.95))
+    written = report.plots(rows, tmp_path)
+    assert [p.name for p in written] == [report.PLOT_SIZE, report.PLOT_ACCURACY]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+def test_thread_choice_weighs_latency_against_cpu():
+    """Two threads halve the latency and cost more CPU per image: the table says both."""
+    rows = [empty_row("m", "tflite-int8", 1, latency_p50_ms=2.0, cpu_ms_per_image=2.0, cpu_cores_busy=1.0),
+            empty_row("m", "tflite-int8", 2, latency_p50_ms=1.0, cpu_ms_per_image=2.5, cpu_cores_busy=2.5),
+            empty_row("m", "onnx-int8", 1, latency_p50_ms=1.0, cpu_ms_per_image=1.0),
+            empty_row("m", "onnx-int8", 2, latency_p50_ms=0.9, cpu_ms_per_image=1.0 - 1e-9),
+            empty_row("m", "tflite-float32", 1, status="failed", error="boom")]
+    text = report.thread_choice(rows)
+    lines = {l.split()[1]: l.split() for l in text.splitlines()[2:]}
+    assert lines["tflite-int8"][2] == "2" and lines["tflite-int8"][5] == "1" and "+25%" in lines["tflite-int8"]
+    assert lines["onnx-int8"][-1] == "same"
+    assert "tflite-float32" not in text and "tflite-float32" not in report.steady_table(rows)
+    assert report.thread_choice(rows[:1]).startswith("(one thread count")
+
+
 def test_cli_rejects_bad_arguments(capsys, tmp_path):
     assert cli.main(["--formats", "tflite-nope", "--out", str(tmp_path)]) == 2
     assert "tflite-float32" in capsys.readouterr().err  # the message lists the valid names
@@ -140,6 +275,9 @@ def test_cli_rejects_bad_arguments(capsys, tmp_path):
     with pytest.raises(SystemExit):
         cli.parse_args(["--threads", "0"])
     assert cli.parse_args(["--threads", "1,1,2"]).threads == [1, 2]
+    from benchmarks.machine import cores
+
+    assert cli.parse_args([]).threads == cli.parse_args(["--threads", "sweep"]).threads == list(range(1, cores() + 1))
 
 
 @pytest.mark.slow
