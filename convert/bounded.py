@@ -70,6 +70,7 @@ class TfliteLadder:
     """tflite-int8 candidates from the TFLite converter (the report's rows name tensors)."""
 
     ext = ".tflite"
+    eight_bit = "int8"  # the activation type of the 8-bit steps
 
     def __init__(self, job, first: bytes):
         self.job, self.first = job, first
@@ -133,6 +134,7 @@ class OnnxLadder:
         from convert.onnx_export import CALIBRATION_METHODS
 
         self.job, self.prep, self.first, self.activations, self.method = job, prep, first, activations, method
+        self.eight_bit = activations  # uint8 or int8, as `--onnx-activations` chose
         self.calibrations = [method, *(m for m in CALIBRATION_METHODS if m != method)]
         graph = onnx.load(str(prep), load_external_data=False).graph
         self.producer = {o: n.name for n in graph.node for o in n.output}
@@ -216,18 +218,18 @@ def bounded_search(job, fmt, ladder, report: dict[str, Any], names: tuple[str, .
     def run(c: Candidate) -> dict[str, Any]:
         step = len(record["steps"])
         entry: dict[str, Any] = {"step": step, "stage": c.stage, "calibration": c.calibration,
-                                 "activations": c.activations,
+                                 "activations": "int16" if c.activations == "int16" else ladder.eight_bit,
                                  "float_layers": [f"{r['layer']} ({r['op']})" for r in c.floats],
                                  "float_nodes": [n for r in c.floats for n in ladder.key(r)]}
         try:
             m = _measure(job, fmt, ladder, c, step)
         except Skip as e:
             entry["skipped"] = str(e)
-            job.log(f"  --max-drop step {step} ({c.stage}, {c.calibration}, {c.activations}): skipped: {e}")
+            job.log(f"  --max-drop step {step} ({c.stage}, {c.calibration}, {entry['activations']}): skipped: {e}")
         else:
             paths[step] = m.pop("path")
             entry.update(m, within_bound=m["drop_pp"] <= bound)
-            job.log(f"  --max-drop step {step} ({c.stage}, {c.calibration}, {c.activations}, "
+            job.log(f"  --max-drop step {step} ({c.stage}, {c.calibration}, {entry['activations']}, "
                     f"{len(c.floats)} layer(s) in float): drop {m['drop_pp']:.2f} pp, "
                     f"{m['latency_ms_batch1_1thread']:.2f} ms, {m['size_bytes'] / 1e3:.0f} KB")
         record["steps"].append(entry)

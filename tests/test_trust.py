@@ -301,7 +301,7 @@ class _FakeJob:
 
 
 class _FakeLadder:
-    ext = ".x"
+    ext, eight_bit = ".x", "uint8"
     calibrations = ["minmax", "entropy"]
 
     @staticmethod
@@ -424,9 +424,9 @@ def test_max_drop_onnx_excludes_nodes_and_shares_the_graph_with_ort(tiny_run, tm
     rec = rows["onnx-int8"]["max_drop"]
     assert rows["ort-int8"]["max_drop"] == rec  # one search for the one QDQ graph
     assert [(s["stage"], s["calibration"], s["activations"]) for s in rec["steps"]] == [
-        ("calibration", "minmax", "int8"), ("calibration", "entropy", "int8"), ("calibration", "percentile", "int8"),
-        ("int16", rec["steps"][3]["calibration"], "int16"), ("float-fallback", rec["steps"][3]["calibration"], "int8"),
-        ("float-fallback", rec["steps"][3]["calibration"], "int8")]
+        ("calibration", "minmax", "uint8"), ("calibration", "entropy", "uint8"),
+        ("calibration", "percentile", "uint8"), ("int16", rec["steps"][3]["calibration"], "int16"),
+        ("float-fallback", rec["steps"][3]["calibration"], "uint8"), ("float-fallback", rec["steps"][3]["calibration"], "uint8")]
     assert "skipped" not in rec["steps"][3]  # ONNX Runtime runs QInt16 QDQ (opset 21) here
     excluded = rec["steps"][5]["float_nodes"]
     assert rec["steps"][4]["float_nodes"] == excluded[: len(rec["steps"][4]["float_nodes"])] and excluded
