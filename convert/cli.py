@@ -97,9 +97,10 @@ def export_parser() -> argparse.ArgumentParser:
                    help="proof inputs embedded in every artifact with its own outputs, for "
                         "`python -m edge_runtime selftest` on the device (1..32)")
     q.add_argument("--max-drop", type=float, metavar="PP",
-                   help="tflite-int8: keep the most sensitive layers (per-layer report) in float, one at a time, "
-                        "until the accuracy drop vs Keras on the proof split is at most PP percentage points; "
-                        "fails when no mix does")
+                   help="tflite-int8, onnx-int8, ort-int8: at most PP percentage points of accuracy below Keras on "
+                        "the proof split, measured through edge_runtime: tries the other calibrations, then int16 "
+                        "activations, then keeps the worst layers (per-layer report) in float one at a time; keeps "
+                        "the fastest step within PP (each step in conversion.json); fails when none is")
     q.add_argument("--opset", type=int, default=OPSET, help="ONNX opset")
     q.add_argument("--qat-epochs", type=int, default=2, help="quantization-aware fine-tuning epochs")
     q.add_argument("--qat-learning-rate", type=float, default=1e-3)

@@ -10,9 +10,11 @@ may differ, so the measurement and the choice are recorded in the metadata.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -84,19 +86,25 @@ class _Reader:
         self.i = 0
 
 
-def _quantize(src: Path, dest: Path, calib: np.ndarray, activations: str, method: str) -> None:
+def _quantize(src: Path, dest: Path, calib: np.ndarray, activations: str, method: str,
+              exclude: Sequence[str] = ()) -> None:
+    """QDQ, int8 per-channel weights; `activations` uint8, int8 or int16 (QDQ at opset 21); `exclude`: nodes left
+    in float (`--max-drop`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    quantize_static(
-        str(src), str(dest), _Reader(calib, "image"),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=methods[method],
-    )
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8, "int16": QuantType.QInt16}
+    with contextlib.redirect_stdout(io.StringIO()):  # Entropy and Percentile print progress; stdout is the report's
+        quantize_static(
+            str(src), str(dest), _Reader(calib, "image"),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=types[activations],
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            nodes_to_exclude=list(exclude) or None,
+        )
 
 
 def _time_ms(path: Path, x: np.ndarray, runs: int = 30, warmup: int = 5) -> float:
@@ -114,6 +122,8 @@ def _time_ms(path: Path, x: np.ndarray, runs: int = 30, warmup: int = 5) -> floa
 def int8_onnx(job) -> tuple[Path, dict[str, Any]]:
     """The QDQ int8 ONNX model (made once per job) and how it was quantized."""
     if "int8_onnx" in job.cache:
+        if isinstance(job.cache["int8_onnx"], Exception):
+            raise job.cache["int8_onnx"]
         return job.cache["int8_onnx"]
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -152,8 +162,24 @@ def int8_onnx(job) -> tuple[Path, dict[str, Any]]:
     if timing:
         info["latency_ms_batch1_1thread"] = timing
     info.update(job.layer_report("int8_onnx", lambda x: onnx_layer_errors(prep, paths[chosen], x, job.workdir)))
-    job.cache["int8_onnx"] = (paths[chosen], info)
-    return paths[chosen], info
+    path = paths[chosen]
+    if job.options.max_drop is not None:
+        from convert.bounded import OnnxLadder, apply_choice, bounded_search
+        from convert.formats import FORMATS
+
+        rows = ("onnx-int8", "ort-int8")  # one QDQ graph for both; measured as the .onnx
+        ladder = OnnxLadder(job, prep, path, chosen, method)
+        try:
+            path, record = bounded_search(job, FORMATS["onnx-int8"], ladder,
+                                          job.cache.get(("layer_errors", "int8_onnx"), {}), rows[1:])
+        except ValueError as e:
+            job.cache["int8_onnx"] = e  # the second row fails the same way without searching again
+            raise
+        apply_choice(info, record)
+        if record["chosen_step"] > 0:
+            info["quantizer"] += " + --max-drop search (calibration, int16 activations, nodes_to_exclude)"
+    job.cache["int8_onnx"] = (path, info)
+    return path, info
 
 
 def export_int8(job, fmt, dest: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -180,20 +181,14 @@ def export_int8(job, fmt, dest: Path) -> dict[str, Any]:
     if which == "converter":
         info.update(job.layer_report(fmt.name, lambda x: tflite_layer_errors(job.model, x, job.options.int8_io)))
         if job.options.max_drop is not None:
-            from convert.bounded import bounded_int8
+            from convert.bounded import TfliteLadder, apply_choice, bounded_search
 
             report = job.cache.get(("layer_errors", fmt.name), {})
-            if "layers" not in report:
-                raise ValueError("--max-drop needs the per-layer report to order the layers; "
-                                 f"it has none ({report.get('error', '--layer-report-n is 0')})")
-            data, record = bounded_int8(job, fmt, Path(dest).read_bytes(), report)
-            _write(dest, data)
-            chosen = record["steps"][record["chosen_step"]]
-            info["max_drop"] = {"bound_pp": record["bound_pp"], "drop_pp": chosen["drop_pp"],
-                                "float_layers": chosen["float_layers"], "steps": len(record["steps"])}
-            if chosen["float_layers"]:
-                info["activations"] = f"int8, {len(chosen['float_layers'])} layer(s) kept in float (--max-drop)"
-                info["quantizer"] += " + selective quantization (QuantizationDebugger denylisted_nodes)"
+            chosen, record = bounded_search(job, fmt, TfliteLadder(job, Path(dest).read_bytes()), report)
+            shutil.copyfile(chosen, dest)  # the measured bytes, without the metadata the row embeds
+            apply_choice(info, record)
+            if record["chosen_step"] > 0:
+                info["quantizer"] += " + --max-drop search (calibration, 16x8, QuantizationDebugger denylisted_nodes)"
     elif job.options.max_drop is not None:
         raise ValueError("--max-drop on tflite-int8 needs --int8-quantizer converter")
     elif job.options.layer_report_n > 0:

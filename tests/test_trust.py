@@ -283,7 +283,88 @@ def test_inspect_shows_the_report_beside_the_artifact(trusted, capsys):
 # ---------------------------------------------------------------- --max-drop
 
 
-def test_max_drop_keeps_the_worst_layers_in_float_one_at_a_time(tiny_run, tmp_path, monkeypatch):
+class _FakeJob:
+    """Just what `bounded_search` reads of an ExportJob: options, proof labels, a cache, a log."""
+
+    class proof:
+        y, origin = np.array([0, 1, 0, 1]), "fake (test split)"
+
+        def __len__(self):
+            return 4
+
+    def __init__(self, bound):
+        from types import SimpleNamespace
+
+        self.options, self.proof = SimpleNamespace(max_drop=bound), self.proof()
+        self.keras_probs = np.eye(2)[[0, 1, 0, 1]]
+        self.cache, self.log = {}, lambda *a: None
+
+
+class _FakeLadder:
+    ext, eight_bit = ".x", "uint8"
+    calibrations = ["minmax", "entropy"]
+
+    @staticmethod
+    def key(row):
+        return [row["tensor"]]
+
+
+def _fake_search(monkeypatch, bound, drops, skip_int16=False):
+    """`bounded_search` over a fake ladder whose candidates have the given (drop, latency) by
+    (stage, calibration, number of float layers); returns (record, error or None, the candidates asked for)."""
+    from convert import bounded
+    from convert.formats import FORMATS
+
+    asked = []
+
+    def measure(job, fmt, ladder, c, step):
+        asked.append(c)
+        if c.stage == "int16" and skip_int16:
+            raise bounded.Skip("runtime cannot run it")
+        drop, ms = drops[(c.stage, c.calibration, len(c.floats))]
+        return {"path": Path(f"step{step}"), "accuracy": 0.5, "drop_pp": drop, "top1_agreement": 1.0,
+                "latency_ms_batch1_1thread": ms, "latency_runs": 30, "size_bytes": 100 + len(c.floats)}
+
+    monkeypatch.setattr(bounded, "_measure", measure)
+    monkeypatch.setattr(bounded, "MAX_STEPS", 3)
+    report = {"layers": [{"index": i, "layer": f"l{i}", "op": "CONV_2D", "tensor": f"t{i}", "sqnr_db": db}
+                         for i, db in enumerate([30.0, 10.0, 20.0, None])]}
+    job = _FakeJob(bound)
+    try:
+        path, record = bounded.bounded_search(job, FORMATS["onnx-int8"], _FakeLadder(), report, ("ort-int8",))
+    except ValueError as e:
+        return job.cache[("max_drop", "onnx-int8")], str(e), asked
+    assert job.cache[("max_drop", "ort-int8")] is record  # the row sharing the graph shares the record
+    assert path == Path(f"step{record['chosen_step']}")
+    return record, None, asked
+
+
+def test_max_drop_search_order_and_choice(monkeypatch):
+    d = {("calibration", "minmax", 0): (2.0, 1.0), ("calibration", "entropy", 0): (1.5, 1.0),
+         ("int16", "entropy", 0): (0.0, 9.0)}
+    d.update({("float-fallback", "entropy", k): (drop, 1.0 + 0.1 * k) for k, drop in ((1, 1.0), (2, 0.5), (3, 0.3))})
+    # A calibration within the bound ends the search at once.
+    record, err, asked = _fake_search(monkeypatch, 1.5, d)
+    assert err is None and record["chosen_step"] == 1 and len(asked) == 2
+    # Otherwise: the best calibration (entropy) is kept for int16 and the float steps, worst layer (lowest SQNR)
+    # first, until one is within; the fastest within the bound wins (the float step over the slower int16).
+    record, err, asked = _fake_search(monkeypatch, 0.5, d)
+    assert err is None
+    assert [s["stage"] for s in record["steps"]] == ["calibration"] * 2 + ["int16"] + ["float-fallback"] * 2
+    assert {c.calibration for c in asked[2:]} == {"entropy"}
+    assert [s["float_nodes"] for s in record["steps"][3:]] == [["t1"], ["t1", "t2"]]
+    assert record["chosen_step"] == 4 and record["steps"][2]["within_bound"]  # int16 met it too, but slower
+    # int16 the only step within: it is chosen, slow as it is.
+    record, err, _ = _fake_search(monkeypatch, 0.1, d)
+    assert err is None and record["chosen_step"] == 2 and len(record["steps"]) == 6  # all 3 float steps tried
+    # A runtime that cannot run int16: recorded as skipped, never chosen; then nothing meets 0.1 and it says so.
+    record, err, _ = _fake_search(monkeypatch, 0.1, d, skip_int16=True)
+    assert record["steps"][2]["skipped"] == "runtime cannot run it" and "drop_pp" not in record["steps"][2]
+    assert record["chosen_step"] is None
+    assert "no mix met it in 6 step(s)" in err and "best was step 5" in err and "0.30 pp" in err
+
+
+def test_max_drop_tflite_steps_through_the_device_runtime(tiny_run, tmp_path, monkeypatch):
     from convert import bounded
     from convert.export import Options, run_export
     from convert.formats import parse_formats
@@ -297,28 +378,97 @@ def test_max_drop_keeps_the_worst_layers_in_float_one_at_a_time(tiny_run, tmp_pa
     row = failed["rows"][0]
     assert row["status"] == "failed" and "no mix met it" in row["error"] and not failed["ok"]
     assert not list((tmp_path / "a").glob("*.tflite"))
-    steps = row["max_drop"]["steps"]
-    assert [s["step"] for s in steps] == [0, 1, 2] and row["max_drop"]["chosen_step"] is None
-    assert [len(s["float_layers"]) for s in steps] == [0, 1, 2]
-    assert steps[2]["float_tensors"][:1] == steps[1]["float_tensors"]  # one more layer each step, worst first
-    assert steps[2]["size_bytes"] > steps[0]["size_bytes"]  # float weights are 4 bytes, int8 one
+    rec = row["max_drop"]
+    steps = rec["steps"]
+    # calibration on all 48 images and on 16 (48 // 3; 48 // 10 is under MIN_CALIB), 16x8, then 2 float steps
+    assert rec["calibrations"] == ["minmax, 48 images", "minmax, 16 images"] and rec["chosen_step"] is None
+    assert [s["stage"] for s in steps] == ["calibration"] * 2 + ["int16"] + ["float-fallback"] * 2
+    assert [s["calibration_images"] for s in steps[:2]] == [48, 16]
+    assert "skipped" not in steps[2] and steps[2]["mode"].startswith("16x8")  # LiteRT runs 16x8 here
+    assert [len(s["float_layers"]) for s in steps[3:]] == [1, 2]
+    assert steps[4]["float_nodes"][:1] == steps[3]["float_nodes"]  # one more layer each step, worst first
+    assert steps[4]["size_bytes"] > steps[0]["size_bytes"]  # float weights are 4 bytes, int8 one
     for s in steps:
-        assert s["drop_pp"] == pytest.approx(100 * (row["max_drop"]["keras_accuracy"] - s["accuracy"]), abs=1e-6)
-        assert s["latency_ms_batch1_1thread"] > 0
+        assert s["drop_pp"] == pytest.approx(100 * (rec["keras_accuracy"] - s["accuracy"]), abs=1e-6)
+        assert s["latency_ms_batch1_1thread"] > 0 and s["within_bound"] is False
 
-    # A bound the second step meets: the first step within it is the artifact, and it says so.
-    d0, d1 = steps[0]["drop_pp"], steps[1]["drop_pp"]
-    bound, expect = (d1, 1) if d1 < d0 else (d0, 0)
+    # A bound a calibration meets: the first calibration within it is the artifact, and it says so.
+    bound = min(s["drop_pp"] for s in steps[:2])
+    expect = next(s["step"] for s in steps[:2] if s["drop_pp"] <= bound)
     ok = run_export(tiny_run, tmp_path / "b", parse_formats("tflite-int8"), Options(max_drop=bound, **opts),
                     name="m", log=lambda *a: None)
     row = ok["rows"][0]
-    assert row["status"] != "failed", row.get("error")
-    chosen = row["max_drop"]["chosen_step"]
-    assert chosen == expect and row["max_drop"]["steps"][chosen]["drop_pp"] <= bound
+    assert row["status"] == "ok", row.get("error")  # the search and the row's criterion agree on the bound
+    assert row["max_drop"]["chosen_step"] == expect and len(row["max_drop"]["steps"]) == expect + 1
+    assert row["criterion"]["metric"] == "accuracy_drop_pp" and row["criterion"]["value"] <= bound
     meta = read_metadata(tmp_path / "b" / row["file"])
-    assert meta.quantization["max_drop"]["float_layers"] == row["max_drop"]["steps"][chosen]["float_layers"]
+    chosen = row["max_drop"]["steps"][expect]
+    assert meta.quantization["max_drop"]["calibration"] == chosen["calibration"]
+    assert meta.quantization["calibration_images"] == chosen["calibration_images"]
     code, out, err = run_cli("selftest", tmp_path / "b" / row["file"])
     assert code == 0, out + err
+
+
+def test_max_drop_onnx_excludes_nodes_and_shares_the_graph_with_ort(tiny_run, tmp_path, monkeypatch):
+    from convert import bounded
+    from convert.export import Options, run_export
+    from convert.formats import parse_formats
+
+    monkeypatch.setattr(bounded, "MAX_STEPS", 2)
+    opts = dict(calib_n=48, eval_n=60, min_agreement=0.0, allow_drop=True, layer_report_n=16,
+                onnx_activations="uint8")
+    failed = run_export(tiny_run, tmp_path / "a", parse_formats("onnx-int8,ort-int8"),
+                        Options(max_drop=-100.0, **opts), name="m", log=lambda *a: None)
+    rows = {r["format"]: r for r in failed["rows"]}
+    assert all(r["status"] == "failed" and "no mix met it" in r["error"] for r in rows.values())
+    rec = rows["onnx-int8"]["max_drop"]
+    assert rows["ort-int8"]["max_drop"] == rec  # one search for the one QDQ graph
+    assert [(s["stage"], s["calibration"], s["activations"]) for s in rec["steps"]] == [
+        ("calibration", "minmax", "uint8"), ("calibration", "entropy", "uint8"),
+        ("calibration", "percentile", "uint8"), ("int16", rec["steps"][3]["calibration"], "int16"),
+        ("float-fallback", rec["steps"][3]["calibration"], "uint8"), ("float-fallback", rec["steps"][3]["calibration"], "uint8")]
+    assert "skipped" not in rec["steps"][3]  # ONNX Runtime runs QInt16 QDQ (opset 21) here
+    excluded = rec["steps"][5]["float_nodes"]
+    assert rec["steps"][4]["float_nodes"] == excluded[: len(rec["steps"][4]["float_nodes"])] and excluded
+
+    # A bound step 0 meets: both rows are made from its graph and say so.
+    bound = rec["steps"][0]["drop_pp"]
+    ok = run_export(tiny_run, tmp_path / "b", parse_formats("onnx-int8,ort-int8"), Options(max_drop=bound, **opts),
+                    name="m", log=lambda *a: None)
+    rows = {r["format"]: r for r in ok["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), [r.get("error") for r in rows.values()]
+    assert rows["onnx-int8"]["max_drop"]["chosen_step"] == 0 and rows["ort-int8"]["max_drop"]["chosen_step"] == 0
+    assert rows["onnx-int8"]["quantization"]["max_drop"]["drop_pp"] <= bound
+
+
+def test_onnx_excluded_nodes_stay_float(tiny_run, tmp_path):
+    """`nodes_to_exclude` as the ladder passes it: the worst conv keeps float weights, the others int8."""
+    import onnx
+
+    from convert.bounded import OnnxLadder
+    from convert.onnx_export import _quantize, keras_to_onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import keras
+
+    model = keras.models.load_model(tiny_run / "best.keras")
+    f, prep = tmp_path / "f.onnx", tmp_path / "prep.onnx"
+    onnx.save(keras_to_onnx(model, tuple(model.inputs[0].shape[1:])), str(f))
+    quant_pre_process(str(f), str(prep))
+    g = onnx.load(str(prep)).graph
+    conv = next(n for n in g.node if n.op_type == "Conv")
+    relu = next((n for n in g.node if n.op_type == "Relu" and n.input[0] in conv.output), None)
+    ladder = OnnxLadder(None, prep, None, "uint8", "minmax")  # only its node map (no job needed)
+    row = {"node": relu.name, "op": "Relu"} if relu is not None else {"node": conv.name, "op": "Conv"}
+    assert conv.name in ladder.key(row)
+    x = np.random.default_rng(0).random((8, *model.inputs[0].shape[1:]), dtype=np.float32)
+    q = tmp_path / "q.onnx"
+    _quantize(prep, q, x, "uint8", "minmax", ladder.key(row))
+    qg = onnx.load(str(q)).graph
+    dq_outputs = {o for n in qg.node if n.op_type == "DequantizeLinear" for o in n.output}
+    kept = next(n for n in qg.node if n.name == conv.name)
+    assert kept.input[1] not in dq_outputs  # float weight, straight from the initializer
+    others = [n for n in qg.node if n.op_type == "Conv" and n.name != conv.name]
+    assert others and all(n.input[1] in dq_outputs for n in others)
 
 
 # ---------------------------------------------------------------- any Keras classifier (a bare features model)
