@@ -50,12 +50,19 @@ def short_name(tensor: str) -> str:
     "model_1/s1m1_3_bn_1/batchnorm/add_1;model_1/s1m1_3_conv_1/convolution" -> "s1m1_3_conv".
 
     Fused ops carry several names joined by ";"; the last is the op's first
-    layer (the conv of conv+BN+ReLU).
+    layer (the conv of conv+BN+ReLU). A model nested in another (the OCT base
+    inside the fused model) adds a scope: the innermost layer scope names the
+    layer, "oct_fused_1/inception_v3_1/conv2d_5_1/convolution" -> "conv2d_5".
     """
     piece = tensor.split(";")[-1]
     parts = [p for p in piece.split("/") if p]
-    name = parts[1] if len(parts) > 1 else (parts[0] if parts else tensor)
+    scopes = [p for p in parts[1:-1] if p not in _OP_SCOPES]  # the first part is the outer model, the last the op
+    name = scopes[-1] if scopes else parts[1] if len(parts) > 1 else (parts[0] if parts else tensor)
     return re.sub(r"_\d+$", "", name.split(":")[0])
+
+
+# Scopes TF opens inside one Keras layer's call (not layer names).
+_OP_SCOPES = frozenset({"batchnorm"})
 
 
 def sqnr_db(signal: np.ndarray, noise: np.ndarray) -> float:

@@ -268,6 +268,20 @@ def test_onnx_report_accumulated_error_matches_the_artifacts(trusted, tiny_run):
     assert sqnr_db(f, f - q) == pytest.approx(last["accumulated_sqnr_db"], abs=1.5)
 
 
+@pytest.mark.parametrize("tensor, layer", [
+    ("model_1/s1m1_3_bn_1/batchnorm/add_1;model_1/s1m1_3_conv_1/convolution", "s1m1_3_conv"),
+    ("model_1/s1m1_3_bn_1/batchnorm/add_1", "s1m1_3_bn"),
+    ("model_1/dense_1", "dense"),
+    # The fused OCT model nests InceptionV3: its layers, not the nested model's name.
+    ("oct_fused_1/inception_v3_1/activation_1/Relu;oct_fused_1/inception_v3_1/conv2d_5_1/convolution", "conv2d_5"),
+    ("oct_fused_1/inception_v3_1/max_pooling2d_1/MaxPool2d", "max_pooling2d"),
+])
+def test_layer_names_from_converter_tensor_names(tensor, layer):
+    from convert.layer_errors import short_name
+
+    assert short_name(tensor) == layer
+
+
 def test_inspect_shows_the_report_beside_the_artifact(trusted, capsys):
     from convert.cli import main
 
