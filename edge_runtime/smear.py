@@ -88,6 +88,7 @@ WBC_PART_AREA = 0.03  # x typical cell area of such a nucleus inside a region ma
 # even-numbered fields of the 44 (0.3/0.4/0.5/0.6: cell recall 91.4/90.9/90.1/88.9%, count error
 # rising as it falls) and holds on the odd ones (README "Smear fields").
 MARKER_SPACING, MARKER_DEPTH = 0.4, 0.4
+VOTE_RADII = (0.75, 1.25)  # x typical radius: how far in from the outline a boundary pixel votes for a centre
 STAIN_RED_MARGIN = 0.02  # foreground must pass red better than green by this (x background): a stain
 MIN_RADIUS = 4.0  # pixels: below this the "cells" are noise, not cells
 SINGLE_SOLIDITY = 0.92  # area / convex hull area at or above which a region is one cell, not touching ones
@@ -257,13 +258,62 @@ def _estimate_radius(mask: np.ndarray, dist: np.ndarray) -> float:
     return float(np.median(peaks)) if peaks.size else 0.0
 
 
-def _markers(dist: np.ndarray, radius: float) -> np.ndarray:
-    """int32 markers at the distance transform's maxima, >= MARKER_SPACING radius apart and MARKER_DEPTH deep."""
+def _centre_votes(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Circle-centre votes (float32 image): each boundary pixel votes along its inward normal, VOTE_RADII x radius in.
+
+    A red cell is a disc, so every piece of its outline, even the arc left visible where it overlaps a
+    neighbour, points at its centre from about one radius away. Two overlapping cells make one blob
+    whose distance transform has a single ridge (one marker), while their two arcs still vote for two
+    centres (a gradient Hough transform for circles, restricted to the cell mask's outline).
+    """
+    cv2 = _cv2()
+    h, w = mask.shape
+    smooth = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), max(1.0, radius / 10))
+    gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return np.zeros((h, w), np.float32)
+    pts = np.concatenate([c[:, 0, :] for c in contours])
+    x, y = pts[:, 0], pts[:, 1]
+    nx, ny = gx[y, x], gy[y, x]  # the mask rises inward: its gradient is the inward normal
+    norm = np.hypot(nx, ny)
+    ok = norm > 1e-6
+    x, y, nx, ny = x[ok], y[ok], nx[ok] / norm[ok], ny[ok] / norm[ok]
+    steps = np.arange(VOTE_RADII[0] * radius, VOTE_RADII[1] * radius, 1.0, dtype=np.float32)[:, None]
+    cx = np.rint(x + steps * nx).astype(np.int64).ravel()
+    cy = np.rint(y + steps * ny).astype(np.int64).ravel()
+    inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
+    acc = np.bincount(cy[inside] * w + cx[inside], minlength=h * w).astype(np.float32).reshape(h, w)
+    return cv2.GaussianBlur(acc, (0, 0), max(1.0, 0.12 * radius))
+
+
+def _marker_score(mask: np.ndarray, dist: np.ndarray, radius: float) -> np.ndarray:
+    """Distance transform plus centre votes, both in radii: a cell's centre is deep in the mask and voted for.
+
+    The votes are scaled by what an isolated cell of this field gets (the median over the cell-sized
+    components of their highest vote), so the two cues weigh alike whatever the magnification.
+    """
+    cv2 = _cv2()
+    votes = _centre_votes(mask, radius)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    typical = math.pi * radius * radius
+    area = stats[:, cv2.CC_STAT_AREA]
+    single = (area > 0.6 * typical) & (area < 1.4 * typical)
+    single[0] = False
+    top = np.zeros(n, np.float32)
+    np.maximum.at(top, lab.ravel(), votes.ravel())
+    ref = float(np.median(top[single])) if single.any() else float(votes.max())
+    return dist + (radius / max(ref, 1e-6)) * votes
+
+
+def _markers(score: np.ndarray, radius: float) -> np.ndarray:
+    """int32 markers at the score's maxima, >= MARKER_SPACING radius apart and MARKER_DEPTH radius high."""
     cv2 = _cv2()
     r = max(1, int(round(MARKER_SPACING * radius)))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    smooth = cv2.GaussianBlur(dist, (0, 0), max(1.0, radius / 8))
-    peaks = (smooth >= cv2.dilate(smooth, kernel) - 1e-3) & (dist >= MARKER_DEPTH * radius)
+    smooth = cv2.GaussianBlur(score, (0, 0), max(1.0, radius / 8))
+    peaks = (smooth >= cv2.dilate(smooth, kernel) - 1e-3) & (score >= MARKER_DEPTH * radius)
     # Plateau maxima are several pixels: merge those closer than the spacing into one marker.
     peaks = cv2.dilate(peaks.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (r | 1, r | 1)))
     _, markers = cv2.connectedComponents(peaks, connectivity=8)
@@ -421,7 +471,7 @@ def segment(image: Image.Image | np.ndarray, name: str = "field") -> Segmentatio
     # (a landscape's sky line, a dark half, an OCT scan's layers).
     if radius < MIN_RADIUS or not 0.01 < mask.mean() < 0.9 or radius > min(mask.shape) / 8:
         raise SmearError(name, "no cells found (nothing cell-shaped stands out of the background)")
-    markers = _markers(dist, radius)
+    markers = _markers(_marker_score(mask, dist, radius), radius)
     labels = _merge_oversplit(_nearest_marker(markers, mask), radius)
     cells = _regions(labels, norm, dark, mask, radius, scale)
     if not any(c.kind == "rbc" for c in cells):
