@@ -313,15 +313,21 @@ def _marker_score(mask: np.ndarray, dist: np.ndarray, radius: float) -> np.ndarr
     return dist + (radius / max(ref, 1e-6)) * votes
 
 
-def _markers(score: np.ndarray, radius: float, halve: bool = True) -> np.ndarray:
-    """int32 markers at the score's maxima, >= MARKER_SPACING radius apart and MARKER_DEPTH radius high."""
+def _markers(mask: np.ndarray, dist: np.ndarray, radius: float) -> np.ndarray:
+    """int32 markers at the maxima of `_marker_score`, >= MARKER_SPACING radius apart and MARKER_DEPTH radius high.
+
+    Maxima of a score blurred over radius/8 need no full resolution: with cells of 16 pixels' radius or
+    more they are found on a half-size copy (the wide dilation and the votes were most of the time) and
+    placed back by nearest pixel.
+    """
     cv2 = _cv2()
-    if halve and radius >= 16:
-        # Maxima of a score blurred over radius/8 need no full resolution: found on a half-size copy
-        # (the wide dilation below is most of this step's time), placed back by nearest pixel.
-        h, w = score.shape
-        small = cv2.resize(score, (w // 2, h // 2), interpolation=cv2.INTER_AREA) / 2
-        return cv2.resize(_markers(small, radius / 2, halve=False), (w, h), interpolation=cv2.INTER_NEAREST)
+    h, w = mask.shape
+    if radius >= 16:
+        small = (w // 2, h // 2)
+        mask = cv2.resize(mask, small, interpolation=cv2.INTER_NEAREST)
+        dist = cv2.resize(dist, small, interpolation=cv2.INTER_AREA) / 2
+        radius /= 2
+    score = _marker_score(mask, dist, radius)
     r = max(1, int(round(MARKER_SPACING * radius)))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     smooth = cv2.GaussianBlur(score, (0, 0), max(1.0, radius / 8))
@@ -329,6 +335,8 @@ def _markers(score: np.ndarray, radius: float, halve: bool = True) -> np.ndarray
     # Plateau maxima are several pixels: merge those closer than the spacing into one marker.
     peaks = cv2.dilate(peaks.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (r | 1, r | 1)))
     _, markers = cv2.connectedComponents(peaks, connectivity=8)
+    if markers.shape != (h, w):
+        markers = cv2.resize(markers, (w, h), interpolation=cv2.INTER_NEAREST)
     return markers.astype(np.int32)
 
 
@@ -502,7 +510,7 @@ def segment(image: Image.Image | np.ndarray, name: str = "field") -> Segmentatio
     # (a landscape's sky line, a dark half, an OCT scan's layers).
     if radius < MIN_RADIUS or not 0.01 < mask.mean() < 0.9 or radius > min(mask.shape) / 8:
         raise SmearError(name, "no cells found (nothing cell-shaped stands out of the background)")
-    markers = _markers(_marker_score(mask, dist, radius), radius)
+    markers = _markers(mask, dist, radius)
     labels = _merge_oversplit(_nearest_marker(markers, mask), radius)
     cells = _regions(labels, norm, dark, mask, radius, scale)
     if not any(c.kind == "rbc" for c in cells):
