@@ -630,7 +630,7 @@ def normalise_stain(seg: Segmentation) -> np.ndarray:
 
     The field's mean is taken over all its red cells together, not cell by cell: a stain shifts every
     cell of a slide alike, while a parasite's own colour is what the model must still see. Matching
-    lightness and spread as well (Reinhard) was measured worse: the model keys on contrast.
+    lightness and spread as well (Reinhard) was measured worse (README "Smear fields").
     Returns an RGB uint8 array like `seg.image` (background pixels are moved too; crops black them).
     """
     cv2 = _cv2()
@@ -759,7 +759,7 @@ def analyse_slide(model, fields, out=None, min_cells: int | None = None, rbc_per
         fields: image paths, PIL images or RGB arrays.
         out: folder for overlays, cells.csv/json, summary.json and the contact sheet (None: write nothing).
         min_cells, rbc_per_ul, wbc_count, wbc_per_ul: see `edge_runtime.clinical.slide_referral`.
-        normalise: classify crops with the field's stain moved to the NIH crops' colours (`normalise_stain`).
+        normalise: classify crops with the field's mean cell hue moved half-way to the NIH crops' (`normalise_stain`).
 
     A field that cannot be read or holds no cells gets an `error` and the others go on.
     """

@@ -67,6 +67,16 @@ def test_matcher_is_one_to_one():
     assert match(truth, [[50, 50, 10, 10]]).tolist() == [-1, -1]
 
 
+def test_benchmark_summary_reports_uncertain_uninfected_apart_from_false_positives():
+    from benchmarks.smear import summarise
+
+    row = {"error": None, "annotated": 10, "found": 9, "annotated_parasites": 1, "parasites_found": 1,
+           "count_error": 2, "segment_ms": 1.0, "total_ms": 2.0, "parasites_called": 1, "uninfected_found": 8,
+           "uninfected_called_parasitized": 1, "uninfected_called_uncertain": 4, "flagged": True}
+    s = summarise([row], with_model=True)
+    assert s["uninfected_false_positive_rate"] == 1 / 8 and s["uninfected_uncertain_rate"] == 4 / 8
+
+
 def _landscape(w: int = 640, h: int = 480) -> Image.Image:
     """A drawn landscape: sky, sun, green hills, a red house and round dark-green trees (cell-sized blobs)."""
     from PIL import ImageDraw
