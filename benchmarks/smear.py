@@ -10,7 +10,8 @@ box overlaps it with IoU >= 0.5 (greedy one-to-one matching, highest IoU first).
 
 Reported: cell recall, parasite-cell recall (detection only; with --model also
 found AND called parasitized or uncertain), with --model the false-positive
-rate on annotated uninfected cells (called parasitized), field-level
+rate on annotated uninfected cells (called parasitized; and the share called
+uncertain, which a slide report counts toward referral), field-level
 sensitivity (a field with an annotated parasite is flagged for referral), RBC
 count error per field (detected "rbc" regions minus annotated cells, mean
 absolute and mean signed) and time per field (segmentation; end to end with
@@ -111,6 +112,8 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> d
         row["parasites_called"] = int(called[par].sum())
         row["uninfected_found"] = int(found[~par].sum())
         row["uninfected_called_parasitized"] = int(sure_pos[~par].sum())
+        unsure = np.array([m >= 0 and bool(cells[m]["uncertain"]) for m in matched], bool)
+        row["uninfected_called_uncertain"] = int(unsure[~par].sum())
         row["flagged"] = bool(any(c["label"] == positive or c["uncertain"] for c in cells if c["kind"] == "rbc"))
     return row
 
@@ -132,6 +135,7 @@ def summarise(rows: list[dict[str, Any]], with_model: bool) -> dict[str, Any]:
         with_par = [r for r in ok if r["annotated_parasites"]]
         s.update(parasite_recall_called=tot("parasites_called") / max(tot("annotated_parasites"), 1),
                  uninfected_false_positive_rate=tot("uninfected_called_parasitized") / max(tot("uninfected_found"), 1),
+                 uninfected_uncertain_rate=tot("uninfected_called_uncertain") / max(tot("uninfected_found"), 1),
                  field_sensitivity=sum(r["flagged"] for r in with_par) / max(len(with_par), 1),
                  fields_with_parasites=len(with_par),
                  total_ms_per_field=float(np.mean([r["total_ms"] for r in ok])) if ok else None)
@@ -154,6 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/smear-bench"), help="results folder")
     p.add_argument("--threads", type=int, help="runtime threads for --model")
     p.add_argument("--normalise", action="store_true", help="with --model: stain-normalise crops (smear --normalise)")
+    p.add_argument("--threshold", type=float,
+                   help="with --model: confidence below which a cell is uncertain (default: the model's)")
     return p.parse_args(argv)
 
 
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is not None:
             from edge_runtime.model import load
 
-            model = load(args.model, threads=args.threads)
+            model = load(args.model, threads=args.threads, threshold=args.threshold)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="white cells per microlitre (default 8000, the WHO convention)")
     ps.add_argument("--threshold", type=fraction, help="confidence below which a cell is uncertain")
     ps.add_argument("--normalise", action="store_true",
-                    help="move each field's stain colours to the NIH training crops' before classifying")
+                    help="move each field's mean cell hue half-way to the NIH training crops' before classifying")
     runtime_args(ps)
     ps.set_defaults(format="table", max_pixels=DEFAULT_MAX_PIXELS)
 
