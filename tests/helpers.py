@@ -91,6 +91,42 @@ def run_cli(*argv) -> tuple[int, str, str]:
     return res.returncode, res.stdout, res.stderr
 
 
+def first_conv_weights(buf: bytes) -> tuple[int, int, np.dtype]:
+    """(file offset, byte length, dtype) of the first CONV_2D's weight buffer, found through the flatbuffer schema."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.Model.GetRootAs(buf, 0)
+    sg = m.Subgraphs(0)
+    builtin = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    for i in range(sg.OperatorsLength()):
+        op = sg.Operators(i)
+        code = m.OperatorCodes(op.OpcodeIndex())
+        kind = builtin[max(code.BuiltinCode(), code.DeprecatedBuiltinCode())]
+        if kind != "CONV_2D":
+            continue
+        t = sg.Tensors(op.Inputs(1))
+        b = m.Buffers(t.Buffer())
+        assert not b.DataIsNone(), "the conv's weights are not a constant buffer"
+        start = b._tab.Vector(b._tab.Offset(4))  # where the buffer's bytes sit in the file
+        dtype = {schema.TensorType.INT8: np.int8, schema.TensorType.FLOAT32: np.float32,
+                 schema.TensorType.FLOAT16: np.float16}[t.Type()]
+        return start, b.DataLength(), np.dtype(dtype)
+    raise AssertionError("no CONV_2D with constant weights")
+
+
+def flip_strongest_first_conv_weights(data: bytes, n: int = 1) -> bytes:
+    """`data` (a .tflite) with its first conv's `n` strongest weights changed: int8 sign bit flipped
+    (127 -> -1), float32 a high exponent bit; everything else byte for byte the same."""
+    buf = bytearray(data)
+    start, length, dtype = first_conv_weights(data)
+    w = np.frombuffer(data[start: start + length], dtype)
+    ks = np.argsort(-np.abs(w.astype(np.float32)), kind="stable")[:n]
+    for k in ks:
+        buf[start + int(k) * dtype.itemsize + (dtype.itemsize - 1)] ^= 0x80 if dtype == np.int8 else 0x40
+    assert np.all(np.frombuffer(bytes(buf[start: start + length]), dtype)[ks] != w[ks])
+    return bytes(buf)
+
+
 # ---------------------------------------------------------------- making the artifacts (needs TensorFlow)
 
 

@@ -58,6 +58,7 @@ from helpers import (
     SAMPLE,
     assert_same_class_off_ties,
     cells,
+    flip_strongest_first_conv_weights,
     run_cli,
 )
 
@@ -672,3 +673,32 @@ def test_cli_in_process_threshold(art, capsys):
     out = capsys.readouterr().out
     assert code == 0 and UNCERTAIN in out and "slide (files): 1 cells" in out and "1 uncertain" in out
 
+
+
+# ---------------------------------------------------------------- the device checks its own files (golden sets)
+
+
+@pytest.mark.parametrize("name", [*MALARIA_FILES.values(), INT8_IO_FILE])
+def test_selftest_passes_on_every_malaria_format_on_this_runtime(art, name):
+    """Each artifact's golden set, made on the converting machine, answers the same on this device's runtime."""
+    code, out, err = run_cli("selftest", art / name, "--json")
+    assert code == 0, out + err
+    doc = json.loads(out)
+    assert doc["ok"] and doc["inputs"] >= 2 and doc["max_abs_diff"] <= doc["atol"]
+
+
+def test_selftest_of_the_released_model_by_name_and_of_a_tampered_copy(tmp_path):
+    from edge_runtime import registry
+
+    if "malaria" not in {r.name for r in registry.read_registry()}:
+        pytest.skip("no malaria model released yet")
+    code, out, err = run_cli("selftest", "malaria")
+    assert code == 0 and "selftest passed" in out, out + err
+
+    released = registry.resolve("malaria")
+    bad = tmp_path / released.name
+    # Measured on release 1.0.0: its 4 golden inputs miss 1 to 4 of the strongest first-layer weights flipped
+    # (max |dprob| 0.027 < 0.03) and catch 8 (0.074); any changed byte fails its sha256 when loaded by name.
+    bad.write_bytes(flip_strongest_first_conv_weights(released.read_bytes(), n=8))
+    code, out, err = run_cli("selftest", bad)
+    assert code == 1 and "selftest FAILED" in out, out + err

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.golden import GoldenSet, compare, pick
-from helpers import ROOT, run_cli
+from helpers import ROOT, flip_strongest_first_conv_weights, run_cli
 
 SELFTEST_FORMATS = ("tflite-float32", "tflite-float16", "tflite-dynamic", "tflite-int8", "onnx-float32",
                     "onnx-int8", "ort-int8")
@@ -112,42 +112,11 @@ def test_selftest_passes_on_every_format_as_made(trusted, fmt):
     assert code == 0 and "selftest passed" in out
 
 
-def _first_conv_weights(buf: bytes) -> tuple[int, int, np.dtype]:
-    """(file offset, byte length, dtype) of the first CONV_2D's weight buffer, found through the flatbuffer schema."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    m = schema.Model.GetRootAs(buf, 0)
-    sg = m.Subgraphs(0)
-    builtin = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    for i in range(sg.OperatorsLength()):
-        op = sg.Operators(i)
-        code = m.OperatorCodes(op.OpcodeIndex())
-        kind = builtin[max(code.BuiltinCode(), code.DeprecatedBuiltinCode())]
-        if kind != "CONV_2D":
-            continue
-        t = sg.Tensors(op.Inputs(1))
-        b = m.Buffers(t.Buffer())
-        assert not b.DataIsNone(), "the conv's weights are not a constant buffer"
-        start = b._tab.Vector(b._tab.Offset(4))  # where the buffer's bytes sit in the file
-        dtype = {schema.TensorType.INT8: np.int8, schema.TensorType.FLOAT32: np.float32,
-                 schema.TensorType.FLOAT16: np.float16}[t.Type()]
-        return start, b.DataLength(), np.dtype(dtype)
-    raise AssertionError("no CONV_2D with constant weights")
-
-
 @pytest.mark.parametrize("fmt", ["tflite-int8", "tflite-float32"])
 def test_one_weight_byte_changed_is_drift(trusted, fmt, tmp_path):
     path = _file(trusted, fmt)
-    buf = bytearray(path.read_bytes())
-    start, length, dtype = _first_conv_weights(bytes(buf))
-    w = np.frombuffer(bytes(buf[start: start + length]), dtype)
-    k = int(np.abs(w.astype(np.float32)).argmax())  # the strongest weight of the first layer
-    # int8: flip the sign bit (e.g. 127 -> -1); float32: a high exponent bit of the same weight.
-    pos = start + k * dtype.itemsize + (dtype.itemsize - 1)
-    buf[pos] ^= 0x80 if dtype == np.int8 else 0x40
     bad = tmp_path / path.name
-    bad.write_bytes(bytes(buf))
-    assert np.frombuffer(bytes(buf[start: start + length]), dtype)[k] != w[k]
+    bad.write_bytes(flip_strongest_first_conv_weights(path.read_bytes()))
     code, out, err = run_cli("selftest", bad)
     assert code == 1, out + err
     assert "selftest FAILED" in out and "worst: golden input" in out
