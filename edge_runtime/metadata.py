@@ -4,8 +4,9 @@
 
 - `.tflite`: a flatbuffer `Model.metadata` entry named `medge` whose buffer
   holds the UTF-8 JSON (the TFLite schema's own slot for such data; LiteRT
-  ignores entries it does not know). Read and written here with the schema
-  that ships with `ai_edge_litert` (`schema_py_generated`) and `flatbuffers`.
+  ignores entries it does not know). Written here with the schema that ships
+  with `ai_edge_litert` (`schema_py_generated`) and `flatbuffers`; read with
+  `compat`'s small reader, which needs neither (the legacy tflite-runtime has no schema).
 - `.onnx` / `.ort`: the model's `metadata_props` under the key `medge`, read
   through onnxruntime's `get_modelmeta().custom_metadata_map`.
 - every artifact also gets a sidecar `<artifact stem>.json` with the same
@@ -234,21 +235,16 @@ def _check_tflite(buf: bytes, where: str) -> None:
 
 
 def tflite_metadata_entries(model: bytes | bytearray) -> dict[str, bytes]:
-    """All `Model.metadata` entries of a .tflite flatbuffer: name -> buffer bytes."""
-    schema = _schema()
+    """All `Model.metadata` entries of a .tflite flatbuffer: name -> buffer bytes.
+
+    Read without the flatbuffer schema (`compat.tflite_entries`), so a Pi with
+    only the legacy tflite-runtime (which ships no schema) reads metadata too.
+    """
+    from edge_runtime.compat import tflite_entries
+
     buf = bytes(model)
     _check_tflite(buf, "model")
-    m = schema.Model.GetRootAs(buf, 0)
-    out: dict[str, bytes] = {}
-    for i in range(m.MetadataLength()):
-        entry = m.Metadata(i)
-        name = (entry.Name() or b"").decode("utf-8", "replace")
-        b = m.Buffers(entry.Buffer())
-        if b.Offset() > 1:  # >2 GB models keep buffers after the flatbuffer
-            out[name] = buf[b.Offset(): b.Offset() + b.Size()]
-        else:
-            out[name] = b.DataAsNumpy().tobytes() if not b.DataIsNone() else b""
-    return out
+    return tflite_entries(buf)
 
 
 def embed_tflite(model: bytes | bytearray, meta: ArtifactMetadata, extra: Mapping[str, bytes] | None = None) -> bytes:
