@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import struct
 from typing import Any
 
 RUNTIME_URL = "/web-runtime/"
@@ -33,18 +34,26 @@ IMPORT_MAP_SLOT = "<!-- medge:importmap -->"
 
 
 def static_batch(model: bytes) -> bytes:
-    """The .tflite with every dynamic dimension (-1) of every `shape_signature` set to the tensor's static shape."""
-    from edge_runtime.metadata import _check_tflite, _schema
+    """The .tflite with every dynamic dimension (-1) of every `shape_signature` set to the tensor's static shape.
+
+    Written in place with `compat`'s flatbuffer reader (no schema package: the Pi's legacy tflite-runtime has none).
+    """
+    from edge_runtime.compat import _Table
+    from edge_runtime.metadata import _check_tflite
 
     _check_tflite(bytes(model[:8]), "model")
     buf = bytearray(model)
-    m = _schema().Model.GetRootAsModel(buf, 0)
-    for g in (m.Subgraphs(i) for i in range(m.SubgraphsLength())):
-        for t in (g.Tensors(j) for j in range(g.TensorsLength())):
-            if t.ShapeSignatureLength():
-                sig, shape = t.ShapeSignatureAsNumpy(), t.ShapeAsNumpy()  # views into `buf`: written in place
-                dynamic = sig == -1
-                sig[dynamic] = shape[dynamic]
+    view = bytes(buf)
+    root = _Table(view, struct.unpack_from("<I", view, 0)[0])
+    for graph in root.tables(2):  # Model.subgraphs
+        for tensor in graph.tables(0):  # SubGraph.tensors
+            sig_at, n_sig = tensor._vector(7)  # Tensor.shape_signature
+            shape_at, n_shape = tensor._vector(0)  # Tensor.shape
+            if n_sig != n_shape:
+                continue
+            for k in range(n_sig):
+                if struct.unpack_from("<i", view, sig_at + 4 * k)[0] == -1:
+                    struct.pack_into("<i", buf, sig_at + 4 * k, struct.unpack_from("<i", view, shape_at + 4 * k)[0])
     return bytes(buf)
 
 
