@@ -129,10 +129,55 @@ def tflite_layer_errors(model, calib: np.ndarray, int8_io: bool = False) -> dict
 # ---------------------------------------------------------------- ONNX
 
 
+LAYER_CHUNK = 4  # images per pass of the ONNX layer report
+
+
+def _graph_nodes(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph.node
+
+
+class _PowerSums:
+    """Per tensor, running sums of signal and noise power over images: [sum signal^2, sum noise^2]."""
+
+    def __init__(self):
+        self.own: dict[str, list[float]] = {}
+        self.acc: dict[str, list[float]] = {}
+
+    @staticmethod
+    def _add(into: dict[str, list[float]], key: str, signal: np.ndarray, noise: np.ndarray) -> None:
+        s = into.setdefault(key, [0.0, 0.0])
+        s[0] += float(np.sum(np.square(signal, dtype=np.float64)))
+        s[1] += float(np.sum(np.square(noise, dtype=np.float64)))
+
+    def add(self, matching: dict[str, dict[str, list[np.ndarray]]], relu: set[str]) -> None:
+        for out, m in matching.items():
+            pre = np.concatenate(m["pre_qdq"]).astype(np.float32)
+            post = np.concatenate(m["post_qdq"]).astype(np.float32)
+            if out in relu:
+                # The QDQ quantizer drops a Relu whose output range the QuantizeLinear already clips to (the
+                # tensor keeps the Relu's name): compare what the Relu would give with what the QDQ pair gives.
+                pre = np.maximum(pre, 0)
+            self._add(self.own, out, pre, pre - post)
+            if "float" in m:
+                ref = np.concatenate(m["float"]).astype(np.float32)
+                self._add(self.acc, out, ref, ref - post)
+
+    @staticmethod
+    def sqnr(sums: list[float]) -> float:
+        """sqnr_db from power sums: the same as on the concatenated tensors (the means' counts cancel)."""
+        s, n = sums
+        if n == 0.0:
+            return math.inf
+        if s == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(s / n)
+
+
 def onnx_layer_errors(float_path: Path, qdq_path: Path, calib: np.ndarray, work: Path,
                       input_name: str = "image") -> dict[str, Any]:
     """Per-tensor error of a QDQ model against its float model on `calib` (onnxruntime's qdq_loss_debug)."""
-    import onnx
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
         compute_weight_error,
@@ -145,25 +190,23 @@ def onnx_layer_errors(float_path: Path, qdq_path: Path, calib: np.ndarray, work:
     aug_float, aug_qdq = work / "float.debug.onnx", work / "qdq.debug.onnx"
     modify_model_output_intermediate_tensors(str(float_path), str(aug_float))
     modify_model_output_intermediate_tensors(str(qdq_path), str(aug_qdq))
-    feeds = [{input_name: calib[i: i + 1].astype(np.float32)} for i in range(len(calib))]  # one image per run
-    float_acts = collect_activations(str(aug_float), feeds)
-    qdq_acts = collect_activations(str(aug_qdq), feeds)
-    matching = create_activation_matching(qdq_acts, float_acts)
+    # Streamed a few images at a time: only sums of squares are kept per tensor, so memory does not grow with
+    # the number of images (kept whole, InceptionV3's for 32 images at 299x299 took gigabytes).
+    power = _PowerSums()
+    relu = {o for n in _graph_nodes(float_path) if n.op_type == "Relu" for o in n.output}
+    for lo in range(0, len(calib), LAYER_CHUNK):
+        feeds = [{input_name: calib[i: i + 1].astype(np.float32)} for i in range(lo, min(lo + LAYER_CHUNK, len(calib)))]
+        matching = create_activation_matching(collect_activations(str(aug_qdq), feeds),
+                                              collect_activations(str(aug_float), feeds))
+        power.add(matching, relu)
     w_err = compute_weight_error(create_weight_matching(str(float_path), str(qdq_path)))
     layers = []
-    for node in onnx.load(str(float_path)).graph.node:  # topologically sorted: graph order
+    for node in _graph_nodes(float_path):  # topologically sorted: graph order
         for out in node.output:
-            if out not in matching:
+            if out not in power.own:
                 continue
-            m = matching[out]
-            pre = np.concatenate(m["pre_qdq"]).astype(np.float32)
-            post = np.concatenate(m["post_qdq"]).astype(np.float32)
-            if node.op_type == "Relu":
-                # The QDQ quantizer drops a Relu whose output range the QuantizeLinear already clips to (the
-                # tensor keeps the Relu's name): compare what the Relu would give with what the QDQ pair gives.
-                pre = np.maximum(pre, 0)
-            own = sqnr_db(pre, pre - post)
-            acc = sqnr_db(np.concatenate(m["float"]), np.concatenate(m["float"]) - post) if "float" in m else None
+            own = power.sqnr(power.own[out])
+            acc = power.sqnr(power.acc[out]) if out in power.acc else None
             weights = [w_err[i] for i in node.input if i in w_err]
             # A weight's own SQNR says how much of the layer's output it spoils only where it multiplies the
             # input (conv, matmul); a small constant added by an Add (a folded BN offset) may round badly and
