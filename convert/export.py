@@ -236,10 +236,10 @@ def make_golden(device: EdgeModel, job: "ExportJob", fmt: Format, proof_probs: n
 
     Picked per predicted class among inputs whose top two probabilities are
     more than twice the tolerance apart (`edge_runtime.golden.pick`), so a
-    legitimate difference cannot change their class.
-
-    Raises:
-        ValueError: no proof input is clear enough of a tie to serve.
+    legitimate difference cannot change their class. A model whose every
+    proof answer is a near-tie (a head at chance) still gets a golden set, of
+    its least tied inputs: `golden.compare` then holds those to the
+    probability tolerance only, since a legitimate difference may flip a tie.
     """
     from edge_runtime import golden as g
 
@@ -248,10 +248,7 @@ def make_golden(device: EdgeModel, job: "ExportJob", fmt: Format, proof_probs: n
     n = job.options.golden_n
     if not 1 <= n <= 32:
         raise ValueError(f"--golden-n {n}: give 1..32 golden inputs")
-    candidates = g.pick(proof_probs, 3 * n, floor + 0.01)
-    if not candidates:
-        raise ValueError(f"no proof input has its top two probabilities more than {floor:g} apart; "
-                         "cannot make a golden set for the self-test")
+    candidates = g.pick(proof_probs, 3 * n, floor + 0.01) or g.pick(proof_probs, 3 * n, g.ANY_MARGIN)
     spec = job.source.spec
     # Images are stored as the uint8 pixels the preprocessing scales; a head's feature maps by their own range.
     image = device.metadata.part == "model"
@@ -259,9 +256,7 @@ def make_golden(device: EdgeModel, job: "ExportJob", fmt: Format, proof_probs: n
                                              spec.offset if image else None)
     x = g.decode_inputs(codes, scales, offsets)
     out = device.run(x)
-    keep = g.pick(out, n, floor)
-    if not keep:
-        raise ValueError("no stored proof input stays clear of a tie; cannot make a golden set for the self-test")
+    keep = g.pick(out, n, floor) or g.pick(out, n, g.ANY_MARGIN)
     return GoldenSet(codes=codes[keep], scales=tuple(scales[i] for i in keep), offsets=tuple(offsets[i] for i in keep),
                      outputs=out[keep], atol=atol,
                      sources=tuple(Path(job.proof.paths[candidates[i]]).name for i in keep),

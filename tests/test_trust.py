@@ -8,6 +8,7 @@ a missing one or one without a golden set unusable (exit 2).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -66,6 +67,23 @@ def test_compare_names_the_worst_input_and_a_changed_class():
     moved[2] = moved[2][::-1]
     r = compare(g, moved)
     assert not r["ok"] and r["worst_input"] == 2 and r["worst_source"] == "c2.png" and 2 in r["top1_changed"]
+
+
+def test_a_model_of_near_ties_gets_a_golden_set_held_to_the_probability_tolerance():
+    """A head at chance answers every proof input with a near-tie: it still gets golden inputs (the least tied),
+    and a tie flipping within the tolerance is not drift; a move beyond the tolerance still is."""
+    from edge_runtime.golden import ANY_MARGIN
+
+    probs = np.array([[0.52, 0.48], [0.49, 0.51], [0.505, 0.495]], np.float32)
+    assert pick(probs, 2, floor=0.06) == []
+    assert pick(probs, 2, floor=ANY_MARGIN) == [2, 1]  # every input qualifies, least tied of each class first
+    g = dataclasses.replace(_golden(atol=0.03), outputs=probs)
+    flipped = probs[:, ::-1].copy()  # every top class changes, each by at most 0.04
+    flipped[2] = [0.495, 0.505]  # |dprob| 0.01: a legitimate flip of a tie
+    r = compare(g, np.stack([probs[0], probs[1], flipped[2]]))
+    assert r["ok"] and r["top1_changed"] == []
+    r = compare(g, flipped)
+    assert not r["ok"] and r["max_abs_diff"] > g.atol
 
 
 def test_pick_takes_every_class_and_skips_near_ties():
