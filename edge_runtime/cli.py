@@ -257,15 +257,23 @@ def _table(model, preds) -> str:
     return "\n".join(lines)
 
 
+def _parasitemia(s: dict[str, Any], digits: int) -> str:
+    """"parasitemia 4.0% of the confident cells (3.5-16.0% of all counted: uncertain as uninfected ... parasitized)"."""
+    def pct(key: str) -> str:
+        v = s.get(key)
+        return "n/a" if v is None else f"{v:.{digits}f}%"
+
+    return (f"parasitemia {pct('parasitemia_percent')} of the confidently classified cells "
+            f"({pct('parasitemia_min_percent')} to {pct('parasitemia_max_percent')} of all counted: every "
+            f"uncertain cell uninfected ... every uncertain cell parasitized)")
+
+
 def _summary_lines(summaries: list[dict[str, Any]]) -> list[str]:
     out = []
     for s in summaries:
         if "parasitemia_percent" in s:
-            pct = "n/a" if s["parasitemia_percent"] is None else f"{s['parasitemia_percent']:.1f}%"
-            hi = "n/a" if s["parasitemia_max_percent"] is None else f"{s['parasitemia_max_percent']:.1f}%"
             out.append(f"slide {s['slide']}: {s['cells']} cells, {s['parasitized']} parasitized, "
-                       f"{s['uncertain']} uncertain, {s['rejected']} rejected; parasitemia {pct} "
-                       f"(up to {hi} if every uncertain cell is parasitized)")
+                       f"{s['uncertain']} uncertain, {s['rejected']} rejected; {_parasitemia(s, 1)}")
         else:
             out.append(f"{s['group']}: {s['scans']} scans: {s['urgent']} urgent, {s['routine']} routine, "
                        f"{s['observation']} observation, {s['specialist review']} specialist review (uncertain), "
@@ -390,10 +398,8 @@ def _smear_table(report, positive: str) -> str:
                      f"{unc} uncertain; {len(f.cells) - len(rbc)} other regions; "
                      f"{f.segment_ms:.0f} ms segmentation, {f.classify_ms:.0f} ms classification")
     s = report.summary
-    pct = "n/a" if s["parasitemia_percent"] is None else f"{s['parasitemia_percent']:.2f}%"
-    hi = "n/a" if s["parasitemia_max_percent"] is None else f"{s['parasitemia_max_percent']:.2f}%"
     lines.append(f"slide: {s['fields']} field(s), {s['cells']} red cells counted, {s['parasitized']} parasitized, "
-                 f"{s['uncertain']} uncertain; parasitemia {pct} (up to {hi} if every uncertain cell is parasitized)")
+                 f"{s['uncertain']} uncertain; {_parasitemia(s, 2)}")
     for key, what in (("parasites_per_ul_from_rbc", "from the RBC density"),
                       ("parasites_per_ul_from_wbc", "from the WBC count")):
         if s[key] is not None:

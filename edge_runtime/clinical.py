@@ -52,7 +52,10 @@ def slide_summary(predictions: Iterable[Any], positive_label: str = "Parasitized
 
     Parasitemia is the share of parasitized cells among the confidently
     classified ones; `parasitemia_max_percent` counts every uncertain cell as
-    parasitized too, the worst case a clinician should see beside it.
+    parasitized too, the worst case a clinician should see beside it, and
+    `parasitemia_min_percent` every uncertain cell as uninfected: when many
+    cells are uncertain, the estimate alone overstates what is known, the
+    range [min, max] does not.
 
     Args:
         predictions: `Prediction`s of one slide's cells (error records count as rejected).
@@ -71,6 +74,7 @@ def slide_summary(predictions: Iterable[Any], positive_label: str = "Parasitized
         "uncertain": uncertain,
         "rejected": len(preds) - len(ok),
         "parasitemia_percent": round(100.0 * positive / sure, 2) if sure else None,
+        "parasitemia_min_percent": round(100.0 * positive / len(ok), 2) if ok else None,
         "parasitemia_max_percent": round(100.0 * (positive + uncertain) / len(ok), 2) if ok else None,
     }
 

@@ -460,7 +460,7 @@ def test_slide_summary_counts_and_parasitemia():
              + [_p(None, None, error="empty file (0 bytes)")])
     s = slide_summary(preds)
     assert s == {"cells": 10, "parasitized": 3, "uninfected": 5, "uncertain": 2, "rejected": 1,
-                 "parasitemia_percent": 37.5, "parasitemia_max_percent": 50.0}
+                 "parasitemia_percent": 37.5, "parasitemia_min_percent": 30.0, "parasitemia_max_percent": 50.0}
     assert slide_summary([])["parasitemia_percent"] is None
 
 

@@ -180,7 +180,7 @@ def _csv_response(rows: list[dict[str, Any]], fields: list[str], filename: str) 
 
 CASES_CSV = ["id", "created", "kind", "subject", "note", "headline", "refer", "model_name", "model_version",
              "model_sha256", "fields", "fields_without_cells", "red_cells", "parasitized", "uncertain",
-             "parasitemia_percent", "parasitemia_max_percent", "refer_reasons", "oct_label", "oct_decision",
+             "parasitemia_percent", "parasitemia_min_percent", "parasitemia_max_percent", "refer_reasons", "oct_label", "oct_decision",
              "oct_confidence", "oct_referral", "p_CNV", "p_DME", "p_DRUSEN", "p_NORMAL"]
 
 
@@ -195,6 +195,7 @@ def case_row(c: dict[str, Any]) -> dict[str, Any]:
         row.update(fields=s.get("fields"), fields_without_cells=s.get("fields_without_cells"), red_cells=s.get("cells"),
                    parasitized=s.get("parasitized"), uncertain=s.get("uncertain"),
                    parasitemia_percent=s.get("parasitemia_percent"),
+                   parasitemia_min_percent=s.get("parasitemia_min_percent"),
                    parasitemia_max_percent=s.get("parasitemia_max_percent"),
                    refer_reasons="; ".join(s.get("refer_reasons") or []))
     else:

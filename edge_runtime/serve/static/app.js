@@ -239,7 +239,8 @@ function renderMalaria(c) {
     ["Red cells counted", s.cells],
     ["Parasitized", s.parasitized],
     ["Uncertain", s.uncertain],
-    ["Parasitemia", pct(s.parasitemia_percent)],
+    ["Parasitemia (confident cells)", pct(s.parasitemia_percent)],
+    ["Best case (uncertain counted uninfected)", pct(s.parasitemia_min_percent)],
     ["Worst case (uncertain counted parasitized)", pct(s.parasitemia_max_percent)],
     ["Refer", s.refer ? `Yes: ${s.refer_reasons.join("; ")}` : "No"],
   ];
