@@ -67,13 +67,17 @@ _OP_SCOPES = frozenset({"batchnorm"})
 
 def sqnr_db(signal: np.ndarray, noise: np.ndarray) -> float:
     """10 log10(E[signal^2] / E[noise^2]); inf when the noise is zero."""
-    s = float(np.mean(np.square(signal, dtype=np.float64)))
-    n = float(np.mean(np.square(noise, dtype=np.float64)))
-    if n == 0.0:
+    return _power_ratio_db(float(np.mean(np.square(signal, dtype=np.float64))),
+                           float(np.mean(np.square(noise, dtype=np.float64))))
+
+
+def _power_ratio_db(signal_power: float, noise_power: float) -> float:
+    """10 log10(signal / noise) of two powers (or of two sums over the same count); inf when the noise is zero."""
+    if noise_power == 0.0:
         return math.inf
-    if s == 0.0:
+    if signal_power == 0.0:
         return -math.inf
-    return 10.0 * math.log10(s / n)
+    return 10.0 * math.log10(signal_power / noise_power)
 
 
 def _finite(v: float) -> float | None:
@@ -167,12 +171,7 @@ class _PowerSums:
     @staticmethod
     def sqnr(sums: list[float]) -> float:
         """sqnr_db from power sums: the same as on the concatenated tensors (the means' counts cancel)."""
-        s, n = sums
-        if n == 0.0:
-            return math.inf
-        if s == 0.0:
-            return -math.inf
-        return 10.0 * math.log10(s / n)
+        return _power_ratio_db(*sums)
 
 
 def onnx_layer_errors(float_path: Path, qdq_path: Path, calib: np.ndarray, work: Path,
@@ -193,7 +192,8 @@ def onnx_layer_errors(float_path: Path, qdq_path: Path, calib: np.ndarray, work:
     # Streamed a few images at a time: only sums of squares are kept per tensor, so memory does not grow with
     # the number of images (kept whole, InceptionV3's for 32 images at 299x299 took gigabytes).
     power = _PowerSums()
-    relu = {o for n in _graph_nodes(float_path) if n.op_type == "Relu" for o in n.output}
+    nodes = _graph_nodes(float_path)  # topologically sorted: graph order
+    relu = {o for n in nodes if n.op_type == "Relu" for o in n.output}
     for lo in range(0, len(calib), LAYER_CHUNK):
         feeds = [{input_name: calib[i: i + 1].astype(np.float32)} for i in range(lo, min(lo + LAYER_CHUNK, len(calib)))]
         matching = create_activation_matching(collect_activations(str(aug_qdq), feeds),
@@ -201,7 +201,7 @@ def onnx_layer_errors(float_path: Path, qdq_path: Path, calib: np.ndarray, work:
         power.add(matching, relu)
     w_err = compute_weight_error(create_weight_matching(str(float_path), str(qdq_path)))
     layers = []
-    for node in _graph_nodes(float_path):  # topologically sorted: graph order
+    for node in nodes:
         for out in node.output:
             if out not in power.own:
                 continue

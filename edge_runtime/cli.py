@@ -258,7 +258,7 @@ def _table(model, preds) -> str:
 
 
 def _parasitemia(s: dict[str, Any], digits: int) -> str:
-    """"parasitemia 4.0% of the confident cells (3.5-16.0% of all counted: uncertain as uninfected ... parasitized)"."""
+    """"parasitemia 4.0% of the confidently classified cells (3.5% to 16.0% of all counted: ...)"."""
     def pct(key: str) -> str:
         v = s.get(key)
         return "n/a" if v is None else f"{v:.{digits}f}%"
@@ -299,7 +299,7 @@ def _standard_metadata(path: Path) -> dict[str, Any] | None:
         return None
     try:
         return read(path.read_bytes())
-    except ImportError:  # tflite-runtime alone ships no flatbuffer schema to read entries with
+    except ImportError:  # the standard entry is parsed with the `flatbuffers` package, which a bare Pi may lack
         return None
 
 

@@ -58,7 +58,8 @@ class _Table:
         off = self._off(field)
         return struct.unpack_from("<" + fmt, self.buf, self.pos + off)[0] if off else default
 
-    def _vector(self, field: int) -> tuple[int, int]:
+    def vector(self, field: int) -> tuple[int, int]:
+        """(file offset of the first element, element count) of a vector field; (0, 0) when absent."""
         off = self._off(field)
         if not off:
             return 0, 0
@@ -67,13 +68,18 @@ class _Table:
         return start + 4, struct.unpack_from("<I", self.buf, start)[0]
 
     def tables(self, field: int) -> list["_Table"]:
-        start, n = self._vector(field)
+        start, n = self.vector(field)
         return [_Table(self.buf, start + 4 * i + struct.unpack_from("<I", self.buf, start + 4 * i)[0])
                 for i in range(n)]
 
     def bytes(self, field: int) -> bytes:
-        start, n = self._vector(field)
+        start, n = self.vector(field)
         return self.buf[start: start + n]
+
+
+def tflite_model(buf: bytes) -> _Table:
+    """The root `Model` table of .tflite bytes (fields by the schema's order: 2 subgraphs, 4 buffers, 6 metadata)."""
+    return _Table(buf, struct.unpack_from("<I", buf, 0)[0])
 
 
 def tflite_entries(buf: bytes) -> dict[str, bytes]:
@@ -85,7 +91,7 @@ def tflite_entries(buf: bytes) -> dict[str, bytes]:
     if len(buf) < 8 or buf[4:8] != b"TFL3":
         raise ValueError("not a TFLite flatbuffer (no 'TFL3' identifier)")
     try:
-        model = _Table(buf, struct.unpack_from("<I", buf, 0)[0])
+        model = tflite_model(buf)
         buffers = model.tables(4)
         out = {}
         for entry in model.tables(6):

@@ -402,9 +402,9 @@ def test_model_errors_are_one_clear_message(art, tmp_path):
     corrupt = bytearray(good.read_bytes())
     # Over the graph's own table (found with edge_runtime.compat's schema-free reader), not a fixed offset:
     # the metadata and golden-set buffers in front of it change size between medge versions.
-    from edge_runtime.compat import _Table
+    from edge_runtime.compat import tflite_model
 
-    graph = _Table(bytes(corrupt), int.from_bytes(corrupt[:4], "little")).tables(2)[0].pos
+    graph = tflite_model(bytes(corrupt)).tables(2)[0].pos
     corrupt[graph - 200: graph + 200] = b"\xff" * 400
     (tmp_path / "corrupt.tflite").write_bytes(bytes(corrupt))
     cases["corrupt"] = (tmp_path / "corrupt.tflite", "truncated or not a model")

@@ -180,8 +180,8 @@ def _csv_response(rows: list[dict[str, Any]], fields: list[str], filename: str) 
 
 CASES_CSV = ["id", "created", "kind", "subject", "note", "headline", "refer", "model_name", "model_version",
              "model_sha256", "fields", "fields_without_cells", "red_cells", "parasitized", "uncertain",
-             "parasitemia_percent", "parasitemia_min_percent", "parasitemia_max_percent", "refer_reasons", "oct_label", "oct_decision",
-             "oct_confidence", "oct_referral", "p_CNV", "p_DME", "p_DRUSEN", "p_NORMAL"]
+             "parasitemia_percent", "parasitemia_min_percent", "parasitemia_max_percent", "refer_reasons", "oct_label",
+             "oct_decision", "oct_confidence", "oct_referral", "p_CNV", "p_DME", "p_DRUSEN", "p_NORMAL"]
 
 
 def case_row(c: dict[str, Any]) -> dict[str, Any]:

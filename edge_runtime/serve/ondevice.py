@@ -38,17 +38,16 @@ def static_batch(model: bytes) -> bytes:
 
     Written in place with `compat`'s flatbuffer reader (no schema package: the Pi's legacy tflite-runtime has none).
     """
-    from edge_runtime.compat import _Table
+    from edge_runtime.compat import tflite_model
     from edge_runtime.metadata import _check_tflite
 
     _check_tflite(bytes(model[:8]), "model")
     buf = bytearray(model)
     view = bytes(buf)
-    root = _Table(view, struct.unpack_from("<I", view, 0)[0])
-    for graph in root.tables(2):  # Model.subgraphs
+    for graph in tflite_model(view).tables(2):  # Model.subgraphs
         for tensor in graph.tables(0):  # SubGraph.tensors
-            sig_at, n_sig = tensor._vector(7)  # Tensor.shape_signature
-            shape_at, n_shape = tensor._vector(0)  # Tensor.shape
+            sig_at, n_sig = tensor.vector(7)  # Tensor.shape_signature
+            shape_at, n_shape = tensor.vector(0)  # Tensor.shape
             if n_sig != n_shape:
                 continue
             for k in range(n_sig):

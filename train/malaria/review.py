@@ -27,28 +27,24 @@ Nothing here changes a label or a training set: the output is evidence for a per
 from __future__ import annotations
 
 import collections
-import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from edge_runtime.fileio import atomic_write_bytes, atomic_write_text
-
-OOF = "oof.csv"
+from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, write_json
+from train.malaria.cv import OOF, _read_oof, _write_csv
 TILE = 96  # contact-sheet cell size, pixels
 COLUMNS = 8
 
 
-def _read_oof(path: Path) -> tuple[list[dict[str, str]], list[str], np.ndarray]:
+def _read_probs(path: Path) -> tuple[list[dict[str, str]], list[str], np.ndarray]:
     """The rows, the two labels (positive first) and the (n, 2) out-of-fold probabilities."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no out-of-fold predictions here (run `python -m train cv` first)")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = _read_oof(path)
     if not rows:
         raise ValueError(f"{path}: no rows")
     prob_cols = [c for c in rows[0] if c.startswith("prob_")]
@@ -148,21 +144,19 @@ def review(cv_dir: Path, out: Path | None = None, top: int = 48) -> dict[str, An
     """Write label_issues.csv, summary.json/.md and one contact sheet per given label; return the summary."""
     cv_dir = Path(cv_dir)
     out = Path(out) if out is not None else cv_dir / "review"
-    rows, labels, probs = _read_oof(cv_dir / OOF)
+    rows, labels, probs = _read_probs(cv_dir / OOF)
     s = find_issues(rows, labels, probs)
     out.mkdir(parents=True, exist_ok=True)
 
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["rank", "path", "patient", "fold", "given", "suggested", "p_given"])
+    table = []
     by_label: dict[str, list[tuple[int, dict[str, str], float]]] = {lab: [] for lab in labels}
     for rank, i in enumerate(s["ranked"], start=1):
         row, k = rows[i], labels.index(rows[i]["label"])
         p_given = float(probs[i, k])
-        w.writerow([rank, row["path"], row["patient"], row.get("fold", ""), row["label"], labels[1 - k],
-                    f"{p_given:.6f}"])
+        table.append([rank, row["path"], row["patient"], row.get("fold", ""), row["label"], labels[1 - k],
+                      f"{p_given:.6f}"])
         by_label[row["label"]].append((rank, row, p_given))
-    atomic_write_text(out / "label_issues.csv", buf.getvalue())
+    _write_csv(out / "label_issues.csv", ["rank", "path", "patient", "fold", "given", "suggested", "p_given"], table)
 
     s = {k: v for k, v in s.items() if k != "ranked"} | {"source": str(cv_dir / OOF)}
     for lab, items in by_label.items():
@@ -171,7 +165,7 @@ def review(cv_dir: Path, out: Path | None = None, top: int = 48) -> dict[str, An
         png = io.BytesIO()
         sheet.save(png, format="PNG")
         atomic_write_bytes(out / f"issues_{lab}.png", png.getvalue())
-    atomic_write_text(out / "summary.json", json.dumps(s, indent=2) + "\n")
+    write_json(out / "summary.json", s)
     atomic_write_text(out / "summary.md", summary_markdown(s, cv_dir / OOF))
     s["out"] = str(out)
     return s
