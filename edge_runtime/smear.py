@@ -107,6 +107,10 @@ SINGLE_SOLIDITY = 0.92  # area / convex hull area at or above which a region is 
 MERGE_AREA = 1.5  # x typical cell area: two pieces are merged back into one cell only below this
 MIN_SINGLE_CELLS = 5  # isolated convex cells needed to trust their size over the distance-transform estimate
 EDGE_AREA = 0.75  # x typical cell area: a region cut by the photo's border with less visible is "edge"
+# A red cell cut from overlapping neighbours is completed to the circle through its own outline (the arc
+# facing the background) when that arc is at least this share of a typical cell's circumference and the
+# circle's radius is within these bounds (x typical radius): a shorter arc or another size is not one cell's.
+ARC_SHARE, ARC_RADII = 0.35, (0.7, 1.4)
 KINDS = ("rbc", "wbc", "platelet", "clump", "edge", "debris")
 
 
@@ -460,6 +464,60 @@ def _merge_oversplit(labels: np.ndarray, radius: float) -> np.ndarray:
     return parent[labels].astype(np.int32)
 
 
+def _fit_circle(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(cx, cy, r) of the least-squares circle through the points (the algebraic, Kasa, fit)."""
+    a = np.stack([x, y, np.ones_like(x)], 1)
+    sol = np.linalg.lstsq(a, x * x + y * y, rcond=None)[0]
+    cx, cy = sol[0] / 2, sol[1] / 2
+    return float(cx), float(cy), math.sqrt(max(float(sol[2] + cx * cx + cy * cy), 0.0))
+
+
+def _complete_overlapped(cells: list[Cell], labels: np.ndarray, mask: np.ndarray, radius: float,
+                         scale: float) -> None:
+    """Give each red cell cut from overlapping neighbours the part of the foreground they share with it.
+
+    The nearest-marker split hands the lens where two cells overlap half to each, so a cell overlapped on
+    both sides (the middle of a chain) keeps only its visible part, and its box falls short of the cell
+    (the annotators box the whole disc). The cell's own outline, the pixels that face the background, is
+    an arc of its membrane: the circle through it is the whole cell, and the foreground inside that circle
+    joins the cell's mask. Masks of overlapping cells then overlap, as the cells do (`Segmentation.labels`
+    keeps the split). Cells without a neighbour, with too short an arc or with a circle not of a cell's
+    size are left as they are. Changes `cells` in place (mask, box, bbox, area; not the kind).
+    """
+    cv2 = _cv2()
+    h, w = mask.shape
+    k3 = np.ones((3, 3), np.uint8)
+    outline = (mask > 0) & (cv2.erode(mask, k3) == 0)  # foreground pixels next to the background
+    # Foreground pixels next to another region: where the split cut a cell from its neighbour.
+    seam = (mask > 0) & ((cv2.dilate(labels.astype(np.float32), k3) != labels)
+                         | (cv2.erode(np.where(mask > 0, labels, 1 << 24).astype(np.float32), k3) != labels))
+    min_arc = ARC_SHARE * 2 * math.pi * radius
+    for c in cells:
+        if c.kind != "rbc":
+            continue
+        x, y, bw, bh = c.box
+        if not seam[y:y + bh, x:x + bw][c.mask].any():
+            continue
+        ey, ex = np.nonzero(outline[y:y + bh, x:x + bw] & c.mask)
+        if ex.size < min_arc:
+            continue
+        cx, cy, r = _fit_circle(ex.astype(np.float64) + x, ey.astype(np.float64) + y)
+        if not ARC_RADII[0] * radius <= r <= ARC_RADII[1] * radius:
+            continue
+        r += 1.0
+        nx0, ny0 = min(x, max(0, int(cx - r))), min(y, max(0, int(cy - r)))
+        nx1, ny1 = max(x + bw, min(w, int(cx + r) + 2)), max(y + bh, min(h, int(cy + r) + 2))
+        yy, xx = np.ogrid[ny0:ny1, nx0:nx1]
+        new = ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r) & (mask[ny0:ny1, nx0:nx1] > 0)
+        new[y - ny0:y - ny0 + bh, x - nx0:x - nx0 + bw] |= c.mask
+        ys, xs = np.nonzero(new)
+        bx0, by0, bx1, by1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        c.mask = new[by0:by1, bx0:bx1]
+        c.box = (nx0 + bx0, ny0 + by0, bx1 - bx0, by1 - by0)
+        c.bbox = [int(round(v * scale)) for v in c.box]
+        c.area = int(round(int(c.mask.sum()) * scale * scale))
+
+
 def _kind(area_px: float, typical: float, nucleus_px: int, purple_share: float, on_edge: bool = False) -> str:
     if area_px < DEBRIS_AREA * typical:
         return "platelet" if purple_share > 0.3 else "debris"
@@ -530,6 +588,7 @@ def segment(image: Image.Image | np.ndarray, name: str = "field") -> Segmentatio
     for c in cells:
         x, y, w, h = c.box
         relabelled[y:y + h, x:x + w][c.mask] = c.index
+    _complete_overlapped(cells, labels, mask, radius, scale)
     # The threshold sits at the foot of a cell's edge (low, to keep pale cells whole), so a region also
     # holds the blurred rim where the cell fades into the bright background; the NIH crops are cut at
     # the membrane. The edge's half-way level is that membrane, whatever the focus and the stain.
