@@ -486,22 +486,31 @@ def _complete_overlapped(cells: list[Cell], labels: np.ndarray, mask: np.ndarray
     """
     cv2 = _cv2()
     h, w = mask.shape
-    k3 = np.ones((3, 3), np.uint8)
-    outline = (mask > 0) & (cv2.erode(mask, k3) == 0)  # foreground pixels next to the background
-    # Foreground pixels next to another region: where the split cut a cell from its neighbour.
-    seam = (mask > 0) & ((cv2.dilate(labels.astype(np.float32), k3) != labels)
-                         | (cv2.erode(np.where(mask > 0, labels, 1 << 24).astype(np.float32), k3) != labels))
+    outline = (mask > 0) & (cv2.erode(mask, np.ones((3, 3), np.uint8)) == 0)  # foreground next to background
+    # Regions that meet another region (4-neighbours): where the split cut a cell from its neighbour.
+    across = (labels[:, 1:] != labels[:, :-1]) & (labels[:, 1:] > 0) & (labels[:, :-1] > 0)
+    down = (labels[1:, :] != labels[:-1, :]) & (labels[1:, :] > 0) & (labels[:-1, :] > 0)
+    cut = np.zeros(int(labels.max()) + 1, bool)
+    cut[labels[:, 1:][across]] = cut[labels[:, :-1][across]] = True
+    cut[labels[1:, :][down]] = cut[labels[:-1, :][down]] = True
+    # Each region's outline pixels, grouped by label.
+    oy, ox = np.nonzero(outline)
+    olab = labels[oy, ox]
+    order = np.argsort(olab, kind="stable")
+    oy, ox, olab = oy[order], ox[order], olab[order]
+    bounds = np.searchsorted(olab, np.arange(len(cut) + 1))
     min_arc = ARC_SHARE * 2 * math.pi * radius
     for c in cells:
         if c.kind != "rbc":
             continue
         x, y, bw, bh = c.box
-        if not seam[y:y + bh, x:x + bw][c.mask].any():
+        first = int(np.argmax(c.mask))
+        lab = int(labels[y + first // bw, x + first % bw])
+        a, z = bounds[lab], bounds[lab + 1]
+        if not cut[lab] or z - a < min_arc:
             continue
-        ey, ex = np.nonzero(outline[y:y + bh, x:x + bw] & c.mask)
-        if ex.size < min_arc:
-            continue
-        cx, cy, r = _fit_circle(ex.astype(np.float64) + x, ey.astype(np.float64) + y)
+        ex, ey = ox[a:z], oy[a:z]
+        cx, cy, r = _fit_circle(ex.astype(np.float64), ey.astype(np.float64))
         if not ARC_RADII[0] * radius <= r <= ARC_RADII[1] * radius:
             continue
         r += 1.0
