@@ -46,6 +46,14 @@ Segmentation, and why each step:
    votes 94.0%. (OpenCV's watershed on the photo's colour edges followed pale
    centres and stain specks: 87.2%.) Two touching pieces whose union is
    still one convex cell-sized shape are merged.
+   Overlapping cells: the split gives each cell only its visible part, so
+   the middle cell of a chain of three keeps a strip whose box falls short
+   of the cell. A red cell cut from a neighbour is completed to the circle
+   through its own outline (the arc facing the background), within the
+   foreground: its mask and box are the whole disc, masks of overlapping
+   cells overlap, and the count is unchanged (`_complete_overlapped`; cell
+   recall 93.9% -> 95.0%, every block of the 44 fields up). Its crop is cut
+   to its own part of the split (the shared lens is darker).
 6. Kinds, by size relative to the typical cell area A = pi r^2 and by stain:
    "debris" below 0.2 A, "platelet" below 0.2 A and stained purple, "wbc" when
    the region holds part of a dark-purple mass of at least 0.25 A (a white
@@ -142,7 +150,9 @@ class Cell:
         bbox: [x, y, w, h] in the original photo's pixels.
         area: pixels of the region (original photo's scale).
         kind: "rbc", "wbc", "platelet", "clump" or "debris".
-        mask: bool array over `bbox` at the working scale (see `Segmentation.scale`).
+        mask: bool array over `bbox` at the working scale (see `Segmentation.scale`). A red cell cut from
+            overlapping neighbours is completed to its whole disc, so masks may overlap; the split that
+            gives each pixel one cell is `Segmentation.labels`.
         box: (x, y, w, h) of `mask` at the working scale.
     """
 
