@@ -476,10 +476,16 @@ def _merge_oversplit(labels: np.ndarray, radius: float) -> np.ndarray:
 
 def _fit_circle(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """(cx, cy, r) of the least-squares circle through the points (the algebraic, Kasa, fit)."""
-    a = np.stack([x, y, np.ones_like(x)], 1)
-    sol = np.linalg.lstsq(a, x * x + y * y, rcond=None)[0]
-    cx, cy = sol[0] / 2, sol[1] / 2
-    return float(cx), float(cy), math.sqrt(max(float(sol[2] + cx * cx + cy * cy), 0.0))
+    mx, my = float(x.mean()), float(y.mean())
+    u, v = x - mx, y - my
+    suu, svv, suv = float(u @ u), float(v @ v), float(u @ v)
+    b1 = 0.5 * float(u @ (u * u + v * v))
+    b2 = 0.5 * float(v @ (u * u + v * v))
+    det = suu * svv - suv * suv
+    if abs(det) < 1e-9:
+        return mx, my, 0.0
+    uc, vc = (b1 * svv - b2 * suv) / det, (suu * b2 - suv * b1) / det
+    return mx + uc, my + vc, math.sqrt(uc * uc + vc * vc + (suu + svv) / len(x))
 
 
 def _complete_overlapped(cells: list[Cell], labels: np.ndarray, mask: np.ndarray, radius: float,
@@ -529,8 +535,8 @@ def _complete_overlapped(cells: list[Cell], labels: np.ndarray, mask: np.ndarray
         yy, xx = np.ogrid[ny0:ny1, nx0:nx1]
         new = ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r) & (mask[ny0:ny1, nx0:nx1] > 0)
         new[y - ny0:y - ny0 + bh, x - nx0:x - nx0 + bw] |= c.mask
-        ys, xs = np.nonzero(new)
-        bx0, by0, bx1, by1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        rows, cols = np.flatnonzero(new.any(axis=1)), np.flatnonzero(new.any(axis=0))
+        bx0, by0, bx1, by1 = int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
         c.mask = new[by0:by1, bx0:bx1]
         c.box = (nx0 + bx0, ny0 + by0, bx1 - bx0, by1 - by0)
         c.bbox = [int(round(v * scale)) for v in c.box]
