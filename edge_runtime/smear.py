@@ -52,7 +52,8 @@ Segmentation, and why each step:
    through its own outline (the arc facing the background), within the
    foreground: its mask and box are the whole disc, masks of overlapping
    cells overlap, and the count is unchanged (`_complete_overlapped`; cell
-   recall 93.9% -> 95.0%, every block of the 44 fields up). Its crop is cut
+   recall 93.9% -> 94.9%, 5112 -> 5168 of 5443, every block of the 44 fields
+   up). Its crop is cut
    to its own part of the split (the shared lens is darker).
 6. Kinds, by size relative to the typical cell area A = pi r^2 and by stain:
    "debris" below 0.2 A, "platelet" below 0.2 A and stained purple, "wbc" when
@@ -496,9 +497,10 @@ def _complete_overlapped(cells: list[Cell], labels: np.ndarray, mask: np.ndarray
     both sides (the middle of a chain) keeps only its visible part, and its box falls short of the cell
     (the annotators box the whole disc). The cell's own outline, the pixels that face the background, is
     an arc of its membrane: the circle through it is the whole cell, and the foreground inside that circle
-    joins the cell's mask. Masks of overlapping cells then overlap, as the cells do (`Segmentation.labels`
-    keeps the split). Cells without a neighbour, with too short an arc or with a circle not of a cell's
-    size are left as they are. Changes `cells` in place (mask, box, bbox, area; not the kind).
+    (of the cell's own connected blob) joins the cell's mask. Masks of overlapping cells then overlap, as
+    the cells do (`Segmentation.labels` keeps the split). Cells without a neighbour, with too short an arc
+    or with a circle not of a cell's size are left as they are. Changes `cells` in place (mask, box, bbox,
+    area; not the kind).
     """
     cv2 = _cv2()
     h, w = mask.shape
@@ -515,6 +517,7 @@ def _complete_overlapped(cells: list[Cell], labels: np.ndarray, mask: np.ndarray
     order = np.argsort(olab, kind="stable")
     oy, ox, olab = oy[order], ox[order], olab[order]
     bounds = np.searchsorted(olab, np.arange(len(cut) + 1))
+    _, comp = cv2.connectedComponents(mask, connectivity=8)  # a cell grows within its own blob only
     min_arc = ARC_SHARE * 2 * math.pi * radius
     for c in cells:
         if c.kind != "rbc":
@@ -533,7 +536,8 @@ def _complete_overlapped(cells: list[Cell], labels: np.ndarray, mask: np.ndarray
         nx0, ny0 = min(x, max(0, int(cx - r))), min(y, max(0, int(cy - r)))
         nx1, ny1 = max(x + bw, min(w, int(cx + r) + 2)), max(y + bh, min(h, int(cy + r) + 2))
         yy, xx = np.ogrid[ny0:ny1, nx0:nx1]
-        new = ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r) & (mask[ny0:ny1, nx0:nx1] > 0)
+        blob = comp[ny0:ny1, nx0:nx1] == comp[y + first // bw, x + first % bw]
+        new = ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r) & blob
         new[y - ny0:y - ny0 + bh, x - nx0:x - nx0 + bw] |= c.mask
         rows, cols = np.flatnonzero(new.any(axis=1)), np.flatnonzero(new.any(axis=0))
         bx0, by0, bx1, by1 = int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
