@@ -53,8 +53,8 @@ Segmentation, and why each step:
    foreground: its mask and box are the whole disc, masks of overlapping
    cells overlap, and the count is unchanged (`_complete_overlapped`; cell
    recall 93.9% -> 94.9%, 5112 -> 5168 of 5443, every block of the 44 fields
-   up). Its crop is cut
-   to its own part of the split (the shared lens is darker).
+   up). Its crop is cut to its own part of the split (the shared lens is
+   darker).
 6. Kinds, by size relative to the typical cell area A = pi r^2 and by stain:
    "debris" below 0.2 A, "platelet" below 0.2 A and stained purple, "wbc" when
    the region holds part of a dark-purple mass of at least 0.25 A (a white
