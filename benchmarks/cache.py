@@ -71,15 +71,49 @@ class BenchModel:
     task: str
     input: str
     builds: bool
+    default_formats: tuple[str, ...] | None = None
 
+
+# InceptionV3 at 299x299 costs ~20 s to convert per format and minutes to calibrate, fine-tune (QAT) and
+# report per layer, so `--formats default` gives it one float32/int8 pair per runtime; `--formats all`
+# converts and measures every format of every model.
+PAIRS = ("tflite-float32", "tflite-int8", "onnx-float32", "onnx-int8")
 
 MODELS: dict[str, BenchModel] = {m.name: m for m in (
     BenchModel("malaria-edge", "malaria", "image", True),
     BenchModel("malaria-paper", "malaria", "image", False),
-    BenchModel("oct-fused", "oct", "image", True),
+    BenchModel("oct-fused", "oct", "image", True, default_formats=PAIRS),
     BenchModel("oct-head", "oct", "features", True),
 )}
 DEFAULT_MODELS = ("malaria-edge", "malaria-paper", "oct-fused", "oct-head")
+DEFAULT_FORMATS = "default"  # what `--formats` means when not given: every format, but PAIRS for slow models
+
+
+def formats_for(m: BenchModel, spec: str) -> list[Format]:
+    """The formats benchmarked for `m`: `spec` is "default" (the model's default set), "all" or a list.
+
+    Raises:
+        ValueError: a name not in convert's format table.
+    """
+    from convert.formats import parse_formats
+
+    if spec.strip() == DEFAULT_FORMATS:
+        return parse_formats(m.default_formats or "all")
+    return parse_formats(spec)
+
+
+def scope_lines(models: Sequence[BenchModel], formats: dict[str, list[Format]], spec: str) -> list[str]:
+    """What the run covers, one line per model, and which flag gives the rest (the header and the report say it)."""
+    from convert.formats import FORMATS
+
+    out = []
+    for m in models:
+        names = [f.name for f in formats[m.name]]
+        left = [n for n in FORMATS if n not in names]
+        out.append(f"{m.name}: {', '.join(names)}"
+                   + (f" (not {', '.join(left)}: `--formats all` for every format)"
+                      if left and spec.strip() == DEFAULT_FORMATS else ""))
+    return out
 
 
 def parse_models(spec: str | Sequence[str]) -> list[BenchModel]:

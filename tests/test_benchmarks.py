@@ -267,6 +267,26 @@ def test_thread_choice_weighs_latency_against_cpu():
     assert report.thread_choice(rows[:1]).startswith("(one thread count")
 
 
+def test_default_formats_pair_float_and_int8_for_inceptionv3_and_say_how_to_get_all():
+    from benchmarks.cache import DEFAULT_MODELS, formats_for, parse_models, scope_lines
+    from convert.formats import FORMATS
+
+    assert cli.parse_args([]).formats == "default"
+    models = parse_models(DEFAULT_MODELS)
+    chosen = {m.name: [f.name for f in formats_for(m, "default")] for m in models}
+    assert chosen["oct-fused"] == ["tflite-float32", "tflite-int8", "onnx-float32", "onnx-int8"]
+    assert chosen["malaria-edge"] == chosen["oct-head"] == list(FORMATS)  # the cheap models: every format
+    assert all([f.name for f in formats_for(m, "all")] == list(FORMATS) for m in models)
+    assert [f.name for f in formats_for(MODELS["oct-fused"], "tflite-int8")] == ["tflite-int8"]
+    lines = scope_lines(models, {m.name: formats_for(m, "default") for m in models}, "default")
+    assert "--formats all" in next(l for l in lines if l.startswith("oct-fused"))
+    assert "--formats all" not in next(l for l in lines if l.startswith("malaria-edge"))
+    lines = scope_lines(models, {m.name: formats_for(m, "all") for m in models}, "all")
+    assert not any("--formats all" in l for l in lines)
+    rep = {"scope": lines, "settings": {"formats_spec": "all"}}
+    assert report.scope_lines(rep)[0] == "Formats (`--formats all`):" and report.scope_lines({}) == []
+
+
 def test_cli_rejects_bad_arguments(capsys, tmp_path):
     assert cli.main(["--formats", "tflite-nope", "--out", str(tmp_path)]) == 2
     assert "tflite-float32" in capsys.readouterr().err  # the message lists the valid names
