@@ -279,7 +279,8 @@ def test_default_formats_pair_float_and_int8_for_inceptionv3_and_say_how_to_get_
     assert all([f.name for f in formats_for(m, "all")] == list(FORMATS) for m in models)
     assert [f.name for f in formats_for(MODELS["oct-fused"], "tflite-int8")] == ["tflite-int8"]
     lines = scope_lines(models, {m.name: formats_for(m, "default") for m in models}, "default")
-    assert "--formats all" in next(l for l in lines if l.startswith("oct-fused"))
+    oct_line = next(l for l in lines if l.startswith("oct-fused"))
+    assert "--formats all" in oct_line and "no per-layer int8 report" in oct_line
     assert "--formats all" not in next(l for l in lines if l.startswith("malaria-edge"))
     lines = scope_lines(models, {m.name: formats_for(m, "all") for m in models}, "all")
     assert not any("--formats all" in l for l in lines)
