@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--threads", type=_threads, default="sweep",
                    help="thread counts: 'sweep' (every count from 1 to the cores, the default), or e.g. 1,all "
                         "or 1,2,4 (fewer probes on a many-core machine)")
+    w.add_argument("--keras-threads", type=_threads, metavar="THREADS",
+                   help="thread counts the Keras reference row is timed at, like --threads (default: the first of "
+                        "--threads; its accuracy is every row's reference either way; 'sweep' times it at every count)")
     w.add_argument("--from-scratch", action="store_true",
                    help="malaria-edge: train `edge` for a few epochs on the bundled sample instead of benchmarking "
                         "the released model (releases/malaria)")
@@ -180,13 +183,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.rebuild and cache.exists():
         shutil.rmtree(cache)
-    settings = Settings(threads=tuple(args.threads), n_images=args.n_images, batch=args.batch,
-                        min_seconds=args.min_seconds, max_seconds=args.max_seconds, data=args.data)
+    keras_threads = tuple(args.keras_threads) if args.keras_threads else tuple(args.threads[:1])
+    settings = Settings(threads=tuple(args.threads), keras_threads=keras_threads, n_images=args.n_images,
+                        batch=args.batch, min_seconds=args.min_seconds, max_seconds=args.max_seconds, data=args.data)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     stamp = lambda: f"[{time.perf_counter() - t0:5.0f} s]"  # noqa: E731
     scope = scope_lines(models, formats, args.formats)
+    scope.append(f"keras (the float reference every row's accuracy is compared with): timed at "
+                 f"{', '.join(map(str, keras_threads))} thread(s)"
+                 + ("" if set(keras_threads) >= set(settings.threads)
+                    else " (`--keras-threads sweep` for every count)"))
     log(f"{stamp()} models: {', '.join(m.name for m in models)}; threads: {', '.join(map(str, settings.threads))}; "
-        f"cache {cache}; formats (--formats {args.formats}):")
+        f"cache {cache}; what runs (--formats {args.formats}):")
     for line in scope:
         log(f"          {line}")
     builder = Builder(cache, runs=runs, log=log, from_scratch=args.from_scratch)
@@ -214,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info() | ({"load_average_1min": [load_start, os.getloadavg()[0]]} if load_start is not None
                                      else {}),
         "versions": library_versions(),
-        "settings": {"threads": list(settings.threads), "n_images": settings.n_images, "batch": settings.batch,
+        "settings": {"threads": list(settings.threads), "keras_threads": list(keras_threads),
+                     "n_images": settings.n_images, "batch": settings.batch,
                      "min_seconds": settings.min_seconds, "max_seconds": settings.max_seconds,
                      "data": str(settings.data) if settings.data else None, "cache": str(cache),
                      "formats": [f for f in FORMATS if any(f in {x.name for x in fs} for fs in formats.values())],

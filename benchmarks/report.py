@@ -151,12 +151,13 @@ def machine_line(report: dict[str, Any]) -> str:
 
 
 def scope_lines(report: dict[str, Any], markdown: bool = False) -> list[str]:
-    """Which formats each model ran with (and the flag for the rest), then a blank line; none in older reports."""
+    """Which formats each model ran with, and the Keras reference's threads (with the flags for the rest), then a
+    blank line; none in older reports."""
     scope = report.get("scope") or []
     if not scope:
         return []
     spec = (report.get("settings") or {}).get("formats_spec")
-    head = "Formats" + (f" (`--formats {spec}`)" if spec else "") + ":"
+    head = "What ran" + (f" (`--formats {spec}`)" if spec else "") + ":"
     return [head, *[f"- {line}" if markdown else f"  {line}" for line in scope], ""]
 
 
