@@ -44,7 +44,8 @@ RELEASE = REPO / "releases" / "malaria"
 
 @dataclasses.dataclass(frozen=True)
 class QuickSettings:
-    """How big the models built for a default run are (small: the default run takes ~10 min on 2 cores)."""
+    """How big the models built for a default run are (small: the whole default run is meant to fit 8 minutes on 2 idle
+    cores)."""
 
     malaria_epochs: int = 6
     oct_per_class: int = 12
