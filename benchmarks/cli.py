@@ -18,12 +18,14 @@ bundled sample instead. Built models and artifacts are cached and reused. Result
 to `--out`: benchmark.json, benchmark.csv, benchmark.md, latency_vs_size.png,
 accuracy_vs_latency.png.
 
-Formats (`--formats default`): every row of convert's format table for
-malaria-edge and oct-head; for oct-fused (InceptionV3 at 299x299, where each
-format costs minutes to convert, calibrate, fine-tune or report per layer)
-the float32 and int8 pair of each runtime: tflite-float32, tflite-int8,
-onnx-float32, onnx-int8. `--formats all` converts and measures every format
-of every model (the full matrix); the header and the report list what ran.
+Formats (`--formats default`): every row of convert's format table for the
+malaria models; for the OCT models (oct-fused is InceptionV3 at 299x299, where
+each format costs minutes to convert, calibrate, fine-tune or report per
+layer; oct-head its head alone) the float32 and int8 pair of each runtime:
+tflite-float32, tflite-int8, onnx-float32, onnx-int8. `--formats all` converts
+and measures every format of every model (the full matrix); the header and
+the report list what ran. The Keras reference row is timed at the first
+thread count (`--keras-threads`).
 
 Per artifact and thread count (1..cores by default) it reports what a device
 sees first: load, the first image end to end, the warm-up calls, then the
@@ -94,9 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--models", help=f"'all' or comma-separated (default: {', '.join(DEFAULT_MODELS)}; "
                                     "malaria-paper only when a run of it is cached or given with --run)")
     w.add_argument("--formats", default=DEFAULT_FORMATS,
-                   help="'default' (every format, but for oct-fused only tflite-float32, tflite-int8, onnx-float32 "
-                        "and onnx-int8), 'all' (every format of every model: the full matrix) or comma-separated "
-                        "rows of convert's format table")
+                   help="'default' (every format for malaria; for the OCT models only tflite-float32, tflite-int8, "
+                        "onnx-float32 and onnx-int8), 'all' (every format of every model: the full matrix) or "
+                        "comma-separated rows of convert's format table")
     w.add_argument("--threads", type=_threads, default="sweep",
                    help="thread counts: 'sweep' (every count from 1 to the cores, the default), or e.g. 1,all "
                         "or 1,2,4 (fewer probes on a many-core machine)")

@@ -279,8 +279,8 @@ def test_default_formats_pair_float_and_int8_for_inceptionv3_and_say_how_to_get_
     assert cli.parse_args(["--keras-threads", "sweep"]).keras_threads == cli.parse_args([]).threads
     models = parse_models(DEFAULT_MODELS)
     chosen = {m.name: [f.name for f in formats_for(m, "default")] for m in models}
-    assert chosen["oct-fused"] == ["tflite-float32", "tflite-int8", "onnx-float32", "onnx-int8"]
-    assert chosen["malaria-edge"] == chosen["oct-head"] == list(FORMATS)  # the cheap models: every format
+    assert chosen["oct-fused"] == chosen["oct-head"] == ["tflite-float32", "tflite-int8", "onnx-float32", "onnx-int8"]
+    assert chosen["malaria-edge"] == chosen["malaria-paper"] == list(FORMATS)
     assert all([f.name for f in formats_for(m, "all")] == list(FORMATS) for m in models)
     assert [f.name for f in formats_for(MODELS["oct-fused"], "tflite-int8")] == ["tflite-int8"]
     lines = scope_lines(models, {m.name: formats_for(m, "default") for m in models}, "default")
