@@ -1,6 +1,7 @@
 """`python -m benchmarks`: float32 against int8, side by side, on this machine.
 
-    python -m benchmarks                                   # build what is missing (cached), benchmark everything
+    python -m benchmarks                                   # build what is missing (cached), benchmark the default set
+    python -m benchmarks --formats all                     # every format of every model (the full matrix, slower)
     python -m benchmarks --models malaria-edge --formats tflite-float32,tflite-int8 --threads 1
     python -m benchmarks --threads 1,all                   # two thread counts instead of every one (many cores)
     python -m benchmarks --run malaria-edge=runs/malaria-edge --data runs/malaria.csv --n-images 1000
@@ -16,6 +17,15 @@ settings, showing each step; `--from-scratch` trains the malaria model on the
 bundled sample instead. Built models and artifacts are cached and reused. Results go
 to `--out`: benchmark.json, benchmark.csv, benchmark.md, latency_vs_size.png,
 accuracy_vs_latency.png.
+
+Formats (`--formats default`): every row of convert's format table for the
+malaria models; for the OCT models (oct-fused is InceptionV3 at 299x299, where
+each format costs minutes to convert, calibrate, fine-tune or report per
+layer; oct-head its head alone) the float32 and int8 pair of each runtime:
+tflite-float32, tflite-int8, onnx-float32, onnx-int8. `--formats all` converts
+and measures every format of every model (the full matrix); the header and
+the report list what ran. The Keras reference row is timed at the first
+thread count (`--keras-threads`).
 
 Per artifact and thread count (1..cores by default) it reports what a device
 sees first: load, the first image end to end, the warm-up calls, then the
@@ -40,7 +50,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.cache import DEFAULT_MODELS, MODELS
+from benchmarks.cache import DEFAULT_FORMATS, DEFAULT_MODELS, MODELS
 from convert.formats import FORMATS
 
 
@@ -85,10 +95,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w = p.add_argument_group("what to benchmark")
     w.add_argument("--models", help=f"'all' or comma-separated (default: {', '.join(DEFAULT_MODELS)}; "
                                     "malaria-paper only when a run of it is cached or given with --run)")
-    w.add_argument("--formats", default="all", help="'all' or comma-separated rows of convert's format table")
+    w.add_argument("--formats", default=DEFAULT_FORMATS,
+                   help="'default' (every format for malaria; for the OCT models only tflite-float32, tflite-int8, "
+                        "onnx-float32 and onnx-int8), 'all' (every format of every model: the full matrix) or "
+                        "comma-separated rows of convert's format table")
     w.add_argument("--threads", type=_threads, default="sweep",
                    help="thread counts: 'sweep' (every count from 1 to the cores, the default), or e.g. 1,all "
                         "or 1,2,4 (fewer probes on a many-core machine)")
+    w.add_argument("--keras-threads", type=_threads, metavar="THREADS",
+                   help="thread counts the Keras reference row is timed at, like --threads (default: the first of "
+                        "--threads; its accuracy is every row's reference either way; 'sweep' times it at every count)")
     w.add_argument("--from-scratch", action="store_true",
                    help="malaria-edge: train `edge` for a few epochs on the bundled sample instead of benchmarking "
                         "the released model (releases/malaria)")
@@ -139,10 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet = args.format != "table"
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if quiet else (lambda s: print(s, flush=True))
     try:
-        from benchmarks.cache import parse_models
-        from convert.formats import parse_formats
+        from benchmarks.cache import formats_for, parse_models
 
-        formats = parse_formats(args.formats)
         runs = dict(args.run)
         for name, path in runs.items():
             if not path.is_dir():
@@ -153,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             models = [m for m in parse_models(DEFAULT_MODELS)
                       if m.builds or m.name in runs or (cache / m.name / "run" / "best.keras").is_file()]
+        formats = {m.name: formats_for(m, args.formats) for m in models}
         if args.compare and not args.compare.is_file():
             raise FileNotFoundError(f"--compare {args.compare}: no such file; give an earlier benchmark.json")
         if args.data is not None and not args.data.exists():
@@ -162,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from benchmarks.machine import library_versions, machine_info
-    from benchmarks.cache import Builder
+    from benchmarks.cache import Builder, scope_lines
     from benchmarks.peak import measure_peaks
     from benchmarks.report import compare, gates, rows_csv, terminal, write_all
     from benchmarks.run import Settings, add_ratios, benchmark_model
@@ -170,26 +185,35 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.rebuild and cache.exists():
         shutil.rmtree(cache)
-    settings = Settings(threads=tuple(args.threads), n_images=args.n_images, batch=args.batch,
-                        min_seconds=args.min_seconds, max_seconds=args.max_seconds, data=args.data)
+    keras_threads = tuple(args.keras_threads) if args.keras_threads else tuple(args.threads[:1])
+    settings = Settings(threads=tuple(args.threads), keras_threads=keras_threads, n_images=args.n_images,
+                        batch=args.batch, min_seconds=args.min_seconds, max_seconds=args.max_seconds, data=args.data)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     stamp = lambda: f"[{time.perf_counter() - t0:5.0f} s]"  # noqa: E731
-    log(f"{stamp()} models: {', '.join(m.name for m in models)}; formats: {', '.join(f.name for f in formats)}; "
-        f"threads: {', '.join(map(str, settings.threads))}; cache {cache}")
+    scope = scope_lines(models, formats, args.formats)
+    scope.append(f"keras (the float reference every row's accuracy is compared with): timed at "
+                 f"{', '.join(map(str, keras_threads))} thread(s)"
+                 + ("" if set(keras_threads) >= set(settings.threads)
+                    else " (`--keras-threads sweep` for every count)"))
+    log(f"{stamp()} models: {', '.join(m.name for m in models)}; threads: {', '.join(map(str, settings.threads))}; "
+        f"cache {cache}; what runs (--formats {args.formats}):")
+    for line in scope:
+        log(f"          {line}")
     builder = Builder(cache, runs=runs, log=log, from_scratch=args.from_scratch)
     prepared = []
     for m in models:
         log(f"{stamp()} == prepare {m.name}")
-        prepared.append(builder.prepare(m, formats))
+        prepared.append(builder.prepare(m, formats[m.name]))
     peaks = []
     if not args.no_peak:
         log(f"{stamp()} == machine peak")
-        runtimes = tuple(dict.fromkeys(f.runtime for f in formats))  # format-table order, not set order
+        used = {f.name for fs in formats.values() for f in fs}
+        runtimes = tuple(dict.fromkeys(f.runtime for f in FORMATS.values() if f.name in used))  # table order
         peaks = measure_peaks(cache / "peak", list(settings.threads), runtimes, log=log)
     rows = []
     for p in prepared:
         log(f"{stamp()} == benchmark {p.model.name}")
-        rows += benchmark_model(p, formats, settings, peaks, log=log)
+        rows += benchmark_model(p, formats[p.model.name], settings, peaks, log=log)
     add_ratios(rows)
     report = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -200,10 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info() | ({"load_average_1min": [load_start, os.getloadavg()[0]]} if load_start is not None
                                      else {}),
         "versions": library_versions(),
-        "settings": {"threads": list(settings.threads), "n_images": settings.n_images, "batch": settings.batch,
+        "settings": {"threads": list(settings.threads), "keras_threads": list(keras_threads),
+                     "n_images": settings.n_images, "batch": settings.batch,
                      "min_seconds": settings.min_seconds, "max_seconds": settings.max_seconds,
                      "data": str(settings.data) if settings.data else None, "cache": str(cache),
-                     "formats": [f.name for f in formats]},
+                     "formats": [f for f in FORMATS if any(f in {x.name for x in fs} for fs in formats.values())],
+                     "formats_spec": args.formats,
+                     "formats_per_model": {name: [f.name for f in fs] for name, fs in formats.items()}},
+        "scope": scope,
         "models": [{"name": p.model.name, "run": str(p.run) if p.run else None,
                     "reference": str(p.reference) if p.reference else None, "synthetic_data": p.synthetic,
                     "error": p.error} for p in prepared],

@@ -82,6 +82,7 @@ class Settings:
     """What one benchmark run measures (see `benchmarks.cli` for the flags)."""
 
     threads: tuple[int, ...] = (1,)
+    keras_threads: tuple[int, ...] | None = None  # thread counts of the Keras reference's timing (None: `threads`)
     n_images: int = 300
     batch: int = 16
     min_seconds: float = 1.0
@@ -89,6 +90,10 @@ class Settings:
     data: Path | None = None
     seed: int = 0
     probe_timeout_s: float = 900.0
+
+    def threads_of(self, fmt: str) -> tuple[int, ...]:
+        """Thread counts a row of `fmt` is timed at: the Keras reference's own, every format `threads`."""
+        return self.keras_threads if fmt == KERAS and self.keras_threads is not None else self.threads
 
 
 @dataclasses.dataclass
@@ -245,7 +250,7 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
     def failed_rows(fmt: str, error: str) -> list[dict[str, Any]]:
         f = fmt_of.get(fmt)
         return [empty_row(name, fmt, t, status="failed", error=error, precision=f.precision if f else "float32",
-                          runtime=f.runtime if f else KERAS) for t in settings.threads]
+                          runtime=f.runtime if f else KERAS) for t in settings.threads_of(fmt)]
 
     if p.error:
         log(f"[{name}] not benchmarked: {p.error}")
@@ -279,7 +284,7 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
         base = dict(precision=f.precision if f else "float32", runtime=f.runtime if f else KERAS, **common)
         if path is None:
             rows += [empty_row(name, fmt, t, status="failed", error=p.errors.get(fmt, "no artifact"), **base)
-                     for t in settings.threads]
+                     for t in settings.threads_of(fmt)]
             log(f"[{name}] {fmt}: failed ({p.errors.get(fmt, 'no artifact')})")
             continue
         base.update(file=str(path), size_mb=path.stat().st_size / 1e6)
@@ -300,11 +305,11 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
                         max_abs_dprob=float(np.abs(probs - ref_probs).max()))
         except Exception as e:
             rows += [empty_row(name, fmt, t, status="failed", error=f"inference: {first_line(e)}", **base)
-                     for t in settings.threads]
+                     for t in settings.threads_of(fmt)]
             log(f"[{name}] {fmt}: failed ({first_line(e)})")
             continue
         # Speed, memory, cold start: a fresh process per thread count.
-        for t in settings.threads:
+        for t in settings.threads_of(fmt):
             row = empty_row(name, fmt, t, **base)
             try:
                 fill_speed(row, probe(path, t, data.first_image, settings))

@@ -131,6 +131,10 @@ def test_failing_format_is_a_row(bench, tiny_run, tmp_path):
     missing = benchmark_model(Prepared(MODELS["malaria-paper"], error="no malaria-paper run"),
                               parse_formats("tflite-int8"), Settings(threads=(1, 2)), peaks=[])
     assert len(missing) == 4 and all(r["status"] == "failed" and r["error"] == "no malaria-paper run" for r in missing)
+    # the Keras reference timed at its own thread counts (the CLI's default: the first of --threads)
+    one = benchmark_model(Prepared(MODELS["malaria-paper"], error="no malaria-paper run"), parse_formats("tflite-int8"),
+                          Settings(threads=(1, 2), keras_threads=(1,)), peaks=[])
+    assert [(r["format"], r["threads"]) for r in one] == [(KERAS, 1), ("tflite-int8", 1), ("tflite-int8", 2)]
 
 
 @pytest.mark.slow
@@ -265,6 +269,28 @@ def test_thread_choice_weighs_latency_against_cpu():
     assert lines["onnx-int8"][-1] == "same"
     assert "tflite-float32" not in text and "tflite-float32" not in report.steady_table(rows)
     assert report.thread_choice(rows[:1]).startswith("(one thread count")
+
+
+def test_default_formats_pair_float_and_int8_for_inceptionv3_and_say_how_to_get_all():
+    from benchmarks.cache import DEFAULT_MODELS, formats_for, parse_models, scope_lines
+    from convert.formats import FORMATS
+
+    assert cli.parse_args([]).formats == "default" and cli.parse_args([]).keras_threads is None
+    assert cli.parse_args(["--keras-threads", "sweep"]).keras_threads == cli.parse_args([]).threads
+    models = parse_models(DEFAULT_MODELS)
+    chosen = {m.name: [f.name for f in formats_for(m, "default")] for m in models}
+    assert chosen["oct-fused"] == chosen["oct-head"] == ["tflite-float32", "tflite-int8", "onnx-float32", "onnx-int8"]
+    assert chosen["malaria-edge"] == chosen["malaria-paper"] == list(FORMATS)
+    assert all([f.name for f in formats_for(m, "all")] == list(FORMATS) for m in models)
+    assert [f.name for f in formats_for(MODELS["oct-fused"], "tflite-int8")] == ["tflite-int8"]
+    lines = scope_lines(models, {m.name: formats_for(m, "default") for m in models}, "default")
+    oct_line = next(l for l in lines if l.startswith("oct-fused"))
+    assert "--formats all" in oct_line and "no per-layer int8 report" in oct_line
+    assert "--formats all" not in next(l for l in lines if l.startswith("malaria-edge"))
+    lines = scope_lines(models, {m.name: formats_for(m, "all") for m in models}, "all")
+    assert not any("--formats all" in l for l in lines)
+    rep = {"scope": lines, "settings": {"formats_spec": "all"}}
+    assert report.scope_lines(rep)[0] == "What ran (`--formats all`):" and report.scope_lines({}) == []
 
 
 def test_cli_rejects_bad_arguments(capsys, tmp_path):
