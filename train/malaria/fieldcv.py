@@ -269,12 +269,15 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     anns = [a for a in all_anns if blocks[a["image"].name] in todo]
 
     rel_path = args.out / "release.json"
-    if rel_path.exists():
-        release = json.loads(rel_path.read_text())
-    else:
-        print(f"released model {args.release}: measuring {len(anns)} fields", flush=True)
-        release = {"model": str(args.release), "rows": measure(args.release, anns, blocks, args.threads, "release")}
+    release = json.loads(rel_path.read_text()) if rel_path.exists() else {"model": str(args.release), "rows": []}
+    have = {r["field"] for r in release["rows"]}
+    missing = [a for a in anns if a["image"].name not in have]
+    if missing:  # a first run, or a later one with more --blocks
+        print(f"released model {args.release}: measuring {len(missing)} fields", flush=True)
+        release["rows"] += measure(args.release, missing, blocks, args.threads, "release")
+    if "nih_sample_int8" not in release:
         release["nih_sample_int8"] = nih_int8(args.release, sample)
+    if missing or not rel_path.exists():
         write_json(rel_path, release)
 
     folds = []
