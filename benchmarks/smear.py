@@ -23,58 +23,15 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-PARASITE_TYPES = ("ring", "trophozoite", "schizont", "gametocyte")
-IOU_MATCH = 0.5
-
-
-def iou_matrix(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> np.ndarray:
-    """IoU of every [x, y, w, h] box of `a` with every box of `b`, shape (len(a), len(b))."""
-    if not len(a) or not len(b):
-        return np.zeros((len(a), len(b)))
-    A = np.asarray(a, float)[:, None, :]
-    B = np.asarray(b, float)[None, :, :]
-    w = np.clip(np.minimum(A[..., 0] + A[..., 2], B[..., 0] + B[..., 2]) - np.maximum(A[..., 0], B[..., 0]), 0, None)
-    h = np.clip(np.minimum(A[..., 1] + A[..., 3], B[..., 1] + B[..., 3]) - np.maximum(A[..., 1], B[..., 1]), 0, None)
-    inter = w * h
-    return inter / np.maximum(A[..., 2] * A[..., 3] + B[..., 2] * B[..., 3] - inter, 1e-9)
-
-
-def match(truth: Sequence[Sequence[float]], found: Sequence[Sequence[float]], iou: float = IOU_MATCH) -> np.ndarray:
-    """For each truth box the index of its matched found box, or -1; greedy one-to-one, highest IoU first."""
-    m = iou_matrix(truth, found)
-    out = np.full(len(truth), -1)
-    if not m.size:
-        return out
-    used = np.zeros(m.shape[1], bool)
-    for flat in np.argsort(-m, axis=None):
-        t, f = divmod(int(flat), m.shape[1])
-        if m[t, f] < iou:
-            break
-        if out[t] < 0 and not used[f]:
-            out[t], used[f] = f, True
-    return out
-
-
-def load_annotations(data: Path) -> list[dict[str, Any]]:
-    """[{"image", "boxes": [[x, y, w, h]], "parasite": [bool]}] for every annotated field with a photo."""
-    path = data / "annotations.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; --data needs fields/ and annotations.json (IML-Malaria layout)")
-    out = []
-    for entry in json.loads(path.read_text()):
-        img = data / "fields" / entry["image_name"]
-        objs = [o for o in entry["objects"] if o["type"] != "difficult"]
-        out.append({"image": img, "boxes": [[float(o["bbox"][k]) for k in "xywh"] for o in objs],
-                    "parasite": [o["type"] in PARASITE_TYPES for o in objs]})
-    return out
+# The matcher and the annotation reader live in edge_runtime (train's field crops label cells by them too).
+from edge_runtime.annotations import IOU_MATCH, load_annotations, match
 
 
 def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> dict[str, Any]:
@@ -160,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--normalise", action="store_true", help="with --model: stain-normalise crops (smear --normalise)")
     p.add_argument("--threshold", type=float,
                    help="with --model: confidence below which a cell is uncertain (default: the model's)")
+    p.add_argument("--fields", nargs="+", metavar="NAME",
+                   help="measure only these fields (file names or stems, e.g. PA171704), e.g. one held-out block")
     return p.parse_args(argv)
 
 
@@ -168,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge_runtime.fileio import atomic_write_text, write_json
 
     try:
-        anns = load_annotations(args.data)
+        anns = load_annotations(args.data, args.fields)
         model = None
         if args.model is not None:
             from edge_runtime.model import load

@@ -5,6 +5,9 @@
     python -m train cv --manifest MANIFEST.csv --preset edge --folds 5 --out DIR
     python -m train evaluate RUN --manifest MANIFEST.csv --split test --out RUN/eval
     python -m train demo [--out runs/demo]
+    python -m train field-crops --data ../shared/data/iml_malaria --out runs/field-crops
+    python -m train field-cv --crops runs/field-crops --nih runs/release.csv --init releases/malaria/model.keras \
+        --data ../shared/data/iml_malaria --out runs/field-cv --epochs 3
     python -m train oct synth|extract|head|fuse|gradcam|predict ...   (see train/oct/cli.py)
 """
 
@@ -42,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     m.add_argument("--seed", type=int, default=42)
     m.add_argument("--quiet", action="store_true", help="no per-batch progress bar (per-epoch lines only)")
+    m.add_argument("--init", type=Path, metavar="KERAS",
+                   help="fine-tune: start from this trained Keras model (.keras or a run directory), e.g. "
+                        "releases/malaria/model.keras, with the preset's optimizer and schedule")
+    m.add_argument("--lr", type=float, help="override the preset's peak learning rate (e.g. 0.005 to fine-tune)")
     m.add_argument("--keep", choices=("best", "final"), default="best",
                    help="best: the epoch with the best val accuracy (needs a val split); final: the last epoch "
                         "(a fixed schedule, e.g. a release trained on every developer patient)")
@@ -90,6 +97,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
     d.add_argument("--epochs", type=int, default=8)
 
+    fc = sub.add_parser("field-crops", help="labelled training crops cut from annotated field photos (the runtime's "
+                                          "segmentation and crop)")
+    fc.add_argument("--data", required=True, type=Path, help="folder with fields/ and annotations.json (IML-Malaria)")
+    fc.add_argument("--out", required=True, type=Path, help="folder for crops/, field-crops.csv and field-crops.json")
+    fc.add_argument("--fields", nargs="+", metavar="NAME", help="only these fields (file names or stems)")
+
+    from train.malaria import fieldcv
+
+    fieldcv.add_parser(sub)
     oct_cli.add_parser(sub)
     return p.parse_args(argv)
 
@@ -107,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             fit.train_malaria(
                 args.manifest, args.preset, args.out, epochs=args.epochs, batch_size=args.batch_size,
                 resume=args.resume, seed=args.seed, verbose=1 if not args.quiet else 2,
-                select_best=args.keep == "best",
+                select_best=args.keep == "best", init=args.init, lr=args.lr,
             )
             return 0
         if args.command == "cv":
@@ -131,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
             from train.malaria import demo
 
             return demo.run(args.data, args.out, args.epochs)
+        if args.command == "field-crops":
+            from train import fieldcrops
+
+            return fieldcrops.run(args.data, args.out, args.fields)
+        if args.command == "field-cv":
+            from train.malaria import fieldcv
+
+            return fieldcv.run(args, sys.argv[1:] if argv is None else argv)
         if args.command == "oct":
             return oct_cli.run(args)
     except (FileNotFoundError, ValueError) as e:

@@ -64,6 +64,7 @@ class RunConfig:
         store: OCT: the feature store trained on.
         epochs, batch_size, weights_trainable: OCT training settings and trainable size.
         imported_from: OCT: the head file an imported run was built around.
+        init: malaria: the Keras model a fine-tuning run started from (`--init`), else None.
     """
 
     task: str
@@ -93,6 +94,7 @@ class RunConfig:
     batch_size: int | None = None
     weights_trainable: int | None = None
     imported_from: str | None = None
+    init: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(l) for l in self.labels))

@@ -2,6 +2,8 @@
 
     python -m train malaria --manifest runs/malaria.csv --preset edge --out runs/malaria-edge
     python -m train malaria --manifest runs/malaria.csv --preset edge --out runs/malaria-edge --resume
+    python -m train malaria --manifest FOLD.csv --preset edge --init releases/malaria/model.keras --lr 0.005 \
+        --epochs 3 --keep final --out runs/ft          # fine-tune a trained model, the preset's schedule
 
 Reads the manifest's train and val splits, trains with the preset's optimizer
 and schedule on every visible GPU (MirroredStrategy when there are several),
@@ -51,6 +53,8 @@ def train_malaria(
     verbose: int = 1,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     select_best: bool = True,
+    init: Path | None = None,
+    lr: float | None = None,
 ) -> Path:
     """Train and return the run directory.
 
@@ -67,6 +71,12 @@ def train_malaria(
             split); False keeps the final epoch's weights as final.keras (the run's
             `model_file`), and a val split, if any, is only logged. A resumed run
             keeps the choice it was started with.
+        init: start from this trained Keras model (a `.keras` file or a run directory) instead of
+            fresh weights: fine-tuning. Its input must be the malaria preprocessing's and its outputs
+            the manifest's labels (same order). The preset still gives the optimizer, schedule,
+            augmentation and batch size (pass the preset the init was trained with: the config
+            records the preset's network, and `init` names the file that actually started it).
+        lr: override the preset's peak learning rate (fine-tuning wants a smaller one).
     """
     out = Path(out)
     if resume:
@@ -75,6 +85,7 @@ def train_malaria(
         seed = cfg.seed
         manifest = Path(cfg.manifest)
         select_best = cfg.model_file != FINAL
+        init = Path(cfg.init) if cfg.init else None
         print(f"resuming {out} (preset {p.name}, {p.epochs} epochs)")
     else:
         if runs.is_run(out):
@@ -82,7 +93,8 @@ def train_malaria(
         p = MALARIA_PRESETS[preset] if isinstance(preset, str) else preset
         if isinstance(preset, str) and preset not in MALARIA_PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(MALARIA_PRESETS)}")
-        overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v is not None}
+        overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size),
+                                       ("learning_rate", lr)) if v is not None}
         if overrides:
             import dataclasses
 
@@ -104,8 +116,21 @@ def train_malaria(
     val_ds = make_dataset(val_rec, labels, spec, p.batch_size) if val_rec else None
     steps = math.ceil(len(train_rec) / p.batch_size)
 
+    if init is not None:
+        init = Path(init)
+        if init.is_dir():
+            init = runs.resolve_run(init)[1]
+        if not init.is_file():
+            raise FileNotFoundError(f"--init {init}: no such Keras model")
     with strategy.scope():
-        model = build_resnet(p.model, spec.input_shape, len(labels), name=f"malaria_{p.name}")
+        if init is None:
+            model = build_resnet(p.model, spec.input_shape, len(labels), name=f"malaria_{p.name}")
+        else:
+            model = keras.models.load_model(init, compile=False)
+            if tuple(model.input_shape[1:]) != tuple(spec.input_shape) or model.output_shape[-1] != len(labels):
+                raise ValueError(f"--init {init}: input {model.input_shape[1:]} -> {model.output_shape[-1]} classes "
+                                 f"does not fit {tuple(spec.input_shape)} -> {len(labels)} labels {labels}")
+            print(f"fine-tuning {init} (peak learning rate {p.learning_rate})")
         model.compile(
             optimizer=keras.optimizers.SGD(learning_rate(p, p.epochs * steps), momentum=p.momentum,
                                            nesterov=p.nesterov),
@@ -139,6 +164,7 @@ def train_malaria(
             images={"train": len(train_rec), "val": len(val_rec)},
             size=size,
             replicas=replicas,
+            init=str(init.resolve()) if init is not None else None,
             versions=runs.versions(),
             created=runs.utc_now(),
         ))

@@ -1,0 +1,315 @@
+"""`python -m train field-cv`: what fine-tuning on field crops changes, by leave-one-block-out cross-validation.
+
+    python -m train field-crops --data ../shared/data/iml_malaria --out runs/field-crops
+    python -m train field-cv --crops runs/field-crops --nih runs/release.csv --init releases/malaria/model.keras \\
+        --data ../shared/data/iml_malaria --out runs/field-cv --epochs 3
+
+The fields' slide blocks (the `patient` column of field-crops.csv) are the folds. For each block B:
+
+1. **Fold manifest** (FOLD/manifest.csv): train = every NIH cell of `--nih` + the field crops of
+   the *other* blocks: their Uninfected crops (at most `--uninfected-per-block` a block, a seeded
+   sample) and their Parasitized crops repeated `--parasite-repeat` times (the oversampling: ~55
+   parasite crops against thousands of cells; augmentation makes the repeats differ); test = the
+   bundled NIH sample (`--sample`, 400 cells of unseen patients), which `python -m convert` uses as
+   its proof set and which scores NIH accuracy.
+2. **Fine-tune** (`python -m train malaria --init INIT --lr LR --epochs E --keep final`, the preset's
+   optimizer, cosine schedule, augmentation and stain jitter), log in FOLD/train.log.
+3. **Export** int8 TFLite with `python -m convert` (calibration: 300 cells of the fold's train split,
+   the field crops among them), log in FOLD/convert.log.
+4. **Measure** the held-out block's fields with that model, exactly as `python -m benchmarks smear
+   --model M --threads 1` does (`benchmarks.smear.measure_field`), and its accuracy on the NIH sample
+   (float32 Keras through `train evaluate`, int8 through edge_runtime).
+
+A block is never scored by a model fine-tuned on it. The per-field rows of the 4 folds are pooled
+into one summary (the benchmark's metrics) beside the released model's on the same fields.
+Resumable: a fold with FOLD/result.json is skipped; an interrupted training resumes from its
+last epoch. Writes field-cv.json, field-cv.csv (one row per field and model) and field-cv.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from edge_runtime.fileio import atomic_write_text, write_json
+from train.split import Record, discover, patient_id, read_manifest, write_manifest
+
+RESULT = "result.json"
+METRICS = (  # (summary key, table label, percent?)
+    ("cell_recall", "cell recall", True),
+    ("parasite_recall_called", "parasite cells found and called parasitized or uncertain", True),
+    ("uninfected_false_positive_rate", "uninfected cells called parasitized (false positives)", True),
+    ("uninfected_uncertain_rate", "uninfected cells called uncertain", True),
+    ("field_sensitivity", "field sensitivity", False),
+    ("count_error_mean_signed", "RBC count error per field, mean signed", False),
+    ("count_error_mean_abs", "RBC count error per field, mean abs", False),
+    ("total_ms_per_field", "ms per field (end to end, 1 thread)", False),
+)
+
+
+def add_parser(sub) -> None:
+    f = sub.add_parser("field-cv", help="leave-one-block-out CV of fine-tuning on field crops (train, export, "
+                                        "measure the held-out block)",
+                       description=__doc__.split("\n\n")[0])
+    f.add_argument("--crops", required=True, type=Path, help="a `train field-crops` folder")
+    f.add_argument("--nih", required=True, type=Path, help="NIH manifest mixed into every fold (its train split)")
+    f.add_argument("--init", required=True, type=Path, help="Keras model to fine-tune (e.g. releases/malaria/model.keras)")
+    f.add_argument("--data", required=True, type=Path, help="the annotated fields (fields/, annotations.json)")
+    f.add_argument("--out", required=True, type=Path)
+    f.add_argument("--preset", default="edge")
+    f.add_argument("--epochs", type=int, default=3)
+    f.add_argument("--lr", type=float, default=0.005, help="peak learning rate (the preset's schedule)")
+    f.add_argument("--parasite-repeat", type=int, default=8, help="times each training Parasitized field crop appears")
+    f.add_argument("--uninfected-per-block", type=int, default=400,
+                   help="Uninfected field crops per training block (seeded sample; 0: all)")
+    f.add_argument("--sample", type=Path,
+                   default=Path(__file__).resolve().parents[2] / "tests" / "data" / "malaria_sample",
+                   help="NIH cells of unseen patients: the convert proof set and the NIH accuracy check")
+    f.add_argument("--release", default="malaria", help="the model to compare with (released name or artifact)")
+    f.add_argument("--blocks", nargs="+", help="only these held-out blocks (default: every block)")
+    f.add_argument("--seed", type=int, default=42)
+    f.add_argument("--threads", type=int, default=1, help="runtime threads when measuring")
+
+
+def _py(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def _run_logged(argv: list[str], log: Path) -> None:
+    """Run a command with its output appended to `log`; raise when it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        fh.write(f"$ {' '.join(argv)}\n")
+        fh.flush()
+        rc = subprocess.call(argv, stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(argv[2:4])} failed (exit {rc}); see {log}")
+
+
+def sample_records(sample: Path) -> list[Record]:
+    files, _ = discover(sample)
+    return [Record(str(f.resolve()), label, patient_id(f.name) or f.stem, "test") for f, label, _ in files]
+
+
+def fold_manifest(crops: list[dict[str, str]], crops_dir: Path, nih: list[Record], sample: list[Record],
+                  held_out: str, repeat: int, per_block: int, seed: int) -> tuple[list[Record], dict[str, int]]:
+    """The fold's records (train: NIH + other blocks' crops, parasites repeated; test: the NIH sample)."""
+    rng = random.Random(seed)
+    field: list[Record] = []
+    for block in sorted({c["patient"] for c in crops} - {held_out}):
+        rows = [c for c in crops if c["patient"] == block]
+        neg = [c for c in rows if c["label"] == "Uninfected"]
+        if per_block and len(neg) > per_block:
+            neg = rng.sample(neg, per_block)
+        pos = [c for c in rows if c["label"] == "Parasitized"]
+        for c in neg + pos * repeat:
+            field.append(Record(str((crops_dir / c["path"]).resolve()), c["label"], block, "train"))
+    counts = {"nih": len(nih), "field_uninfected": sum(r.label == "Uninfected" for r in field),
+              "field_parasitized_rows": sum(r.label == "Parasitized" for r in field),
+              "field_parasitized_crops": sum(r.label == "Parasitized" for r in field) // max(repeat, 1),
+              "test_sample": len(sample)}
+    return [Record(r.path, r.label, r.patient, "train") for r in nih] + field + sample, counts
+
+
+def measure(model_ref: str | Path, anns: list[dict[str, Any]], blocks: dict[str, str], threads: int,
+            tag: str) -> list[dict[str, Any]]:
+    """benchmarks smear's per-field rows for these fields, each with its block."""
+    import edge_runtime
+    from benchmarks.smear import measure_field
+
+    model = edge_runtime.load(model_ref, threads=threads)
+    rows = []
+    for ann in anns:
+        r = measure_field(ann, model)
+        r["block"] = blocks[ann["image"].name]
+        rows.append(r)
+        print(f"  [{tag}] {r['field']}: " + (r["error"] or
+              f"{r['uninfected_called_parasitized']}/{r['uninfected_found']} uninfected called parasitized, "
+              f"{r['uninfected_called_uncertain']} uncertain, {r['parasites_called']}/{r['annotated_parasites']} "
+              f"parasites called"), flush=True)
+    return rows
+
+
+def nih_int8(path: Path, sample: list[Record]) -> dict[str, Any]:
+    import numpy as np
+
+    from convert.release import score
+
+    labels = ["Parasitized", "Uninfected"]
+    y = np.array([labels.index(r.label) for r in sample])
+    s = score(path, [r.path for r in sample], y, labels, "Parasitized")
+    s.pop("predicted", None)
+    return s
+
+
+def run_fold(args: argparse.Namespace, block: str, crops: list[dict[str, str]], nih: list[Record],
+             sample: list[Record], anns: list[dict[str, Any]], blocks: dict[str, str]) -> dict[str, Any]:
+    fold = args.out / f"fold-{block}"
+    run_dir = fold / "run"
+    records, counts = fold_manifest(crops, args.crops, nih, sample, block, args.parasite_repeat,
+                                    args.uninfected_per_block, args.seed)
+    manifest = fold / "manifest.csv"
+    if not manifest.exists():
+        write_manifest(records, manifest)
+    t0 = time.time()
+    trained = fold / "trained.json"
+    if not trained.exists():
+        resume = (run_dir / "config.json").exists()
+        argv = _py("train", "malaria", "--manifest", str(manifest), "--preset", args.preset, "--out", str(run_dir),
+                   "--keep", "final", "--quiet", "--seed", str(args.seed))
+        argv += ["--resume"] if resume else ["--init", str(args.init), "--lr", str(args.lr), "--epochs",
+                                             str(args.epochs)]
+        print(f"fold {block}: fine-tuning on {counts} ({'resumed' if resume else 'new'}), log {fold / 'train.log'}",
+              flush=True)
+        _run_logged(argv, fold / "train.log")
+        write_json(trained, {"seconds": round(time.time() - t0, 1)})
+    train_s = json.loads(trained.read_text())["seconds"]
+    export = fold / "export"
+    name = f"fold-{block}"
+    tfl = export / f"{name}_tflite-int8.tflite"
+    t1 = time.time()
+    if not tfl.exists():
+        print(f"fold {block}: export int8, log {fold / 'convert.log'}", flush=True)
+        _run_logged(_py("convert", str(run_dir), "--out", str(export), "--name", name, "--formats", "tflite-int8",
+                        "--calib", str(manifest), "--eval-n", "0", "--allow-drop", "--force"), fold / "convert.log")
+    convert_s = time.time() - t1
+    eval_dir = fold / "eval-sample"
+    if not (eval_dir / "report.json").exists():
+        _run_logged(_py("train", "evaluate", str(run_dir), "--data", str(args.sample), "--out", str(eval_dir)),
+                    fold / "evaluate.log")
+    rep = json.loads((eval_dir / "report.json").read_text())
+    held = [a for a in anns if blocks[a["image"].name] == block]
+    print(f"fold {block}: measuring {len(held)} held-out fields", flush=True)
+    rows = measure(tfl, held, blocks, args.threads, f"fold {block}")
+    history = list(csv.DictReader(open(run_dir / "history.csv")))
+    result = {
+        "block": block, "fields": [a["image"].name for a in held], "counts": counts,
+        "epochs": len(history), "train_seconds": train_s, "convert_seconds": round(convert_s, 1),
+        "epoch_seconds": [float(h["seconds"]) for h in history if h.get("seconds")],
+        "train_accuracy_last_epoch": float(history[-1]["accuracy"]) if history else None,
+        "artifact": str(tfl),
+        "nih_sample_float32": {k: rep.get(k) for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},
+        "nih_sample_int8": nih_int8(tfl, sample),
+        "rows": rows,
+    }
+    write_json(fold / RESULT, result)
+    return result
+
+
+def _fmt(key: str, v: Any, pct: bool) -> str:
+    if v is None:
+        return "-"
+    if pct:
+        return f"{100 * v:.1f}%"
+    return f"{v:.2f}" if key == "field_sensitivity" else f"{v:+.1f}" if "signed" in key else f"{v:.1f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    pooled = report["pooled"]
+    lines = [f"Leave-one-block-out: {len(report['folds'])} folds, {pooled['fine_tuned']['fields']} held-out fields "
+             f"({pooled['fine_tuned']['annotated_cells']} annotated cells, "
+             f"{pooled['fine_tuned']['annotated_parasites']} parasites); every field scored by a model that never "
+             "saw its block.", "",
+             "| metric (pooled over the held-out fields) | released model | fine-tuned (per fold) |",
+             "|---|---:|---:|"]
+    for key, label, pct in METRICS:
+        lines.append(f"| {label} | {_fmt(key, pooled['release'].get(key), pct)} | "
+                     f"{_fmt(key, pooled['fine_tuned'].get(key), pct)} |")
+    lines += ["", "| held-out block | fields | parasites | FP released | FP fine-tuned | uncertain released | "
+              "uncertain fine-tuned | parasites called released | fine-tuned |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for b, d in report["per_block"].items():
+        r, f = d["release"], d["fine_tuned"]
+        lines.append(f"| {b} | {f['fields']} | {f['annotated_parasites']} | "
+                     f"{_fmt('', r['uninfected_false_positive_rate'], True)} | "
+                     f"{_fmt('', f['uninfected_false_positive_rate'], True)} | "
+                     f"{_fmt('', r['uninfected_uncertain_rate'], True)} | "
+                     f"{_fmt('', f['uninfected_uncertain_rate'], True)} | "
+                     f"{_fmt('', r['parasite_recall_called'], True)} | {_fmt('', f['parasite_recall_called'], True)} |")
+    lines += ["", "| model | NIH sample accuracy, float32 | int8 | int8 sensitivity | int8 specificity | int8 ROC AUC |"
+              " epochs | training min |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rel = report.get("release_nih_sample_int8")
+    if rel:
+        lines.append(f"| released | - | {100 * rel['accuracy']:.2f}% | {100 * rel['sensitivity']:.2f}% | "
+                     f"{100 * rel['specificity']:.2f}% | {rel['roc_auc']:.4f} | - | - |")
+    for f in report["folds"]:
+        a, q = f["nih_sample_float32"], f["nih_sample_int8"]
+        lines.append(f"| fold {f['block']} held out | {100 * a['accuracy']:.2f}% | {100 * q['accuracy']:.2f}% | "
+                     f"{100 * q['sensitivity']:.2f}% | {100 * q['specificity']:.2f}% | {q['roc_auc']:.4f} | "
+                     f"{f['epochs']} | {f['train_seconds'] / 60:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from benchmarks.smear import summarise
+    from edge_runtime.annotations import field_blocks, load_annotations
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    crops_csv = args.crops / "field-crops.csv"
+    if not crops_csv.is_file():
+        raise FileNotFoundError(f"{crops_csv} not found; make it with `python -m train field-crops`")
+    crops = list(csv.DictReader(open(crops_csv, newline="")))
+    nih = [r for r in read_manifest(args.nih) if r.split == "train"]
+    sample = sample_records(args.sample)
+    all_anns = load_annotations(args.data)
+    blocks = field_blocks([a["image"].name for a in all_anns])
+    crop_blocks = sorted({c["patient"] for c in crops})
+    unknown = sorted(set(crop_blocks) - set(blocks.values()))
+    if unknown:
+        raise ValueError(f"crop blocks {unknown} are not blocks of {args.data}'s fields")
+    todo = args.blocks or crop_blocks
+    anns = [a for a in all_anns if blocks[a["image"].name] in todo]
+
+    rel_path = args.out / "release.json"
+    release = json.loads(rel_path.read_text()) if rel_path.exists() else {"model": str(args.release), "rows": []}
+    have = {r["field"] for r in release["rows"]}
+    missing = [a for a in anns if a["image"].name not in have]
+    if missing:  # a first run, or a later one with more --blocks
+        print(f"released model {args.release}: measuring {len(missing)} fields", flush=True)
+        release["rows"] += measure(args.release, missing, blocks, args.threads, "release")
+    if "nih_sample_int8" not in release:
+        release["nih_sample_int8"] = nih_int8(args.release, sample)
+    if missing or not rel_path.exists():
+        write_json(rel_path, release)
+
+    folds = []
+    for block in todo:
+        res_path = args.out / f"fold-{block}" / RESULT
+        if res_path.exists():
+            print(f"fold {block}: done, skipped", flush=True)
+            folds.append(json.loads(res_path.read_text()))
+            continue
+        folds.append(run_fold(args, block, crops, nih, sample, anns, blocks))
+
+    ft_rows = [r for f in folds for r in f["rows"]]
+    done = {r["field"] for r in ft_rows}
+    rel_rows = [r for r in release["rows"] if r["field"] in done]
+    report: dict[str, Any] = {
+        "command": "python -m train " + " ".join(argv),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "command"},
+        "pooled": {"release": summarise(rel_rows, True), "fine_tuned": summarise(ft_rows, True)},
+        "per_block": {f["block"]: {"release": summarise([r for r in rel_rows if r["block"] == f["block"]], True),
+                                   "fine_tuned": summarise(f["rows"], True)} for f in folds},
+        "release_nih_sample_int8": release.get("nih_sample_int8"),
+        "folds": [{k: v for k, v in f.items() if k != "rows"} for f in folds],
+    }
+    write_json(args.out / "field-cv.json", report)
+    buf = io.StringIO()
+    rows = [{"model": "release", **r} for r in rel_rows] + [{"model": "fine-tuned", **r} for r in ft_rows]
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(args.out / "field-cv.csv", buf.getvalue())
+    md = markdown(report)
+    atomic_write_text(args.out / "field-cv.md", md)
+    print(md)
+    print(f"wrote {args.out / 'field-cv.json'}, field-cv.csv, field-cv.md")
+    return 0
