@@ -98,7 +98,7 @@ def test_a_chain_of_three_overlapping_cells_is_three_whole_cells(spacing):
     """Three overlapping discs in a row: three red cells, each boxed as its whole disc, the middle one too
     (the split alone leaves the middle cell its visible strip: IoU 0.57 at 1.2 radii); crops keep each
     cell's own part of the split, not the lens it shares with a neighbour."""
-    from benchmarks.smear import iou_matrix
+    from edge_runtime.annotations import iou_matrix
 
     img, truth = _chain_field(spacing)
     seg = segment(img, "chain")
