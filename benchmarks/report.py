@@ -150,7 +150,7 @@ def machine_line(report: dict[str, Any]) -> str:
             f"{m['os']}, Python {m['python']}{busy}")
 
 
-def scope_lines(report: dict[str, Any], markdown: bool = False) -> list[str]:
+def scope_section(report: dict[str, Any], markdown: bool = False) -> list[str]:
     """Which formats each model ran with, and the Keras reference's threads (with the flags for the rest), then a
     blank line; none in older reports."""
     scope = report.get("scope") or []
@@ -163,7 +163,7 @@ def scope_lines(report: dict[str, Any], markdown: bool = False) -> list[str]:
 
 def terminal(report: dict[str, Any]) -> str:
     rows = report["rows"]
-    parts = [f"medge benchmark, {report['created']} on {machine_line(report)}", "", *scope_lines(report),
+    parts = [f"medge benchmark, {report['created']} on {machine_line(report)}", "", *scope_section(report),
              "float32 vs quantized (same runtime and threads; speed-up and size ratio = float32 / quantized):", "",
              side_by_side(rows), "", "all rows (latency at batch 1 after warm-up; img/s at batch "
              f"{report['settings']['batch']}; RSS and cold start of a fresh process; drop and agreement vs Keras):",
@@ -186,7 +186,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"Machine: {machine_line(report)}.", "",
              "Libraries: " + ", ".join(f"{k} {v[k]}" for k in v) + ".", "",
              f"Command: `{report['command']}` ({report['seconds']:.0f} s).", "",
-             *scope_lines(report, markdown=True),
+             *scope_section(report, markdown=True),
              "## Float32 vs quantized", "", side_by_side(report["rows"], markdown=True), "",
              "## All rows", "", rows_table(report["rows"], markdown=True), "",
              "## What a device sees first", "",

@@ -290,7 +290,7 @@ def test_default_formats_pair_float_and_int8_for_inceptionv3_and_say_how_to_get_
     lines = scope_lines(models, {m.name: formats_for(m, "all") for m in models}, "all")
     assert not any("--formats all" in l for l in lines)
     rep = {"scope": lines, "settings": {"formats_spec": "all"}}
-    assert report.scope_lines(rep)[0] == "What ran (`--formats all`):" and report.scope_lines({}) == []
+    assert report.scope_section(rep)[0] == "What ran (`--formats all`):" and report.scope_section({}) == []
 
 
 def test_cli_rejects_bad_arguments(capsys, tmp_path):
