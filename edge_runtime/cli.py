@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv = sub.add_parser("serve", help="the field app: a screening page and HTTP API for phones on the local network")
     pv.add_argument("--models", nargs="+", metavar="NAME|PATH",
                     help="models to serve, one malaria and/or one OCT, each a released name or an artifact path "
-                         "(default: every model released with the package, see `models`)")
+                         "(default: the released models, one per task; for malaria the one made for whole "
+                         "fields, see `models`)")
     pv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default loopback; 0.0.0.0 for phones, which requires an access code)")
     pv.add_argument("--port", type=int, default=8080)
@@ -468,11 +469,11 @@ def cmd_models(args) -> int:
     if not releases:
         print("no models are released with this install")
         return EXIT_OK
-    head = ("name", "version", "format", "KB", "sample acc", "CV acc", "sha256", "file")
+    head = ("name", "version", "for", "format", "KB", "sample acc", "CV acc", "sha256", "file")
     rows = []
     for r in releases:
         sample, cv = r.metrics.get("sample", {}), r.metrics.get("cv", {})
-        rows.append((r.name, r.version, r.format, f"{r.bytes / 1024:.0f}", _figure(sample, "accuracy"),
+        rows.append((r.name, r.version, r.inputs, r.format, f"{r.bytes / 1024:.0f}", _figure(sample, "accuracy"),
                      _figure(cv, "accuracy_mean"), r.sha256[:12] + ("" if _intact(r) else " ALTERED"), str(r.path)))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     for row in (head, *rows):

@@ -47,6 +47,8 @@ class Release:
         card: file name of the model card (Markdown) beside it.
         metrics: measured figures (e.g. "sample": accuracy on the bundled unseen patients, "cv": cross-validation).
         trained: provenance (preset, data, patients, seed, command, source sha256).
+        inputs: what it was made for: "cells" (single-cell crops, as the NIH set) or "fields" (whole smear
+            fields through `edge_runtime.smear`, fine-tuned on crops cut from field photos).
     """
 
     name: str
@@ -60,6 +62,7 @@ class Release:
     card: str = ""
     metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     trained: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    inputs: str = "cells"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -99,6 +102,16 @@ def registry_json(releases: list[Release]) -> str:
     """The text of `models.json` for these releases (sorted by name)."""
     doc = {"schema": SCHEMA, "models": [r.to_dict() for r in sorted(releases, key=lambda r: r.name)]}
     return json.dumps(doc, indent=2) + "\n"
+
+
+def serving_defaults(folder: Path | None = None) -> list[str]:
+    """The released models a server runs when none are named: one per task, the one made for whole fields
+    where there is a choice (the field app analyses photos of whole fields), else the first by name."""
+    chosen: dict[str, Release] = {}
+    for r in read_registry(folder):
+        if r.task not in chosen or (r.inputs == "fields" and chosen[r.task].inputs != "fields"):
+            chosen[r.task] = r
+    return [r.name for r in chosen.values()]
 
 
 def get(name: str, folder: Path | None = None) -> Release:

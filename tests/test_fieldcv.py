@@ -139,3 +139,54 @@ def test_init_fine_tunes_the_given_model(tiny_run, sample_manifest, tmp_path):
         np.testing.assert_allclose(a.layers[i].kernel.numpy(), b.layers[i].kernel.numpy(), atol=1e-6)
     with pytest.raises(FileNotFoundError):
         train_malaria(sample_manifest, "tiny", tmp_path / "none", epochs=1, verbose=0, init=tmp_path / "x.keras")
+
+
+@pytest.mark.slow
+def test_field_cv_final_run_is_released_with_its_held_out_figures(crops, tiny_run, sample_manifest, tmp_path):
+    """`field-cv --final` fine-tunes on every block; `convert release --field-cv` ships that run with the folds'
+    figures, its field calibration crops copied beside the card, and the artifact can be made again from them."""
+    pytest.importorskip("tensorflow")
+    from convert.release import release, reproduce_command
+    from edge_runtime import registry
+    from edge_runtime.metadata import tflite_without_metadata
+    from helpers import run_python
+    from train import runs
+    from train.split import read_manifest
+
+    unseen = tmp_path / "unseen"  # NIH cells of patients the tiny run never saw
+    for r in read_manifest(sample_manifest, "test"):
+        (unseen / r.label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(r.path, unseen / r.label / Path(r.path).name)
+    out = tmp_path / "fcv"
+    argv = ["-m", "train", "field-cv", "--crops", str(crops), "--nih", str(sample_manifest), "--init",
+            str(tiny_run / "best.keras"), "--data", str(SMEAR_SAMPLE), "--out", str(out), "--preset", "tiny",
+            "--epochs", "1", "--uninfected-per-block", "20", "--parasite-repeat", "2", "--sample", str(unseen),
+            "--blocks", "PA171886", "--final", "--hue", "0.2"]
+    proc = run_python(argv, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "field-cv.json").read_text())
+    assert [f["block"] for f in report["folds"]] == ["PA171886"]
+    final = report["final"]
+    assert final["counts"]["field_uninfected"] == 40  # both blocks, 20 each: nothing held out
+    assert runs.read_config(Path(final["run"])).preset["hue"] == 0.2  # the stain-jitter override reached training
+    assert {r.patient for r in read_manifest(out / "final" / "manifest.csv", "train")} >= {"PA171704", "PA171886"}
+
+    dest, pkg = tmp_path / "rel", tmp_path / "pkg"
+    with pytest.raises(ValueError, match="not"):  # the folds describe the final run, not another one
+        release(tiny_run, "tinyfield", "0.0.1", unseen, dest=dest, package=pkg, field_cv=out, log=lambda *a: None)
+    assert not dest.exists()
+    entry = release(Path(final["run"]), "tinyfield", "0.0.1", unseen, dest=dest, package=pkg, calib_n=80,
+                    field_cv=out, copy_calib=crops, log=lambda *a, **k: None)
+    calib = read_manifest(dest / "calibration.csv", "train")
+    copied = [r for r in calib if "/calibration/" in r.path]
+    assert copied and all(Path(r.path).is_relative_to((dest / "calibration").resolve()) for r in copied)
+    assert not any(Path(r.path).is_relative_to(crops.resolve()) for r in calib)  # nothing points at the run's crops
+    fc = entry.metrics["field_cv"]
+    assert list(fc["per_block"]) == ["PA171886"] and fc["pooled"]["fine_tuned"]["fields"] == 1
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "leave-one-block-out" in card and "| PA171886 |" in card and "python -m train field-crops" in card
+    assert registry.read_registry(pkg)[0].metrics["field_cv"] == fc
+    proc = run_python(reproduce_command(dest, str(tmp_path / "again"))[1:], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    made = next((tmp_path / "again").glob("*_tflite-int8.tflite")).read_bytes()
+    assert tflite_without_metadata(made) == tflite_without_metadata((pkg / entry.file).read_bytes())

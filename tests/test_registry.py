@@ -31,6 +31,22 @@ def test_an_unknown_name_lists_the_released_ones():
     assert code == 2 and "no released model named 'nosuch'" in err
 
 
+def test_a_server_without_models_serves_one_per_task_the_field_one_for_malaria(tmp_path):
+    def entry(name, task, **kw):
+        return registry.Release(name=name, version="1.0.0", file=f"{name}.tflite", sha256="0" * 64, bytes=1,
+                                format="tflite-int8", task=task, labels=("a", "b"), **kw)
+
+    (tmp_path / registry.REGISTRY).write_text(registry.registry_json(
+        [entry("malaria", "malaria"), entry("malaria-field", "malaria", inputs="fields"), entry("oct", "oct")]))
+    assert sorted(registry.serving_defaults(tmp_path)) == ["malaria-field", "oct"]
+    old = json.loads((tmp_path / registry.REGISTRY).read_text())
+    for d in old["models"]:
+        d.pop("inputs")  # a registry written before `inputs` existed: every model is a cell model
+    (tmp_path / registry.REGISTRY).write_text(json.dumps(old))
+    assert {r.inputs for r in registry.read_registry(tmp_path)} == {"cells"}
+    assert sorted(registry.serving_defaults(tmp_path)) == ["malaria", "oct"]
+
+
 @needs_release
 def test_released_malaria_loads_by_name_and_is_intact():
     r = RELEASED["malaria"]

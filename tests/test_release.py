@@ -86,16 +86,23 @@ def test_convert_remakes_the_released_artifact_exactly(released, tmp_path):
 
 @pytest.mark.skipif(not (RELEASE / "model.keras").is_file(), reason="no committed release")
 @pytest.mark.skipif(not SHARED_MALARIA.is_dir(), reason="the calibration cells live in ../shared/data/malaria")
-def test_committed_release_is_what_convert_makes_from_the_committed_model(tmp_path):
+@pytest.mark.parametrize("name", [r.name for r in registry.read_registry()])
+def test_committed_release_is_what_convert_makes_from_the_committed_model(name, tmp_path):
     from convert.release import reproduce_command
 
-    entry = registry.get("malaria")
-    proc = run_python(reproduce_command(RELEASE.relative_to(ROOT), str(tmp_path))[1:], timeout=600)
+    entry = registry.get(name)
+    rel = ROOT / "releases" / name
+    proc = run_python(reproduce_command(rel.relative_to(ROOT), str(tmp_path))[1:], timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     made = next(tmp_path.glob("*_tflite-int8.tflite")).read_bytes()
     assert tflite_without_metadata(made) == tflite_without_metadata(registry.verified_path(entry).read_bytes())
     meta = read_tflite(registry.verified_path(entry))
-    assert meta.source_sha256 == entry.trained["source_sha256"] == registry.sha256_file(RELEASE / "model.keras")
+    assert meta.source_sha256 == entry.trained["source_sha256"] == registry.sha256_file(rel / "model.keras")
+    if entry.inputs == "fields":  # its field calibration crops are committed, not in a git-ignored run folder
+        calib = read_manifest(rel / "calibration.csv", "train")
+        assert any(Path(r.path).is_relative_to(rel / "calibration") for r in calib)
+        assert all(Path(r.path).is_relative_to(rel) or Path(r.path).is_relative_to(SHARED_MALARIA.resolve())
+                   for r in calib)
 
 
 def test_default_benchmark_uses_the_release_and_its_int8_row_is_the_shipped_file(released, tmp_path, monkeypatch):

@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fine-tune: start from this trained Keras model (.keras or a run directory), e.g. "
                         "releases/malaria/model.keras, with the preset's optimizer and schedule")
     m.add_argument("--lr", type=float, help="override the preset's peak learning rate (e.g. 0.005 to fine-tune)")
+    m.add_argument("--hue", type=float, help="override the preset's stain jitter: hue rotation up to +-HUE/2 of the "
+                                             "colour circle")
+    m.add_argument("--saturation", type=float, help="override the preset's stain jitter: saturation factor "
+                                                    "0.5 +- SATURATION")
     m.add_argument("--keep", choices=("best", "final"), default="best",
                    help="best: the epoch with the best val accuracy (needs a val split); final: the last epoch "
                         "(a fixed schedule, e.g. a release trained on every developer patient)")
@@ -123,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             fit.train_malaria(
                 args.manifest, args.preset, args.out, epochs=args.epochs, batch_size=args.batch_size,
                 resume=args.resume, seed=args.seed, verbose=1 if not args.quiet else 2,
-                select_best=args.keep == "best", init=args.init, lr=args.lr,
+                select_best=args.keep == "best", init=args.init, lr=args.lr, hue=args.hue,
+                saturation=args.saturation,
             )
             return 0
         if args.command == "cv":

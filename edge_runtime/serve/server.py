@@ -5,7 +5,8 @@
 
 Models are named or given as paths; each value goes to `edge_runtime.load`
 unchanged and its metadata decides whether it serves malaria or OCT cases.
-Without `--models`, every model released with the package is served.
+Without `--models`, the models released with the package are served, one per task: for malaria the one
+fine-tuned for whole fields (`malaria-field`) when it is released, since the app analyses field photos.
 Beyond loopback an access code is required: `--access-code`, or one is
 generated and printed at start.
 """
@@ -68,7 +69,7 @@ def run(args) -> int:
     from edge_runtime import registry
 
     try:
-        models = args.models or [r.name for r in registry.read_registry()]
+        models = args.models or registry.serving_defaults()
     except registry.ReleaseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

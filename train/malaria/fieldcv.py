@@ -22,8 +22,9 @@ The fields' slide blocks (the `patient` column of field-crops.csv) are the folds
 
 A block is never scored by a model fine-tuned on it. The per-field rows of the 4 folds are pooled
 into one summary (the benchmark's metrics) beside the released model's on the same fields.
-Resumable: a fold with FOLD/result.json is skipped; an interrupted training resumes from its
-last epoch. Writes field-cv.json, field-cv.csv (one row per field and model) and field-cv.md.
+`--final` then fine-tunes once more on every block with the same settings (OUT/final): the model
+to release, whose expected behaviour on an unseen slide the folds measured. Resumable: a fold with
+FOLD/result.json is skipped; an interrupted training resumes from its last epoch. Writes field-cv.json, field-cv.csv (one row per field and model) and field-cv.md.
 """
 
 from __future__ import annotations
@@ -75,7 +76,12 @@ def add_parser(sub) -> None:
                    default=Path(__file__).resolve().parents[2] / "tests" / "data" / "malaria_sample",
                    help="NIH cells of unseen patients: the convert proof set and the NIH accuracy check")
     f.add_argument("--release", default="malaria", help="the model to compare with (released name or artifact)")
+    f.add_argument("--hue", type=float, help="override the preset's stain jitter (hue) while fine-tuning")
+    f.add_argument("--saturation", type=float, help="override the preset's stain jitter (saturation)")
     f.add_argument("--blocks", nargs="+", help="only these held-out blocks (default: every block)")
+    f.add_argument("--final", action="store_true",
+                   help="after the folds, fine-tune once more on every block with the same settings (OUT/final/run, "
+                        "its int8 in OUT/final/export): the model to release, which the folds' figures describe")
     f.add_argument("--seed", type=int, default=42)
     f.add_argument("--threads", type=int, default=1, help="runtime threads when measuring")
 
@@ -151,12 +157,10 @@ def nih_int8(path: Path, sample: list[Record]) -> dict[str, Any]:
     return s
 
 
-def run_fold(args: argparse.Namespace, block: str, crops: list[dict[str, str]], nih: list[Record],
-             sample: list[Record], anns: list[dict[str, Any]], blocks: dict[str, str]) -> dict[str, Any]:
-    fold = args.out / f"fold-{block}"
+def fine_tune(args: argparse.Namespace, fold: Path, records: list[Record], counts: dict[str, int],
+              tag: str) -> tuple[Path, Path, float, float]:
+    """Train (or resume) FOLD/run on these records and export its int8 TFLite; (run, artifact, train s, convert s)."""
     run_dir = fold / "run"
-    records, counts = fold_manifest(crops, args.crops, nih, sample, block, args.parasite_repeat,
-                                    args.uninfected_per_block, args.seed)
     manifest = fold / "manifest.csv"
     if not manifest.exists():
         write_manifest(records, manifest)
@@ -166,22 +170,34 @@ def run_fold(args: argparse.Namespace, block: str, crops: list[dict[str, str]], 
         resume = (run_dir / "config.json").exists()
         argv = _py("train", "malaria", "--manifest", str(manifest), "--preset", args.preset, "--out", str(run_dir),
                    "--keep", "final", "--quiet", "--seed", str(args.seed))
-        argv += ["--resume"] if resume else ["--init", str(args.init), "--lr", str(args.lr), "--epochs",
-                                             str(args.epochs)]
-        print(f"fold {block}: fine-tuning on {counts} ({'resumed' if resume else 'new'}), log {fold / 'train.log'}",
+        if resume:
+            argv += ["--resume"]
+        else:
+            argv += ["--init", str(args.init), "--lr", str(args.lr), "--epochs", str(args.epochs)]
+            argv += [a for k in ("hue", "saturation") if getattr(args, k, None) is not None
+                     for a in (f"--{k}", str(getattr(args, k)))]
+        print(f"{tag}: fine-tuning on {counts} ({'resumed' if resume else 'new'}), log {fold / 'train.log'}",
               flush=True)
         _run_logged(argv, fold / "train.log")
         write_json(trained, {"seconds": round(time.time() - t0, 1)})
     train_s = json.loads(trained.read_text())["seconds"]
     export = fold / "export"
-    name = f"fold-{block}"
+    name = fold.name
     tfl = export / f"{name}_tflite-int8.tflite"
     t1 = time.time()
     if not tfl.exists():
-        print(f"fold {block}: export int8, log {fold / 'convert.log'}", flush=True)
+        print(f"{tag}: export int8, log {fold / 'convert.log'}", flush=True)
         _run_logged(_py("convert", str(run_dir), "--out", str(export), "--name", name, "--formats", "tflite-int8",
                         "--calib", str(manifest), "--eval-n", "0", "--allow-drop", "--force"), fold / "convert.log")
-    convert_s = time.time() - t1
+    return run_dir, tfl, train_s, time.time() - t1
+
+
+def run_fold(args: argparse.Namespace, block: str, crops: list[dict[str, str]], nih: list[Record],
+             sample: list[Record], anns: list[dict[str, Any]], blocks: dict[str, str]) -> dict[str, Any]:
+    fold = args.out / f"fold-{block}"
+    records, counts = fold_manifest(crops, args.crops, nih, sample, block, args.parasite_repeat,
+                                    args.uninfected_per_block, args.seed)
+    run_dir, tfl, train_s, convert_s = fine_tune(args, fold, records, counts, f"fold {block}")
     eval_dir = fold / "eval-sample"
     if not (eval_dir / "report.json").exists():
         _run_logged(_py("train", "evaluate", str(run_dir), "--data", str(args.sample), "--out", str(eval_dir)),
@@ -289,6 +305,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             continue
         folds.append(run_fold(args, block, crops, nih, sample, anns, blocks))
 
+    final = None
+    if args.final:  # every block in training: nothing left to score it on here; the folds describe it
+        records, counts = fold_manifest(crops, args.crops, nih, sample, "", args.parasite_repeat,
+                                        args.uninfected_per_block, args.seed)
+        run_dir, tfl, train_s, _ = fine_tune(args, args.out / "final", records, counts, "final (every block)")
+        final = {"run": str(run_dir), "artifact": str(tfl), "counts": counts, "train_seconds": train_s,
+                 "nih_sample_int8": nih_int8(tfl, sample)}
+
     ft_rows = [r for f in folds for r in f["rows"]]
     done = {r["field"] for r in ft_rows}
     rel_rows = [r for r in release["rows"] if r["field"] in done]
@@ -300,6 +324,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                    "fine_tuned": summarise(f["rows"], True)} for f in folds},
         "release_nih_sample_int8": release.get("nih_sample_int8"),
         "folds": [{k: v for k, v in f.items() if k != "rows"} for f in folds],
+        "final": final,
     }
     write_json(args.out / "field-cv.json", report)
     buf = io.StringIO()

@@ -55,6 +55,8 @@ def train_malaria(
     select_best: bool = True,
     init: Path | None = None,
     lr: float | None = None,
+    hue: float | None = None,
+    saturation: float | None = None,
 ) -> Path:
     """Train and return the run directory.
 
@@ -77,6 +79,7 @@ def train_malaria(
             augmentation and batch size (pass the preset the init was trained with: the config
             records the preset's network, and `init` names the file that actually started it).
         lr: override the preset's peak learning rate (fine-tuning wants a smaller one).
+        hue, saturation: override the preset's stain jitter (`train.data.augmentation`).
     """
     out = Path(out)
     if resume:
@@ -94,7 +97,8 @@ def train_malaria(
         if isinstance(preset, str) and preset not in MALARIA_PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(MALARIA_PRESETS)}")
         overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size),
-                                       ("learning_rate", lr)) if v is not None}
+                                       ("learning_rate", lr), ("hue", hue), ("saturation", saturation))
+                     if v is not None}
         if overrides:
             import dataclasses
 
