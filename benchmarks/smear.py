@@ -26,7 +26,7 @@ import io
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -72,7 +72,58 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> d
         unsure = np.array([m >= 0 and bool(cells[m]["uncertain"]) for m in matched], bool)
         row["uninfected_called_uncertain"] = int(unsure[~par].sum())
         row["flagged"] = bool(any(c["label"] == positive or c["uncertain"] for c in cells if c["kind"] == "rbc"))
+        # [annotated parasite?, P(positive)] of each matched classified cell: the threshold table's input
+        row["matched_cells"] = []
+        for is_par, m in zip(par, matched):
+            if m >= 0 and cells[m]["label"] is not None:
+                conf = cells[m]["confidence"]
+                row["matched_cells"].append([int(is_par), round(conf if cells[m]["label"] == positive else 1 - conf, 5)])
     return row
+
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+
+
+def threshold_table(rows: list[dict[str, Any]], grid: Sequence[float] = THRESHOLDS) -> list[dict[str, float]]:
+    """What the uncertain bar trades, per threshold, over the matched cells of these fields: uninfected cells
+    called parasitized (false positives) and uncertain (of the uninfected cells found), and annotated
+    parasites called parasitized or uncertain (of all annotated ones), the denominators of `summarise`. A cell is uncertain when its top probability is below
+    the bar, as `EdgeModel.predict` decides."""
+    ok = [r for r in rows if r["error"] is None and "matched_cells" in r]
+    cells = np.array([c for r in ok for c in r["matched_cells"]], float).reshape(-1, 2)
+    par, p = cells[:, 0].astype(bool), cells[:, 1]
+    conf, pos = np.maximum(p, 1 - p), p >= 0.5
+    n_par = max(sum(r["annotated_parasites"] for r in ok), 1)
+    n_neg = max(sum(r["uninfected_found"] for r in ok), 1)  # as `summarise`: matched regions of any kind
+    out = []
+    for t in grid:
+        unsure = conf < t
+        out.append({"threshold": t, "false_positive_rate": float((pos & ~unsure)[~par].sum() / n_neg),
+                    "uncertain_rate": float(unsure[~par].sum() / n_neg),
+                    "parasite_recall_called": float((pos | unsure)[par].sum() / n_par)})
+    return out
+
+
+def threshold_markdown(tables: dict[str, list[dict[str, float]]]) -> str:
+    """One Markdown table: a row per threshold, false positives / uncertain / parasites called per model."""
+    names = list(tables)
+    lines = ["| threshold | " + " | ".join(f"{n}: false positives | uncertain | parasites called" for n in names)
+             + " |", "|---:|" + "---:|" * (3 * len(names))]
+    for i, t in enumerate(tables[names[0]]):
+        cols = [f"{100 * tables[n][i][k]:.1f}%" for n in names
+                for k in ("false_positive_rate", "uncertain_rate", "parasite_recall_called")]
+        lines.append(f"| {t['threshold']:g} | " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    """The per-field rows as CSV (the per-cell lists stay in the JSON)."""
+    flat = [{k: v for k, v in r.items() if k != "matched_cells"} for r in rows]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in flat for k in r)), lineterminator="\n")
+    w.writeheader()
+    w.writerows(flat)
+    return buf.getvalue()
 
 
 def summarise(rows: list[dict[str, Any]], with_model: bool) -> dict[str, Any]:
@@ -150,13 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     if model is not None:
         report["note"] = ("classification figures are only as good as the model: a tiny test artifact's numbers "
                           "mean nothing")
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
+        report["thresholds"] = threshold_table(rows)
+    md = table(summary) + "\n" + ("\n" + threshold_markdown({"model": report["thresholds"]}) if model else "")
     write_json(args.out / "smear.json", report)
-    atomic_write_text(args.out / "smear.csv", buf.getvalue())
-    atomic_write_text(args.out / "smear.md", table(summary) + "\n")
-    print(table(summary))
+    atomic_write_text(args.out / "smear.csv", rows_csv(rows))
+    atomic_write_text(args.out / "smear.md", md)
+    print(md, end="")
     print(f"wrote {args.out / 'smear.json'}, smear.csv, smear.md")
     return 0

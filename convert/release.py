@@ -497,7 +497,8 @@ def field_figures(field_cv: Path | None, run: Path) -> dict[str, Any]:
             "pooled": {m: pick(v) for m, v in fcv["pooled"].items()},
             "per_block": {b: {m: pick(v) for m, v in d.items()} for b, d in fcv["per_block"].items()},
             "folds_nih_sample_int8": {f["block"]: f["nih_sample_int8"]["accuracy"] for f in fcv["folds"]},
-            "release_nih_sample_int8": (fcv.get("release_nih_sample_int8") or {}).get("accuracy")}
+            "release_nih_sample_int8": (fcv.get("release_nih_sample_int8") or {}).get("accuracy"),
+            "thresholds": (fcv.get("thresholds") or {}).get("fine_tuned")}
 
 
 def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any],
@@ -551,6 +552,19 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         "",
         f"`{fc['command']}`",
         "",
+    ]
+    if fc.get("thresholds"):
+        lines += [
+            "How the confidence threshold trades answers for false positives on those held-out fields (a cell is "
+            "'uncertain' when its top probability is below it; `--threshold` of `smear`, or a release's):",
+            "",
+            "| threshold | false positives | uninfected called uncertain | parasites called parasitized or uncertain |",
+            "|---:|---:|---:|---:|",
+            *[f"| {t['threshold']:g} | {_pct(t['false_positive_rate'])} | {_pct(t['uncertain_rate'])} | "
+              f"{_pct(t['parasite_recall_called'])} |" for t in fc["thresholds"]],
+            "",
+        ]
+    lines += [
         *_sample_lines(r, sample),
         "## Limitations",
         "",

@@ -77,6 +77,31 @@ def test_benchmark_summary_reports_uncertain_uninfected_apart_from_false_positiv
     assert s["uninfected_false_positive_rate"] == 1 / 8 and s["uninfected_uncertain_rate"] == 4 / 8
 
 
+def test_benchmark_threshold_table_reproduces_the_summary_at_the_models_bar(art, tmp_path):
+    """`benchmarks smear --model` on the two bundled fields: per-cell probabilities of the matched cells make a
+    threshold table whose row at the model's own bar is the summary; the CSV keeps one row per field."""
+    import csv
+
+    from benchmarks.smear import main
+
+    model = art / MALARIA_FILES["tflite-int8"]
+    assert main(["--data", str(SMEAR_SAMPLE), "--model", str(model), "--out", str(tmp_path), "--threads", "1",
+                 "--threshold", "0.8"]) == 0
+    report = json.loads((tmp_path / "smear.json").read_text())
+    s, rows = report["summary"], report["fields"]
+    at_bar = next(t for t in report["thresholds"] if t["threshold"] == 0.8)
+    assert at_bar["false_positive_rate"] == pytest.approx(s["uninfected_false_positive_rate"])
+    assert at_bar["uncertain_rate"] == pytest.approx(s["uninfected_uncertain_rate"])
+    assert at_bar["parasite_recall_called"] == pytest.approx(s["parasite_recall_called"])
+    assert 0 < sum(len(r["matched_cells"]) for r in rows) <= sum(r["uninfected_found"] + r["parasites_found"]
+                                                                  for r in rows)  # classified ones: red cells
+    low, high = report["thresholds"][0], report["thresholds"][-1]  # a higher bar: fewer sure, more uncertain
+    assert high["uncertain_rate"] >= low["uncertain_rate"] and high["false_positive_rate"] <= low["false_positive_rate"]
+    table = list(csv.DictReader(open(tmp_path / "smear.csv")))
+    assert len(table) == 2 and "matched_cells" not in table[0]
+    assert "| 0.8 |" in (tmp_path / "smear.md").read_text()
+
+
 def _chain_field(spacing: float, r: int = 30) -> tuple[np.ndarray, list[list[float]]]:
     """A synthetic smear: ten isolated discs (the field's cell size) and a chain of three overlapping ones.
 
