@@ -1,9 +1,10 @@
 """Annotated field photos (IML-Malaria's layout) and the matching of found cells to annotated boxes.
 
-Shared by `benchmarks smear` (which scores the field pipeline against the boxes) and
-`train field-crops` (which labels the runtime's own crops by them), so both count a cell as
-found by the same rule: a detected region's box overlaps the annotated box with IoU >= 0.5,
-greedy one-to-one matching, highest IoU first. No TensorFlow, no OpenCV.
+Shared by `benchmarks smear` and `train field-cv` (which score the field pipeline against the
+boxes: `measure_field`, `summarise`, `threshold_table`) and `train field-crops` (which labels the
+runtime's own crops by them), so all count a cell as found by the same rule: a detected region's
+box overlaps the annotated box with IoU >= 0.5, greedy one-to-one matching, highest IoU first.
+No TensorFlow; OpenCV only through `edge_runtime.smear` when a field is measured.
 
 A DATA folder holds `fields/*.JPG` and `annotations.json`: a list of
 {"image_name", "objects": [{"type", "bbox": {"x", "y", "w", "h"}}]} (`x, y` the top-left corner).
@@ -11,8 +12,11 @@ A DATA folder holds `fields/*.JPG` and `annotations.json`: a list of
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -101,3 +105,119 @@ def field_blocks(names: Sequence[str], gap: int = 20) -> dict[str, str]:
     for n in names:
         out.setdefault(n, Path(n).stem)
     return out
+
+
+def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> dict[str, Any]:
+    """One row: annotated and found cells, parasites found (and called), false positives, counts, times."""
+    from edge_runtime.images import load_image
+    from edge_runtime.smear import SmearError, analyse_field, segment
+
+    row: dict[str, Any] = {"field": ann["image"].name, "annotated": len(ann["boxes"]),
+                           "annotated_parasites": int(sum(ann["parasite"])), "error": None}
+    t0 = time.perf_counter()
+    if model is None:
+        try:
+            seg = segment(load_image(ann["image"]), ann["image"].name)
+        except (SmearError, ValueError) as e:
+            return {**row, "error": str(e)}
+        cells = [{"bbox": c.bbox, "kind": c.kind, "label": None, "uncertain": False} for c in seg.cells]
+        row["segment_ms"] = (time.perf_counter() - t0) * 1e3
+    else:
+        res, _ = analyse_field(model, ann["image"], ann["image"].name, normalise=normalise)
+        if res.error:
+            return {**row, "error": res.error}
+        cells = [c.to_dict() for c in res.cells]
+        row["segment_ms"], row["total_ms"] = res.segment_ms, (time.perf_counter() - t0) * 1e3
+    matched = match(ann["boxes"], [c["bbox"] for c in cells])
+    par = np.asarray(ann["parasite"], bool)
+    found = matched >= 0
+    row.update(found=int(found.sum()), parasites_found=int(found[par].sum()),
+               detected_rbc=sum(c["kind"] == "rbc" for c in cells), detected_regions=len(cells))
+    row["count_error"] = row["detected_rbc"] - row["annotated"]
+    if model is not None:
+        positive = model.metadata.positive_label or "Parasitized"
+        called = np.array([m >= 0 and (cells[m]["uncertain"] or cells[m]["label"] == positive) for m in matched], bool)
+        sure_pos = np.array([m >= 0 and not cells[m]["uncertain"] and cells[m]["label"] == positive
+                             for m in matched], bool)
+        row["parasites_called"] = int(called[par].sum())
+        row["uninfected_found"] = int(found[~par].sum())
+        row["uninfected_called_parasitized"] = int(sure_pos[~par].sum())
+        unsure = np.array([m >= 0 and bool(cells[m]["uncertain"]) for m in matched], bool)
+        row["uninfected_called_uncertain"] = int(unsure[~par].sum())
+        row["flagged"] = bool(any(c["label"] == positive or c["uncertain"] for c in cells if c["kind"] == "rbc"))
+        # [annotated parasite?, P(positive)] of each matched classified cell: the threshold table's input
+        row["matched_cells"] = []
+        for is_par, m in zip(par, matched):
+            if m >= 0 and cells[m]["label"] is not None:
+                conf = cells[m]["confidence"]
+                row["matched_cells"].append([int(is_par), round(conf if cells[m]["label"] == positive else 1 - conf, 5)])
+    return row
+
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+
+
+def threshold_table(rows: list[dict[str, Any]], grid: Sequence[float] = THRESHOLDS) -> list[dict[str, float]]:
+    """What the uncertain bar trades, per threshold, over the matched cells of these fields: uninfected cells
+    called parasitized (false positives) and uncertain (of the uninfected cells found), and annotated
+    parasites called parasitized or uncertain (of all annotated ones), the denominators of `summarise`. A cell is uncertain when its top probability is below
+    the bar, as `EdgeModel.predict` decides."""
+    ok = [r for r in rows if r["error"] is None and "matched_cells" in r]
+    cells = np.array([c for r in ok for c in r["matched_cells"]], float).reshape(-1, 2)
+    par, p = cells[:, 0].astype(bool), cells[:, 1]
+    conf, pos = np.maximum(p, 1 - p), p >= 0.5
+    n_par = max(sum(r["annotated_parasites"] for r in ok), 1)
+    n_neg = max(sum(r["uninfected_found"] for r in ok), 1)  # as `summarise`: matched regions of any kind
+    out = []
+    for t in grid:
+        unsure = conf < t
+        out.append({"threshold": t, "false_positive_rate": float((pos & ~unsure)[~par].sum() / n_neg),
+                    "uncertain_rate": float(unsure[~par].sum() / n_neg),
+                    "parasite_recall_called": float((pos | unsure)[par].sum() / n_par)})
+    return out
+
+
+def threshold_markdown(tables: dict[str, list[dict[str, float]]]) -> str:
+    """One Markdown table: a row per threshold, false positives / uncertain / parasites called per model."""
+    names = list(tables)
+    lines = ["| threshold | " + " | ".join(f"{n}: false positives | uncertain | parasites called" for n in names)
+             + " |", "|---:|" + "---:|" * (3 * len(names))]
+    for i, t in enumerate(tables[names[0]]):
+        cols = [f"{100 * tables[n][i][k]:.1f}%" for n in names
+                for k in ("false_positive_rate", "uncertain_rate", "parasite_recall_called")]
+        lines.append(f"| {t['threshold']:g} | " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    """The per-field rows as CSV (the per-cell lists stay in the JSON)."""
+    flat = [{k: v for k, v in r.items() if k != "matched_cells"} for r in rows]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in flat for k in r)), lineterminator="\n")
+    w.writeheader()
+    w.writerows(flat)
+    return buf.getvalue()
+
+
+def summarise(rows: list[dict[str, Any]], with_model: bool) -> dict[str, Any]:
+    """The headline metrics over every field that gave cells."""
+    ok = [r for r in rows if r["error"] is None]
+    tot = lambda k: sum(r[k] for r in ok)  # noqa: E731
+    s: dict[str, Any] = {
+        "fields": len(rows), "fields_failed": len(rows) - len(ok),
+        "annotated_cells": tot("annotated"), "cell_recall": tot("found") / max(tot("annotated"), 1),
+        "annotated_parasites": tot("annotated_parasites"),
+        "parasite_recall_detection": tot("parasites_found") / max(tot("annotated_parasites"), 1),
+        "count_error_mean_abs": float(np.mean([abs(r["count_error"]) for r in ok])) if ok else None,
+        "count_error_mean_signed": float(np.mean([r["count_error"] for r in ok])) if ok else None,
+        "segment_ms_per_field": float(np.mean([r["segment_ms"] for r in ok])) if ok else None,
+    }
+    if with_model:
+        with_par = [r for r in ok if r["annotated_parasites"]]
+        s.update(parasite_recall_called=tot("parasites_called") / max(tot("annotated_parasites"), 1),
+                 uninfected_false_positive_rate=tot("uninfected_called_parasitized") / max(tot("uninfected_found"), 1),
+                 uninfected_uncertain_rate=tot("uninfected_called_uncertain") / max(tot("uninfected_found"), 1),
+                 field_sensitivity=sum(r["flagged"] for r in with_par) / max(len(with_par), 1),
+                 fields_with_parasites=len(with_par),
+                 total_ms_per_field=float(np.mean([r["total_ms"] for r in ok])) if ok else None)
+    return s

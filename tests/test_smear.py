@@ -23,7 +23,7 @@ from PIL import Image
 
 pytest.importorskip("cv2", reason="smear needs the `smear` extra (opencv-python-headless)")
 
-from benchmarks.smear import load_annotations, match  # noqa: E402
+from edge_runtime.annotations import load_annotations, match  # noqa: E402
 from edge_runtime.clinical import REFER_UNCERTAIN_SHARE, slide_referral, slide_summary  # noqa: E402
 from edge_runtime.model import Prediction  # noqa: E402
 from edge_runtime.smear import SmearError, analyse_slide, crop, segment  # noqa: E402
@@ -68,7 +68,7 @@ def test_matcher_is_one_to_one():
 
 
 def test_benchmark_summary_reports_uncertain_uninfected_apart_from_false_positives():
-    from benchmarks.smear import summarise
+    from edge_runtime.annotations import summarise
 
     row = {"error": None, "annotated": 10, "found": 9, "annotated_parasites": 1, "parasites_found": 1,
            "count_error": 2, "segment_ms": 1.0, "total_ms": 2.0, "parasites_called": 1, "uninfected_found": 8,
