@@ -31,6 +31,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -68,7 +70,6 @@ def calibration_manifest(train_manifest: Path, sample: Path, dest: Path, n: int,
     copied into dest/calibration/<patient>/ and the manifest points at the copies, so the committed release
     can be converted again on a fresh clone.
     """
-    import shutil
     from dataclasses import replace
 
     from train.split import build_split, read_manifest, write_manifest
@@ -112,9 +113,11 @@ def reproduce_command(dest: Path, out: str = "OUT") -> list[str]:
     """The `python -m convert` call that makes the released artifact from the committed files."""
     argv = ["python", "-m", "convert", str(dest), "--out", out, "--formats", f"{FLOAT},{FORMAT}",
             "--calib", str(dest / "calibration.csv"), "--eval-n", "0", "--force"]
-    threshold = json.loads((dest / "release.json").read_text()).get("threshold") if (dest / "release.json").exists() \
-        else None
-    return argv + (["--threshold", str(threshold)] if threshold is not None else [])
+    settings = json.loads((dest / "release.json").read_text()) if (dest / "release.json").exists() else {}
+    for key in ("threshold", "min_agreement"):
+        if settings.get(key) is not None:
+            argv += [f"--{key.replace('_', '-')}", str(settings[key])]
+    return argv
 
 
 def score(path: Path, images: Sequence[str], y: np.ndarray, labels: Sequence[str], positive: str) -> dict[str, Any]:
@@ -131,7 +134,8 @@ def score(path: Path, images: Sequence[str], y: np.ndarray, labels: Sequence[str
     m = classification_metrics(y, probs, labels, positive)
     return {"cells": int(len(y)), "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
             "specificity": m["specificity"], "roc_auc": m["roc_auc"],
-            "uncertain": float(np.mean([p.uncertain for p in preds])), "predicted": probs.argmax(1).tolist()}
+            "uncertain": float(np.mean([p.uncertain for p in preds])), "predicted": probs.argmax(1).tolist(),
+            "confidence": probs.max(1).tolist()}
 
 
 def _report_of(folder: Path, name: str, flag: str, command: str) -> dict[str, Any]:
@@ -179,6 +183,18 @@ def threshold_table(oof_csv: Path, positive: str, grid: Sequence[float] = (0.6, 
     return out
 
 
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Put the folder `new` where `dest` is (two renames in one parent; the old one is then removed)."""
+
+    old = dest.parent / f".{dest.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def release(
     run: Path,
     name: str,
@@ -194,13 +210,20 @@ def release(
     threshold: float | None = None,
     field_cv: Path | None = None,
     copy_calib: Path | None = None,
+    min_agreement: float | None = None,
+    notes: Sequence[str] = (),
 ) -> registry.Release:
     """Make the release of `run` (see the module docstring); returns its registry entry.
 
     `field_cv`: the `train field-cv` folder whose `--final` run this is (a model fine-tuned on field crops):
     its leave-one-block-out figures go into the registry and the card. `copy_calib`: calibration cells under
-    this folder are copied beside the card (see `calibration_manifest`).
+    this folder are copied beside the card (see `calibration_manifest`). `min_agreement`: the int8 file's
+    lowest top-1 agreement with Keras on the sample (convert's `--min-agreement`), recorded with the release.
+
+    Everything is made in a folder beside `dest` and renamed over it once the conversion passed: a failed or
+    killed release leaves the previous one as it was.
     """
+
     import keras
 
     from convert.export import Options, run_export
@@ -218,51 +241,60 @@ def release(
     fields = field_figures(field_cv, run)  # checked before anything is written
     dest = Path(dest) if dest else Path("releases") / name
     package = Path(package) if package else registry.RELEASED_DIR
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     package.mkdir(parents=True, exist_ok=True)
+    stage = dest.parent / f".{dest.name}.staging"  # a sibling: relative paths in calibration.csv stay right
+    if stage.exists():
+        shutil.rmtree(stage)  # what a killed release left
+    stage.mkdir()
+    try:
+        log(f"== 1/4 model: {runs.model_file(run)} -> {dest / 'model.keras'}")
+        model = keras.saving.load_model(runs.model_file(run), compile=False)
+        model.save(stage / "model.keras")
+        size = describe(model)
+        released_cfg = runs.RunConfig.from_dict({**cfg.to_dict(), "model_file": "model.keras", "manifest": None,
+                                                 "init": os.path.relpath(cfg.init) if cfg.init else None})
+        runs.write_config(stage, released_cfg)
+        data = calibration_manifest(Path(cfg.manifest), sample, stage, calib_n, seed, copy_from=copy_calib)
+        atomic_write_text(stage / "release.json", json.dumps(  # what reproduce_command reads
+            {"name": name, "version": version, "threshold": threshold, "min_agreement": min_agreement},
+            indent=2) + "\n")
 
-    log(f"== 1/4 model: {runs.model_file(run)} -> {dest / 'model.keras'}")
-    model = keras.saving.load_model(runs.model_file(run), compile=False)
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:  # same folder: the rename is atomic
-        model.save(Path(tmp) / "model.keras")
-        (Path(tmp) / "model.keras").replace(dest / "model.keras")
-    size = describe(model)
-    released_cfg = runs.RunConfig.from_dict({**cfg.to_dict(), "model_file": "model.keras", "manifest": None,
-                                             "init": os.path.relpath(cfg.init) if cfg.init else None})
-    runs.write_config(dest, released_cfg)
-    data = calibration_manifest(Path(cfg.manifest), sample, dest, calib_n, seed, copy_from=copy_calib)
-    atomic_write_text(dest / "release.json", json.dumps({"name": name, "version": version, "threshold": threshold},
-                                                        indent=2) + "\n")  # what reproduce_command reads
+        log(f"== 2/4 convert ({FLOAT}, {FORMAT}), calibrated on {data['calibration_cells']} training cells, "
+            f"proved on the {data['sample_cells']} sample cells")
+        with tempfile.TemporaryDirectory(prefix="medge-release-") as work:
+            out = Path(work)
+            options = Options(calib=stage / "calibration.csv", calib_n=calib_n, eval_n=0, seed=0, force=True,
+                              threshold=threshold,
+                              **({"min_agreement": min_agreement} if min_agreement is not None else {}))
+            report = run_export(stage, out, parse_formats(f"{FLOAT},{FORMAT}"), options, name=name, log=log)
+            if not report["ok"]:
+                failed = [r for r in report["rows"] if r["status"] == "failed"]
+                raise ValueError(f"conversion failed: {failed[0]['format']}: {failed[0].get('error')}")
+            files = {r["format"]: out / r["file"] for r in report["rows"]}
 
-    log(f"== 2/4 convert ({FLOAT}, {FORMAT}), calibrated on {data['calibration_cells']} training cells, "
-        f"proved on the {data['sample_cells']} sample cells")
-    with tempfile.TemporaryDirectory(prefix="medge-release-") as work:
-        out = Path(work)
-        report = run_export(dest, out, parse_formats(f"{FLOAT},{FORMAT}"),
-                            Options(calib=dest / "calibration.csv", calib_n=calib_n, eval_n=0, seed=0, force=True,
-                                    threshold=threshold),
-                            name=name, log=log)
-        if not report["ok"]:
-            failed = [r for r in report["rows"] if r["status"] == "failed"]
-            raise ValueError(f"conversion failed: {failed[0]['format']}: {failed[0].get('error')}")
-        files = {r["format"]: out / r["file"] for r in report["rows"]}
+            log("== 3/4 score on the sample through edge_runtime (float32 and int8)")
+            from train.split import read_manifest
 
-        log("== 3/4 score on the sample through edge_runtime (float32 and int8)")
-        from train.split import read_manifest
+            held = read_manifest(stage / "calibration.csv", "test")
+            labels = list(cfg.labels)
+            y = np.array([labels.index(r.label) for r in held])
+            paths = [r.path for r in held]
+            f32 = score(files[FLOAT], paths, y, labels, cfg.positive_label)
+            q8 = score(files[FORMAT], paths, y, labels, cfg.positive_label)
+            flips = np.array(f32.pop("predicted")) != np.array(q8.pop("predicted"))
+            agree = float(1 - flips.mean())
+            surest = np.maximum(f32.pop("confidence"), q8.pop("confidence"))[flips]  # of the cells int8 flips
 
-        held = read_manifest(dest / "calibration.csv", "test")
-        labels = list(cfg.labels)
-        y = np.array([labels.index(r.label) for r in held])
-        paths = [r.path for r in held]
-        f32 = score(files[FLOAT], paths, y, labels, cfg.positive_label)
-        q8 = score(files[FORMAT], paths, y, labels, cfg.positive_label)
-        agree = float(np.mean(np.array(f32.pop("predicted")) == np.array(q8.pop("predicted"))))
-
-        log("== 4/4 package data, registry and model card")
-        artifact = package / f"{name}.tflite"
-        atomic_write_bytes(artifact, files[FORMAT].read_bytes())
-    report["source"]["path"] = "model.keras"  # not the build machine's absolute path
-    atomic_write_text(dest / "conversion.json", json.dumps(report, indent=2) + "\n")
+            log("== 4/4 package data, registry and model card")
+            report["source"]["path"] = "model.keras"  # not the build machine's absolute path
+            atomic_write_text(stage / "conversion.json", json.dumps(report, indent=2) + "\n")
+            _replace_dir(stage, dest)
+            artifact = package / f"{name}.tflite"
+            atomic_write_bytes(artifact, files[FORMAT].read_bytes())
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)  # the previous release stays as it was
+        raise
 
     entry = registry.Release(
         name=name, version=version, file=artifact.name, sha256=sha256_file(artifact),
@@ -272,6 +304,7 @@ def release(
             "sample_float32": f32,
             "int8_drop_points": round(100 * (f32["accuracy"] - q8["accuracy"]), 2),
             "int8_float32_agreement": agree,
+            "int8_flips": {"cells": int(flips.sum()), "max_confidence": float(surest.max()) if flips.any() else None},
             "cv": cv_figures(cv_dir, cfg.preset["name"]),
             **({"field_cv": fields} if fields else {}),
         },
@@ -284,6 +317,8 @@ def release(
                     + (f"; and crops of {fields['pooled']['fine_tuned']['fields']} field photos "
                        f"({fields['settings']['data']})" if fields else ""),
             "threshold": read_metadata(artifact).confidence_threshold,
+            "min_agreement": min_agreement,
+            "notes": list(notes),
             "created": cfg.created,
         },
         inputs="fields" if fields else "cells",
@@ -359,7 +394,7 @@ def _sample_lines(r: registry.Release, sample: Path) -> list[str]:
     """The bundled NIH sample's table, the int8 drop and the threshold."""
     m = r.metrics
     s, f = m["sample"], m["sample_float32"]
-    return [
+    lines = [
         f"**The bundled sample** ({s['cells']} NIH cells of {s['patients']} unseen patients, `{sample}`), "
         "through edge_runtime:",
         "",
@@ -375,9 +410,18 @@ def _sample_lines(r: registry.Release, sample: Path) -> list[str]:
         "test: a 95% interval on it is several points wide. Speed: `python -m benchmarks` and the README's Pareto "
         "table.",
         "",
-        f"Confidence threshold: {r.trained['threshold']:g}; below it the answer is 'uncertain — refer'.",
-        "",
     ]
+    flips, bound = m.get("int8_flips") or {}, r.trained.get("min_agreement")
+    if flips.get("cells"):
+        either_way = flips["max_confidence"] < r.trained["threshold"]
+        lines += [f"int8 changes the top-1 class of {flips['cells']} of the {s['cells']} cells; the surest of them "
+                  f"at {flips['max_confidence']:.2f} (float32 or int8)"
+                  + (", below the threshold: each of them is 'uncertain' either way." if either_way else "."), ""]
+    if bound is not None:
+        lines += [f"Released with `--min-agreement {bound:g}` (convert's default is stricter): its int8 file "
+                  "agrees less with Keras on these NIH cells than the default asks.", ""]
+    return lines + [f"Confidence threshold: {r.trained['threshold']:g}; below it the answer is 'uncertain — refer'.",
+                    ""]
 
 
 def _made_lines(r: registry.Release, dest: Path, commands: Sequence[str]) -> list[str]:
@@ -464,6 +508,7 @@ def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         "- On whole-field photos of P. vivax from another microscope (IML-Malaria, `python -m edge_runtime smear`) "
         "the NIH-trained model calls many uninfected cells parasitized: measure before trusting it there "
         "(`malaria-field` is the model fine-tuned for them).",
+        *[f"- {n}" for n in t.get("notes", ())],
         "",
     ]
     commands = [
@@ -472,7 +517,7 @@ def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         f"python -m train malaria --manifest {manifest} --preset {preset['name']} --out {os.path.relpath(run)} "
         f"--keep {'final' if final else 'best'} --seed {t['seed']}",
         *([cv["command"]] if cv else []),
-        " ".join(command) if command else f"python -m convert release RUN --name {r.name} --version {r.version}",
+        shlex.join(command) if command else f"python -m convert release RUN --name {r.name} --version {r.version}",
     ]
     return "\n".join(lines + _made_lines(r, dest, commands))
 
@@ -507,6 +552,9 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
     fc = r.metrics["field_cv"]
     c, st, pooled = fc["counts"], fc["settings"], fc["pooled"]
     rel, ft = pooled["release"], pooled["fine_tuned"]
+    per = {b: d["fine_tuned"] for b, d in fc["per_block"].items()}
+    worst = max(((b, d["uninfected_false_positive_rate"]) for b, d in per.items()), key=lambda t: t[1])
+    unsure = max(((b, d["uninfected_uncertain_rate"]) for b, d in per.items()), key=lambda t: t[1])
     lines = [
         *_model_lines(r, cfg, data),
         "## Training data",
@@ -568,20 +616,22 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         *_sample_lines(r, sample),
         "## Limitations",
         "",
-        "- Four slides of one laboratory and microscope. On a slide stained like one it learned from it is sure of "
-        "most cells and rarely wrong; on a stain it never saw (the one deep-magenta block, held out) it still called "
-        "about one uninfected cell in five parasitized. Check a new site's slides against a microscopist first.",
+        f"- Four slides of one laboratory and microscope. Held out, each slide's stain was new to the model scored "
+        f"on it; the worst block had {_pct(worst[1])} false positives and the most uncertain one {_pct(unsure[1])} "
+        f"of its uninfected cells uncertain ({worst[0]}, {unsure[0]}). Stains, microscopes, focus and species "
+        "beyond these four slides are untested: check a new site's slides against a microscopist first.",
         "- Uncertain cells are 'refer': a slide with many of them is referred, not cleared.",
         "- The annotations are one team's; not every cell at a border or in a clump has a box.",
         f"- Fine-tuning costs a little on the NIH falciparum cells: on the bundled sample, int8 accuracy "
         f"{_pct(fc['release_nih_sample_int8'])} for `{st['release']}`, {_pct(r.metrics['sample']['accuracy'])} for "
         "this model.",
+        *[f"- {n}" for n in r.trained.get("notes", ())],
         "",
     ]
     commands = [
         f"python -m train field-crops --data {st['data']} --out {st['crops']}",
         fc["command"],
-        " ".join(command) if command else f"python -m convert release RUN --name {r.name} --version {r.version}",
+        shlex.join(command) if command else f"python -m convert release RUN --name {r.name} --version {r.version}",
     ]
     return "\n".join(lines + _made_lines(r, dest, commands))
 
@@ -608,6 +658,11 @@ def release_parser():
     p.add_argument("--threshold", type=float,
                    help="confidence below which the device answers 'uncertain — refer' (default: the task's); the "
                         "card tabulates the choices on the cross-validation's out-of-fold cells")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a limitation the card lists besides the generated ones (repeatable)")
+    p.add_argument("--min-agreement", type=float,
+                   help="lowest top-1 agreement of the int8 file with Keras on the sample (default: convert's); "
+                        "recorded in release.json, so the command that remakes the file uses it too")
     return p
 
 
@@ -615,7 +670,7 @@ def run_cli(args, argv: Sequence[str]) -> int:
     """CLI body of `python -m convert release` (`argv`: its arguments, recorded in the model card)."""
     entry = release(args.run, args.name, args.version, args.sample, cv_dir=args.cv, dest=args.dest,
                     calib_n=args.calib_n, seed=args.seed, threshold=args.threshold, field_cv=args.field_cv,
-                    copy_calib=args.copy_calib,
+                    copy_calib=args.copy_calib, min_agreement=args.min_agreement, notes=args.note,
                     command=["python", "-m", "convert", "release", *argv])
     s, cv = entry.metrics["sample"], entry.metrics["cv"]
     print(f"\nreleased {entry.name} {entry.version}: {registry.RELEASED_DIR / entry.file} "

@@ -72,6 +72,23 @@ def test_release_refuses_a_sample_the_run_trained_on(tiny_run, tmp_path):
     assert not (tmp_path / "pkg" / "x.tflite").exists()
 
 
+def test_a_failed_release_leaves_the_previous_one_as_it_was(released, tiny_run):
+    """A conversion that fails its agreement bound changes neither the release folder nor the package."""
+    from convert.release import release
+
+    entry, tmp = released
+    dest, pkg = tmp / "rel", tmp / "pkg"
+    before = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    registry_before = (pkg / registry.REGISTRY).read_bytes()
+    unseen = tmp / "unseen"
+    with pytest.raises(ValueError, match="agreement"):
+        release(tiny_run, "tinymal", "0.0.2", unseen, dest=dest, package=pkg, calib_n=40, min_agreement=1.01,
+                log=lambda *a, **k: None)
+    assert {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
+    assert (pkg / registry.REGISTRY).read_bytes() == registry_before
+    assert sorted(p.name for p in tmp.iterdir()) == ["pkg", "rel", "unseen"]  # no staging folder left
+
+
 def test_convert_remakes_the_released_artifact_exactly(released, tmp_path):
     """What the release shipped is what the ordinary `python -m convert` call makes from the committed files."""
     from convert.release import reproduce_command
