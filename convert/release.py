@@ -2,12 +2,16 @@
 
     python -m convert release runs/release-edge --name malaria --version 1.0.0 \\
         --sample tests/data/malaria_sample --cv runs/cv-edge
+    python -m convert release runs/field-cv/final/run --name malaria-field --version 1.0.0 \\
+        --sample tests/data/malaria_sample --field-cv runs/field-cv --copy-calib runs/field-crops
 
 Writes
     releases/<name>/model.keras         the run's final weights, no optimizer state (the source of truth)
     releases/<name>/config.json         the run's config (preset, preprocessing, labels, seed, images)
     releases/<name>/calibration.csv     manifest: the calibration cells (train split, drawn from the
                                         run's training cells) and the bundled sample (test split, the proof)
+    releases/<name>/calibration/        copies of the calibration cells found under --copy-calib (crops a
+                                        run cut from field photos, which live in git-ignored runs/)
     releases/<name>/conversion.json     the convert report of that conversion
     releases/<name>/MODEL_CARD.md
     edge_runtime/released/<name>.tflite the int8 artifact, as package data (`edge_runtime.load("<name>")`)
@@ -185,7 +189,6 @@ def threshold_table(oof_csv: Path, positive: str, grid: Sequence[float] = (0.6, 
 
 def _replace_dir(new: Path, dest: Path) -> None:
     """Put the folder `new` where `dest` is (two renames in one parent; the old one is then removed)."""
-
     old = dest.parent / f".{dest.name}.old"
     if old.exists():
         shutil.rmtree(old)
@@ -223,7 +226,6 @@ def release(
     Everything is made in a folder beside `dest` and renamed over it once the conversion passed: a failed or
     killed release leaves the previous one as it was.
     """
-
     import keras
 
     from convert.export import Options, run_export
