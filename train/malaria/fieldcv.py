@@ -24,7 +24,9 @@ A block is never scored by a model fine-tuned on it. The per-field rows of the 4
 into one summary (the benchmark's metrics) beside the released model's on the same fields.
 `--final` then fine-tunes once more on every block with the same settings (OUT/final): the model
 to release, whose expected behaviour on an unseen slide the folds measured. Resumable: a fold with
-FOLD/result.json is skipped; an interrupted training resumes from its last epoch. Writes field-cv.json, field-cv.csv (one row per field and model) and field-cv.md.
+FOLD/result.json is skipped; an interrupted training resumes from its last epoch. Writes
+field-cv.json (with the threshold table of both models), field-cv.csv (one row per field and model)
+and field-cv.md.
 """
 
 from __future__ import annotations
