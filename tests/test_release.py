@@ -11,7 +11,7 @@ pytest.importorskip("tensorflow")
 
 from edge_runtime import registry  # noqa: E402
 from edge_runtime.metadata import read_tflite, tflite_without_metadata  # noqa: E402
-from tests.helpers import ROOT, SAMPLE, run_python  # noqa: E402
+from tests.helpers import ROOT, SAMPLE  # noqa: E402
 from train.split import read_manifest  # noqa: E402
 
 RELEASE = ROOT / "releases" / "malaria"
@@ -93,9 +93,10 @@ def test_convert_remakes_the_released_artifact_exactly(released, tmp_path):
     """What the release shipped is what the ordinary `python -m convert` call makes from the committed files."""
     from convert.release import reproduce_command
 
+    from convert.cli import main
+
     entry, tmp = released
-    proc = run_python(reproduce_command(tmp / "rel", str(tmp_path))[1:], timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(reproduce_command(tmp / "rel", str(tmp_path))[3:]) == 0  # in-process: `python -m convert` ARGS
     made = next(tmp_path.glob("*_tflite-int8.tflite")).read_bytes()
     shipped = (tmp / "pkg" / entry.file).read_bytes()
     assert tflite_without_metadata(made) == tflite_without_metadata(shipped)
@@ -107,10 +108,11 @@ def test_convert_remakes_the_released_artifact_exactly(released, tmp_path):
 def test_committed_release_is_what_convert_makes_from_the_committed_model(name, tmp_path):
     from convert.release import reproduce_command
 
+    from convert.cli import main
+
     entry = registry.get(name)
     rel = ROOT / "releases" / name
-    proc = run_python(reproduce_command(rel.relative_to(ROOT), str(tmp_path))[1:], timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(reproduce_command(rel, str(tmp_path))[3:]) == 0  # in-process: `python -m convert` ARGS
     made = next(tmp_path.glob("*_tflite-int8.tflite")).read_bytes()
     assert tflite_without_metadata(made) == tflite_without_metadata(registry.verified_path(entry).read_bytes())
     meta = read_tflite(registry.verified_path(entry))
