@@ -87,14 +87,18 @@ def calibration_manifest(train_manifest: Path, sample: Path, dest: Path, n: int,
                          "a release is scored on unseen patients only")
     pool = sorted((r for r in trained if r.split == "train"), key=lambda r: r.path)
     calib = random.Random(seed).sample(pool, min(n, len(pool)))
+    src_root = Path(copy_from).resolve() if copy_from is not None else None
+
+    def made_by_a_run(path: str) -> bool:
+        return src_root is not None and Path(path).resolve().is_relative_to(src_root)
+
     copied = 0
-    if copy_from is not None:
-        src_root = Path(copy_from).resolve()
+    if src_root is not None:
         local = dest / "calibration"
         if local.exists():
             shutil.rmtree(local)
         for i, r in enumerate(calib):
-            if Path(r.path).resolve().is_relative_to(src_root):
+            if made_by_a_run(r.path):
                 target = local / r.patient / Path(r.path).name
                 if not target.exists():
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -103,8 +107,7 @@ def calibration_manifest(train_manifest: Path, sample: Path, dest: Path, n: int,
                 calib[i] = replace(r, path=str(target.resolve()))
     records = [replace(r, split="train") for r in calib] + [replace(r, split="test") for r in sample_records]
     write_manifest(records, dest / "calibration.csv")
-    kept = [r.path for r in trained if r.split in ("train", "val") and (
-        copy_from is None or not Path(r.path).resolve().is_relative_to(Path(copy_from).resolve()))]
+    kept = [r.path for r in trained if r.split in ("train", "val") and not made_by_a_run(r.path)]
     root = os.path.commonpath(kept)  # <data>/<class>/... -> <data>
     return {"data_root": os.path.relpath(root), "calibration_cells": len(calib), "copied_cells": copied,
             "sample_cells": len(sample_records),
@@ -122,24 +125,6 @@ def reproduce_command(dest: Path, out: str = "OUT") -> list[str]:
         if settings.get(key) is not None:
             argv += [f"--{key.replace('_', '-')}", str(settings[key])]
     return argv
-
-
-def score(path: Path, images: Sequence[str], y: np.ndarray, labels: Sequence[str], positive: str) -> dict[str, Any]:
-    """Accuracy, sensitivity, specificity, ROC AUC and uncertain share of an artifact, through edge_runtime."""
-    import edge_runtime
-    from train.metrics import classification_metrics
-
-    model = edge_runtime.load(path, threads=1)
-    preds = model.predict(list(images))
-    bad = [p for p in preds if p.error]
-    if bad:
-        raise ValueError(f"{bad[0].source}: {bad[0].error}")
-    probs = np.array([[p.probabilities[l] for l in labels] for p in preds])
-    m = classification_metrics(y, probs, labels, positive)
-    return {"cells": int(len(y)), "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
-            "specificity": m["specificity"], "roc_auc": m["roc_auc"],
-            "uncertain": float(np.mean([p.uncertain for p in preds])), "predicted": probs.argmax(1).tolist(),
-            "confidence": probs.max(1).tolist()}
 
 
 def _report_of(folder: Path, name: str, flag: str, command: str) -> dict[str, Any]:
@@ -231,6 +216,7 @@ def release(
     from convert.export import Options, run_export
     from convert.formats import parse_formats
     from train import runs
+    from train.metrics import artifact_metrics
     from train.malaria.models import describe
 
     run, sample = Path(run), Path(sample)
@@ -282,11 +268,11 @@ def release(
             labels = list(cfg.labels)
             y = np.array([labels.index(r.label) for r in held])
             paths = [r.path for r in held]
-            f32 = score(files[FLOAT], paths, y, labels, cfg.positive_label)
-            q8 = score(files[FORMAT], paths, y, labels, cfg.positive_label)
-            flips = np.array(f32.pop("predicted")) != np.array(q8.pop("predicted"))
+            f32, p32 = artifact_metrics(files[FLOAT], paths, y, labels, cfg.positive_label)
+            q8, p8 = artifact_metrics(files[FORMAT], paths, y, labels, cfg.positive_label)
+            flips = p32.argmax(1) != p8.argmax(1)
             agree = float(1 - flips.mean())
-            surest = np.maximum(f32.pop("confidence"), q8.pop("confidence"))[flips]  # of the cells int8 flips
+            surest = np.maximum(p32.max(1), p8.max(1))[flips]  # of the cells int8 flips
 
             log("== 4/4 package data, registry and model card")
             report["source"]["path"] = "model.keras"  # not the build machine's absolute path
@@ -383,7 +369,7 @@ def _model_lines(r: registry.Release, cfg, data: dict[str, Any]) -> list[str]:
 
 def _recipe(r: registry.Release, cfg) -> str:
     preset, final = cfg.preset, cfg.model_file == "final.keras"
-    start = f"fine-tuned from `{os.path.relpath(cfg.init)}`, " if getattr(cfg, "init", None) else ""
+    start = f"fine-tuned from `{os.path.relpath(cfg.init)}`, " if cfg.init else ""
     return (f"Recipe: {start}{preset['epochs']} epochs, batch {preset['batch_size']}, SGD lr {preset['learning_rate']} "
             f"(momentum {preset['momentum']}{', Nesterov' if preset.get('nesterov') else ''}, {preset['schedule']} "
             f"decay), label smoothing {preset.get('label_smoothing', 0)}, augmentation: rotation, zoom, shift, shear, "
@@ -426,13 +412,16 @@ def _sample_lines(r: registry.Release, sample: Path) -> list[str]:
                     ""]
 
 
-def _made_lines(r: registry.Release, dest: Path, commands: Sequence[str]) -> list[str]:
-    """How it was made: the commands, then the one that remakes the artifact from the committed files."""
+def _made_lines(r: registry.Release, dest: Path, commands: Sequence[str], command: Sequence[str] | None
+                ) -> list[str]:
+    """How it was made: the commands, then this release's (`command`), then the one that remakes the artifact
+    from the committed files."""
     return [
         "## How it was made",
         "",
         "```",
         *commands,
+        shlex.join(command) if command else f"python -m convert release RUN --name {r.name} --version {r.version}",
         "```",
         "",
         "The released artifact is what this makes from the committed `model.keras` (a test checks it):",
@@ -519,9 +508,8 @@ def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         f"python -m train malaria --manifest {manifest} --preset {preset['name']} --out {os.path.relpath(run)} "
         f"--keep {'final' if final else 'best'} --seed {t['seed']}",
         *([cv["command"]] if cv else []),
-        shlex.join(command) if command else f"python -m convert release RUN --name {r.name} --version {r.version}",
     ]
-    return "\n".join(lines + _made_lines(r, dest, commands))
+    return "\n".join(lines + _made_lines(r, dest, commands, command))
 
 
 def field_figures(field_cv: Path | None, run: Path) -> dict[str, Any]:
@@ -633,9 +621,8 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
     commands = [
         f"python -m train field-crops --data {st['data']} --out {st['crops']}",
         fc["command"],
-        shlex.join(command) if command else f"python -m convert release RUN --name {r.name} --version {r.version}",
     ]
-    return "\n".join(lines + _made_lines(r, dest, commands))
+    return "\n".join(lines + _made_lines(r, dest, commands, command))
 
 
 def release_parser():

@@ -160,8 +160,8 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 def threshold_table(rows: list[dict[str, Any]], grid: Sequence[float] = THRESHOLDS) -> list[dict[str, float]]:
     """What the uncertain bar trades, per threshold, over the matched cells of these fields: uninfected cells
     called parasitized (false positives) and uncertain (of the uninfected cells found), and annotated
-    parasites called parasitized or uncertain (of all annotated ones), the denominators of `summarise`. A cell is uncertain when its top probability is below
-    the bar, as `EdgeModel.predict` decides."""
+    parasites called parasitized or uncertain (of all annotated ones), the denominators of `summarise`.
+    A cell is uncertain when its top probability is below the bar, as `EdgeModel.predict` decides."""
     ok = [r for r in rows if r["error"] is None and "matched_cells" in r]
     cells = np.array([c for r in ok for c in r["matched_cells"]], float).reshape(-1, 2)
     par, p = cells[:, 0].astype(bool), cells[:, 1]

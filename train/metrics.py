@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -89,3 +90,21 @@ def markdown_report(m: dict[str, Any], title: str = "Classification report") -> 
     for l, row in zip(m["labels"], m["confusion_matrix"]):
         lines.append(f"| {l} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def artifact_metrics(path: str | Path, images: Sequence[str], y: np.ndarray, labels: Sequence[str], positive: str
+                     ) -> tuple[dict[str, Any], np.ndarray]:
+    """Accuracy, sensitivity, specificity, ROC AUC and uncertain share of an artifact, through edge_runtime; and
+    its probabilities (cells x labels). Used by `convert release` and `train field-cv`."""
+    import edge_runtime
+
+    model = edge_runtime.load(path, threads=1)
+    preds = model.predict(list(images))
+    bad = [p for p in preds if p.error]
+    if bad:
+        raise ValueError(f"{bad[0].source}: {bad[0].error}")
+    probs = np.array([[p.probabilities[l] for l in labels] for p in preds])
+    m = classification_metrics(y, probs, labels, positive)
+    return {"cells": int(len(y)), "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
+            "specificity": m["specificity"], "roc_auc": m["roc_auc"],
+            "uncertain": float(np.mean([p.uncertain for p in preds]))}, probs

@@ -163,13 +163,11 @@ def with_cells(rows: list[dict[str, Any]], model_ref: str | Path, anns: list[dic
 def nih_int8(path: Path, sample: list[Record]) -> dict[str, Any]:
     import numpy as np
 
-    from convert.release import score
+    from train.metrics import artifact_metrics
 
     labels = ["Parasitized", "Uninfected"]
     y = np.array([labels.index(r.label) for r in sample])
-    s = score(path, [r.path for r in sample], y, labels, "Parasitized")
-    s.pop("predicted", None)
-    return s
+    return artifact_metrics(path, [r.path for r in sample], y, labels, "Parasitized")[0]
 
 
 def fine_tune(args: argparse.Namespace, fold: Path, records: list[Record], counts: dict[str, int],
