@@ -91,9 +91,8 @@ def test_a_failed_release_leaves_the_previous_one_as_it_was(released, tiny_run):
 
 def test_convert_remakes_the_released_artifact_exactly(released, tmp_path):
     """What the release shipped is what the ordinary `python -m convert` call makes from the committed files."""
-    from convert.release import reproduce_command
-
     from convert.cli import main
+    from convert.release import reproduce_command
 
     entry, tmp = released
     assert main(reproduce_command(tmp / "rel", str(tmp_path))[3:]) == 0  # in-process: `python -m convert` ARGS
@@ -106,9 +105,8 @@ def test_convert_remakes_the_released_artifact_exactly(released, tmp_path):
 @pytest.mark.skipif(not SHARED_MALARIA.is_dir(), reason="the calibration cells live in ../shared/data/malaria")
 @pytest.mark.parametrize("name", [r.name for r in registry.read_registry()])
 def test_committed_release_is_what_convert_makes_from_the_committed_model(name, tmp_path):
-    from convert.release import reproduce_command
-
     from convert.cli import main
+    from convert.release import reproduce_command
 
     entry = registry.get(name)
     rel = ROOT / "releases" / name
