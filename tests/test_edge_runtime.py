@@ -29,6 +29,7 @@ Tolerances, stated once:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -99,6 +100,19 @@ def test_backend_table_and_errors(monkeypatch):
         backends.resolve("m.tflite")
     with pytest.raises(BackendError, match="tflite-runtime is not installed: pip install tflite-runtime"):
         backends.resolve("m.tflite", "tflite-runtime")
+    # ONNX Runtime is the `onnx` extra, not `edge`'s: the message names the one that brings it.
+    with pytest.raises(BackendError, match=r"no runtime for .onnx .*pip install 'medge\[onnx\]'"):
+        backends.resolve("m.onnx")
+    with pytest.raises(BackendError, match=r"onnxruntime is not installed: pip install 'medge\[onnx\]'"):
+        backends.resolve("m.ort", "onnxruntime")
+
+
+def test_onnx_without_onnxruntime_names_the_extra(art, monkeypatch):
+    """A device with `.[edge]` only (no onnxruntime) that is handed an .onnx is told which extra runs it."""
+    onnx_row = dataclasses.replace(backends.BACKENDS["onnxruntime"], import_name="onnxruntime_not_installed")
+    monkeypatch.setitem(backends.BACKENDS, "onnxruntime", onnx_row)
+    with pytest.raises(BackendError, match=r"medge\[onnx\]"):
+        edge_runtime.load(art / MALARIA_FILES["onnx-int8"])
 
 
 def test_no_tensorflow_after_load_predict_and_gradcam(art):
