@@ -123,7 +123,7 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> d
         cells = [{"bbox": c.bbox, "kind": c.kind, "label": None, "uncertain": False} for c in seg.cells]
         row["segment_ms"] = (time.perf_counter() - t0) * 1e3
     else:
-        res, _ = analyse_field(model, ann["image"], ann["image"].name, normalise=normalise)
+        res = analyse_field(model, ann["image"], ann["image"].name, normalise=normalise)
         if res.error:
             return {**row, "error": res.error}
         cells = [c.to_dict() for c in res.cells]

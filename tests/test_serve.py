@@ -186,7 +186,7 @@ def test_malaria_case_from_real_field_photos(shared_server, art, tmp_path):
     assert case["model"]["sha256"] == sha256_file(art / MALARIA_MODEL) and case["model"]["name"] == "malaria"
     # The server ran the CLI's function: the same model on the same photos here gives the same slide summary.
     model = edge_runtime.load(art / MALARIA_MODEL)
-    direct = analyse_slide(model, fields).summary
+    direct = analyse_slide(model, fields).summary.to_dict()
     for key in ("cells", "parasitized", "uncertain", "parasitemia_percent", "parasitemia_max_percent", "refer"):
         assert r["summary"][key] == direct[key], key
     assert r["summary"]["cells"] > 50 and len(r["fields"]) == len(fields)
@@ -473,22 +473,24 @@ def test_released_model_by_name(start_server, tmp_path):
 
 
 def test_store_removes_folders_without_rows_and_rolls_back_a_failed_insert(tmp_path):
+    from edge_runtime.serve.case import Case
     from edge_runtime.serve.storage import CaseStore
 
     store = CaseStore(tmp_path / "d")
     with store.stage() as st:
         st.path("a.png").write_bytes(b"x")
-        kept = store.commit(st, {"kind": "oct", "subject": "kept"})
+        kept = store.commit(st, Case(kind="oct", subject="kept"))
+    assert store.get(kept.id) == kept and kept.files == ("a.png",)
     (store.cases_dir / "20260101-000000-abcdef").mkdir()  # renamed into place, killed before its row
     (store.tmp_dir / "20260101-000001-abcdef").mkdir()
     again = CaseStore(tmp_path / "d")
     assert again.recovered == {"tmp": 1, "orphans": 1, "rows_without_files": 0}
-    assert [p.name for p in again.cases_dir.iterdir()] == [kept["id"]]
-    with pytest.raises(KeyError):  # a record without "kind" fails the insert: its folder goes too
+    assert [p.name for p in again.cases_dir.iterdir()] == [kept.id]
+    with pytest.raises(TypeError):  # a result JSON cannot hold fails the insert: its folder goes too
         with again.stage() as st:
             st.path("b.png").write_bytes(b"x")
-            again.commit(st, {"subject": "broken"})
-    assert [p.name for p in again.cases_dir.iterdir()] == [kept["id"]] and again.count() == 1
+            again.commit(st, Case(kind="oct", subject="broken", result={"x": object()}))
+    assert [p.name for p in again.cases_dir.iterdir()] == [kept.id] and again.count() == 1
     assert not any(again.tmp_dir.iterdir())
 
 
