@@ -184,7 +184,7 @@ def released_server(tmp_path: Path, *extra: str) -> Server:
 
 
 def test_api_ondevice_and_cells_on_the_device(tmp_path, reference):
-    from edge_runtime.serve.loadtest import multipart, request
+    from benchmarks.loadtest import multipart, request
 
     s = released_server(tmp_path, "--web-runtime", "off")
     try:

@@ -23,7 +23,7 @@ from PIL import Image
 
 pytest.importorskip("cv2", reason="smear needs the `smear` extra (opencv-python-headless)")
 
-from edge_runtime.annotations import load_annotations, match  # noqa: E402
+from train.annotations import load_annotations, match  # noqa: E402
 from edge_runtime.clinical import REFER_UNCERTAIN_SHARE, slide_referral, slide_summary  # noqa: E402
 from edge_runtime.model import Prediction  # noqa: E402
 from edge_runtime.smear import (  # noqa: E402
@@ -76,7 +76,7 @@ def test_matcher_is_one_to_one():
 
 
 def test_benchmark_summary_reports_uncertain_uninfected_apart_from_false_positives():
-    from edge_runtime.annotations import summarise
+    from train.annotations import summarise
 
     row = {"error": None, "annotated": 10, "found": 9, "annotated_parasites": 1, "parasites_found": 1,
            "count_error": 2, "segment_ms": 1.0, "total_ms": 2.0, "parasites_called": 1, "uninfected_found": 8,
@@ -131,7 +131,7 @@ def test_a_chain_of_three_overlapping_cells_is_three_whole_cells(spacing):
     """Three overlapping discs in a row: three red cells, each boxed as its whole disc, the middle one too
     (the split alone leaves the middle cell its visible strip: IoU 0.57 at 1.2 radii); crops keep each
     cell's own part of the split, not the lens it shares with a neighbour."""
-    from edge_runtime.annotations import iou_matrix
+    from train.annotations import iou_matrix
 
     img, truth = _chain_field(spacing)
     seg = segment(img, "chain")
