@@ -334,9 +334,9 @@ class FieldApp:
         uploads = self._uploads(form)
         if kind == "oct" and len(uploads) != 1:
             raise UploadError(400, f"an OCT case takes one scan; {len(uploads)} were sent")
-        record = await anyio.to_thread.run_sync(self._analyse, kind, slot, uploads, subject, note,
-                                                limiter=self.limiter)
-        return JSONResponse(with_urls(record), status_code=201)
+        case = await anyio.to_thread.run_sync(self._analyse, kind, slot, uploads, subject, note,
+                                              limiter=self.limiter)
+        return JSONResponse(with_urls(case), status_code=201)
 
     def _slot(self, kind: str):
         if kind not in self.slots:
@@ -375,10 +375,10 @@ class FieldApp:
         images = self._checked(uploads)
         with self.store.stage() as st:
             if kind == "malaria":
-                record = analyse_malaria(slot, images, st, subject, note)
+                case = analyse_malaria(slot, images, st, subject, note)
             else:
-                record = analyse_oct(slot, images[0], st, subject, note)
-            return self.store.commit(st, record)
+                case = analyse_oct(slot, images[0], st, subject, note)
+            return self.store.commit(st, case)
 
     # -------------------------------------------------------- on the phone, or cells on this device
 
