@@ -440,6 +440,13 @@ def _smear_table(report, positive: str) -> str:
 
 
 def cmd_smear(args) -> int:
+    from edge_runtime.extras import message
+
+    # OpenCV is the `smear` extra, not `edge`'s: one sentence before any model is loaded, not a traceback.
+    lacking = message("smear", "python -m edge_runtime smear")
+    if lacking:
+        print(lacking, file=sys.stderr)
+        return EXIT_USAGE
     from edge_runtime.smear import analyse_slide
 
     fields = [f for _, files in expand_inputs(args.inputs)[0] for f in files]
