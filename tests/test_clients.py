@@ -113,9 +113,9 @@ def test_tflite_support_reads_and_classifies_every_release_like_edge_runtime(tfl
         answers, _ = _agreement([_answer(p.label, p.confidence, thr) for p in preds],
                                 [_answer(lab, float(row.max()), thr) for lab, row in zip(tfls_labels, tfls_p)])
         dprob = float(np.abs(edge_p - tfls_p).max())
-        print(f"\ntflite-support {got['tflite_support']} Task ImageClassifier vs edge_runtime, released {name} ({path.name}), {what}: top-1 "
-              f"agrees on {agree:.2%} of {len(images)} ({differ} differ), answers at threshold {thr:g} on "
-              f"{answers:.2%}; max |dprob| {dprob:.3g}")
+        print(f"\ntflite-support {got['tflite_support']} Task ImageClassifier vs edge_runtime, released {name} "
+              f"({path.name}), {what}: top-1 agrees on {agree:.2%} of {len(images)} ({differ} differ), answers at "
+              f"threshold {thr:g} on {answers:.2%}; max |dprob| {dprob:.3g}")
         if what == "cells pre-resized":
             # The same pixels in, the same answers out (within int8 rounding): the metadata is read as written.
             assert dprob <= SAME_PIXELS_ATOL["int8"] and agree == 1.0
@@ -184,7 +184,8 @@ def test_onnxruntime_node_runs_every_release_s_onnx_like_edge_runtime(node_modul
     assert not [p.error for p in preds if p.error]
     edge_p = np.array([[p.probabilities[lab] for lab in labels] for p in preds])
     agree, differ = _agreement([p.label for p in preds], [labels[i] for i in node_p.argmax(axis=1)])
+    dprob = float(np.abs(edge_p - node_p).max())
     print(f"\nonnxruntime-node {got['onnxruntime_node']} vs edge_runtime ({model.backend} "
           f"{model.describe().get('runtime_version', '')}), release {name} converted to onnx-int8: top-1 agrees on "
-          f"{agree:.2%} of {len(CELLS)} sample cells ({differ} differ); max |dprob| {np.abs(edge_p - node_p).max():.3g}")
+          f"{agree:.2%} of {len(CELLS)} sample cells ({differ} differ); max |dprob| {dprob:.3g}")
     assert agree >= MIN_AGREEMENT
