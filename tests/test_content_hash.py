@@ -62,3 +62,17 @@ def test_one_flipped_byte_anywhere_is_caught_in_100_copies(sealed):
         caught += 1
     print(f"\n{caught} of {len(positions)} copies with one changed byte refused by their content hash")
     assert caught == len(positions) == 100
+
+
+def test_selftest_by_path_refuses_a_changed_byte_before_the_golden_answers(sealed, tmp_path, capsys):
+    from edge_runtime.cli import main
+
+    good, bad = tmp_path / "sealed.tflite", tmp_path / "flipped.tflite"
+    good.write_bytes(sealed)
+    flipped = bytearray(sealed)
+    flipped[len(flipped) // 2] ^= 0x01  # one bit, in the weights: what issue 27 saw pass the golden answers
+    bad.write_bytes(bytes(flipped))
+    assert main(["selftest", str(good)]) == 0
+    assert "selftest passed" in capsys.readouterr().out
+    assert main(["selftest", str(bad)]) == 1
+    assert "flipped.tflite has changed since it was made" in capsys.readouterr().out
