@@ -6,7 +6,7 @@ Both files are loaded in one fresh process (thread count set before each
 runtime starts) and timed in alternating rounds, A B, B A, A B, ... (the
 order flipped each round, after a short warm-up of both): whatever else the
 machine does during a round lands on both files of that round. Each round
-gives one ratio, A's fastest tenth of calls over B's (`ROUND_QUANTILE`: a call
+gives one ratio, A's fastest call over B's (`ROUND_QUANTILE`: a call
 preempted by another process is a slow one, left out); the speed-up is the
 median of the per-round ratios with a 95% bootstrap interval over rounds
 (numpy). A row whose interval reaches further than `NOISY_HALF_WIDTH` from
@@ -34,13 +34,15 @@ import numpy as np
 ROUNDS = 15
 MIN_TIME_S = 0.15
 WARMUP_CALLS = 3
-# A round's figure for each file is the fastest tenth of its calls (10th percentile), not their median. Why: on a
-# shared machine a call that outlasts its time slice is preempted, and a 2 ms float32 call is caught far more often
-# than a 0.8 ms int8 one. Measured here with ~13 runnable processes on 2 cores (released malaria pair, 1 thread,
-# 15 rounds): per-round medians gave 37.7x [37.2-41.4] (float32 median 32 ms), the 10th percentile 3.15x
-# [2.94-3.26], the minimum 2.96x [2.79-3.18]; onnx 22.4x vs 1.96x vs 2.12x. The 10th percentile keeps the minimum's
-# immunity to preemption while resting on more than one call; a round of one call (InceptionV3) is that call.
-ROUND_QUANTILE = 10
+# A round's figure for each file is its fastest call (the 0th percentile), not its median. Why: on a shared
+# machine a call that outlasts its time slice is preempted, and a 2 ms float32 call is caught far more often than a
+# 0.8 ms int8 one, so medians measure the neighbours. Measured here with ~13-16 runnable processes on 2 cores
+# (released malaria pair, 15 rounds): per-round medians gave tflite 37.7x [37.2-41.4] at 1 thread (float32 median
+# 32 ms), onnx 22.4x; the 10th percentile 2.88x [2.68-3.30] and, at 2 threads, 2.96x [2.78-3.93] and onnx
+# 2.35x [2.33-12.17]; the fastest call 2.77x [2.68-2.95], 2.72x [2.66-2.78] and 2.21x [1.84-2.28]: the narrowest,
+# because a round goes bad only when every call of a block was preempted. A round of one call (InceptionV3) is
+# that call either way.
+ROUND_QUANTILE = 0
 # A speed-up whose 95% interval reaches further than this (relative) from its median is marked noisy: the issue's
 # bar is that a competing process moves no pair's ratio by more than 15%.
 NOISY_HALF_WIDTH = 0.15
@@ -65,7 +67,7 @@ def interleave(fn_a: Callable[[], Any], fn_b: Callable[[], Any], rounds: int = R
     """Time two callables in alternating rounds (A B, then B A, ...), after `warmup` calls of each.
 
     Returns:
-        a_ms, b_ms: per round, the fastest tenth of each file's calls (`ROUND_QUANTILE`, ms); ratios: a_ms / b_ms
+        a_ms, b_ms: per round, each file's fastest call (`ROUND_QUANTILE`, ms); ratios: a_ms / b_ms
         per round; a_calls, b_calls: every timed call of each (ms); order:
         which ran first in each round ("ab" or "ba").
     """

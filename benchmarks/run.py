@@ -80,7 +80,7 @@ FIELD_NOTES = {
     "top1_agreement": "share of inputs where this row's class equals Keras'; max_abs_dprob the largest probability gap",
     "speedup_vs_float32": "float32 time / this row's, same model, runtime and threads, timed interleaved "
                           "(`speedup_method` `interleaved`: both files in one process, alternating rounds, the "
-                          "order flipped each round, a round's ratio from the fastest tenth of each file's calls; "
+                          "order flipped each round, a round's ratio from each file's fastest call; "
                           "the median of the per-round ratios, `speedup_ci95_low`/`high` its 95% bootstrap interval "
                           "over `speedup_rounds` rounds, `speedup_noisy` when the interval reaches further than 15% "
                           "from it); `separate-p50` (the ratio of the two rows' absolute p50s, timed apart) only "
