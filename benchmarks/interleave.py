@@ -210,7 +210,23 @@ def busiest_processes(interval: float = 0.5, top: int = 3, exclude: Sequence[int
         share = (t - before[pid][1]) / tick / interval * 100
         if share >= 1:
             busy.append({"pid": pid, "name": name, "cpu_percent": round(share)})
-    return sorted(busy, key=lambda p: -p["cpu_percent"])[:top]
+    busy = sorted(busy, key=lambda p: -p["cpu_percent"])[:top]
+    for p in busy:  # "python" alone names nothing: the command line says which job it is
+        p["command"] = _command(p["pid"]) or p["name"]
+    return busy
+
+
+def _command(pid: int, width: int = 60) -> str | None:
+    """The start of a process's command line (program name without its folder), or None when unreadable."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    words = [a.decode(errors="replace") for a in args if a]
+    if not words:
+        return None
+    text = " ".join([Path(words[0]).name, *words[1:]])
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def machine_state(interval: float = 0.5) -> dict[str, Any]:
@@ -230,7 +246,8 @@ def state_line(state: dict[str, Any] | None) -> str:
     if procs is None:
         parts.append("other processes not readable (no /proc)")
     else:
-        parts.append("busiest others: " + (", ".join(f"{p['name']} {p['cpu_percent']}%" for p in procs) or "none"))
+        parts.append("busiest others: " + (", ".join(f"`{p.get('command') or p['name']}` {p['cpu_percent']}%"
+                                                       for p in procs) or "none"))
     parts.append(f"CPU {min(mhz):.0f}-{max(mhz):.0f} MHz" if mhz else "CPU frequency not readable")
     return "; ".join(parts)
 

@@ -426,7 +426,7 @@ def test_measure_pairs_fills_quantized_rows_and_falls_back_openly():
                                                                "busiest_processes": [{"name": "cc1", "cpu_percent": 97}],
                                                                "cpu_mhz": [2400.0, 2600.0]}}})
     assert "1 of 3 speed-ups are noisy" in " ".join(notes) and "--rounds 30" in " ".join(notes)
-    assert "load 1.00 0.50 0.20; busiest others: cc1 97%; CPU 2400-2600 MHz" in notes[1]
+    assert "load 1.00 0.50 0.20; busiest others: `cc1` 97%; CPU 2400-2600 MHz" in notes[1]
     assert "Machine after: not recorded" in notes[2] and "(apart)" in notes[-1]
 
 
@@ -442,6 +442,7 @@ def test_machine_state_sees_a_busy_neighbour():
         child.kill()
         child.wait()
     assert busy is not None and child.pid in {p["pid"] for p in busy}
+    assert next(p["command"] for p in busy if p["pid"] == child.pid).startswith("python -c import time")
     assert all(p["cpu_percent"] >= 1 for p in busy)
     state = interleave.machine_state(interval=0.05)
     assert set(state) == {"load_average", "busiest_processes", "cpu_mhz"} and len(state["load_average"]) == 3
