@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         f"cache {cache}; what runs (--formats {args.formats}):")
     for line in scope:
         log(f"          {line}")
-    log(f"{stamp()} == prepare {', '.join(m.name for m in models)} (malaria and OCT builds side by side)")
+    both = len({m.task for m in models}) > 1
+    log(f"{stamp()} == prepare {', '.join(m.name for m in models)}"
+        + (" (malaria and OCT builds side by side)" if both else ""))
     prepared = prepare_all(models, formats, cache, runs=runs, log=log, from_scratch=args.from_scratch)
     peaks = []
     if not args.no_peak:
