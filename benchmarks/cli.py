@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.peak import measure_peaks
     from benchmarks.report import compare, gates, rows_csv, terminal, write_all
     from benchmarks.run import Settings, add_ratios, benchmark_model
-    from edge_runtime.timing import EnergyCounter
+    from convert.timing import EnergyCounter
 
     if args.rebuild and cache.exists():
         shutil.rmtree(cache)

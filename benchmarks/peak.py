@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_runtime.timing import time_fn
+from convert.timing import time_fn
 
 # (M, K, N) per precision: large enough to reach the kernels' steady state,
 # short enough per call (a few ms) that a run fits in a scheduler time slice on

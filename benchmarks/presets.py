@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edge_runtime.fileio import atomic_write_text
-from edge_runtime.timing import time_fn
+from convert.timing import time_fn
 
 # Operators a well-designed int8 graph consists of (DELEGATE: the XNNPACK partitions LiteRT adds when it
 # opens the file); anything else is listed per preset.

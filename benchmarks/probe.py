@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {"t_loaded": t_loaded, "t_first_result": t_first, "peak_rss_mb": peak_rss_mb(),
                "probabilities": [float(v) for v in probs], "first_use": first}
         if args.time:
-            from edge_runtime.timing import EnergyCounter, time_fn
+            from convert.timing import EnergyCounter, time_fn
 
             limits = dict(min_seconds=args.min_seconds, max_seconds=args.max_seconds)
             energy = EnergyCounter()

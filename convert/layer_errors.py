@@ -40,6 +40,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from convert.converters import int8_config, representative
+
 WORST_N = 3
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 DEFAULT_IMAGES = 64
@@ -100,9 +102,7 @@ def summarize(layers: list[dict[str, Any]], tool: str, images: int, n: int = WOR
 
 def tflite_layer_errors(model, calib: np.ndarray, int8_io: bool = False) -> dict[str, Any]:
     """Per-op error of the converter's full-int8 model of `model` on `calib` (TFLite QuantizationDebugger)."""
-    import tensorflow as tf
-
-    from convert.tflite import int8_config, representative
+    import tensorflow as tf  # heavy: only when the report is made
 
     def direct_sqnr(f, q, scale, zp):
         return sqnr_db(f, f - (q.astype(np.float32) - zp) * np.float32(scale))

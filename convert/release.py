@@ -32,6 +32,7 @@ against the run's training manifest and refuses otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -256,10 +257,10 @@ def release(
                               threshold=threshold,
                               **({"min_agreement": min_agreement} if min_agreement is not None else {}))
             report = run_export(stage, out, parse_formats(f"{FLOAT},{FORMAT}"), options, name=name, log=log)
-            if not report["ok"]:
-                failed = [r for r in report["rows"] if r["status"] == "failed"]
-                raise ValueError(f"conversion failed: {failed[0]['format']}: {failed[0].get('error')}")
-            files = {r["format"]: out / r["file"] for r in report["rows"]}
+            if not report.ok:
+                failed = [r for r in report.rows if r.failed]
+                raise ValueError(f"conversion failed: {failed[0].format}: {failed[0].error}")
+            files = {r.format: out / r.file for r in report.rows}
 
             log("== 3/4 score on the sample through edge_runtime (float32 and int8)")
             from train.split import read_manifest
@@ -275,8 +276,9 @@ def release(
             surest = np.maximum(p32.max(1), p8.max(1))[flips]  # of the cells int8 flips
 
             log("== 4/4 package data, registry and model card")
-            report["source"]["path"] = "model.keras"  # not the build machine's absolute path
-            atomic_write_text(stage / "conversion.json", json.dumps(report, indent=2) + "\n")
+            # Not the build machine's absolute path.
+            report = dataclasses.replace(report, source={**report.source, "path": "model.keras"})
+            atomic_write_text(stage / "conversion.json", json.dumps(report.to_dict(), indent=2) + "\n")
             _replace_dir(stage, dest)
             artifact = package / f"{name}.tflite"
             atomic_write_bytes(artifact, files[FORMAT].read_bytes())

@@ -4,7 +4,7 @@
 
 Prints `PROGRESS_TAG` lines as stages end and one `RESULT_TAG` line with a
 `QatResult` at the end; the .tflite goes to `QatJob.out`. The conversion is
-`convert.tflite.int8_config`, the same settings as `tflite-int8`, on the
+`convert.converters.int8_config`, the same settings as `tflite-int8`, on the
 fine-tuned model and the same calibration data.
 """
 
@@ -83,7 +83,7 @@ def run(job: QatJob) -> QatResult:
 
     from convert.qat import tfmot_fixes
     from convert.qat.twin import twin_with_weights
-    from convert.tflite import convert_keras, int8_config
+    from convert.converters import convert_keras, int8_config
 
     tf.keras.utils.set_random_seed(job.seed)
     seconds: dict[str, float] = {}
