@@ -23,7 +23,6 @@ its artifacts are exported into the cache, never into DIR).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -31,7 +30,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from convert.formats import Format
+from convert.formats import FORMATS, Format, parse_formats
+from convert.report import read_report
 from edge_runtime.fileio import sha256_file, sha256_text
 from train import runs
 
@@ -101,8 +101,6 @@ def formats_for(m: BenchModel, spec: str) -> list[Format]:
     Raises:
         ValueError: a name not in convert's format table.
     """
-    from convert.formats import parse_formats
-
     if spec.strip() == DEFAULT_FORMATS:
         return parse_formats(m.default_formats or "all")
     return parse_formats(spec)
@@ -110,8 +108,6 @@ def formats_for(m: BenchModel, spec: str) -> list[Format]:
 
 def scope_lines(models: Sequence[BenchModel], formats: dict[str, list[Format]], spec: str) -> list[str]:
     """What the run covers, one line per model, and which flag gives the rest (the header and the report say it)."""
-    from convert.formats import FORMATS
-
     out = []
     for m in models:
         names = [f.name for f in formats[m.name]]
@@ -308,24 +304,24 @@ class Builder:
             for path in self._reports(key):
                 d = path.parent
                 try:
-                    report = json.loads(path.read_text())
-                except json.JSONDecodeError:
-                    continue
-                source = report.get("source", {})
+                    report = read_report(path)
+                except ValueError:
+                    continue  # unreadable: its formats are converted again
+                source = report.source
                 if source.get("name", p.model.name) != p.model.name:
                     continue  # another model's report in a shared folder
                 if sha is not None and source.get("sha256") not in (None, sha):
                     continue  # made from an earlier version of the model
-                for row in report.get("rows", []):
-                    name = row["format"]
+                for row in report.rows:
+                    name = row.format
                     if name in seen or name not in {f.name for f in formats}:
                         continue
                     seen.add(name)
-                    path = d / row["file"] if row.get("file") else None
+                    path = d / row.file if row.file else None
                     if path is not None and path.is_file():
                         p.artifacts[name] = path
                     else:
-                        p.errors[name] = f"conversion failed: {row.get('error') or 'no file'}"
+                        p.errors[name] = f"conversion failed: {row.error or 'no file'}"
             return seen
 
         missing = [f.name for f in formats if f.name not in collect()]

@@ -51,27 +51,27 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.cache import DEFAULT_FORMATS, DEFAULT_MODELS, MODELS
-from benchmarks.interleave import MIN_TIME_S, ROUNDS
+from benchmarks.cache import (
+    DEFAULT_FORMATS,
+    DEFAULT_MODELS,
+    MODELS,
+    expected_seconds,
+    formats_for,
+    parse_models,
+    prepare_all,
+    scope_lines,
+)
+from benchmarks.interleave import MIN_TIME_S, ROUNDS, machine_state
+from benchmarks.machine import library_versions, machine_info, positive, thread_counts
+from benchmarks.peak import measure_peaks
+from benchmarks.presets import main as presets_main
+from benchmarks.report import compare, gates, rows_csv, terminal, write_all
+from benchmarks.run import Settings, add_ratios, benchmark_model
+from benchmarks.serve import main as serve_main
+from benchmarks.smear import main as smear_main
+from benchmarks.stability import main as stability_main
 from convert.formats import FORMATS
-
-
-def _threads(text: str) -> list[int]:
-    from benchmarks.machine import cores
-
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part == "sweep":  # every count a device could pick
-            out += [n for n in range(1, cores() + 1) if n not in out]
-            continue
-        n = cores() if part == "all" else int(part) if part.isdigit() else 0
-        if n < 1:
-            raise argparse.ArgumentTypeError(
-                f"--threads takes positive integers, 'all' or 'sweep' (1..cores), comma-separated; got {text!r}")
-        if n not in out:
-            out.append(n)
-    return out
+from convert.timing import EnergyCounter
 
 
 def _run_arg(text: str) -> tuple[str, Path]:
@@ -79,15 +79,6 @@ def _run_arg(text: str) -> tuple[str, Path]:
     if not sep or name not in MODELS:
         raise argparse.ArgumentTypeError(f"--run takes NAME=RUN_DIR with NAME one of {', '.join(MODELS)}; got {text!r}")
     return name, Path(path)
-
-
-def _positive(kind):
-    def parse(text: str):
-        v = kind(text)
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-        return v
-    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,10 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'default' (every format for malaria; for the OCT models only tflite-float32, tflite-int8, "
                         "onnx-float32 and onnx-int8), 'all' (every format of every model: the full matrix) or "
                         "comma-separated rows of convert's format table")
-    w.add_argument("--threads", type=_threads, default="sweep",
+    w.add_argument("--threads", type=thread_counts, default="sweep",
                    help="thread counts: 'sweep' (every count from 1 to the cores, the default), or e.g. 1,all "
                         "or 1,2,4 (fewer probes on a many-core machine)")
-    w.add_argument("--keras-threads", type=_threads, metavar="THREADS",
+    w.add_argument("--keras-threads", type=thread_counts, metavar="THREADS",
                    help="thread counts the Keras reference row is timed at, like --threads (default: the first of "
                         "--threads; its accuracy is every row's reference either way; 'sweep' times it at every count)")
     w.add_argument("--from-scratch", action="store_true",
@@ -115,16 +106,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = p.add_argument_group("data")
     d.add_argument("--data", type=Path, help="malaria evaluation images: a manifest CSV (its test split) or class "
                                              "folders (default: the run's manifest test split)")
-    d.add_argument("--n-images", type=_positive(int), default=300, help="evaluation images per model")
+    d.add_argument("--n-images", type=positive(int), default=300, help="evaluation images per model")
     m = p.add_argument_group("measurement")
-    m.add_argument("--batch", type=_positive(int), default=16, help="batch for the throughput figure")
-    m.add_argument("--min-seconds", type=_positive(float), default=1.0, help="timed seconds per measurement, at least")
-    m.add_argument("--max-seconds", type=_positive(float), default=10.0, help="timed seconds per measurement, at most")
+    m.add_argument("--batch", type=positive(int), default=16, help="batch for the throughput figure")
+    m.add_argument("--min-seconds", type=positive(float), default=1.0, help="timed seconds per measurement, at least")
+    m.add_argument("--max-seconds", type=positive(float), default=10.0, help="timed seconds per measurement, at most")
     m.add_argument("--no-peak", action="store_true", help="skip the machine-peak matrix products")
-    m.add_argument("--rounds", type=_positive(int), default=ROUNDS,
+    m.add_argument("--rounds", type=positive(int), default=ROUNDS,
                    help="interleaved rounds per float/quantized pair and thread count (more: a narrower interval "
                         "on a busy machine)")
-    m.add_argument("--min-time", type=_positive(float), default=MIN_TIME_S, metavar="S",
+    m.add_argument("--min-time", type=positive(float), default=MIN_TIME_S, metavar="S",
                    help="seconds per file per interleaved round, at least")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("runs/benchmarks"), help="results folder")
@@ -137,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--min-speedup", type=float, metavar="X", help="smallest speed-up vs float32 of the same runtime")
     args = p.parse_args(argv)
     if isinstance(args.threads, str):
-        args.threads = _threads(args.threads)
+        args.threads = thread_counts(args.threads)
     return args
 
 
@@ -145,20 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     argv_list = sys.argv[1:] if argv is None else list(argv)
     # Benchmarks with verbs of their own: field photos (benchmarks/smear.py), network designs (benchmarks/presets.py).
     if argv_list[:1] == ["smear"]:
-        from benchmarks.smear import main as smear_main
-
         return smear_main(argv_list[1:])
     if argv_list[:1] == ["presets"]:
-        from benchmarks.presets import main as presets_main
-
         return presets_main(argv_list[1:])
     if argv_list[:1] == ["stability"]:
-        from benchmarks.stability import main as stability_main
-
         return stability_main(argv_list[1:])
     if argv_list[:1] == ["serve"]:
-        from benchmarks.serve import main as serve_main
-
         return serve_main(argv_list[1:])
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -166,8 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet = args.format != "table"
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if quiet else (lambda s: print(s, flush=True))
     try:
-        from benchmarks.cache import formats_for, parse_models
-
         runs = dict(args.run)
         for name, path in runs.items():
             if not path.is_dir():
@@ -186,14 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    from benchmarks.interleave import machine_state
-    from benchmarks.machine import library_versions, machine_info
-    from benchmarks.cache import expected_seconds, prepare_all, scope_lines
-    from benchmarks.peak import measure_peaks
-    from benchmarks.report import compare, gates, rows_csv, terminal, write_all
-    from benchmarks.run import Settings, add_ratios, benchmark_model
-    from edge_runtime.timing import EnergyCounter
 
     if args.rebuild and cache.exists():
         shutil.rmtree(cache)

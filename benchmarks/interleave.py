@@ -28,6 +28,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+import edge_runtime
+from edge_runtime.model import first_line
+
 # Defaults of `--rounds` and `--min-time`. 15 rounds give the bootstrap enough resamples to place a 95% interval
 # (with 9 or fewer its ends are single extreme rounds); 0.15 s per file per round keeps one malaria pair under
 # ~5 s at two thread counts while a round of the fused InceptionV3 (a call of ~100-400 ms) still holds one call each.
@@ -131,8 +134,6 @@ def summarise(result: dict[str, Any], seed: int = 0) -> dict[str, Any]:
 def interleave_pair(a: str | Path, b: str | Path, threads: int | None, image: str | None = None,
                     rounds: int = ROUNDS, min_time: float = MIN_TIME_S) -> dict[str, Any]:
     """Load both files with `edge_runtime` (batch 1) and time `EdgeModel.run` on the same input, interleaved."""
-    import edge_runtime
-
     models = [edge_runtime.load(p, threads=threads, warmup=False) for p in (a, b)]
     if image:
         xs = [m.preprocess(image)[None] for m in models]
@@ -267,8 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = interleave_pair(args.a, args.b, args.threads, args.image, args.rounds, args.min_time)
     except Exception as e:  # reported to the parent as the row's error
-        from edge_runtime.model import first_line
-
         print(json.dumps({"error": first_line(e)}))
         return 1
     print(json.dumps(out))

@@ -31,7 +31,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks.cache import MODELS, Builder
 from benchmarks.interleave import MIN_TIME_S, NOISY_HALF_WIDTH, ROUNDS, machine_state, state_line
+from benchmarks.machine import library_versions, machine_info, positive, thread_counts
+from benchmarks.run import Settings, _image_items, pair_probe
+from convert.formats import parse_formats
+from edge_runtime.fileio import atomic_write_text
 
 PAIRS = ("tflite-float32", "tflite-int8", "onnx-float32", "onnx-int8")
 # The hog ends itself after this many seconds even if this command dies before stopping it: bounded in time.
@@ -115,25 +120,21 @@ def table(result: dict[str, Any], markdown: bool = True) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.cli import _positive, _threads
 
     p = argparse.ArgumentParser(prog="python -m benchmarks stability", description=__doc__.split("\n")[0])
     p.add_argument("--formats", default=",".join(PAIRS),
                    help="malaria formats; each non-float32 one is paired with its runtime's float32 file")
-    p.add_argument("--threads", type=_threads, default="sweep", help="thread counts, as for `python -m benchmarks`")
-    p.add_argument("--rounds", type=_positive(int), default=ROUNDS)
-    p.add_argument("--min-time", type=_positive(float), default=MIN_TIME_S, metavar="S")
-    p.add_argument("--hog-seconds", type=_positive(float), default=HOG_SECONDS,
+    p.add_argument("--threads", type=thread_counts, default="sweep", help="thread counts, as for `python -m benchmarks`")
+    p.add_argument("--rounds", type=positive(int), default=ROUNDS)
+    p.add_argument("--min-time", type=positive(float), default=MIN_TIME_S, metavar="S")
+    p.add_argument("--hog-seconds", type=positive(float), default=HOG_SECONDS,
                    help="the competing process ends itself after this long at the latest")
     p.add_argument("--cache", type=Path, default=Path("runs/benchmarks/cache"), help="the benchmark cache")
     p.add_argument("--out", type=Path, default=Path("runs/stability"))
     args = p.parse_args(argv)
     if isinstance(args.threads, str):
-        args.threads = _threads(args.threads)
+        args.threads = thread_counts(args.threads)
 
-    from benchmarks.cache import MODELS, Builder
-    from benchmarks.run import Settings, _image_items, pair_probe
-    from convert.formats import parse_formats
 
     try:
         formats = parse_formats(args.formats)
@@ -164,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
                   command="python -m benchmarks stability" + (" " + " ".join(argv) if argv else ""),
                   seconds=time.perf_counter() - t0, image=image, rounds=args.rounds, min_time_s=args.min_time,
                   hog="one CPU-bound Python process (busy loop), started and stopped by this command")
-    from benchmarks.machine import library_versions, machine_info
-    from edge_runtime.fileio import atomic_write_text
 
     result.update(machine=machine_info(), versions=library_versions())
     md = "\n".join([

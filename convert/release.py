@@ -32,6 +32,7 @@ against the run's training manifest and refuses otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -43,9 +44,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from convert.export import Options, run_export
+from convert.formats import parse_formats
 from edge_runtime import registry
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from edge_runtime.metadata import read_metadata
+from train import runs
+from train.metrics import artifact_metrics
+from train.split import build_split, read_manifest, write_manifest
 
 FORMAT = "tflite-int8"
 FLOAT = "tflite-float32"
@@ -75,8 +81,6 @@ def calibration_manifest(train_manifest: Path, sample: Path, dest: Path, n: int,
     can be converted again on a fresh clone.
     """
     from dataclasses import replace
-
-    from train.split import build_split, read_manifest, write_manifest
 
     trained = read_manifest(train_manifest)
     trained_patients = {r.patient for r in trained if r.split in ("train", "val")}
@@ -211,13 +215,9 @@ def release(
     Everything is made in a folder beside `dest` and renamed over it once the conversion passed: a failed or
     killed release leaves the previous one as it was.
     """
-    import keras
+    import keras  # TensorFlow: imported only when this runs
 
-    from convert.export import Options, run_export
-    from convert.formats import parse_formats
-    from train import runs
-    from train.metrics import artifact_metrics
-    from train.malaria.models import describe
+    from train.malaria.models import describe  # loads TensorFlow: imported only when this runs
 
     run, sample = Path(run), Path(sample)
     cfg = runs.read_config(run)
@@ -256,13 +256,12 @@ def release(
                               threshold=threshold,
                               **({"min_agreement": min_agreement} if min_agreement is not None else {}))
             report = run_export(stage, out, parse_formats(f"{FLOAT},{FORMAT}"), options, name=name, log=log)
-            if not report["ok"]:
-                failed = [r for r in report["rows"] if r["status"] == "failed"]
-                raise ValueError(f"conversion failed: {failed[0]['format']}: {failed[0].get('error')}")
-            files = {r["format"]: out / r["file"] for r in report["rows"]}
+            if not report.ok:
+                failed = [r for r in report.rows if r.failed]
+                raise ValueError(f"conversion failed: {failed[0].format}: {failed[0].error}")
+            files = {r.format: out / r.file for r in report.rows}
 
             log("== 3/4 score on the sample through edge_runtime (float32 and int8)")
-            from train.split import read_manifest
 
             held = read_manifest(stage / "calibration.csv", "test")
             labels = list(cfg.labels)
@@ -275,8 +274,9 @@ def release(
             surest = np.maximum(p32.max(1), p8.max(1))[flips]  # of the cells int8 flips
 
             log("== 4/4 package data, registry and model card")
-            report["source"]["path"] = "model.keras"  # not the build machine's absolute path
-            atomic_write_text(stage / "conversion.json", json.dumps(report, indent=2) + "\n")
+            # Not the build machine's absolute path.
+            report = dataclasses.replace(report, source={**report.source, "path": "model.keras"})
+            atomic_write_text(stage / "conversion.json", json.dumps(report.to_dict(), indent=2) + "\n")
             _replace_dir(stage, dest)
             artifact = package / f"{name}.tflite"
             atomic_write_bytes(artifact, files[FORMAT].read_bytes())

@@ -18,7 +18,7 @@ from benchmarks import cli, interleave, report
 from benchmarks.cache import MODELS, Prepared
 from benchmarks.run import KERAS, ROW_FIELDS, Settings, add_ratios, benchmark_model, empty_row, measure_pairs
 from convert.formats import parse_formats
-from edge_runtime.timing import EnergyCounter, time_fn
+from convert.timing import EnergyCounter, time_fn
 from train import runs
 
 FORMATS = "tflite-float32,tflite-int8"
