@@ -8,6 +8,8 @@
     python -m train field-crops --data ../shared/data/iml_malaria --out runs/field-crops
     python -m train field-cv --crops runs/field-crops --nih runs/release.csv --init releases/malaria/model.keras \
         --data ../shared/data/iml_malaria --out runs/field-cv --epochs 3
+    python -m train site-adapt --site NAME --fields DIR_OR_JSON --init releases/malaria-field/model.keras \
+        --nih runs/release.csv --shared-crops runs/field-crops --out runs/site-NAME
     python -m train oct synth|extract|head|fuse|gradcam|predict ...   (see train/oct/cli.py)
 """
 
@@ -17,8 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.oct import cli as oct_cli
 from train.malaria.presets import MALARIA_PRESETS
+from train.oct import cli as oct_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from train.malaria import fieldcv
 
     fieldcv.add_parser(sub)
+    from train.malaria import siteadapt
+
+    siteadapt.add_parser(sub)
     oct_cli.add_parser(sub)
     return p.parse_args(argv)
 
@@ -160,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             from train.malaria import fieldcv
 
             return fieldcv.run(args, sys.argv[1:] if argv is None else argv)
+        if args.command == "site-adapt":
+            from train.malaria import siteadapt
+
+            return siteadapt.run(args, sys.argv[1:] if argv is None else argv)
         if args.command == "oct":
             return oct_cli.run(args)
     except (FileNotFoundError, ValueError) as e:
