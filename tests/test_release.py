@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from edge_runtime import registry  # noqa: E402
-from edge_runtime.metadata import read_tflite, tflite_without_metadata  # noqa: E402
-from tests.helpers import ROOT, SAMPLE  # noqa: E402
+from edge_runtime.metadata import read_tflite  # noqa: E402
+from tests.helpers import ROOT, SAMPLE, tflite_without_metadata  # noqa: E402
 from train.split import read_manifest  # noqa: E402
 
 RELEASE = ROOT / "releases" / "malaria"
