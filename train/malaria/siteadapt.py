@@ -98,7 +98,7 @@ SITE_PRESETS = {
 
 def _iml_json(path: Path) -> list[dict[str, Any]]:
     """Fields of an IML-Malaria annotation file; images in fields/ beside it, else beside it."""
-    from edge_runtime.annotations import PARASITE_TYPES, load_annotations
+    from train.annotations import PARASITE_TYPES, load_annotations
 
     if path.name == "annotations.json" and (path.parent / "fields").is_dir():
         return load_annotations(path.parent)
@@ -336,8 +336,8 @@ def _records(args: argparse.Namespace, preset: SitePreset, site_rows: list[dict[
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from edge_runtime.annotations import summarise
     from train import fieldcrops
+    from train.annotations import summarise
     from train.malaria.fieldcv import fine_tune, measure, nih_int8, sample_records
 
     t_start = time.time()
