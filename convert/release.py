@@ -50,6 +50,7 @@ from edge_runtime import registry
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from edge_runtime.metadata import read_metadata
 from train import runs
+from train.annotations import site_table
 from train.metrics import artifact_metrics
 from train.split import build_split, read_manifest, write_manifest
 
@@ -73,7 +74,7 @@ FIELD_INTENDED_USE = (
 
 
 def calibration_manifest(train_manifest: Path, sample: Path, dest: Path, n: int, seed: int,
-                         copy_from: Path | None = None) -> dict[str, Any]:
+                         copy_from: Path | Sequence[Path] | None = None) -> dict[str, Any]:
     """Write dest/calibration.csv: `n` seeded training cells (train split) and the sample's cells (test split).
 
     Calibration cells under `copy_from` (crops a run made, not a data set kept beside the repository) are
@@ -91,10 +92,12 @@ def calibration_manifest(train_manifest: Path, sample: Path, dest: Path, n: int,
                          "a release is scored on unseen patients only")
     pool = sorted((r for r in trained if r.split == "train"), key=lambda r: r.path)
     calib = random.Random(seed).sample(pool, min(n, len(pool)))
-    src_root = Path(copy_from).resolve() if copy_from is not None else None
+    # one folder, or several (a site adaptation mixes its own crops with the shared ones)
+    roots = [Path(c).resolve() for c in ([copy_from] if isinstance(copy_from, (str, Path)) else copy_from or ())]
+    src_root = roots[0] if roots else None
 
     def made_by_a_run(path: str) -> bool:
-        return src_root is not None and Path(path).resolve().is_relative_to(src_root)
+        return any(Path(path).resolve().is_relative_to(root) for root in roots)
 
     copied = 0
     if src_root is not None:
@@ -201,16 +204,19 @@ def release(
     command: Sequence[str] | None = None,
     threshold: float | None = None,
     field_cv: Path | None = None,
-    copy_calib: Path | None = None,
+    copy_calib: Path | Sequence[Path] | None = None,
     min_agreement: float | None = None,
     notes: Sequence[str] = (),
+    site: dict[str, Any] | None = None,
 ) -> registry.Release:
     """Make the release of `run` (see the module docstring); returns its registry entry.
 
     `field_cv`: the `train field-cv` folder whose `--final` run this is (a model fine-tuned on field crops):
     its leave-one-block-out figures go into the registry and the card. `copy_calib`: calibration cells under
-    this folder are copied beside the card (see `calibration_manifest`). `min_agreement`: the int8 file's
-    lowest top-1 agreement with Keras on the sample (convert's `--min-agreement`), recorded with the release.
+    this folder (or these folders) are copied beside the card (see `calibration_manifest`). `site`: the report
+    of `python -m train site-adapt` whose run this is (its before/after table on held-out site fields).
+    `min_agreement`: the int8 file's lowest top-1 agreement with Keras on the sample (convert's
+    `--min-agreement`), recorded with the release.
 
     Everything is made in a folder beside `dest` and renamed over it once the conversion passed: a failed or
     killed release leaves the previous one as it was.
@@ -295,6 +301,7 @@ def release(
             "int8_flips": {"cells": int(flips.sum()), "max_confidence": float(surest.max()) if flips.any() else None},
             "cv": cv_figures(cv_dir, cfg.preset["name"]),
             **({"field_cv": fields} if fields else {}),
+            **({"site": site_figures(site)} if site else {}),
         },
         trained={
             "preset": cfg.preset["name"], "epochs": cfg.preset["epochs"], "seed": cfg.seed,
@@ -303,13 +310,14 @@ def release(
             "source_sha256": sha256_file(dest / "model.keras"),
             "data": f"{data['data_root']}: every patient of the training manifest; none of {sample}'s"
                     + (f"; and crops of {fields['pooled']['fine_tuned']['fields']} field photos "
-                       f"({fields['settings']['data']})" if fields else ""),
+                       f"({fields['settings']['data']})" if fields else "")
+                    + (f"; and crops of {len(site['adapt_fields'])} fields of site {site['site']}" if site else ""),
             "threshold": read_metadata(artifact).confidence_threshold,
             "min_agreement": min_agreement,
             "notes": list(notes),
             "created": cfg.created,
         },
-        inputs="fields" if fields else "cells",
+        inputs="fields" if fields or site else "cells",
     )
     card = model_card(entry, dest, sample, cfg, data, command, run)
     atomic_write_text(dest / "MODEL_CARD.md", card)
@@ -355,7 +363,7 @@ def _model_lines(r: registry.Release, cfg, data: dict[str, Any]) -> list[str]:
         "",
         "## Intended use",
         "",
-        INTENDED_USE if not r.metrics.get("field_cv") else FIELD_INTENDED_USE,
+        INTENDED_USE if not (r.metrics.get("field_cv") or r.metrics.get("site")) else FIELD_INTENDED_USE,
         "",
         "## Model",
         "",
@@ -445,6 +453,8 @@ def _made_lines(r: registry.Release, dest: Path, commands: Sequence[str], comman
 def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any],
                command: Sequence[str] | None, run: Path) -> str:
     """The model card (Markdown): what it is for, what it learned from, how well it does, how it was made."""
+    if r.metrics.get("site"):
+        return site_card(r, dest, sample, cfg, data, command)
     if r.metrics.get("field_cv"):
         return field_card(r, dest, sample, cfg, data, command)
     m, t = r.metrics, r.trained
@@ -630,6 +640,60 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         fc["command"],
     ]
     return "\n".join(lines + _made_lines(r, dest, commands, command))
+
+
+def site_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """What the registry keeps of a `train site-adapt` report (the table, not the per-field rows)."""
+    keys = ("fields", "annotated_cells", "annotated_parasites", "parasite_recall_called",
+            "uninfected_false_positive_rate", "uninfected_uncertain_rate", "field_sensitivity")
+    return {"site": report["site"], "adapt_fields": report["adapt_fields"], "held_out": report["held_out"],
+            "site_crops": report["site_crops"], "counts": report["counts"], "release": report["release"],
+            "before": {k: report["before"].get(k) for k in keys}, "after": {k: report["after"].get(k) for k in keys},
+            "nih_sample": report["nih_sample"], "reasons": report["reasons"], "command": report["command"],
+            "train_seconds": report["train_seconds"]}
+
+
+def site_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any],
+              command: Sequence[str] | None) -> str:
+    """The card of a site model (`train site-adapt`): judged before/after on the site's held-out fields."""
+    s = r.metrics["site"]
+    c = s["counts"]
+    lines = [
+        *_model_lines(r, cfg, data),
+        f"**Site `{s['site']}`**: the field model adapted to this clinic's microscope, camera and stain.",
+        "",
+        "## Training data",
+        "",
+        f"- {len(s['adapt_fields'])} annotated fields of site `{s['site']}` "
+        f"({', '.join(Path(f).stem for f in s['adapt_fields'])}): {c['site_uninfected']:,} uninfected and "
+        f"{c['site_parasitized_crops']} parasitized crops cut by `edge_runtime.smear` itself (the parasitized ones "
+        f"{c['parasite_repeat']} times each).",
+        f"- Kept in the mix so it does not forget: {c['nih']:,} NIH training cells (U.S. National Library of "
+        f"Medicine, LHNCBC; Rajaraman et al., PeerJ 6:e4568, 2018) and {c['shared_uninfected']:,} uninfected + "
+        f"{c['shared_parasitized_crops']} parasitized crops of the IML-Malaria fields `{s['release']}` learned from "
+        "(Q. Ammar et al., 2022).",
+        "",
+        _recipe(r, cfg),
+        "",
+        "## Measured",
+        "",
+        f"On {len(s['held_out'])} fields of the site it never saw ({', '.join(Path(f).stem for f in s['held_out'])}; "
+        "held out by field), through the whole smear pipeline in int8, as `python -m benchmarks smear` measures:",
+        "",
+        site_table({**s, "name": r.name, "keep": r.name, "convert_seconds": 0}).split("\n\nTraining")[0].split("\n\n", 1)[1],
+        "",
+        f"Released because: {'; '.join(s['reasons'])}.",
+        "",
+        *_sample_lines(r, sample),
+        "## Limitations",
+        "",
+        f"- Judged on {len(s['held_out'])} held-out fields of one site: a few fields are a small test.",
+        "- Another microscope, camera or stain than this site's is a new domain: adapt again.",
+        "- Uncertain cells are 'refer': a slide with many of them is referred, not cleared.",
+        *[f"- {n}" for n in r.trained.get("notes", ())],
+        "",
+    ]
+    return "\n".join(lines + _made_lines(r, dest, [], command or s["command"].split()))
 
 
 def release_parser():

@@ -8,6 +8,8 @@
     python -m train field-crops --data ../shared/data/iml_malaria --out runs/field-crops
     python -m train field-cv --crops runs/field-crops --nih runs/release.csv --init releases/malaria/model.keras \
         --data ../shared/data/iml_malaria --out runs/field-cv --epochs 3
+    python -m train site-adapt --site NAME --fields DIR_OR_JSON --init releases/malaria-field/model.keras \
+        --nih runs/release.csv --shared-crops runs/field-crops --out runs/site-NAME
     python -m train oct synth|extract|head|fuse|gradcam|predict ...   (see train/oct/cli.py)
 """
 
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 
 from train import evaluate, fieldcrops, split
-from train.malaria import cv, fieldcv, review
+from train.malaria import cv, fieldcv, review, siteadapt
 from train.malaria.presets import MALARIA_PRESETS
 from train.oct import cli as oct_cli
 
@@ -110,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fc.add_argument("--fields", nargs="+", metavar="NAME", help="only these fields (file names or stems)")
 
     fieldcv.add_parser(sub)
+    siteadapt.add_parser(sub)
     oct_cli.add_parser(sub)
     return p.parse_args(argv)
 
@@ -148,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             return fieldcrops.run(args.data, args.out, args.fields)
         if args.command == "field-cv":
             return fieldcv.run(args, sys.argv[1:] if argv is None else argv)
+        if args.command == "site-adapt":
+            return siteadapt.run(args, sys.argv[1:] if argv is None else argv)
         if args.command == "oct":
             return oct_cli.run(args)
     except (FileNotFoundError, ValueError) as e:

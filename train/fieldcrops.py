@@ -25,16 +25,17 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from train.annotations import PARASITE_TYPES, UNINFECTED_TYPE, field_blocks, load_annotations, match
 from edge_runtime.fileio import write_json
 from edge_runtime.images import load_image
 from edge_runtime.smear import crop, segment
+from train.annotations import PARASITE_TYPES, UNINFECTED_TYPE, field_blocks, load_annotations, match
 
 POSITIVE, NEGATIVE = "Parasitized", "Uninfected"
 CROPS_CSV = "field-crops.csv"
@@ -72,16 +73,14 @@ def field_crops(ann: dict[str, Any]) -> tuple[list[tuple[np.ndarray, str, int]],
                                                      "skipped_type")}
 
 
-def run(data: Path, out: Path, fields: Sequence[str] | None = None) -> int:
-    """Cut, label and write every annotated field's crops; 0 when at least one field gave crops."""
-    data, out = Path(data), Path(out)
-    anns = load_annotations(data, fields)
-    blocks = field_blocks([a["image"].name for a in load_annotations(data)])  # blocks of the whole set
+def cut(anns: Sequence[dict[str, Any]], out: Path, block_of: dict[str, str]
+        ) -> tuple[list[dict[str, str]], dict[str, dict[str, Any]], dict[str, str]]:
+    """Cut and write these fields' labelled crops into OUT/crops/<block>/; (manifest rows, counts per field,
+    failed fields). `block_of` maps a field's file name to its block (the rows' `patient`)."""
     rows, per_field, failed = [], {}, {}
-    t0 = time.perf_counter()
     for i, ann in enumerate(anns, 1):
         name = ann["image"].name
-        block = blocks[name]
+        block = block_of[name]
         try:
             crops, counts = field_crops(ann)
         except (ValueError, OSError) as e:  # SmearError and ImageError are ValueErrors
@@ -99,13 +98,29 @@ def run(data: Path, out: Path, fields: Sequence[str] | None = None) -> int:
         print(f"[{i}/{len(anns)}] {name} (block {block}): {counts[POSITIVE]} parasitized + {counts[NEGATIVE]} "
               f"uninfected crops of {counts['annotated']} annotated; {counts['unmatched']} unmatched, "
               f"{counts['not_rbc']} matched a region that is not a red cell", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (CROPS_CSV + ".tmp")
+    return rows, per_field, failed
+
+
+def write_rows(rows: Sequence[dict[str, str]], path: Path) -> None:
+    """The crops manifest (FIELDS columns), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, out / CROPS_CSV)
+    os.replace(tmp, path)
+
+
+def run(data: Path, out: Path, fields: Sequence[str] | None = None) -> int:
+    """Cut, label and write every annotated field's crops; 0 when at least one field gave crops."""
+    data, out = Path(data), Path(out)
+    anns = load_annotations(data, fields)
+    blocks = field_blocks([a["image"].name for a in load_annotations(data)])  # blocks of the whole set
+    t0 = time.perf_counter()
+    rows, per_field, failed = cut(anns, out, blocks)
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows(rows, out / CROPS_CSV)
     by_block: dict[str, Counter] = {}
     for f in per_field.values():
         by_block.setdefault(f["block"], Counter()).update({k: v for k, v in f.items() if k != "block"})

@@ -26,8 +26,8 @@ from train import runs
 from train.data import make_dataset
 from train.malaria.models import build_resnet, describe
 from train.malaria.presets import MALARIA_PRESETS, MalariaPreset
-from train.training import RunLogger, pick_strategy
 from train.split import read_manifest
+from train.training import RunLogger, pick_strategy
 
 POSITIVE_LABEL = "Parasitized"
 FINAL = "final.keras"  # the run's model when the final epoch is kept (select_best=False)

@@ -14,7 +14,6 @@ from train.malaria.presets import ResNetConfig
 from train.training import keras_module as keras_module_of
 
 
-
 def build_resnet(
     cfg: ResNetConfig,
     input_shape: tuple[int, int, int] = (64, 64, 3),

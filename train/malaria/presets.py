@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-
 BLOCKS = ("preact", "post", "inverted")
 HEADS = ("flatten", "gap")
 ACTIVATIONS = ("relu", "relu6")

@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, write_json
 from train.malaria.cv import OOF, _read_oof, _write_csv
+
 TILE = 96  # contact-sheet cell size, pixels
 COLUMNS = 8
 

@@ -37,8 +37,17 @@ from train.evaluate import load_model, write_report
 from train.metrics import classification_metrics
 from train.oct.facts import SYNTHETIC_NOTE, referral_metrics
 from train.oct.models import (
-    build_base, build_head, build_top, describe_base, features_fingerprint, fuse, load_head, preprocess_name,
-    preprocess_spec, weights_fingerprint)
+    build_base,
+    build_head,
+    build_top,
+    describe_base,
+    features_fingerprint,
+    fuse,
+    load_head,
+    preprocess_name,
+    preprocess_spec,
+    weights_fingerprint,
+)
 from train.oct.store import make_sequence, read_column, read_info, split_indices
 from train.split import Record
 from train.training import RunLogger

@@ -33,13 +33,18 @@ import numpy as np
 
 from edge_runtime.clinical import OCT_LABELS
 from edge_runtime.spec import PreprocessSpec
+from train.data import make_dataset
 from train.oct.facts import any_synthetic
 from train.oct.models import (
-    FEATURE_LAYER, FEATURE_SHAPE, build_base, describe_base, features_fingerprint, preprocess_spec,
+    FEATURE_LAYER,
+    FEATURE_SHAPE,
+    build_base,
+    describe_base,
+    features_fingerprint,
+    preprocess_spec,
     weights_fingerprint,
 )
 from train.split import Record, read_manifest
-from train.data import make_dataset
 
 STORE_FORMAT = "medge-oct-bottleneck/1"
 DTYPES = ("float32", "float16")
