@@ -107,8 +107,13 @@ def field_blocks(names: Sequence[str], gap: int = 20) -> dict[str, str]:
     return out
 
 
-def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> dict[str, Any]:
-    """One row: annotated and found cells, parasites found (and called), false positives, counts, times."""
+def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
+                  image: np.ndarray | None = None) -> dict[str, Any]:
+    """One row: annotated and found cells, parasites found (and called), false positives, counts, times.
+
+    `image` (an RGB array) is measured instead of the file `ann["image"]` names: the domain-shift harness
+    (`benchmarks/shift.py`) passes transformed fields with their boxes transformed alike.
+    """
     from edge_runtime.images import load_image
     from edge_runtime.smear import SmearError, analyse_field, segment
 
@@ -117,13 +122,13 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> d
     t0 = time.perf_counter()
     if model is None:
         try:
-            seg = segment(load_image(ann["image"]), ann["image"].name)
+            seg = segment(load_image(ann["image"]) if image is None else image, ann["image"].name)
         except (SmearError, ValueError) as e:
             return {**row, "error": str(e)}
         cells = [{"bbox": c.bbox, "kind": c.kind, "label": None, "uncertain": False} for c in seg.cells]
         row["segment_ms"] = (time.perf_counter() - t0) * 1e3
     else:
-        res, _ = analyse_field(model, ann["image"], ann["image"].name, normalise=normalise)
+        res, _ = analyse_field(model, ann["image"] if image is None else image, ann["image"].name, normalise=normalise)
         if res.error:
             return {**row, "error": res.error}
         cells = [c.to_dict() for c in res.cells]

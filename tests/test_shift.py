@@ -1,0 +1,70 @@
+"""benchmarks/shift.py: the domain-shift transforms and `benchmarks smear --shift`, on the bundled real fields."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("cv2", reason="the shift harness needs the `smear` extra (opencv-python-headless)")
+
+from benchmarks.shift import BY_NAME, TRANSFORMS, resolve, shifted  # noqa: E402
+from edge_runtime.annotations import load_annotations  # noqa: E402
+from helpers import ROOT  # noqa: E402
+
+SMEAR_SAMPLE = ROOT / "tests" / "data" / "iml_malaria_sample"
+
+
+@pytest.fixture(scope="module")
+def field() -> tuple[dict, np.ndarray]:
+    ann = load_annotations(SMEAR_SAMPLE, ["PA171704"])[0]
+    return ann, np.asarray(Image.open(ann["image"]).convert("RGB"))
+
+
+def test_resolve_names_all_and_refuses_unknown_names():
+    assert [t.name for t in resolve("all")] == [t.name for t in TRANSFORMS]
+    assert [t.name for t in resolve("blue_grey, scale_0.6")] == ["blue_grey", "scale_0.6"]
+    with pytest.raises(ValueError, match="unknown --shift transform.*pinkish.*known: all, none, blue_grey"):
+        resolve("blue_grey,pinkish")
+
+
+def test_blue_grey_moves_the_stain_and_keeps_the_background(field):
+    import cv2
+
+    ann, rgb = field
+    _, out = shifted(ann, rgb, BY_NAME["blue_grey"])
+    lab0 = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(float)
+    lab1 = cv2.cvtColor(out, cv2.COLOR_RGB2LAB).astype(float)
+    bright = lab0[:, :, 0] >= np.percentile(lab0[:, :, 0], 90)
+    cells = lab0[:, :, 0] <= np.percentile(lab0[:, :, 0], 30)
+    assert np.abs(np.median(lab1[bright], 0) - np.median(lab0[bright], 0)).max() <= 3  # the lamp is unchanged
+    # pink (a > background's) becomes blue (b below the background's, a no longer above it)
+    bg = np.median(lab0[bright], 0)
+    assert np.median(lab0[cells][:, 1]) - bg[1] > 5
+    assert np.median(lab1[cells][:, 1]) - bg[1] < 2 and np.median(lab1[cells][:, 2]) - bg[2] < -3
+
+
+def test_scaled_fields_scale_their_boxes_and_noise_is_fixed_per_field(field):
+    ann, rgb = field
+    a, out = shifted(ann, rgb, BY_NAME["scale_0.6"])
+    assert out.shape[:2] == (round(rgb.shape[0] * 0.6), round(rgb.shape[1] * 0.6))
+    assert a["boxes"][0] == pytest.approx([v * 0.6 for v in ann["boxes"][0]]) and ann["boxes"] is not a["boxes"]
+    n1, n2 = (shifted(ann, rgb, BY_NAME["noise_8"])[1] for _ in range(2))
+    assert (n1 == n2).all() and not (n1 == rgb).all()
+
+
+def test_benchmark_shift_reports_one_row_per_transform(tmp_path, capsys):
+    from benchmarks.smear import main
+
+    assert main(["--data", str(SMEAR_SAMPLE), "--fields", "PA171704", "--shift", "none,jpeg_30",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "smear.json").read_text())
+    assert [r["transform"] for r in report["shift"]] == ["none", "jpeg_30"]
+    assert report["shift"][0]["summary"] == report["summary"]  # "none" is the plain run
+    assert 0.5 < report["shift"][1]["summary"]["cell_recall"] <= 1.0
+    md = (tmp_path / "smear.md").read_text()
+    assert "| jpeg_30 |" in md and "| transform | cell recall |" in md
+    assert main(["--data", str(SMEAR_SAMPLE), "--shift", "sepia", "--out", str(tmp_path)]) == 2
+    assert "unknown --shift transform" in capsys.readouterr().err
