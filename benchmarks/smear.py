@@ -52,7 +52,7 @@ def shift_rows(anns: list[dict[str, Any]], transforms, model, normalise: bool,
     """One {"transform", "what", "summary", "fields"} per transform ("none" reuses the plain rows)."""
     import numpy as np
 
-    from benchmarks.shift import shifted
+    from benchmarks.shift import all_fields, shifted
     from edge_runtime.images import load_image
 
     by_t: dict[str, list[dict[str, Any]]] = {t.name: [] for t in transforms if t.name != "none"}
@@ -76,7 +76,7 @@ def shift_rows(anns: list[dict[str, Any]], transforms, model, normalise: bool,
     out = []
     for t in transforms:
         rows = plain_rows if t.name == "none" else by_t[t.name]
-        out.append({"transform": t.name, "what": t.what, "summary": summarise(rows, model is not None),
+        out.append({"transform": t.name, "what": t.what, "summary": {**all_fields(rows), **summarise(rows, model is not None)},
                     "fields": [{k: v for k, v in r.items() if k != "matched_cells"} for r in rows]})
     return out
 
