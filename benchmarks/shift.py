@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -176,7 +177,8 @@ def all_fields(rows: list[dict[str, Any]]) -> dict[str, float]:
             "parasite_recall_detection_all_fields": sum(r.get("parasites_found", 0) for r in rows) / max(par, 1)}
 
 
-SHIFT_METRICS = ("cell_recall_all_fields", "parasite_recall_detection_all_fields", "cell_recall", "parasite_recall_detection", "parasite_recall_called",
+SHIFT_METRICS = ("cell_recall_all_fields", "parasite_recall_detection_all_fields", "cell_recall",
+                 "parasite_recall_detection", "parasite_recall_called",
                  "uninfected_false_positive_rate", "uninfected_uncertain_rate", "fields_failed",
                  "segment_ms_per_field")
 

@@ -35,7 +35,13 @@ from typing import Any
 # The matcher, the annotation reader and the per-field scoring live in edge_runtime.annotations: train's
 # field crops and field-cv count cells by the same rules.
 from edge_runtime.annotations import (
-    IOU_MATCH, load_annotations, measure_field, rows_csv, summarise, threshold_markdown, threshold_table,
+    IOU_MATCH,
+    load_annotations,
+    measure_field,
+    rows_csv,
+    summarise,
+    threshold_markdown,
+    threshold_table,
 )
 
 
@@ -76,7 +82,8 @@ def shift_rows(anns: list[dict[str, Any]], transforms, model, normalise: bool,
     out = []
     for t in transforms:
         rows = plain_rows if t.name == "none" else by_t[t.name]
-        out.append({"transform": t.name, "what": t.what, "summary": {**all_fields(rows), **summarise(rows, model is not None)},
+        summary = {**all_fields(rows), **summarise(rows, model is not None)}
+        out.append({"transform": t.name, "what": t.what, "summary": summary,
                     "fields": [{k: v for k, v in r.items() if k != "matched_cells"} for r in rows]})
     return out
 

@@ -10,9 +10,10 @@ from PIL import Image
 
 pytest.importorskip("cv2", reason="the shift harness needs the `smear` extra (opencv-python-headless)")
 
-from benchmarks.shift import BY_NAME, TRANSFORMS, resolve, shifted  # noqa: E402
-from edge_runtime.annotations import load_annotations  # noqa: E402
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT
+
+from benchmarks.shift import BY_NAME, TRANSFORMS, resolve, shifted
+from edge_runtime.annotations import load_annotations
 
 SMEAR_SAMPLE = ROOT / "tests" / "data" / "iml_malaria_sample"
 
@@ -115,3 +116,19 @@ def test_burned_in_labels_and_scale_bars_are_never_cells(field):
         x, y, w, h = c.box
         if c.kind == "rbc":
             assert bar[y:y + h, x:x + w][c.mask].mean() < 0.02
+
+
+def test_the_users_micrometres_per_pixel_set_the_cell_size(field):
+    """With --um-per-px the typical radius is a red cell's 3.75 um, not an estimate; bad values say what to give."""
+    from edge_runtime.smear import segment
+    from edge_runtime.smear.cells import RBC_RADIUS_UM
+
+    ann, rgb = field
+    plain = segment(rgb, "plain")
+    um = RBC_RADIUS_UM / plain.radius  # this field's scale, as a stage micrometer would give it
+    a, small = shifted(ann, rgb, BY_NAME["scale_0.6"])
+    seg = segment(small, "small", um_per_px=um / 0.6)
+    assert seg.radius == pytest.approx(0.6 * plain.radius)
+    assert _recall(a, seg) >= _recall(a, segment(small, "estimated")) - 0.02 and _recall(a, seg) >= 0.8
+    with pytest.raises(ValueError, match="um_per_px must be a positive number.*got -1"):
+        segment(rgb, "x", um_per_px=-1)

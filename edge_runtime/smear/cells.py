@@ -82,7 +82,6 @@ import math
 import numpy as np
 from PIL import Image
 
-
 # Fields larger than this (longest side, pixels) are segmented on a downscaled copy: a
 # 1280x960 microscope photo is kept as is, a 12 MP phone photo is halved twice.
 MAX_SIDE = 2048
@@ -100,6 +99,9 @@ VOTE_RADII = (0.75, 1.25)  # x typical radius: how far in from the outline a bou
 # burned-in black scale bar is at 0.004-0.009.
 INK_LEVEL = 0.25
 INK_SHARE = 0.1  # a region with more of its pixels print (or next to it) than this is not a cell
+# Micrometres: a normal red cell is 7-8 um across on a thin film (Bain, "Blood cells", 2015); the radius
+# `segment(um_per_px=...)` takes for the typical cell.
+RBC_RADIUS_UM = 3.75
 # x typical cell area: a chromatin spot this size (ring to schizont; a white cell's nucleus is larger,
 # WBC_NUCLEUS_AREA) inside a clump or a white cell's region gives a candidate red cell to classify.
 CANDIDATE_SPOT = (0.004, 0.2)
@@ -640,8 +642,8 @@ def _chromatin_candidates(cells: list[Cell], labels: np.ndarray, purple: np.ndar
         taken[by0:by1, bx0:bx1] |= disc
         index += 1
         labels[by0:by1, bx0:bx1][disc] = index  # the split gives the candidate its disc (crops cut to it)
-        out.append(Cell(index=index, bbox=[int(round(v * scale)) for v in box], area=int(round(m.sum() * scale * scale)),
-                        kind="rbc", mask=m, box=box))
+        out.append(Cell(index=index, bbox=[int(round(v * scale)) for v in box],
+                        area=int(round(m.sum() * scale * scale)), kind="rbc", mask=m, box=box))
     return out
 
 
@@ -657,16 +659,23 @@ def _kind(area_px: float, typical: float, nucleus_px: int, purple_share: float, 
     return "rbc"
 
 
-def segment(image: Image.Image | np.ndarray, name: str = "field") -> Segmentation:
+def segment(image: Image.Image | np.ndarray, name: str = "field", um_per_px: float | None = None) -> Segmentation:
     """Find the cells of one field photo.
 
     Args:
         image: a PIL image (already loaded, e.g. by `edge_runtime.load_image`) or an RGB uint8 array.
         name: what errors call it.
+        um_per_px: the photo's micrometres per pixel, when the user knows it (a stage micrometer, the
+            objective and camera): the typical red cell's radius is then RBC_RADIUS_UM / um_per_px instead
+            of being estimated from the photo.
 
     Raises:
         SmearError: no cells found (a blank, black or non-smear photo).
+        ValueError: `um_per_px` not a positive number.
     """
+    if um_per_px is not None and not (isinstance(um_per_px, (int, float)) and math.isfinite(um_per_px)
+                                      and um_per_px > 0):
+        raise ValueError(f"um_per_px must be a positive number of micrometres per pixel, got {um_per_px!r}")
     cv2 = _cv2()
     if isinstance(image, np.ndarray):
         image = _array_image(image, name)
@@ -689,8 +698,13 @@ def segment(image: Image.Image | np.ndarray, name: str = "field") -> Segmentatio
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
     # Size first, on every hole filled (gaps too: a ring of cells counts once in the median).
     filled = mask | _holes(mask)
-    radius = _estimate_radius(filled, cv2.distanceTransform(filled, cv2.DIST_L2, 5))
-    if radius >= MIN_RADIUS:
+    if um_per_px is not None:  # the user's scale wins over any estimate (in working pixels)
+        radius = RBC_RADIUS_UM / (um_per_px * scale)
+        if radius >= MIN_RADIUS:
+            mask = _fill_cell_holes(mask, dark, math.pi * radius * radius, mode + 2 * sigma)
+    else:
+        radius = _estimate_radius(filled, cv2.distanceTransform(filled, cv2.DIST_L2, 5))
+    if um_per_px is None and radius >= MIN_RADIUS:
         mask = _fill_cell_holes(mask, dark, math.pi * radius * radius, mode + 2 * sigma)
         # The components' deepest points underestimate a cell (fragments, debris and partial cells pull
         # the median down): an isolated cell is a convex blob, so their median size is the typical cell.
