@@ -130,5 +130,5 @@ def test_the_users_micrometres_per_pixel_set_the_cell_size(field):
     seg = segment(small, "small", um_per_px=um / 0.6)
     assert seg.radius == pytest.approx(0.6 * plain.radius)
     assert _recall(a, seg) >= _recall(a, segment(small, "estimated")) - 0.02 and _recall(a, seg) >= 0.8
-    with pytest.raises(ValueError, match="um_per_px must be a positive number.*got -1"):
+    with pytest.raises(ValueError, match="x: um_per_px must be a positive number.*got -1"):
         segment(rgb, "x", um_per_px=-1)
