@@ -418,6 +418,18 @@ def _markers(mask: np.ndarray, dist: np.ndarray, radius: float) -> np.ndarray:
     return markers.astype(np.int32)
 
 
+def _centre_depth(filled: np.ndarray) -> float:
+    """Median distance-transform value at its local maxima (15x15, at least MIN_RADIUS deep): cell centres."""
+    cv2 = _cv2()
+    dist = cv2.distanceTransform(filled, cv2.DIST_L2, 5)
+    peaks = (dist >= cv2.dilate(dist, np.ones((15, 15), np.uint8))) & (dist >= MIN_RADIUS)
+    n, _, _, centres = cv2.connectedComponentsWithStats(peaks.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return 0.0
+    xy = np.rint(centres[1:]).astype(np.int64)
+    return float(np.median(dist[xy[:, 1], xy[:, 0]]))
+
+
 def _convex_radius(mask: np.ndarray, at_least: float) -> tuple[float, int]:
     """Median equivalent radius of the convex (single-cell) components at least `at_least` in radius, and how many."""
     cv2 = _cv2()
@@ -727,6 +739,12 @@ def segment(image: Image.Image | np.ndarray, name: str = "field", um_per_px: flo
         single, count = _convex_radius(mask, 0.5 * radius)
         if count >= MIN_SINGLE_CELLS:
             radius = single
+        else:
+            # A crowded field (under MIN_SINGLE_CELLS isolated cells) is a few large blobs, so the median of
+            # the blobs' deepest points is no cell's size (PA171748: 13 px for ~35 px cells, 235 "clumps").
+            # Inside a blob of touching cells the distance transform peaks at each cell's centre, about one
+            # radius deep: the median of those local maxima (36.4 px there; 33.6-36.8 on uncrowded fields).
+            radius = max(radius, _centre_depth(filled))
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
     # A photo with no cells: nothing stands out of the background, or everything does (no
     # background to count against), or what does is far larger than a cell among many
