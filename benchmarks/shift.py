@@ -6,7 +6,7 @@
 The pipeline is judged on labs nobody on the team has seen: Giemsa from pink to blue-grey (buffer pH,
 batch), other white balance, soft focus, another magnification, phone JPEG, a noisy sensor. Each
 transform below is applied to every measured field (annotated boxes scaled with it) and the field is
-scored exactly as the untransformed one (`edge_runtime.annotations.measure_field`), so a transform's row
+scored exactly as the untransformed one (`train.annotations.measure_field`), so a transform's row
 says what that shift alone costs. The transforms are deterministic (noise from a fixed seed per field),
 so two runs of one commit give the same table.
 

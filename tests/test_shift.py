@@ -13,7 +13,7 @@ pytest.importorskip("cv2", reason="the shift harness needs the `smear` extra (op
 from helpers import ROOT
 
 from benchmarks.shift import BY_NAME, TRANSFORMS, resolve, shifted
-from edge_runtime.annotations import load_annotations
+from train.annotations import load_annotations
 
 SMEAR_SAMPLE = ROOT / "tests" / "data" / "iml_malaria_sample"
 
@@ -72,7 +72,7 @@ def test_benchmark_shift_reports_one_row_per_transform(tmp_path, capsys):
 
 
 def _recall(ann: dict, seg) -> float:
-    from edge_runtime.annotations import match
+    from train.annotations import match
 
     return float(np.mean(match(ann["boxes"], [c.bbox for c in seg.cells]) >= 0))
 

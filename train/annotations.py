@@ -4,7 +4,9 @@ Shared by `benchmarks smear` and `train field-cv` (which score the field pipelin
 boxes: `measure_field`, `summarise`, `threshold_table`) and `train field-crops` (which labels the
 runtime's own crops by them), so all count a cell as found by the same rule: a detected region's
 box overlaps the annotated box with IoU >= 0.5, greedy one-to-one matching, highest IoU first.
-No TensorFlow; OpenCV only through `edge_runtime.smear` when a field is measured.
+No TensorFlow; OpenCV only through `edge_runtime.smear` when a field is measured. It lives in `train`, not in
+`edge_runtime`: scoring against annotations is evaluation, never run on a device (what a Pi installs is what a
+Pi runs).
 
 A DATA folder holds `fields/*.JPG` and `annotations.json`: a list of
 {"image_name", "objects": [{"type", "bbox": {"x", "y", "w", "h"}}]} (`x, y` the top-left corner).
@@ -21,6 +23,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from edge_runtime.images import load_image
+from edge_runtime.smear import SmearError, analyse_field, segment
 
 PARASITE_TYPES = ("ring", "trophozoite", "schizont", "gametocyte")
 UNINFECTED_TYPE = "red blood cell"
@@ -114,9 +119,6 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
     `image` (an RGB array) is measured instead of the file `ann["image"]` names: the domain-shift harness
     (`benchmarks/shift.py`) passes transformed fields with their boxes transformed alike.
     """
-    from edge_runtime.images import load_image
-    from edge_runtime.smear import SmearError, analyse_field, segment
-
     row: dict[str, Any] = {"field": ann["image"].name, "annotated": len(ann["boxes"]),
                            "annotated_parasites": int(sum(ann["parasite"])), "error": None}
     t0 = time.perf_counter()
@@ -128,7 +130,7 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
         cells = [{"bbox": c.bbox, "kind": c.kind, "label": None, "uncertain": False} for c in seg.cells]
         row["segment_ms"] = (time.perf_counter() - t0) * 1e3
     else:
-        res, _ = analyse_field(model, ann["image"] if image is None else image, ann["image"].name, normalise=normalise)
+        res = analyse_field(model, ann["image"] if image is None else image, ann["image"].name, normalise=normalise)
         if res.error:
             return {**row, "error": res.error}
         cells = [c.to_dict() for c in res.cells]
