@@ -17,6 +17,12 @@ count error per field (detected "rbc" regions minus annotated cells, mean
 absolute and mean signed) and time per field (segmentation; end to end with
 the model); with --model also what the uncertain bar trades (`threshold_table`). Writes
 smear.json, smear.csv (one row per field) and smear.md to --out.
+
+With --shift (`all` or names from `benchmarks/shift.py`'s TRANSFORMS: blue-grey stain, white
+balance, blur, defocus, 0.6-1.5x scale, JPEG, sensor noise...) every field is measured again under each
+transform and smear.md/smear.json gain one row per transform (the domain-shift harness):
+
+    python -m benchmarks smear --data ../shared/data/iml_malaria --shift all --fields PA171704 PA171790
 """
 
 from __future__ import annotations
@@ -50,6 +56,41 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def shift_rows(anns: list[dict[str, Any]], transforms, model, normalise: bool,
+               plain_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One {"transform", "what", "summary", "fields"} per transform ("none" reuses the plain rows)."""
+    import numpy as np
+
+    from benchmarks.shift import all_fields, shifted
+    from edge_runtime.images import load_image
+
+    by_t: dict[str, list[dict[str, Any]]] = {t.name: [] for t in transforms if t.name != "none"}
+    for ann in anns:
+        try:
+            rgb = np.asarray(load_image(ann["image"]))
+        except ValueError as e:
+            for name in by_t:
+                by_t[name].append({"field": ann["image"].name, "annotated": len(ann["boxes"]),
+                                   "annotated_parasites": int(sum(ann["parasite"])), "error": str(e)})
+            continue
+        for t in transforms:
+            if t.name == "none":
+                continue
+            a, img = shifted(ann, rgb, t)
+            r = measure_field(a, model, normalise, image=img)
+            by_t[t.name].append(r)
+            print(f"{t.name} {r['field']}: " + (r["error"] or f"{r['found']}/{r['annotated']} cells, "
+                                                 f"{r['parasites_found']}/{r['annotated_parasites']} parasites"),
+                  file=sys.stderr)
+    out = []
+    for t in transforms:
+        rows = plain_rows if t.name == "none" else by_t[t.name]
+        summary = {**all_fields(rows), **summarise(rows, model is not None)}
+        out.append({"transform": t.name, "what": t.what, "summary": summary,
+                    "fields": [{k: v for k, v in r.items() if k != "matched_cells"} for r in rows]})
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks smear", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --model: confidence below which a cell is uncertain (default: the model's)")
     p.add_argument("--fields", nargs="+", metavar="NAME",
                    help="measure only these fields (file names or stems, e.g. PA171704), e.g. one held-out block")
+    p.add_argument("--shift", metavar="NAMES",
+                   help="also measure every field under these transforms (comma-separated names, or all; "
+                        "see benchmarks/shift.py)")
     return p.parse_args(argv)
 
 
@@ -69,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     try:
+        transforms = []
+        if args.shift:
+            from benchmarks.shift import resolve
+
+            transforms = resolve(args.shift)
         anns = load_annotations(args.data, args.fields)
         model = None
         if args.model is not None:
@@ -92,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                           "mean nothing")
         report["thresholds"] = threshold_table(rows)
     md = table(summary) + "\n" + ("\n" + threshold_markdown({"model": report["thresholds"]}) if model else "")
+    if transforms:
+        report["shift"] = shift_rows(anns, transforms, model, args.normalise, rows)
+        from benchmarks.shift import shift_markdown
+
+        md += "\n" + shift_markdown(report["shift"])
     write_json(args.out / "smear.json", report)
     atomic_write_text(args.out / "smear.csv", rows_csv(rows))
     atomic_write_text(args.out / "smear.md", md)

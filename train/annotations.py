@@ -112,20 +112,25 @@ def field_blocks(names: Sequence[str], gap: int = 20) -> dict[str, str]:
     return out
 
 
-def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> dict[str, Any]:
-    """One row: annotated and found cells, parasites found (and called), false positives, counts, times."""
+def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
+                  image: np.ndarray | None = None) -> dict[str, Any]:
+    """One row: annotated and found cells, parasites found (and called), false positives, counts, times.
+
+    `image` (an RGB array) is measured instead of the file `ann["image"]` names: the domain-shift harness
+    (`benchmarks/shift.py`) passes transformed fields with their boxes transformed alike.
+    """
     row: dict[str, Any] = {"field": ann["image"].name, "annotated": len(ann["boxes"]),
                            "annotated_parasites": int(sum(ann["parasite"])), "error": None}
     t0 = time.perf_counter()
     if model is None:
         try:
-            seg = segment(load_image(ann["image"]), ann["image"].name)
+            seg = segment(load_image(ann["image"]) if image is None else image, ann["image"].name)
         except (SmearError, ValueError) as e:
             return {**row, "error": str(e)}
         cells = [{"bbox": c.bbox, "kind": c.kind, "label": None, "uncertain": False} for c in seg.cells]
         row["segment_ms"] = (time.perf_counter() - t0) * 1e3
     else:
-        res = analyse_field(model, ann["image"], ann["image"].name, normalise=normalise)
+        res = analyse_field(model, ann["image"] if image is None else image, ann["image"].name, normalise=normalise)
         if res.error:
             return {**row, "error": res.error}
         cells = [c.to_dict() for c in res.cells]

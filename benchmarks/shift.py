@@ -1,0 +1,204 @@
+"""A domain-shift harness: the shared fields as another lab, microscope or camera would photograph them.
+
+    python -m benchmarks smear --data ../shared/data/iml_malaria --shift all --out runs/smear-shift
+    python -m benchmarks smear --data ../shared/data/iml_malaria --shift blue_grey,scale_0.6 --fields PA171704
+
+The pipeline is judged on labs nobody on the team has seen: Giemsa from pink to blue-grey (buffer pH,
+batch), other white balance, soft focus, another magnification, phone JPEG, a noisy sensor. Each
+transform below is applied to every measured field (annotated boxes scaled with it) and the field is
+scored exactly as the untransformed one (`train.annotations.measure_field`), so a transform's row
+says what that shift alone costs. The transforms are deterministic (noise from a fixed seed per field),
+so two runs of one commit give the same table.
+
+What each transform stands for, and its size, is in `TRANSFORMS`: one table that the command line, the
+report and the tests iterate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def _cv2():
+    import cv2
+
+    return cv2
+
+
+def _lab_chroma(rgb: np.ndarray, angle_deg: float, chroma: float, lightness: float = 1.0) -> np.ndarray:
+    """CIELAB chroma (a, b) relative to the background rotated by `angle_deg` and scaled by `chroma`; L scaled
+    around the background's by `lightness`.
+
+    Relative to the background (the median of the brightest fifth of the pixels): the stain's colour
+    changes and the lamp's does not, as with another stain under the same microscope (a rotation about
+    neutral grey, or a hue shift in HSV, turned the IML fields' greenish background pink).
+    """
+    cv2 = _cv2()
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    bright = lab[:, :, 0] >= np.percentile(lab[:, :, 0], 80)
+    bl, ba, bb = (float(np.median(lab[:, :, k][bright])) for k in range(3))
+    a, b = lab[:, :, 1] - ba, lab[:, :, 2] - bb
+    t = np.deg2rad(angle_deg)
+    c, s = np.cos(t), np.sin(t)
+    lab[:, :, 1] = ba + chroma * (c * a - s * b)
+    lab[:, :, 2] = bb + chroma * (s * a + c * b)
+    lab[:, :, 0] = bl - lightness * (bl - lab[:, :, 0])
+    return cv2.cvtColor(np.clip(lab + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def _gains(rgb: np.ndarray, r: float, g: float, b: float) -> np.ndarray:
+    """Per-channel gains (a camera's white balance or a lamp's colour)."""
+    return np.clip(rgb.astype(np.float32) * np.array([r, g, b], np.float32) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _contrast(rgb: np.ndarray, contrast: float, brightness: float) -> np.ndarray:
+    """Contrast around mid-grey, then a brightness offset (grey levels)."""
+    out = (rgb.astype(np.float32) - 128.0) * contrast + 128.0 + brightness
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _gaussian_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
+    return _cv2().GaussianBlur(rgb, (0, 0), sigma)
+
+
+def _defocus(rgb: np.ndarray, radius: int) -> np.ndarray:
+    """Out of focus: a uniform disc kernel (the lens's circle of confusion), not a Gaussian."""
+    cv2 = _cv2()
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1)).astype(np.float32)
+    return cv2.filter2D(rgb, -1, k / k.sum(), borderType=cv2.BORDER_REFLECT)
+
+
+def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """Recompressed as a phone or a messaging app would (4:2:0 chroma, low quality)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def _noise(rgb: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """Sensor noise: Gaussian, signal-dependent (shot noise grows as the square root of the level)."""
+    rng = np.random.default_rng(seed)
+    x = rgb.astype(np.float32)
+    std = sigma * np.sqrt(np.maximum(x, 1.0) / 128.0)
+    return np.clip(x + rng.standard_normal(x.shape).astype(np.float32) * std + 0.5, 0, 255).astype(np.uint8)
+
+
+def _rescale(rgb: np.ndarray, f: float) -> np.ndarray:
+    cv2 = _cv2()
+    h, w = rgb.shape[:2]
+    interp = cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC
+    return cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=interp)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """One domain shift: `apply(rgb, seed) -> rgb`; `scale` multiplies the annotated boxes (1.0: unchanged)."""
+
+    name: str
+    what: str
+    apply: Callable[[np.ndarray, int], np.ndarray]
+    scale: float = 1.0
+
+
+# Sizes: the IML fields' red cells are pink (CIELAB hue ~ 350 deg, chroma ~ 20); a blue-grey Giemsa
+# (alkaline buffer, old stain) puts them bluish grey at about half the chroma, i.e. a rotation of
+# about -75 deg. Scales span 0.6-1.5x (a 40x against a 100x objective through different eyepieces and
+# sensors); blur and defocus are of a soft field a person would still photograph.
+TRANSFORMS: tuple[Transform, ...] = (
+    Transform("none", "the shared field as it is", lambda x, s: x),
+    Transform("blue_grey", "stain rotated from pink to blue-grey (CIELAB hue -75 deg, chroma x0.5)",
+              lambda x, s: _lab_chroma(x, -75.0, 0.5)),
+    Transform("purple_deep", "deep purple stain (hue -25 deg, chroma x1.4, darker)",
+              lambda x, s: _lab_chroma(x, -25.0, 1.4, 1.3)),
+    Transform("pale", "pale, washed-out stain (chroma x0.4, lightness contrast x0.6)",
+              lambda x, s: _lab_chroma(x, 0.0, 0.4, 0.6)),
+    Transform("grey_stain", "almost no colour (chroma x0.15)", lambda x, s: _lab_chroma(x, 0.0, 0.15)),
+    Transform("warm_wb", "warm white balance / halogen lamp (gains R 1.0, G 0.85, B 0.65)",
+              lambda x, s: _gains(x, 1.0, 0.85, 0.65)),
+    Transform("cool_wb", "cool white balance / LED (gains R 0.75, G 0.9, B 1.0)",
+              lambda x, s: _gains(x, 0.75, 0.9, 1.0)),
+    Transform("dark_low_contrast", "under-exposed, low contrast (contrast x0.6, brightness -40)",
+              lambda x, s: _contrast(x, 0.6, -40.0)),
+    Transform("bright", "over-exposed (contrast x1.2, brightness +25, clipped)", lambda x, s: _contrast(x, 1.2, 25.0)),
+    Transform("blur_2", "soft focus (Gaussian sigma 2 px)", lambda x, s: _gaussian_blur(x, 2.0)),
+    Transform("defocus_5", "out of focus (disc of radius 5 px)", lambda x, s: _defocus(x, 5)),
+    Transform("scale_0.6", "lower magnification (resized x0.6)", lambda x, s: _rescale(x, 0.6), 0.6),
+    Transform("scale_0.8", "resized x0.8", lambda x, s: _rescale(x, 0.8), 0.8),
+    Transform("scale_1.25", "resized x1.25", lambda x, s: _rescale(x, 1.25), 1.25),
+    Transform("scale_1.5", "higher magnification (resized x1.5)", lambda x, s: _rescale(x, 1.5), 1.5),
+    Transform("jpeg_30", "recompressed as JPEG quality 30", lambda x, s: _jpeg(x, 30)),
+    Transform("noise_8", "sensor noise (sigma 8 grey levels at mid-grey, shot-noise shaped)",
+              lambda x, s: _noise(x, 8.0, s)),
+    Transform("blue_grey_soft_small", "blue-grey stain, blur sigma 1.5, x0.75, JPEG 50 (several at once)",
+              lambda x, s: _jpeg(_rescale(_gaussian_blur(_lab_chroma(x, -75.0, 0.5), 1.5), 0.75), 50), 0.75),
+)
+BY_NAME = {t.name: t for t in TRANSFORMS}
+
+
+def resolve(spec: str) -> list[Transform]:
+    """Transforms from a comma-separated list of names, or "all"; an unknown name is an error listing the known."""
+    names = [t.name for t in TRANSFORMS] if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown or not names:
+        raise ValueError(f"unknown --shift transform(s) {unknown or [spec]}; known: all, {', '.join(BY_NAME)}")
+    return [BY_NAME[n] for n in names]
+
+
+def field_seed(name: str) -> int:
+    """A fixed seed per field name (the noise is the same run to run)."""
+    return zlib.crc32(name.encode())
+
+
+def shifted(ann: dict[str, Any], rgb: np.ndarray, t: Transform) -> tuple[dict[str, Any], np.ndarray]:
+    """The annotation with its boxes scaled by the transform, and the transformed field."""
+    out = t.apply(np.ascontiguousarray(rgb), field_seed(ann["image"].name))
+    if t.scale == 1.0:
+        return ann, out
+    return {**ann, "boxes": [[v * t.scale for v in b] for b in ann["boxes"]]}, out
+
+
+def all_fields(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Cell and parasite recall over every field, a rejected field counting as nothing found.
+
+    `summarise`'s recall is over the fields that gave cells; under a shift that makes the pipeline refuse
+    most fields, the few left can score high while almost nothing is found.
+    """
+    ann = sum(r["annotated"] for r in rows)
+    par = sum(r["annotated_parasites"] for r in rows)
+    return {"cell_recall_all_fields": sum(r.get("found", 0) for r in rows) / max(ann, 1),
+            "parasite_recall_detection_all_fields": sum(r.get("parasites_found", 0) for r in rows) / max(par, 1)}
+
+
+SHIFT_METRICS = ("cell_recall_all_fields", "parasite_recall_detection_all_fields", "cell_recall",
+                 "parasite_recall_detection", "parasite_recall_called",
+                 "uninfected_false_positive_rate", "uninfected_uncertain_rate", "fields_failed",
+                 "segment_ms_per_field")
+
+
+def shift_markdown(rows: list[dict[str, Any]]) -> str:
+    """One Markdown table: a row per transform, the headline metrics of `summarise` as columns."""
+    cols = [m for m in SHIFT_METRICS if any(m in r["summary"] for r in rows)]
+    head = {"cell_recall_all_fields": "cell recall (all fields)",
+            "parasite_recall_detection_all_fields": "parasites found as a cell (all fields)",
+            "cell_recall": "cell recall (fields analysed)", "parasite_recall_detection": "parasites found as a cell",
+            "parasite_recall_called": "parasites flagged", "uninfected_false_positive_rate":
+            "uninfected called parasitized", "uninfected_uncertain_rate": "uninfected uncertain",
+            "fields_failed": "fields rejected", "segment_ms_per_field": "segment ms/field"}
+    lines = ["| transform | " + " | ".join(head[c] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        s = r["summary"]
+        vals = []
+        for c in cols:
+            v = s.get(c)
+            vals.append("-" if v is None else f"{v:.0f}" if c in ("fields_failed", "segment_ms_per_field")
+                        else f"{100 * v:.1f}%")
+        lines.append(f"| {r['transform']} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
