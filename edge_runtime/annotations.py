@@ -111,6 +111,7 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> d
     """One row: annotated and found cells, parasites found (and called), false positives, counts, times."""
     from edge_runtime.images import load_image
     from edge_runtime.smear import SmearError, analyse_field, segment
+    from edge_runtime.smear_quality import gate, measure
 
     row: dict[str, Any] = {"field": ann["image"].name, "annotated": len(ann["boxes"]),
                            "annotated_parasites": int(sum(ann["parasite"])), "error": None}
@@ -123,11 +124,14 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> d
         cells = [{"bbox": c.bbox, "kind": c.kind, "label": None, "uncertain": False} for c in seg.cells]
         row["segment_ms"] = (time.perf_counter() - t0) * 1e3
     else:
-        res, _ = analyse_field(model, ann["image"], ann["image"].name, normalise=normalise)
+        res, seg = analyse_field(model, ann["image"], ann["image"].name, normalise=normalise)
         if res.error:
             return {**row, "error": res.error}
         cells = [c.to_dict() for c in res.cells]
         row["segment_ms"], row["total_ms"] = res.segment_ms, (time.perf_counter() - t0) * 1e3
+    # The quality gate's verdict: a refused field's cells are not counted toward its slide's decision.
+    quality = gate(measure(seg))
+    row["readable"], row["quality"] = quality.readable, "; ".join(quality.reasons)
     matched = match(ann["boxes"], [c["bbox"] for c in cells])
     par = np.asarray(ann["parasite"], bool)
     found = matched >= 0
@@ -145,6 +149,14 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> d
         unsure = np.array([m >= 0 and bool(cells[m]["uncertain"]) for m in matched], bool)
         row["uninfected_called_uncertain"] = int(unsure[~par].sum())
         row["flagged"] = bool(any(c["label"] == positive or c["uncertain"] for c in cells if c["kind"] == "rbc"))
+        # What the slide decision counts (benchmarks.slides): red cells classified, and how they were called.
+        rbc = [c for c in cells if c["kind"] == "rbc" and c["label"] is not None]
+        row["red_cells"] = len(rbc)
+        row["uncertain_cells"] = sum(bool(c["uncertain"]) for c in rbc)
+        row["parasitized_cells"] = sum(not c["uncertain"] and c["label"] == positive for c in rbc)
+        types = np.asarray(ann["types"])
+        row["stage_annotated"] = {st: int((types == st).sum()) for st in PARASITE_TYPES}
+        row["stage_called"] = {st: int(called[types == st].sum()) for st in PARASITE_TYPES}
         # [annotated parasite?, P(positive)] of each matched classified cell: the threshold table's input
         row["matched_cells"] = []
         for is_par, m in zip(par, matched):
@@ -191,7 +203,11 @@ def threshold_markdown(tables: dict[str, list[dict[str, float]]]) -> str:
 
 def rows_csv(rows: list[dict[str, Any]]) -> str:
     """The per-field rows as CSV (the per-cell lists stay in the JSON)."""
-    flat = [{k: v for k, v in r.items() if k != "matched_cells"} for r in rows]
+    flat = []
+    for r in rows:  # per-stage dicts become a column per stage
+        f = {k: v for k, v in r.items() if k != "matched_cells" and not isinstance(v, dict)}
+        f.update({f"{k}_{st}": n for k, v in r.items() if isinstance(v, dict) for st, n in v.items()})
+        flat.append(f)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in flat for k in r)), lineterminator="\n")
     w.writeheader()
