@@ -80,6 +80,23 @@ def fraction(text: str) -> float:
     return v
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default, unless the help already says it in words.
+
+    argparse's ArgumentDefaultsHelpFormatter would print "(default: None)" for
+    options whose default is decided later (the model's threshold, the
+    runtime's threads): those say it in their help text, and
+    test_every_option_s_help_gives_its_default keeps every option saying one.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.nargs == 0
+                or action.default in (None, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edge_runtime", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_const", const="csv", dest="format",
                      help="one CSV row per input (summaries go to stderr)")
     out.add_argument("--gradcam", type=Path, metavar="DIR",
-                     help="OCT models: write a Grad-CAM overlay PNG per scan into DIR")
+                     help="OCT models: write a Grad-CAM overlay PNG per scan into DIR (default: none written)")
     out.add_argument("--head-weights", type=Path, metavar="NPZ",
                      help="Grad-CAM head weights (default: {model}_gradcam.npz next to the artifact)")
     out.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
@@ -119,19 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("inputs", nargs="+", type=Path, metavar="field", help="field photos and/or folders of them")
     so = ps.add_argument_group("output")
     so.add_argument("--out", type=Path, metavar="DIR",
-                    help="write overlays, cells.csv/json, summary.json and a contact sheet into DIR")
+                    help="write overlays, cells.csv/json, summary.json and a contact sheet into DIR "
+                         "(default: print only)")
     so.add_argument("--json", action="store_const", const="json", dest="format",
                     help="one JSON document: per field its cells, and the slide summary")
     sr = ps.add_argument_group("slide report")
     sr.add_argument("--min-cells", type=_positive_int, metavar="N",
-                    help="say so (enough_cells: false) when fewer red cells were counted")
+                    help="say so (enough_cells: false) when fewer red cells were counted (default: no minimum)")
     sr.add_argument("--rbc-per-ul", type=_positive_float, metavar="X",
-                    help="the patient's red cells per microlitre: parasites/uL = parasitemia x X")
+                    help="the patient's red cells per microlitre: parasites/uL = parasitemia x X "
+                         "(default: none, no such count)")
     sr.add_argument("--wbc-count", type=_positive_int, metavar="N",
-                    help="white cells counted over these fields: parasites/uL = parasitized / N x --wbc-per-ul")
+                    help="white cells counted over these fields: parasites/uL = parasitized / N x --wbc-per-ul "
+                         "(default: none, no such count)")
     sr.add_argument("--wbc-per-ul", type=_positive_float, default=8000.0, metavar="X",
                     help="white cells per microlitre (default 8000, the WHO convention)")
-    ps.add_argument("--threshold", type=fraction, help="confidence below which a cell is uncertain")
+    ps.add_argument("--threshold", type=fraction,
+                    help="confidence below which a cell is uncertain "
+                         "(default: the model's threshold, from its metadata)")
     ps.add_argument("--normalise", action="store_true",
                     help="move each field's mean cell hue half-way to the NIH training crops' before classifying")
     runtime_args(ps)
@@ -144,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "fields, see `models`)")
     pv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default loopback; 0.0.0.0 for phones, which requires an access code)")
-    pv.add_argument("--port", type=int, default=8080)
+    pv.add_argument("--port", type=int, default=8080, help="TCP port to listen on")
     pv.add_argument("--data", type=Path, metavar="DIR",
                     help="where cases are kept (default: $XDG_DATA_HOME/medge/field-app)")
     pv.add_argument("--access-code", metavar="CODE",
@@ -160,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--workers", type=_positive_int,
                     help="analyses at once (default: one per CPU core; each model still runs one inference at a time)")
     pv.add_argument("--threads", type=_threads, help="runtime threads per model (default: the runtime's choice)")
-    pv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    pv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                    help="the web server's log level")
 
     pi = sub.add_parser("info", help="print an artifact's metadata and tensors")
     pi.add_argument("model", type=Path)
@@ -180,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pm = sub.add_parser("models", help="list the models released with the package")
     pm.add_argument("--json", action="store_const", const="json", dest="format", default="table")
-    pm.add_argument("--card", metavar="NAME", help="print the model card of this released model")
+    pm.add_argument("--card", metavar="NAME",
+                    help="print the model card of this released model (default: none, list the models)")
+    for sp in sub.choices.values():
+        sp.formatter_class = _HelpFormatter
     return p
 
 
@@ -381,8 +407,10 @@ def cmd_predict(args) -> int:
         print(_table(model, preds))
         for line in _summary_lines(summaries):
             print(line)
+        # Every input rejected: no inference ran, so there is no time per image to give (not "None ms").
+        speed = f"{stats['inference_ms_mean']} ms per image" if timed else "no image reached the model"
         print(f"{stats['classified']}/{stats['inputs']} classified ({stats['uncertain']} uncertain, {rejected} "
-              f"rejected) with {model.path.name} on {model.backend}; {stats['inference_ms_mean']} ms per image")
+              f"rejected) with {model.path.name} on {model.backend}; {speed}")
     return EXIT_REJECTED if rejected else EXIT_OK
 
 

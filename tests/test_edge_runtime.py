@@ -28,7 +28,9 @@ Tolerances, stated once:
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -44,7 +46,7 @@ from PIL import Image
 import edge_runtime
 from edge_runtime import backends
 from edge_runtime.backends import BackendError
-from edge_runtime.cli import main as cli_main
+from edge_runtime.cli import build_parser, main as cli_main
 from edge_runtime.clinical import OCT_LABELS, oct_summary, referral_level, slide_summary
 from edge_runtime.metadata import TensorInfo
 from edge_runtime.model import UNCERTAIN, ModelError, Prediction, dequantize, quantize
@@ -99,6 +101,19 @@ def test_backend_table_and_errors(monkeypatch):
         backends.resolve("m.tflite")
     with pytest.raises(BackendError, match="tflite-runtime is not installed: pip install tflite-runtime"):
         backends.resolve("m.tflite", "tflite-runtime")
+    # ONNX Runtime is the `onnx` extra, not `edge`'s: the message names the one that brings it.
+    with pytest.raises(BackendError, match=r"no runtime for .onnx .*pip install 'medge\[onnx\]'"):
+        backends.resolve("m.onnx")
+    with pytest.raises(BackendError, match=r"onnxruntime is not installed: pip install 'medge\[onnx\]'"):
+        backends.resolve("m.ort", "onnxruntime")
+
+
+def test_onnx_without_onnxruntime_names_the_extra(art, monkeypatch):
+    """A device with `.[edge]` only (no onnxruntime) that is handed an .onnx is told which extra runs it."""
+    onnx_row = dataclasses.replace(backends.BACKENDS["onnxruntime"], import_name="onnxruntime_not_installed")
+    monkeypatch.setitem(backends.BACKENDS, "onnxruntime", onnx_row)
+    with pytest.raises(BackendError, match=r"medge\[onnx\]"):
+        edge_runtime.load(art / MALARIA_FILES["onnx-int8"])
 
 
 def test_no_tensorflow_after_load_predict_and_gradcam(art):
@@ -647,7 +662,8 @@ def test_cli_exit_codes_and_csv(art, bad_files):
     assert run_cli("predict", model, good[0], "--backend", "tensorrt")[0] == 2
     assert run_cli("predict", model, good[0], "--threads", "0")[0] == 2
     assert run_cli("predict", model, good[0], "--backend", "litert")[0] == 2
-    assert run_cli("predict", model, d / "nothing_here")[0] == 1
+    code, out, _ = run_cli("predict", model, d / "nothing_here")
+    assert code == 1 and "0/1 classified" in out and "no image reached the model" in out and "None" not in out
     empty = d / "empty_folder"
     empty.mkdir(exist_ok=True)
     code, _, err = run_cli("predict", model, empty)
@@ -656,6 +672,22 @@ def test_cli_exit_codes_and_csv(art, bad_files):
     info = json.loads(out)
     assert code == 0 and info["format"] == "onnx-int8" and info["backend"] == "onnxruntime"
     assert cli_main(["--help"]) == 0 and cli_main(["predict"]) == 2
+
+
+def test_every_option_s_help_gives_its_default(capsys):
+    """`python -m edge_runtime CMD --help`: each option that takes a value says its default (issue 27 met
+    `serve --help` without the port's and `smear --help` without the threshold's)."""
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sp in subs.items():
+        fmt = sp._get_formatter()
+        for action in sp._actions:
+            if action.option_strings and action.nargs != 0:  # flags (--json, --normalise) are off unless given
+                assert "default" in fmt._expand_help(action), f"{name} {action.option_strings[0]}: {action.help!r}"
+    assert cli_main(["serve", "--help"]) == 0
+    assert "(default: 8080)" in " ".join(capsys.readouterr().out.split())
+    assert cli_main(["smear", "--help"]) == 0
+    assert "(default: the model's threshold" in " ".join(capsys.readouterr().out.split())
 
 
 def test_cli_in_process_threshold(art, capsys):

@@ -39,7 +39,7 @@ def test_depthwise_macs_are_per_channel():
 
 
 def test_source_presets_keep_their_architecture():
-    """The new block/head fields default to the source's network: sizes pinned (README's table)."""
+    """The new block/head fields default to the source's network: sizes pinned (docs/training.md's preset table)."""
     sizes = {n: describe(build_resnet(MALARIA_PRESETS[n].model)) for n in ("paper", "preact-w16-d111-64", "tiny")}
     assert {n: s["weights"] for n, s in sizes.items()} == {"paper": 2_163_918, "preact-w16-d111-64": 33_790,
                                                            "tiny": 6_486}

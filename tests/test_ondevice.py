@@ -183,6 +183,7 @@ def released_server(tmp_path: Path, *extra: str) -> Server:
     return Server(ROOT, tmp_path / "data", *extra, models=["malaria"]).start()
 
 
+@pytest.mark.server
 def test_api_ondevice_and_cells_on_the_device(tmp_path, reference):
     from edge_runtime.serve.loadtest import multipart, request
 
@@ -240,6 +241,8 @@ def _agreement(rows, reference) -> float:
     return sum(reference[name] == label for name, label, _, _ in rows) / len(rows)
 
 
+@pytest.mark.server
+@pytest.mark.browser
 def test_phone_browser_classifies_the_sample_cells_itself(tmp_path, reference):
     """The released model in Chromium with LiteRT.js: labels agree with edge_runtime's, latency per cell shown."""
     from edge_runtime import webruntime
@@ -283,6 +286,8 @@ def test_phone_browser_classifies_the_sample_cells_itself(tmp_path, reference):
     assert agreement >= AGREEMENT_MIN
 
 
+@pytest.mark.server
+@pytest.mark.browser
 def test_phone_browser_without_the_runtime_falls_back_to_the_device(tmp_path, reference):
     need_browser()
     s = released_server(tmp_path, "--web-runtime", str(tmp_path / "no-runtime"))

@@ -157,6 +157,7 @@ def check_whole(server: Server, case: dict) -> None:
 # ---------------------------------------------------------------- what a user does
 
 
+@pytest.mark.server
 def test_health_and_page(shared_server, art):
     h = shared_server.json("/healthz")
     assert h["status"] == "ok" and set(h["kinds"]) == {"malaria", "oct"}
@@ -174,6 +175,7 @@ def test_health_and_page(shared_server, art):
         assert "http://" not in text and "https://" not in text, path
 
 
+@pytest.mark.server
 def test_malaria_case_from_real_field_photos(shared_server, art, tmp_path):
     import edge_runtime
     from edge_runtime.smear import analyse_slide
@@ -217,6 +219,7 @@ def test_malaria_case_from_real_field_photos(shared_server, art, tmp_path):
     assert shared_server.json("/api/cases?q=nobody-has-this-id")["cases"] == []
 
 
+@pytest.mark.server
 def test_oct_case_from_a_synthetic_scan(shared_server, art):
     import edge_runtime
 
@@ -245,6 +248,7 @@ def _error(status_body, status):
     return body["error"]
 
 
+@pytest.mark.server
 def test_bad_uploads_get_plain_4xx_and_store_nothing(shared_server, art, tmp_path):
     url = shared_server.url
     before = shared_server.json("/healthz")["cases"]
@@ -280,6 +284,7 @@ def test_bad_uploads_get_plain_4xx_and_store_nothing(shared_server, art, tmp_pat
     assert request(url + "/api/cases", headers={"Host": "evil.example"})[0] == 421
 
 
+@pytest.mark.server
 def test_upload_limits_give_413(start_server, art, tmp_path):
     s = start_server("--max-upload-mb", "2", "--max-file-mb", "1", "--max-files", "3", "--max-megapixels", "2")
     field = smear_fields()[0]  # 1280x960, ~0.2 MB: within every limit
@@ -305,6 +310,7 @@ def test_upload_limits_give_413(start_server, art, tmp_path):
     assert s.json("/healthz")["cases"] == 1
 
 
+@pytest.mark.server
 def test_access_code(start_server, art):
     s = start_server("--access-code", "k7m2p9qx")
     scan = sorted((art / "oct_scans").glob("*.jpeg"))[0]
@@ -325,6 +331,7 @@ def test_access_code(start_server, art):
     assert s.get(case["file_urls"]["gradcam.png"], Cookie=cookie.split(";")[0])[0] == 200
 
 
+@pytest.mark.server
 def test_beyond_loopback_a_code_is_generated_and_required(start_server, art):
     s = start_server(host="0.0.0.0")
     line = next(ln for ln in s.output().splitlines() if "access code:" in ln)
@@ -337,6 +344,7 @@ def test_beyond_loopback_a_code_is_generated_and_required(start_server, art):
 # ---------------------------------------------------------------- under load
 
 
+@pytest.mark.server
 def test_sixteen_clients_at_once_all_answered_and_stored(start_server, art, tmp_path):
     s = start_server()
     field = smear_fields()[:1]
@@ -355,6 +363,7 @@ def test_sixteen_clients_at_once_all_answered_and_stored(start_server, art, tmp_
     print("\nload figures (16 clients, this machine):", json.dumps(figures, indent=2))
 
 
+@pytest.mark.server
 def test_benchmark_verb_reports_both_kinds(art, tmp_path):
     from benchmarks.serve import main
 
@@ -382,6 +391,7 @@ def _slow_upload(port: int, body: bytes, ctype: str, stop: threading.Event) -> N
         pass
 
 
+@pytest.mark.server
 def test_sigkill_mid_upload_then_restart_keeps_every_case_and_no_half_case(start_server, art, tmp_path):
     data = tmp_path / "data"
     s = start_server(data=data)
@@ -454,6 +464,7 @@ def test_model_version_is_the_release_version_when_the_file_is_a_released_one(ar
     assert release_version(model, "0" * 64) is None  # another file under the released name is not that release
 
 
+@pytest.mark.server
 def test_released_model_by_name(start_server, tmp_path):
     from edge_runtime.registry import read_registry
 
@@ -551,6 +562,8 @@ def phone_browser(tmp_path: Path):
     return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
 
 
+@pytest.mark.server
+@pytest.mark.browser
 def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path):
     need_browser()
     from selenium.webdriver.common.by import By
@@ -644,6 +657,8 @@ def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path
     print(f"\nscreenshots in {shots}")
 
 
+@pytest.mark.server
+@pytest.mark.browser
 def test_phone_browser_access_code_entered_once(start_server, art, tmp_path):
     need_browser()
     from selenium.webdriver.common.by import By

@@ -3,7 +3,7 @@
     name             suffixes      module                              pip package
     litert           .tflite       edge_runtime.backends.litert        ai-edge-litert  (preferred)
     tflite-runtime   .tflite       edge_runtime.backends.tflite_rt     tflite-runtime  (legacy Pi wheels, numpy < 2)
-    onnxruntime      .onnx .ort    edge_runtime.backends.onnx_rt       onnxruntime
+    onnxruntime      .onnx .ort    edge_runtime.backends.onnx_rt       onnxruntime     (the `onnx` extra)
 
 `resolve(path, name)` picks a row: the named one, or the first row for the
 file's suffix whose runtime is installed. Nothing here imports a runtime; the
@@ -29,6 +29,9 @@ import numpy as np
 from edge_runtime.metadata import TensorInfo
 
 EXTRA = "pip install 'medge[edge]'"
+# ONNX Runtime is an extra of its own: both released models are .tflite, and a device that runs only those
+# saves its 68 MB (docs/install-sizes.md).
+ONNX_EXTRA = "pip install 'medge[onnx]'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,8 @@ class Backend:
     def install_hint(self) -> str:
         if self.name == "tflite-runtime":
             return "pip install tflite-runtime (needs numpy < 2; prefer ai-edge-litert: " + EXTRA + ")"
+        if self.name == "onnxruntime":
+            return f"{ONNX_EXTRA} (or pip install {self.package})"
         return f"{EXTRA} (or pip install {self.package})"
 
 
@@ -154,7 +159,7 @@ def resolve(path: str | Path, name: str | None = None) -> Backend:
     if name is not None:
         if name not in BACKENDS:
             raise BackendError(
-                f"unknown backend {name!r}; known: {', '.join(BACKENDS)} (install with {EXTRA})"
+                f"unknown backend {name!r}; known: {', '.join(BACKENDS)} (install with {EXTRA}; .onnx/.ort: {ONNX_EXTRA})"
             )
         b = BACKENDS[name]
         if suffix not in b.suffixes:

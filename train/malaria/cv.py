@@ -12,7 +12,7 @@ a similar number of cells of each class and no patient is in two folds.
 Each fold trains `train_malaria` on the other folds' patients with the preset's
 fixed schedule and keeps the FINAL epoch's weights (`select_best=False`): no
 validation split ranks checkpoints, because a 9-patient val split (what the
-NIH set's 10% gives) is too noisy to rank them (the README's `deeper` net kept a
+NIH set's 10% gives) is too noisy to rank them (docs/training.md: the deeper net kept a
 lucky epoch-3 checkpoint and lost 1.8 points), and carving one out would
 also take patients from training. The held-out fold is then predicted, and
 its out-of-fold probabilities are kept per cell.

@@ -110,7 +110,8 @@ MALARIA_PRESETS: dict[str, MalariaPreset] = {
     # The source: ~2 M weights, ~0.9 GMAC at 64x64, SGD 0.1 momentum 0.9, linear decay, 50 epochs, batch 32.
     "paper": MalariaPreset("paper", ResNetConfig(), epochs=50, batch_size=32, learning_rate=0.1),
     # The first `edge`: the source's pre-activation network, narrowed; chosen by measurement against two larger
-    # candidates on unseen patients (README, "Malaria: results"). Its int8 file is only 1.6x faster than its float.
+    # candidates on unseen patients (docs/training.md, "Earlier single-split results"). Its int8 file is only
+    # 1.6x faster than its float.
     "preact-w16-d111-64": MalariaPreset(
         "preact-w16-d111-64", ResNetConfig(stages=(1, 1, 1), filters=(16, 32, 64, 128)), epochs=15, batch_size=64,
         learning_rate=0.05,
@@ -143,7 +144,7 @@ for _name, _block, _w, _d in (
     # The inverted block is MobileNetV2's, with its ReLU6.
     MALARIA_PRESETS[_name] = _quant_friendly(_name, _block, tuple(_w * 2**i for i in range(4)), _d,
                                              activation="relu6" if _block == "inverted" else "relu")
-# The released model's preset, chosen from the README's Pareto table by the rule written there: of the networks
+# The released model's preset, chosen from docs/training.md's Pareto table by the rule written there: of the networks
 # whose int8 file meets the device targets (>= 2x its float32, p50 <= 1 ms, <= 300 KB), the most accurate; then
 # the recipe: SGD with Nesterov momentum and cosine decay, label smoothing 0.1, stain jitter.
 MALARIA_PRESETS["edge"] = dataclasses.replace(

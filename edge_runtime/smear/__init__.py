@@ -1,0 +1,60 @@
+"""From a thin-smear field photo to classified cells and a slide report, on the device.
+
+    import edge_runtime
+    from edge_runtime.smear import analyse_slide
+    model = edge_runtime.load("malaria-edge_tflite-int8.tflite")
+    report = analyse_slide(model, ["field1.jpg", "field2.jpg"], out="report/", rbc_per_ul=5e6)
+    print(report.summary["parasitemia_percent"], report.summary["refer"])
+
+    python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N] [--normalise]
+
+The malaria model was trained on NIH crops: one segmented red blood cell on a
+black background. A field photo holds ~100 cells, many touching, so this
+package finds them first (classical image processing, OpenCV), cuts each the
+NIH way (mask applied, black outside, tight box) and classifies every cell of
+a field in one `EdgeModel.predict` call.
+
+The package, one job per module (each imports only the ones above it):
+- `cells`: finding the cells of a field photo (segmentation, splitting touching cells, typing regions).
+- `crops`: cutting each cell the NIH way, and the optional stain normalisation.
+- `slide`: classifying the red cells, the field and slide results (`analyse_field`, `analyse_slide`).
+- `report`: the files a person can check (overlays, cells.csv/json, summary.json, contact sheet).
+"""
+
+from edge_runtime.smear.cells import (
+    ARC_RADII,
+    ARC_SHARE,
+    BACKGROUND_SIGMAS,
+    CLUMP_AREA,
+    DEBRIS_AREA,
+    EDGE_AREA,
+    KINDS,
+    MARKER_DEPTH,
+    MARKER_SPACING,
+    MAX_SIDE,
+    MERGE_AREA,
+    MIN_RADIUS,
+    MIN_SINGLE_CELLS,
+    SINGLE_SOLIDITY,
+    STAIN_RED_MARGIN,
+    VOTE_RADII,
+    WBC_NUCLEUS_AREA,
+    WBC_PART_AREA,
+    Cell,
+    Segmentation,
+    SmearError,
+    flatten_background,
+    segment,
+)
+from edge_runtime.smear.crops import CHROMA_SHIFT, NIH_LAB_MEAN, NIH_LAB_STD, crop, normalise_stain
+from edge_runtime.smear.report import CONTACT_TILE, CSV_FIELDS, VERDICT_COLOURS
+from edge_runtime.smear.slide import CellResult, FieldResult, SlideReport, analyse_field, analyse_slide
+
+__all__ = [
+    "ARC_RADII", "ARC_SHARE", "BACKGROUND_SIGMAS", "CHROMA_SHIFT", "CLUMP_AREA", "CONTACT_TILE", "CSV_FIELDS",
+    "DEBRIS_AREA", "EDGE_AREA", "KINDS", "MARKER_DEPTH", "MARKER_SPACING", "MAX_SIDE", "MERGE_AREA", "MIN_RADIUS",
+    "MIN_SINGLE_CELLS", "NIH_LAB_MEAN", "NIH_LAB_STD", "SINGLE_SOLIDITY", "STAIN_RED_MARGIN", "VERDICT_COLOURS",
+    "VOTE_RADII", "WBC_NUCLEUS_AREA", "WBC_PART_AREA", "Cell", "CellResult", "FieldResult", "Segmentation",
+    "SlideReport", "SmearError", "analyse_field", "analyse_slide", "crop", "flatten_background",
+    "normalise_stain", "segment",
+]
