@@ -5,7 +5,7 @@ the cell. The shared IML-Malaria fields carry no slide ids: their camera-order
 blocks (`edge_runtime.annotations.field_blocks`) stand in for slides.
 
 Per slide, from the per-field rows `measure_field` gives (with a model):
-- the decision the report would print (`edge_runtime.smear_decision.decide`
+- the decision the report would print (`edge_runtime.smear.decision.decide`
   over its readable fields) and whether it is right: a slide with an
   annotated parasite must not read "no parasites seen";
 - detection: "parasites seen" on a slide with an annotated parasite;
@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edge_runtime.annotations import PARASITE_TYPES, field_blocks
-from edge_runtime.smear_decision import DEFAULT_RULE, decide
+from edge_runtime.smear.decision import DEFAULT_RULE, decide
 
 PARASITEMIA_TOLERANCE = 0.25  # relative: WHO's quantitation measure, an estimate within +-25% of the reference
 BOOTSTRAP = 2000

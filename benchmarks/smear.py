@@ -19,7 +19,7 @@ the model); with --model also what the uncertain bar trades (`threshold_table`).
 smear.json, smear.csv (one row per field) and smear.md to --out.
 
 With --model, also per slide (camera-order blocks stand in for slides; `benchmarks.slides`): the decision the
-slide report would print over its fields that pass the quality gate (`edge_runtime.smear_quality`), detection
+slide report would print over its fields that pass the quality gate (`edge_runtime.smear.quality`), detection
 sensitivity, parasitemia within +-25% of the annotation, recall per parasite stage and refused fields, with
 95% intervals over slides; slides.csv and slides.md beside the others.
 """
@@ -36,7 +36,7 @@ from typing import Any
 from edge_runtime.annotations import (
     IOU_MATCH, load_annotations, measure_field, rows_csv, summarise, threshold_markdown, threshold_table,
 )
-from edge_runtime.smear_decision import COUNTING_RULES, DEFAULT_RULE
+from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE
 
 
 def table(summary: dict[str, Any]) -> str:

@@ -111,7 +111,7 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> d
     """One row: annotated and found cells, parasites found (and called), false positives, counts, times."""
     from edge_runtime.images import load_image
     from edge_runtime.smear import SmearError, analyse_field, segment
-    from edge_runtime.smear_quality import gate, measure
+    from edge_runtime.smear.quality import gate, measure
 
     row: dict[str, Any] = {"field": ann["image"].name, "annotated": len(ann["boxes"]),
                            "annotated_parasites": int(sum(ann["parasite"])), "error": None}
@@ -130,7 +130,7 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> d
         cells = [c.to_dict() for c in res.cells]
         row["segment_ms"], row["total_ms"] = res.segment_ms, (time.perf_counter() - t0) * 1e3
     # The quality gate's verdict: a refused field's cells are not counted toward its slide's decision.
-    quality = gate(measure(seg))
+    quality = gate(measure(seg)) if model is None else res.quality
     row["readable"], row["quality"] = quality.readable, "; ".join(quality.reasons)
     matched = match(ann["boxes"], [c["bbox"] for c in cells])
     par = np.asarray(ann["parasite"], bool)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from edge_runtime.smear_decision import (
+from edge_runtime.smear.decision import (
     COUNTING_RULES, DECISIONS, DEFAULT_RULE, TYPICAL_RBC_PER_FIELD, WHO_WBC_PER_UL, decide, decision_lines,
     density_from_rbc, density_from_wbc, min_cells_for, model_provenance, more_fields_needed, poisson_interval,
 )
@@ -123,7 +123,7 @@ def test_one_density_is_reported_and_the_other_is_labelled():
 
 def test_decision_lines_shout_only_what_is_not_a_negative():
     lines = decision_lines(decide(0, 0, 30, 1, 2))
-    assert lines[0].startswith("NOT ENOUGH EVIDENCE") and "fields readable: 1 of 2" in lines
+    assert lines[0].startswith("NOT ENOUGH EVIDENCE: photograph about") and "fields readable: 1 of 2" in lines
     assert decision_lines(decide(0, 0, 3000, 20, 20).to_dict())[0] == "no parasites seen in 3,000 red cells"
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_runtime.smear_quality import LIMITS, FieldMeasures, FieldQuality, gate, measure, quality_dict, unreadable
+from edge_runtime.smear.quality import LIMITS, FieldMeasures, FieldQuality, gate, measure, quality_dict, unreadable
 
 FIELDS = Path(__file__).resolve().parent / "data" / "iml_malaria_sample" / "fields"
 # A sharp, well-exposed field as the shared IML fields measure (PA171700: focus 0.43, contrast 0.33, ...).

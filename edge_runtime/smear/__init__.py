@@ -17,6 +17,10 @@ a field in one `EdgeModel.predict` call.
 The package, one job per module (each imports only the ones above it):
 - `cells`: finding the cells of a field photo (segmentation, splitting touching cells, typing regions).
 - `crops`: cutting each cell the NIH way, and the optional stain normalisation.
+- `quality`: the per-field quality gate (focus, exposure, stain, density, segmentation sanity): a field it
+  refuses says "can't read this field: retake (reason)" and is not counted.
+- `decision`: the slide decision and its counts as a microscopist makes them (counting rule, parasites/µL on
+  one named basis with a Poisson 95% interval), pure functions.
 - `slide`: classifying the red cells, the field and slide results (`analyse_field`, `analyse_slide`).
 - `report`: the files a person can check (overlays, cells.csv/json, summary.json, contact sheet).
 """
@@ -46,11 +50,14 @@ from edge_runtime.smear.cells import (
     flatten_background,
     segment,
 )
+from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, SlideDecision, decide
+from edge_runtime.smear.quality import LIMITS, FieldQuality, gate, measure
 from edge_runtime.smear.crops import CHROMA_SHIFT, NIH_LAB_MEAN, NIH_LAB_STD, crop, normalise_stain
 from edge_runtime.smear.report import CONTACT_TILE, CSV_FIELDS, VERDICT_COLOURS
 from edge_runtime.smear.slide import CellResult, FieldResult, SlideReport, analyse_field, analyse_slide
 
 __all__ = [
+    "COUNTING_RULES", "DEFAULT_RULE", "LIMITS", "FieldQuality", "SlideDecision", "decide", "gate", "measure",
     "ARC_RADII", "ARC_SHARE", "BACKGROUND_SIGMAS", "CHROMA_SHIFT", "CLUMP_AREA", "CONTACT_TILE", "CSV_FIELDS",
     "DEBRIS_AREA", "EDGE_AREA", "KINDS", "MARKER_DEPTH", "MARKER_SPACING", "MAX_SIDE", "MERGE_AREA", "MIN_RADIUS",
     "MIN_SINGLE_CELLS", "NIH_LAB_MEAN", "NIH_LAB_STD", "SINGLE_SOLIDITY", "STAIN_RED_MARGIN", "VERDICT_COLOURS",

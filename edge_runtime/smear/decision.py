@@ -1,8 +1,8 @@
 """The slide decision and its counts, as a microscopist makes them: pure functions, no image and no model.
 
-    from edge_runtime.smear_decision import decide
+    from edge_runtime.smear.decision import decide
     d = decide(parasitized=0, uncertain=2, red_cells=1450, readable_fields=13, fields=14)
-    print(d.decision, d.message)   # not-enough-evidence  not enough evidence: photograph about 5 more fields
+    print(d.message)   # not enough evidence: photograph about 5 more fields (1,450 red cells counted, 2,000 needed)
 
 A thin film is read by counting red cells until a set number has been seen
 (`COUNTING_RULES`); only then may a reader call it negative, and the call is
@@ -301,7 +301,9 @@ def model_provenance(path, metadata: Any = None) -> dict[str, Any]:
 def decision_lines(d: SlideDecision | Mapping[str, Any]) -> list[str]:
     """The decision as a person reads it: the sentence, the counting rule, parasitemia and the one density."""
     d = d.to_dict() if isinstance(d, SlideDecision) else d
-    lines = [d["message"].upper() if d["decision"] != "no parasites seen" else d["message"]]
+    head, _, rest = d["message"].partition(":")
+    # The call in capitals unless it is a negative: what must be acted on (refer, retake) stands out.
+    lines = [d["message"] if d["decision"] == "no parasites seen" else head.upper() + ":" + rest]
     lines.append(f"counting rule: at least {d['min_cells']:,} red cells before a negative call ({d['reference']})")
     lines.append(f"fields readable: {d['readable_fields']} of {d['fields']}")
     if d["parasitemia_percent"] is not None:

@@ -1,6 +1,6 @@
 """A per-field quality gate that refuses rather than reassures (issue 23 item 4).
 
-    from edge_runtime.smear_quality import measure, gate
+    from edge_runtime.smear.quality import measure, gate
     q = gate(measure(seg))            # seg: what edge_runtime.smear.segment returned
     if not q.readable:
         print(q.message)              # can't read this field: retake (out of focus; ...)
@@ -132,8 +132,9 @@ def measure(seg) -> FieldMeasures:
         seg: a segmentation with `image` (RGB uint8, working scale), `labels` (0 = background), `radius`
             (working pixels), `scale` and `cells` (each with `kind`, `area` in original pixels and `index`).
     """
-    import cv2
+    from edge_runtime.smear.cells import _cv2
 
+    cv2 = _cv2()
     rgb = np.ascontiguousarray(seg.image)
     labels = np.asarray(seg.labels)
     # inRange, not rgb.max(axis=2): 1 ms against 230 ms on a 1280x960 field here.
