@@ -138,3 +138,24 @@ def test_model_provenance_names_a_released_file_by_its_release(tmp_path):
     other.write_bytes(b"not released")
     q = model_provenance(other)
     assert q["released"] is False and q["name"] == "mine" and len(q["sha256"]) == 64
+
+
+def test_the_field_app_never_shows_a_green_negative_on_short_evidence():
+    from edge_runtime.serve.analysis import malaria_headline, malaria_state
+
+    def summary(parasitized, uncertain, cells, readable, fields, refer, unreadable=()):
+        d = decide(parasitized, uncertain, cells, readable, fields).to_dict()
+        return {"cells": cells, "parasitized": parasitized, "uncertain": uncertain, "refer": refer, "decision": d,
+                "fields_unreadable": list(unreadable)}
+
+    short = summary(0, 0, 163, 1, 1, None)  # the green "No parasites seen in 163 red cells"
+    assert malaria_headline(short).startswith("Not enough evidence: photograph about")
+    assert malaria_state(short) == "amber"
+    none_read = summary(0, 0, 0, 0, 2, None)
+    assert "no field could be read" in malaria_headline(none_read) and malaria_state(none_read) == "amber"
+    enough = summary(0, 0, 2400, 20, 20, False)
+    assert malaria_headline(enough) == "No parasites seen in 2400 red cells." and malaria_state(enough) == "ok"
+    refused = summary(0, 0, 2400, 20, 21, False, [{"field": "f.jpg", "reason": "can't read this field: retake"}])
+    assert malaria_state(refused) == "amber"
+    seen = summary(2, 0, 300, 3, 3, True)
+    assert malaria_headline(seen).startswith("Refer: 2 parasitized") and malaria_state(seen) == "refer"
