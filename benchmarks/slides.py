@@ -31,6 +31,9 @@ import numpy as np
 from edge_runtime.annotations import PARASITE_TYPES, field_blocks
 from edge_runtime.smear.decision import DEFAULT_RULE, decide
 
+# Camera numbers further apart than this start a new slide. `field_blocks`' default (20) merges the shared
+# set's last two blocks (PA171960-974 and PA171990-2001, 16 apart); 10 gives the seven blocks its README names.
+SLIDE_GAP = 10
 PARASITEMIA_TOLERANCE = 0.25  # relative: WHO's quantitation measure, an estimate within +-25% of the reference
 BOOTSTRAP = 2000
 SEED = 0
@@ -68,7 +71,7 @@ def slide_rows(rows: list[dict[str, Any]], min_cells: int | None = None, rule: s
     A field row counts when it has no `error` and is `readable` (True when the row has no quality verdict).
     Stage counts come from `stage_annotated` / `stage_called` ({stage: n}).
     """
-    blocks = blocks or field_blocks([r["field"] for r in rows])
+    blocks = blocks or field_blocks([r["field"] for r in rows], gap=SLIDE_GAP)
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(blocks[r["field"]], []).append(r)

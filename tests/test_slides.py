@@ -57,3 +57,9 @@ def test_summary_and_markdown():
     md = slide_markdown(slides, s)
     assert "| PA171700 | 1 (0) | 400 | 4 / 0 | 4 | parasites seen: 4 parasitized of 400 red cells |" in md
     assert "ring recall" in md and "50.0% (" in md
+
+
+def test_the_shared_sets_seven_blocks_are_seven_slides():
+    names = [f"PA{n}.JPG" for n in [*range(171960, 171975), *range(171990, 172002), *range(171700, 171711)]]
+    slides = slide_rows([_row(n) for n in names])
+    assert [(s["slide"], s["fields"]) for s in slides] == [("PA171700", 11), ("PA171960", 15), ("PA171990", 12)]
