@@ -24,7 +24,8 @@ independent of each other, its stain and focus are shared).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -143,10 +144,11 @@ def slide_markdown(slides: list[dict[str, Any]], summary: dict[str, Any]) -> str
              "parasitemia est. / annotated | within 25% |", "|---|---:|---:|---:|---:|---|---:|---|"]
     for s in slides:
         est, ann = s["parasitemia_estimated_percent"], s["parasitemia_annotated_percent"]
+        within = {None: "-", True: "yes", False: "no"}[s["parasitemia_within_25"]]
         lines.append(f"| {s['slide']} | {s['fields']} ({s['fields_failed']}) | {s['red_cells']} | "
                      f"{s['parasitized']} / {s['uncertain']} | {s['annotated_parasites']} | {s['message']} | "
                      f"{'-' if est is None else f'{est:.2f}%'} / {'-' if ann is None else f'{ann:.2f}%'} | "
-                     f"{'-' if s['parasitemia_within_25'] is None else ('yes' if s['parasitemia_within_25'] else 'no')} |")
+                     f"{within} |")
     lines += ["", "| slide-level measure | value (95% CI over slides) |", "|---|---:|",
               f"| slides with a parasite read \"parasites seen\" | {_pct(summary['detection_sensitivity'])}"
               f"{_ci(summary['detection_sensitivity_ci'])} of {summary['slides_with_parasites']} |",

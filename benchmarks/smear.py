@@ -34,7 +34,13 @@ from typing import Any
 # The matcher, the annotation reader and the per-field scoring live in edge_runtime.annotations: train's
 # field crops and field-cv count cells by the same rules.
 from edge_runtime.annotations import (
-    IOU_MATCH, load_annotations, measure_field, rows_csv, summarise, threshold_markdown, threshold_table,
+    IOU_MATCH,
+    load_annotations,
+    measure_field,
+    rows_csv,
+    summarise,
+    threshold_markdown,
+    threshold_table,
 )
 from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE
 

@@ -5,8 +5,19 @@ import math
 import pytest
 
 from edge_runtime.smear.decision import (
-    COUNTING_RULES, DECISIONS, DEFAULT_RULE, TYPICAL_RBC_PER_FIELD, WHO_WBC_PER_UL, decide, decision_lines,
-    density_from_rbc, density_from_wbc, min_cells_for, model_provenance, more_fields_needed, poisson_interval,
+    COUNTING_RULES,
+    DECISIONS,
+    DEFAULT_RULE,
+    TYPICAL_RBC_PER_FIELD,
+    WHO_WBC_PER_UL,
+    decide,
+    decision_lines,
+    density_from_rbc,
+    density_from_wbc,
+    min_cells_for,
+    model_provenance,
+    more_fields_needed,
+    poisson_interval,
 )
 
 

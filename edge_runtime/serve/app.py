@@ -188,8 +188,9 @@ def case_row(c: dict[str, Any]) -> dict[str, Any]:
     """One case as one flat CSV row."""
     m, r = c.get("model") or {}, c.get("result") or {}
     row = {k: c.get(k) for k in ("id", "created", "kind", "subject", "note", "headline")}
-    row.update(refer="" if c.get("refer") is None else int(bool(c["refer"])), model_name=m.get("name"), model_version=m.get("version"),
-               model_sha256=m.get("sha256"))
+    # refer: empty when undecided (a slide with too little evidence), never 0 for it.
+    row.update(refer="" if c.get("refer") is None else int(bool(c["refer"])), model_name=m.get("name"),
+               model_version=m.get("version"), model_sha256=m.get("sha256"))
     if c.get("kind") == "malaria":
         s = r.get("summary") or {}
         row.update(fields=s.get("fields"), fields_without_cells=s.get("fields_without_cells"), red_cells=s.get("cells"),

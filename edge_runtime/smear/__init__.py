@@ -50,9 +50,9 @@ from edge_runtime.smear.cells import (
     flatten_background,
     segment,
 )
+from edge_runtime.smear.crops import CHROMA_SHIFT, NIH_LAB_MEAN, NIH_LAB_STD, crop, normalise_stain
 from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, SlideDecision, decide
 from edge_runtime.smear.quality import LIMITS, FieldQuality, gate, measure
-from edge_runtime.smear.crops import CHROMA_SHIFT, NIH_LAB_MEAN, NIH_LAB_STD, crop, normalise_stain
 from edge_runtime.smear.report import CONTACT_TILE, CSV_FIELDS, VERDICT_COLOURS
 from edge_runtime.smear.slide import CellResult, FieldResult, SlideReport, analyse_field, analyse_slide
 

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # Thin-film counting rules: the red cells a reader counts before calling a film negative or quoting a
 # density. "who-2000" (default): the WHO/TDR methods manual "Microscopy for the detection, identification and

@@ -37,7 +37,8 @@ unusable, not to grade a good one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -196,8 +197,8 @@ def gate(m: FieldMeasures, limits: Limits = LIMITS) -> FieldQuality:
     if m.red_cells < limits.min_red_cells:
         reasons.append(f"too few red cells ({m.red_cells}); move to where cells lie side by side")
     if m.clump_share > limits.max_clump_share:
-        reasons.append(f"too crowded ({100 * m.clump_share:.0f}% of cells in clumps); move toward the thin end "
-                       "of the film")
+        reasons.append(f"too crowded ({100 * m.clump_share:.0f}% of the cell area in unsplit clumps); "
+                       "move toward the thin end of the film")
     if m.size_cv > limits.max_size_cv or m.fragment_share > limits.max_fragment_share:
         reasons.append(f"cells could not be separated (size spread {m.size_cv:.2f}, fragments "
                        f"{100 * m.fragment_share:.0f}%); retake in focus, or a thinner part of the film")
