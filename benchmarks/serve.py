@@ -7,7 +7,7 @@
 Starts the app as a user does (a subprocess on 127.0.0.1, a free port, a
 fresh data folder), then for a smear field and for an OCT scan runs
 `--clients` threads that each upload `--rounds` cases at once
-(`edge_runtime.serve.loadtest`, standard library HTTP), and checks every
+(`benchmarks.loadtest`, standard library HTTP), and checks every
 answer is a stored case. Reports cases per second over the run and p50/p95
 of the time from sending a case to its answer, with the machine and its
 load average (other jobs on the cores move these figures a lot).
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --clients and --rounds must be >= 1", file=sys.stderr)
         return 2
     from benchmarks.machine import machine_info
-    from edge_runtime.serve.loadtest import request, run_load
+    from benchmarks.loadtest import request, run_load
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

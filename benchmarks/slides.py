@@ -2,7 +2,7 @@
 
 A slide is what a health worker acts on, so the unit here is the slide, not
 the cell. The shared IML-Malaria fields carry no slide ids: their camera-order
-blocks (`edge_runtime.annotations.field_blocks`) stand in for slides.
+blocks (`train.annotations.field_blocks`) stand in for slides.
 
 Per slide, from the per-field rows `measure_field` gives (with a model):
 - the decision the report would print (`edge_runtime.smear.decision.decide`
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.annotations import PARASITE_TYPES, field_blocks
 from edge_runtime.smear.decision import DEFAULT_RULE, decide
+from train.annotations import PARASITE_TYPES, field_blocks
 
 # Camera numbers further apart than this start a new slide. `field_blocks`' default (20) merges the shared
 # set's last two blocks (PA171960-974 and PA171990-2001, 16 apart); 10 gives the seven blocks its README names.

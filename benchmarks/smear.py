@@ -31,9 +31,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# The matcher, the annotation reader and the per-field scoring live in edge_runtime.annotations: train's
+# The matcher, the annotation reader and the per-field scoring live in train.annotations: train's
 # field crops and field-cv count cells by the same rules.
-from edge_runtime.annotations import (
+from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE
+from train.annotations import (
     IOU_MATCH,
     load_annotations,
     measure_field,
@@ -42,7 +43,6 @@ from edge_runtime.annotations import (
     threshold_markdown,
     threshold_table,
 )
-from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE
 
 
 def table(summary: dict[str, Any]) -> str:

@@ -340,13 +340,18 @@ def _jitter(preset: dict[str, Any]) -> str:
     return ", " + ", ".join(parts) if parts else ""
 
 
+def _blocks(*names: str) -> str:
+    """Slide blocks named once each: "PA171700, PA171790", or "both PA171700" when they are one."""
+    return f"both {names[0]}" if len(set(names)) == 1 and len(names) == 2 else ", ".join(dict.fromkeys(names))
+
+
 def _model_lines(r: registry.Release, cfg, data: dict[str, Any]) -> list[str]:
     """The card's title and its Model section."""
     t, net = r.trained, cfg.preset["model"]
     return [
         f"# Model card: `{r.name}` {r.version}",
         "",
-        f"`edge_runtime.load(\"{r.name}\")` · {r.format} · {r.bytes / 1024:.0f} KB · sha256 `{r.sha256}`",
+        f"`edge_runtime.load(\"{r.name}\")` · {r.format} · {r.bytes / 1024:.0f} KB · `{r.file}` sha256 `{r.sha256}`",
         "",
         "## Intended use",
         "",
@@ -430,7 +435,9 @@ def _made_lines(r: registry.Release, dest: Path, commands: Sequence[str], comman
         " ".join(reproduce_command(dest)),
         "```",
         "",
-        f"Model file sha256 `{r.trained['source_sha256']}`; trained {r.trained['created']}.",
+        # Both named: a reader checking the file they were handed expects the shipped file's hash first.
+        f"sha256 of the shipped `{r.file}`: `{r.sha256}`; of the Keras model it is made from (`model.keras`): "
+        f"`{r.trained['source_sha256']}`. Trained {r.trained['created']}.",
         "",
     ]
 
@@ -461,7 +468,7 @@ def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         "## Training data",
         "",
         f"NIH malaria cell images (U.S. National Library of Medicine, LHNCBC; Rajaraman et al., PeerJ 6:e4568, 2018): "
-        f"{t['cells']:,} cells of {t['patients']} patients under `{data['data_root']}`; the {m['sample']['patients']} "
+        f"{t['cells']:,} cells of {t['patients']} patients; the {m['sample']['patients']} "
         f"patients of the sample it is scored on (`{sample}`) are not among them.",
         "",
         _recipe(r, cfg),
@@ -550,7 +557,7 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         "## Training data",
         "",
         f"- The released `malaria` model's {c['nih']:,} NIH training cells (U.S. National Library of Medicine, "
-        f"LHNCBC; Rajaraman et al., PeerJ 6:e4568, 2018; P. falciparum), under `{data['data_root']}`.",
+        f"LHNCBC; Rajaraman et al., PeerJ 6:e4568, 2018; P. falciparum).",
         f"- Crops cut from the {ft['fields']} IML-Malaria field photos (P. vivax, another microscope and stain; "
         "Q. Ammar et al., 2022; 4 slide blocks) by `edge_runtime.smear` itself and labelled by the annotation "
         f"they match at IoU >= 0.5: {c['field_uninfected']:,} uninfected crops ({st['uninfected_per_block']} a block, "
@@ -608,7 +615,7 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         "",
         f"- Four slides of one laboratory and microscope. Held out, each slide's stain was new to the model scored "
         f"on it; the worst block had {_pct(worst[1])} false positives and the most uncertain one {_pct(unsure[1])} "
-        f"of its uninfected cells uncertain ({worst[0]}, {unsure[0]}). Stains, microscopes, focus and species "
+        f"of its uninfected cells uncertain ({_blocks(worst[0], unsure[0])}). Stains, microscopes, focus and species "
         "beyond these four slides are untested: check a new site's slides against a microscopist first.",
         "- Uncertain cells are 'refer': a slide with many of them is referred, not cleared.",
         "- The annotations are one team's; not every cell at a border or in a clump has a box.",

@@ -51,9 +51,19 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from edge_runtime.backends import BACKENDS, BackendError
-from edge_runtime.images import DEFAULT_MAX_PIXELS, is_image_file
+from edge_runtime import content_hash, registry, webruntime
 from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, decision_lines
+from edge_runtime.backends import BACKENDS, BackendError
+from edge_runtime.clinical import is_malaria, is_oct, oct_summary, slide_summary
+from edge_runtime.extras import message as extras_message
+from edge_runtime.golden import GoldenMissing, read_golden, selftest
+from edge_runtime.gradcam import GradCam
+from edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file
+from edge_runtime.model import ModelError, load
+from edge_runtime.smear import analyse_slide, write_report
+from edge_runtime.smear.report import field_entry
+from edge_runtime.standard_metadata import format_lines
+from edge_runtime.standard_metadata import read as read_standard_metadata
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
 EXIT_MORE_FIELDS = 3  # smear: not enough evidence for a decision; photograph more fields
@@ -210,9 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pw = sub.add_parser("webruntime", help="fetch (pinned, verified) or check LiteRT.js, which the field app serves "
                                            "so phones run the malaria model themselves")
-    from edge_runtime.webruntime import add_arguments as webruntime_args
-
-    webruntime_args(pw)
+    webruntime.add_arguments(pw)
 
     pm = sub.add_parser("models", help="list the models released with the package")
     pm.add_argument("--json", action="store_const", const="json", dest="format", default="table")
@@ -325,27 +333,21 @@ def _summary_lines(summaries: list[dict[str, Any]]) -> list[str]:
 
 
 def _load(args):
-    from edge_runtime.model import load
-
     return load(args.model, backend=args.backend, threads=args.threads,
                 threshold=getattr(args, "threshold", None), max_pixels=getattr(args, "max_pixels", DEFAULT_MAX_PIXELS))
 
 
 def _standard_metadata(path: Path) -> dict[str, Any] | None:
     """The standard TFLite Model Metadata beside medge's entry (what MediaPipe Tasks reads), if the file has it."""
-    from edge_runtime.standard_metadata import read
-
     if path.suffix.lower() != ".tflite":
         return None
     try:
-        return read(path.read_bytes())
+        return read_standard_metadata(path.read_bytes())
     except ImportError:  # the standard entry is parsed with the `flatbuffers` package, which a bare Pi may lack
         return None
 
 
 def cmd_info(args) -> int:
-    from edge_runtime.standard_metadata import format_lines
-
     model = _load(args)
     d = model.describe()
     standard = _standard_metadata(model.path)
@@ -361,8 +363,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from edge_runtime.clinical import is_malaria, is_oct, oct_summary, slide_summary
-
     t_start = time.perf_counter()
     model = _load(args)
     groups, skipped = expand_inputs(args.inputs)
@@ -377,8 +377,6 @@ def cmd_predict(args) -> int:
         return EXIT_USAGE
     cam = None
     if args.gradcam is not None:
-        from edge_runtime.gradcam import GradCam
-
         cam = GradCam(model, args.head_weights)  # refuses models it cannot explain, before any work
     progress = Progress(total, args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
     preds, summaries, first_ms = [], [], None
@@ -439,12 +437,12 @@ def _smear_table(report, positive: str) -> str:
         lines.append(f"{f.field}: {len(rbc)} red cells, {len(par)} parasitized {par if par else ''}, "
                      f"{unc} uncertain; {len(f.cells) - len(rbc)} other regions; "
                      f"{f.segment_ms:.0f} ms segmentation, {f.classify_ms:.0f} ms classification")
-    s = report.summary
+    s = report.summary.to_dict()
     lines.append(f"slide: {s['fields']} field(s), {s['cells']} red cells counted, {s['parasitized']} parasitized, "
                  f"{s['uncertain']} uncertain; {_parasitemia(s, 2)}")
-    for u in s["fields_unreadable"]:
-        if u["field"] in {f.field for f in report.fields if f.error is None}:
-            lines.append(f"{u['field']}: NOT COUNTED  {u['reason']}")
+    for f in report.fields:
+        if f.error is None and not f.readable:
+            lines.append(f"{f.field}: NOT COUNTED  {f.unreadable_reason}")
     lines += decision_lines(s["decision"])
     m = s.get("model")
     if m:
@@ -456,29 +454,35 @@ def _smear_table(report, positive: str) -> str:
 
 
 def cmd_smear(args) -> int:
-    from edge_runtime.smear import analyse_slide
+    # OpenCV is the `smear` extra, not `edge`'s: one sentence before any model is loaded, not a traceback.
+    lacking = extras_message("smear", "python -m edge_runtime smear")
+    if lacking:
+        print(lacking, file=sys.stderr)
+        return EXIT_USAGE
 
     fields = [f for _, files in expand_inputs(args.inputs)[0] for f in files]
     if not fields:
         print("error: no field photos given", file=sys.stderr)
         return EXIT_USAGE
     model = _load(args)
-    report = analyse_slide(model, fields, out=args.out, min_cells=args.min_cells, rbc_per_ul=args.rbc_per_ul,
+    report = analyse_slide(model, fields, min_cells=args.min_cells, rbc_per_ul=args.rbc_per_ul,
                            wbc_count=args.wbc_count, wbc_per_ul=args.wbc_per_ul, normalise=args.normalise,
                            rule=args.counting_rule)
+    written = write_report(report, args.out) if args.out is not None else []
     if args.format == "json":
         doc = {"model": {k: v for k, v in model.describe().items() if k in ("file", "model", "format", "backend",
                                                                              "labels", "threshold")},
-               **report.to_dict()}
+               "fields": [field_entry(f) for f in report.fields], "summary": report.summary.to_dict(),
+               "written": written}
         print(json.dumps(doc, indent=2, ensure_ascii=False))
     else:
         print(_smear_table(report, model.metadata.positive_label or "Parasitized"))
-        if report.written:
-            print(f"wrote {len(report.written)} file(s) into {args.out}")
+        if written:
+            print(f"wrote {len(written)} file(s) into {args.out}")
     for f in report.fields:
         if not f.readable:
             print(f"warning: {f.field}: {f.error or f.unreadable_reason}", file=sys.stderr)
-    if report.summary["decision"]["decision"] == "not enough evidence":
+    if report.summary.decision["decision"] == "not enough evidence":
         return EXIT_MORE_FIELDS
     return EXIT_REJECTED if any(not f.readable for f in report.fields) else EXIT_OK
 
@@ -496,14 +500,10 @@ def _figure(metrics: dict, key: str) -> str:
 
 
 def cmd_webruntime(args) -> int:
-    from edge_runtime.webruntime import run
-
-    return run(args)
+    return webruntime.run(args)
 
 
 def cmd_models(args) -> int:
-    from edge_runtime import registry
-
     releases = registry.read_registry()
     if args.card:
         text = registry.card_text(registry.get(args.card))
@@ -531,8 +531,6 @@ def cmd_models(args) -> int:
 
 
 def _intact(release) -> bool:
-    from edge_runtime import registry
-
     try:
         registry.verified_path(release)
         return True
@@ -542,10 +540,16 @@ def _intact(release) -> bool:
 
 def cmd_selftest(args) -> int:
     """Exit 0 same answers, 1 drift, 2 unusable file (raised as ModelError/ValueError/LookupError to `main`)."""
-    from edge_runtime.golden import GoldenMissing, read_golden, selftest
-    from edge_runtime.model import ModelError
-
     model = _load(args)
+    # A recorded content hash is the first line: one changed byte anywhere is refused, where golden answers see
+    # only what moves them past their tolerance (issue 27). Files made before it carry none: golden answers only.
+    data = model.path.read_bytes()
+    if content_hash.MARKER in data:
+        try:
+            content_hash.verify(data, model.path.name)
+        except content_hash.ContentHashError as e:
+            print(f"selftest FAILED: {e}")
+            return 1
     try:
         golden = read_golden(model)
     except GoldenMissing as e:
@@ -586,9 +590,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # argparse: --help exits 0, bad usage 2
         return int(e.code or 0)
-    from edge_runtime.images import ImageError
-    from edge_runtime.model import ModelError
-
     try:
         return COMMANDS[args.command](args)
     except (ModelError, BackendError, ImageError, FileNotFoundError, ValueError) as e:

@@ -16,7 +16,7 @@ tflite-runtime shares and ai-edge-litert does not.
 
 When a runtime refuses a file (`edge_runtime.load`) or fails running it,
 `explain` turns the runtime's message into what the file needs, read here from
-the .tflite flatbuffer with a small reader of its own (the legacy
+the .tflite flatbuffer with `tflite_file`'s small reader (the legacy
 tflite-runtime ships no flatbuffer schema) or from the sidecar .json.
 """
 
@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 from typing import Any, Mapping
+
+from edge_runtime.tflite_file import tflite_entries
 
 # What runtimes say when a file is newer than they are.
 _TOO_NEW = (
@@ -39,73 +40,9 @@ _TOO_NEW = (
 )
 
 
-# ---------------------------------------------------------------- a minimal .tflite flatbuffer reader
-
-
-class _Table:
-    """One flatbuffer table: fields by index (the schema's field order)."""
-
-    def __init__(self, buf: bytes, pos: int):
-        self.buf, self.pos = buf, pos
-        self.vt = pos - struct.unpack_from("<i", buf, pos)[0]
-        self.vt_size = struct.unpack_from("<H", buf, self.vt)[0]
-
-    def _off(self, field: int) -> int:
-        o = 4 + 2 * field
-        return struct.unpack_from("<H", self.buf, self.vt + o)[0] if o < self.vt_size else 0
-
-    def scalar(self, field: int, fmt: str, default: int) -> int:
-        off = self._off(field)
-        return struct.unpack_from("<" + fmt, self.buf, self.pos + off)[0] if off else default
-
-    def vector(self, field: int) -> tuple[int, int]:
-        """(file offset of the first element, element count) of a vector field; (0, 0) when absent."""
-        off = self._off(field)
-        if not off:
-            return 0, 0
-        p = self.pos + off
-        start = p + struct.unpack_from("<I", self.buf, p)[0]
-        return start + 4, struct.unpack_from("<I", self.buf, start)[0]
-
-    def tables(self, field: int) -> list["_Table"]:
-        start, n = self.vector(field)
-        return [_Table(self.buf, start + 4 * i + struct.unpack_from("<I", self.buf, start + 4 * i)[0])
-                for i in range(n)]
-
-    def bytes(self, field: int) -> bytes:
-        start, n = self.vector(field)
-        return self.buf[start: start + n]
-
-
-def tflite_model(buf: bytes) -> _Table:
-    """The root `Model` table of .tflite bytes (fields by the schema's order: 2 subgraphs, 4 buffers, 6 metadata)."""
-    return _Table(buf, struct.unpack_from("<I", buf, 0)[0])
-
-
-def tflite_entries(buf: bytes) -> dict[str, bytes]:
-    """The `Model.metadata` entries (name -> bytes) of a .tflite flatbuffer, without the schema package.
-
-    Raises:
-        ValueError: not a TFLite flatbuffer, or one that does not parse.
-    """
-    if len(buf) < 8 or buf[4:8] != b"TFL3":
-        raise ValueError("not a TFLite flatbuffer (no 'TFL3' identifier)")
-    try:
-        model = tflite_model(buf)
-        buffers = model.tables(4)
-        out = {}
-        for entry in model.tables(6):
-            b = buffers[entry.scalar(1, "I", 0)]
-            offset, size = b.scalar(1, "Q", 0), b.scalar(2, "Q", 0)
-            out[entry.bytes(0).decode("utf-8", "replace")] = buf[offset: offset + size] if offset > 1 else b.bytes(0)
-        return out
-    except (struct.error, IndexError) as e:
-        raise ValueError(f"TFLite flatbuffer does not parse ({e})") from None
-
-
 def tflite_op_versions(buf: bytes) -> dict[str, int]:
     """Highest version of each builtin op in a .tflite file, by name (needs the schema from ai-edge-litert)."""
-    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert import schema_py_generated as schema  # inside: optional (the legacy tflite-runtime has none)
 
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     m = schema.Model.GetRootAs(buf, 0)

@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import io
 import json
+import platform
 import zlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
-from edge_runtime.metadata import GOLDEN_KEY
+from edge_runtime.spec import GOLDEN_KEY
+from edge_runtime.tflite_file import tflite_metadata_entries
 
 GOLDEN_SCHEMA = "medge-golden/1"
 
@@ -139,10 +143,6 @@ def _is_image(shape: Sequence[int]) -> bool:
 def encode_codes(codes: np.ndarray) -> dict[str, Any]:
     """{"encoding", "codes"}: lossless PNG per input for images (about 5 KB per 64x64 cell), else zlib of all."""
     if _is_image(codes.shape[1:]):
-        import io
-
-        from PIL import Image
-
         out = []
         for q in codes:
             buf = io.BytesIO()
@@ -157,10 +157,6 @@ def decode_codes(d: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndarray:
     encoding = d.get("encoding", "zlib")
     try:
         if encoding == "png":
-            import io
-
-            from PIL import Image
-
             arrays = [np.asarray(Image.open(io.BytesIO(base64.b64decode(c, validate=True))), np.uint8)
                       for c in d["codes"]]
             if len(arrays) != shape[0]:
@@ -256,8 +252,6 @@ def read_golden(model) -> GoldenSet:
     """
     entries = model.session.metadata()
     if entries is None:  # TFLite interpreters expose no metadata: read the flatbuffer's entries
-        from edge_runtime.metadata import tflite_metadata_entries
-
         entries = tflite_metadata_entries(model.path.read_bytes())
     return golden_entry(entries, str(model.path))
 
@@ -275,8 +269,6 @@ def selftest(model, golden: GoldenSet | None = None) -> dict[str, Any]:
 
 def made_on(session) -> dict[str, str]:
     """Where golden outputs were computed: runtime, version, machine."""
-    import platform
-
     return {"runtime": session.backend, "runtime_version": session.runtime_version(),
             "machine": platform.machine(), "platform": platform.platform()}
 

@@ -41,8 +41,11 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from edge_runtime.backends import open_session
+from edge_runtime.clinical import is_oct
 from edge_runtime.fileio import atomic_write_bytes
 from edge_runtime.images import load_image, preprocess
+from edge_runtime.model import dequantize, quantize
 
 # The `{model}_gradcam.npz` file: plain float32 arrays `ARRAYS` and one JSON string under `INFO`
 # ({"schema": SCHEMA, "labels", "feature_shape", "source_sha256", "folded"}); `np.load(allow_pickle=False)` reads it.
@@ -237,8 +240,6 @@ class FeatureTap:
             raise GradCamError(
                 f"Grad-CAM reads the head's input from a .tflite artifact; {model.path.name} is "
                 f"{model.path.suffix} (onnxruntime cannot expose inner tensors): use the .tflite artifact")
-        from edge_runtime.backends import open_session
-
         self.model, self.hw = model, hw
         self.index = find_head_input(model.session, hw, model.path.name)
         self.session = open_session(model.path, model.backend, model.threads, extra_outputs=(self.index,))
@@ -246,8 +247,6 @@ class FeatureTap:
 
     def features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(artifact probabilities (classes,), features (H, W, C_in) float32) for one preprocessed input."""
-        from edge_runtime.model import dequantize, quantize
-
         inp, out, feat = self.session.input, self.session.output, self.session.extra_outputs[0]
         xi = x[None].astype(np.float32)
         xi = quantize(xi, inp) if inp.quantized else xi.astype(inp.dtype)
@@ -265,8 +264,6 @@ class GradCam:
     """
 
     def __init__(self, model, weights: str | Path | None = None):
-        from edge_runtime.clinical import is_oct
-
         if not is_oct(model.metadata):
             raise GradCamError(f"Grad-CAM maps are made for OCT head models; {model.path.name} is a "
                                f"{model.metadata.task!r} model with labels {list(model.labels)}")

@@ -6,7 +6,7 @@
   holds the UTF-8 JSON (the TFLite schema's own slot for such data; LiteRT
   ignores entries it does not know). Written here with the schema that ships
   with `ai_edge_litert` (`schema_py_generated`) and `flatbuffers`; read with
-  `compat`'s small reader, which needs neither (the legacy tflite-runtime has no schema).
+  `tflite_file`'s small reader, which needs neither (the legacy tflite-runtime has no schema).
 - `.onnx` / `.ort`: the model's `metadata_props` under the key `medge`, read
   through onnxruntime's `get_modelmeta().custom_metadata_map`.
 - every artifact also gets a sidecar `<artifact stem>.json` with the same
@@ -28,58 +28,18 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Union
 
-import numpy as np
-
-from edge_runtime.spec import PreprocessSpec
+from edge_runtime import standard_metadata as std
+from edge_runtime.backends import open_session
+# GOLDEN_KEY and TensorInfo are also imported from here by convert/ (the entry names and the tensor record live
+# in spec.py, beside the other contract types).
+from edge_runtime.spec import GOLDEN_KEY, METADATA_KEY, STANDARD_KEY, PreprocessSpec, TensorInfo, known_keys  # noqa: F401
+from edge_runtime.tflite_file import check_tflite, embed_entries, tflite_metadata_entries
 
 PathLike = Union[str, os.PathLike]
 
 SCHEMA = "medge-artifact/1"
-# Name of the metadata entry (TFLite) and of the metadata_props key (ONNX).
-METADATA_KEY = "medge"
-# The golden set's entry (edge_runtime.golden), beside METADATA_KEY; readers that do not know it ignore it.
-GOLDEN_KEY = "medge-golden"
-# The standard TFLite Model Metadata's entry (MediaPipe Tasks, TFLite Support), made from METADATA_KEY's contract.
-STANDARD_KEY = "TFLITE_METADATA"
-TFLITE_IDENTIFIER = b"TFL3"
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """One model tensor as the runtime sees it: what a backend reports and what the metadata records.
-
-    Attributes:
-        name: tensor name in the artifact.
-        shape: shape with -1 for a dynamic (batch) dimension.
-        dtype: numpy dtype (given as a dtype, a type or a name such as "int8";
-            written to JSON by name, e.g. "float32", "int8", "uint8").
-        scale, zero_point: affine quantization (`real = scale * (q - zero_point)`)
-            when `dtype` is an integer type, else None.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    scale: float | None = None
-    zero_point: int | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
-        object.__setattr__(self, "dtype", np.dtype(self.dtype))
-
-    @property
-    def quantized(self) -> bool:
-        return self.scale is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name, "scale": self.scale,
-                "zero_point": self.zero_point}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TensorInfo":
-        return cls(**_known(cls, d, "tensor"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +148,7 @@ class ArtifactMetadata:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ArtifactMetadata":
-        d = _known(cls, d, "artifact metadata")
+        d = known_keys(cls, d, "artifact metadata")
         d["preprocess"] = PreprocessSpec.from_dict(d["preprocess"])
         d["input"] = TensorInfo.from_dict(d["input"])
         d["output"] = TensorInfo.from_dict(d["output"])
@@ -203,48 +163,11 @@ class ArtifactMetadata:
         return cls.from_dict(d)
 
 
-def _known(cls, d: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """Copy of `d` after checking it holds no key the dataclass does not know."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown {what} keys {sorted(unknown)}; known: {sorted(known)}")
-    return dict(d)
-
-
 class MetadataNotFound(LookupError):
     """The file is a model but carries no medge metadata."""
 
 
 # ---------------------------------------------------------------- TFLite
-
-
-def _schema():
-    try:
-        from ai_edge_litert import schema_py_generated as schema
-    except ImportError:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "reading .tflite metadata needs ai-edge-litert (its flatbuffer schema): pip install 'medge[edge]'"
-        ) from None
-    return schema
-
-
-def _check_tflite(buf: bytes, where: str) -> None:
-    if len(buf) < 8 or buf[4:8] != TFLITE_IDENTIFIER:
-        raise ValueError(f"{where} is not a TFLite flatbuffer (no 'TFL3' identifier)")
-
-
-def tflite_metadata_entries(model: bytes | bytearray) -> dict[str, bytes]:
-    """All `Model.metadata` entries of a .tflite flatbuffer: name -> buffer bytes.
-
-    Read without the flatbuffer schema (`compat.tflite_entries`), so a Pi with
-    only the legacy tflite-runtime (which ships no schema) reads metadata too.
-    """
-    from edge_runtime.compat import tflite_entries
-
-    buf = bytes(model)
-    _check_tflite(buf, "model")
-    return tflite_entries(buf)
 
 
 def embed_tflite(model: bytes | bytearray, meta: ArtifactMetadata, extra: Mapping[str, bytes] | None = None) -> bytes:
@@ -256,97 +179,12 @@ def embed_tflite(model: bytes | bytearray, meta: ArtifactMetadata, extra: Mappin
     model (`meta.part == "model"`) also gets the standard `TFLITE_METADATA`
     entry and its `labels.txt`, made from `meta` (`edge_runtime.standard_metadata`).
     """
-    from edge_runtime import standard_metadata as std
-
     entries = {METADATA_KEY: meta.to_json().encode("utf-8"), **dict(extra or {})}
     files = None
     if std.applies(meta):
         entries[STANDARD_KEY] = std.build(meta)
         files = std.associated_files(meta)
-    return embed_tflite_entries(model, entries, files)
-
-
-def embed_tflite_entries(model: bytes | bytearray, entries: Mapping[str, bytes],
-                         files: Mapping[str, bytes] | None = None) -> bytes:
-    """The .tflite bytes with `entries` (name -> bytes) as `Model.metadata` entries, replacing same-named ones.
-
-    `files` (name -> bytes) are packed after the flatbuffer as the standard
-    metadata's associated files (a zip archive); None keeps the ones the model
-    already carries, when it has a `TFLITE_METADATA` entry that names them.
-    """
-    import flatbuffers
-
-    from edge_runtime import standard_metadata as std
-
-    schema = _schema()
-    buf = bytes(model)
-    _check_tflite(buf, "model")
-    if files is None:  # repacking writes the flatbuffer alone: carry the packed files over
-        files = std.packed_files(buf) if STANDARD_KEY in tflite_metadata_entries(buf) else {}
-    m = schema.ModelT.InitFromPackedBuf(bytearray(buf), 0)
-    if any(b.offset > 1 for b in (m.buffers or [])):
-        raise ValueError("models over 2 GB (buffers outside the flatbuffer) are not supported for metadata embedding")
-    m.buffers = list(m.buffers or [])
-    old = [e for e in (m.metadata or []) if _name(e.name) in entries]
-    for e in old:  # empty the replaced entries' buffers (indices of the others must not move)
-        m.buffers[e.buffer] = schema.BufferT()
-    m.metadata = [e for e in (m.metadata or []) if _name(e.name) not in entries]
-    size = 0
-    for key, data in entries.items():
-        buffer = schema.BufferT()
-        buffer.data = np.frombuffer(bytes(data), dtype=np.uint8)
-        size += len(data)
-        m.buffers.append(buffer)
-        entry = schema.MetadataT()
-        entry.name = key
-        entry.buffer = len(m.buffers) - 1
-        m.metadata.append(entry)
-    builder = flatbuffers.Builder(len(buf) + size + 1024)
-    builder.Finish(m.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
-    return std.pack_files(bytes(builder.Output()), files)
-
-
-# The entries `python -m convert` writes: medge's contract, the golden set, the standard metadata made from them.
-CONVERT_KEYS = (METADATA_KEY, GOLDEN_KEY, STANDARD_KEY)
-
-
-def tflite_without_metadata(model: bytes | bytearray, keys: Sequence[str] = CONVERT_KEYS) -> bytes:
-    """The .tflite bytes with the metadata entries convert writes (`keys`) and their buffers' data removed, repacked.
-
-    Two conversions of one model differ in medge's entry (its `created` time)
-    and nowhere else (the golden set, when both have one, is the same; the
-    standard entry holds no time); comparing what this returns tells whether
-    they are the same network, weights and quantization. The files packed
-    after the flatbuffer (the standard metadata's `labels.txt`) go with the
-    standard entry, and stay when it does.
-    """
-    import flatbuffers
-
-    from edge_runtime import standard_metadata as std
-
-    if isinstance(keys, str):
-        keys = (keys,)
-    schema = _schema()
-    buf = bytes(model)
-    _check_tflite(buf, "model")
-    entries = tflite_metadata_entries(buf)
-    files = std.packed_files(buf) if STANDARD_KEY in entries and STANDARD_KEY not in keys else {}
-    m = schema.ModelT.InitFromPackedBuf(bytearray(buf), 0)
-    for e in [e for e in (m.metadata or []) if _name(e.name) in keys]:
-        m.buffers[e.buffer] = schema.BufferT()
-    m.metadata = [e for e in (m.metadata or []) if _name(e.name) not in keys]
-    # medge's entries are appended after the converter's buffers: drop the emptied tail, so a file with a
-    # golden set and one without compare equal when their networks are.
-    used = {t.buffer for g in (m.subgraphs or []) for t in (g.tensors or [])} | {e.buffer for e in m.metadata}
-    while m.buffers and len(m.buffers) - 1 not in used and m.buffers[-1].data is None:
-        m.buffers.pop()
-    builder = flatbuffers.Builder(len(buf) + 1024)
-    builder.Finish(m.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
-    return std.pack_files(bytes(builder.Output()), files)
-
-
-def _name(n: Any) -> str:
-    return n.decode("utf-8") if isinstance(n, (bytes, bytearray)) else str(n)
+    return embed_entries(model, entries, files)
 
 
 def read_tflite(path_or_bytes: PathLike | bytes) -> ArtifactMetadata:
@@ -355,7 +193,7 @@ def read_tflite(path_or_bytes: PathLike | bytes) -> ArtifactMetadata:
         buf, where = bytes(path_or_bytes), "model"
     else:
         buf, where = Path(path_or_bytes).read_bytes(), str(path_or_bytes)
-    _check_tflite(buf, where)
+    check_tflite(buf, where)
     return metadata_from_entries(tflite_metadata_entries(buf), where, "metadata entry")
 
 
@@ -374,8 +212,6 @@ def metadata_from_entries(entries: dict[str, Any], where: str, kind: str) -> Art
 
 def read_onnx(path: PathLike) -> ArtifactMetadata:
     """The medge metadata of a .onnx or .ort file, read with onnxruntime (through `edge_runtime.backends`)."""
-    from edge_runtime.backends import open_session
-
     return metadata_from_entries(open_session(path, "onnxruntime", optimize=False).metadata() or {}, str(path),
                          "metadata_props entry")
 

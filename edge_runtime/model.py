@@ -23,17 +23,18 @@ from typing import Any, Iterable, Iterator, Union
 import numpy as np
 from PIL import Image
 
-from edge_runtime import backends, registry
+from edge_runtime import backends, compat, registry
 from edge_runtime.backends import BackendError
+from edge_runtime.clinical import referral_level
 from edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, load_image, preprocess
 from edge_runtime.metadata import (
     ArtifactMetadata,
     MetadataNotFound,
-    TensorInfo,
     metadata_from_entries,
     read_metadata,
     read_sidecar,
 )
+from edge_runtime.spec import TensorInfo
 
 UNCERTAIN = "uncertain — refer"
 # Below this top-class probability the answer is UNCERTAIN. Used when the
@@ -140,8 +141,6 @@ def _read_metadata(path: Path, session) -> tuple[ArtifactMetadata, str]:
 def _needs_newer_runtime(path: Path, backend: "backends.Backend", error: BaseException,
                          version: str | None = None) -> str | None:
     """What `path` needs, when `backend` failed on it because it is too old (`edge_runtime.compat`), else None."""
-    from edge_runtime import compat
-
     text = " ".join(str(error).split()) or type(error).__name__
     return compat.explain(path, backend.name, version or backend.version(), text, backend.install_hint())
 
@@ -406,8 +405,6 @@ class EdgeModel:
                                                   "inference_ms": round((t2 - t1) * 1e3, 3)})
 
     def _result(self, name: str, probs: np.ndarray, bar: float, timing: dict[str, float]) -> Prediction:
-        from edge_runtime.clinical import referral_level
-
         k = int(np.argmax(probs))
         label, conf = self.labels[k], float(probs[k])
         uncertain = conf < bar

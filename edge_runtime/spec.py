@@ -1,14 +1,25 @@
-"""The preprocessing contract every medge model carries.
+"""The contract types every medge model carries: its preprocessing, its tensors, and the names it travels under.
 
 Training (`train/data.py`, TensorFlow) and the device (`edge_runtime`, Pillow +
-numpy) both read this one object, and `convert` embeds it in every artifact, so
-a model and the pixels it expects never travel apart.
+numpy) both read `PreprocessSpec`, and `convert` embeds it in every artifact, so
+a model and the pixels it expects never travel apart. `TensorInfo` is one model
+tensor as a backend reports it and the metadata records it. The whole artifact
+record (`ArtifactMetadata`) is in `edge_runtime.metadata`, built on these.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
+
+import numpy as np
+
+# Name of the metadata entry (TFLite) and of the metadata_props key (ONNX) that holds `ArtifactMetadata`.
+METADATA_KEY = "medge"
+# The golden set's entry (edge_runtime.golden), beside METADATA_KEY; readers that do not know it ignore it.
+GOLDEN_KEY = "medge-golden"
+# The standard TFLite Model Metadata's entry (MediaPipe Tasks, TFLite Support), made from METADATA_KEY's contract.
+STANDARD_KEY = "TFLITE_METADATA"
 
 COLOR_MODES = ("rgb", "grayscale")
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic")
@@ -71,6 +82,51 @@ class PreprocessSpec:
         if unknown:
             raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**{k: (tuple(v) if k == "input_size" else v) for k, v in d.items()})
+
+
+def known_keys(cls, d: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Copy of `d` after checking it holds no key the dataclass does not know."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {what} keys {sorted(unknown)}; known: {sorted(known)}")
+    return dict(d)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One model tensor as the runtime sees it: what a backend reports and what the metadata records.
+
+    Attributes:
+        name: tensor name in the artifact.
+        shape: shape with -1 for a dynamic (batch) dimension.
+        dtype: numpy dtype (given as a dtype, a type or a name such as "int8";
+            written to JSON by name, e.g. "float32", "int8", "uint8").
+        scale, zero_point: affine quantization (`real = scale * (q - zero_point)`)
+            when `dtype` is an integer type, else None.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    scale: float | None = None
+    zero_point: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name, "scale": self.scale,
+                "zero_point": self.zero_point}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TensorInfo":
+        return cls(**known_keys(cls, d, "tensor"))
 
 
 # Presets used by the two models. InceptionV3's ImageNet weights expect [-1, 1].

@@ -31,13 +31,12 @@ proves MediaPipe reads it. Nothing here imports TensorFlow.
 
 from __future__ import annotations
 
-import io
-import zipfile
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
-from edge_runtime.metadata import STANDARD_KEY
+from edge_runtime.spec import STANDARD_KEY
+from edge_runtime.tflite_file import pack_files, packed_files, tflite_metadata_entries
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover - the record is built in metadata.py, which imports this module to embed it
     from edge_runtime.metadata import ArtifactMetadata
 
 __all__ = ["STANDARD_KEY", "build", "parse", "read", "pack_files", "packed_files", "associated_files"]
@@ -47,8 +46,6 @@ MIN_PARSER_VERSION = "1.0.0"
 AUTHOR = "medge (python -m convert)"
 LICENSE = ("Apache-2.0 for the medge toolchain that wrote this file; the weights follow the terms of their "
            "training data (see the model card)")
-# A fixed zip time stamp: two conversions of one model give the same bytes.
-_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 # Enum values and union tags of metadata_schema.fbs (schema 1.5.0; all present since 1.0).
 COLOR_SPACES = {"rgb": 1, "grayscale": 2}  # ColorSpaceType
@@ -111,7 +108,7 @@ def build(meta: "ArtifactMetadata") -> bytes:
     Raises:
         ValueError: the artifact does not take an image (`meta.part` is "head").
     """
-    import flatbuffers
+    import flatbuffers  # inside: writing needs the toolchain's flatbuffers, which a bare Pi may lack
 
     if not applies(meta):
         raise ValueError(f"{meta.model}: the standard image metadata needs an image input; part is {meta.part!r}")
@@ -206,42 +203,6 @@ def _offsets(b, offsets) -> int:
     return b.EndVector()
 
 
-# ---------------------------------------------------------------- the zip of associated files
-
-
-def pack_files(flatbuffer: bytes, files: Mapping[str, bytes]) -> bytes:
-    """`flatbuffer` followed by a zip archive of `files` (stored, fixed time stamps), as the metadata writers pack them.
-
-    The zip's offsets count from the start of the whole file, so both
-    MediaPipe's reader and Python's `zipfile` open the model file itself as
-    the archive.
-    """
-    if not files:
-        return bytes(flatbuffer)
-    out = io.BytesIO()
-    out.write(flatbuffer)
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:  # mode "w" starts at the current position
-        for name, data in files.items():
-            zf.writestr(zipfile.ZipInfo(name, date_time=_ZIP_TIME), bytes(data))
-    return out.getvalue()
-
-
-def packed_files(model: bytes) -> dict[str, bytes]:
-    """The files packed after a .tflite flatbuffer (name -> bytes); {} when none.
-
-    Call it only for a model with a `TFLITE_METADATA` entry: without one, a
-    zip signature inside the weights is not an archive.
-    """
-    data = io.BytesIO(bytes(model))
-    if not zipfile.is_zipfile(data):
-        return {}
-    try:
-        with zipfile.ZipFile(data) as zf:
-            return {n: zf.read(n) for n in zf.namelist()}
-    except (zipfile.BadZipFile, KeyError, ValueError) as e:
-        raise ValueError(f"the files packed in the model are not a readable zip archive: {e}") from None
-
-
 # ---------------------------------------------------------------- reading
 
 
@@ -251,7 +212,7 @@ def parse(buf: bytes) -> dict[str, Any]:
     Raises:
         ValueError: not a ModelMetadata flatbuffer (no `M001` identifier).
     """
-    from flatbuffers import encode, number_types as N, packer, table
+    from flatbuffers import encode, number_types as N, packer, table  # inside: optional on a bare Pi (see `read`)
 
     buf = bytes(buf)
     if len(buf) < 8 or buf[4:8] != IDENTIFIER:
@@ -336,8 +297,6 @@ def parse(buf: bytes) -> dict[str, Any]:
 
 def read(model: bytes) -> dict[str, Any] | None:
     """The standard metadata of a .tflite (parsed, with its packed files' names), or None when it has none."""
-    from edge_runtime.metadata import tflite_metadata_entries
-
     entries = tflite_metadata_entries(model)
     if STANDARD_KEY not in entries:
         return None

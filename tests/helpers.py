@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -23,7 +24,8 @@ from PIL import Image
 import edge_runtime
 from edge_runtime.backends import open_session
 from edge_runtime.clinical import OCT_LABELS
-from edge_runtime.spec import PreprocessSpec
+from edge_runtime import tflite_file
+from edge_runtime.spec import GOLDEN_KEY, METADATA_KEY, STANDARD_KEY, PreprocessSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "malaria_sample"
@@ -246,3 +248,43 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="make the artifacts an edge-only environment tests against")
     ap.add_argument("--make-artifacts", type=Path, required=True, metavar="DIR")
     print(make_artifacts(ap.parse_args().make_artifacts))
+
+
+# ---------------------------------------------------------------- comparing two .tflite files
+
+# The entries `python -m convert` writes: medge's contract, the golden set, the standard metadata made from them.
+CONVERT_KEYS = (METADATA_KEY, GOLDEN_KEY, STANDARD_KEY)
+
+
+def tflite_without_metadata(model: bytes | bytearray, keys: Sequence[str] = CONVERT_KEYS) -> bytes:
+    """The .tflite bytes with the metadata entries convert writes (`keys`) and their buffers' data removed, repacked.
+
+    Two conversions of one model differ in medge's entry (its `created` time)
+    and nowhere else (the golden set, when both have one, is the same; the
+    standard entry holds no time); comparing what this returns tells whether
+    they are the same network, weights and quantization. The files packed
+    after the flatbuffer (the standard metadata's `labels.txt`) go with the
+    standard entry, and stay when it does. Only tests compare files this way,
+    so it lives here, not in what a device installs.
+    """
+    import flatbuffers  # inside: the writing side's package (ai-edge-litert), absent in the legacy-runtime env
+
+    if isinstance(keys, str):
+        keys = (keys,)
+    fb_schema = tflite_file.schema()
+    buf = bytes(model)
+    tflite_file.check_tflite(buf, "model")
+    entries = tflite_file.tflite_metadata_entries(buf)
+    files = tflite_file.packed_files(buf) if STANDARD_KEY in entries and STANDARD_KEY not in keys else {}
+    m = fb_schema.ModelT.InitFromPackedBuf(bytearray(buf), 0)
+    for e in [e for e in (m.metadata or []) if tflite_file.entry_name(e.name) in keys]:
+        m.buffers[e.buffer] = fb_schema.BufferT()
+    m.metadata = [e for e in (m.metadata or []) if tflite_file.entry_name(e.name) not in keys]
+    # medge's entries are appended after the converter's buffers: drop the emptied tail, so a file with a
+    # golden set and one without compare equal when their networks are.
+    used = {t.buffer for g in (m.subgraphs or []) for t in (g.tensors or [])} | {e.buffer for e in m.metadata}
+    while m.buffers and len(m.buffers) - 1 not in used and m.buffers[-1].data is None:
+        m.buffers.pop()
+    builder = flatbuffers.Builder(len(buf) + 1024)
+    builder.Finish(m.Pack(builder), file_identifier=tflite_file.TFLITE_IDENTIFIER)
+    return tflite_file.pack_files(bytes(builder.Output()), files)

@@ -32,12 +32,12 @@ from convert.formats import FORMATS, parse_formats
 from edge_runtime.metadata import (
     ArtifactMetadata,
     MetadataNotFound,
-    TensorInfo,
     read_metadata,
     read_sidecar,
     sidecar_path,
-    tflite_metadata_entries,
 )
+from edge_runtime.spec import TensorInfo
+from edge_runtime.tflite_file import tflite_metadata_entries
 from edge_runtime.spec import MALARIA_SPEC
 from train import runs
 from helpers import SAMPLE, assert_same_class_off_ties

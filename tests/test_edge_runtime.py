@@ -48,7 +48,7 @@ from edge_runtime import backends
 from edge_runtime.backends import BackendError
 from edge_runtime.cli import build_parser, main as cli_main
 from edge_runtime.clinical import OCT_LABELS, oct_summary, referral_level, slide_summary
-from edge_runtime.metadata import TensorInfo
+from edge_runtime.spec import TensorInfo
 from edge_runtime.model import UNCERTAIN, ModelError, Prediction, dequantize, quantize
 from helpers import (
     INT8_IO_FILE,
@@ -415,9 +415,9 @@ def test_model_errors_are_one_clear_message(art, tmp_path):
     (tmp_path / "cut.tflite").write_bytes(good.read_bytes()[:5000])
     cases["truncated"] = (tmp_path / "cut.tflite", "truncated or not a model")
     corrupt = bytearray(good.read_bytes())
-    # Over the graph's own table (found with edge_runtime.compat's schema-free reader), not a fixed offset:
+    # Over the graph's own table (found with edge_runtime.tflite_file's schema-free reader), not a fixed offset:
     # the metadata and golden-set buffers in front of it change size between medge versions.
-    from edge_runtime.compat import tflite_model
+    from edge_runtime.tflite_file import tflite_model
 
     graph = tflite_model(bytes(corrupt)).tables(2)[0].pos
     corrupt[graph - 200: graph + 200] = b"\xff" * 400

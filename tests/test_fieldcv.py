@@ -14,7 +14,7 @@ from PIL import Image
 
 pytest.importorskip("cv2", reason="field crops need the `smear` extra (opencv-python-headless)")
 
-from edge_runtime.annotations import field_blocks, load_annotations, match  # noqa: E402
+from train.annotations import field_blocks, load_annotations, match  # noqa: E402
 from helpers import ROOT, SAMPLE  # noqa: E402
 
 SMEAR_SAMPLE = ROOT / "tests" / "data" / "iml_malaria_sample"

@@ -32,15 +32,11 @@ import pytest
 import edge_runtime
 from edge_runtime import registry
 from edge_runtime import standard_metadata as std
-from edge_runtime.metadata import (
-    STANDARD_KEY,
-    embed_tflite,
-    embed_tflite_entries,
-    read_tflite,
-    tflite_metadata_entries,
-    tflite_without_metadata,
-)
-from helpers import MALARIA_FILES, OCT_FILES, ROOT, SAMPLE
+from edge_runtime.metadata import embed_tflite, read_tflite
+from edge_runtime.spec import STANDARD_KEY
+from edge_runtime.tflite_file import embed_entries as embed_tflite_entries
+from edge_runtime.tflite_file import tflite_metadata_entries
+from helpers import MALARIA_FILES, OCT_FILES, ROOT, SAMPLE, tflite_without_metadata
 
 MP_ENV = "MEDGE_MEDIAPIPE_PYTHON"
 CLIENT = ROOT / "tests" / "mediapipe_client.py"
@@ -305,7 +301,7 @@ def _note_for(meta, name: str = "m_tflite-float32.tflite") -> str:
 
 
 def test_bundle_notes_take_every_number_from_the_metadata():
-    from edge_runtime.metadata import TensorInfo
+    from edge_runtime.spec import TensorInfo
     from edge_runtime.spec import PreprocessSpec
 
     base = read_tflite(RELEASED.read_bytes())
@@ -332,7 +328,7 @@ def test_bundle_notes_take_every_number_from_the_metadata():
 
 
 def test_bundle_notes_send_int8_input_files_to_litert():
-    from edge_runtime.metadata import TensorInfo
+    from edge_runtime.spec import TensorInfo
 
     base = read_tflite(RELEASED.read_bytes())
     io8 = dataclasses.replace(base, input=TensorInfo("x", (-1, 64, 64, 3), "int8", 0.0039, -128))

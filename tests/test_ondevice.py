@@ -133,7 +133,7 @@ def test_the_lock_pins_what_the_page_loads():
 
 def test_static_batch_changes_only_the_batch_signature_and_no_output():
     import edge_runtime
-    from edge_runtime.metadata import _schema
+    from edge_runtime.tflite_file import schema as _schema
     from edge_runtime.serve.ondevice import static_batch
 
     model = edge_runtime.load("malaria")
@@ -185,7 +185,7 @@ def released_server(tmp_path: Path, *extra: str) -> Server:
 
 @pytest.mark.server
 def test_api_ondevice_and_cells_on_the_device(tmp_path, reference):
-    from edge_runtime.serve.loadtest import multipart, request
+    from benchmarks.loadtest import multipart, request
 
     s = released_server(tmp_path, "--web-runtime", "off")
     try:

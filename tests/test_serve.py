@@ -36,7 +36,7 @@ pytest.importorskip("multipart", reason="the field app needs the `serve` extra (
 pytest.importorskip("cv2", reason="malaria cases need the `smear` extra (opencv-python-headless)")
 
 from edge_runtime.fileio import sha256_file  # noqa: E402
-from edge_runtime.serve.loadtest import multipart, post_case, request, run_load  # noqa: E402
+from benchmarks.loadtest import multipart, post_case, request, run_load  # noqa: E402
 from helpers import MALARIA_FILES, OCT_FILES, ROOT  # noqa: E402
 
 MALARIA_MODEL = MALARIA_FILES["tflite-int8"]
@@ -188,7 +188,7 @@ def test_malaria_case_from_real_field_photos(shared_server, art, tmp_path):
     assert case["model"]["sha256"] == sha256_file(art / MALARIA_MODEL) and case["model"]["name"] == "malaria"
     # The server ran the CLI's function: the same model on the same photos here gives the same slide summary.
     model = edge_runtime.load(art / MALARIA_MODEL)
-    direct = analyse_slide(model, fields).summary
+    direct = analyse_slide(model, fields).summary.to_dict()
     for key in ("cells", "parasitized", "uncertain", "parasitemia_percent", "parasitemia_max_percent", "refer"):
         assert r["summary"][key] == direct[key], key
     assert r["summary"]["cells"] > 50 and len(r["fields"]) == len(fields)
@@ -484,23 +484,54 @@ def test_released_model_by_name(start_server, tmp_path):
 
 
 def test_store_removes_folders_without_rows_and_rolls_back_a_failed_insert(tmp_path):
+    from edge_runtime.serve.case import Case
     from edge_runtime.serve.storage import CaseStore
 
     store = CaseStore(tmp_path / "d")
     with store.stage() as st:
         st.path("a.png").write_bytes(b"x")
-        kept = store.commit(st, {"kind": "oct", "subject": "kept"})
+        kept = store.commit(st, Case(kind="oct", subject="kept"))
+    assert store.get(kept.id) == kept and kept.files == ("a.png",)
     (store.cases_dir / "20260101-000000-abcdef").mkdir()  # renamed into place, killed before its row
     (store.tmp_dir / "20260101-000001-abcdef").mkdir()
     again = CaseStore(tmp_path / "d")
     assert again.recovered == {"tmp": 1, "orphans": 1, "rows_without_files": 0}
-    assert [p.name for p in again.cases_dir.iterdir()] == [kept["id"]]
-    with pytest.raises(KeyError):  # a record without "kind" fails the insert: its folder goes too
+    assert [p.name for p in again.cases_dir.iterdir()] == [kept.id]
+    with pytest.raises(TypeError):  # a result JSON cannot hold fails the insert: its folder goes too
         with again.stage() as st:
             st.path("b.png").write_bytes(b"x")
-            again.commit(st, {"subject": "broken"})
-    assert [p.name for p in again.cases_dir.iterdir()] == [kept["id"]] and again.count() == 1
+            again.commit(st, Case(kind="oct", subject="broken", result={"x": object()}))
+    assert [p.name for p in again.cases_dir.iterdir()] == [kept.id] and again.count() == 1
     assert not any(again.tmp_dir.iterdir())
+
+
+def test_a_store_written_before_cases_were_typed_still_loads(tmp_path):
+    """A row as the app stored it when a case was a dict (every key of a malaria case) reads back as a `Case`
+    whose JSON is the row's, key for key; an unknown key is refused with the known ones named."""
+    import json
+    import sqlite3
+
+    from edge_runtime.serve.case import Case
+    from edge_runtime.serve.storage import CaseStore
+
+    store = CaseStore(tmp_path / "d")
+    old = {"kind": "malaria", "subject": "C17", "note": "", "model": {"name": "malaria", "sha256": "ab"},
+           "headline": "No parasites seen in 120 red cells.", "refer": False,
+           "result": {"summary": {"cells": 120}, "fields": [], "crops": [], "crops_total": 0,
+                      "positive_label": "Parasitized", "cells": "cells.json", "contact_sheet": None},
+           "analysis_ms": 812.5, "id": "20260101-000000-abcdef", "created": "2026-01-01T00:00:00+00:00",
+           "files": ["cells.json", "field_00.jpg"]}
+    (store.cases_dir / old["id"]).mkdir()
+    (store.cases_dir / old["id"] / "cells.json").write_text("[]")
+    with sqlite3.connect(store.db_path) as con:
+        con.execute("INSERT INTO cases (id, created, day, kind, subject, headline, refer, model_sha256, record) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (old["id"], old["created"], "2026-01-01", "malaria", "C17",
+                                                           old["headline"], 0, "ab", json.dumps(old)))
+    case = store.get(old["id"])
+    assert isinstance(case, Case) and case.to_dict() == old and list(case.to_dict()) == list(old)
+    assert store.file(old["id"], "cells.json") is not None and store.list(full=True)[0] == [case]
+    with pytest.raises(ValueError, match="unknown case keys \\['reviewed'\\]"):
+        Case.from_dict({**old, "reviewed": True})
 
 
 # ---------------------------------------------------------------- the light layers stay light

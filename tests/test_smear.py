@@ -23,10 +23,18 @@ from PIL import Image
 
 pytest.importorskip("cv2", reason="smear needs the `smear` extra (opencv-python-headless)")
 
-from edge_runtime.annotations import load_annotations, match  # noqa: E402
+from train.annotations import load_annotations, match  # noqa: E402
 from edge_runtime.clinical import REFER_UNCERTAIN_SHARE, slide_referral, slide_summary  # noqa: E402
 from edge_runtime.model import Prediction  # noqa: E402
-from edge_runtime.smear import SmearError, analyse_slide, crop, segment  # noqa: E402
+from edge_runtime.smear import (  # noqa: E402
+    SlideReport,
+    SlideSummary,
+    SmearError,
+    analyse_slide,
+    crop,
+    segment,
+    write_report,
+)
 from helpers import MALARIA_FILES, ROOT, run_cli  # noqa: E402
 
 SMEAR_SAMPLE = ROOT / "tests" / "data" / "iml_malaria_sample"
@@ -68,7 +76,7 @@ def test_matcher_is_one_to_one():
 
 
 def test_benchmark_summary_reports_uncertain_uninfected_apart_from_false_positives():
-    from edge_runtime.annotations import summarise
+    from train.annotations import summarise
 
     row = {"error": None, "annotated": 10, "found": 9, "annotated_parasites": 1, "parasites_found": 1,
            "count_error": 2, "segment_ms": 1.0, "total_ms": 2.0, "parasites_called": 1, "uninfected_found": 8,
@@ -123,7 +131,7 @@ def test_a_chain_of_three_overlapping_cells_is_three_whole_cells(spacing):
     """Three overlapping discs in a row: three red cells, each boxed as its whole disc, the middle one too
     (the split alone leaves the middle cell its visible strip: IoU 0.57 at 1.2 radii); crops keep each
     cell's own part of the split, not the lens it shares with a neighbour."""
-    from edge_runtime.annotations import iou_matrix
+    from train.annotations import iou_matrix
 
     img, truth = _chain_field(spacing)
     seg = segment(img, "chain")
@@ -223,10 +231,12 @@ def test_slide_report_arithmetic():
 def test_analyse_slide_writes_what_a_person_checks(model, fields, tmp_path):
     bad = tmp_path / "corrupt.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    report = analyse_slide(model, [fields[0], bad, fields[1]], out=tmp_path / "out", min_cells=10)
+    report = analyse_slide(model, [fields[0], bad, fields[1]], min_cells=10)
+    assert not (tmp_path / "out").exists()  # computing writes nothing
+    written = write_report(report, tmp_path / "out")
     assert [f.error is None for f in report.fields] == [True, False, True]
-    assert report.fields[1].field.endswith("corrupt.jpg") and report.fields[1].cells == []
-    s = report.summary
+    assert report.fields[1].field.endswith("corrupt.jpg") and report.fields[1].cells == ()
+    s = report.summary.to_dict()
     assert s["fields"] == 3 and s["fields_without_cells"] == 1 and s["cells"] > 150 and s["enough_cells"]
     out = tmp_path / "out"
     cells = json.loads((out / "cells.json").read_text())["fields"]
@@ -239,6 +249,12 @@ def test_analyse_slide_writes_what_a_person_checks(model, fields, tmp_path):
     if s["parasitized"] + s["uncertain"]:
         assert Image.open(out / "contact_sheet.png").width >= 160
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temp files
+    assert sorted(written) == sorted(str(p) for p in out.iterdir())
+    # The typed record round-trips through its dict (the drawing view and the predictions stay in memory only).
+    again = SlideReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again == report and again.fields[0].view is None and report.fields[0].view is not None
+    with pytest.raises(ValueError, match="unknown SlideSummary keys"):
+        SlideSummary.from_dict({**s, "parasites": 1})
 
 
 def test_bad_fields_never_lose_the_others(art, fields, tmp_path):
@@ -258,7 +274,8 @@ def test_bad_fields_never_lose_the_others(art, fields, tmp_path):
     _landscape().save(d / "landscape.png")
     names = ["corrupt.jpg", "rgba.png", "grey16.png", "exif.jpg", "huge.jpg", "landscape.png"]
     model = edge_runtime.load(art / MALARIA_FILES["tflite-int8"], threads=1, max_pixels=1_500_000)
-    report = analyse_slide(model, [d / n for n in names] + [fields[1]], out=tmp_path / "o")
+    report = analyse_slide(model, [d / n for n in names] + [fields[1]])
+    write_report(report, tmp_path / "o")
     err = {Path(f.field).name: f.error for f in report.fields}
     assert err["corrupt.jpg"] and "too large" in err["huge.jpg"]
     assert "greyscale" in err["grey16.png"] and "no cells found" in err["landscape.png"]
@@ -268,7 +285,7 @@ def test_bad_fields_never_lose_the_others(art, fields, tmp_path):
         assert abs(len(report.fields[k].cells) - n_ref) <= 0.1 * n_ref
     xs = [c.bbox[0] + c.bbox[2] for c in report.fields[3].cells]
     assert max(xs) <= 1280 and max(c.bbox[1] + c.bbox[3] for c in report.fields[3].cells) <= 960  # upright
-    assert report.summary["fields"] == 7 and report.summary["fields_without_cells"] == 4
+    assert report.summary.fields == 7 and report.summary.fields_without_cells == 4
     assert len(list((tmp_path / "o").glob("*_overlay.png"))) == 3
 
 

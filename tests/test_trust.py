@@ -163,7 +163,8 @@ def test_changed_onnx_weight_is_drift(trusted, tmp_path):
 
 
 def test_unusable_files_exit_2(trusted, tmp_path):
-    from edge_runtime.metadata import GOLDEN_KEY, tflite_without_metadata
+    from edge_runtime.spec import GOLDEN_KEY
+    from helpers import tflite_without_metadata
 
     path = _file(trusted, "tflite-int8")
     data = path.read_bytes()
@@ -684,8 +685,8 @@ def _edge_cli(env_extra: dict, *argv) -> tuple[int, str, str]:
 def test_each_artifact_records_what_it_requires_and_where_it_ran(trusted):
     import importlib.metadata as md
 
-    from edge_runtime.compat import tflite_entries
-    from edge_runtime.metadata import read_metadata, tflite_metadata_entries
+    from edge_runtime.metadata import read_metadata
+    from edge_runtime.tflite_file import tflite_entries, tflite_metadata_entries
 
     out, report = trusted
     for fmt in SELFTEST_FORMATS:

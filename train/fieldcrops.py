@@ -3,7 +3,7 @@
     python -m train field-crops --data ../shared/data/iml_malaria --out runs/field-crops [--fields PA171704 ...]
 
 For every annotated field: `edge_runtime.smear.segment` finds the regions, the annotated boxes
-are matched to the regions' boxes by `edge_runtime.annotations.match` (IoU >= 0.5, greedy
+are matched to the regions' boxes by `train.annotations.match` (IoU >= 0.5, greedy
 one-to-one, the benchmark's rule), and every matched region the runtime would classify (kind
 "rbc") is cut by `edge_runtime.smear.crop`: exactly the crop `python -m edge_runtime smear`
 gives the model. A crop is Parasitized when its annotation is a parasite stage (ring,
@@ -15,7 +15,7 @@ Writes OUT/crops/<block>/<field>_<index>.png, OUT/field-crops.csv (the manifest 
 `python -m train split`: path,label,patient,split, with the slide block as `patient` so grouped
 splits keep a block together, split "train", and an extra `field` column) and OUT/field-crops.json
 (counts per field and block, fields that failed). A field that cannot be read or segmented is
-reported and skipped. Blocks: runs of consecutive camera numbers (`edge_runtime.annotations.field_blocks`).
+reported and skipped. Blocks: runs of consecutive camera numbers (`train.annotations.field_blocks`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from edge_runtime.annotations import PARASITE_TYPES, UNINFECTED_TYPE, field_blocks, load_annotations, match
+from train.annotations import PARASITE_TYPES, UNINFECTED_TYPE, field_blocks, load_annotations, match
 from edge_runtime.fileio import write_json
 
 POSITIVE, NEGATIVE = "Parasitized", "Uninfected"

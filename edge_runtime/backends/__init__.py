@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata as md
 import importlib.util
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 
-from edge_runtime.metadata import TensorInfo
+from edge_runtime.spec import TensorInfo
 
 EXTRA = "pip install 'medge[edge]'"
 # ONNX Runtime is an extra of its own: both released models are .tflite, and a device that runs only those
@@ -58,8 +59,6 @@ class Backend:
 
     def version(self) -> str:
         """The installed runtime package's version, read without importing it ("unknown" if not found)."""
-        import importlib.metadata as md
-
         try:
             return md.version(self.package)
         except md.PackageNotFoundError:

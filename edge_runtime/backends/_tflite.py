@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edge_runtime.backends import Op
-from edge_runtime.metadata import TensorInfo
+from edge_runtime.spec import TensorInfo
 
 
 def tensor_info(d: dict[str, Any]) -> TensorInfo:
@@ -31,7 +31,7 @@ def with_extra_outputs(model: bytes, indices: Sequence[int]) -> bytes | None:
     (delegated, fast) invoke. The flatbuffer schema ships with ai-edge-litert;
     the legacy tflite-runtime lacks it.
     """
-    try:
+    try:  # inside: the schema and flatbuffers come with ai-edge-litert, which a tflite-runtime Pi does not have
         import flatbuffers
         from ai_edge_litert import schema_py_generated as schema
     except ImportError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
 from pathlib import Path
 from typing import Sequence
 
@@ -13,8 +14,6 @@ NAME = "litert"
 def open_session(path: Path, threads: int | None = None, *, batch: int | None = 1, extra_outputs: Sequence[int] = (),
                  optimize: bool = True) -> TFLiteSession:
     """A LiteRT interpreter on `path` (see `edge_runtime.backends.open_session`; `optimize` is onnxruntime's)."""
-    import importlib.metadata as md
-
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter  # inside: the runtime is imported on first use, here only
 
     return TFLiteSession(Interpreter, path, threads, NAME, md.version("ai-edge-litert"), batch, extra_outputs)

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from edge_runtime.backends import Op
-from edge_runtime.metadata import TensorInfo
+from edge_runtime.spec import TensorInfo
 
 NAME = "onnxruntime"
 _TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
@@ -26,7 +26,7 @@ def _io(arg) -> TensorInfo:
 
 
 def _session_options(threads: int | None, optimize: bool):
-    import onnxruntime as ort
+    import onnxruntime as ort  # inside: the runtime is imported on first use, only by its backend
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -42,7 +42,7 @@ class OrtSession:
     """One CPU InferenceSession; a dynamic batch dimension lets `run_batch` run a whole batch in one call."""
 
     def __init__(self, path: Path, threads: int | None, optimize: bool = True):
-        import onnxruntime as ort
+        import onnxruntime as ort  # inside: the runtime is imported on first use, only by its backend
 
         self._sess = ort.InferenceSession(str(path), sess_options=_session_options(threads, optimize),
                                           providers=["CPUExecutionProvider"])
@@ -99,7 +99,7 @@ def write_ort_format(src: Path, dest: Path, disabled_optimizers: Sequence[str] =
     default; leaving out the x86-only NCHWc layout keeps the file runnable on
     ARM phones.
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # inside: the runtime is imported on first use, only by its backend
 
     so = _session_options(None, optimize=True)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

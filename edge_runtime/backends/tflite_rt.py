@@ -12,6 +12,7 @@ paid only on this backend.
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import signal
 import subprocess
 import sys
@@ -56,9 +57,7 @@ def _exception_text(stderr: str) -> str:
 def open_session(path: Path, threads: int | None = None, *, batch: int | None = 1, extra_outputs: Sequence[int] = (),
                  optimize: bool = True) -> TFLiteSession:
     """A tflite-runtime interpreter on `path`, after the child-process probe (see `backends.open_session`)."""
-    import importlib.metadata as md
-
-    from tflite_runtime.interpreter import Interpreter
+    from tflite_runtime.interpreter import Interpreter  # inside: the runtime is imported on first use, here only
 
     probe(path)
     return TFLiteSession(Interpreter, path, threads, NAME, md.version("tflite-runtime"), batch, extra_outputs)

@@ -8,7 +8,6 @@
 - `storage`: cases in SQLite (WAL) with their files, stored whole or not at all.
 - `app`: the Starlette application (HTTP API, access code, limits, the page).
 - `server`: the `serve` verb (models, store, uvicorn).
-- `loadtest`: a stdlib client that uploads cases from many threads (tests, load figures).
 - `static/`: the page (one HTML, one script, one style sheet; no build step, nothing from the internet).
 
 Only `app` and `server` import Starlette/uvicorn (the `serve` extra); `import

@@ -3,11 +3,12 @@
     slots = load_models(["malaria_tflite-int8.tflite", "oct_tflite-int8.tflite"])
     images = [check_upload(name, data, limits) for name, data in uploads]   # UploadError: 413 / 415
     with store.stage() as st:
-        record = analyse_malaria(slots["malaria"], images, st)                # analyse_slide, as `smear`
-        store.commit(st, record)
+        case = analyse_malaria(slots["malaria"], images, st)                  # a Case; analyse_slide, as `smear`
+        store.commit(st, case)
 
 Malaria cases run `edge_runtime.smear.analyse_slide` (what `python -m edge_runtime
-smear --out` runs); OCT cases run `EdgeModel.predict` and `GradCam.write_overlays`
+smear` runs) and draw the overlays and the contact sheet from the `SlideReport` it
+returns, in memory (nothing is written to be read back); OCT cases run `EdgeModel.predict` and `GradCam.write_overlays`
 (what `python -m edge_runtime predict --gradcam` runs). The app only adds the
 parts a phone needs: per-cell crops from the photo, a one-line headline, and
 the record that goes into the case store.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import shutil
 import threading
@@ -30,10 +32,17 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
+import edge_runtime
+from edge_runtime import registry
 from edge_runtime.clinical import is_malaria, is_oct
-from edge_runtime.fileio import sha256_file
+from edge_runtime.fileio import sha256_file, write_json
+from edge_runtime.gradcam import GradCam, GradCamError
+from edge_runtime.images import ImageError, load_image
+from edge_runtime.serve.case import Case
+from edge_runtime.smear import VERDICT_COLOURS, analyse_slide, contact_sheet, render_overlay
+from edge_runtime.smear.report import png_bytes
 
 KINDS = ("malaria", "oct")
 # Shown per case at most; a slide the model reads badly can flag hundreds of cells, and a phone must stay usable.
@@ -156,8 +165,6 @@ def classify_cells(slot: "ModelSlot", images: Sequence[CheckedImage]) -> list[di
 def release_version(path: Path, sha256: str) -> str | None:
     """The release version of a packaged model: its entry in the registry (`models.json`) beside it with this
     file name and sha256; None for any other file."""
-    from edge_runtime import registry
-
     try:
         releases = registry.read_registry(Path(path).parent)
     except registry.ReleaseError:
@@ -190,8 +197,6 @@ def load_models(specs: Sequence[str], threads: int | None = None, log=print) -> 
         ValueError: a model that is neither malaria nor OCT, or two models of one kind.
         ModelError / BackendError: from `edge_runtime.load`.
     """
-    import edge_runtime
-
     slots: dict[str, ModelSlot] = {}
     for spec in specs:
         model = edge_runtime.load(spec, threads=threads)
@@ -204,8 +209,6 @@ def load_models(specs: Sequence[str], threads: int | None = None, log=print) -> 
             raise ValueError(f"{spec}: a second {kind} model (already serving {slots[kind].source}); give one per kind")
         cam, cam_error = None, None
         if kind == "oct":
-            from edge_runtime.gradcam import GradCam, GradCamError
-
             try:
                 cam = GradCam(model)
             except (GradCamError, FileNotFoundError, ValueError) as e:
@@ -233,8 +236,6 @@ def _jpeg(img: Image.Image) -> bytes:
 def _cell_crop(photo: Image.Image, bbox: Sequence[int], colour: tuple[int, int, int]) -> Image.Image:
     """The cell with a margin of half its size, from the photo itself (colours as the camera saw them), scaled up,
     its box drawn in the verdict's colour so the cell meant is plain among its neighbours."""
-    from PIL import ImageDraw
-
     x, y, w, h = bbox
     m = max(w, h) // 2
     box = (max(0, x - m), max(0, y - m), min(photo.width, x + w + m), min(photo.height, y + h + m))
@@ -270,38 +271,33 @@ def malaria_state(summary: dict[str, Any]) -> str:
     return "amber" if summary.get("fields_unreadable") else "ok"
 
 
-def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject: str = "",
-                    note: str = "") -> dict[str, Any]:
-    """One slide: `analyse_slide` over the uploaded fields, files into the staging folder; returns the case record.
+def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject: str = "", note: str = "") -> Case:
+    """One slide: `analyse_slide` over the uploaded fields, its pictures drawn from the returned report into the
+    staging folder; returns the case.
 
     Raises:
         UploadError: 422 when no field holds cells (nothing is stored then).
     """
-    from edge_runtime.images import ImageError, load_image
-    from edge_runtime.smear import VERDICT_COLOURS, analyse_slide
-
     t0 = time.perf_counter()
     model = slot.model
     # Paths, not decoded photos: analyse_slide reads one field at a time, so a 12-photo slide never holds
-    # twelve decoded 12 MP images at once on a Pi.
+    # twelve decoded 12 MP images at once on a Pi (the report keeps each field's working-scale photo only).
     paths = [st.path(_write(st, f"field_{k:02d}.{im.suffix}", im.data)) for k, im in enumerate(images)]
-    report_dir = st.dir / "report"
-    report = analyse_slide(SerialModel(model, slot.lock), paths, out=report_dir)
+    report = analyse_slide(SerialModel(model, slot.lock), paths)
     if len(report.rejected) == len(images):
         reasons = "; ".join(f"“{im.name}”: {f.error}" for im, f in zip(images, report.fields))
         lead = "This photo has no cells we can find." if len(images) == 1 else \
             "None of these photos has cells we can find."
         raise UploadError(422, f"{lead} Photograph a thin, stained smear through the microscope, in focus. "
                                f"({reasons})")
-    positive = model.metadata.positive_label or "Parasitized"
-    overlays = sorted(report_dir.glob("*_overlay.png"))  # analyse_slide names them {k:03d}_{stem}_overlay.png
-    by_field = {int(p.name[:3]): p for p in overlays}
+    positive = report.positive_label
     fields, flagged = [], []
     for k, (im, f) in enumerate(zip(images, report.fields)):
         entry: dict[str, Any] = {"name": im.name, "photo": paths[k].name, "error": f.error, "overlay": None,
                                  "size": list(im.size)}
-        if k in by_field:
-            entry["overlay"] = _write(st, f"overlay_{k:02d}.jpg", _jpeg(Image.open(by_field[k])))
+        overlay = render_overlay(f, positive)
+        if overlay is not None:
+            entry["overlay"] = _write(st, f"overlay_{k:02d}.jpg", _jpeg(overlay))
         rbc = [c for c in f.cells if c.kind == "rbc"]
         entry.update(readable=f.readable, unreadable_reason=f.unreadable_reason, red_cells=len(rbc), parasitized=sum(c.verdict(positive) == "parasitized" for c in rbc),
                      uncertain=sum(c.uncertain for c in rbc), other_regions=len(f.cells) - len(rbc),
@@ -323,32 +319,26 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
                 crops[n] = {"image": _write(st, f"crop_{n:03d}.jpg", _jpeg(tile)), "field": k, "cell": c.index,
                             "verdict": c.verdict(positive), "label": c.label, "confidence": c.confidence,
                             "bbox": list(c.bbox)}
-    # analyse_slide's cells.csv/json name fields by their staging path: the case keeps its own cells.json.
-    for src in ("summary.json", "contact_sheet.png"):
-        if (report_dir / src).is_file():
-            _write(st, src, (report_dir / src).read_bytes())
+    summary = report.summary.to_dict()
+    write_json(st.path("summary.json"), summary)
+    sheet = contact_sheet(report)
+    if sheet is not None:
+        _write(st, "contact_sheet.png", png_bytes(sheet))
     # Every region of every field, for the per-case CSV (field: upload index; field_name: the client's name).
     cells = [{"field": k, "field_name": images[k].name, **{key: c.to_dict()[key] for key in
               ("index", "bbox", "kind", "area", "label", "confidence", "uncertain")}, "verdict": c.verdict(positive)}
              for k, f in enumerate(report.fields) for c in f.cells]
     _write(st, "cells.json", _json_bytes(cells))
-    shutil.rmtree(report_dir)
-    summary = report.summary
-    return {
-        "kind": "malaria", "subject": subject, "note": note, "model": slot.info,
-        # refer: None (undecided) while the evidence is short, never False on it.
-        "headline": malaria_headline(summary), "refer": summary["refer"] if summary["refer"] is None
-        else bool(summary["refer"]), "state": malaria_state(summary),
-        "result": {"summary": summary, "fields": fields, "crops": crops, "crops_total": len(flagged),
-                   "positive_label": positive, "cells": "cells.json", "contact_sheet":
-                   "contact_sheet.png" if (st.dir / "contact_sheet.png").is_file() else None},
-        "analysis_ms": round((time.perf_counter() - t0) * 1e3, 1),
-    }
+    return Case(kind="malaria", subject=subject, note=note, model=slot.info, headline=malaria_headline(summary),
+                # None (undecided) while the evidence is short, never False on it.
+                refer=None if summary["refer"] is None else bool(summary["refer"]),
+                result={"summary": summary, "state": malaria_state(summary), "fields": fields, "crops": crops, "crops_total": len(flagged),
+                        "positive_label": positive, "cells": "cells.json",
+                        "contact_sheet": "contact_sheet.png" if sheet is not None else None},
+                analysis_ms=round((time.perf_counter() - t0) * 1e3, 1))
 
 
 def _json_bytes(data: Any) -> bytes:
-    import json
-
     return (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
 
 
@@ -360,7 +350,7 @@ REFERRAL_TEXT = {"urgent": "Urgent referral", "routine": "Routine referral", "ob
                  "specialist review": "Uncertain: specialist review"}
 
 
-def analyse_oct(slot: ModelSlot, image: CheckedImage, st, subject: str = "", note: str = "") -> dict[str, Any]:
+def analyse_oct(slot: ModelSlot, image: CheckedImage, st, subject: str = "", note: str = "") -> Case:
     """One scan: `model.predict`, then the Grad-CAM overlay the CLI's `--gradcam` writes; returns the case record.
 
     Raises:
@@ -386,16 +376,15 @@ def analyse_oct(slot: ModelSlot, image: CheckedImage, st, subject: str = "", not
     level = pred.referral or "specialist review"
     headline = (f"{REFERRAL_TEXT.get(level, level)}: {pred.label} ({pred.confidence:.0%})" if not pred.uncertain
                 else f"{REFERRAL_TEXT['specialist review']} (best guess {pred.label}, {pred.confidence:.0%})")
-    return {
-        "kind": "oct", "subject": subject, "note": note, "model": slot.info, "headline": headline,
-        "refer": level in ("urgent", "routine", "specialist review"),
-        "result": {"name": image.name, "scan": scan, "size": list(image.size), "label": pred.label,
-                   "decision": pred.decision, "confidence": pred.confidence, "uncertain": pred.uncertain,
-                   "referral": level, "probabilities": pred.probabilities, "gradcam": gradcam,
-                   "gradcam_unavailable": None if gradcam else (slot.gradcam_error or "no Grad-CAM for this model"),
-                   "timing": pred.timing},
-        "analysis_ms": round((time.perf_counter() - t0) * 1e3, 1),
-    }
+    return Case(kind="oct", subject=subject, note=note, model=slot.info, headline=headline,
+                refer=level in ("urgent", "routine", "specialist review"),
+                result={"name": image.name, "scan": scan, "size": list(image.size), "label": pred.label,
+                        "decision": pred.decision, "confidence": pred.confidence, "uncertain": pred.uncertain,
+                        "referral": level, "probabilities": pred.probabilities, "gradcam": gradcam,
+                        "gradcam_unavailable": None if gradcam else (slot.gradcam_error
+                                                                     or "no Grad-CAM for this model"),
+                        "timing": pred.timing},
+                analysis_ms=round((time.perf_counter() - t0) * 1e3, 1))
 
 
 def cpu_workers() -> int:

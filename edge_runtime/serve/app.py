@@ -69,6 +69,7 @@ from starlette.staticfiles import StaticFiles
 
 from edge_runtime.serve.analysis import (KINDS, Limits, UploadError, analyse_malaria, analyse_oct, check_upload,
                                          classify_cells, cpu_workers, display_name)
+from edge_runtime.serve.case import Case
 from edge_runtime.serve.ondevice import RUNTIME_URL, OnDevice
 from edge_runtime.serve.storage import CASE_ID, CaseStore
 
@@ -184,14 +185,15 @@ CASES_CSV = ["id", "created", "kind", "subject", "note", "headline", "refer", "m
              "oct_decision", "oct_confidence", "oct_referral", "p_CNV", "p_DME", "p_DRUSEN", "p_NORMAL"]
 
 
-def case_row(c: dict[str, Any]) -> dict[str, Any]:
+def case_row(c: Case) -> dict[str, Any]:
     """One case as one flat CSV row."""
-    m, r = c.get("model") or {}, c.get("result") or {}
-    row = {k: c.get(k) for k in ("id", "created", "kind", "subject", "note", "headline")}
+    m, r = c.model, c.result
+    row = {k: getattr(c, k) for k in ("id", "created", "kind", "subject", "note", "headline")}
     # refer: empty when undecided (a slide with too little evidence), never 0 for it.
-    row.update(refer="" if c.get("refer") is None else int(bool(c["refer"])), model_name=m.get("name"),
-               model_version=m.get("version"), model_sha256=m.get("sha256"))
-    if c.get("kind") == "malaria":
+    row.update(refer="" if c.refer is None else int(bool(c.refer)), model_name=m.get("name"),
+               model_version=m.get("version"),
+               model_sha256=m.get("sha256"))
+    if c.kind == "malaria":
         s = r.get("summary") or {}
         row.update(fields=s.get("fields"), fields_without_cells=s.get("fields_without_cells"), red_cells=s.get("cells"),
                    parasitized=s.get("parasitized"), uncertain=s.get("uncertain"),
@@ -206,11 +208,11 @@ def case_row(c: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def with_urls(case: dict[str, Any]) -> dict[str, Any]:
+def with_urls(case: Case) -> dict[str, Any]:
     """The stored record plus the URLs of its files and exports (URLs are not stored: the API may move)."""
-    base = f"/api/cases/{case['id']}"
-    return {**case, "url": base, "export_csv": f"{base}/export.csv",
-            "file_urls": {n: f"{base}/files/{n}" for n in case.get("files", ())}}
+    base = f"/api/cases/{case.id}"
+    return {**case.to_dict(), "url": base, "export_csv": f"{base}/export.csv",
+            "file_urls": {n: f"{base}/files/{n}" for n in case.files}}
 
 
 class FieldApp:
@@ -334,9 +336,9 @@ class FieldApp:
         uploads = self._uploads(form)
         if kind == "oct" and len(uploads) != 1:
             raise UploadError(400, f"an OCT case takes one scan; {len(uploads)} were sent")
-        record = await anyio.to_thread.run_sync(self._analyse, kind, slot, uploads, subject, note,
-                                                limiter=self.limiter)
-        return JSONResponse(with_urls(record), status_code=201)
+        case = await anyio.to_thread.run_sync(self._analyse, kind, slot, uploads, subject, note,
+                                              limiter=self.limiter)
+        return JSONResponse(with_urls(case), status_code=201)
 
     def _slot(self, kind: str):
         if kind not in self.slots:
@@ -370,15 +372,15 @@ class FieldApp:
             images.append(check_upload(name, fh.read(self.limits.max_file_bytes + 1), self.limits))
         return images
 
-    def _analyse(self, kind, slot, uploads, subject, note) -> dict[str, Any]:
+    def _analyse(self, kind, slot, uploads, subject, note) -> Case:
         """In a worker thread: check every image, analyse, store. Nothing is stored unless all of it worked."""
         images = self._checked(uploads)
         with self.store.stage() as st:
             if kind == "malaria":
-                record = analyse_malaria(slot, images, st, subject, note)
+                case = analyse_malaria(slot, images, st, subject, note)
             else:
-                record = analyse_oct(slot, images[0], st, subject, note)
-            return self.store.commit(st, record)
+                case = analyse_oct(slot, images[0], st, subject, note)
+            return self.store.commit(st, case)
 
     # -------------------------------------------------------- on the phone, or cells on this device
 
@@ -448,7 +450,7 @@ class FieldApp:
         name = f"medge-cases-{day or 'all'}.csv"
         return _csv_response([case_row(c) for c in cases], CASES_CSV, name)
 
-    async def _case(self, request: Request) -> dict[str, Any]:
+    async def _case(self, request: Request) -> Case:
         case_id = request.path_params["case_id"]
         case = await anyio.to_thread.run_sync(self.store.get, case_id) if CASE_ID.match(case_id) else None
         if case is None:
@@ -460,10 +462,10 @@ class FieldApp:
 
     async def export_case(self, request: Request) -> Response:
         case = await self._case(request)
-        head = {"case_id": case["id"], "subject": case.get("subject"), "model_name": case["model"].get("name"),
-                "model_sha256": case["model"].get("sha256")}
-        if case["kind"] == "malaria":
-            path = self.store.file(case["id"], "cells.json")
+        head = {"case_id": case.id, "subject": case.subject, "model_name": case.model.get("name"),
+                "model_sha256": case.model.get("sha256")}
+        if case.kind == "malaria":
+            path = self.store.file(case.id, "cells.json")
             cells = json.loads(path.read_text("utf-8")) if path else []
             rows = [{**head, "field": c["field"], "field_name": c["field_name"], "cell": c["index"],
                      "x": c["bbox"][0], "y": c["bbox"][1], "w": c["bbox"][2], "h": c["bbox"][3], "kind": c["kind"],
@@ -472,13 +474,13 @@ class FieldApp:
             fields = [*head, "field", "field_name", "cell", "x", "y", "w", "h", "kind", "area", "label", "confidence",
                       "uncertain", "verdict"]
         else:
-            r = case["result"]
+            r = case.result
             rows = [{**head, "scan": r["name"], "label": r["label"], "decision": r["decision"],
                      "confidence": r["confidence"], "referral": r["referral"],
                      **{f"p_{k}": v for k, v in (r.get("probabilities") or {}).items()}}]
             fields = [*head, "scan", "label", "decision", "confidence", "referral",
                       *[f"p_{k}" for k in (r.get("probabilities") or {})]]
-        return _csv_response(rows, fields, f"medge-case-{case['id']}.csv")
+        return _csv_response(rows, fields, f"medge-case-{case.id}.csv")
 
     async def case_file(self, request: Request) -> Response:
         case_id, name = request.path_params["case_id"], request.path_params["name"]

@@ -27,6 +27,9 @@ import json
 import struct
 from typing import Any
 
+from edge_runtime import webruntime
+from edge_runtime.tflite_file import check_tflite, tflite_model
+
 RUNTIME_URL = "/web-runtime/"
 PHONE_KINDS = ("malaria",)  # OCT needs Grad-CAM and a 299x299 InceptionV3: it stays on the device
 PHONE_DTYPES = ("float32", "uint8")
@@ -36,12 +39,9 @@ IMPORT_MAP_SLOT = "<!-- medge:importmap -->"
 def static_batch(model: bytes) -> bytes:
     """The .tflite with every dynamic dimension (-1) of every `shape_signature` set to the tensor's static shape.
 
-    Written in place with `compat`'s flatbuffer reader (no schema package: the Pi's legacy tflite-runtime has none).
+    Written in place with `tflite_file`'s flatbuffer reader (no schema package: the Pi's legacy tflite-runtime has none).
     """
-    from edge_runtime.compat import tflite_model
-    from edge_runtime.metadata import _check_tflite
-
-    _check_tflite(bytes(model[:8]), "model")
+    check_tflite(bytes(model[:8]), "model")
     buf = bytearray(model)
     view = bytes(buf)
     for graph in tflite_model(view).tables(2):  # Model.subgraphs
@@ -75,8 +75,6 @@ class OnDevice:
     """The runtime (or why there is none) and, per kind a phone can run, the model file it gets."""
 
     def __init__(self, slots, web_runtime_dir: str | None = None):
-        from edge_runtime import webruntime
-
         self.runtime, self.reason = None, None
         if web_runtime_dir == "off":
             self.reason = "on-phone inference is switched off on this device (--web-runtime off)"

@@ -18,7 +18,13 @@ import os
 import secrets
 import socket
 import sys
+import tempfile
 from pathlib import Path
+
+from edge_runtime import registry
+from edge_runtime.model import ModelError
+from edge_runtime.serve.analysis import Limits, load_models
+from edge_runtime.serve.storage import CaseStore, StoreError
 
 # No 0/O, 1/l/i: read off a screen and typed on a phone.
 CODE_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
@@ -55,19 +61,13 @@ def lan_addresses() -> list[str]:
 
 def run(args) -> int:
     """Start the server from parsed `serve` arguments; returns the exit code."""
-    try:
+    try:  # inside: the web framework is the `serve` extra, which the plain device install does not have
         import uvicorn
 
         from edge_runtime.serve.app import build_app
     except ImportError as e:
         print(f"error: the field app needs its extra: pip install \"medge[serve]\" ({e})", file=sys.stderr)
         return 2
-    from edge_runtime.model import ModelError
-    from edge_runtime.serve.analysis import Limits, load_models
-    from edge_runtime.serve.storage import CaseStore, StoreError
-
-    from edge_runtime import registry
-
     try:
         models = args.models or registry.serving_defaults()
     except registry.ReleaseError as e:
@@ -89,8 +89,6 @@ def run(args) -> int:
         return 2
     # Uploads over 1 MB are spooled to temp files while they arrive; keep them on the data folder's disk
     # (a Pi's /tmp may be RAM), in its tmp/ that every start empties.
-    import tempfile
-
     tempfile.tempdir = str(store.tmp_dir)
     loopback = is_loopback(args.host)
     code = args.access_code

@@ -3,7 +3,7 @@
     store = CaseStore("field-data/")          # removes what a killed server left half-written
     with store.stage() as st:                 # field-data/tmp/<id>/, deleted if anything fails
         (st.dir / "overlay_00.png").write_bytes(...)
-        case = store.commit(st, record)       # files fsynced, folder renamed, row inserted last
+        case = store.commit(st, case)         # a `Case`: files fsynced, folder renamed, row inserted last
 
 Layout under the data folder:
 
@@ -28,6 +28,7 @@ inside a case are made by the server and served only when listed in its record.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -38,6 +39,8 @@ import sqlite3
 import threading
 from pathlib import Path
 from typing import Any, Iterator
+
+from edge_runtime.serve.case import Case
 
 # 20261122-143012-a3f9c1: local time (what the clinic reads), then 24 random bits against collisions.
 CASE_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
@@ -172,15 +175,14 @@ class CaseStore:
             if not st.committed:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def commit(self, st: Staging, record: dict[str, Any]) -> dict[str, Any]:
+    def commit(self, st: Staging, case: Case) -> Case:
         """Publish a staged case: fsync its files, rename the folder into cases/, then insert its row.
 
-        `record` must hold "kind" and may hold "subject", "headline", "refer",
-        "model" ({"sha256"}); "id" and "created" are set here. Returns the record as stored.
+        Returns the case as stored: with its `id`, `created` time and the names of its `files`.
         """
-        record = dict(record, id=st.id, created=st.created.isoformat())
-        record["files"] = sorted(p.name for p in st.dir.iterdir() if p.is_file())
-        for name in record["files"]:
+        files = sorted(p.name for p in st.dir.iterdir() if p.is_file())
+        case = dataclasses.replace(case, id=st.id, created=st.created.isoformat(), files=tuple(files))
+        for name in files:
             with open(st.dir / name, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(st.dir)
@@ -195,28 +197,31 @@ class CaseStore:
                     con.execute(
                         "INSERT INTO cases (id, created, day, kind, subject, headline, refer, model_sha256, record) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (st.id, record["created"], st.created.strftime("%Y-%m-%d"), record["kind"],
-                         record.get("subject") or "", record.get("headline") or "",
-                         None if record.get("refer") is None else int(bool(record["refer"])),
-                         (record.get("model") or {}).get("sha256") or "", json.dumps(record, ensure_ascii=False)))
+                        (st.id, case.created, st.created.strftime("%Y-%m-%d"), case.kind, case.subject or "",
+                         case.headline or "", None if case.refer is None else int(bool(case.refer)),
+                         case.model.get("sha256") or "", json.dumps(case.to_dict(), ensure_ascii=False)))
                     con.execute("COMMIT")
             except BaseException:
                 shutil.rmtree(final, ignore_errors=True)  # no row, no files: the case never happened
                 raise
-        return record
+        return case
 
     # ------------------------------------------------------------ reading
 
-    def get(self, case_id: str) -> dict[str, Any] | None:
+    def get(self, case_id: str) -> Case | None:
         if not CASE_ID.match(case_id):
             return None
         with self._connect() as con:
             row = con.execute("SELECT record FROM cases WHERE id = ?", (case_id,)).fetchone()
-        return json.loads(row[0]) if row else None
+        return Case.from_dict(json.loads(row[0])) if row else None
 
     def list(self, query: str = "", day: str | None = None, limit: int = 100, offset: int = 0,
-             full: bool = False) -> tuple[list[dict[str, Any]], int]:
-        """(cases newest first, total matching): `query` matches id or subject (substring, case-insensitive)."""
+             full: bool = False) -> tuple[list[Any], int]:
+        """(cases newest first, total matching): `query` matches id or subject (substring, case-insensitive).
+
+        With `full`, whole `Case`s; else one dict per case of the indexed columns (id, created, kind, subject,
+        headline, refer), which is what a list page needs.
+        """
         where, args = [], []
         if query:
             like = "%" + query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -232,7 +237,7 @@ class CaseStore:
             rows = con.execute(f"SELECT {cols} FROM cases{sql_where} ORDER BY created DESC, id DESC LIMIT ? OFFSET ?",
                                [*args, limit, offset]).fetchall()
         if full:
-            return [json.loads(r[0]) for r in rows], total
+            return [Case.from_dict(json.loads(r[0])) for r in rows], total
         keys = ("id", "created", "kind", "subject", "headline", "refer")
         return [dict(zip(keys, r)) | {"refer": None if r[5] is None else bool(r[5])} for r in rows], total
 
@@ -242,8 +247,8 @@ class CaseStore:
 
     def file(self, case_id: str, name: str) -> Path | None:
         """The path of a file listed in a stored case's record, else None (no client string becomes a path)."""
-        record = self.get(case_id)
-        if record is None or name not in record.get("files", ()):
+        case = self.get(case_id)
+        if case is None or name not in case.files:
             return None
-        path = self.cases_dir / record["id"] / name
+        path = self.cases_dir / case.id / name
         return path if path.is_file() else None

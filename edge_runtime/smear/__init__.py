@@ -1,10 +1,11 @@
 """From a thin-smear field photo to classified cells and a slide report, on the device.
 
     import edge_runtime
-    from edge_runtime.smear import analyse_slide
+    from edge_runtime.smear import analyse_slide, write_report
     model = edge_runtime.load("malaria-edge_tflite-int8.tflite")
-    report = analyse_slide(model, ["field1.jpg", "field2.jpg"], out="report/", rbc_per_ul=5e6)
-    print(report.summary["parasitemia_percent"], report.summary["refer"])
+    report = analyse_slide(model, ["field1.jpg", "field2.jpg"], rbc_per_ul=5e6)   # a SlideReport, nothing written
+    print(report.summary.parasitemia_percent, report.summary.refer)
+    write_report(report, "report/")   # overlays, cells.csv/json, summary.json, contact sheet
 
     python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N] [--normalise]
 
@@ -21,8 +22,10 @@ The package, one job per module (each imports only the ones above it):
   refuses says "can't read this field: retake (reason)" and is not counted.
 - `decision`: the slide decision and its counts as a microscopist makes them (counting rule, parasites/µL on
   one named basis with a Poisson 95% interval), pure functions.
-- `slide`: classifying the red cells, the field and slide results (`analyse_field`, `analyse_slide`).
-- `report`: the files a person can check (overlays, cells.csv/json, summary.json, contact sheet).
+- `slide`: classifying the red cells; the typed results `SlideReport` (`FieldResult`s of `CellResult`s, a
+  `SlideSummary`) that `analyse_field` and `analyse_slide` return.
+- `report`: drawing and writing what a person checks from a `SlideReport` (`write_report`: overlays,
+  cells.csv/json, summary.json, contact sheet).
 """
 
 from edge_runtime.smear.cells import (
@@ -53,8 +56,23 @@ from edge_runtime.smear.cells import (
 from edge_runtime.smear.crops import CHROMA_SHIFT, NIH_LAB_MEAN, NIH_LAB_STD, crop, normalise_stain
 from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, SlideDecision, decide
 from edge_runtime.smear.quality import LIMITS, FieldQuality, gate, measure
-from edge_runtime.smear.report import CONTACT_TILE, CSV_FIELDS, VERDICT_COLOURS
-from edge_runtime.smear.slide import CellResult, FieldResult, SlideReport, analyse_field, analyse_slide
+from edge_runtime.smear.report import (
+    CONTACT_TILE,
+    CSV_FIELDS,
+    VERDICT_COLOURS,
+    contact_sheet,
+    render_overlay,
+    write_report,
+)
+from edge_runtime.smear.slide import (
+    CellResult,
+    FieldResult,
+    FieldView,
+    SlideReport,
+    SlideSummary,
+    analyse_field,
+    analyse_slide,
+)
 
 __all__ = [
     "COUNTING_RULES", "DEFAULT_RULE", "LIMITS", "FieldQuality", "SlideDecision", "decide", "gate", "measure",
@@ -62,6 +80,6 @@ __all__ = [
     "DEBRIS_AREA", "EDGE_AREA", "KINDS", "MARKER_DEPTH", "MARKER_SPACING", "MAX_SIDE", "MERGE_AREA", "MIN_RADIUS",
     "MIN_SINGLE_CELLS", "NIH_LAB_MEAN", "NIH_LAB_STD", "SINGLE_SOLIDITY", "STAIN_RED_MARGIN", "VERDICT_COLOURS",
     "VOTE_RADII", "WBC_NUCLEUS_AREA", "WBC_PART_AREA", "Cell", "CellResult", "FieldResult", "Segmentation",
-    "SlideReport", "SmearError", "analyse_field", "analyse_slide", "crop", "flatten_background",
-    "normalise_stain", "segment",
+    "FieldView", "SlideReport", "SlideSummary", "SmearError", "analyse_field", "analyse_slide", "contact_sheet",
+    "crop", "flatten_background", "normalise_stain", "render_overlay", "segment", "write_report",
 ]

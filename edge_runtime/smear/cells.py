@@ -112,7 +112,7 @@ class SmearError(ValueError):
 
 def _cv2():
     """OpenCV, imported on first use with the install command when it is missing."""
-    try:
+    try:  # inside: OpenCV is the `smear` extra; `import edge_runtime` and the other commands work without it
         import cv2
     except ImportError:
         raise ImportError("smear analysis needs OpenCV: pip install \"medge[smear]\" "

@@ -105,7 +105,8 @@ class FieldMeasures:
     fragment_share: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+        # Unrounded: a report read back from its JSON (`FieldResult.from_dict`) equals the one written.
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +130,17 @@ class FieldQuality:
     def to_dict(self) -> dict[str, Any]:
         return {"readable": self.readable, "reasons": list(self.reasons), "message": self.message,
                 "measures": self.measures.to_dict() if self.measures else None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FieldQuality":
+        """The record `to_dict` wrote (its "message" is derived, so it is read back from the reasons)."""
+        unknown = set(d) - {"readable", "reasons", "message", "measures"}
+        if unknown:
+            raise ValueError(f"unknown FieldQuality keys {sorted(unknown)}; known: measures, message, readable, "
+                             "reasons")
+        m = d.get("measures")
+        return cls(readable=bool(d["readable"]), reasons=tuple(d.get("reasons", ())),
+                   measures=FieldMeasures(**m) if m else None)
 
 
 def _median_u8(values: np.ndarray) -> float:

@@ -1,32 +1,52 @@
-"""Classifying the red cells of a field in one `model.predict` call, and the field and slide results."""
+"""Classifying the red cells of a field in one `model.predict` call, and the typed field and slide results.
+
+`analyse_slide` computes and returns a `SlideReport`; it writes nothing. Files a person can check come from
+`edge_runtime.smear.report.write_report(report, out)` (what `python -m edge_runtime smear --out` calls), and the
+field app renders its pictures from the same report in memory.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import time
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image
 
-from edge_runtime.smear.cells import KINDS, Segmentation, SmearError, segment
+from edge_runtime.clinical import WHO_WBC_PER_UL, slide_referral, slide_summary
+from edge_runtime.images import ImageError, load_image
+from edge_runtime.smear.cells import KINDS, Segmentation, SmearError, _cv2, segment
 from edge_runtime.smear.crops import crop, normalise_stain
 from edge_runtime.smear.decision import DEFAULT_RULE, decide, min_cells_for, model_provenance
 from edge_runtime.smear.quality import FieldQuality, gate, measure, unreadable
-from edge_runtime.smear.report import _overlay_path, _write_outputs, _write_overlay
+
+FLAGGED = ("parasitized", "uncertain")  # the verdicts a person must look at: numbered on overlays, on the contact sheet
 
 
-@dataclasses.dataclass
+def _known(cls, d: Mapping[str, Any]) -> None:
+    """Refuse keys the record does not have, naming them and the known ones (as `PreprocessSpec.from_dict`)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class CellResult:
     """One cell's place, kind and verdict (label/confidence None for regions that are not classified)."""
 
     field: str
     index: int
-    bbox: list[int]
+    bbox: tuple[int, int, int, int]
     kind: str
     area: int
     label: str | None = None
     confidence: float | None = None
     uncertain: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bbox", tuple(int(v) for v in self.bbox))
 
     def verdict(self, positive: str) -> str:
         """"parasitized", "uninfected", "uncertain" or "other" (not a red cell): the overlay colour."""
@@ -37,25 +57,84 @@ class CellResult:
         return "parasitized" if self.label == positive else "uninfected"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["bbox"] = list(self.bbox)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CellResult":
+        _known(cls, d)
+        return cls(**d)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Outline:
+    """One region's outline as OpenCV found it: contours relative to its box, whose corner is (x, y) (working scale)."""
+
+    contours: tuple[np.ndarray, ...]
+    x: int
+    y: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldView:
+    """What drawing a field needs, and no more: the photo at working scale, each region's outline, the flagged crops.
+
+    A `Segmentation` also holds an int32 label image, the core mask and every cell's mask (about 25 MB more for
+    a 12 MP photo, which is segmented at 2048x1536); a report keeps only this, so a 12-photo case holds the 12
+    working-scale photos (3.7 MB each at 1280x960, 9.4 MB at 2048x1536), not the segmentations.
+
+    Attributes:
+        image: RGB uint8 array the cells were found in (read-only).
+        radius: typical cell radius, working pixels (line and text sizes on the overlay).
+        outlines: one per region, in the order of `FieldResult.cells`.
+        crops: cell index -> its NIH-style crop (`crop`), for the cells whose verdict is in FLAGGED.
+    """
+
+    image: np.ndarray
+    radius: float
+    outlines: tuple[Outline, ...]
+    crops: Mapping[int, np.ndarray]
+
+
+def field_view(seg: Segmentation, cells: "tuple[CellResult, ...]", positive: str) -> FieldView:
+    """The drawing record of a segmented field (outlines of every region, crops of the flagged cells)."""
+    cv2 = _cv2()
+    outlines = []
+    for cell in seg.cells:
+        contours, _ = cv2.findContours(cell.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        outlines.append(Outline(contours=tuple(contours), x=cell.box[0], y=cell.box[1]))
+    crops = {c.index: crop(seg, seg.cells[c.index - 1]) for c in cells if c.verdict(positive) in FLAGGED}
+    image = seg.image
+    image.flags.writeable = False  # shared with the caller's Segmentation: a drawing copies it first
+    return FieldView(image=image, radius=seg.radius, outlines=tuple(outlines), crops=crops)
+
+
+@dataclasses.dataclass(frozen=True)
 class FieldResult:
     """One field: its cells, or the reason it gave none (`error`), and whether it can be read (`quality`).
 
     A field the quality gate refuses (`edge_runtime.smear.quality`) keeps its cells and verdicts for a person
     to look at, but none of them is counted in the slide's summary or decision.
+    `predictions` (the model's `Prediction`s of its red cells) and `view` (for drawing) live only in memory:
+    `to_dict` leaves them out and `from_dict` gives them empty.
     """
 
     field: str
-    cells: list[CellResult] = dataclasses.field(default_factory=list)
+    cells: tuple[CellResult, ...] = ()
     error: str | None = None
     radius_px: float | None = None
     segment_ms: float | None = None
     classify_ms: float | None = None
-    predictions: list[Any] = dataclasses.field(default_factory=list, repr=False)
+    predictions: tuple[Any, ...] = dataclasses.field(default=(), repr=False, compare=False)
+    view: FieldView | None = dataclasses.field(default=None, repr=False, compare=False)
     quality: FieldQuality | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cells", tuple(self.cells))
+        object.__setattr__(self, "predictions", tuple(self.predictions))
+        if isinstance(self.quality, Mapping):
+            object.__setattr__(self, "quality", FieldQuality.from_dict(self.quality))
 
     @property
     def readable(self) -> bool:
@@ -69,50 +148,115 @@ class FieldResult:
             return None
         return self.quality.message if self.quality is not None else f"can't read this field: retake ({self.error})"
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """Regions per kind (every kind in KINDS, zeros included)."""
+        return {k: sum(c.kind == k for c in self.cells) for k in KINDS}
+
     def to_dict(self) -> dict[str, Any]:
-        counts = {k: sum(c.kind == k for c in self.cells) for k in KINDS}
-        return {"field": self.field, "error": self.error, "readable": self.readable,
-                "unreadable_reason": self.unreadable_reason,
-                "quality": self.quality.to_dict() if self.quality is not None else None,
-                "counts": counts, "radius_px": self.radius_px,
-                "segment_ms": self.segment_ms, "classify_ms": self.classify_ms,
-                "cells": [{k: c.to_dict()[k] for k in ("index", "bbox", "kind", "label", "confidence", "uncertain")}
-                          for c in self.cells]}
+        return {"field": self.field, "cells": [c.to_dict() for c in self.cells], "error": self.error,
+                "radius_px": self.radius_px, "segment_ms": self.segment_ms, "classify_ms": self.classify_ms,
+                "quality": self.quality.to_dict() if self.quality is not None else None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FieldResult":
+        _known(cls, d)
+        if "predictions" in d or "view" in d:
+            raise ValueError("FieldResult.from_dict: predictions and view are not serialised; leave them out")
+        return cls(**{**d, "cells": tuple(CellResult.from_dict(c) for c in d.get("cells", ()))})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class SlideSummary:
+    """The slide's counts, parasitemia, parasite densities and referral (`clinical.slide_referral`'s keys, in its
+    order), plus how many fields were analysed, how many gave no cells and the regions that are not red cells.
+
+    `summary.json` is `to_dict()`, key for key.
+    """
+
+    cells: int
+    parasitized: int
+    uninfected: int
+    uncertain: int
+    rejected: int
+    parasitemia_percent: float | None
+    parasitemia_min_percent: float | None
+    parasitemia_max_percent: float | None
+    parasites_per_ul_from_rbc: int | None
+    parasites_per_ul_from_rbc_max: int | None
+    parasites_per_ul_from_wbc: int | None
+    parasites_per_ul_from_wbc_max: int | None
+    refer: bool | None  # None: undecided, while the evidence is short ("not enough evidence"), never False then
+    refer_reasons: tuple[str, ...]
+    min_cells: int | None
+    enough_cells: bool | None
+    fields: int
+    fields_without_cells: int
+    non_rbc: Mapping[str, int]
+    # `SlideDecision.to_dict()` (edge_runtime.smear.decision): the decision, its counting rule and the one density.
+    decision: Mapping[str, Any] | None = None
+    fields_unreadable: tuple[Mapping[str, Any], ...] = ()  # [{"field", "reason"}] of fields not counted
+    model: Mapping[str, Any] | None = None  # name, version, sha256 of the model file that made the report
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "refer_reasons", tuple(self.refer_reasons))
+        object.__setattr__(self, "non_rbc", dict(self.non_rbc))
+        object.__setattr__(self, "fields_unreadable", tuple(dict(u) for u in self.fields_unreadable))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["refer_reasons"], d["non_rbc"] = list(self.refer_reasons), dict(self.non_rbc)
+        d["fields_unreadable"] = [dict(u) for u in self.fields_unreadable]
+        d["decision"] = None if self.decision is None else dict(self.decision)
+        d["model"] = None if self.model is None else dict(self.model)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SlideSummary":
+        _known(cls, d)
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
 class SlideReport:
-    """Several fields of one slide: per-field results, the slide summary and the files written."""
+    """Several fields of one slide: per-field results, the slide summary, and the model's positive label."""
 
-    fields: list[FieldResult]
-    summary: dict[str, Any]
-    written: list[str] = dataclasses.field(default_factory=list)
+    fields: tuple[FieldResult, ...]
+    summary: SlideSummary
+    positive_label: str = "Parasitized"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fields", tuple(self.fields))
 
     @property
     def rejected(self) -> list[FieldResult]:
         return [f for f in self.fields if f.error is not None]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fields": [f.to_dict() for f in self.fields], "summary": self.summary, "written": self.written}
+        return {"fields": [f.to_dict() for f in self.fields], "summary": self.summary.to_dict(),
+                "positive_label": self.positive_label}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SlideReport":
+        _known(cls, d)
+        return cls(fields=tuple(FieldResult.from_dict(f) for f in d["fields"]),
+                   summary=SlideSummary.from_dict(d["summary"]),
+                   positive_label=d.get("positive_label", "Parasitized"))
 
 
-def analyse_field(model, source, name: str | None = None,
-                  normalise: bool = False) -> tuple[FieldResult, Segmentation | None]:
+def analyse_field(model, source, name: str | None = None, normalise: bool = False) -> FieldResult:
     """Segment one field and classify its red cells in one `model.predict` call; errors become the record's `error`.
 
-    With `normalise`, the crops given to the model are cut from `normalise_stain`'s colours.
+    With `normalise`, the crops given to the model are cut from `normalise_stain`'s colours. The result's `view`
+    holds what drawing the field needs (not the segmentation, which is freed on return).
     """
-    import time
-
-    from edge_runtime.images import ImageError, load_image
-
     name = name or (str(source) if not isinstance(source, (Image.Image, np.ndarray)) else "field")
     t0 = time.perf_counter()
     try:
         img = source if isinstance(source, np.ndarray) else load_image(source, "rgb", model.max_pixels)
         seg = segment(img, name)
     except (ImageError, SmearError) as e:
-        return FieldResult(field=name, error=e.reason, quality=unreadable(e.reason)), None
+        return FieldResult(field=name, error=e.reason, quality=unreadable(e.reason))
     # The gate before the model: ~35 ms a field (1280x960), against seconds of segmentation.
     quality = gate(measure(seg))
     t1 = time.perf_counter()
@@ -128,20 +272,20 @@ def analyse_field(model, source, name: str | None = None,
                                   label=p.label if p else None,
                                   confidence=round(p.confidence, 4) if p and p.confidence is not None else None,
                                   uncertain=bool(p.uncertain) if p else False))
-    return FieldResult(field=name, cells=results, radius_px=round(seg.radius * seg.scale, 1),
+    positive = model.metadata.positive_label or "Parasitized"
+    return FieldResult(field=name, cells=tuple(results), radius_px=round(seg.radius * seg.scale, 1),
                        segment_ms=round((t1 - t0) * 1e3, 1), classify_ms=round((t2 - t1) * 1e3, 1),
-                       predictions=preds, quality=quality), seg
+                       predictions=tuple(preds), view=field_view(seg, tuple(results), positive), quality=quality)
 
 
-def analyse_slide(model, fields, out=None, min_cells: int | None = None, rbc_per_ul: float | None = None,
+def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float | None = None,
                   wbc_count: int | None = None, wbc_per_ul: float | None = None,
                   normalise: bool = False, rule: str = DEFAULT_RULE) -> SlideReport:
-    """Several field photos of one slide -> one report (and, with `out`, files a person can check).
+    """Several field photos of one slide -> one report; `report.write_report(report, out)` writes its files.
 
     Args:
         model: an `EdgeModel` (malaria) from `edge_runtime.load`.
         fields: image paths, PIL images or RGB arrays.
-        out: folder for overlays, cells.csv/json, summary.json and the contact sheet (None: write nothing).
         min_cells: red cells needed before a negative call (None: the counting rule's, 2,000 by default).
         rbc_per_ul, wbc_count: the patient's red cells/µL, white cells counted over these fields: the bases of
             parasites/µL (`edge_runtime.smear.decision`).
@@ -150,24 +294,16 @@ def analyse_slide(model, fields, out=None, min_cells: int | None = None, rbc_per
         rule: the thin-film counting rule (`edge_runtime.smear.decision.COUNTING_RULES`).
 
     A field that cannot be read or holds no cells gets an `error` and the others go on; a field the quality
-    gate refuses is kept in the report, and left out of the counts. The summary's `decision` is one of
+    gate refuses is kept in the report and left out of the counts. The summary's `decision` is one of
     "parasites seen", "no parasites seen" (in at least `min_cells` red cells) or "not enough evidence";
     `refer` is None (undecided, not "no") while the evidence is short; `model` names what made the report.
     """
-    from edge_runtime.clinical import WHO_WBC_PER_UL, slide_referral, slide_summary
-
     need = min_cells_for(rule, min_cells)  # fails on an unknown rule before any field is read
     positive = model.metadata.positive_label or "Parasitized"
-    results, sheet, overlays = [], [], []
+    results = []
     for k, source in enumerate(fields):
         name = str(source) if not isinstance(source, (Image.Image, np.ndarray)) else f"field[{k}]"
-        res, seg = analyse_field(model, source, name, normalise=normalise)
-        results.append(res)
-        if seg is not None and out is not None:
-            overlays.append(_overlay_path(out, name, k))
-            _write_overlay(seg, res, positive, overlays[-1])
-            sheet += [(res.field, c, crop(seg, seg.cells[c.index - 1])) for c in res.cells
-                      if c.verdict(positive) in ("parasitized", "uncertain")]
+        results.append(analyse_field(model, source, name, normalise=normalise))
     readable = [r for r in results if r.readable]
     preds = [p for r in readable for p in r.predictions]
     summary = slide_referral(slide_summary(preds, positive), rbc_per_ul=rbc_per_ul, wbc_count=wbc_count,
@@ -176,18 +312,14 @@ def analyse_slide(model, fields, out=None, min_cells: int | None = None, rbc_per
                       red_cells=summary["cells"], readable_fields=len(readable), fields=len(results),
                       min_cells=min_cells, rule=rule, rbc_per_ul=rbc_per_ul, wbc_count=wbc_count,
                       wbc_per_ul=wbc_per_ul)
-    summary["decision"] = decision.to_dict()
     if decision.decision == "not enough evidence" and not summary["refer"]:
-        # Not "no": nothing was seen because too little was looked at.
-        summary["refer"] = None
+        summary["refer"] = None  # not "no": nothing was seen because too little was looked at
     summary["fields"] = len(results)
     summary["fields_without_cells"] = sum(r.error is not None for r in results)
+    summary["non_rbc"] = {k: sum(c.kind == k for r in readable for c in r.cells) for k in KINDS if k != "rbc"}
+    summary["decision"] = decision.to_dict()
     summary["fields_unreadable"] = [{"field": r.field, "reason": r.unreadable_reason}
                                     for r in results if not r.readable]
-    summary["non_rbc"] = {k: sum(c.kind == k for r in readable for c in r.cells) for k in KINDS if k != "rbc"}
     path = getattr(model, "path", None)
     summary["model"] = model_provenance(path, model.metadata) if path is not None else None
-    report = SlideReport(fields=results, summary=summary)
-    if out is not None:
-        report.written = [str(p) for p in overlays] + _write_outputs(report, out, sheet)
-    return report
+    return SlideReport(fields=tuple(results), summary=SlideSummary.from_dict(summary), positive_label=positive)

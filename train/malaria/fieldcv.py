@@ -17,7 +17,7 @@ The fields' slide blocks (the `patient` column of field-crops.csv) are the folds
 3. **Export** int8 TFLite with `python -m convert` (calibration: 300 cells of the fold's train split,
    the field crops among them), log in FOLD/convert.log.
 4. **Measure** the held-out block's fields with that model, exactly as `python -m benchmarks smear
-   --model M --threads 1` does (`edge_runtime.annotations.measure_field`), and its accuracy on the NIH sample
+   --model M --threads 1` does (`train.annotations.measure_field`), and its accuracy on the NIH sample
    (float32 Keras through `train evaluate`, int8 through edge_runtime).
 
 A block is never scored by a model fine-tuned on it. The per-field rows of the 4 folds are pooled
@@ -131,7 +131,7 @@ def measure(model_ref: str | Path, anns: list[dict[str, Any]], blocks: dict[str,
             tag: str) -> list[dict[str, Any]]:
     """The per-field rows of `benchmarks smear` (`measure_field`) for these fields, each with its block."""
     import edge_runtime
-    from edge_runtime.annotations import measure_field
+    from train.annotations import measure_field
 
     model = edge_runtime.load(model_ref, threads=threads)
     rows = []
@@ -275,7 +275,7 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{100 * q['sensitivity']:.2f}% | {100 * q['specificity']:.2f}% | {q['roc_auc']:.4f} | "
                      f"{f['epochs']} | {f['train_seconds'] / 60:.1f} |")
     if report.get("thresholds"):
-        from edge_runtime.annotations import threshold_markdown
+        from train.annotations import threshold_markdown
         from edge_runtime.model import DEFAULT_THRESHOLDS
 
         lines += ["", "What the uncertain bar trades on the held-out fields (a cell is uncertain when its top "
@@ -286,7 +286,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from edge_runtime.annotations import field_blocks, load_annotations, rows_csv, summarise, threshold_table
+    from train.annotations import field_blocks, load_annotations, rows_csv, summarise, threshold_table
 
     args.out.mkdir(parents=True, exist_ok=True)
     crops_csv = args.crops / "field-crops.csv"

@@ -226,7 +226,7 @@ function figure(url, alt, caption, cls) {
 
 function header(c) {
   return [
-    el("p", { class: `headline ${c.state || (c.refer ? "refer" : "ok")}`, id: "headline", text: c.headline }),
+    el("p", { class: `headline ${(c.result && c.result.state) || (c.refer ? "refer" : c.refer === null ? "amber" : "ok")}`, id: "headline", text: c.headline }),
     el("p", { class: "muted" }, `Case ${c.id} · ${when(c.created)}`, c.subject ? ` · ${c.subject}` : ""),
     c.note ? el("p", { class: "note", text: c.note }) : null,
   ];

@@ -1,7 +1,7 @@
 """Many phones at once against a running field app, with the standard library only.
 
-    python -m edge_runtime.serve.loadtest http://127.0.0.1:8080 --kind malaria field.jpg --clients 16 --rounds 2
-    python -m edge_runtime.serve.loadtest http://127.0.0.1:8080 --kind oct scan.jpeg --clients 16 --rounds 4
+    python -m benchmarks.loadtest http://127.0.0.1:8080 --kind malaria field.jpg --clients 16 --rounds 2
+    python -m benchmarks.loadtest http://127.0.0.1:8080 --kind oct scan.jpeg --clients 16 --rounds 4
 
 Each client thread uploads one case per round (bounded loops, no duration
 timer) and checks the answer is a stored case; the report gives cases per
@@ -107,7 +107,7 @@ def run_load(base: str, kind: str, paths: Sequence[Path], clients: int = 16, rou
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edge_runtime.serve.loadtest", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.loadtest", description=__doc__.split("\n")[0])
     ap.add_argument("url")
     ap.add_argument("--kind", choices=("malaria", "oct"), required=True)
     ap.add_argument("files", nargs="+", type=Path, help="the photos of one case (OCT: one scan)")

@@ -4,7 +4,9 @@ Shared by `benchmarks smear` and `train field-cv` (which score the field pipelin
 boxes: `measure_field`, `summarise`, `threshold_table`) and `train field-crops` (which labels the
 runtime's own crops by them), so all count a cell as found by the same rule: a detected region's
 box overlaps the annotated box with IoU >= 0.5, greedy one-to-one matching, highest IoU first.
-No TensorFlow; OpenCV only through `edge_runtime.smear` when a field is measured.
+No TensorFlow; OpenCV only through `edge_runtime.smear` when a field is measured. It lives in `train`, not in
+`edge_runtime`: scoring against annotations is evaluation, never run on a device (what a Pi installs is what a
+Pi runs).
 
 A DATA folder holds `fields/*.JPG` and `annotations.json`: a list of
 {"image_name", "objects": [{"type", "bbox": {"x", "y", "w", "h"}}]} (`x, y` the top-left corner).
@@ -21,6 +23,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from edge_runtime.images import load_image
+from edge_runtime.smear import SmearError, analyse_field, segment
+from edge_runtime.smear.quality import gate, measure
 
 PARASITE_TYPES = ("ring", "trophozoite", "schizont", "gametocyte")
 UNINFECTED_TYPE = "red blood cell"
@@ -109,10 +115,6 @@ def field_blocks(names: Sequence[str], gap: int = 20) -> dict[str, str]:
 
 def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> dict[str, Any]:
     """One row: annotated and found cells, parasites found (and called), false positives, counts, times."""
-    from edge_runtime.images import load_image
-    from edge_runtime.smear import SmearError, analyse_field, segment
-    from edge_runtime.smear.quality import gate, measure
-
     row: dict[str, Any] = {"field": ann["image"].name, "annotated": len(ann["boxes"]),
                            "annotated_parasites": int(sum(ann["parasite"])), "error": None}
     t0 = time.perf_counter()
@@ -123,15 +125,17 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False) -> d
             return {**row, "error": str(e)}
         cells = [{"bbox": c.bbox, "kind": c.kind, "label": None, "uncertain": False} for c in seg.cells]
         row["segment_ms"] = (time.perf_counter() - t0) * 1e3
+        quality = gate(measure(seg))
     else:
-        res, seg = analyse_field(model, ann["image"], ann["image"].name, normalise=normalise)
+        res = analyse_field(model, ann["image"], ann["image"].name, normalise=normalise)
         if res.error:
             return {**row, "error": res.error}
         cells = [c.to_dict() for c in res.cells]
         row["segment_ms"], row["total_ms"] = res.segment_ms, (time.perf_counter() - t0) * 1e3
+        quality = res.quality
     # The quality gate's verdict: a refused field's cells are not counted toward its slide's decision.
-    quality = gate(measure(seg)) if model is None else res.quality
-    row["readable"], row["quality"] = quality.readable, "; ".join(quality.reasons)
+    row["readable"] = quality is None or quality.readable
+    row["quality"] = "" if quality is None else "; ".join(quality.reasons)
     matched = match(ann["boxes"], [c["bbox"] for c in cells])
     par = np.asarray(ann["parasite"], bool)
     found = matched >= 0
