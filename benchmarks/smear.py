@@ -23,6 +23,11 @@ balance, blur, defocus, 0.6-1.5x scale, JPEG, sensor noise...) every field is me
 transform and smear.md/smear.json gain one row per transform (the domain-shift harness):
 
     python -m benchmarks smear --data ../shared/data/iml_malaria --shift all --fields PA171704 PA171790
+
+With --model, also per slide (camera-order blocks stand in for slides; `benchmarks.slides`): the decision the
+slide report would print over its fields that pass the quality gate (`edge_runtime.smear.quality`), detection
+sensitivity, parasitemia within +-25% of the annotation, recall per parasite stage and refused fields, with
+95% intervals over slides; slides.csv and slides.md beside the others.
 """
 
 from __future__ import annotations
@@ -32,11 +37,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from benchmarks.shift import all_fields, resolve, shift_markdown, shifted
+from benchmarks.slides import slide_markdown, slide_rows, slide_summary
 from edge_runtime.fileio import atomic_write_text, write_json
+from edge_runtime.images import load_image
 from edge_runtime.model import load
 
 # The matcher, the annotation reader and the per-field scoring live in train.annotations: train's
 # field crops and field-cv count cells by the same rules.
+from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE
 from train.annotations import (
     IOU_MATCH,
     load_annotations,
@@ -59,11 +70,6 @@ def table(summary: dict[str, Any]) -> str:
 def shift_rows(anns: list[dict[str, Any]], transforms, model, normalise: bool,
                plain_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One {"transform", "what", "summary", "fields"} per transform ("none" reuses the plain rows)."""
-    import numpy as np
-
-    from benchmarks.shift import all_fields, shifted
-    from edge_runtime.images import load_image
-
     by_t: dict[str, list[dict[str, Any]]] = {t.name: [] for t in transforms if t.name != "none"}
     for ann in anns:
         try:
@@ -101,6 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--normalise", action="store_true", help="with --model: stain-normalise crops (smear --normalise)")
     p.add_argument("--threshold", type=float,
                    help="with --model: confidence below which a cell is uncertain (default: the model's)")
+    p.add_argument("--min-cells", type=int, metavar="N",
+                   help="slide level: red cells needed before a negative call (default: the counting rule's)")
+    p.add_argument("--counting-rule", default=DEFAULT_RULE, choices=sorted(COUNTING_RULES),
+                   help="slide level: thin-film counting rule that sets the minimum (default %(default)s: "
+                        + COUNTING_RULES[DEFAULT_RULE][1] + ")")
     p.add_argument("--fields", nargs="+", metavar="NAME",
                    help="measure only these fields (file names or stems, e.g. PA171704), e.g. one held-out block")
     p.add_argument("--shift", metavar="NAMES",
@@ -112,11 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
+    if args.min_cells is not None and args.min_cells < 1:
+        print(f"error: --min-cells must be at least 1, got {args.min_cells}", file=sys.stderr)
+        return 2
     try:
         transforms = []
         if args.shift:
-            from benchmarks.shift import resolve
-
             transforms = resolve(args.shift)
         anns = load_annotations(args.data, args.fields)
         model = None
@@ -141,14 +153,21 @@ def main(argv: list[str] | None = None) -> int:
                           "mean nothing")
         report["thresholds"] = threshold_table(rows)
     md = table(summary) + "\n" + ("\n" + threshold_markdown({"model": report["thresholds"]}) if model else "")
+    written = ["smear.csv", "smear.md"]
+    if model is not None:
+        slides = slide_rows(rows, min_cells=args.min_cells, rule=args.counting_rule)
+        report["slides"], report["slide_summary"] = slides, slide_summary(slides)
+        slide_md = slide_markdown(slides, report["slide_summary"])
+        md += "\n## Per slide (camera-order blocks)\n\n" + slide_md
+        atomic_write_text(args.out / "slides.csv", rows_csv(slides))
+        atomic_write_text(args.out / "slides.md", slide_md)
+        written += ["slides.csv", "slides.md"]
     if transforms:
         report["shift"] = shift_rows(anns, transforms, model, args.normalise, rows)
-        from benchmarks.shift import shift_markdown
-
         md += "\n" + shift_markdown(report["shift"])
     write_json(args.out / "smear.json", report)
     atomic_write_text(args.out / "smear.csv", rows_csv(rows))
     atomic_write_text(args.out / "smear.md", md)
     print(md, end="")
-    print(f"wrote {args.out / 'smear.json'}, smear.csv, smear.md")
+    print(f"wrote {args.out / 'smear.json'}, " + ", ".join(written))
     return 0

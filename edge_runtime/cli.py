@@ -22,7 +22,13 @@ model gives each scan a referral level (urgent, routine, observation).
 Answers below the confidence threshold are "uncertain — refer".
 `smear` takes whole microscope field photos of one slide (files or folders),
 finds and classifies every red cell and prints one slide report
-(edge_runtime.smear); exit 1 there also means a field with no cells found.
+(edge_runtime.smear) whose decision is "parasites seen", "no parasites seen
+in N red cells" or "not enough evidence: photograph about K more fields"
+(docs/slide-decision.md). Its exit codes: 0 a decision on readable fields,
+1 a decision, but some fields were refused (no cells, or the quality gate:
+"can't read this field: retake (reason)"), 2 bad arguments or unusable
+model, 3 not enough evidence (too few red cells, or no field readable):
+photograph more fields; never read as negative.
 `serve` runs the field app (edge_runtime.serve): a page and an HTTP API for
 the phones around the device; it needs the `serve` extra (Starlette, uvicorn).
 
@@ -46,6 +52,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edge_runtime import content_hash, registry, webruntime
+from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, decision_lines
 from edge_runtime.backends import BACKENDS, BackendError
 from edge_runtime.clinical import is_malaria, is_oct, oct_summary, slide_summary
 from edge_runtime.extras import message as extras_message
@@ -59,6 +66,7 @@ from edge_runtime.standard_metadata import format_lines
 from edge_runtime.standard_metadata import read as read_standard_metadata
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+EXIT_MORE_FIELDS = 3  # smear: not enough evidence for a decision; photograph more fields
 
 
 def _threads(text: str) -> int:
@@ -151,16 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--json", action="store_const", const="json", dest="format",
                     help="one JSON document: per field its cells, and the slide summary")
     sr = ps.add_argument_group("slide report")
+    sr.add_argument("--counting-rule", choices=sorted(COUNTING_RULES), default=DEFAULT_RULE,
+                    help="thin-film counting rule: red cells to count before a negative call; "
+                         + "; ".join(f"{k}: {n:,} cells ({ref})" for k, (n, ref) in COUNTING_RULES.items()))
     sr.add_argument("--min-cells", type=_positive_int, metavar="N",
-                    help="say so (enough_cells: false) when fewer red cells were counted (default: no minimum)")
+                    help="red cells needed before 'no parasites seen'; with fewer the report says 'not enough "
+                         "evidence: photograph about K more fields' (default: the counting rule's)")
     sr.add_argument("--rbc-per-ul", type=_positive_float, metavar="X",
                     help="the patient's red cells per microlitre: parasites/uL = parasitemia x X "
                          "(default: none, no such count)")
     sr.add_argument("--wbc-count", type=_positive_int, metavar="N",
                     help="white cells counted over these fields: parasites/uL = parasitized / N x --wbc-per-ul "
                          "(default: none, no such count)")
-    sr.add_argument("--wbc-per-ul", type=_positive_float, default=8000.0, metavar="X",
-                    help="white cells per microlitre (default 8000, the WHO convention)")
+    sr.add_argument("--wbc-per-ul", type=_positive_float, metavar="X",
+                    help="the patient's measured white cells per microlitre, for --wbc-count "
+                         "(default: none measured; WHO's assumed 8,000/uL is used and the report says so)")
     ps.add_argument("--threshold", type=fraction,
                     help="confidence below which a cell is uncertain "
                          "(default: the model's threshold, from its metadata)")
@@ -427,13 +440,16 @@ def _smear_table(report, positive: str) -> str:
     s = report.summary.to_dict()
     lines.append(f"slide: {s['fields']} field(s), {s['cells']} red cells counted, {s['parasitized']} parasitized, "
                  f"{s['uncertain']} uncertain; {_parasitemia(s, 2)}")
-    for key, what in (("parasites_per_ul_from_rbc", "from the RBC density"),
-                      ("parasites_per_ul_from_wbc", "from the WBC count")):
-        if s[key] is not None:
-            lines.append(f"parasites per uL {what}: {s[key]} (up to {s[key + '_max']})")
-    if s["enough_cells"] is False:
-        lines.append(f"NOT ENOUGH CELLS: {s['cells']} counted, {s['min_cells']} needed; photograph more fields")
-    lines.append("REFER: " + "; ".join(s["refer_reasons"]) if s["refer"] else "refer: no")
+    for f in report.fields:
+        if f.error is None and not f.readable:
+            lines.append(f"{f.field}: NOT COUNTED  {f.unreadable_reason}")
+    lines += decision_lines(s["decision"])
+    m = s.get("model")
+    if m:
+        lines.append(f"model: {m['name']} {m['version']} sha256 {m['sha256']}")
+    refer = s["refer"]
+    lines.append("REFER: " + "; ".join(s["refer_reasons"]) if refer
+                 else "refer: undecided (not enough evidence)" if refer is None else "refer: no")
     return "\n".join(lines)
 
 
@@ -450,7 +466,8 @@ def cmd_smear(args) -> int:
         return EXIT_USAGE
     model = _load(args)
     report = analyse_slide(model, fields, min_cells=args.min_cells, rbc_per_ul=args.rbc_per_ul,
-                           wbc_count=args.wbc_count, wbc_per_ul=args.wbc_per_ul, normalise=args.normalise)
+                           wbc_count=args.wbc_count, wbc_per_ul=args.wbc_per_ul, normalise=args.normalise,
+                           rule=args.counting_rule)
     written = write_report(report, args.out) if args.out is not None else []
     if args.format == "json":
         doc = {"model": {k: v for k, v in model.describe().items() if k in ("file", "model", "format", "backend",
@@ -462,9 +479,12 @@ def cmd_smear(args) -> int:
         print(_smear_table(report, model.metadata.positive_label or "Parasitized"))
         if written:
             print(f"wrote {len(written)} file(s) into {args.out}")
-    for f in report.rejected:
-        print(f"warning: {f.field}: {f.error}", file=sys.stderr)
-    return EXIT_REJECTED if report.rejected else EXIT_OK
+    for f in report.fields:
+        if not f.readable:
+            print(f"warning: {f.field}: {f.error or f.unreadable_reason}", file=sys.stderr)
+    if report.summary.decision["decision"] == "not enough evidence":
+        return EXIT_MORE_FIELDS
+    return EXIT_REJECTED if any(not f.readable for f in report.fields) else EXIT_OK
 
 
 def cmd_serve(args) -> int:

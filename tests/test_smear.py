@@ -340,22 +340,32 @@ def test_nih_colour_constants_are_those_of_the_bundled_sample():
 
 def test_cli_json_exit_codes_and_no_cells(art, fields, tmp_path):
     m = art / MALARIA_FILES["tflite-int8"]
-    code, out, err = run_cli("smear", m, fields[1], "--json", "--rbc-per-ul", "5e6", "--threads", "1")
-    assert code == 0, err
+    code, out, err = run_cli("smear", m, fields[1], "--json", "--rbc-per-ul", "5e6", "--threads", "1",
+                             "--min-cells", "50")
+    assert code == 0, err  # one readable field past a minimum of 50 red cells: a decision either way
     doc = json.loads(out)
     assert len(doc["fields"]) == 1 and doc["fields"][0]["error"] is None
     cell = doc["fields"][0]["cells"][0]
     assert set(cell) == {"index", "bbox", "kind", "label", "confidence", "uncertain"} and len(cell["bbox"]) == 4
     assert {"cells", "parasitized", "uncertain", "parasitemia_percent", "parasitemia_max_percent", "refer",
-            "enough_cells", "parasites_per_ul_from_rbc"} <= set(doc["summary"])
+            "enough_cells", "parasites_per_ul_from_rbc", "decision", "model"} <= set(doc["summary"])
+    assert doc["summary"]["decision"]["decision"] in ("parasites seen", "no parasites seen")
+    assert doc["summary"]["decision"]["density"]["method"] == "rbc" and len(doc["summary"]["model"]["sha256"]) == 64
+    assert doc["fields"][0]["readable"] is True and doc["fields"][0]["quality"]["measures"]["red_cells"] > 50
     folder = tmp_path / "slide"
     folder.mkdir()
     shutil.copy(fields[1], folder / "f1.jpg")
     Image.new("RGB", (640, 480), (235, 235, 235)).save(folder / "blank.png")
     code, out, err = run_cli("smear", m, folder, "--out", tmp_path / "o", "--min-cells", "100000")
-    assert code == 1 and "no cells found" in out and "NOT ENOUGH CELLS" in out and "Traceback" not in err
+    assert "no cells found" in out and "Traceback" not in err
+    # Too few cells: "not enough evidence" (3) unless the tiny model called a cell parasitized (a decision, but a
+    # field was refused: 1). Never "refer: no".
+    assert (code, "NOT ENOUGH EVIDENCE: photograph about" in out) in ((3, True), (1, False)), out
+    assert "refer: no" not in out.replace("refer: no parasites", "")
     assert run_cli("smear", tmp_path / "missing.tflite", fields[0])[0] == 2
-    assert run_cli("smear", m, tmp_path / "nothing_here_dir_empty")[0] == 1  # a missing file is a rejected field
+    # A missing file is a rejected field; with no field read the slide is "not enough evidence" (3), not negative.
+    code, out, _ = run_cli("smear", m, tmp_path / "nothing_here_dir_empty")
+    assert code == 3 and "no field could be read" in out and "refer: undecided" in out
     assert run_cli("smear", m, fields[0], "--wbc-count", "0")[0] == 2
 
 

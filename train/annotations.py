@@ -26,6 +26,7 @@ import numpy as np
 
 from edge_runtime.images import load_image
 from edge_runtime.smear import SmearError, analyse_field, segment
+from edge_runtime.smear.quality import gate, measure
 
 PARASITE_TYPES = ("ring", "trophozoite", "schizont", "gametocyte")
 UNINFECTED_TYPE = "red blood cell"
@@ -129,12 +130,17 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
             return {**row, "error": str(e)}
         cells = [{"bbox": c.bbox, "kind": c.kind, "label": None, "uncertain": False} for c in seg.cells]
         row["segment_ms"] = (time.perf_counter() - t0) * 1e3
+        quality = gate(measure(seg))
     else:
         res = analyse_field(model, ann["image"] if image is None else image, ann["image"].name, normalise=normalise)
         if res.error:
             return {**row, "error": res.error}
         cells = [c.to_dict() for c in res.cells]
         row["segment_ms"], row["total_ms"] = res.segment_ms, (time.perf_counter() - t0) * 1e3
+        quality = res.quality
+    # The quality gate's verdict: a refused field's cells are not counted toward its slide's decision.
+    row["readable"] = quality is None or quality.readable
+    row["quality"] = "" if quality is None else "; ".join(quality.reasons)
     matched = match(ann["boxes"], [c["bbox"] for c in cells])
     par = np.asarray(ann["parasite"], bool)
     found = matched >= 0
@@ -152,6 +158,14 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
         unsure = np.array([m >= 0 and bool(cells[m]["uncertain"]) for m in matched], bool)
         row["uninfected_called_uncertain"] = int(unsure[~par].sum())
         row["flagged"] = bool(any(c["label"] == positive or c["uncertain"] for c in cells if c["kind"] == "rbc"))
+        # What the slide decision counts (benchmarks.slides): red cells classified, and how they were called.
+        rbc = [c for c in cells if c["kind"] == "rbc" and c["label"] is not None]
+        row["red_cells"] = len(rbc)
+        row["uncertain_cells"] = sum(bool(c["uncertain"]) for c in rbc)
+        row["parasitized_cells"] = sum(not c["uncertain"] and c["label"] == positive for c in rbc)
+        types = np.asarray(ann["types"])
+        row["stage_annotated"] = {st: int((types == st).sum()) for st in PARASITE_TYPES}
+        row["stage_called"] = {st: int(called[types == st].sum()) for st in PARASITE_TYPES}
         # [annotated parasite?, P(positive)] of each matched classified cell: the threshold table's input
         row["matched_cells"] = []
         for is_par, m in zip(par, matched):
@@ -198,7 +212,11 @@ def threshold_markdown(tables: dict[str, list[dict[str, float]]]) -> str:
 
 def rows_csv(rows: list[dict[str, Any]]) -> str:
     """The per-field rows as CSV (the per-cell lists stay in the JSON)."""
-    flat = [{k: v for k, v in r.items() if k != "matched_cells"} for r in rows]
+    flat = []
+    for r in rows:  # per-stage dicts become a column per stage
+        f = {k: v for k, v in r.items() if k != "matched_cells" and not isinstance(v, dict)}
+        f.update({f"{k}_{st}": n for k, v in r.items() if isinstance(v, dict) for st, n in v.items()})
+        flat.append(f)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in flat for k in r)), lineterminator="\n")
     w.writeheader()

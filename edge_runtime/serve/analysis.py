@@ -248,14 +248,27 @@ def _cell_crop(photo: Image.Image, bbox: Sequence[int], colour: tuple[int, int, 
 
 
 def malaria_headline(summary: dict[str, Any]) -> str:
-    """One sentence a health worker reads first."""
-    if not summary.get("cells"):
-        return "No red cells could be counted."
+    """One sentence a health worker reads first: never "no parasites" on too little evidence (the slide decision,
+    `edge_runtime.smear.decision`, says how many more fields to photograph instead)."""
+    decision = summary.get("decision") or {}
     if summary["parasitized"]:
         return f"Refer: {summary['parasitized']} parasitized cell(s) seen in {summary['cells']} red cells."
     if summary.get("refer"):
         return f"Refer: too many uncertain cells ({summary['uncertain']} of {summary['cells']})."
+    if decision.get("decision") == "not enough evidence" or not summary.get("cells"):
+        message = decision.get("message") or "not enough evidence: no red cells could be counted"
+        return message[0].upper() + message[1:] + "."
     return f"No parasites seen in {summary['cells']} red cells."
+
+
+def malaria_state(summary: dict[str, Any]) -> str:
+    """The headline's colour: "refer" (red), "ok" (green, only a negative on enough red cells) or "amber" (not
+    enough evidence, or fields that could not be read: retake before anyone relies on it)."""
+    if summary.get("refer"):
+        return "refer"
+    if (summary.get("decision") or {}).get("decision") != "no parasites seen":
+        return "amber"
+    return "amber" if summary.get("fields_unreadable") else "ok"
 
 
 def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject: str = "", note: str = "") -> Case:
@@ -286,7 +299,7 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
         if overlay is not None:
             entry["overlay"] = _write(st, f"overlay_{k:02d}.jpg", _jpeg(overlay))
         rbc = [c for c in f.cells if c.kind == "rbc"]
-        entry.update(red_cells=len(rbc), parasitized=sum(c.verdict(positive) == "parasitized" for c in rbc),
+        entry.update(readable=f.readable, unreadable_reason=f.unreadable_reason, red_cells=len(rbc), parasitized=sum(c.verdict(positive) == "parasitized" for c in rbc),
                      uncertain=sum(c.uncertain for c in rbc), other_regions=len(f.cells) - len(rbc),
                      segment_ms=f.segment_ms, classify_ms=f.classify_ms)
         fields.append(entry)
@@ -317,8 +330,9 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
              for k, f in enumerate(report.fields) for c in f.cells]
     _write(st, "cells.json", _json_bytes(cells))
     return Case(kind="malaria", subject=subject, note=note, model=slot.info, headline=malaria_headline(summary),
-                refer=bool(summary["refer"]),
-                result={"summary": summary, "fields": fields, "crops": crops, "crops_total": len(flagged),
+                # None (undecided) while the evidence is short, never False on it.
+                refer=None if summary["refer"] is None else bool(summary["refer"]),
+                result={"summary": summary, "state": malaria_state(summary), "fields": fields, "crops": crops, "crops_total": len(flagged),
                         "positive_label": positive, "cells": "cells.json",
                         "contact_sheet": "contact_sheet.png" if sheet is not None else None},
                 analysis_ms=round((time.perf_counter() - t0) * 1e3, 1))

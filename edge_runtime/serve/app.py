@@ -189,7 +189,9 @@ def case_row(c: Case) -> dict[str, Any]:
     """One case as one flat CSV row."""
     m, r = c.model, c.result
     row = {k: getattr(c, k) for k in ("id", "created", "kind", "subject", "note", "headline")}
-    row.update(refer=int(bool(c.refer)), model_name=m.get("name"), model_version=m.get("version"),
+    # refer: empty when undecided (a slide with too little evidence), never 0 for it.
+    row.update(refer="" if c.refer is None else int(bool(c.refer)), model_name=m.get("name"),
+               model_version=m.get("version"),
                model_sha256=m.get("sha256"))
     if c.kind == "malaria":
         s = r.get("summary") or {}

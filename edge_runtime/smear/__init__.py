@@ -18,6 +18,10 @@ a field in one `EdgeModel.predict` call.
 The package, one job per module (each imports only the ones above it):
 - `cells`: finding the cells of a field photo (segmentation, splitting touching cells, typing regions).
 - `crops`: cutting each cell the NIH way, and the optional stain normalisation.
+- `quality`: the per-field quality gate (focus, exposure, stain, density, segmentation sanity): a field it
+  refuses says "can't read this field: retake (reason)" and is not counted.
+- `decision`: the slide decision and its counts as a microscopist makes them (counting rule, parasites/µL on
+  one named basis with a Poisson 95% interval), pure functions.
 - `slide`: classifying the red cells; the typed results `SlideReport` (`FieldResult`s of `CellResult`s, a
   `SlideSummary`) that `analyse_field` and `analyse_slide` return.
 - `report`: drawing and writing what a person checks from a `SlideReport` (`write_report`: overlays,
@@ -54,6 +58,8 @@ from edge_runtime.smear.cells import (
     segment,
 )
 from edge_runtime.smear.crops import CHROMA_SHIFT, NIH_LAB_MEAN, NIH_LAB_STD, crop, normalise_stain
+from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, SlideDecision, decide
+from edge_runtime.smear.quality import LIMITS, FieldQuality, gate, measure
 from edge_runtime.smear.report import (
     CONTACT_TILE,
     CSV_FIELDS,
@@ -73,6 +79,7 @@ from edge_runtime.smear.slide import (
 )
 
 __all__ = [
+    "COUNTING_RULES", "DEFAULT_RULE", "LIMITS", "FieldQuality", "SlideDecision", "decide", "gate", "measure",
     "ARC_RADII", "ARC_SHARE", "BACKGROUND_SIGMAS", "CANDIDATE_SPOT", "CHROMATIN_COSINE", "CHROMA_SHIFT",
     "INK_LEVEL", "INK_SHARE", "CLUMP_AREA", "CONTACT_TILE", "CSV_FIELDS",
     "DEBRIS_AREA", "EDGE_AREA", "KINDS", "MARKER_DEPTH", "MARKER_SPACING", "MAX_SIDE", "MERGE_AREA", "MIN_RADIUS",

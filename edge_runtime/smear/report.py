@@ -96,7 +96,10 @@ CELL_KEYS = ("index", "bbox", "kind", "label", "confidence", "uncertain")  # a c
 
 def field_entry(field: FieldResult) -> dict[str, Any]:
     """One field as cells.json (and `smear --json`) give it: counts per kind, cells without their field name."""
-    return {"field": field.field, "error": field.error, "counts": field.counts, "radius_px": field.radius_px,
+    return {"field": field.field, "error": field.error, "readable": field.readable,
+            "unreadable_reason": field.unreadable_reason,
+            "quality": field.quality.to_dict() if field.quality is not None else None,
+            "counts": field.counts, "radius_px": field.radius_px,
             "segment_ms": field.segment_ms, "classify_ms": field.classify_ms,
             "cells": [{k: c.to_dict()[k] for k in CELL_KEYS} for c in field.cells]}
 

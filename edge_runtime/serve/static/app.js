@@ -226,7 +226,7 @@ function figure(url, alt, caption, cls) {
 
 function header(c) {
   return [
-    el("p", { class: `headline ${c.refer ? "refer" : "ok"}`, id: "headline", text: c.headline }),
+    el("p", { class: `headline ${(c.result && c.result.state) || (c.refer ? "refer" : c.refer === null ? "amber" : "ok")}`, id: "headline", text: c.headline }),
     el("p", { class: "muted" }, `Case ${c.id} · ${when(c.created)}`, c.subject ? ` · ${c.subject}` : ""),
     c.note ? el("p", { class: "note", text: c.note }) : null,
   ];
@@ -242,9 +242,16 @@ function renderMalaria(c) {
     ["Parasitemia (confident cells)", pct(s.parasitemia_percent)],
     ["Best case (uncertain counted uninfected)", pct(s.parasitemia_min_percent)],
     ["Worst case (uncertain counted parasitized)", pct(s.parasitemia_max_percent)],
-    ["Refer", s.refer ? `Yes: ${s.refer_reasons.join("; ")}` : "No"],
+    ["Decision", s.decision ? s.decision.message : "-"],
+    ["Counting rule", s.decision ? `at least ${s.decision.min_cells} red cells before a negative call` : "-"],
+    ["Parasites/µL", s.decision && s.decision.density
+      ? `${s.decision.density.per_ul} (95% CI ${s.decision.density.low_per_ul}-${s.decision.density.high_per_ul}); ${s.decision.density.basis}`
+      : "not computed (no red or white cell density given)"],
+    ["Refer", s.refer ? `Yes: ${s.refer_reasons.join("; ")}` : s.refer === null ? "Undecided: not enough evidence" : "No"],
+    ["Model", s.model ? `${s.model.name} ${s.model.version} (sha256 ${s.model.sha256.slice(0, 12)}…)` : "-"],
   ];
   const noCells = r.fields.filter((f) => f.error);
+  const refused = r.fields.filter((f) => !f.error && f.readable === false);
   const legend = el("p", { class: "legend" },
     el("span", { class: "key green" }), "uninfected ", el("span", { class: "key red" }), "parasitized ",
     el("span", { class: "key orange" }), "uncertain ", el("span", { class: "key grey" }), "not a red cell");
@@ -252,6 +259,7 @@ function renderMalaria(c) {
     ...header(c),
     el("table", { class: "summary", id: "summary" }, el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v }))))),
     noCells.length ? el("div", { class: "warning" }, noCells.map((f) => el("p", {}, `“${f.name}”: ${f.error}. This photo has no cells we can find.`))) : null,
+    refused.length ? el("div", { class: "warning" }, refused.map((f) => el("p", {}, `“${f.name}”: ${f.unreadable_reason}. Its cells are not counted.`))) : null,
     el("h3", { text: "Fields" }), legend,
     r.fields.filter((f) => f.overlay).map((f) => figure(u[f.overlay], `overlay of ${f.name}`,
       `${f.name}: ${f.red_cells} red cells, ${f.parasitized} parasitized, ${f.uncertain} uncertain`, "overlay")),
@@ -455,7 +463,7 @@ async function loadCases() {
   $("#case-count").textContent = data.total === 0
     ? ($("#today-only").checked ? "No cases today yet." : "No cases match.")
     : `${data.total} case(s)${data.total > data.cases.length ? `, newest ${data.cases.length} shown` : ""}.`;
-  $("#case-list").replaceChildren(...data.cases.map((c) => el("li", { class: c.refer ? "refer" : "ok" },
+  $("#case-list").replaceChildren(...data.cases.map((c) => el("li", { class: c.refer ? "refer" : c.refer === null ? "amber" : "ok" },
     el("a", { href: `#/case/${c.id}` },
       el("strong", { text: c.subject || "(no id)" }), " ",
       el("span", { class: "badge", text: c.kind === "oct" ? "OCT" : "malaria" }),

@@ -1,0 +1,163 @@
+"""Slide-level scoring for `python -m benchmarks smear` (issue 23 item 6): what a slide report gets right.
+
+A slide is what a health worker acts on, so the unit here is the slide, not
+the cell. The shared IML-Malaria fields carry no slide ids: their camera-order
+blocks (`train.annotations.field_blocks`) stand in for slides.
+
+Per slide, from the per-field rows `measure_field` gives (with a model):
+- the decision the report would print (`edge_runtime.smear.decision.decide`
+  over its readable fields) and whether it is right: a slide with an
+  annotated parasite must not read "no parasites seen";
+- detection: "parasites seen" on a slide with an annotated parasite;
+- parasitemia: parasitized / red cells counted on readable fields against
+  annotated parasites / annotated cells, within +-25% (relative) as WHO's
+  quantitation competence measure asks of a microscopist;
+- recall per stage (ring, trophozoite, schizont, gametocyte): annotated
+  parasites of the stage found and called parasitized or uncertain;
+- fields refused by the quality gate (or with no cells).
+
+Intervals are over slides: Wilson 95% for shares of slides; for pooled
+recalls, a percentile bootstrap over slides (a slide's cells are not
+independent of each other, its stain and focus are shared).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.smear.decision import DEFAULT_RULE, decide
+from train.annotations import PARASITE_TYPES, field_blocks
+
+# Camera numbers further apart than this start a new slide. `field_blocks`' default (20) merges the shared
+# set's last two blocks (PA171960-974 and PA171990-2001, 16 apart); 10 gives the seven blocks its README names.
+SLIDE_GAP = 10
+PARASITEMIA_TOLERANCE = 0.25  # relative: WHO's quantitation measure, an estimate within +-25% of the reference
+BOOTSTRAP = 2000
+SEED = 0
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float | None, float | None]:
+    """Wilson score 95% interval for k of n (None, None when n = 0)."""
+    if n == 0:
+        return None, None
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def bootstrap_ratio(num: Sequence[float], den: Sequence[float], reps: int = BOOTSTRAP,
+                    seed: int = SEED) -> tuple[float | None, float | None, float | None]:
+    """Pooled sum(num) / sum(den) and its percentile 95% interval, resampling slides (the pairs) with replacement."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    keep = den > 0
+    num, den = num[keep], den[keep]
+    if den.size == 0:
+        return None, None, None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, den.size, (reps, den.size))
+    ratios = num[idx].sum(axis=1) / np.maximum(den[idx].sum(axis=1), 1e-12)
+    return float(num.sum() / den.sum()), float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def slide_rows(rows: list[dict[str, Any]], min_cells: int | None = None, rule: str = DEFAULT_RULE,
+               blocks: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per slide (camera-order block) from per-field rows measured with a model.
+
+    A field row counts when it has no `error` and is `readable` (True when the row has no quality verdict).
+    Stage counts come from `stage_annotated` / `stage_called` ({stage: n}).
+    """
+    blocks = blocks or field_blocks([r["field"] for r in rows], gap=SLIDE_GAP)
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(blocks[r["field"]], []).append(r)
+    out = []
+    for slide, fs in sorted(by.items()):
+        ok = [r for r in fs if r.get("error") is None and r.get("readable", True)]
+        parasitized = sum(r.get("parasitized_cells", 0) for r in ok)
+        uncertain = sum(r.get("uncertain_cells", 0) for r in ok)
+        red = sum(r.get("red_cells", 0) for r in ok)
+        d = decide(parasitized=parasitized, uncertain=uncertain, red_cells=red, readable_fields=len(ok),
+                   fields=len(fs), min_cells=min_cells, rule=rule)
+        ann_par = sum(r["annotated_parasites"] for r in fs)
+        ann_cells = sum(r["annotated"] for r in fs)
+        truth_pct = 100.0 * ann_par / ann_cells if ann_cells else None
+        est_pct = 100.0 * parasitized / red if red else None
+        within = (None if not ann_par or est_pct is None
+                  else abs(est_pct - truth_pct) <= PARASITEMIA_TOLERANCE * truth_pct)
+        row = {"slide": slide, "fields": len(fs), "fields_failed": len(fs) - len(ok),
+               "fields_no_cells": sum(r.get("error") is not None for r in fs),
+               "red_cells": red, "parasitized": parasitized, "uncertain": uncertain,
+               "annotated_cells": ann_cells, "annotated_parasites": ann_par,
+               "decision": d.decision, "message": d.message,
+               "detected": bool(ann_par) and d.decision == "parasites seen",
+               "false_negative": bool(ann_par) and d.decision == "no parasites seen",
+               "parasitemia_annotated_percent": None if truth_pct is None else round(truth_pct, 3),
+               "parasitemia_estimated_percent": None if est_pct is None else round(est_pct, 3),
+               "parasitemia_within_25": within}
+        for st in PARASITE_TYPES:
+            row[f"{st}_annotated"] = sum(r.get("stage_annotated", {}).get(st, 0) for r in fs)
+            row[f"{st}_called"] = sum(r.get("stage_called", {}).get(st, 0) for r in fs)
+        out.append(row)
+    return out
+
+
+def slide_summary(slides: list[dict[str, Any]]) -> dict[str, Any]:
+    """Headline slide-level figures with their 95% intervals over slides."""
+    pos = [s for s in slides if s["annotated_parasites"]]
+    det = sum(s["detected"] for s in pos)
+    quant = [s for s in pos if s["parasitemia_within_25"] is not None]
+    within = sum(bool(s["parasitemia_within_25"]) for s in quant)
+    s: dict[str, Any] = {"slides": len(slides), "slides_with_parasites": len(pos),
+                         "detection_sensitivity": det / len(pos) if pos else None,
+                         "detection_sensitivity_ci": wilson(det, len(pos)),
+                         "false_negative_slides": sum(x["false_negative"] for x in slides),
+                         "not_enough_evidence_slides": sum(x["decision"] == "not enough evidence" for x in slides),
+                         "parasitemia_within_25": within / len(quant) if quant else None,
+                         "parasitemia_within_25_ci": wilson(within, len(quant)),
+                         "fields": sum(x["fields"] for x in slides),
+                         "fields_failed": sum(x["fields_failed"] for x in slides)}
+    for st in PARASITE_TYPES:
+        r, lo, hi = bootstrap_ratio([x[f"{st}_called"] for x in slides], [x[f"{st}_annotated"] for x in slides])
+        s[f"{st}_annotated"] = sum(x[f"{st}_annotated"] for x in slides)
+        s[f"{st}_recall"], s[f"{st}_recall_ci"] = r, (lo, hi)
+    return s
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _ci(ci) -> str:
+    lo, hi = ci
+    return "" if lo is None else f" ({100 * lo:.0f}-{100 * hi:.0f}%)"
+
+
+def slide_markdown(slides: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """The per-slide table and the headline figures with intervals, in Markdown."""
+    lines = ["| slide | fields (failed) | red cells | parasitized / uncertain | annotated parasites | decision | "
+             "parasitemia est. / annotated | within 25% |", "|---|---:|---:|---:|---:|---|---:|---|"]
+    for s in slides:
+        est, ann = s["parasitemia_estimated_percent"], s["parasitemia_annotated_percent"]
+        within = {None: "-", True: "yes", False: "no"}[s["parasitemia_within_25"]]
+        lines.append(f"| {s['slide']} | {s['fields']} ({s['fields_failed']}) | {s['red_cells']} | "
+                     f"{s['parasitized']} / {s['uncertain']} | {s['annotated_parasites']} | {s['message']} | "
+                     f"{'-' if est is None else f'{est:.2f}%'} / {'-' if ann is None else f'{ann:.2f}%'} | "
+                     f"{within} |")
+    lines += ["", "| slide-level measure | value (95% CI over slides) |", "|---|---:|",
+              f"| slides with a parasite read \"parasites seen\" | {_pct(summary['detection_sensitivity'])}"
+              f"{_ci(summary['detection_sensitivity_ci'])} of {summary['slides_with_parasites']} |",
+              f"| slides with a parasite read \"no parasites seen\" | {summary['false_negative_slides']} |",
+              f"| slides \"not enough evidence\" | {summary['not_enough_evidence_slides']} of {summary['slides']} |",
+              f"| parasitemia within +-25% of the annotation | {_pct(summary['parasitemia_within_25'])}"
+              f"{_ci(summary['parasitemia_within_25_ci'])} |",
+              f"| fields refused or without cells | {summary['fields_failed']} of {summary['fields']} |"]
+    for st in PARASITE_TYPES:
+        lines.append(f"| {st} recall (found and called parasitized or uncertain; {summary[f'{st}_annotated']} "
+                     f"annotated) | {_pct(summary[f'{st}_recall'])}{_ci(summary[f'{st}_recall_ci'])} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,172 @@
+"""The slide decision, its counting rule, densities and intervals (pure functions: no model, no image)."""
+
+import math
+
+import pytest
+
+from edge_runtime.smear.decision import (
+    COUNTING_RULES,
+    DECISIONS,
+    DEFAULT_RULE,
+    TYPICAL_RBC_PER_FIELD,
+    WHO_WBC_PER_UL,
+    decide,
+    decision_lines,
+    density_from_rbc,
+    density_from_wbc,
+    min_cells_for,
+    model_provenance,
+    more_fields_needed,
+    poisson_interval,
+)
+
+
+@pytest.mark.parametrize("k, low, high", [(0, 0.0, 3.6889), (1, 0.02532, 5.5716), (2, 0.24221, 7.2247),
+                                          (10, 4.7954, 18.3904), (57, 43.1712, 73.8501)])
+def test_poisson_interval_matches_the_exact_garwood_values(k, low, high):
+    # Reference values: chi2.ppf(0.025, 2k) / 2 and chi2.ppf(0.975, 2k + 2) / 2 (scipy 1.17).
+    lo, hi = poisson_interval(k)
+    assert lo == pytest.approx(low, abs=1e-4) and hi == pytest.approx(high, abs=1e-4)
+
+
+def test_poisson_interval_agrees_with_scipy_where_it_is_installed():
+    stats = pytest.importorskip("scipy.stats")
+    for k in (3, 25, 300):
+        lo, hi = poisson_interval(k, 0.9)
+        assert lo == pytest.approx(stats.chi2.ppf(0.05, 2 * k) / 2, rel=1e-9)
+        assert hi == pytest.approx(stats.chi2.ppf(0.95, 2 * k + 2) / 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5])
+def test_poisson_interval_refuses_a_count_that_is_not_one(bad):
+    with pytest.raises(ValueError, match="whole number"):
+        poisson_interval(bad)
+
+
+def test_the_default_rule_is_a_published_thin_film_count_with_its_reference():
+    need, reference = COUNTING_RULES[DEFAULT_RULE]
+    assert need == 2000 and "WHO" in reference and "doi:" in reference
+    assert min_cells_for() == 2000 and min_cells_for("who-1000") == 1000 and min_cells_for(min_cells=300) == 300
+    with pytest.raises(ValueError, match="who-2000"):
+        min_cells_for("bsh-9")
+    with pytest.raises(ValueError, match="at least 1"):
+        min_cells_for(min_cells=0)
+
+
+def test_a_parasite_seen_is_positive_whatever_the_count():
+    d = decide(parasitized=1, uncertain=0, red_cells=40, readable_fields=1, fields=1)
+    assert d.decision == "parasites seen" and d.message.startswith("parasites seen: 1 parasitized of 40")
+
+
+def test_negative_only_past_the_minimum_and_says_how_many_cells():
+    d = decide(parasitized=0, uncertain=3, red_cells=2104, readable_fields=18, fields=19)
+    assert d.decision == "no parasites seen" and d.negative
+    assert d.message == "no parasites seen in 2,104 red cells" and d.more_fields == 0
+    # 0 of 2,104: the 95% upper bound is 3.689 / 2,104 = 0.175%, not 0.
+    assert d.parasitemia_percent == 0 and d.parasitemia_high_percent == pytest.approx(0.175, abs=1e-3)
+
+
+@pytest.mark.parametrize("cells, readable, fields, why", [
+    (0, 0, 4, "no field could be read"),          # every field failed: never "no parasites"
+    (0, 0, 0, "no field photographed"),
+    (1999, 17, 17, "1,999 red cells counted, 2,000 needed"),
+    (163, 1, 1, "163 red cells counted"),         # the issue's green "No parasites seen in 163 red cells"
+])
+def test_too_little_evidence_is_never_negative(cells, readable, fields, why):
+    d = decide(parasitized=0, uncertain=0, red_cells=cells, readable_fields=readable, fields=fields)
+    assert d.decision == "not enough evidence" and not d.negative
+    assert d.message.startswith("not enough evidence: photograph about ") and why in d.message
+    assert d.more_fields >= 1
+
+
+def test_more_fields_from_this_slides_cells_per_field():
+    assert more_fields_needed(1000, 10, 2000) == 10      # 100 a field, 1000 missing
+    assert more_fields_needed(1500, 10, 2000) == 4       # 150 a field: 500 / 150 -> 4
+    assert more_fields_needed(2000, 10, 2000) == 0
+    assert more_fields_needed(0, 0, 2000) == math.ceil(2000 / TYPICAL_RBC_PER_FIELD)
+
+
+def test_a_given_minimum_is_named_as_given():
+    d = decide(parasitized=0, uncertain=0, red_cells=600, readable_fields=5, fields=5, min_cells=500)
+    assert d.decision == "no parasites seen" and d.rule == "given" and "--min-cells 500" in d.reference
+
+
+def test_every_decision_is_one_of_three():
+    for p, c, r in [(0, 0, 0), (0, 5000, 40), (2, 5000, 40), (0, 10, 1)]:
+        assert decide(p, 0, c, r, max(r, 1)).decision in DECISIONS
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(parasitized=-1), "parasitized must be >= 0"),
+    (dict(parasitized=5, uncertain=6, red_cells=10), "exceed the 10 red cells"),
+    (dict(readable_fields=3, fields=2), "3 readable fields of only 2"),
+])
+def test_impossible_counts_are_refused(kwargs, match):
+    args = dict(parasitized=0, uncertain=0, red_cells=10, readable_fields=1, fields=1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        decide(**args)
+
+
+def test_density_per_red_cell_with_its_basis_and_interval():
+    d = density_from_rbc(parasitized=10, red_cells=2000, rbc_per_ul=5e6)
+    assert d.method == "rbc" and d.per_ul == 25000
+    assert (d.low_per_ul, d.high_per_ul) == (round(4.7954 * 2500), round(18.3904 * 2500))
+    assert "10 parasitized of 2,000 red cells x 5,000,000 red cells/µL" in d.basis
+    assert density_from_rbc(0, 0, 5e6) is None
+
+
+def test_density_per_white_cell_says_whether_the_count_was_measured():
+    assumed = density_from_wbc(parasitized=20, wbc_count=200)
+    assert assumed.per_ul == 20 / 200 * WHO_WBC_PER_UL and "WHO's assumed" in assumed.basis
+    measured = density_from_wbc(parasitized=20, wbc_count=200, wbc_per_ul=5000)
+    assert measured.per_ul == 500 and "(measured)" in measured.basis
+
+
+def test_one_density_is_reported_and_the_other_is_labelled():
+    both = decide(3, 0, 2450, 13, 14, rbc_per_ul=5e6, wbc_count=20)
+    assert both.density.method == "rbc" and both.alternative.method == "wbc"
+    text = "\n".join(decision_lines(both))
+    assert "parasites/µL (reported): 6,122" in text and "not reported, for comparison only: 1,200/µL" in text
+    wbc_only = decide(3, 0, 2450, 13, 14, wbc_count=20)
+    assert wbc_only.density.method == "wbc" and wbc_only.alternative is None
+    assert decide(3, 0, 2450, 13, 14).density is None
+
+
+def test_decision_lines_shout_only_what_is_not_a_negative():
+    lines = decision_lines(decide(0, 0, 30, 1, 2))
+    assert lines[0].startswith("NOT ENOUGH EVIDENCE: photograph about") and "fields readable: 1 of 2" in lines
+    assert decision_lines(decide(0, 0, 3000, 20, 20).to_dict())[0] == "no parasites seen in 3,000 red cells"
+
+
+def test_model_provenance_names_a_released_file_by_its_release(tmp_path):
+    from edge_runtime import registry
+
+    release = registry.read_registry()[0]
+    p = model_provenance(release.path)
+    assert (p["name"], p["version"], p["sha256"], p["released"]) == (release.name, release.version,
+                                                                      release.sha256, True)
+    other = tmp_path / "mine.tflite"
+    other.write_bytes(b"not released")
+    q = model_provenance(other)
+    assert q["released"] is False and q["name"] == "mine" and len(q["sha256"]) == 64
+
+
+def test_the_field_app_never_shows_a_green_negative_on_short_evidence():
+    from edge_runtime.serve.analysis import malaria_headline, malaria_state
+
+    def summary(parasitized, uncertain, cells, readable, fields, refer, unreadable=()):
+        d = decide(parasitized, uncertain, cells, readable, fields).to_dict()
+        return {"cells": cells, "parasitized": parasitized, "uncertain": uncertain, "refer": refer, "decision": d,
+                "fields_unreadable": list(unreadable)}
+
+    short = summary(0, 0, 163, 1, 1, None)  # the issue's green "No parasites seen in 163 red cells"
+    assert malaria_headline(short).startswith("Not enough evidence: photograph about")
+    assert malaria_state(short) == "amber"
+    none_read = summary(0, 0, 0, 0, 2, None)
+    assert "no field could be read" in malaria_headline(none_read) and malaria_state(none_read) == "amber"
+    enough = summary(0, 0, 2400, 20, 20, False)
+    assert malaria_headline(enough) == "No parasites seen in 2400 red cells." and malaria_state(enough) == "ok"
+    refused = summary(0, 0, 2400, 20, 21, False, [{"field": "f.jpg", "reason": "can't read this field: retake"}])
+    assert malaria_state(refused) == "amber"
+    seen = summary(2, 0, 300, 3, 3, True)
+    assert malaria_headline(seen).startswith("Refer: 2 parasitized") and malaria_state(seen) == "refer"
