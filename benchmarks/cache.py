@@ -23,7 +23,6 @@ its artifacts are exported into the cache, never into DIR).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -31,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from convert.formats import Format
+from convert.formats import FORMATS, Format, parse_formats
 from convert.report import read_report
 from edge_runtime.fileio import sha256_file, sha256_text
 from train import runs
@@ -102,8 +101,6 @@ def formats_for(m: BenchModel, spec: str) -> list[Format]:
     Raises:
         ValueError: a name not in convert's format table.
     """
-    from convert.formats import parse_formats
-
     if spec.strip() == DEFAULT_FORMATS:
         return parse_formats(m.default_formats or "all")
     return parse_formats(spec)
@@ -111,8 +108,6 @@ def formats_for(m: BenchModel, spec: str) -> list[Format]:
 
 def scope_lines(models: Sequence[BenchModel], formats: dict[str, list[Format]], spec: str) -> list[str]:
     """What the run covers, one line per model, and which flag gives the rest (the header and the report say it)."""
-    from convert.formats import FORMATS
-
     out = []
     for m in models:
         names = [f.name for f in formats[m.name]]

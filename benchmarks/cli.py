@@ -50,13 +50,19 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.cache import DEFAULT_FORMATS, DEFAULT_MODELS, MODELS
+from benchmarks.cache import DEFAULT_FORMATS, DEFAULT_MODELS, MODELS, Builder, formats_for, parse_models, scope_lines
+from benchmarks.machine import cores, library_versions, machine_info
+from benchmarks.peak import measure_peaks
+from benchmarks.presets import main as presets_main
+from benchmarks.report import compare, gates, rows_csv, terminal, write_all
+from benchmarks.run import Settings, add_ratios, benchmark_model
+from benchmarks.serve import main as serve_main
+from benchmarks.smear import main as smear_main
 from convert.formats import FORMATS
+from convert.timing import EnergyCounter
 
 
 def _threads(text: str) -> list[int]:
-    from benchmarks.machine import cores
-
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -138,16 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     argv_list = sys.argv[1:] if argv is None else list(argv)
     # Benchmarks with verbs of their own: field photos (benchmarks/smear.py), network designs (benchmarks/presets.py).
     if argv_list[:1] == ["smear"]:
-        from benchmarks.smear import main as smear_main
-
         return smear_main(argv_list[1:])
     if argv_list[:1] == ["presets"]:
-        from benchmarks.presets import main as presets_main
-
         return presets_main(argv_list[1:])
     if argv_list[:1] == ["serve"]:
-        from benchmarks.serve import main as serve_main
-
         return serve_main(argv_list[1:])
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -155,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet = args.format != "table"
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if quiet else (lambda s: print(s, flush=True))
     try:
-        from benchmarks.cache import formats_for, parse_models
-
         runs = dict(args.run)
         for name, path in runs.items():
             if not path.is_dir():
@@ -175,13 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    from benchmarks.machine import library_versions, machine_info
-    from benchmarks.cache import Builder, scope_lines
-    from benchmarks.peak import measure_peaks
-    from benchmarks.report import compare, gates, rows_csv, terminal, write_all
-    from benchmarks.run import Settings, add_ratios, benchmark_model
-    from convert.timing import EnergyCounter
 
     if args.rebuild and cache.exists():
         shutil.rmtree(cache)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.run import FIELD_NOTES, KERAS, ROW_FIELDS
+from edge_runtime.fileio import atomic_write_text
 
 RESULTS_JSON, RESULTS_CSV, RESULTS_MD = "benchmark.json", "benchmark.csv", "benchmark.md"
 PLOT_SIZE, PLOT_ACCURACY = "latency_vs_size.png", "accuracy_vs_latency.png"
@@ -278,10 +279,10 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     axes names each; labels are placed clear of the markers and of each
     other, so 20-30 points stay readable when formats of two models crowd.
     """
-    import matplotlib
+    import matplotlib  # optional: plots only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: plots only
     import matplotlib.ticker  # noqa: F401  (loads matplotlib.ticker for the formatters below)
 
     ok = [r for r in rows if r["status"] == "ok" and r["latency_p50_ms"]]
@@ -347,8 +348,6 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
 def write_all(report: dict[str, Any], out: Path) -> list[Path]:
     """JSON, CSV, Markdown and the plots in `out`; the paths written."""
-    from edge_runtime.fileio import atomic_write_text
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / RESULTS_JSON, json.dumps(report, indent=2) + "\n")

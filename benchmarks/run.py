@@ -25,7 +25,13 @@ import numpy as np
 from benchmarks.cache import REPO, Prepared
 from benchmarks.peak import peak_for
 from convert.formats import Format
+import edge_runtime
+from edge_runtime.images import ImageError, is_image_file, load_and_preprocess
 from edge_runtime.model import first_line
+from train import runs
+from train.evaluate import load_model
+from train.metrics import binary_rates, classification_metrics
+from train.split import read_manifest
 
 KERAS = "keras"  # format name of the reference row
 
@@ -119,8 +125,6 @@ def empty_row(model: str, fmt: str, threads: int | None, **kw: Any) -> dict[str,
 
 def _image_items(p: Prepared, data: Path | None) -> tuple[list[tuple[str, str]], str]:
     """(path, label) of the evaluation images: --data (malaria only), else the run's manifest test split."""
-    from train.split import read_manifest
-
     src = data if (data is not None and p.model.task == "malaria") else p.manifest
     if src is None:
         raise FileNotFoundError(f"{p.model.name}: no evaluation images (its run names no manifest); pass --data")
@@ -131,7 +135,6 @@ def _image_items(p: Prepared, data: Path | None) -> tuple[list[tuple[str, str]],
         records = read_manifest(src)
         test = [r for r in records if r.split == "test"] or records
         return [(r.path, r.label) for r in test], f"{src} ({'test split' if len(test) < len(records) else 'all'})"
-    from edge_runtime.images import is_image_file
 
     items = [(str(f), f.parent.name) for f in sorted(src.rglob("*"))
              if f.is_file() and is_image_file(f) and f.parent != src and not f.name.startswith(".")]
@@ -142,7 +145,7 @@ def load_eval_set(p: Prepared, spec, labels: Sequence[str], settings: Settings) 
     """The images (or, for the OCT head, stored features) every row of `p` is scored on."""
     index = {l: i for i, l in enumerate(labels)}
     if p.model.input == "features":
-        from train.oct.store import read_column, split_indices
+        from train.oct.store import read_column, split_indices  # loads TensorFlow: imported only when this runs
 
         if p.store is None:
             raise FileNotFoundError(f"{p.model.name}: no feature store to evaluate the head on")
@@ -151,7 +154,6 @@ def load_eval_set(p: Prepared, spec, labels: Sequence[str], settings: Settings) 
         x = read_column(p.store, "features", idx).astype(np.float32)
         y = read_column(p.store, "label", idx).astype(int)
         return EvalSet(x, y, f"{p.store} (stored test features)", None)
-    from edge_runtime.images import ImageError, load_and_preprocess
 
     items, origin = _image_items(p, settings.data)
     items = [it for it in items if it[1] in index]
@@ -174,8 +176,6 @@ def load_eval_set(p: Prepared, spec, labels: Sequence[str], settings: Settings) 
 
 def quality(y: np.ndarray, probs: np.ndarray, labels: Sequence[str], positive: str | None) -> dict[str, float | None]:
     """Accuracy, and sensitivity/specificity of the positive class (macro one-vs-rest when there is none)."""
-    from train.metrics import binary_rates, classification_metrics
-
     m = classification_metrics(y, probs, labels, positive)
     out = {"accuracy": m["accuracy"]}
     if positive is not None:
@@ -191,7 +191,7 @@ def quality(y: np.ndarray, probs: np.ndarray, labels: Sequence[str], positive: s
 
 def count_macs(model) -> int:
     """MACs per input of Conv2D/Dense layers, nested models (the fused OCT model's base) included."""
-    from train.malaria.models import count_macs as flat
+    from train.malaria.models import count_macs as flat  # loads TensorFlow: imported only when this runs
 
     return flat(model) + sum(count_macs(l) for l in model.layers if hasattr(l, "layers") and hasattr(l, "inputs"))
 
@@ -258,9 +258,6 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
 
     # Reference: Keras on the evaluation set (this process, all threads).
     try:
-        from train import runs
-        from train.evaluate import load_model
-
         cfg = runs.read_config(p.run)
         labels, positive = list(cfg.labels), cfg.positive_label
         keras_model = load_model(p.reference)
@@ -293,8 +290,6 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
             if f is None:
                 probs, backend, version = ref_probs, "keras", f"keras {md.version('keras')} / tensorflow {md.version('tensorflow')}"
             else:
-                import edge_runtime
-
                 em = edge_runtime.load(path, threads=max(settings.threads))
                 probs = em.run(data.x)
                 backend, version = em.backend, em.session.runtime_version()

@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from benchmarks.machine import machine_info
 from edge_runtime.fileio import atomic_write_text
+from edge_runtime.serve.loadtest import request, run_load
 
 READY_TIMEOUT_S = 120
 FIGURES = ("kind", "clients", "rounds", "requests", "ok", "wall_s", "cases_per_s", "p50_ms", "p95_ms", "mean_ms")
@@ -69,8 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.clients < 1 or args.rounds < 1:
         print("error: --clients and --rounds must be >= 1", file=sys.stderr)
         return 2
-    from benchmarks.machine import machine_info
-    from edge_runtime.serve.loadtest import request, run_load
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

@@ -26,8 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from convert.report import ConversionReport
-from edge_runtime.fileio import sha256_file
+from edge_runtime.clinical import UNCERTAIN_REFERRAL, is_oct, referral_map
+from edge_runtime.fileio import _umask, publish, sha256_file
 from edge_runtime.metadata import ArtifactMetadata, read_sidecar, sidecar_path
+from edge_runtime.model import UNCERTAIN, EdgeModel
+from edge_runtime.standard_metadata import read as read_standard
 
 
 def _input_text(meta: ArtifactMetadata) -> str:
@@ -74,9 +77,6 @@ def _input_text(meta: ArtifactMetadata) -> str:
 
 def _decision_text(meta: ArtifactMetadata) -> list[str]:
     """How edge_runtime turns the outputs into an answer, with the file's threshold and referral map."""
-    from edge_runtime.clinical import UNCERTAIN_REFERRAL, is_oct, referral_map
-    from edge_runtime.model import UNCERTAIN, EdgeModel
-
     threshold = EdgeModel.default_threshold(meta)
     lines = [
         "## The answer, as edge_runtime gives it",
@@ -96,9 +96,6 @@ def _decision_text(meta: ArtifactMetadata) -> list[str]:
 
 
 def _kotlin_decision(meta: ArtifactMetadata, score: str, label: str, indent: str = "") -> list[str]:
-    from edge_runtime.clinical import UNCERTAIN_REFERRAL, is_oct, referral_map
-    from edge_runtime.model import UNCERTAIN, EdgeModel
-
     lines = [f"{indent}val threshold = {EdgeModel.default_threshold(meta):g}f  // the file's confidence_threshold",
              f'{indent}val decision = if ({score} < threshold) "{UNCERTAIN}" else {label}']
     referral = referral_map(meta.labels) if is_oct(meta) else None
@@ -110,9 +107,6 @@ def _kotlin_decision(meta: ArtifactMetadata, score: str, label: str, indent: str
 
 
 def _swift_decision(meta: ArtifactMetadata, score: str, label: str) -> list[str]:
-    from edge_runtime.clinical import UNCERTAIN_REFERRAL, is_oct, referral_map
-    from edge_runtime.model import UNCERTAIN, EdgeModel
-
     lines = [f"let threshold: Float = {EdgeModel.default_threshold(meta):g}  // the file's confidence_threshold",
              f'let decision = {score} < threshold ? "{UNCERTAIN}" : {label}']
     referral = referral_map(meta.labels) if is_oct(meta) else None
@@ -346,8 +340,6 @@ def write_bundle(out: Path, model: str, report: ConversionReport) -> tuple[Path,
 
     Both are built under temporary names and renamed into place.
     """
-    from edge_runtime.fileio import _umask, publish
-
     rows = [r for r in report.rows if r.file and not r.failed]
     if not rows:
         raise ValueError("no artifact passed; nothing to bundle")
@@ -381,7 +373,6 @@ def write_bundle(out: Path, model: str, report: ConversionReport) -> tuple[Path,
             "proof_images": report.proof, "files": files,
         }
         (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        from edge_runtime.standard_metadata import read as read_standard
 
         standard = {f: read_standard((tmp_dir / f).read_bytes()) for f, _ in metas if f.endswith(".tflite")}
         (tmp_dir / "INTEGRATION.md").write_text(integration_note(model, metas, {k: v for k, v in standard.items() if v}))

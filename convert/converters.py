@@ -43,7 +43,7 @@ def convert_keras(model, configure: Callable[[Any], None] | None = None) -> byte
     Raises:
         ValueError: the converter refused the model; its message names the ops.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # TensorFlow: imported only when this runs
 
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     if configure is not None:
@@ -74,7 +74,7 @@ def int8_config(calib: np.ndarray, int8_io: bool) -> Callable[[Any], None]:
     (`convert.qat.child`) on the fine-tuned tf-keras model: both go through
     `tf.lite.TFLiteConverter.from_keras_model`, so the settings are the same.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # TensorFlow: imported only when this runs
 
     def cfg(c):
         c.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -94,8 +94,8 @@ def int8_config(calib: np.ndarray, int8_io: bool) -> Callable[[Any], None]:
 
 def keras_to_onnx(model, input_shape: tuple[int, ...], opset: int = OPSET):
     """A Keras model as an ONNX ModelProto with input "image" (batch, *input_shape) and a named batch dim."""
-    import tensorflow as tf
-    import tf2onnx
+    import tensorflow as tf  # TensorFlow: imported only when this runs
+    import tf2onnx  # optional: only the ONNX rows need it
 
     spec = (tf.TensorSpec((None, *input_shape), tf.float32, name="image"),)
     try:
@@ -140,6 +140,7 @@ def quantize_qdq(src: Path, dest: Path, calib: np.ndarray, activations: str, met
               exclude: Sequence[str] = ()) -> None:
     """QDQ, int8 per-channel weights; `activations` uint8, int8 or int16 (QDQ at opset 21); `exclude`: nodes left
     in float (`--max-drop`)."""
+    # optional runtime: imported only when this runs
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,

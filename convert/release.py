@@ -44,9 +44,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from convert.export import Options, run_export
+from convert.formats import parse_formats
 from edge_runtime import registry
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from edge_runtime.metadata import read_metadata
+from train import runs
+from train.metrics import artifact_metrics
+from train.split import build_split, read_manifest, write_manifest
 
 FORMAT = "tflite-int8"
 FLOAT = "tflite-float32"
@@ -76,8 +81,6 @@ def calibration_manifest(train_manifest: Path, sample: Path, dest: Path, n: int,
     can be converted again on a fresh clone.
     """
     from dataclasses import replace
-
-    from train.split import build_split, read_manifest, write_manifest
 
     trained = read_manifest(train_manifest)
     trained_patients = {r.patient for r in trained if r.split in ("train", "val")}
@@ -212,13 +215,9 @@ def release(
     Everything is made in a folder beside `dest` and renamed over it once the conversion passed: a failed or
     killed release leaves the previous one as it was.
     """
-    import keras
+    import keras  # TensorFlow: imported only when this runs
 
-    from convert.export import Options, run_export
-    from convert.formats import parse_formats
-    from train import runs
-    from train.metrics import artifact_metrics
-    from train.malaria.models import describe
+    from train.malaria.models import describe  # loads TensorFlow: imported only when this runs
 
     run, sample = Path(run), Path(sample)
     cfg = runs.read_config(run)
@@ -263,7 +262,6 @@ def release(
             files = {r.format: out / r.file for r in report.rows}
 
             log("== 3/4 score on the sample through edge_runtime (float32 and int8)")
-            from train.split import read_manifest
 
             held = read_manifest(stage / "calibration.csv", "test")
             labels = list(cfg.labels)

@@ -122,6 +122,28 @@ def test_format_table_imports_nothing_heavy():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+
+@pytest.mark.parametrize("release", sorted(p.name for p in (ROOT / "releases").iterdir()
+                                           if (p / "conversion.json").is_file()))
+def test_conversion_report_reads_and_writes_the_same_json(release, tmp_path):
+    """conversion.json through the typed report and back: the same bytes, rows in their order and keys."""
+    from convert.report import ConversionReport, read_report, write_report
+
+    on_disk = json.loads((ROOT / "releases" / release / "conversion.json").read_text())
+    report = read_report(ROOT / "releases" / release / "conversion.json")
+    assert [r.format for r in report.rows] == [r["format"] for r in on_disk["rows"]]
+    assert all(r.proof is not None and r.proof.images == d["images"] for r, d in zip(report.rows, on_disk["rows"]))
+    assert json.dumps(report.to_dict(), indent=2) == json.dumps(on_disk, indent=2)
+    assert json.loads(write_report(tmp_path, report).read_text()) == on_disk
+    failed = {"format": "onnx-int8", "file": None, "runtime": "onnxruntime", "precision": "int8",
+              "status": "failed", "error": "ValueError: no", "seconds": 1.0}  # no proof: its keys stay out
+    assert ConversionReport.from_dict({**on_disk, "rows": [failed]}).to_dict()["rows"] == [failed]
+    with pytest.raises(ValueError, match="unknown key"):
+        ConversionReport.from_dict({**on_disk, "rows": [{**failed, "speed": 1}]})
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ValueError, match="bad.json"):
+        read_report(tmp_path / "bad.json")
+
 def test_metadata_dataclass_round_trip():
     meta = ArtifactMetadata(
         model="m", task="malaria", labels=("Parasitized", "Uninfected"), preprocess=MALARIA_SPEC,
@@ -274,7 +296,7 @@ def test_inspect_cli_and_reader_without_tensorflow(exported, capsys):
 def test_tflite_metadata_embedding_keeps_model_and_converter_entries(exported, model, proof_images, tmp_path):
     import dataclasses
 
-    from convert.tflite import convert_keras
+    from convert.converters import convert_keras
     from edge_runtime.metadata import embed_tflite, read_tflite
 
     out, _ = exported
@@ -612,7 +634,7 @@ def test_op_outside_litert_builtins_is_named():
     import keras
     import tensorflow as tf
 
-    from convert.tflite import convert_keras
+    from convert.converters import convert_keras
 
     class Det(keras.layers.Layer):  # built in the test, never loaded from a file (safe mode refuses code)
         def call(self, x):
