@@ -44,10 +44,10 @@ from benchmarks.slides import slide_markdown, slide_rows, slide_summary
 from edge_runtime.fileio import atomic_write_text, write_json
 from edge_runtime.images import load_image
 from edge_runtime.model import load
+from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE
 
 # The matcher, the annotation reader and the per-field scoring live in train.annotations: train's
 # field crops and field-cv count cells by the same rules.
-from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE
 from train.annotations import (
     IOU_MATCH,
     load_annotations,

@@ -41,12 +41,21 @@ from convert.calibration import load_feature_sets, load_sets
 from convert.embedding import embed
 from convert.formats import FORMATS, Format
 from convert.gradcam_export import write_for_export
-from convert.job import (  # noqa: F401  (DEFAULT_*: the names `convert.cli` and the tests know them by)
-    DEFAULT_MIN_AGREEMENT, DEFAULT_QAT_MAX_DROP, ExportJob, Options, medge_version, tool_versions)
+from convert.job import DEFAULT_MIN_AGREEMENT, DEFAULT_QAT_MAX_DROP, ExportJob, Options, medge_version, tool_versions  # noqa: F401  (DEFAULT_*: the names `convert.cli` and the tests know them by)
 from convert.layer_errors import layer_png_name, plot_png
 from convert.report import (  # noqa: F401  (format_table, report_json: what `convert.export` offered before)
-    FAILED, FLAGGED, OK, ConversionReport, ConversionRow, Proof, format_table, read_report, report_json, report_path,
-    write_report)
+    FAILED,
+    FLAGGED,
+    OK,
+    ConversionReport,
+    ConversionRow,
+    Proof,
+    format_table,
+    read_report,
+    report_json,
+    report_path,
+    write_report,
+)
 from convert.sources import Source, load_source
 from edge_runtime import backends, compat
 from edge_runtime import golden as g
@@ -54,6 +63,7 @@ from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, publish
 from edge_runtime.golden import GoldenSet, compare, selftest
 from edge_runtime.metadata import sidecar_path
 from edge_runtime.model import EdgeModel
+
 
 def _prior_report(out: Path) -> ConversionReport | None:
     """The report already in `out`; None when there is none or it cannot be read (then only --force replaces it)."""

@@ -24,6 +24,7 @@ from convert.job import ExportJob
 from convert.layer_errors import onnx_layer_errors
 from convert.timing import time_fn
 from edge_runtime.backends import open_session
+
 ACTIVATION_TYPES = ("auto", "uint8", "int8")
 
 

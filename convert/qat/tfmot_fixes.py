@@ -60,7 +60,11 @@ import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras  # noqa: E402
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
     default_8bit_quantize_layout_transform as _layout,
+)
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
     default_8bit_quantize_scheme as _scheme,
+)
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
     default_8bit_transforms as _transforms,
 )
 from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import (  # noqa: E402
