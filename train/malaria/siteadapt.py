@@ -29,7 +29,8 @@ Steps (each leaves its files in OUT, so a killed run starts again where it stopp
    table and this command, registry entry: `edge_runtime.load("malaria-field-<site>")`).
 
 Exit codes: 0 the site model helps (released, or would be with `--no-release`); 1 it does not: keep the
-released model (nothing released); 2 bad input (a missing file, an unknown field, too few fields).
+released model (nothing released); 2 bad input (a missing file, an unknown field, too few fields); 3 the
+training or the export failed (its log is named; the same command resumes).
 
 Inputs: `--fields` takes IML-Malaria-style annotations (a folder with annotations.json and fields/, or the
 JSON file itself: a list of {image_name, objects: [{type, bbox: {x, y, w, h}}]}). Every source becomes the
@@ -44,6 +45,7 @@ import csv
 import dataclasses
 import json
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -373,7 +375,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     records, counts = _records(args, preset, site_rows, sample)
     ft = argparse.Namespace(preset=preset.train_preset, seed=args.seed, init=args.init, lr=preset.lr,
                             epochs=preset.epochs, hue=preset.hue, saturation=preset.saturation)
-    run_dir, tfl, train_s, convert_s = fine_tune(ft, args.out, records, counts, f"site {args.site}")
+    try:
+        run_dir, tfl, train_s, convert_s = fine_tune(ft, args.out, records, counts, f"site {args.site}")
+    except RuntimeError as e:  # training or export failed: not a verdict on the site model (exit 1 is)
+        print(f"error: {e}; run the same command again to resume", file=sys.stderr)
+        return 3
 
     # 4. before and after on the held-out fields and on the NIH sample (cached: measuring is minutes).
     held = [by_name[n] for n in plan["held_out"]]
