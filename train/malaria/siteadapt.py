@@ -21,7 +21,8 @@ Steps (each leaves its files in OUT, so a killed run starts again where it stopp
    called parasitized or uncertain; false positives = uninfected cells called parasitized; uncertain share of
    the uninfected cells), and both int8 files on the bundled NIH sample (`--sample`).
 5. **Judge** (`verdict`): the site model is kept only if, on the held-out site fields, parasites flagged do not
-   fall, false positives do not rise, one of them improves, the uncertain share rises by at most
+   fall, false positives do not rise, one of them improves, no field with parasites goes unflagged that was
+   flagged (fewer uncertain cells can clear a field whose parasite is missed), the uncertain share rises by at most
    `--max-uncertain-rise` points (else calling every cell uncertain would "win"), and NIH sample accuracy drops
    by at most `--max-nih-drop` points. The table is printed either way with the model to keep.
 6. **Release** (only when kept, unless `--no-release`): `python -m convert release` of the site run as
@@ -214,6 +215,10 @@ def verdict(before: dict[str, Any], after: dict[str, Any], nih_before: float, ni
     if fa > fb:
         ok = False
         why.append(f"false positives rose: {100 * fb:.2f}% -> {100 * fa:.2f}%")
+    sb, sa = before.get("field_sensitivity"), after.get("field_sensitivity")
+    if sb is not None and sa is not None and sa < sb:  # fewer uncertain cells can turn a missed parasite's field green
+        ok = False
+        why.append(f"fields with parasites flagged fell: {sb:.2f} -> {sa:.2f}")
     if ok and pa == pb and fa == fb:
         ok = False
         why.append("neither parasites flagged nor false positives improved")
