@@ -23,7 +23,6 @@ its artifacts are exported into the cache, never into DIR).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -31,7 +30,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from convert.formats import Format
+from convert.formats import FORMATS, Format, parse_formats
+from convert.report import read_report
 from edge_runtime.fileio import sha256_file, sha256_text
 from train import runs
 
@@ -101,8 +101,6 @@ def formats_for(m: BenchModel, spec: str) -> list[Format]:
     Raises:
         ValueError: a name not in convert's format table.
     """
-    from convert.formats import parse_formats
-
     if spec.strip() == DEFAULT_FORMATS:
         return parse_formats(m.default_formats or "all")
     return parse_formats(spec)
@@ -110,8 +108,6 @@ def formats_for(m: BenchModel, spec: str) -> list[Format]:
 
 def scope_lines(models: Sequence[BenchModel], formats: dict[str, list[Format]], spec: str) -> list[str]:
     """What the run covers, one line per model, and which flag gives the rest (the header and the report say it)."""
-    from convert.formats import FORMATS
-
     out = []
     for m in models:
         names = [f.name for f in formats[m.name]]
@@ -171,19 +167,23 @@ class StepFailed(RuntimeError):
     """A build command exited non-zero."""
 
 
-def run_step(argv: list[str], log: Callable[[str], None], ok_codes: Sequence[int] = (0,)) -> subprocess.CompletedProcess:
+def run_step(argv: list[str], log: Callable[[str], None], ok_codes: Sequence[int] = (0,),
+             tag: str | None = None) -> subprocess.CompletedProcess:
     """Run `python -m ...` in its own process, its output passed through (that is the progress shown).
 
-    stderr is captured as well, so the last error line can become a row's error.
+    stderr is captured as well, so the last error line can become a row's error. With `tag` (a build job running
+    beside another) stdout and stderr are merged and every line is prefixed with it, so the two stay readable.
     """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     log("  $ " + " ".join(["python", *argv[1:]] if argv[0] == sys.executable else argv))
-    proc = subprocess.Popen(argv, stdout=None, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if tag else None,
+                            stderr=subprocess.STDOUT if tag else subprocess.PIPE, text=True, env=env)
     err_lines = []
-    assert proc.stderr is not None
-    for line in proc.stderr:  # pass stderr through too (tqdm bars, warnings), keep it for the error message
-        sys.stderr.write(line)
+    stream = proc.stdout if tag else proc.stderr
+    assert stream is not None
+    for line in stream:  # pass stderr through too (tqdm bars, warnings), keep it for the error message
+        sys.stderr.write(f"{tag} {line}" if tag else line)
         err_lines.append(line.rstrip())
     code = proc.wait()
     if code not in ok_codes:
@@ -212,8 +212,9 @@ class Builder:
     """Finds or builds every model's run and artifacts in the cache folder."""
 
     def __init__(self, cache: Path, quick: QuickSettings = QuickSettings(), runs: dict[str, Path] | None = None,
-                 log: Callable[[str], None] = print, from_scratch: bool = False):
+                 log: Callable[[str], None] = print, from_scratch: bool = False, tag: str | None = None):
         self.cache = Path(cache).resolve()  # absolute: the build steps run in their own processes
+        self.tag = tag  # prefix of this builder's lines when it runs beside another (`prepare_all`)
         self.quick = quick
         self.runs = {k: Path(v).resolve() for k, v in (runs or {}).items()}
         self.log = log
@@ -225,7 +226,7 @@ class Builder:
         out = self.cache / "data" / "malaria-sample.csv"
         if not out.is_file():
             self.log(f"== split the bundled sample {SAMPLE} by patient -> {out}")
-            run_step(py("-m", "train", "split", "--data", SAMPLE, "--out", out), self.log)
+            run_step(py("-m", "train", "split", "--data", SAMPLE, "--out", out), self.log, tag=self.tag)
         return out
 
     def uses_release(self, m: BenchModel) -> bool:
@@ -249,7 +250,7 @@ class Builder:
         epochs = self.quick.malaria_epochs
         self.log(f"== train `{preset}` for {epochs} epochs on the bundled sample -> {run}")
         run_step(py("-m", "train", "malaria", "--manifest", manifest, "--preset", preset, "--epochs", epochs,
-                    "--out", _fresh(run), "--quiet"), self.log)
+                    "--out", _fresh(run), "--quiet"), self.log, tag=self.tag)
         return run
 
     # -- OCT
@@ -266,18 +267,18 @@ class Builder:
             self.log(f"== draw synthetic OCT2017-style B-scans -> {data}")
             run_step(py("-m", "train", "oct", "synth", "--out", _fresh(data), "--per-class", q.oct_per_class,
                         "--patients", q.oct_patients, "--test-per-class", q.oct_test_per_class,
-                        "--test-patients", q.oct_test_patients), self.log)
+                        "--test-patients", q.oct_test_patients), self.log, tag=self.tag)
         if not manifest.is_file():
             self.log(f"== split the synthetic scans by patient -> {manifest}")
-            run_step(py("-m", "train", "split", "--data", data, "--out", manifest, "--val", "0.2"), self.log)
+            run_step(py("-m", "train", "split", "--data", data, "--out", manifest, "--val", "0.2"), self.log, tag=self.tag)
         if not _run_done(run, "fused.keras"):
             # No ImageNet download here: a random base (seeded) has the real architecture and cost.
             self.log(f"== extract InceptionV3 features (random base, --base-weights none) -> {store}")
             run_step(py("-m", "train", "oct", "extract", "--manifest", manifest, "--base-weights", "none",
-                        "--out", store), self.log)
+                        "--out", store), self.log, tag=self.tag)
             self.log(f"== train the OCT head for {q.oct_epochs} epochs -> {run}")
             run_step(py("-m", "train", "oct", "head", "--store", store, "--out", _fresh(run), "--epochs",
-                        q.oct_epochs, "--quiet"), self.log)
+                        q.oct_epochs, "--quiet"), self.log, tag=self.tag)
         return run, store
 
     # -- conversion
@@ -303,24 +304,24 @@ class Builder:
             for path in self._reports(key):
                 d = path.parent
                 try:
-                    report = json.loads(path.read_text())
-                except json.JSONDecodeError:
-                    continue
-                source = report.get("source", {})
+                    report = read_report(path)
+                except ValueError:
+                    continue  # unreadable: its formats are converted again
+                source = report.source
                 if source.get("name", p.model.name) != p.model.name:
                     continue  # another model's report in a shared folder
                 if sha is not None and source.get("sha256") not in (None, sha):
                     continue  # made from an earlier version of the model
-                for row in report.get("rows", []):
-                    name = row["format"]
+                for row in report.rows:
+                    name = row.format
                     if name in seen or name not in {f.name for f in formats}:
                         continue
                     seen.add(name)
-                    path = d / row["file"] if row.get("file") else None
+                    path = d / row.file if row.file else None
                     if path is not None and path.is_file():
                         p.artifacts[name] = path
                     else:
-                        p.errors[name] = f"conversion failed: {row.get('error') or 'no file'}"
+                        p.errors[name] = f"conversion failed: {row.error or 'no file'}"
             return seen
 
         missing = [f.name for f in formats if f.name not in collect()]
@@ -333,7 +334,7 @@ class Builder:
             run_step(py("-m", "convert", source, "--out", _fresh(out), "--formats", ",".join(missing),
                         "--name", p.model.name, "--calib-n", self.quick.calib_n, "--eval-n", self.quick.eval_n,
                         # Keep artifacts below convert's agreement bar: measuring their drop is the point here.
-                        "--allow-drop", *extra), self.log, ok_codes=(0, 1))  # 1: some rows failed, recorded in conversion.json
+                        "--allow-drop", *extra), self.log, ok_codes=(0, 1), tag=self.tag)  # 1: some rows failed, recorded in conversion.json
         except StepFailed as e:
             shutil.rmtree(out, ignore_errors=True)
             for name in missing:
@@ -382,6 +383,78 @@ class Builder:
         except (FileNotFoundError, ValueError, StepFailed, KeyError) as e:
             p.error = str(e)
         return p
+
+
+def prepare_all(models: Sequence[BenchModel], formats: dict[str, Sequence[Format]], cache: Path,
+                runs: dict[str, Path] | None = None, log: Callable[[str], None] = print,
+                from_scratch: bool = False) -> list[Prepared]:
+    """`Builder.prepare` for every model, the malaria models and the OCT models as two build jobs side by side.
+
+    Why side by side: most of a cold run is building (training, converting, proving), and much of a build step is
+    one busy thread (the TFLite converter, imports, Python loops), so on 2 cores two independent chains finish
+    sooner together than one after the other. Each chain stays in order (the OCT models share one run and
+    feature store; the malaria models one sample split), and each gets its own Builder, whose lines are prefixed
+    with its task while both run.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    groups: dict[str, list[BenchModel]] = {}
+    for m in models:
+        groups.setdefault(m.task, []).append(m)
+    side_by_side = len(groups) > 1
+
+    def chain(task: str, ms: list[BenchModel]) -> list[Prepared]:
+        tag = f"[{task} build]" if side_by_side else None
+        b = Builder(cache, runs=runs, from_scratch=from_scratch, tag=tag,
+                    log=(lambda s: log(f"{tag} {s}")) if tag else log)
+        out = []
+        for m in ms:
+            b.log(f"== prepare {m.name}")
+            out.append(b.prepare(m, formats[m.name]))
+        return out
+
+    with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
+        futures = [pool.submit(chain, task, ms) for task, ms in groups.items()]
+        done = {p.model.name: p for f in futures for p in f.result()}
+    return [done[m.name] for m in models]
+
+
+# What a default run's steps take on an idle 2-core x86 machine, in seconds, for the first lines' estimate. The
+# split between steps is the 2026-12-06 cold run's log (a machine with ~13 runnable processes), scaled so that the
+# steps of the old sequential run add up to its measured idle total, 7 min 04 s (issue 26). An estimate to plan
+# by, not a measurement: the report's `seconds` is the measured figure.
+EXPECT_BUILD_S = {"malaria-edge": 90.0, "malaria-paper": 90.0, "oct": 40.0, "oct-fused": 60.0, "oct-head": 17.0}
+EXPECT_ROW_S = {"malaria-edge": 3.5, "malaria-paper": 6.0, "oct-fused": 13.0, "oct-head": 3.5}  # one probe process
+EXPECT_CALL_MS = {"oct-fused": 250.0}  # slow models: one call may outlast --min-time (default: well below it)
+EXPECT_PEAKS_S = 13.0
+
+
+def expected_seconds(models: Sequence[BenchModel], formats: dict[str, Sequence[Format]], threads: Sequence[int],
+                     cache: Path, rounds: int, min_time: float, peaks: bool = True) -> tuple[float, float]:
+    """(building, timing): about how long a run takes on an idle 2-core machine (see `EXPECT_BUILD_S`), seconds.
+
+    A model whose cache already holds a conversion report counts no build; the malaria and OCT chains are built
+    side by side (`prepare_all`), so the longer chain counts in full and the shorter at half.
+    """
+    chains: dict[str, float] = {}
+    for m in models:
+        key = f"{m.name}-release" if m.name == "malaria-edge" and (RELEASE / "model.keras").is_file() else m.name
+        built = any((Path(cache) / key).glob("export*/*conversion.json"))
+        cost = 0.0 if built else EXPECT_BUILD_S.get(m.name, 60.0)
+        if m.task == "oct" and not built and not (Path(cache) / "oct" / "run").is_dir() and "oct" not in chains:
+            cost += EXPECT_BUILD_S["oct"]
+        chains[m.task] = chains.get(m.task, 0.0) + cost
+    spans = sorted(chains.values(), reverse=True)
+    build = (spans[0] + 0.5 * sum(spans[1:])) if spans else 0.0
+    timing = EXPECT_PEAKS_S if peaks else 0.0
+    for m in models:
+        fs = formats[m.name]
+        rows = (len(fs) * len(threads) + 1)  # + the Keras reference at one thread count
+        pairs = sum(1 for f in fs if f.precision != "float32"
+                    and any(g.precision == "float32" and g.runtime == f.runtime for g in fs)) * len(threads)
+        round_s = 2 * max(min_time, EXPECT_CALL_MS.get(m.name, 0.0) / 1e3)
+        timing += rows * EXPECT_ROW_S.get(m.name, 8.0) + pairs * (rounds * round_s + 2.0)
+    return build, timing
 
 
 def _digest(path: Path) -> str:

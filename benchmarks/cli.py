@@ -9,6 +9,7 @@
     python -m benchmarks smear --data ../shared/data/iml_malaria [--model MODEL] [--out DIR]   # field photos
     python -m benchmarks presets [--presets edge,post-w32-d111-64] [--out DIR]   # int8 cost of a network design
     python -m benchmarks serve --models M O --field FIELD.jpg --scan SCAN.jpeg [--clients 16]   # the field app, loaded
+    python -m benchmarks stability [--threads 1,2] [--rounds 15]   # the malaria pairs idle and beside a CPU hog
 
 With no arguments it benchmarks the released malaria model (releases/malaria,
 the Keras model whose int8 file ships with edge_runtime) on the bundled sample
@@ -50,26 +51,27 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.cache import DEFAULT_FORMATS, DEFAULT_MODELS, MODELS
+from benchmarks.cache import (
+    DEFAULT_FORMATS,
+    DEFAULT_MODELS,
+    MODELS,
+    expected_seconds,
+    formats_for,
+    parse_models,
+    prepare_all,
+    scope_lines,
+)
+from benchmarks.interleave import MIN_TIME_S, ROUNDS, machine_state
+from benchmarks.machine import library_versions, machine_info, positive, thread_counts
+from benchmarks.peak import measure_peaks
+from benchmarks.presets import main as presets_main
+from benchmarks.report import compare, gates, rows_csv, terminal, write_all
+from benchmarks.run import Settings, add_ratios, benchmark_model
+from benchmarks.serve import main as serve_main
+from benchmarks.smear import main as smear_main
+from benchmarks.stability import main as stability_main
 from convert.formats import FORMATS
-
-
-def _threads(text: str) -> list[int]:
-    from benchmarks.machine import cores
-
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part == "sweep":  # every count a device could pick
-            out += [n for n in range(1, cores() + 1) if n not in out]
-            continue
-        n = cores() if part == "all" else int(part) if part.isdigit() else 0
-        if n < 1:
-            raise argparse.ArgumentTypeError(
-                f"--threads takes positive integers, 'all' or 'sweep' (1..cores), comma-separated; got {text!r}")
-        if n not in out:
-            out.append(n)
-    return out
+from convert.timing import EnergyCounter
 
 
 def _run_arg(text: str) -> tuple[str, Path]:
@@ -77,15 +79,6 @@ def _run_arg(text: str) -> tuple[str, Path]:
     if not sep or name not in MODELS:
         raise argparse.ArgumentTypeError(f"--run takes NAME=RUN_DIR with NAME one of {', '.join(MODELS)}; got {text!r}")
     return name, Path(path)
-
-
-def _positive(kind):
-    def parse(text: str):
-        v = kind(text)
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-        return v
-    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,10 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'default' (every format for malaria; for the OCT models only tflite-float32, tflite-int8, "
                         "onnx-float32 and onnx-int8), 'all' (every format of every model: the full matrix) or "
                         "comma-separated rows of convert's format table")
-    w.add_argument("--threads", type=_threads, default="sweep",
+    w.add_argument("--threads", type=thread_counts, default="sweep",
                    help="thread counts: 'sweep' (every count from 1 to the cores, the default), or e.g. 1,all "
                         "or 1,2,4 (fewer probes on a many-core machine)")
-    w.add_argument("--keras-threads", type=_threads, metavar="THREADS",
+    w.add_argument("--keras-threads", type=thread_counts, metavar="THREADS",
                    help="thread counts the Keras reference row is timed at, like --threads (default: the first of "
                         "--threads; its accuracy is every row's reference either way; 'sweep' times it at every count)")
     w.add_argument("--from-scratch", action="store_true",
@@ -113,12 +106,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = p.add_argument_group("data")
     d.add_argument("--data", type=Path, help="malaria evaluation images: a manifest CSV (its test split) or class "
                                              "folders (default: the run's manifest test split)")
-    d.add_argument("--n-images", type=_positive(int), default=300, help="evaluation images per model")
+    d.add_argument("--n-images", type=positive(int), default=300, help="evaluation images per model")
     m = p.add_argument_group("measurement")
-    m.add_argument("--batch", type=_positive(int), default=16, help="batch for the throughput figure")
-    m.add_argument("--min-seconds", type=_positive(float), default=1.0, help="timed seconds per measurement, at least")
-    m.add_argument("--max-seconds", type=_positive(float), default=10.0, help="timed seconds per measurement, at most")
+    m.add_argument("--batch", type=positive(int), default=16, help="batch for the throughput figure")
+    m.add_argument("--min-seconds", type=positive(float), default=1.0, help="timed seconds per measurement, at least")
+    m.add_argument("--max-seconds", type=positive(float), default=10.0, help="timed seconds per measurement, at most")
     m.add_argument("--no-peak", action="store_true", help="skip the machine-peak matrix products")
+    m.add_argument("--rounds", type=positive(int), default=ROUNDS,
+                   help="interleaved rounds per float/quantized pair and thread count (more: a narrower interval "
+                        "on a busy machine)")
+    m.add_argument("--min-time", type=positive(float), default=MIN_TIME_S, metavar="S",
+                   help="seconds per file per interleaved round, at least")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("runs/benchmarks"), help="results folder")
     o.add_argument("--cache", type=Path, help="built models and artifacts (default: OUT/cache)")
@@ -130,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--min-speedup", type=float, metavar="X", help="smallest speed-up vs float32 of the same runtime")
     args = p.parse_args(argv)
     if isinstance(args.threads, str):
-        args.threads = _threads(args.threads)
+        args.threads = thread_counts(args.threads)
     return args
 
 
@@ -138,16 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     argv_list = sys.argv[1:] if argv is None else list(argv)
     # Benchmarks with verbs of their own: field photos (benchmarks/smear.py), network designs (benchmarks/presets.py).
     if argv_list[:1] == ["smear"]:
-        from benchmarks.smear import main as smear_main
-
         return smear_main(argv_list[1:])
     if argv_list[:1] == ["presets"]:
-        from benchmarks.presets import main as presets_main
-
         return presets_main(argv_list[1:])
+    if argv_list[:1] == ["stability"]:
+        return stability_main(argv_list[1:])
     if argv_list[:1] == ["serve"]:
-        from benchmarks.serve import main as serve_main
-
         return serve_main(argv_list[1:])
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -155,8 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet = args.format != "table"
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if quiet else (lambda s: print(s, flush=True))
     try:
-        from benchmarks.cache import formats_for, parse_models
-
         runs = dict(args.run)
         for name, path in runs.items():
             if not path.is_dir():
@@ -176,34 +168,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from benchmarks.machine import library_versions, machine_info
-    from benchmarks.cache import Builder, scope_lines
-    from benchmarks.peak import measure_peaks
-    from benchmarks.report import compare, gates, rows_csv, terminal, write_all
-    from benchmarks.run import Settings, add_ratios, benchmark_model
-    from edge_runtime.timing import EnergyCounter
-
     if args.rebuild and cache.exists():
         shutil.rmtree(cache)
     keras_threads = tuple(args.keras_threads) if args.keras_threads else tuple(args.threads[:1])
     settings = Settings(threads=tuple(args.threads), keras_threads=keras_threads, n_images=args.n_images,
-                        batch=args.batch, min_seconds=args.min_seconds, max_seconds=args.max_seconds, data=args.data)
+                        batch=args.batch, min_seconds=args.min_seconds, max_seconds=args.max_seconds, data=args.data,
+                        rounds=args.rounds, min_time=args.min_time)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    # Other processes move every timing: the run records what else ran, before and after.
+    state_before = machine_state()
     stamp = lambda: f"[{time.perf_counter() - t0:5.0f} s]"  # noqa: E731
     scope = scope_lines(models, formats, args.formats)
     scope.append(f"keras (the float reference every row's accuracy is compared with): timed at "
                  f"{', '.join(map(str, keras_threads))} thread(s)"
                  + ("" if set(keras_threads) >= set(settings.threads)
                     else " (`--keras-threads sweep` for every count)"))
+    build_s, timing_s = expected_seconds(models, formats, settings.threads, cache, settings.rounds,
+                                         settings.min_time, peaks=not args.no_peak)
+    log(f"{stamp()} expected: about {(build_s + timing_s) / 60:.0f} min on an idle 2-core machine (building "
+        f"{build_s / 60:.1f} min, timing {timing_s / 60:.1f} min); longer on a busy or slower one")
     log(f"{stamp()} models: {', '.join(m.name for m in models)}; threads: {', '.join(map(str, settings.threads))}; "
         f"cache {cache}; what runs (--formats {args.formats}):")
     for line in scope:
         log(f"          {line}")
-    builder = Builder(cache, runs=runs, log=log, from_scratch=args.from_scratch)
-    prepared = []
-    for m in models:
-        log(f"{stamp()} == prepare {m.name}")
-        prepared.append(builder.prepare(m, formats[m.name]))
+    both = len({m.task for m in models}) > 1
+    log(f"{stamp()} == prepare {', '.join(m.name for m in models)}"
+        + (" (malaria and OCT builds side by side)" if both else ""))
+    prepared = prepare_all(models, formats, cache, runs=runs, log=log, from_scratch=args.from_scratch)
     peaks = []
     if not args.no_peak:
         log(f"{stamp()} == machine peak")
@@ -215,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{stamp()} == benchmark {p.model.name}")
         rows += benchmark_model(p, formats[p.model.name], settings, peaks, log=log)
     add_ratios(rows)
+    state_after = machine_state()
     report = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks" + ("" if not argv and argv is not None else " " + shlex.join(
@@ -223,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         # Other processes on the machine move the timings; the load average says how busy it was.
         "machine": machine_info() | ({"load_average_1min": [load_start, os.getloadavg()[0]]} if load_start is not None
                                      else {}),
+        "machine_state": {"before": state_before, "after": state_after},
         "versions": library_versions(),
         "settings": {"threads": list(settings.threads), "keras_threads": list(keras_threads),
                      "n_images": settings.n_images, "batch": settings.batch,
                      "min_seconds": settings.min_seconds, "max_seconds": settings.max_seconds,
+                     "rounds": settings.rounds, "min_time_s": settings.min_time,
                      "data": str(settings.data) if settings.data else None, "cache": str(cache),
                      "formats": [f for f in FORMATS if any(f in {x.name for x in fs} for fs in formats.values())],
                      "formats_spec": args.formats,

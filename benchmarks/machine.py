@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 from pathlib import Path
@@ -65,3 +66,30 @@ def machine_info() -> dict[str, Any]:
 def library_versions() -> dict[str, str]:
     """Installed versions of every library the pipeline touches (missing ones left out)."""
     return installed_versions(LIBRARIES)
+
+
+def thread_counts(text: str) -> list[int]:
+    """`--threads`: positive integers, 'all' or 'sweep' (1..cores), comma-separated (an argparse type)."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "sweep":  # every count a device could pick
+            out += [n for n in range(1, cores() + 1) if n not in out]
+            continue
+        n = cores() if part == "all" else int(part) if part.isdigit() else 0
+        if n < 1:
+            raise argparse.ArgumentTypeError(
+                f"--threads takes positive integers, 'all' or 'sweep' (1..cores), comma-separated; got {text!r}")
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def positive(kind):
+    """An argparse type: `kind(text)`, refused unless > 0."""
+    def parse(text: str):
+        v = kind(text)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        return v
+    return parse

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_runtime.timing import time_fn
+from convert.timing import time_fn
+from edge_runtime.backends import open_session
 
 # (M, K, N) per precision: large enough to reach the kernels' steady state,
 # short enough per call (a few ms) that a run fits in a scheduler time slice on
@@ -28,8 +29,8 @@ SHAPES = {"float32": (256, 512, 512), "int8": (256, 1024, 1024)}
 
 def _build_tflite(path: Path, int8: bool, M: int, K: int, N: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
-    import tensorflow as tf
+    import keras  # TensorFlow: imported only when this runs
+    import tensorflow as tf  # TensorFlow: imported only when this runs
 
     rng = np.random.default_rng(0)
     inp = keras.Input(shape=(K,), batch_size=M)
@@ -47,8 +48,8 @@ def _build_tflite(path: Path, int8: bool, M: int, K: int, N: int) -> None:
 
 
 def _build_onnx(path: Path, int8: bool, M: int, K: int, N: int) -> None:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    import onnx  # optional: only the ONNX rows need it
+    from onnx import TensorProto, helper, numpy_helper  # optional: only the ONNX rows need it
 
     rng = np.random.default_rng(0)
     if int8:
@@ -69,8 +70,6 @@ def _build_onnx(path: Path, int8: bool, M: int, K: int, N: int) -> None:
 
 def _runner(path: Path, backend: str, threads: int, M: int, K: int) -> Callable[[], Any]:
     """One call of the GEMM model through the device's backend session, at the file's own batch M."""
-    from edge_runtime.backends import open_session
-
     sess = open_session(path, backend, threads, batch=None)
     rng = np.random.default_rng(1)
     dtype = sess.input.dtype

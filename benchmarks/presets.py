@@ -30,8 +30,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from convert.converters import convert_keras, int8_config
+from convert.timing import time_fn
+from edge_runtime.backends import open_session
 from edge_runtime.fileio import atomic_write_text
-from edge_runtime.timing import time_fn
+from edge_runtime.versions import installed_versions
+from train.malaria.presets import MALARIA_PRESETS
 
 # Operators a well-designed int8 graph consists of (DELEGATE: the XNNPACK partitions LiteRT adds when it
 # opens the file); anything else is listed per preset.
@@ -43,12 +47,9 @@ COLUMNS = ("preset", "block", "head", "weights", "macs", "f32_p50_ms", "int8_p50
 
 def measure(name: str, threads: int, seed: int = 0, min_seconds: float = 1.0) -> dict[str, Any]:
     """One preset's row (see the module docstring)."""
-    import keras
+    import keras  # TensorFlow: imported only when this runs
 
-    from convert.tflite import convert_keras, int8_config
-    from edge_runtime.backends import open_session
-    from train.malaria.models import build_resnet, describe
-    from train.malaria.presets import MALARIA_PRESETS
+    from train.malaria.models import build_resnet, describe  # loads TensorFlow: imported only when this runs
 
     preset = MALARIA_PRESETS[name]
     keras.utils.set_random_seed(seed)
@@ -80,8 +81,6 @@ def markdown(rows: Sequence[dict[str, Any]], threads: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.malaria.presets import MALARIA_PRESETS
-
     default = [n for n in MALARIA_PRESETS if n != "paper" and not n.startswith("tiny")]
     p = argparse.ArgumentParser(prog="python -m benchmarks presets", description=__doc__.split("\n")[0])
     p.add_argument("--presets", default=",".join(default), help=f"comma-separated (default: {','.join(default)})")
@@ -100,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(names)}] {name}: build, convert, time ...", file=sys.stderr, flush=True)
         rows.append(measure(name, args.threads, min_seconds=args.min_seconds))
     args.out.mkdir(parents=True, exist_ok=True)
-    from edge_runtime.versions import installed_versions
 
     atomic_write_text(args.out / "presets.json", json.dumps(
         {"threads": args.threads, "rows": rows, "versions": installed_versions(("ai-edge-litert", "tensorflow"))},

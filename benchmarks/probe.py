@@ -78,9 +78,8 @@ def _keras_first_result(path: str, threads: int | None, image: str | None):
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
     x = np.zeros((1, *shape), np.float32)
     if image and len(shape) == 3 and shape[-1] in (1, 3):
-        from edge_runtime.images import load_and_preprocess
-
-        from train import runs
+        from edge_runtime.images import load_and_preprocess  # first use counts this import, as a device pays it
+        from train import runs  # first use counts this import
 
         run = Path(path).parent
         if runs.is_run(run):
@@ -94,7 +93,7 @@ def _keras_first_result(path: str, threads: int | None, image: str | None):
 def _edge_first_result(path: str, threads: int | None, image: str | None):
     import numpy as np
 
-    import edge_runtime
+    import edge_runtime  # first use counts this import, as a device pays it
 
     model = edge_runtime.load(path, threads=threads, warmup=False)
     t_loaded = time.time()
@@ -161,8 +160,8 @@ class _EdgeTimer:
     def batched(self, n: int):
         import numpy as np
 
-        from edge_runtime.backends import open_session
-        from edge_runtime.model import quantize
+        from edge_runtime.backends import open_session  # imported after the first result
+        from edge_runtime.model import quantize  # imported after the first result
 
         spec = self.model.session.input
         xb = np.repeat(self.x, n, axis=0)
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {"t_loaded": t_loaded, "t_first_result": t_first, "peak_rss_mb": peak_rss_mb(),
                "probabilities": [float(v) for v in probs], "first_use": first}
         if args.time:
-            from edge_runtime.timing import EnergyCounter, time_fn
+            from convert.timing import EnergyCounter, time_fn  # only with --time, after the first result
 
             limits = dict(min_seconds=args.min_seconds, max_seconds=args.max_seconds)
             energy = EnergyCounter()
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             out["throughput"] = time_fn(fn, warmup=1, min_runs=3, **limits) | {"batch": args.batch, "mode": mode}
             out["peak_rss_after_timing_mb"] = peak_rss_mb()
     except Exception as e:  # reported to the parent as the row's error
-        from edge_runtime.model import first_line
+        from edge_runtime.model import first_line  # only on failure
 
         print(json.dumps({"error": first_line(e)}))
         return 1

@@ -9,7 +9,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks.interleave import NOISY_HALF_WIDTH, ROUNDS, state_line
 from benchmarks.run import FIELD_NOTES, KERAS, ROW_FIELDS
+from edge_runtime.fileio import atomic_write_text
 
 RESULTS_JSON, RESULTS_CSV, RESULTS_MD = "benchmark.json", "benchmark.csv", "benchmark.md"
 PLOT_SIZE, PLOT_ACCURACY = "latency_vs_size.png", "accuracy_vs_latency.png"
@@ -63,17 +65,53 @@ def pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, An
             if r["status"] == "ok" and r["precision"] != "float32" and (r["model"], r["runtime"], r["threads"]) in base]
 
 
+def speedup_cell(q: dict[str, Any]) -> str:
+    """"2.51x [2.40-2.63]" (interleaved, with its 95% interval), "noisy" appended when marked so; "2.51x (apart)"
+    when only the ratio of separately timed p50s exists."""
+    s = q.get("speedup_vs_float32")
+    if s is None:
+        return "-"
+    if q.get("speedup_method") == "interleaved":
+        cell = f"{s:.2f}x [{q['speedup_ci95_low']:.2f}-{q['speedup_ci95_high']:.2f}]"
+        return cell + (" noisy" if q.get("speedup_noisy") else "")
+    return f"{s:.2f}x (apart)"
+
+
 def side_by_side(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    """Float32 and each quantized format next to each other: latency, speed-up, size, size ratio, accuracy."""
-    head = ["model", "thr", "float32", "quantized", "f32 ms", "q ms", "speed-up", "f32 MB", "q MB", "size ratio",
-            "f32 acc", "q acc", "q drop pp", "agree"]
+    """Float32 and each quantized format next to each other: speed-up (interleaved, 95% interval), absolute
+    latencies, size, size ratio, accuracy."""
+    head = ["model", "thr", "float32", "quantized", "speed-up [95%]", "f32 ms abs", "q ms abs", "f32 MB", "q MB",
+            "size ratio", "f32 acc", "q acc", "q drop pp", "agree"]
     lines = [[
-        b["model"], q["threads"], b["format"], q["format"], _f(b["latency_p50_ms"], ".2f"),
-        _f(q["latency_p50_ms"], ".2f"), _f(q["speedup_vs_float32"], ".2f") + "x", _f(b["size_mb"], ".3f"),
+        b["model"], q["threads"], b["format"], q["format"], speedup_cell(q), _f(b["latency_p50_ms"], ".2f"),
+        _f(q["latency_p50_ms"], ".2f"), _f(b["size_mb"], ".3f"),
         _f(q["size_mb"], ".3f"), _f(q["size_ratio_vs_float32"], ".2f") + "x", _f(b["accuracy"], ".4f"),
         _f(q["accuracy"], ".4f"), _f(q["accuracy_drop_pp"], "+.2f"), _f(q["top1_agreement"], ".4f"),
     ] for b, q in pairs(rows)]
     return _table(head, lines, markdown)
+
+
+def speedup_notes(report: dict[str, Any]) -> list[str]:
+    """How the speed-ups were measured, the machine around them, and what to do about noisy or fallback rows."""
+    s = report.get("settings") or {}
+    state = report.get("machine_state") or {}
+    out = [f"Speed-up = float32 time / quantized time, both files in one process, timed in {s.get('rounds', '?')} "
+           f"alternating rounds of at least {s.get('min_time_s', '?')} s each (order flipped each round): the median "
+           "of the per-round ratios and its 95% bootstrap interval. The ms columns are absolute p50s, each timed in "
+           "its own process: load-sensitive, not for comparing formats.",
+           f"Machine before: {state_line(state.get('before'))}.",
+           f"Machine after: {state_line(state.get('after'))}."]
+    ps = pairs(report["rows"])
+    noisy = [q for _, q in ps if q.get("speedup_noisy")]
+    if noisy:
+        out.append(f"{len(noisy)} of {len(ps)} speed-ups are noisy (95% interval reaches further than "
+                   f"{NOISY_HALF_WIDTH:.0%} from the median): other work moved them; rerun with more rounds "
+                   f"(`--rounds {2 * int(s.get('rounds') or ROUNDS)}`) and close other work (busiest others above).")
+    apart = [q for _, q in ps if q.get("speedup_method") == "separate-p50"]
+    if apart:
+        out.append(f"{len(apart)} speed-up(s) marked (apart) are ratios of separately timed p50s: their interleaved "
+                   "run failed (`speedup_error` in benchmark.json says why).")
+    return out
 
 
 def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -165,8 +203,9 @@ def terminal(report: dict[str, Any]) -> str:
     rows = report["rows"]
     parts = [f"medge benchmark, {report['created']} on {machine_line(report)}", "", *scope_section(report),
              "float32 vs quantized (same runtime and threads; speed-up and size ratio = float32 / quantized):", "",
-             side_by_side(rows), "", "all rows (latency at batch 1 after warm-up; img/s at batch "
-             f"{report['settings']['batch']}; RSS and cold start of a fresh process; drop and agreement vs Keras):",
+             side_by_side(rows), "", *speedup_notes(report), "",
+             ("all rows (absolute latency, load-sensitive: batch 1 after warm-up; img/s at batch "
+              f"{report['settings']['batch']}; RSS and cold start of a fresh process; drop and agreement vs Keras):"),
              "", rows_table(rows), "",
              "what a device sees first (fresh process: load, first image end to end, warm-up calls, steady state):",
              "", first_use_table(rows), "",
@@ -188,7 +227,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"Command: `{report['command']}` ({report['seconds']:.0f} s).", "",
              *scope_section(report, markdown=True),
              "## Float32 vs quantized", "", side_by_side(report["rows"], markdown=True), "",
-             "## All rows", "", rows_table(report["rows"], markdown=True), "",
+             *[line + "\n" for line in speedup_notes(report)],
+             "## All rows", "", ("Latencies here are absolute and load-sensitive (each row timed in its own "
+                                 "process); the speed-ups above are the interleaved figures."), "", rows_table(report["rows"], markdown=True), "",
              "## What a device sees first", "",
              "A fresh process per row: load, the first image end to end (decode + preprocess + inference) and its "
              "inference alone, the next calls one by one, then the steady state.", "",
@@ -278,10 +319,10 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     axes names each; labels are placed clear of the markers and of each
     other, so 20-30 points stay readable when formats of two models crowd.
     """
-    import matplotlib
+    import matplotlib  # optional: plots only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: plots only
     import matplotlib.ticker  # noqa: F401  (loads matplotlib.ticker for the formatters below)
 
     ok = [r for r in rows if r["status"] == "ok" and r["latency_p50_ms"]]
@@ -347,8 +388,6 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
 def write_all(report: dict[str, Any], out: Path) -> list[Path]:
     """JSON, CSV, Markdown and the plots in `out`; the paths written."""
-    from edge_runtime.fileio import atomic_write_text
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / RESULTS_JSON, json.dumps(report, indent=2) + "\n")

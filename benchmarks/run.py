@@ -2,7 +2,10 @@
 
 Speed, memory and cold start are measured in a separate process per row
 (`benchmarks.probe`: what a device pays on first use, with the thread count
-set before the runtime starts); accuracy and agreement with Keras in this
+set before the runtime starts); the speed-up of each quantized row over the
+float32 file of its runtime in one more process per pair and thread count,
+both files timed interleaved (`benchmarks.interleave`), so that load from
+other processes falls on both alike; accuracy and agreement with Keras in this
 process, on the same preprocessed images for every row (Pillow preprocessing,
 as on a device). A row that fails at any step keeps its error and the run
 goes on.
@@ -22,10 +25,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+import edge_runtime
 from benchmarks.cache import REPO, Prepared
+from benchmarks.interleave import MIN_TIME_S, ROUNDS
 from benchmarks.peak import peak_for
 from convert.formats import Format
+from edge_runtime.images import ImageError, is_image_file, load_and_preprocess
 from edge_runtime.model import first_line
+from train import runs
+from train.evaluate import load_model
+from train.metrics import binary_rates, classification_metrics
+from train.split import read_manifest
 
 KERAS = "keras"  # format name of the reference row
 
@@ -38,7 +48,8 @@ ROW_FIELDS = (
     "energy_mj_per_image", "e2e_input", "e2e_p50_ms", "e2e_p90_ms", "e2e_p99_ms", "e2e_runs",
     "e2e_cpu_ms_per_image", "e2e_energy_mj_per_image",
     "n_images", "accuracy", "sensitivity", "specificity", "accuracy_drop_pp", "top1_agreement", "max_abs_dprob",
-    "speedup_vs_float32", "size_ratio_vs_float32", "gmacs_per_s", "peak_gmacs_per_s", "peak_fraction",
+    "speedup_vs_float32", "speedup_ci95_low", "speedup_ci95_high", "speedup_noisy", "speedup_rounds",
+    "speedup_method", "speedup_error", "size_ratio_vs_float32", "gmacs_per_s", "peak_gmacs_per_s", "peak_fraction",
     "synthetic_data",
 )
 
@@ -47,7 +58,9 @@ FIELD_NOTES = {
     "format": "a row of convert's format table, or `keras` (the float reference, Keras `predict_on_batch`)",
     "threads": "runtime threads (intra-op), set before the runtime starts",
     "latency_p50_ms": "batch 1, after 5 warm-up calls, through `EdgeModel.run` (quantize, invoke, dequantize), "
-                      "at least 20 calls and 1 s (`--min-seconds`); p90/p99 likewise; `latency_runs` timed calls",
+                      "at least 20 calls and 1 s (`--min-seconds`); p90/p99 likewise; `latency_runs` timed calls. "
+                      "Absolute and load-sensitive: each row is timed in its own process, so other work on the "
+                      "machine moves it; compare formats by `speedup_vs_float32`",
     "throughput_ips": "images per second at batch `throughput_batch` (`batched`: one runtime call per batch; "
                       "`looped`: the graph has a fixed batch of 1)",
     "peak_rss_mb": "peak resident memory of a fresh process that imported the runtime, loaded the model and "
@@ -71,7 +84,13 @@ FIELD_NOTES = {
                 "(macro one-vs-rest when there is none)",
     "accuracy_drop_pp": "Keras accuracy minus this row's, percentage points (same inputs)",
     "top1_agreement": "share of inputs where this row's class equals Keras'; max_abs_dprob the largest probability gap",
-    "speedup_vs_float32": "float32 p50 / this row's p50, same model, runtime and threads; size_ratio_vs_float32 likewise",
+    "speedup_vs_float32": "float32 time / this row's, same model, runtime and threads, timed interleaved "
+                          "(`speedup_method` `interleaved`: both files in one process, alternating rounds, the "
+                          "order flipped each round, a round's ratio from each file's fastest call; "
+                          "the median of the per-round ratios, `speedup_ci95_low`/`high` its 95% bootstrap interval "
+                          "over `speedup_rounds` rounds, `speedup_noisy` when the interval reaches further than 15% "
+                          "from it); `separate-p50` (the ratio of the two rows' absolute p50s, timed apart) only "
+                          "when the interleaved run failed; size_ratio_vs_float32 likewise",
     "peak_fraction": "achieved MAC/s (macs / p50) over the machine peak of the same runtime and precision "
                      "(int8 GEMM for int8 and dynamic rows, float32 GEMM otherwise)",
 }
@@ -90,6 +109,8 @@ class Settings:
     data: Path | None = None
     seed: int = 0
     probe_timeout_s: float = 900.0
+    rounds: int = ROUNDS  # interleaved rounds per float/quantized pair and thread count
+    min_time: float = MIN_TIME_S  # seconds per file per interleaved round, at least
 
     def threads_of(self, fmt: str) -> tuple[int, ...]:
         """Thread counts a row of `fmt` is timed at: the Keras reference's own, every format `threads`."""
@@ -119,8 +140,6 @@ def empty_row(model: str, fmt: str, threads: int | None, **kw: Any) -> dict[str,
 
 def _image_items(p: Prepared, data: Path | None) -> tuple[list[tuple[str, str]], str]:
     """(path, label) of the evaluation images: --data (malaria only), else the run's manifest test split."""
-    from train.split import read_manifest
-
     src = data if (data is not None and p.model.task == "malaria") else p.manifest
     if src is None:
         raise FileNotFoundError(f"{p.model.name}: no evaluation images (its run names no manifest); pass --data")
@@ -131,7 +150,6 @@ def _image_items(p: Prepared, data: Path | None) -> tuple[list[tuple[str, str]],
         records = read_manifest(src)
         test = [r for r in records if r.split == "test"] or records
         return [(r.path, r.label) for r in test], f"{src} ({'test split' if len(test) < len(records) else 'all'})"
-    from edge_runtime.images import is_image_file
 
     items = [(str(f), f.parent.name) for f in sorted(src.rglob("*"))
              if f.is_file() and is_image_file(f) and f.parent != src and not f.name.startswith(".")]
@@ -142,7 +160,7 @@ def load_eval_set(p: Prepared, spec, labels: Sequence[str], settings: Settings) 
     """The images (or, for the OCT head, stored features) every row of `p` is scored on."""
     index = {l: i for i, l in enumerate(labels)}
     if p.model.input == "features":
-        from train.oct.store import read_column, split_indices
+        from train.oct.store import read_column, split_indices  # loads TensorFlow: imported only when this runs
 
         if p.store is None:
             raise FileNotFoundError(f"{p.model.name}: no feature store to evaluate the head on")
@@ -151,7 +169,6 @@ def load_eval_set(p: Prepared, spec, labels: Sequence[str], settings: Settings) 
         x = read_column(p.store, "features", idx).astype(np.float32)
         y = read_column(p.store, "label", idx).astype(int)
         return EvalSet(x, y, f"{p.store} (stored test features)", None)
-    from edge_runtime.images import ImageError, load_and_preprocess
 
     items, origin = _image_items(p, settings.data)
     items = [it for it in items if it[1] in index]
@@ -174,8 +191,6 @@ def load_eval_set(p: Prepared, spec, labels: Sequence[str], settings: Settings) 
 
 def quality(y: np.ndarray, probs: np.ndarray, labels: Sequence[str], positive: str | None) -> dict[str, float | None]:
     """Accuracy, and sensitivity/specificity of the positive class (macro one-vs-rest when there is none)."""
-    from train.metrics import binary_rates, classification_metrics
-
     m = classification_metrics(y, probs, labels, positive)
     out = {"accuracy": m["accuracy"]}
     if positive is not None:
@@ -191,7 +206,7 @@ def quality(y: np.ndarray, probs: np.ndarray, labels: Sequence[str], positive: s
 
 def count_macs(model) -> int:
     """MACs per input of Conv2D/Dense layers, nested models (the fused OCT model's base) included."""
-    from train.malaria.models import count_macs as flat
+    from train.malaria.models import count_macs as flat  # loads TensorFlow: imported only when this runs
 
     return flat(model) + sum(count_macs(l) for l in model.layers if hasattr(l, "layers") and hasattr(l, "inputs"))
 
@@ -206,8 +221,7 @@ def probe(path: Path, threads: int, image: str | None, settings: Settings) -> di
             "--max-seconds", str(settings.max_seconds)]
     if image:
         argv += ["--image", image]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env = _python_env()
     t_spawn = time.time()
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=settings.probe_timeout_s)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
@@ -220,6 +234,63 @@ def probe(path: Path, threads: int, image: str | None, settings: Settings) -> di
     out["cold_start_s"] = out["t_first_result"] - t_spawn
     out["load_s"] = out["t_loaded"] - t_spawn
     return out
+
+
+def _python_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return env
+
+
+def pair_probe(a: Path, b: Path, threads: int, image: str | None, settings: Settings) -> dict[str, Any]:
+    """Start `benchmarks.interleave` on a float32 file `a` and a quantized file `b`; its JSON result."""
+    argv = [sys.executable, "-m", "benchmarks.interleave", str(a), str(b), "--threads", str(threads),
+            "--rounds", str(settings.rounds), "--min-time", str(settings.min_time)]
+    if image:
+        argv += ["--image", image]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=_python_env(), timeout=settings.probe_timeout_s)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if not lines:
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise RuntimeError(f"interleaved process failed: {tail}")
+    out = json.loads(lines[-1])
+    if "error" in out:
+        raise RuntimeError(out["error"])
+    return out
+
+
+def fill_pair(row: dict[str, Any], r: dict[str, Any]) -> None:
+    """The interleaved speed-up of a quantized row: median ratio, its interval, rounds, noisy flag."""
+    lo, hi = r["speedup_ci95"]
+    row.update(speedup_vs_float32=r["speedup"], speedup_ci95_low=lo, speedup_ci95_high=hi,
+               speedup_noisy=bool(r["noisy"]), speedup_rounds=r["rounds"], speedup_method="interleaved")
+
+
+def float_partners(rows: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(float32 row, quantized row) of the same model, runtime and threads, both measured."""
+    base = {(r["model"], r["runtime"], r["threads"]): r for r in rows
+            if r["status"] == "ok" and r["precision"] == "float32" and r["format"] != KERAS}
+    return [(base[(r["model"], r["runtime"], r["threads"])], r) for r in rows
+            if r["status"] == "ok" and r["precision"] != "float32" and r["format"] != KERAS
+            and (r["model"], r["runtime"], r["threads"]) in base]
+
+
+def measure_pairs(rows: Sequence[dict[str, Any]], image: str | None, settings: Settings,
+                  log: Callable[[str], None] = print, pair_fn: Callable[..., dict[str, Any]] | None = None) -> None:
+    """Each quantized row's speed-up over its float32 partner, timed interleaved (`fill_pair`); a failure is logged
+    and leaves the row to `add_ratios`' ratio of separately timed p50s, which the row then says."""
+    pair_fn = pair_fn or pair_probe
+    for b, q in float_partners(rows):
+        try:
+            r = pair_fn(Path(b["file"]), Path(q["file"]), q["threads"], image, settings)
+            fill_pair(q, r)
+            lo, hi = r["speedup_ci95"]
+            log(f"[{q['model']}] {b['format']} -> {q['format']} threads={q['threads']}: {r['speedup']:.2f}x "
+                f"[{lo:.2f}-{hi:.2f}] over {r['rounds']} interleaved rounds" + (" (noisy)" if r["noisy"] else ""))
+        except Exception as e:
+            q["speedup_error"] = f"interleaved: {first_line(e)}"
+            log(f"[{q['model']}] {b['format']} -> {q['format']} threads={q['threads']}: interleaved timing failed "
+                f"({first_line(e)}); the speed-up falls back to the ratio of the separately timed p50s")
 
 
 def fill_speed(row: dict[str, Any], r: dict[str, Any]) -> None:
@@ -258,9 +329,6 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
 
     # Reference: Keras on the evaluation set (this process, all threads).
     try:
-        from train import runs
-        from train.evaluate import load_model
-
         cfg = runs.read_config(p.run)
         labels, positive = list(cfg.labels), cfg.positive_label
         keras_model = load_model(p.reference)
@@ -293,8 +361,6 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
             if f is None:
                 probs, backend, version = ref_probs, "keras", f"keras {md.version('keras')} / tensorflow {md.version('tensorflow')}"
             else:
-                import edge_runtime
-
                 em = edge_runtime.load(path, threads=max(settings.threads))
                 probs = em.run(data.x)
                 backend, version = em.backend, em.session.runtime_version()
@@ -323,18 +389,24 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
                 row.update(status="failed", error=f"timing: {first_line(e)}")
                 log(f"[{name}] {fmt} threads={t}: failed ({first_line(e)})")
             rows.append(row)
+    # Speed-ups: each quantized file against its runtime's float32 file, both in one process, interleaved.
+    measure_pairs(rows, data.first_image, settings, log)
     return rows
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Speed-up and size ratio of every row against the float32 artifact of the same model, runtime and threads."""
+    """Size ratio of every row against the float32 artifact of the same model, runtime and threads; the speed-up
+    where `measure_pairs` left none (1.0 for the float32 row itself)."""
     base = {(r["model"], r["runtime"], r["threads"]): r for r in rows
             if r["status"] == "ok" and r["precision"] == "float32" and r["format"] != KERAS}
     for r in rows:
         b = base.get((r["model"], r["runtime"], r["threads"]))
         if b is None or r["status"] != "ok" or r["format"] == KERAS:
             continue
-        if b["latency_p50_ms"] and r["latency_p50_ms"]:
-            r["speedup_vs_float32"] = b["latency_p50_ms"] / r["latency_p50_ms"]
+        if r is b:
+            r.update(speedup_vs_float32=1.0, speedup_method="reference")
+        elif r["speedup_vs_float32"] is None and b["latency_p50_ms"] and r["latency_p50_ms"]:
+            # No interleaved figure (its process failed): the ratio of two separately timed p50s, said so.
+            r.update(speedup_vs_float32=b["latency_p50_ms"] / r["latency_p50_ms"], speedup_method="separate-p50")
         if b["size_mb"] and r["size_mb"]:
             r["size_ratio_vs_float32"] = b["size_mb"] / r["size_mb"]

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from benchmarks.loadtest import request, run_load
+from benchmarks.machine import machine_info
 from edge_runtime.fileio import atomic_write_text
 
 READY_TIMEOUT_S = 120
@@ -69,8 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.clients < 1 or args.rounds < 1:
         print("error: --clients and --rounds must be >= 1", file=sys.stderr)
         return 2
-    from benchmarks.machine import machine_info
-    from benchmarks.loadtest import request, run_load
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

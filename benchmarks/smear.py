@@ -26,10 +26,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.fileio import atomic_write_text, write_json
+from edge_runtime.model import load
+
 # The matcher, the annotation reader and the per-field scoring live in train.annotations: train's
 # field crops and field-cv count cells by the same rules.
 from train.annotations import (
-    IOU_MATCH, load_annotations, measure_field, rows_csv, summarise, threshold_markdown, threshold_table,
+    IOU_MATCH,
+    load_annotations,
+    measure_field,
+    rows_csv,
+    summarise,
+    threshold_markdown,
+    threshold_table,
 )
 
 
@@ -58,14 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from edge_runtime.fileio import atomic_write_text, write_json
 
     try:
         anns = load_annotations(args.data, args.fields)
         model = None
         if args.model is not None:
-            from edge_runtime.model import load
-
             model = load(args.model, threads=args.threads, threshold=args.threshold)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -44,6 +44,14 @@ from typing import Any
 
 import numpy as np
 
+import edge_runtime
+from convert import verify
+from convert.converters import CALIBRATION_METHODS, convert_keras, int8_config, quantize_qdq, representative
+from convert.embedding import embed
+from convert.formats import Format
+from convert.job import ExportJob
+from convert.timing import time_fn
+
 MAX_STEPS = 8  # float-fallback steps
 MIN_CALIB = 10  # smallest calibration subset tried (tflite-int8)
 CALIB_FRACTIONS = (3, 10)  # tflite-int8 also calibrates on len // 3 and len // 10 images
@@ -72,7 +80,7 @@ class TfliteLadder:
     ext = ".tflite"
     eight_bit = "int8"  # the activation type of the 8-bit steps
 
-    def __init__(self, job, first: bytes):
+    def __init__(self, job: ExportJob, first: bytes):
         self.job, self.first = job, first
         self.calib = job.calibration().x
         n = len(self.calib)
@@ -86,9 +94,7 @@ class TfliteLadder:
         return [row["tensor"]]
 
     def make(self, c: Candidate, dest: Path) -> dict[str, Any]:
-        import tensorflow as tf
-
-        from convert.tflite import convert_keras, int8_config, representative
+        import tensorflow as tf  # heavy: only when a candidate is made
 
         n = self.sizes[c.calibration]
         x, io8 = self.calib[:n], self.job.options.int8_io
@@ -128,10 +134,8 @@ class OnnxLadder:
 
     ext = ".onnx"
 
-    def __init__(self, job, prep: Path, first: Path, activations: str, method: str):
-        import onnx
-
-        from convert.onnx_export import CALIBRATION_METHODS
+    def __init__(self, job: ExportJob | None, prep: Path, first: Path, activations: str, method: str):
+        import onnx  # optional: only the ONNX rows need it
 
         self.job, self.prep, self.first, self.activations, self.method = job, prep, first, activations, method
         self.eight_bit = activations  # uint8 or int8, as `--onnx-activations` chose
@@ -148,27 +152,23 @@ class OnnxLadder:
         return names
 
     def make(self, c: Candidate, dest: Path) -> dict[str, Any]:
-        from convert.onnx_export import _quantize
-
         if c.calibration == self.method and c.activations == "int8" and not c.floats:
             shutil.copyfile(self.first, dest)
             return {}
         act = "int16" if c.activations == "int16" else self.activations
         exclude = [n for r in c.floats for n in self.key(r)]
-        _quantize(self.prep, dest, self.job.calibration().x, act, c.calibration, exclude)
+        quantize_qdq(self.prep, dest, self.job.calibration().x, act, c.calibration, exclude)
         return {"activation_type": act} if c.activations == "int16" else {}
+
+
+Ladder = TfliteLadder | OnnxLadder
 
 
 # ---------------------------------------------------------------- the search
 
 
-def _measure(job, fmt, ladder, c: Candidate, step: int) -> dict[str, Any]:
+def _measure(job: ExportJob, fmt: Format, ladder: Ladder, c: Candidate, step: int) -> dict[str, Any]:
     """Make candidate `c` and measure it through edge_runtime: accuracy, drop, agreement, latency, size."""
-    import edge_runtime
-    from convert import verify
-    from convert.export import embed
-    from edge_runtime.timing import time_fn
-
     raw = job.workdir / f"bounded_{fmt.name}_step{step}.raw{ladder.ext}"  # what the row gets, as made
     made = ladder.make(c, raw)
     path = job.workdir / f"bounded_{fmt.name}_step{step}{ladder.ext}"
@@ -191,7 +191,7 @@ def _measure(job, fmt, ladder, c: Candidate, step: int) -> dict[str, Any]:
             "latency_runs": stats["runs"], "size_bytes": raw.stat().st_size}
 
 
-def bounded_search(job, fmt, ladder, report: dict[str, Any], names: tuple[str, ...] = ()) -> tuple[Path, dict]:
+def bounded_search(job: ExportJob, fmt: Format, ladder: Ladder, report: dict[str, Any], names: tuple[str, ...] = ()) -> tuple[Path, dict]:
     """(the chosen candidate's file, the `max_drop` record) for `--max-drop`; raises ValueError when no step holds.
 
     Args:
@@ -212,7 +212,7 @@ def bounded_search(job, fmt, ladder, report: dict[str, Any], names: tuple[str, .
         "keras_accuracy": _keras_accuracy(job), "calibrations": list(ladder.calibrations),
         "choice": "the fastest step within the bound (batch-1 latency, 1 thread)", "steps": [], "chosen_step": None}
     for name in (fmt.name, *names):
-        job.cache[("max_drop", name)] = record
+        job.max_drop[name] = record
     paths: dict[int, Path] = {}
 
     def run(c: Candidate) -> dict[str, Any]:
@@ -278,7 +278,7 @@ def apply_choice(info: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]
     return info
 
 
-def _keras_accuracy(job) -> float | None:
+def _keras_accuracy(job: ExportJob) -> float | None:
     y = np.asarray(job.proof.y)
     known = y >= 0
     return float((job.keras_probs.argmax(1)[known] == y[known]).mean()) if known.any() else None

@@ -25,8 +25,12 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.fileio import sha256_file
+from convert.report import ConversionReport
+from edge_runtime.clinical import UNCERTAIN_REFERRAL, is_oct, referral_map
+from edge_runtime.fileio import _umask, publish, sha256_file
 from edge_runtime.metadata import ArtifactMetadata, read_sidecar, sidecar_path
+from edge_runtime.model import UNCERTAIN, EdgeModel
+from edge_runtime.standard_metadata import read as read_standard
 
 
 def _input_text(meta: ArtifactMetadata) -> str:
@@ -73,9 +77,6 @@ def _input_text(meta: ArtifactMetadata) -> str:
 
 def _decision_text(meta: ArtifactMetadata) -> list[str]:
     """How edge_runtime turns the outputs into an answer, with the file's threshold and referral map."""
-    from edge_runtime.clinical import UNCERTAIN_REFERRAL, is_oct, referral_map
-    from edge_runtime.model import UNCERTAIN, EdgeModel
-
     threshold = EdgeModel.default_threshold(meta)
     lines = [
         "## The answer, as edge_runtime gives it",
@@ -95,9 +96,6 @@ def _decision_text(meta: ArtifactMetadata) -> list[str]:
 
 
 def _kotlin_decision(meta: ArtifactMetadata, score: str, label: str, indent: str = "") -> list[str]:
-    from edge_runtime.clinical import UNCERTAIN_REFERRAL, is_oct, referral_map
-    from edge_runtime.model import UNCERTAIN, EdgeModel
-
     lines = [f"{indent}val threshold = {EdgeModel.default_threshold(meta):g}f  // the file's confidence_threshold",
              f'{indent}val decision = if ({score} < threshold) "{UNCERTAIN}" else {label}']
     referral = referral_map(meta.labels) if is_oct(meta) else None
@@ -109,9 +107,6 @@ def _kotlin_decision(meta: ArtifactMetadata, score: str, label: str, indent: str
 
 
 def _swift_decision(meta: ArtifactMetadata, score: str, label: str) -> list[str]:
-    from edge_runtime.clinical import UNCERTAIN_REFERRAL, is_oct, referral_map
-    from edge_runtime.model import UNCERTAIN, EdgeModel
-
     lines = [f"let threshold: Float = {EdgeModel.default_threshold(meta):g}  // the file's confidence_threshold",
              f'let decision = {score} < threshold ? "{UNCERTAIN}" : {label}']
     referral = referral_map(meta.labels) if is_oct(meta) else None
@@ -340,14 +335,12 @@ def integration_note(model: str, metas: list[tuple[str, ArtifactMetadata]],
     return "\n".join(out)
 
 
-def write_bundle(out: Path, model: str, report: dict[str, Any]) -> tuple[Path, Path]:
+def write_bundle(out: Path, model: str, report: ConversionReport) -> tuple[Path, Path]:
     """Build `{model}_bundle/` and `{model}_bundle.zip` in `out` from the passed rows of `report`.
 
     Both are built under temporary names and renamed into place.
     """
-    from edge_runtime.fileio import _umask, publish
-
-    rows = [r for r in report["rows"] if r.get("file") and r["status"] != "failed"]
+    rows = [r for r in report.rows if r.file and not r.failed]
     if not rows:
         raise ValueError("no artifact passed; nothing to bundle")
     folder, zpath = out / f"{model}_bundle", out / f"{model}_bundle.zip"
@@ -355,31 +348,31 @@ def write_bundle(out: Path, model: str, report: dict[str, Any]) -> tuple[Path, P
     try:
         metas, files = [], []
         for r in rows:
-            src = out / r["file"]
+            src = out / r.file
             shutil.copy2(src, tmp_dir / src.name)
             shutil.copy2(sidecar_path(src), tmp_dir / sidecar_path(src).name)
             meta = read_sidecar(src)
             metas.append((src.name, meta))
+            proof = {**(r.proof.to_dict() if r.proof else {}), "criterion": r.criterion}
             files.append({
-                "file": src.name, "format": r["format"], "runtime": r["runtime"], "precision": r["precision"],
-                "status": r["status"], "size_bytes": src.stat().st_size, "sha256": sha256_file(src),
+                "file": src.name, "format": r.format, "runtime": r.runtime, "precision": r.precision,
+                "status": r.status, "size_bytes": src.stat().st_size, "sha256": sha256_file(src),
                 "input": meta.input.to_dict(), "output": meta.output.to_dict(),
-                "proof": {k: r.get(k) for k in ("images", "top1_agreement", "max_abs_diff", "keras_accuracy",
-                                               "accuracy", "criterion")},
+                "proof": {k: proof.get(k) for k in ("images", "top1_agreement", "max_abs_diff", "keras_accuracy",
+                                                   "accuracy", "criterion")},
             })
-        if report.get("gradcam_weights"):  # OCT head weights for Grad-CAM on the device
-            shutil.copy2(out / report["gradcam_weights"], tmp_dir / report["gradcam_weights"])
+        if report.gradcam_weights:  # OCT head weights for Grad-CAM on the device
+            shutil.copy2(out / report.gradcam_weights, tmp_dir / report.gradcam_weights)
         first = metas[0][1]
         (tmp_dir / "labels.txt").write_text("".join(f"{l}\n" for l in first.labels))
         manifest = {
             "model": model, "task": first.task, "labels": list(first.labels),
             "positive_label": first.positive_label, "preprocess": first.preprocess.to_dict(),
             "output_kind": first.output_kind, "source_sha256": first.source_sha256,
-            "medge_version": first.medge_version, "created": report["created"],
-            "proof_images": report["proof"], "files": files,
+            "medge_version": first.medge_version, "created": report.created,
+            "proof_images": report.proof, "files": files,
         }
         (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        from edge_runtime.standard_metadata import read as read_standard
 
         standard = {f: read_standard((tmp_dir / f).read_bytes()) for f, _ in metas if f.endswith(".tflite")}
         (tmp_dir / "INTEGRATION.md").write_text(integration_note(model, metas, {k: v for k, v in standard.items() if v}))

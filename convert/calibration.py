@@ -29,6 +29,7 @@ import numpy as np
 from edge_runtime.fileio import sha256_file, sha256_text
 from edge_runtime.images import is_image_file
 from edge_runtime.spec import PreprocessSpec
+from train.split import read_manifest
 
 MIN_CALIB_WARN = 100
 
@@ -57,9 +58,9 @@ class ImageSet:
 
 def preprocess_paths(paths: Sequence[str], spec: PreprocessSpec, batch: int = 64) -> np.ndarray:
     """Decode and resize with `train.data.decode_and_resize`, the function training used."""
-    import tensorflow as tf
+    import tensorflow as tf  # TensorFlow: imported only when this runs
 
-    from train.data import decode_and_resize
+    from train.data import decode_and_resize  # loads TensorFlow: imported only when this runs
 
     ds = tf.data.Dataset.from_tensor_slices(list(paths)).map(
         lambda p: decode_and_resize(p, spec), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
@@ -116,8 +117,6 @@ def load_sets(
     if not calib.exists():
         raise FileNotFoundError(f"--calib {calib} does not exist; give a manifest CSV or a folder of images")
     if calib.is_file():
-        from train.split import read_manifest
-
         records = read_manifest(calib)
         train = [(r.path, r.label) for r in records if r.split == "train"]
         held = [(r.path, r.label) for r in records if r.split == "test"]
@@ -168,7 +167,7 @@ def load_store_sets(
         FileNotFoundError: no such store.
         ValueError: not a feature store, other labels, or features of another shape than `input_shape`.
     """
-    import h5py
+    import h5py  # optional: feature stores only
 
     store = Path(store)
     if not store.is_file():

@@ -29,8 +29,17 @@ import signal
 import sys
 from pathlib import Path
 
+from convert import layer_errors
+from convert.converters import CALIBRATION_METHODS, OPSET
+from convert.export import run_export
 from convert.formats import FORMATS, parse_formats
+from convert.job import DEFAULT_MIN_AGREEMENT, DEFAULT_QAT_MAX_DROP, Options
+from convert.onnx_export import ACTIVATION_TYPES
+from convert.release import release_parser, run_cli
+from convert.report import ConversionRow, format_table, read_report, report_json, report_path
+from edge_runtime import standard_metadata
 from edge_runtime.cli import fraction
+from edge_runtime.metadata import read_metadata
 
 
 def _labels(text: str) -> list[str]:
@@ -41,9 +50,6 @@ def _labels(text: str) -> list[str]:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    from convert.export import DEFAULT_MIN_AGREEMENT, DEFAULT_QAT_MAX_DROP
-    from convert.onnx_export import ACTIVATION_TYPES, CALIBRATION_METHODS, OPSET
-
     p = argparse.ArgumentParser(
         prog="python -m convert", description=__doc__.split("\n")[0],
         epilog=f"formats: {', '.join(FORMATS)}. `python -m convert inspect FILE` prints an artifact's metadata.",
@@ -123,8 +129,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.command = "inspect"
         return args
     if argv and argv[0] == "release":
-        from convert.release import release_parser
-
         args = release_parser().parse_args(argv[1:])
         args.command, args.argv = "release", argv[1:]
         return args
@@ -147,14 +151,10 @@ def format_metadata(meta) -> str:
 
 
 def _inspect(args) -> int:
-    from edge_runtime.metadata import read_metadata
-
     meta = read_metadata(args.file)
     standard = None
     if args.file.suffix.lower() == ".tflite":
-        from edge_runtime.standard_metadata import read
-
-        standard = read(args.file.read_bytes())
+        standard = standard_metadata.read(args.file.read_bytes())
     if args.format == "json":
         d = meta.to_dict()
         if standard is not None:
@@ -164,18 +164,14 @@ def _inspect(args) -> int:
         print(f"{args.file} ({args.file.stat().st_size / 1e6:.3f} MB)")
         print(format_metadata(meta))
         if standard is not None:
-            from edge_runtime.standard_metadata import format_lines
-
             print("\nstandard TFLite metadata (TFLITE_METADATA; MediaPipe Tasks reads it):")
-            print(format_lines(standard))
+            print(standard_metadata.format_lines(standard))
         row = _row_beside(args.file)
-        report = (row or {}).get("layer_errors")
+        report = row.layer_errors if row is not None else None
         if report and "layers" in report:
-            from convert.layer_errors import format_table
-
             print(f"\nper-layer int8 error ({report['tool']}, {report['images']} calibration images; "
                   f"{report['metric']}; from {args.file.parent / 'conversion.json'}):")
-            print(format_table(report))
+            print(layer_errors.format_table(report))
             if report.get("png"):
                 print(f"plot: {args.file.parent / report['png']}")
         elif report:
@@ -183,16 +179,12 @@ def _inspect(args) -> int:
     return 0
 
 
-def _row_beside(artifact: Path) -> dict | None:
-    """The conversion.json row of `artifact` when that report lies beside it."""
-    p = artifact.parent / "conversion.json"
-    if not p.is_file():
-        return None
+def _row_beside(artifact: Path) -> ConversionRow | None:
+    """The conversion.json row of `artifact` when that report lies beside it (and can be read)."""
     try:
-        rows = json.loads(p.read_text()).get("rows", [])
-    except (json.JSONDecodeError, AttributeError):
+        return read_report(report_path(artifact.parent)).row_for_file(artifact.name)
+    except (FileNotFoundError, ValueError):
         return None
-    return next((r for r in rows if r.get("file") == artifact.name), None)
 
 
 def _terminate(signum, frame):
@@ -202,8 +194,6 @@ def _terminate(signum, frame):
 
 def _export(args) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from convert.export import Options, format_table, report_json, report_path, run_export
-
     formats = parse_formats(args.formats)
     options = Options(
         calib=args.calib, calib_n=args.calib_n, eval_n=args.eval_n, min_agreement=args.min_agreement,
@@ -224,12 +214,12 @@ def _export(args) -> int:
     else:
         print()
         print(format_table(report))
-        if report.get("bundle"):
-            b = report["bundle"]
+        if report.bundle:
+            b = report.bundle
             print(f"\nbundle: {b['error']}" if "error" in b else f"\nbundle: {Path(args.out) / b['zip']}")
-        print(f"\n{'all rows passed' if report['ok'] else 'SOME ROWS FAILED'}; "
-              f"report in {report_path(args.out, report['source']['name'])}")
-    return 0 if report["ok"] else 1
+        print(f"\n{'all rows passed' if report.ok else 'SOME ROWS FAILED'}; "
+              f"report in {report_path(args.out, report.source['name'])}")
+    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,8 +229,6 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "release":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-            from convert.release import run_cli
-
             return run_cli(args, args.argv)
         signal.signal(signal.SIGTERM, _terminate)
         return _export(args)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import importlib
-import importlib.metadata as md
 import json
 import os
 import platform
@@ -35,194 +34,38 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edge_runtime.golden import GoldenSet, selftest
-from edge_runtime.metadata import GOLDEN_KEY, ArtifactMetadata, embed_tflite, sidecar_path
-from edge_runtime.model import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, EdgeModel
-from edge_runtime.versions import installed_versions
-from convert.formats import Format
-from convert.calibration import ImageSet
+import edge_runtime
+from convert import verify
+from convert.bundle import write_bundle
+from convert.calibration import load_feature_sets, load_sets
+from convert.embedding import embed
+from convert.formats import FORMATS, Format
+from convert.gradcam_export import write_for_export
+from convert.job import (  # noqa: F401  (DEFAULT_*: the names `convert.cli` and the tests know them by)
+    DEFAULT_MIN_AGREEMENT, DEFAULT_QAT_MAX_DROP, ExportJob, Options, medge_version, tool_versions)
+from convert.layer_errors import layer_png_name, plot_png
+from convert.report import (  # noqa: F401  (format_table, report_json: what `convert.export` offered before)
+    FAILED, FLAGGED, OK, ConversionReport, ConversionRow, Proof, format_table, read_report, report_json, report_path,
+    write_report)
+from convert.sources import Source, load_source
+from edge_runtime import backends, compat
+from edge_runtime import golden as g
+from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, publish
+from edge_runtime.golden import GoldenSet, compare, selftest
+from edge_runtime.metadata import sidecar_path
+from edge_runtime.model import EdgeModel
 
-CONVERSION_JSON = "conversion.json"
-
-
-def report_path(out: Path, model: str | None = None) -> Path:
-    """Where the conversion report goes in `out` (one per folder; `model` kept for callers that pass it)."""
-    return Path(out) / CONVERSION_JSON
-
-
-def _prior_report(out: Path) -> dict[str, Any] | None:
-    p = report_path(out)
-    if not p.is_file():
+def _prior_report(out: Path) -> ConversionReport | None:
+    """The report already in `out`; None when there is none or it cannot be read (then only --force replaces it)."""
+    try:
+        return read_report(report_path(out))
+    except (FileNotFoundError, ValueError):
         return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return {}
-DEFAULT_MIN_AGREEMENT = 0.98
-# QAT rows are fine-tunes: held to their accuracy on the proof split, within this many points of Keras'.
-DEFAULT_QAT_MAX_DROP = 1.0
-TOOLS = ("tensorflow", "keras", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnx", "onnxruntime",
-         "ai-edge-litert")
-
-GOLDEN_N = 4  # per artifact: 4 cells are ~26 KB of JSON, +15% on the 173 KB int8 malaria model
-
-# Row statuses.
-OK, FLAGGED, FAILED = "ok", "kept-below-threshold", "failed"
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """Settings of one `python -m convert` run (see `convert.cli` for their flags)."""
-
-    calib: Path | None = None
-    calib_n: int = 300
-    eval_n: int = 1000
-    min_agreement: float = DEFAULT_MIN_AGREEMENT
-    allow_drop: bool = False
-    force: bool = False
-    calib_method: str = "minmax"
-    onnx_activations: str = "auto"
-    int8_io: bool = False
-    int8_quantizer: str = "converter"
-    opset: int = 17
-    qat_epochs: int = 2
-    qat_learning_rate: float = 1e-3
-    qat_batch_size: int = 32
-    seed: int = 0
-    bundle: bool = False
-    layer_report_n: int = 64
-    golden_n: int = GOLDEN_N
-    max_drop: float | None = None
-    threshold: float | None = None  # the metadata's confidence_threshold (None: the task's default)
-    qat_max_drop: float = DEFAULT_QAT_MAX_DROP
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["calib"] = str(self.calib) if self.calib else None
-        return d
-
-
-def medge_version() -> str:
-    try:
-        return md.version("medge")
-    except md.PackageNotFoundError:
-        import edge_runtime
-
-        return edge_runtime.__version__
-
-
-def tool_versions() -> dict[str, str]:
-    return installed_versions(TOOLS)
-
-
-class ExportJob:
-    """Everything the exporters of one run share: the model, its source, the image sets, a work folder."""
-
-    def __init__(self, model, source, options: Options, workdir: Path, calib: ImageSet | None,
-                 proof: ImageSet, train_items: list[tuple[str, str]], log=print):
-        self.model, self.source, self.options, self.workdir = model, source, options, Path(workdir)
-        self.log = log  # progress lines of long rows (QAT)
-        self._calib, self.proof, self.train_items = calib, proof, train_items
-        self.cache: dict[Any, Any] = {}
-        self.keras_probs: np.ndarray | None = None  # Keras on the proof images (set by run_export)
-        self.tools = tool_versions()
-
-    def calibration(self) -> ImageSet:
-        if self._calib is None or len(self._calib) == 0:
-            if self.source.part == "head":
-                shape = tuple(int(d) for d in self.model.inputs[0].shape[1:])
-                raise ValueError(f"this format needs calibration inputs; pass --calib with a feature store .h5 "
-                                 f"(`python -m train oct extract`) or a .npy of inputs (N, {', '.join(map(str, shape))})")
-            raise ValueError("this format needs calibration images; pass --calib MANIFEST|DIR")
-        return self._calib
-
-    def layer_report(self, key: str, make) -> dict[str, Any]:
-        """`make(images)`: the per-layer error report (`convert.layer_errors`) on the first
-        `--layer-report-n` calibration images, kept for the row under `key`; returns what the
-        metadata's `quantization` records of it ({} when off or failed).
-        """
-        from convert.layer_errors import describe, worst_summary
-
-        n = self.options.layer_report_n
-        if n <= 0:
-            return {}
-        x = self.calibration().x[:n]
-        try:
-            report = make(x)
-        except Exception as e:  # the artifact is sound without its report: the row says why it has none
-            self.cache[("layer_errors", key)] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-            self.log(f"per-layer report failed: {self.cache[('layer_errors', key)]['error']}")
-            return {}
-        self.cache[("layer_errors", key)] = report
-        for line in describe(report):
-            self.log(f"  {line}")
-        return {"worst_layers": worst_summary(report), "layer_report_images": len(x)}
-
-    def share_layer_report(self, fmt: Format, key: str) -> None:
-        """Give `fmt`'s row the report made under `key` (onnx-int8 and ort-int8 share one QDQ graph)."""
-        if ("layer_errors", key) in self.cache:
-            self.cache[("layer_errors", fmt.name)] = self.cache[("layer_errors", key)]
-
-    def metadata(self, fmt: Format, artifact: Path, quantization: dict[str, Any]) -> ArtifactMetadata:
-        """Metadata for `fmt`, with the I/O tensors read from the artifact by its runtime (the device's backend)."""
-        from edge_runtime.backends import open_session
-
-        session = open_session(artifact, fmt.runtime)
-        inp, out = session.input, session.output
-        if "calibration_from" in quantization and self._calib is not None:
-            # The exporters name the set (a basename: no build-machine path in a released file); pin its content.
-            quantization = {**quantization, "calibration_sha256": self._calib.sha256}
-        return ArtifactMetadata(
-            model=self.source.name,
-            task=self.source.task,
-            labels=self.source.labels,
-            preprocess=self.source.spec,
-            format=fmt.name,
-            precision=fmt.precision,
-            input=inp,
-            output=out,
-            quantization=quantization,
-            positive_label=self.source.positive_label,
-            confidence_threshold=(self.options.threshold if self.options.threshold is not None
-                                  else DEFAULT_THRESHOLDS.get(self.source.task, DEFAULT_THRESHOLD)),
-            source_sha256=self.source.sha256,
-            source_name=self.source.path.name,
-            medge_version=medge_version(),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            tools=self.tools,
-            part=self.source.part,
-            feature_extractor=self.source.feature_extractor,
-        )
 
 
 def resolve_exporter(fmt: Format):
     module, func = fmt.exporter.split(":")
     return getattr(importlib.import_module(module), func)
-
-
-def embed(fmt: Format, path: Path, meta: ArtifactMetadata, golden: GoldenSet | None = None, job=None) -> None:
-    """Write `meta` (and the golden set) into the artifact at `path` (in place; `path` is still the temp file).
-
-    An .ort file is converted again from its .onnx with the new entries
-    (`convert.onnx_export.write_ort`; needs the `job` that made it).
-    """
-    extra = {GOLDEN_KEY: golden.to_json()} if golden is not None else {}
-    if fmt.ext == ".tflite":
-        path.write_bytes(embed_tflite(path.read_bytes(), meta, {k: v.encode("utf-8") for k, v in extra.items()}))
-    elif fmt.ext == ".onnx":
-        import onnx
-
-        from convert.onnx_export import set_metadata
-
-        proto = onnx.load(str(path))
-        set_metadata(proto, meta.to_json(), extra)
-        onnx.save(proto, str(path))
-    elif fmt.ext == ".ort" and job is not None and "ort_source" in job.cache:
-        from convert.onnx_export import write_ort
-
-        write_ort(job, job.cache["ort_source"], path, meta.to_json(), extra)
-    else:
-        raise ValueError(f"cannot embed metadata after export into {fmt.ext} files")
 
 
 # Self-test tolerance by precision: the largest |probability difference| another device (another CPU,
@@ -231,7 +74,7 @@ def embed(fmt: Format, path: Path, meta: ArtifactMetadata, golden: GoldenSet | N
 GOLDEN_ATOL = {"float32": 1e-4, "float16": 1e-3, "dynamic-int8": 0.02, "int8": 0.03}
 
 
-def make_golden(device: EdgeModel, job: "ExportJob", fmt: Format, proof_probs: np.ndarray) -> GoldenSet:
+def make_golden(device: EdgeModel, job: ExportJob, fmt: Format, proof_probs: np.ndarray) -> GoldenSet:
     """The artifact's golden set: up to `--golden-n` proof inputs, as stored, and what `device` answers on them.
 
     Picked per predicted class among inputs whose top two probabilities are
@@ -241,8 +84,6 @@ def make_golden(device: EdgeModel, job: "ExportJob", fmt: Format, proof_probs: n
     its least tied inputs: `golden.compare` then holds those to the
     probability tolerance only, since a legitimate difference may flip a tie.
     """
-    from edge_runtime import golden as g
-
     atol = GOLDEN_ATOL[fmt.precision]
     floor = 2 * atol
     n = job.options.golden_n
@@ -263,23 +104,17 @@ def make_golden(device: EdgeModel, job: "ExportJob", fmt: Format, proof_probs: n
                      made_on=g.made_on(device.session))
 
 
-def runtime_record(job: "ExportJob", fmt: Format, path: Path, device: EdgeModel, golden: GoldenSet) -> dict[str, Any]:
+def runtime_record(job: ExportJob, fmt: Format, path: Path, device: EdgeModel, golden: GoldenSet) -> dict[str, Any]:
     """The artifact's `runtimes` metadata (`edge_runtime.compat`): what it requires of a runtime, and the
     runtimes it ran on here: the proof's, then every other installed runtime for its suffix, each given the
     golden inputs and held to the golden tolerance (a failure is recorded, not raised).
     """
-    import platform
-
-    import edge_runtime
-    from edge_runtime import backends, compat
-    from edge_runtime.golden import compare
-
     if fmt.ext == ".tflite":
         requires = compat.tflite_requirements(Path(path).read_bytes())
     else:
-        import onnx
+        import onnx  # optional: only the ONNX rows need it
 
-        src = job.cache["ort_source"] if fmt.ext == ".ort" else path  # an .ort keeps its .onnx's opsets
+        src = job.ort_source if fmt.ext == ".ort" else path  # an .ort keeps its .onnx's opsets
         requires = compat.onnx_requirements(onnx.load(str(src), load_external_data=False))
     proven = [{"runtime": device.backend, "version": device.session.runtime_version(), "ok": True,
                "how": f"{len(job.proof)} proof inputs vs Keras", "machine": platform.machine()}]
@@ -364,22 +199,15 @@ def prove(path: Path, fmt: Format) -> EdgeModel:
     metadata (the temp file has no sidecar), or metadata that does not match
     the tensors.
     """
-    import edge_runtime
-
     model = edge_runtime.load(path, backend=fmt.runtime, warmup=False)
     if model.metadata_source != "embedded":
         raise RuntimeError(f"{path.name}: the device read its metadata from {model.metadata_source}, not the file")
     return model
 
 
-def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) -> dict[str, Any]:
+def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) -> ConversionRow:
     """Export, embed, load as a device, prove and place one artifact; returns its row (raises on export errors)."""
-    from convert import verify
-    from edge_runtime.fileio import atomic_write_text, publish
-
     final = out / fmt.filename(job.source.name)
-    row: dict[str, Any] = {"format": fmt.name, "file": final.name, "runtime": fmt.runtime,
-                           "precision": fmt.precision}
     tmp = _temp_path(out, fmt, job.source.name)
     try:
         quantization = resolve_exporter(fmt)(job, fmt, tmp)
@@ -395,7 +223,7 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
         golden = make_golden(device, job, fmt, probs)
         meta = dataclasses.replace(meta, runtimes=runtime_record(job, fmt, tmp, device, golden))
         del device  # release the runtime before the file is rewritten
-        embed(fmt, tmp, meta, golden, job)
+        embed(fmt, tmp, meta, golden, job.ort_source)
         device = prove(tmp, fmt)  # the bytes that are published below
         if device.metadata.to_dict() != meta.to_dict():
             raise RuntimeError("metadata read back after embedding the golden set differs from what was written")
@@ -405,36 +233,31 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
                                f"({check['reason']}): its runtime is not deterministic here")
         del device  # release the runtime before the file is renamed
         proof = verify.compare(keras_probs, probs, job.proof.y)
-        row["selftest"] = {"inputs": check["inputs"], "atol": check["atol"], "max_abs_diff": check["max_abs_diff"],
-                           "golden_bytes": len(golden.to_json())}
-        row["runtimes"] = json.loads(json.dumps(meta.runtimes))
-        row.update(size_bytes=tmp.stat().st_size, quantization=meta.quantization,
-                   io={"input": meta.input.to_dict(), "output": meta.output.to_dict()}, **proof)
-        bounded = (job.cache.get(("max_drop", fmt.name)) or {}).get("chosen_step") is not None
-        row["criterion"] = criterion(fmt, proof, job.options, bounded)
+        bounded = job.max_drop.get(fmt.name, {}).get("chosen_step") is not None
         reason = judge(fmt, proof, job.options, bounded)
+        row = ConversionRow(
+            format=fmt.name, file=final.name, runtime=fmt.runtime, precision=fmt.precision,
+            status=OK if reason is None else FLAGGED, error=reason,
+            selftest={"inputs": check["inputs"], "atol": check["atol"], "max_abs_diff": check["max_abs_diff"],
+                      "golden_bytes": len(golden.to_json())},
+            runtimes=json.loads(json.dumps(meta.runtimes)), size_bytes=tmp.stat().st_size,
+            quantization=meta.quantization, io={"input": meta.input.to_dict(), "output": meta.output.to_dict()},
+            proof=Proof.from_dict(proof), criterion=criterion(fmt, proof, job.options, bounded))
         if reason is not None and not job.options.allow_drop:
-            row.update(status=FAILED, error=reason)
-            row["file"] = None
-            return row
-        row.update(status=OK if reason is None else FLAGGED, error=reason)
+            return dataclasses.replace(row, status=FAILED, file=None)
         publish(tmp, final)
         atomic_write_text(sidecar_path(final), meta.to_json())
-        if ("max_drop", fmt.name) in job.cache:
-            row["max_drop"] = job.cache[("max_drop", fmt.name)]
-        layer_report = job.cache.get(("layer_errors", fmt.name))
-        if layer_report is not None:
-            row["layer_errors"] = write_layer_report(out, job.source.name, fmt, layer_report)
-        return row
+        layer_report = job.layer_reports.get(fmt.name)
+        return dataclasses.replace(
+            row, max_drop=job.max_drop.get(fmt.name),
+            layer_errors=(write_layer_report(out, job.source.name, fmt, layer_report)
+                          if layer_report is not None else None))
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_layer_report(out: Path, model: str, fmt: Format, report: dict[str, Any]) -> dict[str, Any]:
     """The row's `layer_errors` record, with its PNG written beside the artifact (atomically)."""
-    from convert.layer_errors import layer_png_name, plot_png
-    from edge_runtime.fileio import atomic_write_bytes
-
     if "layers" not in report:
         return dict(report)
     png = out / layer_png_name(model, fmt.name)
@@ -445,25 +268,22 @@ def write_layer_report(out: Path, model: str, fmt: Format, report: dict[str, Any
     return {**report, "png": png.name}
 
 
-def _same_model(prior: dict[str, Any], src) -> bool:
-    s = prior.get("source", {})
-    return s.get("sha256") == src.sha256 and s.get("name") == src.name
+def _same_model(prior: ConversionReport | None, src: Source) -> bool:
+    return prior is not None and prior.source.get("sha256") == src.sha256 and prior.source.get("name") == src.name
 
 
-def _with_earlier_rows(out: Path, src, formats: Sequence[Format], rows: list[dict]) -> list[dict]:
+def _with_earlier_rows(out: Path, src: Source, formats: Sequence[Format],
+                       rows: list[ConversionRow]) -> tuple[ConversionRow, ...]:
     """This run's rows plus the earlier report's rows for other formats of the same source, in table order."""
-    from convert.formats import FORMATS
-
     prior = _prior_report(out)
     carried = []
-    if prior is not None:
-        if _same_model(prior, src):
-            names = {f.name for f in formats}
-            for r in prior.get("rows", []):
-                if r.get("format") not in names and r.get("file") and (out / r["file"]).is_file():
-                    carried.append({**r, "carried_over": r.get("carried_over") or prior.get("created")})
+    if prior is not None and _same_model(prior, src):
+        names = {f.name for f in formats}
+        for r in prior.rows:
+            if r.format not in names and r.file and (out / r.file).is_file():
+                carried.append(dataclasses.replace(r, carried_over=r.carried_over or prior.created))
     order = {name: i for i, name in enumerate(FORMATS)}
-    return sorted(carried + rows, key=lambda r: order.get(r["format"], len(order)))
+    return tuple(sorted(carried + rows, key=lambda r: order.get(r.format, len(order))))
 
 
 def outputs_of(out: Path, model: str, formats: Sequence[Format], bundle: bool = False) -> list[Path]:
@@ -473,8 +293,6 @@ def outputs_of(out: Path, model: str, formats: Sequence[Format], bundle: bool = 
     for f in formats:
         paths += [out / f.filename(model), sidecar_path(out / f.filename(model))]
         if f.calibrated:
-            from convert.layer_errors import layer_png_name
-
             paths.append(out / layer_png_name(model, f.name))
     return paths + [out / f"{model}_gradcam.npz"]  # OCT runs only
 
@@ -488,23 +306,18 @@ def run_export(
     name: str | None = None,
     log=print,
     part: str = "model",
-) -> dict[str, Any]:
+) -> ConversionReport:
     """Export `source` to `formats` in `out`; returns the conversion report (also written to conversion.json).
 
     Raises:
         FileExistsError: outputs exist and `options.force` is off (nothing is written).
         FileNotFoundError, ValueError: bad source or image set, before any row runs.
     """
-    from convert.calibration import load_sets
-    from edge_runtime.fileio import write_json
-    from convert.sources import load_source
-
     out = Path(out)
     t_start = time.perf_counter()
     model, src = load_source(source, labels=labels, name=name, part=part)
     existing = [p for p in outputs_of(out, src.name, formats, options.bundle) if p.exists()]
-    prior = _prior_report(out)
-    if prior is not None and not _same_model(prior, src):
+    if report_path(out).is_file() and not _same_model(_prior_report(out), src):
         existing.insert(0, report_path(out))  # another model's report: overwriting it needs --force
     if existing and not options.force:
         raise FileExistsError(
@@ -518,8 +331,6 @@ def run_export(
     need_calib = any(f.calibrated for f in formats)
     calib_src = options.calib or src.manifest
     if src.part == "head":  # features in: an OCT run's feature store, or a bare model's --calib / random inputs
-        from convert.calibration import load_feature_sets
-
         calib, proof = load_feature_sets(options.calib or src.store, src.labels,
                                          tuple(int(d) for d in model.inputs[0].shape[1:]), options.calib_n,
                                          options.eval_n, options.seed, need_calib=need_calib or src.store is not None)
@@ -542,77 +353,40 @@ def run_export(
             try:
                 row = export_row(job, fmt, out, keras_probs)
             except Exception as e:  # one row's failure must not stop the others
-                row = {"format": fmt.name, "file": None, "runtime": fmt.runtime, "precision": fmt.precision,
-                       "status": FAILED, "error": f"{type(e).__name__}: {e}"}
-                if ("max_drop", fmt.name) in job.cache:  # the steps tried before no mix met the bound
-                    row["max_drop"] = job.cache[("max_drop", fmt.name)]
-            row["seconds"] = round(time.perf_counter() - t0, 2)
+                row = ConversionRow(format=fmt.name, file=None, runtime=fmt.runtime, precision=fmt.precision,
+                                    status=FAILED, error=f"{type(e).__name__}: {e}",
+                                    max_drop=job.max_drop.get(fmt.name))  # the steps tried before no mix met the bound
+            row = dataclasses.replace(row, seconds=round(time.perf_counter() - t0, 2))
             rows.append(row)
-            log(f"[{fmt.name}] {row['status']}" + (f": {row['error']}" if row.get("error") else "")
-                + f" ({row['seconds']} s)")
+            log(f"[{fmt.name}] {row.status}" + (f": {row.error}" if row.error else "") + f" ({row.seconds} s)")
 
-    report = {
-        "source": {"path": str(src.path.resolve()), "name": src.name, "sha256": src.sha256, "task": src.task,
-                   "part": src.part,
-                   "labels": list(src.labels), "preprocess": src.spec.to_dict()},
-        "options": options.to_dict(),
-        "calibration": calib.describe() if calib else None,
-        "proof": proof.describe(),
-        "thresholds": {
+    report = ConversionReport(
+        source={"path": str(src.path.resolve()), "name": src.name, "sha256": src.sha256, "task": src.task,
+                "part": src.part, "labels": list(src.labels), "preprocess": src.spec.to_dict()},
+        options=options.to_dict(),
+        calibration=calib.describe() if calib else None,
+        proof=proof.describe(),
+        thresholds={
             "min_agreement": options.min_agreement,
             "qat_max_drop_pp": options.qat_max_drop,
             "max_drop_pp": options.max_drop,
             "float_max_abs_diff": {f.name: f.max_abs_diff for f in formats if f.is_float},
         },
-        "rows": _with_earlier_rows(out, src, formats, rows),
-        "ok": all(r["status"] != FAILED for r in rows),
-        "seconds": round(time.perf_counter() - t_start, 1),
-        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
-        "versions": {"python": platform.python_version(), "medge": medge_version(), **tool_versions()},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "bundle": None,
-        "gradcam_weights": None,
-    }
+        rows=_with_earlier_rows(out, src, formats, rows),
+        ok=all(r.status != FAILED for r in rows),
+        seconds=round(time.perf_counter() - t_start, 1),
+        machine={"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
+        versions={"python": platform.python_version(), "medge": medge_version(), **tool_versions()},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     if src.part == "model":  # OCT: the head's weights for on-device Grad-CAM (edge_runtime.gradcam)
-        from convert.gradcam_export import write_for_export
-
         npz = write_for_export(model, src, out, log=log)
-        report["gradcam_weights"] = npz.name if npz else None
+        report = dataclasses.replace(report, gradcam_weights=npz.name if npz else None)
     if options.bundle:
-        from convert.bundle import write_bundle
-
         try:
             folder, zpath = write_bundle(out, src.name, report)
-            report["bundle"] = {"folder": folder.name, "zip": zpath.name}
+            report = dataclasses.replace(report, bundle={"folder": folder.name, "zip": zpath.name})
         except (OSError, ValueError) as e:
-            report["bundle"] = {"error": f"{type(e).__name__}: {e}"}
-            report["ok"] = False
-    write_json(report_path(out, src.name), report)
+            report = dataclasses.replace(report, bundle={"error": f"{type(e).__name__}: {e}"}, ok=False)
+    write_report(out, report)
     return report
-
-
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The summary table printed at the end of a run: one line per row of the format table."""
-    head = ["format", "status", "size_mb", "top1_agree", "max_dprob", "keras_acc", "acc", "judged by", "seconds",
-            "file / error"]
-    lines = []
-    for r in report["rows"]:
-        size = r.get("size_bytes")
-        lines.append([
-            r["format"], r["status"], _fmt(size / 1e6 if size else None, ".3f"),
-            _fmt(r.get("top1_agreement"), ".4f"), _fmt(r.get("max_abs_diff"), ".2e"),
-            _fmt(r.get("keras_accuracy"), ".4f"), _fmt(r.get("accuracy"), ".4f"),
-            (r.get("criterion") or {}).get("text", "-"), _fmt(r.get("seconds"), ".1f"),
-            (r.get("file") or "") + (("  " if r.get("file") else "") + r["error"] if r.get("error") else ""),
-        ])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt_line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt_line(head), fmt_line(["-" * w for w in widths]), *map(fmt_line, lines)])
-
-
-def report_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2)

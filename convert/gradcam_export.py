@@ -30,7 +30,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from convert.sources import load_keras_model
+from edge_runtime.clinical import OCT_LABELS
+from edge_runtime.fileio import sha256_file
 from edge_runtime.gradcam import HeadWeights
+from train import runs
 
 SKIPPED = ("Dropout", "SpatialDropout2D", "GaussianDropout", "GaussianNoise", "InputLayer")
 
@@ -45,7 +49,7 @@ def find_head(model: Any) -> Any:
 
 
 def _np(w) -> np.ndarray:
-    import keras
+    import keras  # TensorFlow: imported only when this runs
 
     return np.asarray(keras.ops.convert_to_numpy(w), dtype=np.float32)
 
@@ -128,10 +132,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", help="model name of the artifacts (default: run directory name or file stem)")
     p.add_argument("--labels", help="comma-separated class names for a bare model file")
     args = p.parse_args(argv)
-    from convert.sources import load_keras_model
-    from edge_runtime.clinical import OCT_LABELS
-    from edge_runtime.fileio import sha256_file
-    from train import runs
 
     src = args.source
     try:

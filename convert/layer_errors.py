@@ -40,6 +40,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from convert.converters import int8_config, representative
+
 WORST_N = 3
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 DEFAULT_IMAGES = 64
@@ -100,9 +102,7 @@ def summarize(layers: list[dict[str, Any]], tool: str, images: int, n: int = WOR
 
 def tflite_layer_errors(model, calib: np.ndarray, int8_io: bool = False) -> dict[str, Any]:
     """Per-op error of the converter's full-int8 model of `model` on `calib` (TFLite QuantizationDebugger)."""
-    import tensorflow as tf
-
-    from convert.tflite import int8_config, representative
+    import tensorflow as tf  # heavy: only when the report is made
 
     def direct_sqnr(f, q, scale, zp):
         return sqnr_db(f, f - (q.astype(np.float32) - zp) * np.float32(scale))
@@ -137,7 +137,7 @@ LAYER_CHUNK = 4  # images per pass of the ONNX layer report
 
 
 def _graph_nodes(path: Path):
-    import onnx
+    import onnx  # optional: only the ONNX rows need it
 
     return onnx.load(str(path), load_external_data=False).graph.node
 
@@ -177,7 +177,7 @@ class _PowerSums:
 def onnx_layer_errors(float_path: Path, qdq_path: Path, calib: np.ndarray, work: Path,
                       input_name: str = "image") -> dict[str, Any]:
     """Per-tensor error of a QDQ model against its float model on `calib` (onnxruntime's qdq_loss_debug)."""
-    from onnxruntime.quantization.qdq_loss_debug import (
+    from onnxruntime.quantization.qdq_loss_debug import (  # optional runtime: imported only when this runs
         collect_activations,
         compute_weight_error,
         create_activation_matching,
@@ -231,10 +231,10 @@ def onnx_layer_errors(float_path: Path, qdq_path: Path, calib: np.ndarray, work:
 
 def plot_png(report: dict[str, Any], title: str) -> bytes:
     """A bar per layer in graph order (sqnr_db; lower is worse), the worst in red and labelled."""
-    import matplotlib
+    import matplotlib  # optional: plots only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: plots only
 
     layers = report["layers"]
     x = np.arange(len(layers))

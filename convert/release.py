@@ -32,6 +32,7 @@ against the run's training manifest and refuses otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -43,9 +44,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from convert.export import Options, run_export
+from convert.formats import parse_formats
 from edge_runtime import registry
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from edge_runtime.metadata import read_metadata
+from train import runs
+from train.metrics import artifact_metrics
+from train.split import build_split, read_manifest, write_manifest
 
 FORMAT = "tflite-int8"
 FLOAT = "tflite-float32"
@@ -75,8 +81,6 @@ def calibration_manifest(train_manifest: Path, sample: Path, dest: Path, n: int,
     can be converted again on a fresh clone.
     """
     from dataclasses import replace
-
-    from train.split import build_split, read_manifest, write_manifest
 
     trained = read_manifest(train_manifest)
     trained_patients = {r.patient for r in trained if r.split in ("train", "val")}
@@ -216,13 +220,9 @@ def release(
     Everything is made in a folder beside `dest` and renamed over it once the conversion passed: a failed or
     killed release leaves the previous one as it was.
     """
-    import keras
+    import keras  # TensorFlow: imported only when this runs
 
-    from convert.export import Options, run_export
-    from convert.formats import parse_formats
-    from train import runs
-    from train.metrics import artifact_metrics
-    from train.malaria.models import describe
+    from train.malaria.models import describe  # loads TensorFlow: imported only when this runs
 
     run, sample = Path(run), Path(sample)
     cfg = runs.read_config(run)
@@ -261,13 +261,12 @@ def release(
                               threshold=threshold,
                               **({"min_agreement": min_agreement} if min_agreement is not None else {}))
             report = run_export(stage, out, parse_formats(f"{FLOAT},{FORMAT}"), options, name=name, log=log)
-            if not report["ok"]:
-                failed = [r for r in report["rows"] if r["status"] == "failed"]
-                raise ValueError(f"conversion failed: {failed[0]['format']}: {failed[0].get('error')}")
-            files = {r["format"]: out / r["file"] for r in report["rows"]}
+            if not report.ok:
+                failed = [r for r in report.rows if r.failed]
+                raise ValueError(f"conversion failed: {failed[0].format}: {failed[0].error}")
+            files = {r.format: out / r.file for r in report.rows}
 
             log("== 3/4 score on the sample through edge_runtime (float32 and int8)")
-            from train.split import read_manifest
 
             held = read_manifest(stage / "calibration.csv", "test")
             labels = list(cfg.labels)
@@ -280,8 +279,9 @@ def release(
             surest = np.maximum(p32.max(1), p8.max(1))[flips]  # of the cells int8 flips
 
             log("== 4/4 package data, registry and model card")
-            report["source"]["path"] = "model.keras"  # not the build machine's absolute path
-            atomic_write_text(stage / "conversion.json", json.dumps(report, indent=2) + "\n")
+            # Not the build machine's absolute path.
+            report = dataclasses.replace(report, source={**report.source, "path": "model.keras"})
+            atomic_write_text(stage / "conversion.json", json.dumps(report.to_dict(), indent=2) + "\n")
             _replace_dir(stage, dest)
             artifact = package / f"{name}.tflite"
             atomic_write_bytes(artifact, files[FORMAT].read_bytes())
@@ -347,13 +347,18 @@ def _jitter(preset: dict[str, Any]) -> str:
     return ", " + ", ".join(parts) if parts else ""
 
 
+def _blocks(*names: str) -> str:
+    """Slide blocks named once each: "PA171700, PA171790", or "both PA171700" when they are one."""
+    return f"both {names[0]}" if len(set(names)) == 1 and len(names) == 2 else ", ".join(dict.fromkeys(names))
+
+
 def _model_lines(r: registry.Release, cfg, data: dict[str, Any]) -> list[str]:
     """The card's title and its Model section."""
     t, net = r.trained, cfg.preset["model"]
     return [
         f"# Model card: `{r.name}` {r.version}",
         "",
-        f"`edge_runtime.load(\"{r.name}\")` · {r.format} · {r.bytes / 1024:.0f} KB · sha256 `{r.sha256}`",
+        f"`edge_runtime.load(\"{r.name}\")` · {r.format} · {r.bytes / 1024:.0f} KB · `{r.file}` sha256 `{r.sha256}`",
         "",
         "## Intended use",
         "",
@@ -437,7 +442,9 @@ def _made_lines(r: registry.Release, dest: Path, commands: Sequence[str], comman
         " ".join(reproduce_command(dest)),
         "```",
         "",
-        f"Model file sha256 `{r.trained['source_sha256']}`; trained {r.trained['created']}.",
+        # Both named: a reader checking the file they were handed expects the shipped file's hash first.
+        f"sha256 of the shipped `{r.file}`: `{r.sha256}`; of the Keras model it is made from (`model.keras`): "
+        f"`{r.trained['source_sha256']}`. Trained {r.trained['created']}.",
         "",
     ]
 
@@ -470,7 +477,7 @@ def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         "## Training data",
         "",
         f"NIH malaria cell images (U.S. National Library of Medicine, LHNCBC; Rajaraman et al., PeerJ 6:e4568, 2018): "
-        f"{t['cells']:,} cells of {t['patients']} patients under `{data['data_root']}`; the {m['sample']['patients']} "
+        f"{t['cells']:,} cells of {t['patients']} patients; the {m['sample']['patients']} "
         f"patients of the sample it is scored on (`{sample}`) are not among them.",
         "",
         _recipe(r, cfg),
@@ -559,7 +566,7 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         "## Training data",
         "",
         f"- The released `malaria` model's {c['nih']:,} NIH training cells (U.S. National Library of Medicine, "
-        f"LHNCBC; Rajaraman et al., PeerJ 6:e4568, 2018; P. falciparum), under `{data['data_root']}`.",
+        f"LHNCBC; Rajaraman et al., PeerJ 6:e4568, 2018; P. falciparum).",
         f"- Crops cut from the {ft['fields']} IML-Malaria field photos (P. vivax, another microscope and stain; "
         "Q. Ammar et al., 2022; 4 slide blocks) by `edge_runtime.smear` itself and labelled by the annotation "
         f"they match at IoU >= 0.5: {c['field_uninfected']:,} uninfected crops ({st['uninfected_per_block']} a block, "
@@ -617,7 +624,7 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         "",
         f"- Four slides of one laboratory and microscope. Held out, each slide's stain was new to the model scored "
         f"on it; the worst block had {_pct(worst[1])} false positives and the most uncertain one {_pct(unsure[1])} "
-        f"of its uninfected cells uncertain ({worst[0]}, {unsure[0]}). Stains, microscopes, focus and species "
+        f"of its uninfected cells uncertain ({_blocks(worst[0], unsure[0])}). Stains, microscopes, focus and species "
         "beyond these four slides are untested: check a new site's slides against a microscopist first.",
         "- Uncertain cells are 'refer': a slide with many of them is referred, not cleared.",
         "- The annotations are one team's; not every cell at a border or in a clump has a box.",
@@ -642,14 +649,12 @@ def site_figures(report: dict[str, Any]) -> dict[str, Any]:
             "site_crops": report["site_crops"], "counts": report["counts"], "release": report["release"],
             "before": {k: report["before"].get(k) for k in keys}, "after": {k: report["after"].get(k) for k in keys},
             "nih_sample": report["nih_sample"], "reasons": report["reasons"], "command": report["command"],
-            "train_seconds": report["train_seconds"]}
+            "train_seconds": report["train_seconds"], "table": report["table"]}
 
 
 def site_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any],
               command: Sequence[str] | None) -> str:
     """The card of a site model (`train site-adapt`): judged before/after on the site's held-out fields."""
-    from train.malaria.siteadapt import table
-
     s = r.metrics["site"]
     c = s["counts"]
     lines = [
@@ -674,7 +679,7 @@ def site_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str
         f"On {len(s['held_out'])} fields of the site it never saw ({', '.join(Path(f).stem for f in s['held_out'])}; "
         "held out by field), through the whole smear pipeline in int8, as `python -m benchmarks smear` measures:",
         "",
-        table({**s, "name": r.name, "keep": r.name, "convert_seconds": 0}).split("\n\nTraining")[0].split("\n\n", 1)[1],
+        s["table"],  # made by train site-adapt (convert imports nothing of train's commands)
         "",
         f"Released because: {'; '.join(s['reasons'])}.",
         "",

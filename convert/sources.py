@@ -71,7 +71,7 @@ class Source:
         if self.config is None or not self.config.store:
             return {"base": None, "layer": None,
                     "note": f"features of a base {self.path.name} does not name; preprocess does not apply"}
-        from train.oct.models import FEATURE_LAYER
+        from train.oct.models import FEATURE_LAYER  # loads TensorFlow: imported only when this runs
 
         return {"layer": FEATURE_LAYER, "base": self.config.base,
                 "features_fingerprint": self.config.features_fingerprint}
@@ -88,8 +88,8 @@ def load_saved_model(path: Path):
     Raises:
         ValueError: no such signature, or not exactly one input and one output.
     """
-    import keras
-    import tensorflow as tf
+    import keras  # TensorFlow: imported only when this runs
+    import tensorflow as tf  # TensorFlow: imported only when this runs
 
     try:
         loaded = tf.saved_model.load(str(path))
@@ -126,7 +126,7 @@ def _run_dir_of(path: Path) -> Path | None:
 
 def _check_h5_is_model(path: Path) -> None:
     """Refuse an .h5 that holds no Keras model (e.g. a feature store given as the source), naming what it is."""
-    import h5py
+    import h5py  # optional: feature stores only
 
     try:
         with h5py.File(path, "r") as f:
@@ -149,7 +149,7 @@ def load_keras_model(path: Path):
         ValueError: the file uses layers Keras does not know (custom or Lambda
             layers), naming them.
     """
-    import keras
+    import keras  # TensorFlow: imported only when this runs
 
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)

@@ -45,9 +45,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from edge_runtime import registry, webruntime
+from edge_runtime import content_hash, registry, webruntime
 from edge_runtime.backends import BACKENDS, BackendError
 from edge_runtime.clinical import is_malaria, is_oct, oct_summary, slide_summary
+from edge_runtime.extras import message as extras_message
 from edge_runtime.golden import GoldenMissing, read_golden, selftest
 from edge_runtime.gradcam import GradCam
 from edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file
@@ -437,6 +438,12 @@ def _smear_table(report, positive: str) -> str:
 
 
 def cmd_smear(args) -> int:
+    # OpenCV is the `smear` extra, not `edge`'s: one sentence before any model is loaded, not a traceback.
+    lacking = extras_message("smear", "python -m edge_runtime smear")
+    if lacking:
+        print(lacking, file=sys.stderr)
+        return EXIT_USAGE
+
     fields = [f for _, files in expand_inputs(args.inputs)[0] for f in files]
     if not fields:
         print("error: no field photos given", file=sys.stderr)
@@ -514,6 +521,15 @@ def _intact(release) -> bool:
 def cmd_selftest(args) -> int:
     """Exit 0 same answers, 1 drift, 2 unusable file (raised as ModelError/ValueError/LookupError to `main`)."""
     model = _load(args)
+    # A recorded content hash is the first line: one changed byte anywhere is refused, where golden answers see
+    # only what moves them past their tolerance (issue 27). Files made before it carry none: golden answers only.
+    data = model.path.read_bytes()
+    if content_hash.MARKER in data:
+        try:
+            content_hash.verify(data, model.path.name)
+        except content_hash.ContentHashError as e:
+            print(f"selftest FAILED: {e}")
+            return 1
     try:
         golden = read_golden(model)
     except GoldenMissing as e:

@@ -3,6 +3,7 @@
     python -m train        medge[train]
     python -m convert      medge[train]   (TensorFlow, tf2onnx, the quantizers; `convert inspect` needs only edge)
     python -m benchmarks   medge[train]   (builds, converts and measures the models)
+    python -m edge_runtime smear   medge[smear]   (OpenCV; checked in edge_runtime.cli, which returns 2)
 
 Every medge wheel carries the `train`, `convert` and `benchmarks` packages, so
 on a device installed with `.[edge]` only, `python -m train oct synth` used to
@@ -58,15 +59,23 @@ def missing(extra: str) -> list[str]:
     return [p for p in EXTRAS[extra] if importlib.util.find_spec(module_of(p)) is None]
 
 
-def require(extra: str, command: str) -> None:
-    """Exit 2 with one sentence naming the extra to install when any of its packages is missing.
+def message(extra: str, command: str) -> str | None:
+    """The sentence naming what `command` lacks and the extra to install, or None when nothing is missing.
 
     Args:
         extra: a key of `EXTRAS`.
         command: what the user ran, for the message (e.g. "python -m train").
     """
     lacking = missing(extra)
-    if lacking:
-        print(f"error: {command} needs the `{extra}` extra, and this environment lacks {', '.join(lacking)}: "
-              f"pip install 'medge[{extra}]'", file=sys.stderr)
+    if not lacking:
+        return None
+    return (f"error: {command} needs the `{extra}` extra, and this environment lacks {', '.join(lacking)}: "
+            f"pip install 'medge[{extra}]'")
+
+
+def require(extra: str, command: str) -> None:
+    """Exit 2 with `message`'s sentence on stderr when any of the extra's packages is missing."""
+    text = message(extra, command)
+    if text:
+        print(text, file=sys.stderr)
         raise SystemExit(2)

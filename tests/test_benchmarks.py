@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cli, report
+from benchmarks import cli, interleave, report
 from benchmarks.cache import MODELS, Prepared
-from benchmarks.run import KERAS, ROW_FIELDS, Settings, benchmark_model, empty_row
+from benchmarks.run import KERAS, ROW_FIELDS, Settings, add_ratios, benchmark_model, empty_row, measure_pairs
 from convert.formats import parse_formats
-from edge_runtime.timing import EnergyCounter, time_fn
+from convert.timing import EnergyCounter, time_fn
 from train import runs
 
 FORMATS = "tflite-float32,tflite-int8"
@@ -59,6 +59,11 @@ def test_end_to_end_rows_and_files(bench):
     # int8 weights; both files carry the same ~26 KB golden set, a large share of this tiny model's file
     assert i8["size_ratio_vs_float32"] > 1.1
     assert i8["speedup_vs_float32"] > 0 and f32["speedup_vs_float32"] == 1.0
+    # the real pair, timed interleaved in one process: a median ratio inside its own 95% interval
+    assert i8["speedup_method"] == "interleaved" and f32["speedup_method"] == "reference", i8["speedup_error"]
+    assert i8["speedup_ci95_low"] <= i8["speedup_vs_float32"] <= i8["speedup_ci95_high"]
+    assert i8["speedup_rounds"] == interleave.ROUNDS and isinstance(i8["speedup_noisy"], bool)
+    assert set(rep["machine_state"]) == {"before", "after"} and rep["settings"]["rounds"] == interleave.ROUNDS
     assert i8["peak_fraction"] is not None and i8["peak_gmacs_per_s"] > 0
     # the machine and libraries travel with the numbers
     assert rep["machine"]["cores"] >= 1 and rep["machine"]["cpu_model"]
@@ -70,6 +75,7 @@ def test_end_to_end_rows_and_files(bench):
     assert csv_lines[0].split(",") == list(ROW_FIELDS) and len(csv_lines) == 4
     md = (out / report.RESULTS_MD).read_text()
     assert rep["machine"]["cpu_model"] in md and "ai-edge-litert" in md and "tflite-int8" in md
+    assert "Machine before: load " in md and "alternating rounds" in md and "[" in md.split("## All rows")[0]
     for png in (report.PLOT_SIZE, report.PLOT_ACCURACY):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     side = report.side_by_side(rows)
@@ -320,3 +326,174 @@ def test_presets_benchmark_reports_int8_against_float32(tmp_path, capsys):
     assert "MUL" in rows["tiny"]["other_int8_ops"] and "RESHAPE" in rows["tiny"]["other_int8_ops"]
     assert rows["tiny-post"]["other_int8_ops"] == "2 ADD"  # the two residual additions
     assert (tmp_path / "presets.csv").read_text().count("\n") == 3 and "| tiny-post |" in capsys.readouterr().out
+
+
+class FakeClock:
+    """A clock that only moves when a fake model "runs": each call costs its base time times the round's load."""
+
+    def __init__(self):
+        self.now, self.load = 0.0, 1.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def model(self, ms: float, log: list[str], name: str):
+        def run():
+            log.append(name)
+            self.now += ms * self.load / 1e3
+        return run
+
+
+def test_interleave_alternates_flips_and_cancels_load(monkeypatch):
+    """Load that changes from round to round moves both files of a round alike: every per-round ratio stays 2."""
+    clock, calls, blocks = FakeClock(), [], []
+    a, b = clock.model(2.0, calls, "a"), clock.model(1.0, calls, "b")
+    loads = [1.0, 3.0, 1.5, 7.0]  # per round: what a neighbour's compile job does to both files
+    real_block = interleave.timed_block
+
+    def block(fn, min_time, clk):
+        clock.load = loads[len(blocks) // 2]
+        out = real_block(fn, min_time, clk)
+        blocks.append((calls[-1], len(out)))
+        return out
+
+    monkeypatch.setattr(interleave, "timed_block", block)
+    r = interleave.interleave(a, b, rounds=4, min_time=0.01, warmup=3, clock=clock)
+    assert calls[:6] == ["a", "b"] * 3  # warm-up, both, before any round counts
+    assert r["order"] == ["ab", "ba", "ab", "ba"] and [n for n, _ in blocks] == list("abbaabba")
+    assert all(k >= 1 for _, k in blocks) and len(calls) == 6 + sum(k for _, k in blocks)
+    assert r["ratios"] == pytest.approx([2.0] * 4, rel=1e-9)
+    assert r["a_ms"] == pytest.approx([2.0 * x for x in loads])  # the absolute times moved with the load
+    with pytest.raises(ValueError, match="rounds"):
+        interleave.interleave(a, b, rounds=0)
+
+
+def test_bootstrap_interval_and_noisy_flag():
+    med, lo, hi = interleave.bootstrap_median([2.0] * 15)
+    assert (med, lo, hi) == (2.0, 2.0, 2.0) and not interleave.is_noisy(med, lo, hi)
+    steady = [2.0 + 0.01 * k for k in range(-7, 8)]
+    med, lo, hi = interleave.bootstrap_median(steady)
+    assert lo <= med <= hi and med == pytest.approx(2.0) and not interleave.is_noisy(med, lo, hi)
+    assert interleave.bootstrap_median(steady) == (med, lo, hi)  # seeded: the same interval every time
+    wild = [0.8, 4.7, 1.6, 8.5, 2.5, 0.9, 5.8, 2.2, 3.9, 1.1, 6.0, 2.8, 0.7, 4.1, 1.9]
+    med, lo, hi = interleave.bootstrap_median(wild)
+    assert lo < med < hi and interleave.is_noisy(med, lo, hi) and interleave.half_width(med, lo, hi) > 0.15
+    assert interleave.is_noisy(2.0, 1.8, 2.31) and not interleave.is_noisy(2.0, 1.8, 2.29)  # the ±15% edge
+    assert interleave.bootstrap_median([3.0]) == (3.0, 3.0, 3.0)
+    with pytest.raises(ValueError):
+        interleave.bootstrap_median([])
+    s = interleave.summarise({"ratios": wild, "a_calls": [1.0, 2.0, 3.0], "b_calls": [1.0]})
+    assert s["noisy"] and s["rounds"] == 15 and s["a"]["p50_ms"] == 2.0 and s["b"]["calls"] == 1
+
+
+def _pair_rows():
+    rows = [empty_row("m", KERAS, 1, precision="float32", runtime=KERAS, latency_p50_ms=9.0)]
+    for fmt, prec, rt, p50 in (("tflite-float32", "float32", "litert", 4.0), ("tflite-float16", "float16", "litert", 4.1),
+                               ("tflite-int8", "int8", "litert", 2.0), ("onnx-float32", "float32", "onnxruntime", 5.0),
+                               ("onnx-int8", "int8", "onnxruntime", 2.5)):
+        rows.append(empty_row("m", fmt, 1, precision=prec, runtime=rt, latency_p50_ms=p50, file=f"/x/{fmt}",
+                              size_mb=1.0 if prec == "float32" else 0.3))
+    return rows
+
+
+def test_measure_pairs_fills_quantized_rows_and_falls_back_openly():
+    """Each quantized row gets its interleaved ratio and interval; a failed pair falls back to the p50s, said so."""
+    rows, seen, logged = _pair_rows(), [], []
+
+    def fake_pair(a, b, threads, image, settings):
+        seen.append((a.name, b.name, threads, image))
+        if b.name == "onnx-int8":
+            raise RuntimeError("session exploded")
+        ratios = [2.5] * 15 if b.name == "tflite-int8" else [0.5, 1.5, 0.9, 1.2, 0.6] * 3
+        return interleave.summarise({"ratios": ratios, "a_calls": [1.0], "b_calls": [1.0]})
+
+    measure_pairs(rows, "cell.png", Settings(threads=(1,)), log=logged.append, pair_fn=fake_pair)
+    add_ratios(rows)
+    assert seen == [("tflite-float32", "tflite-float16", 1, "cell.png"), ("tflite-float32", "tflite-int8", 1, "cell.png"),
+                    ("onnx-float32", "onnx-int8", 1, "cell.png")]  # never the Keras row, never float32 with itself
+    by = {r["format"]: r for r in rows}
+    assert by["tflite-int8"]["speedup_vs_float32"] == 2.5 and by["tflite-int8"]["speedup_method"] == "interleaved"
+    assert by["tflite-int8"]["speedup_noisy"] is False and by["tflite-float16"]["speedup_noisy"] is True
+    assert by["tflite-float32"]["speedup_vs_float32"] == 1.0 and by["tflite-float32"]["speedup_method"] == "reference"
+    onnx = by["onnx-int8"]
+    assert onnx["speedup_method"] == "separate-p50" and onnx["speedup_vs_float32"] == 2.0
+    assert "session exploded" in onnx["speedup_error"] and any("falls back" in l for l in logged)
+    assert by[KERAS]["speedup_vs_float32"] is None
+    table = report.side_by_side(rows)
+    assert "2.50x [2.50-2.50]" in table and "noisy" in table and "2.00x (apart)" in table and "q ms abs" in table
+    notes = report.speedup_notes({"rows": rows, "settings": {"rounds": 15, "min_time_s": 0.15},
+                                  "machine_state": {"before": {"load_average": [1.0, 0.5, 0.2],
+                                                               "busiest_processes": [{"name": "cc1", "cpu_percent": 97}],
+                                                               "cpu_mhz": [2400.0, 2600.0]}}})
+    assert "1 of 3 speed-ups are noisy" in " ".join(notes) and "--rounds 30" in " ".join(notes)
+    assert "load 1.00 0.50 0.20; busiest others: `cc1` 97%; CPU 2400-2600 MHz" in notes[1]
+    assert "Machine after: not recorded" in notes[2] and "(apart)" in notes[-1]
+
+
+def test_machine_state_sees_a_busy_neighbour():
+    """/proc says which other process takes the CPU (a busy child here), with the load average beside it."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])
+    try:
+        busy = interleave.busiest_processes(interval=0.5, top=100)
+    finally:
+        child.kill()
+        child.wait()
+    assert busy is not None and child.pid in {p["pid"] for p in busy}
+    assert next(p["command"] for p in busy if p["pid"] == child.pid).startswith("python -c import time")
+    assert all(p["cpu_percent"] >= 1 for p in busy)
+    state = interleave.machine_state(interval=0.05)
+    assert set(state) == {"load_average", "busiest_processes", "cpu_mhz"} and len(state["load_average"]) == 3
+    assert interleave.state_line(state).startswith("load ") and interleave.state_line(None) == "not recorded"
+
+
+def test_stability_passes_start_and_stop_the_hog_and_compare():
+    """The loaded pass runs with the hog started before and stopped after it; a move past 15% says NO."""
+    from benchmarks import stability
+
+    events = []
+
+    def measure(a, b, t):
+        events.append(("measure", b.name, t))
+        hogged = "hog" in [e[0] for e in events] and "stop" not in [e[0] for e in events]
+        ratios = [2.0] * 15 if not hogged else ([2.1] * 15 if t == 1 else [1.5] * 15)
+        return interleave.summarise({"ratios": ratios, "a_calls": [1.0], "b_calls": [1.0]})
+
+    pairs = [("tflite-float32", "tflite-int8", Path("f32"), Path("i8"))]
+    res = stability.run_passes(pairs, [1, 2], measure, hog=lambda: events.append(("hog",)) or "proc",
+                               stop=lambda proc: events.append(("stop", proc)), log=lambda s: None)
+    assert [e[0] for e in events] == ["measure", "measure", "hog", "measure", "measure", "stop"]
+    assert events[-1] == ("stop", "proc") and set(res["state"]) == {"idle", "loaded"}
+    text = stability.table(res)
+    lines = text.splitlines()[2:]
+    assert "2.00x [2.00-2.00]" in lines[0] and "2.10x" in lines[0] and "+5.0%" in lines[0] and lines[0].endswith("yes |")
+    assert "-25.0%" in lines[1] and lines[1].endswith("NO |")
+
+
+def test_stability_hog_is_cpu_bound_and_bounded():
+    from benchmarks import stability
+
+    proc = stability.start_hog(0.5)
+    assert proc.wait(timeout=30) == 0  # ends itself after its time, even when nobody stops it
+    proc = stability.start_hog(60)
+    stability.stop_hog(proc)
+    assert proc.returncode is not None
+
+
+def test_expected_seconds_counts_builds_only_when_not_cached(tmp_path):
+    """The first lines' estimate: builds drop out once the cache holds conversions; pairs and rows scale with effort."""
+    from benchmarks.cache import expected_seconds, formats_for, parse_models
+
+    models = parse_models("malaria-edge,oct-fused,oct-head")
+    fmts = {m.name: formats_for(m, "default") for m in models}
+    build, timing = expected_seconds(models, fmts, [1, 2], tmp_path, rounds=15, min_time=0.15)
+    assert build > 0 and timing > 0
+    for key in ("malaria-edge-release", "malaria-edge", "oct-fused", "oct-head"):
+        (tmp_path / key / "export").mkdir(parents=True)
+        (tmp_path / key / "export" / "conversion.json").write_text("{}")
+    cached, same = expected_seconds(models, fmts, [1, 2], tmp_path, rounds=15, min_time=0.15)
+    assert cached == 0 and same == timing
+    assert expected_seconds(models, fmts, [1, 2], tmp_path, rounds=30, min_time=0.15)[1] > timing
+    assert expected_seconds(models, fmts, [1], tmp_path, rounds=15, min_time=0.15)[1] < timing

@@ -82,7 +82,7 @@ def exported(tiny_run, tmp_path_factory):
     from convert.export import run_export
 
     out = tmp_path_factory.mktemp("export")
-    report = run_export(tiny_run, out, list(FORMATS.values()), _options(bundle=True), log=lambda *a: None)
+    report = run_export(tiny_run, out, list(FORMATS.values()), _options(bundle=True), log=lambda *a: None).to_dict()
     return out, report
 
 
@@ -121,6 +121,28 @@ def test_format_table_imports_nothing_heavy():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
+
+
+@pytest.mark.parametrize("release", sorted(p.name for p in (ROOT / "releases").iterdir()
+                                           if (p / "conversion.json").is_file()))
+def test_conversion_report_reads_and_writes_the_same_json(release, tmp_path):
+    """conversion.json through the typed report and back: the same bytes, rows in their order and keys."""
+    from convert.report import ConversionReport, read_report, write_report
+
+    on_disk = json.loads((ROOT / "releases" / release / "conversion.json").read_text())
+    report = read_report(ROOT / "releases" / release / "conversion.json")
+    assert [r.format for r in report.rows] == [r["format"] for r in on_disk["rows"]]
+    assert all(r.proof is not None and r.proof.images == d["images"] for r, d in zip(report.rows, on_disk["rows"]))
+    assert json.dumps(report.to_dict(), indent=2) == json.dumps(on_disk, indent=2)
+    assert json.loads(write_report(tmp_path, report).read_text()) == on_disk
+    failed = {"format": "onnx-int8", "file": None, "runtime": "onnxruntime", "precision": "int8",
+              "status": "failed", "error": "ValueError: no", "seconds": 1.0}  # no proof: its keys stay out
+    assert ConversionReport.from_dict({**on_disk, "rows": [failed]}).to_dict()["rows"] == [failed]
+    with pytest.raises(ValueError, match="unknown key"):
+        ConversionReport.from_dict({**on_disk, "rows": [{**failed, "speed": 1}]})
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ValueError, match="bad.json"):
+        read_report(tmp_path / "bad.json")
 
 def test_metadata_dataclass_round_trip():
     meta = ArtifactMetadata(
@@ -274,7 +296,7 @@ def test_inspect_cli_and_reader_without_tensorflow(exported, capsys):
 def test_tflite_metadata_embedding_keeps_model_and_converter_entries(exported, model, proof_images, tmp_path):
     import dataclasses
 
-    from convert.tflite import convert_keras
+    from convert.converters import convert_keras
     from edge_runtime.metadata import embed_tflite, read_tflite
 
     out, _ = exported
@@ -377,14 +399,14 @@ def test_proof_is_the_device_loading_the_file(tiny_run, tmp_path, monkeypatch):
         return dataclasses.replace(meta, labels=("a", "b", "c"), positive_label=None)
 
     report = export.run_export(tiny_run, tmp_path / "ok", parse_formats("tflite-float32,onnx-float32"),
-                               _options(eval_n=8), log=lambda *a: None)
+                               _options(eval_n=8), log=lambda *a: None).to_dict()
     # Each file is opened twice: to prove it, then again after its golden set is embedded (the published bytes).
     assert report["ok"] and [p.suffix for p, _ in loaded] == [".tflite", ".tflite", ".onnx", ".onnx"]
     assert [kw["backend"] for _, kw in loaded] == ["litert", "litert", "onnxruntime", "onnxruntime"]
     assert all(p.name.startswith(".run_") for p, _ in loaded)  # the temp file: the very bytes published after
     monkeypatch.setattr(export.ExportJob, "metadata", wrong_labels)
     report = export.run_export(tiny_run, tmp_path / "bad", parse_formats("onnx-float32"), _options(eval_n=8),
-                               log=lambda *a: None)
+                               log=lambda *a: None).to_dict()
     row = report["rows"][0]
     assert row["status"] == "failed" and "one value per label" in row["error"] and row["file"] is None
     assert not (tmp_path / "bad" / "run_onnx-float32.onnx").exists()
@@ -395,11 +417,11 @@ def test_threshold_fails_row_unless_allow_drop(tiny_run, tmp_path):
     from convert.export import run_export
 
     fmts = parse_formats("tflite-dynamic")
-    strict = run_export(tiny_run, tmp_path / "a", fmts, _options(min_agreement=1.01), log=lambda *a: None)
+    strict = run_export(tiny_run, tmp_path / "a", fmts, _options(min_agreement=1.01), log=lambda *a: None).to_dict()
     assert strict["ok"] is False and strict["rows"][0]["status"] == "failed"
     assert "agreement" in strict["rows"][0]["error"] and not (tmp_path / "a" / "run_tflite-dynamic.tflite").exists()
     kept = run_export(tiny_run, tmp_path / "b", fmts, _options(min_agreement=1.01, allow_drop=True),
-                      log=lambda *a: None)
+                      log=lambda *a: None).to_dict()
     assert kept["ok"] is True and kept["rows"][0]["status"] == "kept-below-threshold"
     assert (tmp_path / "b" / "run_tflite-dynamic.tflite").is_file()
 
@@ -425,7 +447,7 @@ def test_legacy_h5_source(tiny_run, model, tmp_path):
     with pytest.raises(ValueError, match="--labels"):
         run_export(h5, tmp_path / "x", parse_formats("tflite-float32"), _options(calib=Path(manifest)))
     report = run_export(h5, tmp_path / "out", parse_formats("tflite-float32,onnx-float32,tflite-qat-int8"),
-                        _options(calib=Path(manifest)), labels=["Parasitized", "Uninfected"], log=lambda *a: None)
+                        _options(calib=Path(manifest)), labels=["Parasitized", "Uninfected"], log=lambda *a: None).to_dict()
     status = {r["format"]: r for r in report["rows"]}
     assert status["tflite-float32"]["status"] == "ok" and status["onnx-float32"]["status"] == "ok"
     assert status["tflite-float32"]["max_abs_diff"] <= FORMATS["tflite-float32"].max_abs_diff
@@ -443,7 +465,7 @@ def test_saved_model_source(model, tiny_run, tmp_path):
     model.export(str(sm), verbose=False)
     manifest = Path(runs.read_config(tiny_run).manifest)
     report = run_export(sm, tmp_path / "out", parse_formats("tflite-float32,onnx-float32"), _options(calib=manifest),
-                        labels=["Parasitized", "Uninfected"], log=lambda *a: None)
+                        labels=["Parasitized", "Uninfected"], log=lambda *a: None).to_dict()
     for row in report["rows"]:
         assert row["status"] == "ok", row.get("error")
         assert row["max_abs_diff"] <= FORMATS[row["format"]].max_abs_diff
@@ -470,7 +492,7 @@ def test_int8_io_records_input_quantization(tiny_run, tmp_path, proof_images, mo
     from convert import verify
     from convert.export import run_export
 
-    report = run_export(tiny_run, tmp_path, parse_formats("tflite-int8"), _options(int8_io=True), log=lambda *a: None)
+    report = run_export(tiny_run, tmp_path, parse_formats("tflite-int8"), _options(int8_io=True), log=lambda *a: None).to_dict()
     row = report["rows"][0]
     assert row["status"] == "ok", row.get("error")
     meta = read_metadata(tmp_path / row["file"])
@@ -505,7 +527,7 @@ def test_litert_quantizer_int8(tiny_run, tmp_path, proof_images, model):
 
     report = run_export(tiny_run, tmp_path, parse_formats("tflite-int8"),
                         _options(int8_quantizer="litert-quantizer", min_agreement=QUANT_MIN_AGREEMENT),
-                        log=lambda *a: None)
+                        log=lambda *a: None).to_dict()
     row = report["rows"][0]
     assert row["status"] == "ok", row.get("error")
     meta = read_metadata(tmp_path / row["file"])
@@ -612,7 +634,7 @@ def test_op_outside_litert_builtins_is_named():
     import keras
     import tensorflow as tf
 
-    from convert.tflite import convert_keras
+    from convert.converters import convert_keras
 
     class Det(keras.layers.Layer):  # built in the test, never loaded from a file (safe mode refuses code)
         def call(self, x):
@@ -763,7 +785,7 @@ def test_calibration_from_an_image_folder(tiny_run, tmp_path):
 
     report = run_export(tiny_run / "best.keras", tmp_path, parse_formats("tflite-int8"),
                         _options(calib=SAMPLE, calib_n=40, eval_n=40, min_agreement=0.0), name="cells",
-                        log=lambda *a: None)
+                        log=lambda *a: None).to_dict()
     assert report["calibration"]["images"] == 40 and "folder" in report["calibration"]["from"]
     assert str(SAMPLE) not in report["calibration"]["from"] and len(report["calibration"]["sha256"]) == 64
     assert report["proof"]["images"] == 40
@@ -779,7 +801,7 @@ def test_onnx_int8_other_calibrations_and_fixed_activation_type(tiny_run, tmp_pa
 
     report = run_export(tiny_run, tmp_path, parse_formats("onnx-int8"),
                         _options(calib_method=method, onnx_activations="int8",
-                                 min_agreement=QUANT_MIN_AGREEMENT), log=lambda *a: None)
+                                 min_agreement=QUANT_MIN_AGREEMENT), log=lambda *a: None).to_dict()
     row = report["rows"][0]
     assert row["status"] == "ok", row.get("error")
     q = read_metadata(tmp_path / row["file"]).quantization

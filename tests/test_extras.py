@@ -83,3 +83,14 @@ def test_the_table_is_pyproject_s():
 
     for extra, listed in extras.EXTRAS.items():
         assert set(listed) == packages(extra), extra
+
+
+def test_smear_without_opencv_is_a_sentence(monkeypatch, capsys):
+    """`.[edge]` alone has no OpenCV since issue 27: `edge_runtime smear` says to add the `smear` extra."""
+    from edge_runtime.cli import main
+
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    assert main(["smear", "malaria", str(ROOT / "tests" / "data" / "malaria_sample")]) == 2
+    assert capsys.readouterr().err.strip() == ("error: python -m edge_runtime smear needs the `smear` extra, and "
+                                               "this environment lacks opencv-python-headless: "
+                                               "pip install 'medge[smear]'")

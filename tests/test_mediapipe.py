@@ -248,7 +248,7 @@ def trained(tmp_path_factory, sample_manifest) -> Path:
     out = tmp_path_factory.mktemp("trained")
     report = run_export(source, out, parse_formats("tflite-float32,tflite-int8"),
                         Options(calib=sample_manifest, calib_n=64, eval_n=40, allow_drop=True, force=True),
-                        name="malaria", log=lambda *a, **k: None)
+                        name="malaria", log=lambda *a, **k: None).to_dict()
     assert report["ok"], [r.get("error") for r in report["rows"]]
     return out
 

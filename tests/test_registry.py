@@ -107,3 +107,20 @@ def test_an_altered_released_file_is_refused(tmp_path, monkeypatch):
     path.unlink()
     with pytest.raises(ModelError, match="missing from this install"):
         edge_runtime.load("malaria")
+
+
+@pytest.mark.parametrize("name", [r.name for r in registry.read_registry()])
+def test_each_card_names_both_hashes_and_no_developer_path(name):
+    """A card a user reads: the shipped file's sha256 and the Keras model's, each named; nothing of the machine
+    it was made on in its prose; a slide block named once where two figures point at the same one (issue 27)."""
+    import re
+
+    entry = registry.get(name)
+    card = registry.card_text(entry)
+    assert f"`{entry.file}` sha256 `{entry.sha256}`" in card.splitlines()[2]  # under the title
+    assert (f"sha256 of the shipped `{entry.file}`: `{entry.sha256}`; of the Keras model it is made from "
+            f"(`model.keras`): `{entry.trained['source_sha256']}`") in card
+    # The commands that made it give paths as the developer typed them (a recipe); the prose must not.
+    prose = re.sub(r"```.*?```|`python -m [^`]*`", "", card, flags=re.S)
+    assert "shared/data" not in prose and "/work/" not in prose
+    assert not re.search(r"\((PA\d+), \1\)", card)

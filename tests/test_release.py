@@ -48,6 +48,8 @@ def test_release_writes_artifact_registry_and_card(released, monkeypatch):
     card = (pkg / "tinymal.md").read_text()
     assert card == (dest / "MODEL_CARD.md").read_text()
     assert f"{100 * s['accuracy']:.2f}%" in card and "Intended use" in card and "not a diagnosis" in card
+    assert f"`tinymal.tflite` sha256 `{entry.sha256}`" in card  # the shipped file's, named, and the Keras model's
+    assert f"(`model.keras`): `{registry.sha256_file(dest / 'model.keras')}`" in card
     calib = read_manifest(dest / "calibration.csv")
     assert sum(r.split == "train" for r in calib) == 40 and sum(r.split == "test" for r in calib) == 80
     # By name, through the registry of that folder.

@@ -105,7 +105,7 @@ def trusted(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("trusted")
     report = run_export(tiny_run, out, parse_formats(",".join(SELFTEST_FORMATS)),
                         Options(calib_n=48, eval_n=60, min_agreement=0.0, allow_drop=True), name="m",
-                        log=lambda *a: None)
+                        log=lambda *a: None).to_dict()
     return out, report
 
 
@@ -286,7 +286,7 @@ def test_inspect_shows_the_report_beside_the_artifact(trusted, capsys):
 
 
 class _FakeJob:
-    """Just what `bounded_search` reads of an ExportJob: options, proof labels, a cache, a log."""
+    """Just what `bounded_search` reads of an ExportJob: options, proof labels, its max_drop records, a log."""
 
     class proof:
         y, origin = np.array([0, 1, 0, 1]), "fake (test split)"
@@ -299,7 +299,7 @@ class _FakeJob:
 
         self.options, self.proof = SimpleNamespace(max_drop=bound), self.proof()
         self.keras_probs = np.eye(2)[[0, 1, 0, 1]]
-        self.cache, self.log = {}, lambda *a: None
+        self.max_drop, self.log = {}, lambda *a: None
 
 
 class _FakeLadder:
@@ -335,8 +335,8 @@ def _fake_search(monkeypatch, bound, drops, skip_int16=False):
     try:
         path, record = bounded.bounded_search(job, FORMATS["onnx-int8"], _FakeLadder(), report, ("ort-int8",))
     except ValueError as e:
-        return job.cache[("max_drop", "onnx-int8")], str(e), asked
-    assert job.cache[("max_drop", "ort-int8")] is record  # the row sharing the graph shares the record
+        return job.max_drop["onnx-int8"], str(e), asked
+    assert job.max_drop["ort-int8"] is record  # the row sharing the graph shares the record
     assert path == Path(f"step{record['chosen_step']}")
     return record, None, asked
 
@@ -376,7 +376,7 @@ def test_max_drop_tflite_steps_through_the_device_runtime(tiny_run, tmp_path, mo
     opts = dict(calib_n=48, eval_n=60, min_agreement=0.0, allow_drop=True, layer_report_n=16)
     # A bound no model can meet (int8 100 points better than Keras): every step is tried, then the row fails.
     failed = run_export(tiny_run, tmp_path / "a", parse_formats("tflite-int8"), Options(max_drop=-100.0, **opts),
-                        name="m", log=lambda *a: None)
+                        name="m", log=lambda *a: None).to_dict()
     row = failed["rows"][0]
     assert row["status"] == "failed" and "no mix met it" in row["error"] and not failed["ok"]
     assert not list((tmp_path / "a").glob("*.tflite"))
@@ -398,7 +398,7 @@ def test_max_drop_tflite_steps_through_the_device_runtime(tiny_run, tmp_path, mo
     bound = min(s["drop_pp"] for s in steps[:2])
     expect = next(s["step"] for s in steps[:2] if s["drop_pp"] <= bound)
     ok = run_export(tiny_run, tmp_path / "b", parse_formats("tflite-int8"), Options(max_drop=bound, **opts),
-                    name="m", log=lambda *a: None)
+                    name="m", log=lambda *a: None).to_dict()
     row = ok["rows"][0]
     assert row["status"] == "ok", row.get("error")  # the search and the row's criterion agree on the bound
     assert row["max_drop"]["chosen_step"] == expect and len(row["max_drop"]["steps"]) == expect + 1
@@ -420,7 +420,7 @@ def test_max_drop_onnx_excludes_nodes_and_shares_the_graph_with_ort(tiny_run, tm
     opts = dict(calib_n=48, eval_n=60, min_agreement=0.0, allow_drop=True, layer_report_n=16,
                 onnx_activations="uint8")
     failed = run_export(tiny_run, tmp_path / "a", parse_formats("onnx-int8,ort-int8"),
-                        Options(max_drop=-100.0, **opts), name="m", log=lambda *a: None)
+                        Options(max_drop=-100.0, **opts), name="m", log=lambda *a: None).to_dict()
     rows = {r["format"]: r for r in failed["rows"]}
     assert all(r["status"] == "failed" and "no mix met it" in r["error"] for r in rows.values())
     rec = rows["onnx-int8"]["max_drop"]
@@ -436,7 +436,7 @@ def test_max_drop_onnx_excludes_nodes_and_shares_the_graph_with_ort(tiny_run, tm
     # A bound step 0 meets: both rows are made from its graph and say so.
     bound = rec["steps"][0]["drop_pp"]
     ok = run_export(tiny_run, tmp_path / "b", parse_formats("onnx-int8,ort-int8"), Options(max_drop=bound, **opts),
-                    name="m", log=lambda *a: None)
+                    name="m", log=lambda *a: None).to_dict()
     rows = {r["format"]: r for r in ok["rows"]}
     assert all(r["status"] == "ok" for r in rows.values()), [r.get("error") for r in rows.values()]
     assert rows["onnx-int8"]["max_drop"]["chosen_step"] == 0 and rows["ort-int8"]["max_drop"]["chosen_step"] == 0
@@ -448,7 +448,7 @@ def test_onnx_excluded_nodes_stay_float(tiny_run, tmp_path):
     import onnx
 
     from convert.bounded import OnnxLadder
-    from convert.onnx_export import _quantize, keras_to_onnx
+    from convert.converters import keras_to_onnx, quantize_qdq
     from onnxruntime.quantization.shape_inference import quant_pre_process
     import keras
 
@@ -464,7 +464,7 @@ def test_onnx_excluded_nodes_stay_float(tiny_run, tmp_path):
     assert conv.name in ladder.key(row)
     x = np.random.default_rng(0).random((8, *model.inputs[0].shape[1:]), dtype=np.float32)
     q = tmp_path / "q.onnx"
-    _quantize(prep, q, x, "uint8", "minmax", ladder.key(row))
+    quantize_qdq(prep, q, x, "uint8", "minmax", ladder.key(row))
     qg = onnx.load(str(q)).graph
     dq_outputs = {o for n in qg.node if n.op_type == "DequantizeLinear" for o in n.output}
     kept = next(n for n in qg.node if n.name == conv.name)

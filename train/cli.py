@@ -19,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from train import evaluate, fieldcrops, split
+from train.malaria import cv, fieldcv, review, siteadapt
 from train.malaria.presets import MALARIA_PRESETS
 from train.oct import cli as oct_cli
 
@@ -109,11 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fc.add_argument("--out", required=True, type=Path, help="folder for crops/, field-crops.csv and field-crops.json")
     fc.add_argument("--fields", nargs="+", metavar="NAME", help="only these fields (file names or stems)")
 
-    from train.malaria import fieldcv
-
     fieldcv.add_parser(sub)
-    from train.malaria import siteadapt
-
     siteadapt.add_parser(sub)
     oct_cli.add_parser(sub)
     return p.parse_args(argv)
@@ -123,11 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "split":
-            from train import split
-
             return split.run(args.data, args.out, args.mode, args.seed, args.val, args.test, args.exclude_patients_of)
         if args.command == "malaria":
-            from train.malaria import fit
+            from train.malaria import fit  # loads TensorFlow: imported only when this runs
 
             fit.train_malaria(
                 args.manifest, args.preset, args.out, epochs=args.epochs, batch_size=args.batch_size,
@@ -137,16 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "cv":
-            from train.malaria import cv
-
             return cv.run(args, sys.argv[1:] if argv is None else argv)
         if args.command == "review":
-            from train.malaria import review
-
             return review.run(args.cv, args.out, args.top)
         if args.command == "evaluate":
-            from train import evaluate
-
             report = evaluate.evaluate_run(
                 args.run, manifest=args.manifest, data=args.data, split=args.split, out=args.out,
                 batch_size=args.batch_size,
@@ -154,20 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             print(evaluate.format_report(report))
             return 0
         if args.command == "demo":
-            from train.malaria import demo
+            from train.malaria import demo  # loads TensorFlow: imported only when this runs
 
             return demo.run(args.data, args.out, args.epochs)
         if args.command == "field-crops":
-            from train import fieldcrops
-
             return fieldcrops.run(args.data, args.out, args.fields)
         if args.command == "field-cv":
-            from train.malaria import fieldcv
-
             return fieldcv.run(args, sys.argv[1:] if argv is None else argv)
         if args.command == "site-adapt":
-            from train.malaria import siteadapt
-
             return siteadapt.run(args, sys.argv[1:] if argv is None else argv)
         if args.command == "oct":
             return oct_cli.run(args)

@@ -21,19 +21,20 @@ import numpy as np
 from edge_runtime.spec import PreprocessSpec
 from train import runs
 from train.metrics import classification_metrics, markdown_report
+from train.oct.facts import SYNTHETIC_NOTE, any_synthetic, referral_markdown, referral_metrics
 from train.split import Record, build_split, read_manifest
 
 
 def load_model(path: Path):
     """Load a .keras model with Keras' safe mode on (no code from the file runs)."""
-    import keras
+    import keras  # TensorFlow: imported only when this runs
 
     return keras.saving.load_model(path, compile=False, safe_mode=True)
 
 
 def predict_records(model, records: list[Record], labels: list[str], spec: PreprocessSpec, batch_size: int = 64):
     """Probabilities for every record, in order."""
-    from train.data import make_dataset
+    from train.data import make_dataset  # loads TensorFlow: imported only when this runs
 
     ds = make_dataset(records, labels, spec, batch_size, cache=False)
     return model.predict(ds.map(lambda x, y: x), verbose=0)
@@ -42,9 +43,9 @@ def predict_records(model, records: list[Record], labels: list[str], spec: Prepr
 def predict_records_flips(model, records: list[Record], labels: list[str], spec: PreprocessSpec,
                           batch_size: int = 64) -> np.ndarray:
     """Test-time augmentation: probabilities averaged over the image and its three flips (a cell has no up)."""
-    import tensorflow as tf
+    import tensorflow as tf  # TensorFlow: imported only when this runs
 
-    from train.data import make_dataset
+    from train.data import make_dataset  # loads TensorFlow: imported only when this runs
 
     ds = make_dataset(records, labels, spec, batch_size, cache=True).map(lambda x, y: x)
     flips = (lambda x: x, tf.image.flip_left_right, tf.image.flip_up_down,
@@ -53,10 +54,10 @@ def predict_records_flips(model, records: list[Record], labels: list[str], spec:
 
 
 def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # optional: plots only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: plots only
 
     a = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(labels), 1.2 + 1.0 * len(labels)))
@@ -116,7 +117,6 @@ def evaluate_run(
         "patients": len({r.patient for r in records}),
         "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
-    from train.oct.facts import SYNTHETIC_NOTE, any_synthetic, referral_metrics
 
     if cfg.referral:  # OCT: Kermany et al.'s urgent / routine / observation view
         report["referral"] = referral_metrics(y_true, probs.argmax(axis=1), labels, cfg.referral)
@@ -144,12 +144,8 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
     """The classification report, plus the referral view (OCT) and the synthetic-data note when they apply."""
     text = markdown_report(report, title)
     if "referral" in report:
-        from train.oct.facts import referral_markdown
-
         text += "\n" + referral_markdown(report["referral"])
     if report.get("synthetic"):
-        from train.oct.facts import SYNTHETIC_NOTE
-
         text = f"> {SYNTHETIC_NOTE}\n\n" + text
     return text
 

@@ -34,6 +34,8 @@ from PIL import Image
 
 from train.annotations import PARASITE_TYPES, UNINFECTED_TYPE, field_blocks, load_annotations, match
 from edge_runtime.fileio import write_json
+from edge_runtime.images import load_image
+from edge_runtime.smear import crop, segment
 
 POSITIVE, NEGATIVE = "Parasitized", "Uninfected"
 CROPS_CSV = "field-crops.csv"
@@ -52,9 +54,6 @@ def label_of(kind: str) -> str | None:
 
 def field_crops(ann: dict[str, Any]) -> tuple[list[tuple[np.ndarray, str, int]], dict[str, int]]:
     """One field's labelled crops [(crop, label, region index)] and its counts; raises on a bad field."""
-    from edge_runtime.images import load_image
-    from edge_runtime.smear import crop, segment
-
     seg = segment(load_image(ann["image"]), ann["image"].name)
     matched = match(ann["boxes"], [c.bbox for c in seg.cells])
     out, counts = [], Counter()

@@ -7,6 +7,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import edge_runtime
+
 
 def classification_metrics(
     y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str], positive_label: str | None = None
@@ -20,6 +22,7 @@ def classification_metrics(
         positive_label: the class whose sensitivity/specificity is reported
             (e.g. "Parasitized"); ROC AUC is of this class against the rest.
     """
+    # sklearn: slow to import, only the metrics need it
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
     y_true = np.asarray(y_true, dtype=int)
@@ -96,8 +99,6 @@ def artifact_metrics(path: str | Path, images: Sequence[str], y: np.ndarray, lab
                      ) -> tuple[dict[str, Any], np.ndarray]:
     """Accuracy, sensitivity, specificity, ROC AUC and uncertain share of an artifact, through edge_runtime; and
     its probabilities (cells x labels). Used by `convert release` and `train field-cv`."""
-    import edge_runtime
-
     model = edge_runtime.load(path, threads=1)
     preds = model.predict(list(images))
     bad = [p for p in preds if p.error]

@@ -209,10 +209,10 @@ def plot_history(run: Path, title: str = "") -> Path | None:
     rows = read_history(run)
     if not rows:
         return None
-    import matplotlib
+    import matplotlib  # optional: plots only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: plots only
 
     epochs = [int(r["epoch"]) + 1 for r in rows]
     fig, ax = plt.subplots(figsize=(8, 5))

@@ -9,7 +9,7 @@ medge uses Keras 3. So the fine-tuning runs in its own process:
     parent.py       Keras 3 side: `export_qat_int8` (the format table's exporter) writes the job and the
                     weights, runs `python -m convert.qat.child JOB.json`, streams its progress, kills it when
                     interrupted, reads its result
-    child.py        tf-keras side: twin, annotation, fine-tune, conversion with `convert.tflite.int8_config`
+    child.py        tf-keras side: twin, annotation, fine-tune, conversion with `convert.converters.int8_config`
     twin.py         the tf-keras twin: built from the architecture code, Keras weights copied layer by layer
     tfmot_fixes.py  every tfmot workaround and all private tfmot API use, with the upstream issues; checks
                     the installed tfmot is the pinned version

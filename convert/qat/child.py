@@ -4,7 +4,7 @@
 
 Prints `PROGRESS_TAG` lines as stages end and one `RESULT_TAG` line with a
 `QatResult` at the end; the .tflite goes to `QatJob.out`. The conversion is
-`convert.tflite.int8_config`, the same settings as `tflite-int8`, on the
+`convert.converters.int8_config`, the same settings as `tflite-int8`, on the
 fine-tuned model and the same calibration data.
 """
 
@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.converters import convert_keras, int8_config
 from convert.qat.job import PROGRESS_TAG, QatJob, QatResult
+from convert.qat.twin import twin_with_weights
+from edge_runtime.spec import PreprocessSpec
 
 
 def progress(text: str) -> None:
@@ -31,19 +34,18 @@ def training_data(job: QatJob):
     training split of 299x299 scans never has to fit in memory; features are
     read from the store per batch, as head training reads them.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # TensorFlow: imported only when this runs
 
     n_cls, seed, batch = len(job.labels), job.seed, job.batch_size
     if job.store:
-        import tf_keras
+        import tf_keras  # TensorFlow: imported only when this runs
 
-        from train.oct.store import make_sequence
+        from train.oct.store import make_sequence  # loads TensorFlow: imported only when this runs
 
         seq = make_sequence(job.store, "train", batch, shuffle=True, seed=seed, keras_module=tf_keras)
         return seq, len(seq.index)
 
-    from edge_runtime.spec import PreprocessSpec
-    from train.data import decode_and_resize
+    from train.data import decode_and_resize  # loads TensorFlow: imported only when this runs
 
     spec = PreprocessSpec.from_dict(job.preprocess)
     paths = [p for p, _ in job.train]
@@ -64,7 +66,7 @@ def freeze_batchnorm(qat) -> int:
     with Keras from 1.0 to 0.77; frozen, the fine-tune adapts only the weights
     to quantization noise, which is what QAT is for.
     """
-    import tf_keras
+    import tf_keras  # TensorFlow: imported only when this runs
 
     n = 0
     for layer in qat.layers:
@@ -78,12 +80,10 @@ def run(job: QatJob) -> QatResult:
     """Do the job; returns what the parent records (raises on any failure, writing nothing to `job.out`)."""
     if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
         raise RuntimeError("convert.qat.child must run with TF_USE_LEGACY_KERAS=1 (python -m convert starts it so)")
-    import tensorflow as tf
-    import tf_keras
+    import tensorflow as tf  # TensorFlow: imported only when this runs
+    import tf_keras  # TensorFlow: imported only when this runs
 
-    from convert.qat import tfmot_fixes
-    from convert.qat.twin import twin_with_weights
-    from convert.tflite import convert_keras, int8_config
+    from convert.qat import tfmot_fixes  # loads TensorFlow: imported only when this runs
 
     tf.keras.utils.set_random_seed(job.seed)
     seconds: dict[str, float] = {}

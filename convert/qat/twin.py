@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from convert.qat.job import QatJob
+from train.malaria.presets import ResNetConfig
 
 PROBE_TOLERANCE = 1e-4  # max |dprob| between the twin and the Keras model on the probe batch
 
@@ -60,16 +61,15 @@ def copy_weights(twin, weights, names) -> None:
 
 def build_twin(job: QatJob):
     """The tf-keras network the job's architecture names, with random weights."""
-    import tf_keras
+    import tf_keras  # TensorFlow: imported only when this runs
 
     arch, n_cls = job.architecture, len(job.labels)
     if arch.kind == "resnet":
-        from train.malaria.models import build_resnet
-        from train.malaria.presets import ResNetConfig
+        from train.malaria.models import build_resnet  # loads TensorFlow: imported only when this runs
 
         return build_resnet(ResNetConfig(**arch.resnet), tuple(job.input_shape), n_cls,
                             keras_module=tf_keras, name=job.name)
-    from train.oct.models import HEAD_BUILDERS, build_fused_flat
+    from train.oct.models import HEAD_BUILDERS, build_fused_flat  # loads TensorFlow: imported only when this runs
 
     if arch.kind == "oct-fused":
         return build_fused_flat(n_cls, arch.mode, keras_module=tf_keras, name=job.name)

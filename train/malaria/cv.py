@@ -49,6 +49,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from train import runs
+from train.evaluate import load_model, predict_records, predict_records_flips
 from train.malaria.presets import MALARIA_PRESETS
 from train.metrics import binary_rates, classification_metrics
 from train.split import Record, _assign_groups, read_manifest, write_manifest
@@ -80,7 +81,7 @@ def _fold_records(records: Sequence[Record], folds: dict[str, int], i: int) -> l
 
 def _rates(y: np.ndarray, pred: np.ndarray, prob: np.ndarray) -> dict[str, float | None]:
     """Accuracy, sensitivity, specificity and ROC AUC of the positive class (y, pred: is positive; prob: its probability)."""
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # sklearn: slow to import, only the metrics need it
 
     out: dict[str, float | None] = {"accuracy": float((pred == y).mean())}
     out.update(binary_rates(y, pred))
@@ -169,8 +170,7 @@ def run_cv(
     command: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or with `resume` continue) the cross-validation; write the report files and return cv.json's content."""
-    from train.evaluate import load_model, predict_records, predict_records_flips
-    from train.malaria.fit import train_malaria
+    from train.malaria.fit import train_malaria  # loads TensorFlow: imported only when this runs
 
     out = Path(out)
     plan = _plan(manifest, preset, folds, seed, epochs, batch_size, exclude_split, out, resume)
@@ -243,7 +243,7 @@ def _mean_std(rows: Sequence[dict[str, Any]], key: str) -> tuple[float | None, f
 def _report(plan: dict[str, Any], out: Path, fold_rows: list[dict[str, Any]], labels: list[str], draws: int,
             command: Sequence[str] | None) -> dict[str, Any]:
     """Pool the folds' oof parts into OUT/oof.csv and write cv.json, cv.csv and cv.md."""
-    from train.malaria.fit import POSITIVE_LABEL
+    from train.malaria.fit import POSITIVE_LABEL  # loads TensorFlow: imported only when this runs
 
     positive = POSITIVE_LABEL if POSITIVE_LABEL in labels else labels[-1]
     oof = [row for i in range(1, plan["folds"] + 1) for row in _read_oof(out / f"fold-{i}" / OOF)]

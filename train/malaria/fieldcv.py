@@ -42,7 +42,19 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import edge_runtime
 from edge_runtime.fileio import atomic_write_text, write_json
+from edge_runtime.model import DEFAULT_THRESHOLDS
+from train.annotations import (
+    field_blocks,
+    load_annotations,
+    measure_field,
+    rows_csv,
+    summarise,
+    threshold_markdown,
+    threshold_table,
+)
+from train.metrics import artifact_metrics
 from train.split import Record, discover, patient_id, read_manifest, write_manifest
 
 RESULT = "result.json"
@@ -130,9 +142,6 @@ def fold_manifest(crops: list[dict[str, str]], crops_dir: Path, nih: list[Record
 def measure(model_ref: str | Path, anns: list[dict[str, Any]], blocks: dict[str, str], threads: int,
             tag: str) -> list[dict[str, Any]]:
     """The per-field rows of `benchmarks smear` (`measure_field`) for these fields, each with its block."""
-    import edge_runtime
-    from train.annotations import measure_field
-
     model = edge_runtime.load(model_ref, threads=threads)
     rows = []
     for ann in anns:
@@ -162,8 +171,6 @@ def with_cells(rows: list[dict[str, Any]], model_ref: str | Path, anns: list[dic
 
 def nih_int8(path: Path, sample: list[Record]) -> dict[str, Any]:
     import numpy as np
-
-    from train.metrics import artifact_metrics
 
     labels = ["Parasitized", "Uninfected"]
     y = np.array([labels.index(r.label) for r in sample])
@@ -275,9 +282,6 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{100 * q['sensitivity']:.2f}% | {100 * q['specificity']:.2f}% | {q['roc_auc']:.4f} | "
                      f"{f['epochs']} | {f['train_seconds'] / 60:.1f} |")
     if report.get("thresholds"):
-        from train.annotations import threshold_markdown
-        from edge_runtime.model import DEFAULT_THRESHOLDS
-
         lines += ["", "What the uncertain bar trades on the held-out fields (a cell is uncertain when its top "
                   f"probability is below it; the models' bar is {DEFAULT_THRESHOLDS['malaria']:g}):", "",
                   threshold_markdown({"released": report["thresholds"]["release"],
@@ -286,8 +290,6 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from train.annotations import field_blocks, load_annotations, rows_csv, summarise, threshold_table
-
     args.out.mkdir(parents=True, exist_ok=True)
     crops_csv = args.crops / "field-crops.csv"
     if not crops_csv.is_file():

@@ -53,6 +53,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.fileio import atomic_write_text, write_json
+from train import fieldcrops
+from train.annotations import PARASITE_TYPES, load_annotations, summarise
+from train.malaria.fieldcv import fine_tune, fold_manifest, measure, nih_int8, sample_records
 from train.split import Record, read_manifest
 
 PLAN, REPORT = "plan.json", "site-adapt.json"
@@ -101,8 +104,6 @@ SITE_PRESETS = {
 
 def _iml_json(path: Path) -> list[dict[str, Any]]:
     """Fields of an IML-Malaria annotation file; images in fields/ beside it, else beside it."""
-    from train.annotations import PARASITE_TYPES, load_annotations
-
     if path.name == "annotations.json" and (path.parent / "fields").is_dir():
         return load_annotations(path.parent)
     try:
@@ -313,8 +314,6 @@ def _records(args: argparse.Namespace, preset: SitePreset, site_rows: list[dict[
              sample: list[Record]) -> tuple[list[Record], dict[str, int]]:
     """Training mix: the site crops (all uninfected, parasites repeated), shared crops and NIH cells (seeded
     samples), and the NIH sample as the test split (convert's proof set)."""
-    from train.malaria.fieldcv import fold_manifest
-
     rng = random.Random(args.seed)
     nih: list[Record] = []
     if args.nih:
@@ -343,10 +342,6 @@ def _records(args: argparse.Namespace, preset: SitePreset, site_rows: list[dict[
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from train import fieldcrops
-    from train.annotations import summarise
-    from train.malaria.fieldcv import fine_tune, measure, nih_int8, sample_records
-
     t_start = time.time()
     preset = SITE_PRESETS[args.preset]
     if not args.init.exists():
@@ -411,8 +406,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "train_seconds": train_s, "convert_seconds": round(convert_s, 1),
         "keep": name if ok else str(args.release), "reasons": reasons, "artifact": str(tfl), "run": str(run_dir),
     }
-    write_json(args.out / REPORT, report)
     md = table(report)
+    # the before/after rows alone, for the model card (`convert release` renders no train report itself)
+    report["table"] = md.split("\n\nTraining")[0].split("\n\n", 1)[1]
+    write_json(args.out / REPORT, report)
     atomic_write_text(args.out / "site-adapt.md", md)
     print(md)
     if not ok:
@@ -423,7 +420,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 0
 
     # 6. release: a release like the others (card, registry, int8 remade by `python -m convert`).
-    from convert.release import release
+    from convert.release import release  # Keras and the converters: only when a model is released
 
     crops_dirs = [args.out / "crops"] + ([args.shared_crops] if args.shared_crops else [])
     entry = release(run_dir, name, args.version, args.sample, dest=args.dest, package=args.package,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from train.oct import gradcam, predict
+
 BASE_HELP = "imagenet (Keras' cached ImageNet weights), none (random, for tests) or a weights file PATH"
 
 
@@ -88,17 +90,17 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch a parsed `oct` command; FileNotFoundError/ValueError reach the caller (exit 2)."""
     c = args.oct_command
     if c == "synth":
-        from train.oct import synth
+        from train.oct import synth  # loads scipy: imported only when this runs
 
         return synth.run(args.out, args.per_class, args.patients, args.test_per_class, args.test_patients,
                              args.seed)
     if c == "extract":
-        from train.oct import store
+        from train.oct import store  # loads TensorFlow: imported only when this runs
 
         return store.run(args.manifest, args.out, args.base_weights, args.base_seed, args.preprocess,
                              args.dtype, args.batch_size, args.splits)
     if c == "head":
-        from train.oct import fit
+        from train.oct import fit  # loads TensorFlow: imported only when this runs
 
         if args.store is None and not args.resume:
             raise ValueError("--store is required (except with --resume)")
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                         verbose=2 if args.quiet else 1)
         return 0
     if c == "fuse":
-        from train.oct import fit
+        from train.oct import fit  # loads TensorFlow: imported only when this runs
 
         fit.import_head(args.head, args.out, args.base_weights, args.base_seed, args.preprocess,
                               args.labels, args.store)
@@ -122,11 +124,8 @@ def run(args: argparse.Namespace) -> int:
         if c == "predict" and not images:
             raise ValueError("oct predict needs at least one image path or http(s) URL")
         if c == "gradcam":
-            from train.oct import gradcam
-
             return gradcam.run(run_dir, images, args.out, args.head, args.base_weights, args.base_seed,
                                    args.preprocess, args.misclassified, args.split)
-        from train.oct import predict
 
         return predict.run(run_dir, images, args.head, args.base_weights, args.base_seed,
                                args.preprocess, args.format, args.timeout, args.max_bytes)

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from edge_runtime.clinical import OCT_REFERRAL, REFERRAL_LEVELS
+from train.metrics import binary_rates
 
 # What Kermany et al. report for their own model on the 1,000 test images.
 KERMANY_REFERENCE = {"accuracy": 0.966, "sensitivity": 0.978, "specificity": 0.974}
@@ -73,8 +74,6 @@ def referral_metrics(
         level confusion matrix, level accuracy, and sensitivity/specificity of
         "urgent" against the other two levels.
     """
-    from train.metrics import binary_rates
-
     referral = dict(referral or OCT_REFERRAL)
     missing = [l for l in labels if l not in referral]
     if missing:

@@ -30,10 +30,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from train import runs
 from edge_runtime.clinical import OCT_LABELS, referral_map
+from train import runs
+from train.data import make_dataset
+from train.evaluate import load_model, write_report
+from train.metrics import classification_metrics
 from train.oct.facts import SYNTHETIC_NOTE, referral_metrics
-from train.oct.models import describe_base, features_fingerprint, preprocess_name
+from train.oct.models import (
+    build_base, build_head, build_top, describe_base, features_fingerprint, fuse, load_head, preprocess_name,
+    preprocess_spec, weights_fingerprint)
+from train.oct.store import make_sequence, read_column, read_info, split_indices
+from train.split import Record
+from train.training import RunLogger
 
 MODES = ("head", "end-to-end")
 FUSED = "fused.keras"
@@ -66,8 +74,6 @@ def _config(mode: str, labels: list[str], spec, base_weights: str, base_seed: in
 
 def _check_base(info, base_weights: str | None, base_seed: int | None, preprocess: str | None):
     """Build the store's base (or the one asked for) and refuse it unless it is the store's."""
-    from train.oct.models import build_base, preprocess_spec, weights_fingerprint
-
     weights = base_weights if base_weights is not None else info.base_weights
     seed = base_seed if base_seed is not None else info.base_seed
     spec = preprocess_spec(preprocess) if preprocess is not None else info.spec
@@ -85,9 +91,7 @@ def _check_base(info, base_weights: str | None, base_seed: int | None, preproces
 
 
 def _callbacks(out: Path, monitor_file: str, title: str, best_so_far: float | None, extra: Sequence = ()):
-    import keras
-
-    from train.training import RunLogger
+    import keras  # TensorFlow: imported only when this runs
 
     return [
         # First, so its per-epoch `seconds` is training + validation only, not the checkpoint writes below.
@@ -112,10 +116,6 @@ def evaluate_head_on_store(run: Path, store: Path, split: str = "test", head=Non
     Much faster than `python -m train evaluate` (no base pass) and gives the
     same figures when the store matches the run's base and preprocessing.
     """
-    from train.evaluate import load_model, write_report
-    from train.metrics import classification_metrics
-    from train.oct.store import make_sequence, read_column, read_info, split_indices
-
     cfg = runs.read_config(run)
     info = read_info(store)
     if info.fingerprint != cfg.features_fingerprint:
@@ -171,10 +171,7 @@ def train(
         verbose: Keras verbosity.
         callbacks: extra Keras callbacks.
     """
-    import keras
-
-    from train.oct.models import build_head, build_top, fuse
-    from train.oct.store import make_sequence, read_column, read_info, split_indices
+    import keras  # TensorFlow: imported only when this runs
 
     if mode not in MODES:
         raise ValueError(f"--mode {mode!r} is not one of {MODES}")
@@ -204,9 +201,6 @@ def train(
         val_data = make_sequence(store, "val", batch_size, shuffle=False)
         ckpt = HEAD
     else:
-        from train.data import make_dataset
-        from train.split import Record
-
         paths, pats, splits = (read_column(store, k) for k in ("path", "patient", "split"))
         lab = read_column(store, "label")
         recs = [Record(p, labels[l], pt, s) for p, l, pt, s in zip(paths, lab, pats, splits)]
@@ -235,8 +229,6 @@ def train(
     secs = [r["seconds"] for r in hist]
     print(f"done in {wall:.0f} s: best val accuracy {best['val_accuracy']:.4f} at epoch {int(best['epoch']) + 1}; "
           f"epoch time first {secs[0]:.2f} s, median {float(np.median(secs)):.2f} s")
-
-    from train.evaluate import load_model
 
     if mode == "head":
         head = load_model(out / HEAD)
@@ -268,9 +260,6 @@ def import_head(head_path: Path, out: Path, base_weights: str = "imagenet", base
 
     With `store`, the base and preprocessing must be the store's (checked by fingerprint).
     """
-    from train.oct.models import build_base, fuse, load_head, preprocess_spec, weights_fingerprint
-    from train.oct.store import read_info
-
     out = Path(out)
     if runs.is_run(out):
         raise ValueError(f"{out} already holds a run; choose another --out")

@@ -24,7 +24,8 @@ from PIL import Image
 
 from edge_runtime.gradcam import overlay  # one overlay (jet, 50/50) for training side and device
 from edge_runtime.images import preprocess
-from train.oct.predict import Loaded, open_source
+from train.oct.predict import Loaded, load_for_inference, open_source
+from train.split import read_manifest
 
 
 def split_head(head: Any) -> tuple[list, list]:
@@ -53,7 +54,7 @@ def gradcam(model: Loaded, x: np.ndarray, class_index: Sequence[int] | None = No
         x: (N, 299, 299, 3) preprocessed images.
         class_index: class to explain per image (default the predicted one).
     """
-    import tensorflow as tf
+    import tensorflow as tf  # TensorFlow: imported only when this runs
 
     feats = tf.convert_to_tensor(model.base.predict_on_batch(x))
     pre, post = split_head(model.head)
@@ -116,8 +117,6 @@ def write_index(rows: Sequence[dict[str, Any]], path: Path) -> None:
 def run(run_dir: Path | None, images: Sequence[str], out: Path, head: Path | None, base_weights: str,
         base_seed: int, preprocess_name: str, misclassified: Path | None, split: str) -> int:
     """CLI body of `python -m train oct gradcam`."""
-    from train.oct.predict import load_for_inference
-
     if not images and misclassified is None:
         raise ValueError("give images (paths or URLs) and/or --misclassified MANIFEST")
     model = load_for_inference(run_dir, head, base_weights, base_seed, preprocess_name)
@@ -127,8 +126,6 @@ def run(run_dir: Path | None, images: Sequence[str], out: Path, head: Path | Non
         write_index(rows, Path(out) / "gradcam.csv")
         written += rows
     if misclassified is not None:
-        from train.split import read_manifest
-
         recs = [r for r in read_manifest(misclassified, split) if r.label in model.labels]
         if not recs:
             raise ValueError(f"no images of the model's classes in split {split!r} of {misclassified}")

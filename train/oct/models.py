@@ -68,7 +68,7 @@ def build_base(weights: str = "imagenet", seed: int = 0) -> Any:
         FileNotFoundError: a weights path that does not exist.
         ValueError: ImageNet weights that cannot be loaded (offline, no cached file).
     """
-    import keras
+    import keras  # TensorFlow: imported only when this runs
 
     kw = dict(include_top=False, input_shape=(299, 299, 3), name=BASE_NAME)
     if weights == "none":
@@ -119,7 +119,7 @@ def _random_he(base: Any, seed: int) -> None:
     the features O(1), which makes "random base" a fair pipeline baseline,
     and drawing from numpy makes it identical in every process.
     """
-    import keras
+    import keras  # TensorFlow: imported only when this runs
 
     rng = np.random.default_rng(seed)
     for layer in base.layers:
@@ -131,7 +131,7 @@ def _random_he(base: Any, seed: int) -> None:
 
 def weights_fingerprint(model: Any) -> str:
     """sha256 over every weight's shape and bytes, in order (names depend on build order, so not used)."""
-    import keras
+    import keras  # TensorFlow: imported only when this runs
 
     h = hashlib.sha256()
     for w in model.weights:
@@ -208,7 +208,7 @@ def build_fused_flat(num_classes: int = 4, mode: str = "head", keras_module: Mod
 
 def fuse(base: Any, head: Any, name: str = "oct_fused") -> Any:
     """One model, preprocessed 299x299x3 image -> class probabilities (base, then head)."""
-    import keras
+    import keras  # TensorFlow: imported only when this runs
 
     inp = keras.Input((299, 299, 3), name="image")
     return keras.Model(inp, head(base(inp, training=False)), name=name)
@@ -229,7 +229,7 @@ def check_head(head: Any, source: str, num_classes: int = 4) -> None:
 
 def _load_h5_by_order(path: Path, num_classes: int) -> Any:
     """Our head architecture with weights read from a Keras 2 .h5 in layer order (when its config won't load)."""
-    import h5py
+    import h5py  # optional: feature stores only
 
     head = build_head(num_classes)
     with h5py.File(path, "r") as f:
@@ -262,7 +262,7 @@ def load_head(path: str | Path, num_classes: int = 4) -> Any:
     too old for it, the weights are read in layer order into `build_head`'s
     architecture. Either way the input and output shapes are checked.
     """
-    import keras
+    import keras  # TensorFlow: imported only when this runs
 
     path = Path(path)
     if not path.is_file():

@@ -22,9 +22,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edge_runtime.clinical import OCT_LABELS, referral_map
 from edge_runtime.images import load_image, preprocess
 from edge_runtime.spec import PreprocessSpec
-from edge_runtime.clinical import OCT_LABELS, referral_map
+from train import runs
+from train.evaluate import load_model
 
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MAX_BYTES = 20 * 2**20
@@ -47,14 +49,12 @@ def load_for_inference(run: Path | None = None, head: Path | None = None, base_w
                        base_seed: int = 0, preprocess_name: str = "inception",
                        labels: Sequence[str] | None = None) -> Loaded:
     """From a run directory (its fused model) or from `--head PATH` plus a base built here."""
-    from train import runs
+    # loads TensorFlow: imported only when this runs
     from train.oct.models import FEATURE_SHAPE, build_base, load_head, preprocess_spec
 
     if (run is None) == (head is None):
         raise ValueError("give either a run directory or --head PATH (not both)")
     if run is not None:
-        from train.evaluate import load_model
-
         run = Path(run)
         cfg = runs.read_config(run)
         if cfg.task != "oct":

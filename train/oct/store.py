@@ -39,6 +39,7 @@ from train.oct.models import (
     weights_fingerprint,
 )
 from train.split import Record, read_manifest
+from train.data import make_dataset
 
 STORE_FORMAT = "medge-oct-bottleneck/1"
 DTYPES = ("float32", "float16")
@@ -71,7 +72,7 @@ class StoreInfo:
 
 
 def _h5():
-    import h5py
+    import h5py  # optional: feature stores only
 
     return h5py
 
@@ -159,8 +160,6 @@ def extract(
         on_batch: called with the number of rows done after each flushed batch.
     """
     from tqdm import tqdm
-
-    from train.data import make_dataset
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {DTYPES}")
@@ -273,7 +272,7 @@ def make_sequence(path: str | Path, split: str, batch_size: int, shuffle: bool, 
     `keras_module=tf_keras` gives a `tf_keras.utils.Sequence` instead (QAT of a head).
     """
     if keras_module is None:
-        import keras as keras_module
+        import keras as keras_module  # TensorFlow: imported only when this runs
     py_dataset = getattr(keras_module.utils, "PyDataset", None)  # Keras 3; tf-keras has only Sequence
 
     class StoreSequence(py_dataset or keras_module.utils.Sequence):

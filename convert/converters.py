@@ -1,0 +1,160 @@
+"""The converter primitives every exporter shares: Keras -> .tflite, Keras -> ONNX, ONNX -> QDQ int8.
+
+The exporters (`convert.tflite`, `convert.onnx_export`, `convert.qat`), the
+`--max-drop` search (`convert.bounded`) and the per-layer report
+(`convert.layer_errors`) all call these, so they live below all of them
+(no module here imports another of convert's). TensorFlow, tf2onnx and
+onnxruntime are imported inside the functions: reading the format table or a
+report must not load them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from edge_runtime.metadata import METADATA_KEY
+
+OPSET = 17
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+# ---------------------------------------------------------------- TFLite (LiteRT)
+
+
+def representative(x: np.ndarray) -> Callable[[], Iterator[list[np.ndarray]]]:
+    """The converter's representative dataset: one real image at a time."""
+
+    def gen():
+        for i in range(len(x)):
+            yield [x[i: i + 1].astype(np.float32)]
+
+    return gen
+
+
+def convert_keras(model, configure: Callable[[Any], None] | None = None) -> bytes:
+    """Run `tf.lite.TFLiteConverter` on a Keras model, with `configure(converter)` applied first.
+
+    Raises:
+        ValueError: the converter refused the model; its message names the ops.
+    """
+    import tensorflow as tf  # TensorFlow: imported only when this runs
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if configure is not None:
+        configure(conv)
+    # Keras 3's export path prints every captured variable; keep the terminal for results.
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            return conv.convert()
+    except Exception as e:  # the converter raises ConverterError and friends
+        msg = str(e)
+        found = re.findall(r"'tf\.(\w+)' op is neither", msg)
+        found += [o for group in re.findall(r"TF Select ops: ([\w, ]+)", msg) for o in group.split(",")]
+        ops = sorted({o.strip() for o in found if o.strip()})
+        if ops:
+            raise ValueError(
+                f"TFLite converter failed: TensorFlow op(s) {', '.join(ops)} are not in LiteRT's builtin op set, "
+                "which medge targets (no TF Select/Flex kernels on devices); replace the layer that uses them"
+            ) from e
+        detail = msg.splitlines()[0] if msg else type(e).__name__
+        raise ValueError(f"TFLite converter failed: {detail}") from e
+
+
+def int8_config(calib: np.ndarray, int8_io: bool) -> Callable[[Any], None]:
+    """Converter settings for full integer quantization calibrated on `calib`.
+
+    Used by `tflite-int8` on the Keras 3 model and by the QAT child
+    (`convert.qat.child`) on the fine-tuned tf-keras model: both go through
+    `tf.lite.TFLiteConverter.from_keras_model`, so the settings are the same.
+    """
+    import tensorflow as tf  # TensorFlow: imported only when this runs
+
+    def cfg(c):
+        c.optimizations = [tf.lite.Optimize.DEFAULT]
+        c.representative_dataset = representative(calib)
+        # Fail rather than silently leave float ops in an "int8" model.
+        c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if int8_io:
+            c.inference_input_type = tf.int8
+            c.inference_output_type = tf.int8
+
+    return cfg
+
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def keras_to_onnx(model, input_shape: tuple[int, ...], opset: int = OPSET):
+    """A Keras model as an ONNX ModelProto with input "image" (batch, *input_shape) and a named batch dim."""
+    import tensorflow as tf  # TensorFlow: imported only when this runs
+    import tf2onnx  # optional: only the ONNX rows need it
+
+    spec = (tf.TensorSpec((None, *input_shape), tf.float32, name="image"),)
+    try:
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    except Exception as e:  # tf2onnx raises plain exceptions naming the unsupported op
+        raise ValueError(f"tf2onnx could not convert the model: {str(e).splitlines()[0]}") from e
+    for v in (*proto.graph.input, *proto.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "batch"
+    proto.producer_name = "medge"
+    return proto
+
+
+def set_metadata(proto, text: str, extra: Mapping[str, str] | None = None) -> None:
+    """Put the medge JSON in `metadata_props` (replacing an older entry), plus `extra` key/values (e.g. the golden set)."""
+    new = {METADATA_KEY: text, **dict(extra or {})}
+    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in new]
+    del proto.metadata_props[:]
+    for k, v in keep + list(new.items()):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+class CalibrationReader:
+    """onnxruntime CalibrationDataReader over preprocessed images, one per call."""
+
+    def __init__(self, x: np.ndarray, name: str):
+        self.x, self.name, self.i = x, name, 0
+
+    def get_next(self):
+        if self.i >= len(self.x):
+            return None
+        self.i += 1
+        return {self.name: self.x[self.i - 1: self.i].astype(np.float32)}
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_qdq(src: Path, dest: Path, calib: np.ndarray, activations: str, method: str,
+              exclude: Sequence[str] = ()) -> None:
+    """QDQ, int8 per-channel weights; `activations` uint8, int8 or int16 (QDQ at opset 21); `exclude`: nodes left
+    in float (`--max-drop`)."""
+    # optional runtime: imported only when this runs
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8, "int16": QuantType.QInt16}
+    with contextlib.redirect_stdout(io.StringIO()):  # Entropy and Percentile print progress; stdout is the report's
+        quantize_static(
+            str(src), str(dest), CalibrationReader(calib, "image"),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=types[activations],
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            nodes_to_exclude=list(exclude) or None,
+        )
+
+
