@@ -50,7 +50,6 @@ from edge_runtime import registry
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from edge_runtime.metadata import read_metadata
 from train import runs
-from train.annotations import site_table
 from train.metrics import artifact_metrics
 from train.split import build_split, read_manifest, write_manifest
 
@@ -650,7 +649,7 @@ def site_figures(report: dict[str, Any]) -> dict[str, Any]:
             "site_crops": report["site_crops"], "counts": report["counts"], "release": report["release"],
             "before": {k: report["before"].get(k) for k in keys}, "after": {k: report["after"].get(k) for k in keys},
             "nih_sample": report["nih_sample"], "reasons": report["reasons"], "command": report["command"],
-            "train_seconds": report["train_seconds"]}
+            "train_seconds": report["train_seconds"], "table": report["table"]}
 
 
 def site_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any],
@@ -680,7 +679,7 @@ def site_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str
         f"On {len(s['held_out'])} fields of the site it never saw ({', '.join(Path(f).stem for f in s['held_out'])}; "
         "held out by field), through the whole smear pipeline in int8, as `python -m benchmarks smear` measures:",
         "",
-        site_table({**s, "name": r.name, "keep": r.name, "convert_seconds": 0}).split("\n\nTraining")[0].split("\n\n", 1)[1],
+        s["table"],  # made by train site-adapt (convert imports nothing of train's commands)
         "",
         f"Released because: {'; '.join(s['reasons'])}.",
         "",

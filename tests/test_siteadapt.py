@@ -48,6 +48,9 @@ def test_the_site_model_is_kept_only_when_it_helps_the_site_and_keeps_the_nih_ce
     assert not verdict(before, _s(0.7, 0.01, 0.10), 0.915, 0.915, 1.0, 5.0)[0]  # fewer parasites flagged
     assert not verdict(before, _s(0.9, 0.06, 0.10), 0.915, 0.915, 1.0, 5.0)[0]  # more false positives
     assert not verdict(before, before, 0.915, 0.915, 1.0, 5.0)[0]  # no change is no reason to swap
+    ok, why = verdict({**before, "field_sensitivity": 1.0}, {**_s(0.9, 0.01, 0.02), "field_sensitivity": 0.75},
+                      0.915, 0.915, 1.0, 5.0)  # fewer uncertain cells cleared a field whose parasites are missed
+    assert not ok and "fields with parasites flagged fell: 1.00 -> 0.75" in why[0]
     ok, why = verdict(before, _s(1.0, 0.0, 0.90), 0.915, 0.915, 1.0, 5.0)  # 'everything uncertain' does not win
     assert not ok and "uncertain share rose" in why[0]
     ok, why = verdict(before, _s(0.9, 0.01, 0.10), 0.915, 0.90, 1.0, 5.0)  # 1.5 points lost on NIH

@@ -246,31 +246,3 @@ def summarise(rows: list[dict[str, Any]], with_model: bool) -> dict[str, Any]:
                  fields_with_parasites=len(with_par),
                  total_ms_per_field=float(np.mean([r["total_ms"] for r in ok])) if ok else None)
     return s
-
-
-SITE_ROWS = (  # (summary key, table label)
-    ("parasite_recall_called", "parasites flagged (called parasitized or uncertain)"),
-    ("uninfected_false_positive_rate", "uninfected called parasitized (false positives)"),
-    ("uninfected_uncertain_rate", "uninfected called uncertain"),
-    ("field_sensitivity", "fields with parasites flagged"),
-)
-
-
-def site_table(report: dict[str, Any]) -> str:
-    """The before/after Markdown table of a `train site-adapt` report (its figures are `summarise`'s)."""
-    b, a = report["before"], report["after"]
-    h = report["held_out"]
-    lines = [f"Site `{report['site']}`: adapted on {len(report['adapt_fields'])} fields "
-             f"({report['site_crops']['Parasitized']} parasitized + {report['site_crops']['Uninfected']} uninfected "
-             f"crops), judged on {len(h)} held-out fields ({b['annotated_cells']} annotated cells, "
-             f"{b['annotated_parasites']} parasites).", "",
-             f"| on the held-out site fields | before (`{report['release']}`) | after (site model) |",
-             "|---|---:|---:|"]
-    for key, label in SITE_ROWS:
-        fmt = (lambda v: f"{v:.2f}") if key == "field_sensitivity" else (lambda v: f"{100 * v:.2f}%")
-        lines.append(f"| {label} | {fmt(b[key])} | {fmt(a[key])} |")
-    lines.append(f"| NIH sample accuracy, int8 ({report['nih_sample']['cells']} cells) | "
-                 f"{100 * report['nih_sample']['before']:.2f}% | {100 * report['nih_sample']['after']:.2f}% |")
-    lines += ["", f"Training {report['train_seconds'] / 60:.1f} min, export {report['convert_seconds'] / 60:.1f} min.",
-              "", f"Keep: **{report['keep']}** ({'; '.join(report['reasons'])})."]
-    return "\n".join(lines) + "\n"

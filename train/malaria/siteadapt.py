@@ -21,7 +21,8 @@ Steps (each leaves its files in OUT, so a killed run starts again where it stopp
    called parasitized or uncertain; false positives = uninfected cells called parasitized; uncertain share of
    the uninfected cells), and both int8 files on the bundled NIH sample (`--sample`).
 5. **Judge** (`verdict`): the site model is kept only if, on the held-out site fields, parasites flagged do not
-   fall, false positives do not rise, one of them improves, the uncertain share rises by at most
+   fall, false positives do not rise, one of them improves, no field with parasites goes unflagged that was
+   flagged (fewer uncertain cells can clear a field whose parasite is missed), the uncertain share rises by at most
    `--max-uncertain-rise` points (else calling every cell uncertain would "win"), and NIH sample accuracy drops
    by at most `--max-nih-drop` points. The table is printed either way with the model to keep.
 6. **Release** (only when kept, unless `--no-release`): `python -m convert release` of the site run as
@@ -29,7 +30,8 @@ Steps (each leaves its files in OUT, so a killed run starts again where it stopp
    table and this command, registry entry: `edge_runtime.load("malaria-field-<site>")`).
 
 Exit codes: 0 the site model helps (released, or would be with `--no-release`); 1 it does not: keep the
-released model (nothing released); 2 bad input (a missing file, an unknown field, too few fields).
+released model (nothing released); 2 bad input (a missing file, an unknown field, too few fields); 3 the
+training or the export failed (its log is named; the same command resumes).
 
 Inputs: `--fields` takes IML-Malaria-style annotations (a folder with annotations.json and fields/, or the
 JSON file itself: a list of {image_name, objects: [{type, bbox: {x, y, w, h}}]}). Every source becomes the
@@ -44,13 +46,16 @@ import csv
 import dataclasses
 import json
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.fileio import atomic_write_text, write_json
-from train.annotations import site_table
+from train import fieldcrops
+from train.annotations import PARASITE_TYPES, load_annotations, summarise
+from train.malaria.fieldcv import fine_tune, fold_manifest, measure, nih_int8, sample_records
 from train.split import Record, read_manifest
 
 PLAN, REPORT = "plan.json", "site-adapt.json"
@@ -99,8 +104,6 @@ SITE_PRESETS = {
 
 def _iml_json(path: Path) -> list[dict[str, Any]]:
     """Fields of an IML-Malaria annotation file; images in fields/ beside it, else beside it."""
-    from train.annotations import PARASITE_TYPES, load_annotations
-
     if path.name == "annotations.json" and (path.parent / "fields").is_dir():
         return load_annotations(path.parent)
     try:
@@ -187,6 +190,14 @@ def split_fields(names: Sequence[str], share: float, held: Sequence[str] | None,
 
 # --- the judgement -------------------------------------------------------------------------------------------
 
+ROWS = (  # (summary key, table label)
+    ("parasite_recall_called", "parasites flagged (called parasitized or uncertain)"),
+    ("uninfected_false_positive_rate", "uninfected called parasitized (false positives)"),
+    ("uninfected_uncertain_rate", "uninfected called uncertain"),
+    ("field_sensitivity", "fields with parasites flagged"),
+)
+
+
 def verdict(before: dict[str, Any], after: dict[str, Any], nih_before: float, nih_after: float,
             max_nih_drop: float, max_uncertain_rise: float) -> tuple[bool, list[str]]:
     """Keep the site model? (yes/no, the reasons, each a sentence with the figures)."""
@@ -205,6 +216,10 @@ def verdict(before: dict[str, Any], after: dict[str, Any], nih_before: float, ni
     if fa > fb:
         ok = False
         why.append(f"false positives rose: {100 * fb:.2f}% -> {100 * fa:.2f}%")
+    sb, sa = before.get("field_sensitivity"), after.get("field_sensitivity")
+    if sb is not None and sa is not None and sa < sb:  # fewer uncertain cells can turn a missed parasite's field green
+        ok = False
+        why.append(f"fields with parasites flagged fell: {sb:.2f} -> {sa:.2f}")
     if ok and pa == pb and fa == fb:
         ok = False
         why.append("neither parasites flagged nor false positives improved")
@@ -219,6 +234,26 @@ def verdict(before: dict[str, Any], after: dict[str, Any], nih_before: float, ni
                    f"{100 * fa:.2f}%, uncertain {100 * ub:.1f}% -> {100 * ua:.1f}%, NIH sample {drop:+.2f} points "
                    f"of accuracy lost (bound {max_nih_drop:g})")
     return ok, why
+
+
+def table(report: dict[str, Any]) -> str:
+    """The before/after Markdown table of a report."""
+    b, a = report["before"], report["after"]
+    h = report["held_out"]
+    lines = [f"Site `{report['site']}`: adapted on {len(report['adapt_fields'])} fields "
+             f"({report['site_crops']['Parasitized']} parasitized + {report['site_crops']['Uninfected']} uninfected "
+             f"crops), judged on {len(h)} held-out fields ({b['annotated_cells']} annotated cells, "
+             f"{b['annotated_parasites']} parasites).", "",
+             f"| on the held-out site fields | before (`{report['release']}`) | after (site model) |",
+             "|---|---:|---:|"]
+    for key, label in ROWS:
+        fmt = (lambda v: f"{v:.2f}") if key == "field_sensitivity" else (lambda v: f"{100 * v:.2f}%")
+        lines.append(f"| {label} | {fmt(b[key])} | {fmt(a[key])} |")
+    lines.append(f"| NIH sample accuracy, int8 ({report['nih_sample']['cells']} cells) | "
+                 f"{100 * report['nih_sample']['before']:.2f}% | {100 * report['nih_sample']['after']:.2f}% |")
+    lines += ["", f"Training {report['train_seconds'] / 60:.1f} min, export {report['convert_seconds'] / 60:.1f} min.",
+              "", f"Keep: **{report['keep']}** ({'; '.join(report['reasons'])})."]
+    return "\n".join(lines) + "\n"
 
 
 # --- the command -----------------------------------------------------------------------------------------------
@@ -279,8 +314,6 @@ def _records(args: argparse.Namespace, preset: SitePreset, site_rows: list[dict[
              sample: list[Record]) -> tuple[list[Record], dict[str, int]]:
     """Training mix: the site crops (all uninfected, parasites repeated), shared crops and NIH cells (seeded
     samples), and the NIH sample as the test split (convert's proof set)."""
-    from train.malaria.fieldcv import fold_manifest
-
     rng = random.Random(args.seed)
     nih: list[Record] = []
     if args.nih:
@@ -309,10 +342,6 @@ def _records(args: argparse.Namespace, preset: SitePreset, site_rows: list[dict[
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from train import fieldcrops
-    from train.annotations import summarise
-    from train.malaria.fieldcv import fine_tune, measure, nih_int8, sample_records
-
     t_start = time.time()
     preset = SITE_PRESETS[args.preset]
     if not args.init.exists():
@@ -346,7 +375,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     records, counts = _records(args, preset, site_rows, sample)
     ft = argparse.Namespace(preset=preset.train_preset, seed=args.seed, init=args.init, lr=preset.lr,
                             epochs=preset.epochs, hue=preset.hue, saturation=preset.saturation)
-    run_dir, tfl, train_s, convert_s = fine_tune(ft, args.out, records, counts, f"site {args.site}")
+    try:
+        run_dir, tfl, train_s, convert_s = fine_tune(ft, args.out, records, counts, f"site {args.site}")
+    except RuntimeError as e:  # training or export failed: not a verdict on the site model (exit 1 is)
+        print(f"error: {e}; run the same command again to resume", file=sys.stderr)
+        return 3
 
     # 4. before and after on the held-out fields and on the NIH sample (cached: measuring is minutes).
     held = [by_name[n] for n in plan["held_out"]]
@@ -373,8 +406,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "train_seconds": train_s, "convert_seconds": round(convert_s, 1),
         "keep": name if ok else str(args.release), "reasons": reasons, "artifact": str(tfl), "run": str(run_dir),
     }
+    md = table(report)
+    # the before/after rows alone, for the model card (`convert release` renders no train report itself)
+    report["table"] = md.split("\n\nTraining")[0].split("\n\n", 1)[1]
     write_json(args.out / REPORT, report)
-    md = site_table(report)
     atomic_write_text(args.out / "site-adapt.md", md)
     print(md)
     if not ok:
@@ -385,9 +420,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 0
 
     # 6. release: a release like the others (card, registry, int8 remade by `python -m convert`).
-    from convert.release import (
-        release,  # train -> convert at run time only: the release step (convert never imports this module)
-    )
+    from convert.release import release  # Keras and the converters: only when a model is released
 
     crops_dirs = [args.out / "crops"] + ([args.shared_crops] if args.shared_crops else [])
     entry = release(run_dir, name, args.version, args.sample, dest=args.dest, package=args.package,
