@@ -27,8 +27,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from convert.formats import FORMATS, Format, parse_formats
 from convert.report import read_report

@@ -13,8 +13,9 @@ the same `edge_runtime.backends` session a device uses (at their own batch M):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

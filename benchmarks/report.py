@@ -6,8 +6,9 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from benchmarks.interleave import NOISY_HALF_WIDTH, ROUNDS, state_line
 from benchmarks.run import FIELD_NOTES, KERAS, ROW_FIELDS
@@ -323,7 +324,7 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # optional: plots only
-    import matplotlib.ticker  # noqa: F401  (loads matplotlib.ticker for the formatters below)
+    import matplotlib.ticker  # loads matplotlib.ticker for the formatters below
 
     ok = [r for r in rows if r["status"] == "ok" and r["latency_p50_ms"]]
     if not ok:

@@ -20,8 +20,9 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -129,7 +130,7 @@ class EvalSet:
 
 
 def empty_row(model: str, fmt: str, threads: int | None, **kw: Any) -> dict[str, Any]:
-    row: dict[str, Any] = {k: None for k in ROW_FIELDS}
+    row: dict[str, Any] = dict.fromkeys(ROW_FIELDS)
     row.update(model=model, format=fmt, threads=threads, status="ok")
     row.update(kw)
     return row

@@ -27,9 +27,10 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.cache import MODELS, Builder
 from benchmarks.interleave import MIN_TIME_S, NOISY_HALF_WIDTH, ROUNDS, machine_state, state_line

@@ -21,8 +21,8 @@ import dataclasses
 import json
 import random
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

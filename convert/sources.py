@@ -21,8 +21,9 @@ have a fixed image shape and its one output the class probabilities.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from edge_runtime.fileio import sha256_file
 from edge_runtime.spec import MALARIA_SPEC, PreprocessSpec

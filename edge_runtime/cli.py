@@ -48,11 +48,11 @@ import io
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from edge_runtime import content_hash, registry, webruntime
-from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, decision_lines
 from edge_runtime.backends import BACKENDS, BackendError
 from edge_runtime.clinical import is_malaria, is_oct, oct_summary, slide_summary
 from edge_runtime.extras import message as extras_message
@@ -61,6 +61,7 @@ from edge_runtime.gradcam import GradCam
 from edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file
 from edge_runtime.model import ModelError, load
 from edge_runtime.smear import analyse_slide, write_report
+from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, decision_lines
 from edge_runtime.smear.report import field_entry
 from edge_runtime.standard_metadata import format_lines
 from edge_runtime.standard_metadata import read as read_standard_metadata

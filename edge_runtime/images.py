@@ -72,7 +72,7 @@ def convert_mode(img: Image.Image, color_mode: str) -> Image.Image:
 
 
 def load_image(
-    source: Union[PathLike, BinaryIO, Image.Image],
+    source: PathLike | BinaryIO | Image.Image,
     color_mode: str = "rgb",
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:

@@ -17,8 +17,9 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Union
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image
@@ -138,7 +139,7 @@ def _read_metadata(path: Path, session) -> tuple[ArtifactMetadata, str]:
         raise ModelError(f"{path.with_suffix('.json')}: sidecar metadata is invalid ({first_line(e)})") from None
 
 
-def _needs_newer_runtime(path: Path, backend: "backends.Backend", error: BaseException,
+def _needs_newer_runtime(path: Path, backend: backends.Backend, error: BaseException,
                          version: str | None = None) -> str | None:
     """What `path` needs, when `backend` failed on it because it is too old (`edge_runtime.compat`), else None."""
     text = " ".join(str(error).split()) or type(error).__name__
@@ -174,7 +175,7 @@ def load(
     threshold: float | None = None,
     warmup: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> "EdgeModel":
+) -> EdgeModel:
     """Open a medge artifact (.tflite, .onnx, .ort), or a released model by name, with one runtime.
 
     Args:

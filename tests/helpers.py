@@ -15,16 +15,16 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 import edge_runtime
+from edge_runtime import tflite_file
 from edge_runtime.backends import open_session
 from edge_runtime.clinical import OCT_LABELS
-from edge_runtime import tflite_file
 from edge_runtime.spec import GOLDEN_KEY, METADATA_KEY, STANDARD_KEY, PreprocessSpec
 
 ROOT = Path(__file__).resolve().parent.parent

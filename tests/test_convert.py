@@ -36,10 +36,10 @@ from edge_runtime.metadata import (
     read_sidecar,
     sidecar_path,
 )
-from edge_runtime.spec import TensorInfo
+from edge_runtime.spec import MALARIA_SPEC, TensorInfo
 from edge_runtime.tflite_file import tflite_metadata_entries
-from edge_runtime.spec import MALARIA_SPEC
 from train import runs
+
 from helpers import SAMPLE, assert_same_class_off_ties
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -46,10 +46,12 @@ from PIL import Image
 import edge_runtime
 from edge_runtime import backends
 from edge_runtime.backends import BackendError
-from edge_runtime.cli import build_parser, main as cli_main
+from edge_runtime.cli import build_parser
+from edge_runtime.cli import main as cli_main
 from edge_runtime.clinical import OCT_LABELS, oct_summary, referral_level, slide_summary
-from edge_runtime.spec import TensorInfo
 from edge_runtime.model import UNCERTAIN, ModelError, Prediction, dequantize, quantize
+from edge_runtime.spec import TensorInfo
+
 from helpers import (
     INT8_IO_FILE,
     MALARIA_FILES,

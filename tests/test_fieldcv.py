@@ -14,8 +14,9 @@ from PIL import Image
 
 pytest.importorskip("cv2", reason="field crops need the `smear` extra (opencv-python-headless)")
 
-from train.annotations import field_blocks, load_annotations, match  # noqa: E402
-from helpers import ROOT, SAMPLE  # noqa: E402
+from train.annotations import field_blocks, load_annotations, match
+
+from helpers import ROOT, SAMPLE
 
 SMEAR_SAMPLE = ROOT / "tests" / "data" / "iml_malaria_sample"
 

@@ -192,8 +192,8 @@ def test_sigkilled_extraction_resumes(manifest, store, work):
 
 def test_mismatched_base_or_preprocessing_is_refused(manifest, store, work):
     from train.cli import main
-    from train.oct.store import extract
     from train.oct.fit import train
+    from train.oct.store import extract
 
     # Extending a store with other preprocessing.
     with pytest.raises(ValueError, match="cannot share a store"):

@@ -133,8 +133,8 @@ def test_the_lock_pins_what_the_page_loads():
 
 def test_static_batch_changes_only_the_batch_signature_and_no_output():
     import edge_runtime
-    from edge_runtime.tflite_file import schema as _schema
     from edge_runtime.serve.ondevice import static_batch
+    from edge_runtime.tflite_file import schema as _schema
 
     model = edge_runtime.load("malaria")
     original = model.path.read_bytes()

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.golden import GoldenSet, compare, pick
+
 from helpers import ROOT, flip_strongest_first_conv_weights, run_cli
 
 SELFTEST_FORMATS = ("tflite-float32", "tflite-float16", "tflite-dynamic", "tflite-int8", "onnx-float32",
@@ -164,6 +165,7 @@ def test_changed_onnx_weight_is_drift(trusted, tmp_path):
 
 def test_unusable_files_exit_2(trusted, tmp_path):
     from edge_runtime.spec import GOLDEN_KEY
+
     from helpers import tflite_without_metadata
 
     path = _file(trusted, "tflite-int8")
@@ -445,12 +447,12 @@ def test_max_drop_onnx_excludes_nodes_and_shares_the_graph_with_ort(tiny_run, tm
 
 def test_onnx_excluded_nodes_stay_float(tiny_run, tmp_path):
     """`nodes_to_exclude` as the ladder passes it: the worst conv keeps float weights, the others int8."""
+    import keras
     import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from convert.bounded import OnnxLadder
     from convert.converters import keras_to_onnx, quantize_qdq
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-    import keras
 
     model = keras.models.load_model(tiny_run / "best.keras")
     f, prep = tmp_path / "f.onnx", tmp_path / "prep.onnx"

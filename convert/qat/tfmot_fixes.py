@@ -235,8 +235,8 @@ def init_ranges(qat, twin, calib: np.ndarray, budget_bytes: int = 1 << 29) -> in
     tensors = _probe_tensors(twin)
     keys = list(tensors)
     probe = tf_keras.Model(twin.inputs, list(tensors.values()))
-    lo = {k: 0.0 for k in keys}  # ranges always include 0, as tfmot's do
-    hi = {k: 0.0 for k in keys}
+    lo = dict.fromkeys(keys, 0.0)  # ranges always include 0, as tfmot's do
+    hi = dict.fromkeys(keys, 0.0)
     per_image = 4 * sum(int(np.prod(o.shape[1:])) for o in probe.outputs)
     batch = int(max(1, min(32, budget_bytes // per_image)))
     for i in range(0, len(calib), batch):

@@ -22,8 +22,9 @@ import dataclasses
 import importlib
 import importlib.metadata as md
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 

@@ -29,8 +29,9 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
@@ -153,7 +154,7 @@ class SerialModel:
         return getattr(self._model, name)
 
 
-def classify_cells(slot: "ModelSlot", images: Sequence[CheckedImage]) -> list[dict[str, Any]]:
+def classify_cells(slot: ModelSlot, images: Sequence[CheckedImage]) -> list[dict[str, Any]]:
     """Single-cell crops -> one answer each, as `python -m edge_runtime predict` gives it (the page's fallback when
     the phone cannot run the model itself)."""
     pil = [Image.open(io.BytesIO(im.data)) for im in images]

@@ -43,8 +43,9 @@ import io
 import json
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def assign_folds(records: Sequence[Record], k: int, seed: int) -> dict[str, int]
     if len(groups) < k:
         raise ValueError(f"{len(groups)} patients cannot fill {k} folds")
     names = {f"fold-{i}": i for i in range(1, k + 1)}
-    assignment = _assign_groups(groups, {n: 1.0 / k for n in names}, seed)
+    assignment = _assign_groups(groups, dict.fromkeys(names, 1.0 / k), seed)
     return {p: names[f] for p, f in assignment.items()}
 
 
@@ -94,7 +95,7 @@ def bootstrap_intervals(
 ) -> dict[str, list[float] | None]:
     """95% percentile intervals of `_rates` over `draws` resamples of patients with replacement."""
     if draws <= 0:
-        return {m: None for m in METRICS}
+        return dict.fromkeys(METRICS)
     rng = np.random.default_rng(seed)
     ids, inverse = np.unique(np.asarray(patients), return_inverse=True)
     cells = [np.flatnonzero(inverse == j) for j in range(len(ids))]

@@ -39,8 +39,9 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import edge_runtime
 from edge_runtime.fileio import atomic_write_text, write_json

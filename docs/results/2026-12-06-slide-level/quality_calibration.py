@@ -5,11 +5,17 @@
 Every field as is; every third also blurred (sigma 3 and 4 px), washed out (25% contrast) and at 0.6x.
 The first run (commit b901856) also had sigma-6 blur, x0.2 dark, x2.2 bright and a blue-grey copy.
 """
-import sys, json, glob, time
-import numpy as np, cv2
+import glob
+import json
+import time
+
+import cv2
+import numpy as np
 from PIL import Image
-from edge_runtime.smear import segment, SmearError
-from edge_runtime.smear.quality import measure, gate
+
+from edge_runtime.smear import SmearError, segment
+from edge_runtime.smear.quality import gate, measure
+
 files = sorted(glob.glob('/work/shared/data/iml_malaria/fields/*.JPG'))
 def degr(rgb, kind):
     if kind == "blur4": return cv2.GaussianBlur(rgb, (0,0), 4)
