@@ -360,7 +360,8 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
         # Quality: same inputs, this process.
         try:
             if f is None:
-                probs, backend, version = ref_probs, "keras", f"keras {md.version('keras')} / tensorflow {md.version('tensorflow')}"
+                version = f"keras {md.version('keras')} / tensorflow {md.version('tensorflow')}"
+                probs, backend = ref_probs, "keras"
             else:
                 em = edge_runtime.load(path, threads=max(settings.threads))
                 probs = em.run(data.x)

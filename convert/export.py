@@ -308,11 +308,14 @@ def outputs_of(out: Path, model: str, formats: Sequence[Format], bundle: bool = 
     return paths + [out / f"{model}_gradcam.npz"]  # OCT runs only
 
 
+DEFAULT_OPTIONS = Options()  # frozen: one shared default, as the default argument it replaces was
+
+
 def run_export(
     source: Path,
     out: Path,
     formats: Sequence[Format],
-    options: Options = Options(),
+    options: Options = DEFAULT_OPTIONS,
     labels: Sequence[str] | None = None,
     name: str | None = None,
     log=print,

@@ -681,7 +681,8 @@ def site_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str
         f"On {len(s['held_out'])} fields of the site it never saw ({', '.join(Path(f).stem for f in s['held_out'])}; "
         "held out by field), through the whole smear pipeline in int8, as `python -m benchmarks smear` measures:",
         "",
-        site_table({**s, "name": r.name, "keep": r.name, "convert_seconds": 0}).split("\n\nTraining")[0].split("\n\n", 1)[1],
+        site_table({**s, "name": r.name, "keep": r.name, "convert_seconds": 0})
+        .split("\n\nTraining")[0].split("\n\n", 1)[1],
         "",
         f"Released because: {'; '.join(s['reasons'])}.",
         "",

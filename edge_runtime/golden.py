@@ -236,7 +236,8 @@ def compare(golden: GoldenSet, outputs: np.ndarray) -> dict[str, Any]:
 
 
 def golden_entry(entries: Mapping[str, Any] | None, where: str) -> GoldenSet:
-    """The golden set from a file's metadata entries (as `metadata.tflite_metadata_entries` or onnxruntime give them)."""
+    """The golden set from a file's metadata entries (as `metadata.tflite_metadata_entries` or onnxruntime
+    give them)."""
     if not entries or GOLDEN_KEY not in entries:
         raise GoldenMissing(f"{where} carries no golden set (no '{GOLDEN_KEY}' entry); re-export it with "
                             "`python -m convert` to give it one")

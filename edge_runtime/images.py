@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edge_runtime.spec import PreprocessSpec
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Far above any microscope crop or OCT B-scan, far below a decompression bomb.

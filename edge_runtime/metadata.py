@@ -29,7 +29,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from edge_runtime import standard_metadata as std
 from edge_runtime.backends import open_session
@@ -39,7 +39,7 @@ from edge_runtime.backends import open_session
 from edge_runtime.spec import GOLDEN_KEY, METADATA_KEY, STANDARD_KEY, PreprocessSpec, TensorInfo, known_keys  # noqa: F401
 from edge_runtime.tflite_file import check_tflite, embed_entries, tflite_metadata_entries
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 SCHEMA = "medge-artifact/1"
 

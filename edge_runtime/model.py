@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -45,7 +45,7 @@ UNCERTAIN = "uncertain — refer"
 DEFAULT_THRESHOLDS = {"malaria": 0.8, "oct": 0.6}
 DEFAULT_THRESHOLD = 0.7
 
-InputLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+InputLike = str | os.PathLike | Image.Image | np.ndarray
 
 
 class ModelError(ValueError):
@@ -209,7 +209,8 @@ def load(
     try:
         session = backends.open_session(path, chosen.name, threads)
     except ImportError as e:  # installed but broken runtime
-        raise BackendError(f"backend {chosen.name} failed to import ({first_line(e)}): {chosen.install_hint()}") from None
+        raise BackendError(f"backend {chosen.name} failed to import ({first_line(e)}): "
+                           f"{chosen.install_hint()}") from None
     except Exception as e:  # runtimes raise RuntimeError, ValueError or their own types for bad files
         too_old = _needs_newer_runtime(path, chosen, e)
         if too_old:

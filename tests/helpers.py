@@ -53,7 +53,8 @@ def assert_same_class_off_ties(reference: np.ndarray, candidate: np.ndarray, mar
     clear = top2[:, 1] - top2[:, 0] > margin
     flipped = np.flatnonzero(clear & (reference.argmax(1) != candidate.argmax(1)))
     assert flipped.size == 0, (
-        f"{flipped.size} of {clear.sum()} inputs off the fence (margin > {margin}) changed class: rows {flipped[:10].tolist()}"
+        f"{flipped.size} of {clear.sum()} inputs off the fence (margin > {margin}) changed class: "
+        f"rows {flipped[:10].tolist()}"
     )
 
 

@@ -434,7 +434,7 @@ def test_model_errors_are_one_clear_message(art, tmp_path):
     cases["folder"] = (tmp_path, "not a file")
     _strip_medge_entry(good, tmp_path / "bare.tflite")  # and no sidecar beside it
     cases["no metadata"] = (tmp_path / "bare.tflite", "no medge metadata")
-    for what, (path, msg) in cases.items():
+    for _what, (path, msg) in cases.items():
         with pytest.raises((ModelError, BackendError), match=msg):
             edge_runtime.load(path)
     for what in ("missing", "truncated", "corrupt", "foreign onnx", "no metadata"):  # as a user meets them

@@ -244,7 +244,8 @@ def test_analyse_slide_writes_what_a_person_checks(model, fields, tmp_path):
     assert len(cells) == 3 and cells[0]["cells"][0].keys() >= {"bbox", "kind", "label", "confidence", "uncertain"}
     assert json.loads((out / "summary.json").read_text())["cells"] == s["cells"]
     lines = (out / "cells.csv").read_text().splitlines()
-    assert lines[0].startswith("field,index,x,y,w,h,kind") and len(lines) == 1 + sum(len(f.cells) for f in report.fields)
+    assert lines[0].startswith("field,index,x,y,w,h,kind")
+    assert len(lines) == 1 + sum(len(f.cells) for f in report.fields)
     overlays = sorted(out.glob("*_overlay.png"))
     assert len(overlays) == 2 and Image.open(overlays[0]).size == (1280, 960)
     if s["parasitized"] + s["uncertain"]:

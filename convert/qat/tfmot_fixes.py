@@ -47,7 +47,8 @@ def check_tfmot_version(installed: str | None = None) -> str:
     release = tuple(int(x) for x in re.findall(r"\d+", installed.split("+")[0])[:3])
     if not TFMOT_MIN <= release < TFMOT_BELOW:
         raise RuntimeError(
-            f"tflite-qat-int8 works around {TFMOT} {TFMOT_PIN} through its private modules (convert/qat/tfmot_fixes.py); "
+            f"tflite-qat-int8 works around {TFMOT} {TFMOT_PIN} through its private modules "
+            "(convert/qat/tfmot_fixes.py); "
             f"{installed} is installed: pip install '{TFMOT}{TFMOT_PIN}', or re-check the workarounds on {installed}"
         )
     return installed
@@ -61,10 +62,10 @@ import tf_keras  # noqa: E402
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
     default_8bit_quantize_layout_transform as _layout,
 )
-from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
     default_8bit_quantize_scheme as _scheme,
 )
-from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
     default_8bit_transforms as _transforms,
 )
 from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import (  # noqa: E402

@@ -81,7 +81,8 @@ def _fold_records(records: Sequence[Record], folds: dict[str, int], i: int) -> l
 
 
 def _rates(y: np.ndarray, pred: np.ndarray, prob: np.ndarray) -> dict[str, float | None]:
-    """Accuracy, sensitivity, specificity and ROC AUC of the positive class (y, pred: is positive; prob: its probability)."""
+    """Accuracy, sensitivity, specificity and ROC AUC of the positive class
+    (y, pred: is positive; prob: its probability)."""
     from sklearn.metrics import roc_auc_score  # sklearn: slow to import, only the metrics need it
 
     out: dict[str, float | None] = {"accuracy": float((pred == y).mean())}

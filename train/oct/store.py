@@ -74,7 +74,8 @@ class StoreInfo:
 
     def describe(self) -> str:
         return (f"base {describe_base(self.base_weights, self.base_seed)} (weights sha256 {self.base_sha256[:12]}), "
-                f"preprocessing scale {self.spec.scale:.6g} offset {self.spec.offset:g}, fingerprint {self.fingerprint}")
+                f"preprocessing scale {self.spec.scale:.6g} offset {self.spec.offset:g}, "
+                f"fingerprint {self.fingerprint}")
 
 
 def _h5():
