@@ -27,8 +27,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from convert.formats import FORMATS, Format, parse_formats
 from convert.report import read_report
@@ -270,7 +270,8 @@ class Builder:
                         "--test-patients", q.oct_test_patients), self.log, tag=self.tag)
         if not manifest.is_file():
             self.log(f"== split the synthetic scans by patient -> {manifest}")
-            run_step(py("-m", "train", "split", "--data", data, "--out", manifest, "--val", "0.2"), self.log, tag=self.tag)
+            run_step(py("-m", "train", "split", "--data", data, "--out", manifest, "--val", "0.2"), self.log,
+                     tag=self.tag)
         if not _run_done(run, "fused.keras"):
             # No ImageNet download here: a random base (seeded) has the real architecture and cost.
             self.log(f"== extract InceptionV3 features (random base, --base-weights none) -> {store}")
@@ -334,7 +335,8 @@ class Builder:
             run_step(py("-m", "convert", source, "--out", _fresh(out), "--formats", ",".join(missing),
                         "--name", p.model.name, "--calib-n", self.quick.calib_n, "--eval-n", self.quick.eval_n,
                         # Keep artifacts below convert's agreement bar: measuring their drop is the point here.
-                        "--allow-drop", *extra), self.log, ok_codes=(0, 1), tag=self.tag)  # 1: some rows failed, recorded in conversion.json
+                        "--allow-drop", *extra),
+                     self.log, ok_codes=(0, 1), tag=self.tag)  # 1: some rows failed, recorded in conversion.json
         except StepFailed as e:
             shutil.rmtree(out, ignore_errors=True)
             for name in missing:

@@ -1,6 +1,7 @@
 """Float32 against quantized, timed side by side in one process, so that a busy machine slows both alike.
 
-    python -m benchmarks.interleave FLOAT.tflite INT8.tflite --threads 1 [--image cell.png] [--rounds 15] [--min-time 0.15]
+    python -m benchmarks.interleave FLOAT.tflite INT8.tflite --threads 1 [--image cell.png] [--rounds 15]
+                                    [--min-time 0.15]
 
 Both files are loaded in one fresh process (thread count set before each
 runtime starts) and timed in alternating rounds, A B, B A, A B, ... (the
@@ -23,8 +24,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 

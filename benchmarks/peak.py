@@ -13,8 +13,9 @@ the same `edge_runtime.backends` session a device uses (at their own batch M):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -111,7 +112,8 @@ def measure_peaks(cache: Path, threads: list[int], runtimes=tuple(RUNTIMES), log
                 for t in threads:
                     stats = time_fn(_runner(path, rt, t, M, K), warmup=3, min_runs=20, min_seconds=1.0, max_seconds=5)
                     rows.append({**row, "threads": t, "status": "ok", "error": None, "latency_p50_ms": stats["p50_ms"],
-                                 "latency_min_ms": stats["min_ms"], "gmacs_per_s": macs / (stats["min_ms"] / 1e3) / 1e9})
+                                 "latency_min_ms": stats["min_ms"],
+                                 "gmacs_per_s": macs / (stats["min_ms"] / 1e3) / 1e9})
                     log(f"  peak {rt} {precision} threads={t}: {rows[-1]['gmacs_per_s']:.1f} GMAC/s")
             except Exception as e:  # a runtime that cannot build or run the GEMM is reported, not fatal
                 for t in threads:

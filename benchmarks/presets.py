@@ -25,8 +25,9 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +65,7 @@ def measure(name: str, threads: int, seed: int = 0, min_seconds: float = 1.0) ->
             path.write_bytes(convert_keras(model, configure))
             session = open_session(path, "litert", threads=threads)
             row[f"{key}_kb"] = round(path.stat().st_size / 1024, 1)
-            row[f"{key}_p50_ms"] = round(time_fn(lambda: session.run(x), min_seconds=min_seconds)["p50_ms"], 3)
+            row[f"{key}_p50_ms"] = round(time_fn(lambda s=session: s.run(x), min_seconds=min_seconds)["p50_ms"], 3)
             if key == "int8":
                 ops = collections.Counter(op.name for op in session.ops() if op.name not in EXPECTED_OPS)
                 row["other_int8_ops"] = ", ".join(f"{n} {k}" for k, n in sorted(ops.items())) or "none"

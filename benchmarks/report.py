@@ -6,8 +6,9 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from benchmarks.interleave import NOISY_HALF_WIDTH, ROUNDS, state_line
 from benchmarks.run import FIELD_NOTES, KERAS, ROW_FIELDS
@@ -156,7 +157,8 @@ def thread_choice(rows: list[dict[str, Any]], markdown: bool = False) -> str:
         fast = min(rs, key=lambda r: r["latency_p50_ms"])
         lean = min(rs, key=lambda r: r["cpu_ms_per_image"])
         extra = (fast["cpu_ms_per_image"] / lean["cpu_ms_per_image"] - 1) * 100 if lean["cpu_ms_per_image"] else None
-        lines.append([model, fmt, fast["threads"], _f(fast["latency_p50_ms"], ".2f"), _f(fast["cpu_ms_per_image"], ".2f"),
+        lines.append([model, fmt, fast["threads"], _f(fast["latency_p50_ms"], ".2f"),
+                      _f(fast["cpu_ms_per_image"], ".2f"),
                       lean["threads"], _f(lean["latency_p50_ms"], ".2f"), _f(lean["cpu_ms_per_image"], ".2f"),
                       "same" if fast is lean else _f(extra, "+.0f") + "% CPU"])
     return _table(head, lines, markdown) if lines else "(one thread count measured: no sweep)"
@@ -229,7 +231,8 @@ def markdown(report: dict[str, Any]) -> str:
              "## Float32 vs quantized", "", side_by_side(report["rows"], markdown=True), "",
              *[line + "\n" for line in speedup_notes(report)],
              "## All rows", "", ("Latencies here are absolute and load-sensitive (each row timed in its own "
-                                 "process); the speed-ups above are the interleaved figures."), "", rows_table(report["rows"], markdown=True), "",
+                                 "process); the speed-ups above are the interleaved figures."), "",
+             rows_table(report["rows"], markdown=True), "",
              "## What a device sees first", "",
              "A fresh process per row: load, the first image end to end (decode + preprocess + inference) and its "
              "inference alone, the next calls one by one, then the steady state.", "",
@@ -323,7 +326,7 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # optional: plots only
-    import matplotlib.ticker  # noqa: F401  (loads matplotlib.ticker for the formatters below)
+    import matplotlib.ticker  # loads matplotlib.ticker for the formatters below
 
     ok = [r for r in rows if r["status"] == "ok" and r["latency_p50_ms"]]
     if not ok:
@@ -361,7 +364,7 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             bb = ax.get_window_extent()
             texts = [str(n) for n, _ in drawn]
             offs = label_offsets([tuple(p) for p in pix], texts, (bb.x0 + 2, bb.y0 + 2, bb.x1 - 2, bb.y1 - 2))
-            for (n, r), text, (dx, dy) in zip(drawn, texts, offs):
+            for (_n, r), text, (dx, dy) in zip(drawn, texts, offs):
                 far = (dx * dx + dy * dy) ** 0.5 > LABEL_RADII[1] + 1
                 ax.annotate(text, (r[xkey], r[ykey]), xytext=(dx, dy), textcoords="offset pixels", fontsize=8,
                             ha="center", va="center", color=colors[r["model"]], fontweight="bold", zorder=4,
@@ -375,7 +378,8 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         step = min(0.035, 0.86 / max(len(ok), 1))
         fig.text(0.70, 0.93, "key (model, format)", fontsize=9, fontweight="bold", va="top")
         for n, r in enumerate(ok, 1):
-            fig.text(0.70, 0.93 - step * (n + 0.3), f"{n:>2}  {r['model']}  {r['format']}", fontsize=8 if step >= 0.028 else 7,
+            fig.text(0.70, 0.93 - step * (n + 0.3), f"{n:>2}  {r['model']}  {r['format']}",
+                     fontsize=8 if step >= 0.028 else 7,
                      va="top", color=colors[r["model"]], family="monospace")
         path = out / fname
         tmp = path.with_name(".tmp-" + path.name)
@@ -431,7 +435,7 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
                 rel = f" ({(b - a) / a * 100:+.0f}%)" if a else ""
                 cells.append(f"{format(a, spec)} -> {format(b, spec)}{rel}")
         lines.append([*key(r), status, *cells])
-    for k, o in before.items():
+    for k in before:
         lines.append([*k, "gone"] + [""] * len(COMPARED))
     m_old, m_new = old.get("machine", {}), new["machine"]
     note = "" if m_old.get("cpu_model") == m_new.get("cpu_model") else \

@@ -20,8 +20,9 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -129,7 +130,7 @@ class EvalSet:
 
 
 def empty_row(model: str, fmt: str, threads: int | None, **kw: Any) -> dict[str, Any]:
-    row: dict[str, Any] = {k: None for k in ROW_FIELDS}
+    row: dict[str, Any] = dict.fromkeys(ROW_FIELDS)
     row.update(model=model, format=fmt, threads=threads, status="ok")
     row.update(kw)
     return row
@@ -359,7 +360,8 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
         # Quality: same inputs, this process.
         try:
             if f is None:
-                probs, backend, version = ref_probs, "keras", f"keras {md.version('keras')} / tensorflow {md.version('tensorflow')}"
+                version = f"keras {md.version('keras')} / tensorflow {md.version('tensorflow')}"
+                probs, backend = ref_probs, "keras"
             else:
                 em = edge_runtime.load(path, threads=max(settings.threads))
                 probs = em.run(data.x)

@@ -27,9 +27,10 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.cache import MODELS, Builder
 from benchmarks.interleave import MIN_TIME_S, NOISY_HALF_WIDTH, ROUNDS, machine_state, state_line
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks stability", description=__doc__.split("\n")[0])
     p.add_argument("--formats", default=",".join(PAIRS),
                    help="malaria formats; each non-float32 one is paired with its runtime's float32 file")
-    p.add_argument("--threads", type=thread_counts, default="sweep", help="thread counts, as for `python -m benchmarks`")
+    p.add_argument("--threads", type=thread_counts, default="sweep",
+                   help="thread counts, as for `python -m benchmarks`")
     p.add_argument("--rounds", type=positive(int), default=ROUNDS)
     p.add_argument("--min-time", type=positive(float), default=MIN_TIME_S, metavar="S")
     p.add_argument("--hog-seconds", type=positive(float), default=HOG_SECONDS,
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    prep = Builder(args.cache, log=lambda s: print(s, file=sys.stderr, flush=True)).prepare(MODELS["malaria-edge"], formats)
+    prep = Builder(args.cache, log=lambda s: print(s, file=sys.stderr, flush=True)).prepare(MODELS["malaria-edge"],
+                                                                                            formats)
     floats = {f.runtime: f.name for f in formats if f.precision == "float32"}
     pairs = [(floats[f.runtime], f.name, prep.artifacts.get(floats[f.runtime]), prep.artifacts.get(f.name))
              for f in formats if f.precision != "float32" and f.runtime in floats]
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     image = sorted(items)[0][0] if items else None
     settings = Settings(rounds=args.rounds, min_time=args.min_time)
     print(f"stability: {len(pairs)} pair(s) x {len(args.threads)} thread count(s) x 2 passes, {args.rounds} rounds of "
-          f"{args.min_time} s per file each: about {len(pairs) * len(args.threads) * 2 * (2 * args.rounds * args.min_time + 3):.0f} s",
+          f"{args.min_time} s per file each: "
+          f"about {len(pairs) * len(args.threads) * 2 * (2 * args.rounds * args.min_time + 3):.0f} s",
           flush=True)
     result = run_passes(pairs, list(args.threads), lambda a, b, t: pair_probe(a, b, t, image, settings),
                         hog=lambda: start_hog(args.hog_seconds), stop=stop_hog)

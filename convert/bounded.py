@@ -109,7 +109,8 @@ class TfliteLadder:
                     tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
 
             dest.write_bytes(convert_keras(self.job.model, cfg))
-            return {"calibration_images": n, "mode": "16x8 (EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8)"}
+            return {"calibration_images": n,
+                    "mode": "16x8 (EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8)"}
         if c.floats:
             options = tf.lite.experimental.QuantizationDebugOptions(
                 denylisted_nodes=[t for r in c.floats for t in self.key(r)], fully_quantize=io8)
@@ -180,7 +181,8 @@ def _measure(job: ExportJob, fmt: Format, ladder: Ladder, c: Candidate, step: in
     except Exception as e:
         if c.activations != "int16":
             raise
-        raise Skip(f"{fmt.runtime} cannot run it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise Skip(f"{fmt.runtime} cannot run it: "
+                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     cmp = verify.compare(job.keras_probs, probs, job.proof.y)
     x1 = job.proof.x[:1]
     # 30 runs, or 5 s for a slow candidate (LiteRT's 16x8 reference kernels).
@@ -191,7 +193,8 @@ def _measure(job: ExportJob, fmt: Format, ladder: Ladder, c: Candidate, step: in
             "latency_runs": stats["runs"], "size_bytes": raw.stat().st_size}
 
 
-def bounded_search(job: ExportJob, fmt: Format, ladder: Ladder, report: dict[str, Any], names: tuple[str, ...] = ()) -> tuple[Path, dict]:
+def bounded_search(job: ExportJob, fmt: Format, ladder: Ladder, report: dict[str, Any],
+                   names: tuple[str, ...] = ()) -> tuple[Path, dict]:
     """(the chosen candidate's file, the `max_drop` record) for `--max-drop`; raises ValueError when no step holds.
 
     Args:
@@ -271,7 +274,8 @@ def apply_choice(info: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]
     if chosen["activations"] == "int16":
         info["activations"] = "int16 (--max-drop)"
     elif chosen["float_layers"]:
-        info["activations"] = f"{info['activations']}, {len(chosen['float_layers'])} layer(s) kept in float (--max-drop)"
+        info["activations"] = (f"{info['activations']}, "
+                               f"{len(chosen['float_layers'])} layer(s) kept in float (--max-drop)")
     if chosen["step"] > 0:
         info["calibration"] = chosen["calibration"]
         info["calibration_images"] = chosen.get("calibration_images", info.get("calibration_images"))

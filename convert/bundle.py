@@ -91,7 +91,8 @@ def _decision_text(meta: ArtifactMetadata) -> list[str]:
         lines.append("- Referral level: " + ", ".join(f"{l} -> {r}" for l, r in referral.items())
                      + f"; an uncertain answer -> {UNCERTAIN_REFERRAL}.")
     if meta.positive_label:
-        lines.append(f"- A screening flags `{meta.positive_label}`; the model card says how to treat uncertain answers.")
+        lines.append(f"- A screening flags `{meta.positive_label}`; "
+                     "the model card says how to treat uncertain answers.")
     return lines + [""]
 
 
@@ -144,7 +145,8 @@ def _mediapipe_text(model: str, metas, standard) -> list[str]:
     for f, m, s in files:
         nm = s["inputs"][0]["normalization"]
         out.append(f"- `{f}`: {m.precision}, input {m.input.dtype}; normalisation mean {nm['mean']} std "
-                   f"{nm['std']} (`(pixel - mean) / std`), labels from the packed `{s['outputs'][0]['associated_files'][0]['name']}`")
+                   f"{nm['std']} (`(pixel - mean) / std`), "
+                   f"labels from the packed `{s['outputs'][0]['associated_files'][0]['name']}`")
     if others:
         out.append("- not for MediaPipe (its ImageClassifier takes float32 or uint8 input): "
                    + ", ".join(f"`{f}`" for f in others) + "; use LiteRT below.")
@@ -248,7 +250,8 @@ def integration_note(model: str, metas: list[tuple[str, ArtifactMetadata]],
             "Android (Kotlin), dependency `com.google.ai.edge.litert:litert`:",
             "",
             "```kotlin",
-            f'val interpreter = Interpreter(FileUtil.loadMappedFile(context, "{f0}"), Interpreter.Options().setNumThreads(2))',
+            f'val interpreter = Interpreter(FileUtil.loadMappedFile(context, "{f0}"), '
+            'Interpreter.Options().setNumThreads(2))',
             f"val input = ByteBuffer.allocateDirect({m0.input.dtype.itemsize} * {'*'.join(map(str, in_shape))})"
             ".order(ByteOrder.nativeOrder())",
         ]
@@ -375,7 +378,8 @@ def write_bundle(out: Path, model: str, report: ConversionReport) -> tuple[Path,
         (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
         standard = {f: read_standard((tmp_dir / f).read_bytes()) for f, _ in metas if f.endswith(".tflite")}
-        (tmp_dir / "INTEGRATION.md").write_text(integration_note(model, metas, {k: v for k, v in standard.items() if v}))
+        (tmp_dir / "INTEGRATION.md").write_text(
+            integration_note(model, metas, {k: v for k, v in standard.items() if v}))
         os.chmod(tmp_dir, 0o777 & ~_umask())
 
         fd, tmp_zip = tempfile.mkstemp(prefix=f".{model}_bundle.zip.tmp-", dir=out)

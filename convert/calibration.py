@@ -21,8 +21,8 @@ import dataclasses
 import json
 import random
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -197,7 +197,8 @@ def load_store_sets(
 
         def take(rows: np.ndarray, origin: str) -> ImageSet:
             rows = np.sort(rows)
-            x = np.stack([feats[int(i)] for i in rows]).astype(np.float32) if len(rows) else np.zeros((0, *feats.shape[1:]), np.float32)
+            x = (np.stack([feats[int(i)] for i in rows]).astype(np.float32) if len(rows)
+                 else np.zeros((0, *feats.shape[1:]), np.float32))
             return ImageSet(x, y_all[rows].astype(np.int64), [f"{store.name}#{int(i)}" for i in rows], origin, digest)
 
         rng = np.random.default_rng(seed)
@@ -211,7 +212,8 @@ def load_store_sets(
         calib_rows = rng.permutation(train)[:calib_n]
         eval_rows = rng.permutation(held)[: eval_n if eval_n > 0 else None]
         if len(calib_rows) < MIN_CALIB_WARN:
-            warnings.warn(f"only {len(calib_rows)} calibration feature maps (fewer than {MIN_CALIB_WARN})", stacklevel=2)
+            warnings.warn(f"only {len(calib_rows)} calibration feature maps (fewer than {MIN_CALIB_WARN})",
+                          stacklevel=2)
         return (take(calib_rows, f"{store.name} (train split features)"),
                 take(eval_rows, f"{store.name} ({held_name} split features)"))
 

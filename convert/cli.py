@@ -55,7 +55,8 @@ def export_parser() -> argparse.ArgumentParser:
         epilog=f"formats: {', '.join(FORMATS)}. `python -m convert inspect FILE` prints an artifact's metadata.",
     )
     p.add_argument("source", type=Path, help="run directory, .keras, Keras 2 .h5/.hdf5, or SavedModel folder")
-    p.add_argument("--out", required=True, type=Path, help="folder for the artifacts and conversion.json (one model per folder)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="folder for the artifacts and conversion.json (one model per folder)")
     p.add_argument("--formats", default="all", help="'all' or comma-separated rows of the format table")
     p.add_argument("--name", help="model name in file names (default: run directory name or file stem)")
     p.add_argument("--part", choices=("model", "head"), default="model",

@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -111,7 +112,8 @@ def keras_to_onnx(model, input_shape: tuple[int, ...], opset: int = OPSET):
 
 
 def set_metadata(proto, text: str, extra: Mapping[str, str] | None = None) -> None:
-    """Put the medge JSON in `metadata_props` (replacing an older entry), plus `extra` key/values (e.g. the golden set)."""
+    """Put the medge JSON in `metadata_props` (replacing an older entry), plus `extra` key/values
+    (e.g. the golden set)."""
     new = {METADATA_KEY: text, **dict(extra or {})}
     keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in new]
     del proto.metadata_props[:]

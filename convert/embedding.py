@@ -8,8 +8,8 @@ converted again from its .onnx with the new entries (`write_ort`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from convert.converters import set_metadata
 from convert.formats import Format

@@ -28,9 +28,10 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -307,11 +308,14 @@ def outputs_of(out: Path, model: str, formats: Sequence[Format], bundle: bool = 
     return paths + [out / f"{model}_gradcam.npz"]  # OCT runs only
 
 
+DEFAULT_OPTIONS = Options()  # frozen: one shared default, as the default argument it replaces was
+
+
 def run_export(
     source: Path,
     out: Path,
     formats: Sequence[Format],
-    options: Options = Options(),
+    options: Options = DEFAULT_OPTIONS,
     labels: Sequence[str] | None = None,
     name: str | None = None,
     log=print,

@@ -13,7 +13,7 @@ tools can read the table without TensorFlow.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,7 +100,8 @@ class ExportJob:
             if self.source.part == "head":
                 shape = tuple(int(d) for d in self.model.inputs[0].shape[1:])
                 raise ValueError(f"this format needs calibration inputs; pass --calib with a feature store .h5 "
-                                 f"(`python -m train oct extract`) or a .npy of inputs (N, {', '.join(map(str, shape))})")
+                                 f"(`python -m train oct extract`) or a .npy of inputs "
+                                 f"(N, {', '.join(map(str, shape))})")
             raise ValueError("this format needs calibration images; pass --calib MANIFEST|DIR")
         return self._calib
 

@@ -21,8 +21,9 @@ have a fixed image shape and its one output the class probabilities.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from edge_runtime.fileio import sha256_file
 from edge_runtime.spec import MALARIA_SPEC, PreprocessSpec
@@ -94,7 +95,8 @@ def load_saved_model(path: Path):
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as e:  # TF raises several types for unreadable folders
-        raise ValueError(f"cannot load SavedModel {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise ValueError(f"cannot load SavedModel {path}: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     sig = loaded.signatures.get("serving_default")
     if sig is None:
         raise ValueError(f"SavedModel {path} has no 'serving_default' signature (has {sorted(loaded.signatures)})")
@@ -105,7 +107,8 @@ def load_saved_model(path: Path):
         raise ValueError(f"SavedModel {path}: need one input and one output, found {len(inputs)} and {len(outputs)}")
     shape = tuple(inputs[0].shape[1:])
     if None in shape or len(shape) != 3:
-        raise ValueError(f"SavedModel {path}: input shape {tuple(inputs[0].shape)} is not (batch, H, W, C) with fixed H, W, C")
+        raise ValueError(f"SavedModel {path}: input shape {tuple(inputs[0].shape)} "
+                         "is not (batch, H, W, C) with fixed H, W, C")
     inp = keras.Input(shape=shape, name="image")
     out = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default", name="saved_model")(inp)
     if isinstance(out, dict):
@@ -157,7 +160,8 @@ def load_keras_model(path: Path):
         msg = str(e)
         hint = ""
         if "Lambda" in msg or "safe_mode" in msg:
-            hint = " The model contains a Lambda layer (arbitrary code); safe mode refuses it. Rebuild it without Lambda."
+            hint = (" The model contains a Lambda layer (arbitrary code); safe mode refuses it. "
+                    "Rebuild it without Lambda.")
         elif "Unknown layer" in msg or "Could not locate class" in msg:
             hint = " It uses a custom layer medge does not know; only built-in Keras layers can be converted."
         raise ValueError(f"cannot load {path}: {msg.splitlines()[0] if msg else type(e).__name__}.{hint}") from e
@@ -203,7 +207,8 @@ def load_source(
             )
         if part == "head":
             if not cfg.head_file or not cfg.store:
-                raise ValueError(f"--part head needs an OCT head run (config.json with head_file and store); {source} has none")
+                raise ValueError("--part head needs an OCT head run (config.json with head_file and store); "
+                                 f"{source} has none")
             model_path = source / cfg.head_file
         else:
             model_path = source / cfg.model_file

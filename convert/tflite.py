@@ -77,7 +77,8 @@ def litert_quantize_int8(float_model: bytes, calib: np.ndarray, work: Path) -> b
     try:
         from ai_edge_quantizer import quantizer, recipe  # optional: --int8-quantizer litert-quantizer
     except ImportError:
-        raise ImportError(f"--int8-quantizer litert-quantizer needs ai-edge-quantizer: {LITERT_QUANTIZER_INSTALL}") from None
+        raise ImportError("--int8-quantizer litert-quantizer needs ai-edge-quantizer: "
+                          f"{LITERT_QUANTIZER_INSTALL}") from None
     src = Path(work) / "float32_for_quantizer.tflite"
     src.write_bytes(float_model)
     sigs = signatures(float_model)

@@ -4,9 +4,10 @@
     python -m edge_runtime predict export/malaria-edge_tflite-int8.tflite slides/C100P61/ --csv > C100P61.csv
     python -m edge_runtime predict export/oct_tflite-int8.tflite scan1.jpeg scan2.jpeg --gradcam maps/
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
-    python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N] [--normalise]
-    python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR] [--access-code CODE]
-                                 [--web-runtime DIR|off]
+    python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X]
+                                 [--wbc-count N] [--normalise]
+    python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR]
+                                 [--access-code CODE] [--web-runtime DIR|off]
     python -m edge_runtime models [--json] [--card NAME]
     python -m edge_runtime selftest MODEL [--json]     # the artifact's golden set on this device's runtime
     python -m edge_runtime predict malaria cells/          # a released model, by name
@@ -48,11 +49,11 @@ import io
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from edge_runtime import content_hash, registry, webruntime
-from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, decision_lines
 from edge_runtime.backends import BACKENDS, BackendError
 from edge_runtime.clinical import is_malaria, is_oct, oct_summary, slide_summary
 from edge_runtime.extras import message as extras_message
@@ -61,6 +62,7 @@ from edge_runtime.gradcam import GradCam
 from edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file
 from edge_runtime.model import ModelError, load
 from edge_runtime.smear import analyse_slide, write_report
+from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, decision_lines
 from edge_runtime.smear.report import field_entry
 from edge_runtime.standard_metadata import format_lines
 from edge_runtime.standard_metadata import read as read_standard_metadata
@@ -123,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def runtime_args(sp: argparse.ArgumentParser) -> None:
         g = sp.add_argument_group("runtime")
-        g.add_argument("--backend", choices=list(BACKENDS), help="force a runtime (default: by file suffix, LiteRT first)")
+        g.add_argument("--backend", choices=list(BACKENDS),
+                       help="force a runtime (default: by file suffix, LiteRT first)")
         g.add_argument("--threads", type=_threads, help="runtime threads (default: the runtime's choice)")
 
     pr = sub.add_parser("predict", help="classify images or folders of images")
@@ -389,7 +392,8 @@ def cmd_predict(args) -> int:
             progress.step()
         preds += group_preds
         if is_malaria(model.metadata):
-            summaries.append({"slide": name, **slide_summary(group_preds, model.metadata.positive_label or "Parasitized")})
+            summaries.append({"slide": name,
+                              **slide_summary(group_preds, model.metadata.positive_label or "Parasitized")})
         elif is_oct(model.metadata):
             summaries.append({"group": name, **oct_summary(group_preds)})
     if cam is not None:
@@ -407,7 +411,8 @@ def cmd_predict(args) -> int:
     }
     if args.format == "json":
         doc = {"model": {k: v for k, v in model.describe().items() if k in (
-                   "file", "model", "task", "format", "precision", "backend", "runtime_version", "labels", "threshold")},
+                   "file", "model", "task", "format", "precision", "backend", "runtime_version", "labels",
+                   "threshold")},
                "results": [p.to_dict() for p in preds], "summaries": summaries, "stats": stats}
         print(json.dumps(doc, indent=2, ensure_ascii=False))
     elif args.format == "csv":
@@ -574,7 +579,8 @@ def cmd_selftest(args) -> int:
             if worst is not None:
                 print(f"worst: golden input {worst} ({result['worst_source'] or 'unnamed'}): "
                       f"|dprob| {result['per_input_max_abs_diff'][worst]:.4g}: stored "
-                      f"{[round(v, 4) for v in result['worst_expected']]}, now {[round(v, 4) for v in result['worst_got']]}")
+                      f"{[round(v, 4) for v in result['worst_expected']]}, "
+                      f"now {[round(v, 4) for v in result['worst_got']]}")
             print(f"golden answers were computed on {golden.made_on.get('runtime', '?')} "
                   f"{golden.made_on.get('runtime_version', '')} ({golden.made_on.get('machine', '?')}); "
                   "the file was altered, or this runtime computes differently: do not use it for decisions")

@@ -11,7 +11,8 @@ into a level of its own making: it goes to a specialist.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from edge_runtime.metadata import ArtifactMetadata
 

@@ -29,7 +29,8 @@ import io
 import json
 import platform
 import zlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -115,7 +116,7 @@ class GoldenSet:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GoldenSet":
+    def from_dict(cls, d: Mapping[str, Any]) -> GoldenSet:
         if str(d.get("schema", "")).split(".")[0] != GOLDEN_SCHEMA:
             raise ValueError(f"golden set schema {d.get('schema')!r} is not {GOLDEN_SCHEMA!r}; upgrade medge")
         shape = tuple(int(v) for v in d["shape"])
@@ -125,7 +126,7 @@ class GoldenSet:
                    atol=float(d["atol"]), sources=tuple(d.get("sources", ())), made_on=dict(d.get("made_on", {})))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "GoldenSet":
+    def from_json(cls, text: str | bytes) -> GoldenSet:
         try:
             d = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -235,7 +236,8 @@ def compare(golden: GoldenSet, outputs: np.ndarray) -> dict[str, Any]:
 
 
 def golden_entry(entries: Mapping[str, Any] | None, where: str) -> GoldenSet:
-    """The golden set from a file's metadata entries (as `metadata.tflite_metadata_entries` or onnxruntime give them)."""
+    """The golden set from a file's metadata entries (as `metadata.tflite_metadata_entries` or onnxruntime
+    give them)."""
     if not entries or GOLDEN_KEY not in entries:
         raise GoldenMissing(f"{where} carries no golden set (no '{GOLDEN_KEY}' entry); re-export it with "
                             "`python -m convert` to give it one")

@@ -35,8 +35,9 @@ import dataclasses
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -97,7 +98,7 @@ class HeadWeights:
     source_sha256: str = ""
 
     @classmethod
-    def load(cls, path: str | Path) -> "HeadWeights":
+    def load(cls, path: str | Path) -> HeadWeights:
         path = Path(path)
         if not path.is_file():
             raise GradCamError(f"no Grad-CAM head weights at {path}; write them with convert/gradcam_export.py "

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edge_runtime.spec import PreprocessSpec
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Far above any microscope crop or OCT B-scan, far below a decompression bomb.
@@ -72,7 +72,7 @@ def convert_mode(img: Image.Image, color_mode: str) -> Image.Image:
 
 
 def load_image(
-    source: Union[PathLike, BinaryIO, Image.Image],
+    source: PathLike | BinaryIO | Image.Image,
     color_mode: str = "rgb",
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:

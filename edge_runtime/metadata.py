@@ -27,17 +27,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any
 
 from edge_runtime import standard_metadata as std
 from edge_runtime.backends import open_session
+
 # GOLDEN_KEY and TensorInfo are also imported from here by convert/ (the entry names and the tensor record live
 # in spec.py, beside the other contract types).
 from edge_runtime.spec import GOLDEN_KEY, METADATA_KEY, STANDARD_KEY, PreprocessSpec, TensorInfo, known_keys  # noqa: F401
 from edge_runtime.tflite_file import check_tflite, embed_entries, tflite_metadata_entries
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 SCHEMA = "medge-artifact/1"
 
@@ -147,7 +149,7 @@ class ArtifactMetadata:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ArtifactMetadata":
+    def from_dict(cls, d: Mapping[str, Any]) -> ArtifactMetadata:
         d = known_keys(cls, d, "artifact metadata")
         d["preprocess"] = PreprocessSpec.from_dict(d["preprocess"])
         d["input"] = TensorInfo.from_dict(d["input"])
@@ -155,7 +157,7 @@ class ArtifactMetadata:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "ArtifactMetadata":
+    def from_json(cls, text: str | bytes) -> ArtifactMetadata:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:

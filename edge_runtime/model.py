@@ -17,8 +17,9 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -44,7 +45,7 @@ UNCERTAIN = "uncertain — refer"
 DEFAULT_THRESHOLDS = {"malaria": 0.8, "oct": 0.6}
 DEFAULT_THRESHOLD = 0.7
 
-InputLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+InputLike = str | os.PathLike | Image.Image | np.ndarray
 
 
 class ModelError(ValueError):
@@ -138,7 +139,7 @@ def _read_metadata(path: Path, session) -> tuple[ArtifactMetadata, str]:
         raise ModelError(f"{path.with_suffix('.json')}: sidecar metadata is invalid ({first_line(e)})") from None
 
 
-def _needs_newer_runtime(path: Path, backend: "backends.Backend", error: BaseException,
+def _needs_newer_runtime(path: Path, backend: backends.Backend, error: BaseException,
                          version: str | None = None) -> str | None:
     """What `path` needs, when `backend` failed on it because it is too old (`edge_runtime.compat`), else None."""
     text = " ".join(str(error).split()) or type(error).__name__
@@ -174,7 +175,7 @@ def load(
     threshold: float | None = None,
     warmup: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> "EdgeModel":
+) -> EdgeModel:
     """Open a medge artifact (.tflite, .onnx, .ort), or a released model by name, with one runtime.
 
     Args:
@@ -208,7 +209,8 @@ def load(
     try:
         session = backends.open_session(path, chosen.name, threads)
     except ImportError as e:  # installed but broken runtime
-        raise BackendError(f"backend {chosen.name} failed to import ({first_line(e)}): {chosen.install_hint()}") from None
+        raise BackendError(f"backend {chosen.name} failed to import ({first_line(e)}): "
+                           f"{chosen.install_hint()}") from None
     except Exception as e:  # runtimes raise RuntimeError, ValueError or their own types for bad files
         too_old = _needs_newer_runtime(path, chosen, e)
         if too_old:

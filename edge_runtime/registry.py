@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from edge_runtime.fileio import sha256_file
 
@@ -77,7 +78,7 @@ class Release:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Release":
+    def from_dict(cls, d: Mapping[str, Any]) -> Release:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ReleaseError(f"{REGISTRY}: unknown keys {sorted(unknown)} in the entry of {d.get('name')!r}")

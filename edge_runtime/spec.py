@@ -10,7 +10,8 @@ record (`ArtifactMetadata`) is in `edge_runtime.metadata`, built on these.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -76,7 +77,7 @@ class PreprocessSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -125,7 +126,7 @@ class TensorInfo:
                 "zero_point": self.zero_point}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TensorInfo":
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorInfo:
         return cls(**known_keys(cls, d, "tensor"))
 
 

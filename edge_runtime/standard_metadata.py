@@ -69,12 +69,12 @@ _STATS = dict(max=0, min=1)
 _FILE = dict(name=0, description=1, type=2, locale=3)
 
 
-def applies(meta: "ArtifactMetadata") -> bool:
+def applies(meta: ArtifactMetadata) -> bool:
     """Whether the artifact takes an image (a head takes a feature map: no image task can feed it)."""
     return meta.part == "model"
 
 
-def normalization(meta: "ArtifactMetadata") -> tuple[list[float], list[float]]:
+def normalization(meta: ArtifactMetadata) -> tuple[list[float], list[float]]:
     """(mean, std) per channel such that `(pixel - mean) / std == pixel * scale + offset`."""
     p = meta.preprocess
     if p.scale == 0:
@@ -83,7 +83,7 @@ def normalization(meta: "ArtifactMetadata") -> tuple[list[float], list[float]]:
     return [mean] * p.channels, [std] * p.channels
 
 
-def labels_file(meta: "ArtifactMetadata") -> bytes:
+def labels_file(meta: ArtifactMetadata) -> bytes:
     """labels.txt: one label a line, in output order."""
     for label in meta.labels:
         if "\n" in label or "\r" in label:
@@ -91,7 +91,7 @@ def labels_file(meta: "ArtifactMetadata") -> bytes:
     return "".join(f"{label}\n" for label in meta.labels).encode("utf-8")
 
 
-def describe(meta: "ArtifactMetadata") -> str:
+def describe(meta: ArtifactMetadata) -> str:
     """The model description: what it classifies, and where the rest of the contract lives."""
     return (f"medge {meta.task} classifier '{meta.model}' ({meta.format}, {meta.precision}): "
             f"{', '.join(meta.labels)}. The 'medge' metadata entry is the full contract: "
@@ -102,7 +102,7 @@ def describe(meta: "ArtifactMetadata") -> str:
 # ---------------------------------------------------------------- writing
 
 
-def build(meta: "ArtifactMetadata") -> bytes:
+def build(meta: ArtifactMetadata) -> bytes:
     """The `TFLITE_METADATA` buffer (a ModelMetadata flatbuffer) for `meta`'s artifact.
 
     Raises:
@@ -173,7 +173,7 @@ def build(meta: "ArtifactMetadata") -> bytes:
     return bytes(b.Output())
 
 
-def associated_files(meta: "ArtifactMetadata") -> dict[str, bytes]:
+def associated_files(meta: ArtifactMetadata) -> dict[str, bytes]:
     """The files the standard entry names, to pack into the model (name -> bytes)."""
     return {LABELS_FILE: labels_file(meta)}
 
@@ -212,7 +212,8 @@ def parse(buf: bytes) -> dict[str, Any]:
     Raises:
         ValueError: not a ModelMetadata flatbuffer (no `M001` identifier).
     """
-    from flatbuffers import encode, number_types as N, packer, table  # inside: optional on a bare Pi (see `read`)
+    from flatbuffers import encode, packer, table  # inside: optional on a bare Pi (see `read`)
+    from flatbuffers import number_types as N
 
     buf = bytes(buf)
     if len(buf) < 8 or buf[4:8] != IDENTIFIER:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -76,7 +77,7 @@ class _Table:
         start = p + struct.unpack_from("<I", self.buf, p)[0]
         return start + 4, struct.unpack_from("<I", self.buf, start)[0]
 
-    def tables(self, field: int) -> list["_Table"]:
+    def tables(self, field: int) -> list[_Table]:
         start, n = self.vector(field)
         return [_Table(self.buf, start + 4 * i + struct.unpack_from("<I", self.buf, start + 4 * i)[0])
                 for i in range(n)]

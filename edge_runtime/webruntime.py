@@ -35,8 +35,9 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 try:
     from edge_runtime.fileio import sha256_file, write_json
@@ -85,7 +86,7 @@ class Lock:
         return f"{self.name}-{self.version}"
 
     @classmethod
-    def read(cls, path: Path = LOCK) -> "Lock":
+    def read(cls, path: Path = LOCK) -> Lock:
         d = json.loads(Path(path).read_text("utf-8"))
         if d.get("schema") != SCHEMA:
             raise WebRuntimeError(f"{path}: schema {d.get('schema')!r}, expected {SCHEMA!r}")
@@ -134,7 +135,7 @@ def _sri(data: bytes, integrity: str) -> bool:
 
 
 def _download(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:  # noqa: S310 (URLs come from the pinned lock)
+    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:  # URLs come from the pinned lock
         data = resp.read(MAX_TARBALL_BYTES + 1)
     if len(data) > MAX_TARBALL_BYTES:
         raise WebRuntimeError(f"{url}: more than {MAX_TARBALL_BYTES // 2**20} MB; not the pinned tarball")

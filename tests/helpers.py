@@ -15,16 +15,16 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 import edge_runtime
+from edge_runtime import tflite_file
 from edge_runtime.backends import open_session
 from edge_runtime.clinical import OCT_LABELS
-from edge_runtime import tflite_file
 from edge_runtime.spec import GOLDEN_KEY, METADATA_KEY, STANDARD_KEY, PreprocessSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,8 @@ def assert_same_class_off_ties(reference: np.ndarray, candidate: np.ndarray, mar
     clear = top2[:, 1] - top2[:, 0] > margin
     flipped = np.flatnonzero(clear & (reference.argmax(1) != candidate.argmax(1)))
     assert flipped.size == 0, (
-        f"{flipped.size} of {clear.sum()} inputs off the fence (margin > {margin}) changed class: rows {flipped[:10].tolist()}"
+        f"{flipped.size} of {clear.sum()} inputs off the fence (margin > {margin}) changed class: "
+        f"rows {flipped[:10].tolist()}"
     )
 
 

@@ -1,6 +1,7 @@
 """MediaPipe Tasks as an app uses it, run in MediaPipe's own environment (not medge's): the client of test_mediapipe.
 
-    MEDGE_MEDIAPIPE_PYTHON=/work/mp-venv/bin/python   # python3 -m venv ... && pip install "mediapipe==0.10.21" "numpy<2"
+    # python3 -m venv ... && pip install "mediapipe==0.10.21" "numpy<2"
+    MEDGE_MEDIAPIPE_PYTHON=/work/mp-venv/bin/python
     $MEDGE_MEDIAPIPE_PYTHON tests/mediapipe_client.py MODEL.tflite IMAGE [IMAGE ...] > answers.json
 
 For each model it prints, as JSON: what MediaPipe's metadata reader finds in

@@ -111,7 +111,8 @@ def test_what_a_device_sees_first(bench):
             assert r["energy_mj_per_image"] is None and r["e2e_energy_mj_per_image"] is None
     md = (out / report.RESULTS_MD).read_text()
     assert "## What a device sees first" in md and "## Thread choice" in md and "e2e p50" in md
-    assert ("RAPL: absent on this machine (" + energy["reason"]) in md if not energy["available"] else "Energy (RAPL)" in md
+    assert (("RAPL: absent on this machine (" + energy["reason"]) in md if not energy["available"]
+            else "Energy (RAPL)" in md)
     csv_head, csv_row = (out / report.RESULTS_CSV).read_text().splitlines()[:2]
     assert "warmup_ms" in csv_head.split(",") and "[" not in csv_row  # the warm-up list is one space-separated cell
 
@@ -152,7 +153,8 @@ def test_gates_and_compare(bench):
     assert any("--min-speedup" in g for g in report.gates(rows, None, min_speedup=1e6))
     assert any("--max-drop" in g for g in report.gates(rows, max_drop_pp=-101.0, min_speedup=None))
     failed = [dict(rows[2], status="failed", error="boom")]
-    assert report.gates(failed, max_drop_pp=1.0, min_speedup=None) == ["malaria-edge tflite-int8 threads=1: not measured (boom)"]
+    assert report.gates(failed, max_drop_pp=1.0, min_speedup=None) == [
+        "malaria-edge tflite-int8 threads=1: not measured (boom)"]
     older = json.loads(json.dumps(rep))
     older["rows"][1]["latency_p50_ms"] *= 2
     del older["rows"][2]
@@ -322,7 +324,8 @@ def test_presets_benchmark_reports_int8_against_float32(tmp_path, capsys):
     report = json.loads((tmp_path / "presets.json").read_text())
     rows = {r["preset"]: r for r in report["rows"]}
     assert rows["tiny-post"]["weights"] == 2_634 and rows["tiny-post"]["int8_p50_ms"] > 0
-    # The source's pre-activation BN stays as int8 MUL ops and its Flatten head as reshaping ops; the post block's don't.
+    # The source's pre-activation BN stays as int8 MUL ops and its Flatten head as reshaping ops;
+    # the post block's don't.
     assert "MUL" in rows["tiny"]["other_int8_ops"] and "RESHAPE" in rows["tiny"]["other_int8_ops"]
     assert rows["tiny-post"]["other_int8_ops"] == "2 ADD"  # the two residual additions
     assert (tmp_path / "presets.csv").read_text().count("\n") == 3 and "| tiny-post |" in capsys.readouterr().out
@@ -388,7 +391,8 @@ def test_bootstrap_interval_and_noisy_flag():
 
 def _pair_rows():
     rows = [empty_row("m", KERAS, 1, precision="float32", runtime=KERAS, latency_p50_ms=9.0)]
-    for fmt, prec, rt, p50 in (("tflite-float32", "float32", "litert", 4.0), ("tflite-float16", "float16", "litert", 4.1),
+    for fmt, prec, rt, p50 in (("tflite-float32", "float32", "litert", 4.0),
+                               ("tflite-float16", "float16", "litert", 4.1),
                                ("tflite-int8", "int8", "litert", 2.0), ("onnx-float32", "float32", "onnxruntime", 5.0),
                                ("onnx-int8", "int8", "onnxruntime", 2.5)):
         rows.append(empty_row("m", fmt, 1, precision=prec, runtime=rt, latency_p50_ms=p50, file=f"/x/{fmt}",
@@ -409,7 +413,8 @@ def test_measure_pairs_fills_quantized_rows_and_falls_back_openly():
 
     measure_pairs(rows, "cell.png", Settings(threads=(1,)), log=logged.append, pair_fn=fake_pair)
     add_ratios(rows)
-    assert seen == [("tflite-float32", "tflite-float16", 1, "cell.png"), ("tflite-float32", "tflite-int8", 1, "cell.png"),
+    assert seen == [("tflite-float32", "tflite-float16", 1, "cell.png"),
+                    ("tflite-float32", "tflite-int8", 1, "cell.png"),
                     ("onnx-float32", "onnx-int8", 1, "cell.png")]  # never the Keras row, never float32 with itself
     by = {r["format"]: r for r in rows}
     assert by["tflite-int8"]["speedup_vs_float32"] == 2.5 and by["tflite-int8"]["speedup_method"] == "interleaved"
@@ -422,9 +427,10 @@ def test_measure_pairs_fills_quantized_rows_and_falls_back_openly():
     table = report.side_by_side(rows)
     assert "2.50x [2.50-2.50]" in table and "noisy" in table and "2.00x (apart)" in table and "q ms abs" in table
     notes = report.speedup_notes({"rows": rows, "settings": {"rounds": 15, "min_time_s": 0.15},
-                                  "machine_state": {"before": {"load_average": [1.0, 0.5, 0.2],
-                                                               "busiest_processes": [{"name": "cc1", "cpu_percent": 97}],
-                                                               "cpu_mhz": [2400.0, 2600.0]}}})
+                                  "machine_state": {"before": {
+                                      "load_average": [1.0, 0.5, 0.2],
+                                      "busiest_processes": [{"name": "cc1", "cpu_percent": 97}],
+                                      "cpu_mhz": [2400.0, 2600.0]}}})
     assert "1 of 3 speed-ups are noisy" in " ".join(notes) and "--rounds 30" in " ".join(notes)
     assert "load 1.00 0.50 0.20; busiest others: `cc1` 97%; CPU 2400-2600 MHz" in notes[1]
     assert "Machine after: not recorded" in notes[2] and "(apart)" in notes[-1]
@@ -435,7 +441,8 @@ def test_machine_state_sees_a_busy_neighbour():
     import subprocess
     import sys
 
-    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])
     try:
         busy = interleave.busiest_processes(interval=0.5, top=100)
     finally:
@@ -468,7 +475,8 @@ def test_stability_passes_start_and_stop_the_hog_and_compare():
     assert events[-1] == ("stop", "proc") and set(res["state"]) == {"idle", "loaded"}
     text = stability.table(res)
     lines = text.splitlines()[2:]
-    assert "2.00x [2.00-2.00]" in lines[0] and "2.10x" in lines[0] and "+5.0%" in lines[0] and lines[0].endswith("yes |")
+    assert "2.00x [2.00-2.00]" in lines[0] and "2.10x" in lines[0] and "+5.0%" in lines[0]
+    assert lines[0].endswith("yes |")
     assert "-25.0%" in lines[1] and lines[1].endswith("NO |")
 
 

@@ -34,6 +34,7 @@ import pytest
 import edge_runtime
 from edge_runtime import registry
 from edge_runtime.metadata import read_tflite
+
 from helpers import MALARIA_FILES, ROOT, SAMPLE
 
 TFLS_ENV = "MEDGE_TFLITE_SUPPORT_PYTHON"

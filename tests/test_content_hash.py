@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import SAMPLE
 
 import edge_runtime
 from edge_runtime import content_hash, registry
 from edge_runtime.content_hash import ContentHashError
 from edge_runtime.metadata import tflite_metadata_entries
 from tests.helpers import CONVERT_KEYS, tflite_without_metadata
+
+from helpers import SAMPLE
 
 pytest.importorskip("ai_edge_litert", reason="sealing a .tflite writes a metadata entry with the flatbuffer schema")
 

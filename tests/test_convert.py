@@ -36,10 +36,10 @@ from edge_runtime.metadata import (
     read_sidecar,
     sidecar_path,
 )
-from edge_runtime.spec import TensorInfo
+from edge_runtime.spec import MALARIA_SPEC, TensorInfo
 from edge_runtime.tflite_file import tflite_metadata_entries
-from edge_runtime.spec import MALARIA_SPEC
 from train import runs
+
 from helpers import SAMPLE, assert_same_class_off_ties
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -285,9 +285,11 @@ def test_inspect_cli_and_reader_without_tensorflow(exported, capsys):
     assert main(["inspect", str(out / "run_ort-int8.ort")]) == 0
     assert "format: ort-int8" in capsys.readouterr().out
     code = ("import sys; from edge_runtime.metadata import read_metadata; "
-            f"ms = [read_metadata(p) for p in {[str(p) for p in sorted(out.glob('run_*')) if p.suffix in ('.tflite', '.onnx', '.ort')]}]; "
+            "ms = [read_metadata(p) for p in "
+            f"{[str(p) for p in sorted(out.glob('run_*')) if p.suffix in ('.tflite', '.onnx', '.ort')]}]; "
             "assert len(ms) == 8; "
-            "heavy = [m for m in ('tensorflow', 'keras') if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+            "heavy = [m for m in ('tensorflow', 'keras') if m in sys.modules]; print(heavy); "
+            "sys.exit(1 if heavy else 0)")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -447,14 +449,16 @@ def test_legacy_h5_source(tiny_run, model, tmp_path):
     with pytest.raises(ValueError, match="--labels"):
         run_export(h5, tmp_path / "x", parse_formats("tflite-float32"), _options(calib=Path(manifest)))
     report = run_export(h5, tmp_path / "out", parse_formats("tflite-float32,onnx-float32,tflite-qat-int8"),
-                        _options(calib=Path(manifest)), labels=["Parasitized", "Uninfected"], log=lambda *a: None).to_dict()
+                        _options(calib=Path(manifest)), labels=["Parasitized", "Uninfected"],
+                        log=lambda *a: None).to_dict()
     status = {r["format"]: r for r in report["rows"]}
     assert status["tflite-float32"]["status"] == "ok" and status["onnx-float32"]["status"] == "ok"
     assert status["tflite-float32"]["max_abs_diff"] <= FORMATS["tflite-float32"].max_abs_diff
     assert status["tflite-qat-int8"]["status"] == "failed" and "run directory" in status["tflite-qat-int8"]["error"]
     meta = read_metadata(tmp_path / "out" / "legacy_2018_tflite-float32.tflite")
     assert meta.labels == ("Parasitized", "Uninfected") and meta.source_name == "legacy_2018.h5"
-    assert meta.task == "classification" and sidecar_path(tmp_path / "out" / "legacy_2018_tflite-float32.tflite").is_file()
+    assert meta.task == "classification"
+    assert sidecar_path(tmp_path / "out" / "legacy_2018_tflite-float32.tflite").is_file()
 
 
 @pytest.mark.slow
@@ -492,7 +496,8 @@ def test_int8_io_records_input_quantization(tiny_run, tmp_path, proof_images, mo
     from convert import verify
     from convert.export import run_export
 
-    report = run_export(tiny_run, tmp_path, parse_formats("tflite-int8"), _options(int8_io=True), log=lambda *a: None).to_dict()
+    report = run_export(tiny_run, tmp_path, parse_formats("tflite-int8"), _options(int8_io=True),
+                        log=lambda *a: None).to_dict()
     row = report["rows"][0]
     assert row["status"] == "ok", row.get("error")
     meta = read_metadata(tmp_path / row["file"])
@@ -568,7 +573,8 @@ def oct_like_run(tmp_path_factory, tiny_run):
     run.mkdir()
     L = keras.layers
     inp = keras.Input((299, 299, 3))
-    fused = keras.Model(inp, L.Dense(4, activation="softmax")(L.GlobalAveragePooling2D()(L.Conv2D(8, 3, strides=4)(inp))))
+    fused = keras.Model(inp,
+                        L.Dense(4, activation="softmax")(L.GlobalAveragePooling2D()(L.Conv2D(8, 3, strides=4)(inp))))
     fused.save(run / "fused.keras")
     from train.oct.models import build_head
 
@@ -780,7 +786,8 @@ def test_sigterm_mid_qat_export_leaves_nothing(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_calibration_from_an_image_folder(tiny_run, tmp_path):
-    """A bare .keras file calibrated on a class-folder tree: disjoint calibration and proof images, labels from folders."""
+    """A bare .keras file calibrated on a class-folder tree: disjoint calibration and proof images,
+    labels from folders."""
     from convert.export import run_export
 
     report = run_export(tiny_run / "best.keras", tmp_path, parse_formats("tflite-int8"),

@@ -46,10 +46,12 @@ from PIL import Image
 import edge_runtime
 from edge_runtime import backends
 from edge_runtime.backends import BackendError
-from edge_runtime.cli import build_parser, main as cli_main
+from edge_runtime.cli import build_parser
+from edge_runtime.cli import main as cli_main
 from edge_runtime.clinical import OCT_LABELS, oct_summary, referral_level, slide_summary
-from edge_runtime.spec import TensorInfo
 from edge_runtime.model import UNCERTAIN, ModelError, Prediction, dequantize, quantize
+from edge_runtime.spec import TensorInfo
+
 from helpers import (
     INT8_IO_FILE,
     MALARIA_FILES,
@@ -432,7 +434,7 @@ def test_model_errors_are_one_clear_message(art, tmp_path):
     cases["folder"] = (tmp_path, "not a file")
     _strip_medge_entry(good, tmp_path / "bare.tflite")  # and no sidecar beside it
     cases["no metadata"] = (tmp_path / "bare.tflite", "no medge metadata")
-    for what, (path, msg) in cases.items():
+    for _what, (path, msg) in cases.items():
         with pytest.raises((ModelError, BackendError), match=msg):
             edge_runtime.load(path)
     for what in ("missing", "truncated", "corrupt", "foreign onnx", "no metadata"):  # as a user meets them

@@ -14,8 +14,9 @@ from PIL import Image
 
 pytest.importorskip("cv2", reason="field crops need the `smear` extra (opencv-python-headless)")
 
-from train.annotations import field_blocks, load_annotations, match  # noqa: E402
-from helpers import ROOT, SAMPLE  # noqa: E402
+from train.annotations import field_blocks, load_annotations, match
+
+from helpers import ROOT, SAMPLE
 
 SMEAR_SAMPLE = ROOT / "tests" / "data" / "iml_malaria_sample"
 
@@ -58,7 +59,8 @@ def test_field_crops_are_the_runtime_crops_labelled_by_the_annotations(crops):
     anns = {a["image"].name: a for a in load_annotations(SMEAR_SAMPLE)}
     for name, counts in summary["fields"].items():
         ann = anns[name]
-        assert counts["Parasitized"] + counts["Uninfected"] + counts["unmatched"] + counts["not_rbc"] == len(ann["boxes"])
+        assert (counts["Parasitized"] + counts["Uninfected"] + counts["unmatched"] + counts["not_rbc"]
+                == len(ann["boxes"]))
         assert counts["Parasitized"] <= sum(ann["parasite"])
     assert summary["fields"]["PA171704.JPG"]["Parasitized"] >= 4  # 5 annotated parasites, most found
     # A crop is byte for byte what the runtime gives the model for the region its annotation matched.

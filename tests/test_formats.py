@@ -22,4 +22,5 @@ def test_docs_format_table_lists_the_table_in_order():
     text = CONVERSION_DOC.read_text()
     start = text.index("| format | file | what |")
     rows = re.findall(r"^\| `([a-z0-9-]+)` \| `(\.[a-z]+)` \|", text[start:].split("\n\n", 1)[0], flags=re.M)
-    assert rows == [(f.name, f.ext) for f in FORMATS.values()], "docs/conversion.md's format table and convert/formats.py differ"
+    assert rows == [(f.name, f.ext) for f in FORMATS.values()], \
+        "docs/conversion.md's format table and convert/formats.py differ"

@@ -132,7 +132,8 @@ def test_import_graph_sees_function_imports_and_skips_type_checking(tmp_path):
     _write(tmp_path, {
         "pkg/__init__.py": "from pkg.a import f\n",
         "pkg/a.py": "import os\n\ndef f():\n    from pkg import b\n    from pkg.b import g\n    return b, g\n",
-        "pkg/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import f\n\ndef g():\n    pass\n",
+        "pkg/b.py": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import f\n\n"
+                     "def g():\n    pass\n"),
         "pkg/sub/__init__.py": "",
         "pkg/sub/c.py": "from ..a import f\nfrom . import d\n",
         "pkg/sub/d.py": "",

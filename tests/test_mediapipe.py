@@ -36,6 +36,7 @@ from edge_runtime.metadata import embed_tflite, read_tflite
 from edge_runtime.spec import STANDARD_KEY
 from edge_runtime.tflite_file import embed_entries as embed_tflite_entries
 from edge_runtime.tflite_file import tflite_metadata_entries
+
 from helpers import MALARIA_FILES, OCT_FILES, ROOT, SAMPLE, tflite_without_metadata
 
 MP_ENV = "MEDGE_MEDIAPIPE_PYTHON"
@@ -301,8 +302,7 @@ def _note_for(meta, name: str = "m_tflite-float32.tflite") -> str:
 
 
 def test_bundle_notes_take_every_number_from_the_metadata():
-    from edge_runtime.spec import TensorInfo
-    from edge_runtime.spec import PreprocessSpec
+    from edge_runtime.spec import PreprocessSpec, TensorInfo
 
     base = read_tflite(RELEASED.read_bytes())
     meta = dataclasses.replace(

@@ -192,8 +192,8 @@ def test_sigkilled_extraction_resumes(manifest, store, work):
 
 def test_mismatched_base_or_preprocessing_is_refused(manifest, store, work):
     from train.cli import main
-    from train.oct.store import extract
     from train.oct.fit import train
+    from train.oct.store import extract
 
     # Extending a store with other preprocessing.
     with pytest.raises(ValueError, match="cannot share a store"):
@@ -417,7 +417,8 @@ def test_end_to_end_mode(store, work):
 
 def test_qat_int8_of_the_fused_model(head_run, data):
     """`tflite-qat-int8` on the real network (random-weight InceptionV3 + head): the tf-keras twin takes every
-    Keras weight (probabilities equal), its fake-quantized model starts close to Keras, only the head is fine-tuned (the base stays frozen as in training), and
+    Keras weight (probabilities equal), its fake-quantized model starts close to Keras, only the head is fine-tuned
+    (the base stays frozen as in training), and
     the full-integer file classifies a scan through edge_runtime. Agreement is not asserted: a 3-epoch head on
     8 synthetic training scans sits near chance, where any perturbation flips answers."""
     import edge_runtime

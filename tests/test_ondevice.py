@@ -1,6 +1,7 @@
 """The malaria model on the phone itself: LiteRT.js in the field app's page, with the Pi as the fallback.
 
-    python -m edge_runtime webruntime fetch          # once: LiteRT.js into ~/.cache/medge/web-runtime (or $MEDGE_WEB_RUNTIME)
+    # once: LiteRT.js into ~/.cache/medge/web-runtime (or $MEDGE_WEB_RUNTIME)
+    python -m edge_runtime webruntime fetch
     python -m pytest -q -s tests/test_ondevice.py    # -s prints the agreement and the in-browser latency
 
 Nothing here downloads: the fetch is tested against tarballs made in the
@@ -133,8 +134,8 @@ def test_the_lock_pins_what_the_page_loads():
 
 def test_static_batch_changes_only_the_batch_signature_and_no_output():
     import edge_runtime
-    from edge_runtime.tflite_file import schema as _schema
     from edge_runtime.serve.ondevice import static_batch
+    from edge_runtime.tflite_file import schema as _schema
 
     model = edge_runtime.load("malaria")
     original = model.path.read_bytes()
@@ -142,7 +143,8 @@ def test_static_batch_changes_only_the_batch_signature_and_no_output():
     assert len(fixed) == len(original)
     m = _schema().Model.GetRootAsModel(fixed, 0)
     g = m.Subgraphs(0)
-    sigs = [g.Tensors(j).ShapeSignatureAsNumpy() for j in range(g.TensorsLength()) if g.Tensors(j).ShapeSignatureLength()]
+    sigs = [g.Tensors(j).ShapeSignatureAsNumpy() for j in range(g.TensorsLength())
+            if g.Tensors(j).ShapeSignatureLength()]
     assert sigs and not any((s == -1).any() for s in sigs)
     changed = [i for i, (a, b) in enumerate(zip(original, fixed)) if a != b]
     assert changed and len(changed) <= 4 * sum(1 for s in sigs)  # a few bytes of int32s, nothing else
@@ -259,7 +261,8 @@ def test_phone_browser_classifies_the_sample_cells_itself(tmp_path, reference):
         console = driver.get_log("browser")
         # What the phone downloaded to run the model itself (Resource Timing: body bytes as sent, no compression).
         served = driver.execute_script(
-            "return performance.getEntriesByType('resource').filter(e => /\\/web-runtime\\/|\\/api\\/ondevice|ondevice\\.js/"
+            "return performance.getEntriesByType('resource')"
+            ".filter(e => /\\/web-runtime\\/|\\/api\\/ondevice|ondevice\\.js/"
             ".test(e.name)).map(e => [new URL(e.name).pathname, e.encodedBodySize])")
         shots = Path(os.environ.get("MEDGE_SCREENSHOTS") or tmp_path / "screenshots")
         shots.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import pytest
 
 from edge_runtime import load_and_preprocess
 from edge_runtime.spec import MALARIA_SPEC, PreprocessSpec
+
 from helpers import assert_same_class_off_ties
 
 
@@ -40,9 +41,9 @@ def test_edge_runtime_never_imports_tensorflow():
 @pytest.mark.slow
 def test_tf_pipeline_and_pillow_give_the_same_inputs_and_predictions(sample_manifest, tiny_run):
     tf = pytest.importorskip("tensorflow")
+    from train.data import decode_and_resize
     from train.evaluate import load_model
     from train.split import read_manifest
-    from train.data import decode_and_resize
 
     recs = read_manifest(sample_manifest)[::4]  # 100 real cells of all 20 patients
     tf_x = np.stack([decode_and_resize(tf.constant(r.path), MALARIA_SPEC).numpy() for r in recs])

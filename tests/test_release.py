@@ -9,10 +9,10 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from edge_runtime import registry  # noqa: E402
-from edge_runtime.metadata import read_tflite  # noqa: E402
-from tests.helpers import ROOT, SAMPLE, tflite_without_metadata  # noqa: E402
-from train.split import read_manifest  # noqa: E402
+from edge_runtime import registry
+from edge_runtime.metadata import read_tflite
+from tests.helpers import ROOT, SAMPLE, tflite_without_metadata
+from train.split import read_manifest
 
 RELEASE = ROOT / "releases" / "malaria"
 SHARED_MALARIA = ROOT.parent / "shared" / "data" / "malaria"

@@ -65,7 +65,8 @@ def test_oct_configs_of_every_mode_round_trip(tmp_path):
                    store="/s.h5", manifest="/m.csv", seed=1, epochs=2, batch_size=8,
                    images={"train": 8, "val": 2, "test": 0}, weights_trainable=1000)
     e2e = _config("end-to-end", ["CNV", "DME", "DRUSEN", "NORMAL"], OCT_INCEPTION_SPEC, "imagenet", 0, "1" * 64,
-                  False, store="/s.h5", manifest="/m.csv", seed=1, epochs=2, batch_size=8, images={}, weights_trainable=1)
+                  False, store="/s.h5", manifest="/m.csv", seed=1, epochs=2, batch_size=8, images={},
+                  weights_trainable=1)
     imported = _config("imported-head", ["A", "B"], OCT_INCEPTION_SPEC, "imagenet", 0, "2" * 64, False,
                        imported_from="/h.h5")
     assert head.model_file == "fused.keras" and head.head_file == "head.keras" and head.referral["DME"] == "urgent"
@@ -80,7 +81,8 @@ def test_oct_configs_of_every_mode_round_trip(tmp_path):
 
 def test_runs_module_imports_without_tensorflow():
     code = ("import sys; import train.runs; "
-            "heavy = [m for m in ('tensorflow', 'keras') if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+            "heavy = [m for m in ('tensorflow', 'keras') if m in sys.modules]; print(heavy); "
+            "sys.exit(1 if heavy else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 

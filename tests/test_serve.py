@@ -35,9 +35,10 @@ pytest.importorskip("uvicorn", reason="the field app needs the `serve` extra")
 pytest.importorskip("multipart", reason="the field app needs the `serve` extra (python-multipart)")
 pytest.importorskip("cv2", reason="malaria cases need the `smear` extra (opencv-python-headless)")
 
-from edge_runtime.fileio import sha256_file  # noqa: E402
-from benchmarks.loadtest import multipart, post_case, request, run_load  # noqa: E402
-from helpers import MALARIA_FILES, OCT_FILES, ROOT  # noqa: E402
+from benchmarks.loadtest import multipart, post_case, request, run_load
+from edge_runtime.fileio import sha256_file
+
+from helpers import MALARIA_FILES, OCT_FILES, ROOT
 
 MALARIA_MODEL = MALARIA_FILES["tflite-int8"]
 OCT_MODEL = OCT_FILES["int8"]
@@ -71,7 +72,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.log_path = data.parent / f"{data.name}-server-{self.port}.log"
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
         cmd = [sys.executable, "-m", "edge_runtime", "serve", *(["--models", *self.models] if self.models else []),
                "--host", self.host, "--port", str(self.port), "--data", str(self.data), "--log-level", "warning",
@@ -466,9 +467,7 @@ def test_model_version_is_the_release_version_when_the_file_is_a_released_one(ar
 
 @pytest.mark.server
 def test_released_model_by_name(start_server, tmp_path):
-    from edge_runtime.registry import read_registry
-
-    from edge_runtime.registry import serving_defaults
+    from edge_runtime.registry import read_registry, serving_defaults
 
     released = {r.name: r for r in read_registry()}
     if "malaria" not in released:

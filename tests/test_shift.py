@@ -10,10 +10,10 @@ from PIL import Image
 
 pytest.importorskip("cv2", reason="the shift harness needs the `smear` extra (opencv-python-headless)")
 
-from helpers import ROOT
-
 from benchmarks.shift import BY_NAME, TRANSFORMS, resolve, shifted
 from train.annotations import load_annotations
+
+from helpers import ROOT
 
 SMEAR_SAMPLE = ROOT / "tests" / "data" / "iml_malaria_sample"
 

@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("cv2", reason="site adaptation cuts crops with the `smear` extra (opencv-python-headless)")
 
-from helpers import ROOT
-
 from train.malaria.siteadapt import load_site_fields, split_fields, verdict
+
+from helpers import ROOT
 
 SMEAR_SAMPLE = ROOT / "tests" / "data" / "iml_malaria_sample"
 NAMES = [f"PA1717{i:02d}.JPG" for i in range(40, 55)]

@@ -23,10 +23,9 @@ from PIL import Image
 
 pytest.importorskip("cv2", reason="smear needs the `smear` extra (opencv-python-headless)")
 
-from train.annotations import load_annotations, match  # noqa: E402
-from edge_runtime.clinical import REFER_UNCERTAIN_SHARE, slide_referral, slide_summary  # noqa: E402
-from edge_runtime.model import Prediction  # noqa: E402
-from edge_runtime.smear import (  # noqa: E402
+from edge_runtime.clinical import REFER_UNCERTAIN_SHARE, slide_referral, slide_summary
+from edge_runtime.model import Prediction
+from edge_runtime.smear import (
     SlideReport,
     SlideSummary,
     SmearError,
@@ -35,7 +34,9 @@ from edge_runtime.smear import (  # noqa: E402
     segment,
     write_report,
 )
-from helpers import MALARIA_FILES, ROOT, run_cli  # noqa: E402
+from train.annotations import load_annotations, match
+
+from helpers import MALARIA_FILES, ROOT, run_cli
 
 SMEAR_SAMPLE = ROOT / "tests" / "data" / "iml_malaria_sample"
 RECALL_FLOOR = 0.80
@@ -243,7 +244,8 @@ def test_analyse_slide_writes_what_a_person_checks(model, fields, tmp_path):
     assert len(cells) == 3 and cells[0]["cells"][0].keys() >= {"bbox", "kind", "label", "confidence", "uncertain"}
     assert json.loads((out / "summary.json").read_text())["cells"] == s["cells"]
     lines = (out / "cells.csv").read_text().splitlines()
-    assert lines[0].startswith("field,index,x,y,w,h,kind") and len(lines) == 1 + sum(len(f.cells) for f in report.fields)
+    assert lines[0].startswith("field,index,x,y,w,h,kind")
+    assert len(lines) == 1 + sum(len(f.cells) for f in report.fields)
     overlays = sorted(out.glob("*_overlay.png"))
     assert len(overlays) == 2 and Image.open(overlays[0]).size == (1280, 960)
     if s["parasitized"] + s["uncertain"]:
@@ -266,7 +268,7 @@ def test_bad_fields_never_lose_the_others(art, fields, tmp_path):
     good = Image.open(fields[1]).convert("RGB")
     (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     good.convert("RGBA").save(d / "rgba.png")
-    Image.fromarray((np.asarray(good.convert("L")).astype(np.uint16) * 257)).save(d / "grey16.png")
+    Image.fromarray(np.asarray(good.convert("L")).astype(np.uint16) * 257).save(d / "grey16.png")
     exif = Image.Exif()
     exif[0x0112] = 6  # stored turned 90 CCW, shown upright
     good.transpose(Image.Transpose.ROTATE_90).save(d / "exif.jpg", quality=95, exif=exif)

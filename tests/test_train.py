@@ -13,6 +13,7 @@ from train import runs  # noqa: E402
 from train.evaluate import evaluate_run, load_model  # noqa: E402
 from train.malaria.fit import train_malaria  # noqa: E402
 from train.split import read_manifest  # noqa: E402
+
 from helpers import TINY_EPOCHS  # noqa: E402
 
 pytestmark = pytest.mark.slow

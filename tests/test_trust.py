@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.golden import GoldenSet, compare, pick
+
 from helpers import ROOT, flip_strongest_first_conv_weights, run_cli
 
 SELFTEST_FORMATS = ("tflite-float32", "tflite-float16", "tflite-dynamic", "tflite-int8", "onnx-float32",
@@ -164,6 +165,7 @@ def test_changed_onnx_weight_is_drift(trusted, tmp_path):
 
 def test_unusable_files_exit_2(trusted, tmp_path):
     from edge_runtime.spec import GOLDEN_KEY
+
     from helpers import tflite_without_metadata
 
     path = _file(trusted, "tflite-int8")
@@ -428,7 +430,8 @@ def test_max_drop_onnx_excludes_nodes_and_shares_the_graph_with_ort(tiny_run, tm
     assert [(s["stage"], s["calibration"], s["activations"]) for s in rec["steps"]] == [
         ("calibration", "minmax", "uint8"), ("calibration", "entropy", "uint8"),
         ("calibration", "percentile", "uint8"), ("int16", rec["steps"][3]["calibration"], "int16"),
-        ("float-fallback", rec["steps"][3]["calibration"], "uint8"), ("float-fallback", rec["steps"][3]["calibration"], "uint8")]
+        ("float-fallback", rec["steps"][3]["calibration"], "uint8"),
+        ("float-fallback", rec["steps"][3]["calibration"], "uint8")]
     assert "skipped" not in rec["steps"][3]  # ONNX Runtime runs QInt16 QDQ (opset 21) here
     excluded = rec["steps"][5]["float_nodes"]
     assert rec["steps"][4]["float_nodes"] == excluded[: len(rec["steps"][4]["float_nodes"])] and excluded
@@ -445,12 +448,12 @@ def test_max_drop_onnx_excludes_nodes_and_shares_the_graph_with_ort(tiny_run, tm
 
 def test_onnx_excluded_nodes_stay_float(tiny_run, tmp_path):
     """`nodes_to_exclude` as the ladder passes it: the worst conv keeps float weights, the others int8."""
+    import keras
     import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from convert.bounded import OnnxLadder
     from convert.converters import keras_to_onnx, quantize_qdq
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-    import keras
 
     model = keras.models.load_model(tiny_run / "best.keras")
     f, prep = tmp_path / "f.onnx", tmp_path / "prep.onnx"
@@ -528,7 +531,8 @@ def test_bare_features_head_converts_without_calibration_and_runs_on_arrays(bare
         x = np.abs(np.random.default_rng(5).standard_normal((3, 8, 8, 2048))).astype(np.float32)
         np.testing.assert_allclose(model.run(x), keras_model.predict(x, verbose=0), atol=1e-4)
         preds = model.predict(x)  # a batch of feature maps
-        assert [p.label for p in preds] == [HEAD_LABELS.split(",")[i] for i in keras_model.predict(x, verbose=0).argmax(1)]
+        assert [p.label for p in preds] == [HEAD_LABELS.split(",")[i]
+                                            for i in keras_model.predict(x, verbose=0).argmax(1)]
         assert model.predict(x[0])[0].ok  # one feature map
         bad = model.predict([x[0, :4], str(d / "head.h5")])
         assert "shape (4, 8, 2048)" in bad[0].error and "(8, 8, 2048)" in bad[0].error
@@ -552,7 +556,8 @@ def test_bare_head_int8_needs_calib_of_its_own_shape(bare_head, tmp_path, capsys
     assert main(base + ["--out", str(tmp_path / "c"), "--calib", str(d / "feats.npy"), "--calib-n", "24",
                         "--allow-drop"]) == 0
     meta = read_metadata(tmp_path / "c" / "head_tflite-int8.tflite")
-    assert meta.quantization["calibration_images"] == 24 and meta.quantization["calibration_from"].startswith("feats.npy")
+    assert meta.quantization["calibration_images"] == 24
+    assert meta.quantization["calibration_from"].startswith("feats.npy")
 
     # A feature store: train split calibrates, test split proves, with labels (here Keras' own answers).
     assert main(base + ["--out", str(tmp_path / "d"), "--calib", str(d / "store.h5"), "--allow-drop"]) == 0
@@ -736,7 +741,8 @@ def test_compat_tells_a_too_new_file_from_a_broken_one(tmp_path):
         "op": "FULLY_CONNECTED", "version": "12"}
     p = tmp_path / "m.tflite"
     p.write_bytes(b"\0" * 64)
-    assert explain(p, "litert", "2.3.0", "Could not open 'm.tflite': the model is not a valid flatbuffer", "pip") is None
+    assert explain(p, "litert", "2.3.0", "Could not open 'm.tflite': the model is not a valid flatbuffer",
+                   "pip") is None
     # A legacy runtime older than the version the file's metadata states: said even when its error is opaque.
     p.with_suffix(".json").write_text(json.dumps({"runtimes": {"requires": {"min_runtime_version": "2.15.0"}}}))
     msg = explain(p, "tflite-runtime", "2.14.0", "Registration failed.", "pip install x")

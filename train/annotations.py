@@ -19,8 +19,9 @@ import io
 import json
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -171,7 +172,8 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
         for is_par, m in zip(par, matched):
             if m >= 0 and cells[m]["label"] is not None:
                 conf = cells[m]["confidence"]
-                row["matched_cells"].append([int(is_par), round(conf if cells[m]["label"] == positive else 1 - conf, 5)])
+                row["matched_cells"].append([int(is_par),
+                                             round(conf if cells[m]["label"] == positive else 1 - conf, 5)])
     return row
 
 

@@ -9,7 +9,7 @@ same predictions on real images.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 import numpy as np

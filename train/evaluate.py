@@ -91,7 +91,7 @@ def evaluate_run(
     spec = cfg.preprocess
     if data is not None:
         res = build_split(data, progress=True)
-        records = [r for r in res.records]
+        records = list(res.records)
         source = {"data": str(Path(data).resolve()), "bad_files": len(res.bad_files)}
         split_name = "all"
     elif manifest is not None:

@@ -22,11 +22,12 @@ import dataclasses
 import json
 import os
 import platform
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from edge_runtime.fileio import atomic_write_text, write_json  # noqa: F401  (re-exported for train/*)
+from edge_runtime.fileio import atomic_write_text, write_json  # also re-exported for train/*
 from edge_runtime.spec import PreprocessSpec
 from edge_runtime.versions import installed_versions
 
@@ -109,7 +110,7 @@ class RunConfig:
         return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str | os.PathLike = "run config") -> "RunConfig":
+    def from_dict(cls, d: Mapping[str, Any], where: str | os.PathLike = "run config") -> RunConfig:
         """Raises ValueError naming `where` on keys RunConfig does not know or a missing required key."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)

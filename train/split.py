@@ -22,9 +22,9 @@ import os
 import random
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from edge_runtime.images import ImageError, load_image
 

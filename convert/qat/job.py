@@ -48,7 +48,7 @@ class Architecture:
             raise ValueError(f"no tf-keras twin for architecture {self.kind!r}; known: {TWIN_KINDS}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Architecture":
+    def from_dict(cls, d: dict[str, Any]) -> Architecture:
         _checked_keys(cls, d)
         return cls(**d)
 
@@ -90,7 +90,7 @@ class QatJob:
         return json.dumps(self.to_dict())
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QatJob":
+    def from_dict(cls, d: dict[str, Any]) -> QatJob:
         _checked_keys(cls, d)
         return cls(**{
             **d,
@@ -102,7 +102,7 @@ class QatJob:
         })
 
     @classmethod
-    def from_json(cls, text: str) -> "QatJob":
+    def from_json(cls, text: str) -> QatJob:
         return cls.from_dict(json.loads(text))
 
     def write(self, path: Path) -> Path:
@@ -110,7 +110,7 @@ class QatJob:
         return Path(path)
 
     @classmethod
-    def read(cls, path: Path) -> "QatJob":
+    def read(cls, path: Path) -> QatJob:
         return cls.from_json(Path(path).read_text())
 
 
@@ -134,7 +134,7 @@ class QatResult:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QatResult":
+    def from_dict(cls, d: dict[str, Any]) -> QatResult:
         _checked_keys(cls, d)
         return cls(**d)
 
@@ -143,5 +143,5 @@ class QatResult:
         return RESULT_TAG + self.to_json()
 
     @classmethod
-    def from_line(cls, line: str) -> "QatResult":
+    def from_line(cls, line: str) -> QatResult:
         return cls.from_dict(json.loads(line[len(RESULT_TAG):]))

@@ -47,7 +47,8 @@ def check_tfmot_version(installed: str | None = None) -> str:
     release = tuple(int(x) for x in re.findall(r"\d+", installed.split("+")[0])[:3])
     if not TFMOT_MIN <= release < TFMOT_BELOW:
         raise RuntimeError(
-            f"tflite-qat-int8 works around {TFMOT} {TFMOT_PIN} through its private modules (convert/qat/tfmot_fixes.py); "
+            f"tflite-qat-int8 works around {TFMOT} {TFMOT_PIN} through its private modules "
+            "(convert/qat/tfmot_fixes.py); "
             f"{installed} is installed: pip install '{TFMOT}{TFMOT_PIN}', or re-check the workarounds on {installed}"
         )
     return installed
@@ -61,10 +62,10 @@ import tf_keras  # noqa: E402
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
     default_8bit_quantize_layout_transform as _layout,
 )
-from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
     default_8bit_quantize_scheme as _scheme,
 )
-from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
     default_8bit_transforms as _transforms,
 )
 from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import (  # noqa: E402
@@ -235,8 +236,8 @@ def init_ranges(qat, twin, calib: np.ndarray, budget_bytes: int = 1 << 29) -> in
     tensors = _probe_tensors(twin)
     keys = list(tensors)
     probe = tf_keras.Model(twin.inputs, list(tensors.values()))
-    lo = {k: 0.0 for k in keys}  # ranges always include 0, as tfmot's do
-    hi = {k: 0.0 for k in keys}
+    lo = dict.fromkeys(keys, 0.0)  # ranges always include 0, as tfmot's do
+    hi = dict.fromkeys(keys, 0.0)
     per_image = 4 * sum(int(np.prod(o.shape[1:])) for o in probe.outputs)
     batch = int(max(1, min(32, budget_bytes // per_image)))
     for i in range(0, len(calib), batch):

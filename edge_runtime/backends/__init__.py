@@ -22,8 +22,9 @@ import dataclasses
 import importlib
 import importlib.metadata as md
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -158,7 +159,8 @@ def resolve(path: str | Path, name: str | None = None) -> Backend:
     if name is not None:
         if name not in BACKENDS:
             raise BackendError(
-                f"unknown backend {name!r}; known: {', '.join(BACKENDS)} (install with {EXTRA}; .onnx/.ort: {ONNX_EXTRA})"
+                f"unknown backend {name!r}; known: {', '.join(BACKENDS)} "
+                f"(install with {EXTRA}; .onnx/.ort: {ONNX_EXTRA})"
             )
         b = BACKENDS[name]
         if suffix not in b.suffixes:
@@ -173,7 +175,8 @@ def resolve(path: str | Path, name: str | None = None) -> Backend:
         if b.installed():
             return b
     raise BackendError(
-        f"no runtime for {suffix} files is installed (tried {', '.join(b.name for b in rows)}): {rows[0].install_hint()}"
+        f"no runtime for {suffix} files is installed (tried {', '.join(b.name for b in rows)}): "
+        f"{rows[0].install_hint()}"
     )
 
 

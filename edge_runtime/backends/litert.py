@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from edge_runtime.backends._tflite import TFLiteSession
 

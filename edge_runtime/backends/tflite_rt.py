@@ -16,8 +16,8 @@ import importlib.metadata as md
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from edge_runtime.backends._tflite import TFLiteSession
 

@@ -29,8 +29,9 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
@@ -153,7 +154,7 @@ class SerialModel:
         return getattr(self._model, name)
 
 
-def classify_cells(slot: "ModelSlot", images: Sequence[CheckedImage]) -> list[dict[str, Any]]:
+def classify_cells(slot: ModelSlot, images: Sequence[CheckedImage]) -> list[dict[str, Any]]:
     """Single-cell crops -> one answer each, as `python -m edge_runtime predict` gives it (the page's fallback when
     the phone cannot run the model itself)."""
     pil = [Image.open(io.BytesIO(im.data)) for im in images]
@@ -299,7 +300,8 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
         if overlay is not None:
             entry["overlay"] = _write(st, f"overlay_{k:02d}.jpg", _jpeg(overlay))
         rbc = [c for c in f.cells if c.kind == "rbc"]
-        entry.update(readable=f.readable, unreadable_reason=f.unreadable_reason, red_cells=len(rbc), parasitized=sum(c.verdict(positive) == "parasitized" for c in rbc),
+        entry.update(readable=f.readable, unreadable_reason=f.unreadable_reason, red_cells=len(rbc),
+                     parasitized=sum(c.verdict(positive) == "parasitized" for c in rbc),
                      uncertain=sum(c.uncertain for c in rbc), other_regions=len(f.cells) - len(rbc),
                      segment_ms=f.segment_ms, classify_ms=f.classify_ms)
         fields.append(entry)
@@ -332,7 +334,8 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
     return Case(kind="malaria", subject=subject, note=note, model=slot.info, headline=malaria_headline(summary),
                 # None (undecided) while the evidence is short, never False on it.
                 refer=None if summary["refer"] is None else bool(summary["refer"]),
-                result={"summary": summary, "state": malaria_state(summary), "fields": fields, "crops": crops, "crops_total": len(flagged),
+                result={"summary": summary, "state": malaria_state(summary), "fields": fields, "crops": crops,
+                        "crops_total": len(flagged),
                         "positive_label": positive, "cells": "cells.json",
                         "contact_sheet": "contact_sheet.png" if sheet is not None else None},
                 analysis_ms=round((time.perf_counter() - t0) * 1e3, 1))

@@ -67,8 +67,17 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from edge_runtime.serve.analysis import (KINDS, Limits, UploadError, analyse_malaria, analyse_oct, check_upload,
-                                         classify_cells, cpu_workers, display_name)
+from edge_runtime.serve.analysis import (
+    KINDS,
+    Limits,
+    UploadError,
+    analyse_malaria,
+    analyse_oct,
+    check_upload,
+    classify_cells,
+    cpu_workers,
+    display_name,
+)
 from edge_runtime.serve.case import Case
 from edge_runtime.serve.ondevice import RUNTIME_URL, OnDevice
 from edge_runtime.serve.storage import CASE_ID, CaseStore

@@ -9,7 +9,8 @@ row's `record` column, key for key what the app stored before the record was typ
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 CASE_KINDS = ("malaria", "oct")
 
@@ -56,7 +57,7 @@ class Case:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Case":
+    def from_dict(cls, d: Mapping[str, Any]) -> Case:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -39,7 +39,8 @@ IMPORT_MAP_SLOT = "<!-- medge:importmap -->"
 def static_batch(model: bytes) -> bytes:
     """The .tflite with every dynamic dimension (-1) of every `shape_signature` set to the tensor's static shape.
 
-    Written in place with `tflite_file`'s flatbuffer reader (no schema package: the Pi's legacy tflite-runtime has none).
+    Written in place with `tflite_file`'s flatbuffer reader (no schema package: the Pi's legacy tflite-runtime
+    has none).
     """
     check_tflite(bytes(model[:8]), "model")
     buf = bytearray(model)
@@ -125,7 +126,8 @@ class OnDevice:
         models = {}
         for kind, m in self.models.items():
             slot = m["slot"]
-            models[kind] = {"url": f"/api/ondevice/{kind}/model.tflite", "sha256": m["sha256"], "bytes": len(m["bytes"]),
+            models[kind] = {"url": f"/api/ondevice/{kind}/model.tflite", "sha256": m["sha256"],
+                            "bytes": len(m["bytes"]),
                             "source_sha256": slot.info["sha256"], "name": slot.info["name"],
                             "version": slot.info["version"], "threshold": slot.model.threshold,
                             "metadata": slot.model.metadata.to_dict()}

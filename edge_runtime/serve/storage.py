@@ -37,8 +37,9 @@ import secrets
 import shutil
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from edge_runtime.serve.case import Case
 

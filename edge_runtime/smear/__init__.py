@@ -7,7 +7,8 @@
     print(report.summary.parasitemia_percent, report.summary.refer)
     write_report(report, "report/")   # overlays, cells.csv/json, summary.json, contact sheet
 
-    python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X] [--wbc-count N] [--normalise]
+    python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X]
+                                 [--wbc-count N] [--normalise]
 
 The malaria model was trained on NIH crops: one segmented red blood cell on a
 black background. A field photo holds ~100 cells, many touching, so this

@@ -77,8 +77,8 @@ Library: OpenCV's headless build (`opencv-python-headless` 5.0, numpy its only
 dependency). Measured here on a 1280x960 field (PA171704), same mask and
 markers (before the nearest-marker split and the centre votes): distance
 transform + marker watershed took 4.6 + 36.7 ms with OpenCV against 62.9 +
-166.2 ms with scipy's EDT + scikit-image's watershed (5.5x); installed, OpenCV is 153 MB against 199 MB for scikit-image + scipy + networkx
-+ imageio/tifffile. Quality with scikit-image was not measured on the 44 fields
+166.2 ms with scipy's EDT + scikit-image's watershed (5.5x); installed, OpenCV is 153 MB against 199 MB
+for scikit-image + scipy + networkx + imageio/tifffile. Quality with scikit-image was not measured on the 44 fields
 (its watershed floods the inverted distance transform, OpenCV's the photo's
 gradient, so results would differ). Whole-pipeline figures: README, "Smear fields";
 under domain shift (benchmarks/shift.py) and why each step: docs/smear-segmentation.md.

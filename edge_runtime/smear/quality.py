@@ -132,7 +132,7 @@ class FieldQuality:
                 "measures": self.measures.to_dict() if self.measures else None}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FieldQuality":
+    def from_dict(cls, d: Mapping[str, Any]) -> FieldQuality:
         """The record `to_dict` wrote (its "message" is derived, so it is read back from the reasons)."""
         unknown = set(d) - {"readable", "reasons", "message", "measures"}
         if unknown:

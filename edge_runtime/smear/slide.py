@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -62,7 +63,7 @@ class CellResult:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CellResult":
+    def from_dict(cls, d: Mapping[str, Any]) -> CellResult:
         _known(cls, d)
         return cls(**d)
 
@@ -97,7 +98,7 @@ class FieldView:
     crops: Mapping[int, np.ndarray]
 
 
-def field_view(seg: Segmentation, cells: "tuple[CellResult, ...]", positive: str) -> FieldView:
+def field_view(seg: Segmentation, cells: tuple[CellResult, ...], positive: str) -> FieldView:
     """The drawing record of a segmented field (outlines of every region, crops of the flagged cells)."""
     cv2 = _cv2()
     outlines = []
@@ -159,7 +160,7 @@ class FieldResult:
                 "quality": self.quality.to_dict() if self.quality is not None else None}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FieldResult":
+    def from_dict(cls, d: Mapping[str, Any]) -> FieldResult:
         _known(cls, d)
         if "predictions" in d or "view" in d:
             raise ValueError("FieldResult.from_dict: predictions and view are not serialised; leave them out")
@@ -212,7 +213,7 @@ class SlideSummary:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SlideSummary":
+    def from_dict(cls, d: Mapping[str, Any]) -> SlideSummary:
         _known(cls, d)
         return cls(**d)
 
@@ -237,7 +238,7 @@ class SlideReport:
                 "positive_label": self.positive_label}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SlideReport":
+    def from_dict(cls, d: Mapping[str, Any]) -> SlideReport:
         _known(cls, d)
         return cls(fields=tuple(FieldResult.from_dict(f) for f in d["fields"]),
                    summary=SlideSummary.from_dict(d["summary"]),

@@ -43,8 +43,9 @@ import io
 import json
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def assign_folds(records: Sequence[Record], k: int, seed: int) -> dict[str, int]
     if len(groups) < k:
         raise ValueError(f"{len(groups)} patients cannot fill {k} folds")
     names = {f"fold-{i}": i for i in range(1, k + 1)}
-    assignment = _assign_groups(groups, {n: 1.0 / k for n in names}, seed)
+    assignment = _assign_groups(groups, dict.fromkeys(names, 1.0 / k), seed)
     return {p: names[f] for p, f in assignment.items()}
 
 
@@ -80,7 +81,8 @@ def _fold_records(records: Sequence[Record], folds: dict[str, int], i: int) -> l
 
 
 def _rates(y: np.ndarray, pred: np.ndarray, prob: np.ndarray) -> dict[str, float | None]:
-    """Accuracy, sensitivity, specificity and ROC AUC of the positive class (y, pred: is positive; prob: its probability)."""
+    """Accuracy, sensitivity, specificity and ROC AUC of the positive class
+    (y, pred: is positive; prob: its probability)."""
     from sklearn.metrics import roc_auc_score  # sklearn: slow to import, only the metrics need it
 
     out: dict[str, float | None] = {"accuracy": float((pred == y).mean())}
@@ -94,7 +96,7 @@ def bootstrap_intervals(
 ) -> dict[str, list[float] | None]:
     """95% percentile intervals of `_rates` over `draws` resamples of patients with replacement."""
     if draws <= 0:
-        return {m: None for m in METRICS}
+        return dict.fromkeys(METRICS)
     rng = np.random.default_rng(seed)
     ids, inverse = np.unique(np.asarray(patients), return_inverse=True)
     cells = [np.flatnonzero(inverse == j) for j in range(len(ids))]

@@ -39,8 +39,9 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import edge_runtime
 from edge_runtime.fileio import atomic_write_text, write_json
@@ -76,7 +77,8 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     f.add_argument("--crops", required=True, type=Path, help="a `train field-crops` folder")
     f.add_argument("--nih", required=True, type=Path, help="NIH manifest mixed into every fold (its train split)")
-    f.add_argument("--init", required=True, type=Path, help="Keras model to fine-tune (e.g. releases/malaria/model.keras)")
+    f.add_argument("--init", required=True, type=Path,
+                   help="Keras model to fine-tune (e.g. releases/malaria/model.keras)")
     f.add_argument("--data", required=True, type=Path, help="the annotated fields (fields/, annotations.json)")
     f.add_argument("--out", required=True, type=Path)
     f.add_argument("--preset", default="edge")
@@ -261,7 +263,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | {_fmt(key, pooled['release'].get(key), pct)} | "
                      f"{_fmt(key, pooled['fine_tuned'].get(key), pct)} |")
     lines += ["", "| held-out block | fields | parasites | FP released | FP fine-tuned | uncertain released | "
-              "uncertain fine-tuned | parasites called released | fine-tuned |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "uncertain fine-tuned | parasites called released | fine-tuned |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b, d in report["per_block"].items():
         r, f = d["release"], d["fine_tuned"]
         lines.append(f"| {b} | {f['fields']} | {f['annotated_parasites']} | "

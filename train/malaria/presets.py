@@ -7,7 +7,8 @@ Frozen dataclasses, saved as the resolved config of every run.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 BLOCKS = ("preact", "post", "inverted")
 HEADS = ("flatten", "gap")
@@ -98,7 +99,7 @@ class MalariaPreset:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MalariaPreset":
+    def from_dict(cls, d: Mapping[str, Any]) -> MalariaPreset:
         """From `to_dict()`; keys added since (e.g. `block`, `label_smoothing`) take their defaults."""
         d = dict(d)
         d["model"] = ResNetConfig(**d["model"])

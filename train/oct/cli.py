@@ -44,7 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--per-class", type=int, default=40, help="train images per class")
     s.add_argument("--patients", type=int, default=8, help="train patients per class")
     s.add_argument("--test-per-class", type=int, help="test images per class (default per-class/4)")
-    s.add_argument("--test-patients", type=int, help="test patients per class, disjoint from train (default patients/4)")
+    s.add_argument("--test-patients", type=int,
+                   help="test patients per class, disjoint from train (default patients/4)")
     s.add_argument("--seed", type=int, default=0)
 
     e = osub.add_parser("extract", help="manifest -> HDF5 store of InceptionV3 features (resumable)")

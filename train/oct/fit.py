@@ -25,8 +25,9 @@ Both write a run directory that `python -m train evaluate`, `oct gradcam`,
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

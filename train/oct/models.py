@@ -276,7 +276,8 @@ def load_head(path: str | Path, num_classes: int = 4) -> Any:
         try:
             head = keras.saving.load_model(path, compile=False, safe_mode=True)
         except (ValueError, TypeError, KeyError) as e:
-            print(f"note: {path} config did not load in Keras 3 ({type(e).__name__}); reading its weights by layer order")
+            print(f"note: {path} config did not load in Keras 3 ({type(e).__name__}); "
+                  "reading its weights by layer order")
             head = _load_h5_by_order(path, num_classes)
     check_head(head, str(path), num_classes)
     return head

@@ -14,11 +14,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import socket
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -92,7 +92,7 @@ def fetch(url: str, timeout: float = DEFAULT_TIMEOUT_S, max_bytes: int = DEFAULT
             data = resp.read(max_bytes + 1)
     except urllib.error.HTTPError as e:
         raise ValueError(f"{url}: server answered HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         reason = getattr(e, "reason", e)
         raise ValueError(
             f"could not fetch {url} ({reason}) within {timeout:g} s: this machine may be offline or the host "

@@ -25,9 +25,10 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,8 @@ class StoreInfo:
 
     def describe(self) -> str:
         return (f"base {describe_base(self.base_weights, self.base_seed)} (weights sha256 {self.base_sha256[:12]}), "
-                f"preprocessing scale {self.spec.scale:.6g} offset {self.spec.offset:g}, fingerprint {self.fingerprint}")
+                f"preprocessing scale {self.spec.scale:.6g} offset {self.spec.offset:g}, "
+                f"fingerprint {self.fingerprint}")
 
 
 def _h5():

@@ -180,7 +180,8 @@ def render_scan(p: Patient, rng: np.random.Generator) -> np.ndarray:
         img[under] = np.clip(0.45 + 0.25 * tex[under], 0.05, 1.0)  # fibrovascular PED
         # Hyper-reflective subretinal material above the RPE.
         c = int(np.argmax(lift))
-        blob = _ellipse(yy, xx, rpe_top[c] - fluid[c] * 0.3 - 4, c + rng.normal(0, 8), rng.uniform(5, 12), rng.uniform(15, 40))
+        blob = _ellipse(yy, xx, rpe_top[c] - fluid[c] * 0.3 - 4, c + rng.normal(0, 8), rng.uniform(5, 12),
+                        rng.uniform(15, 40))
         img = np.maximum(img, blob * (0.6 + 0.3 * sev))
     elif label == "DRUSEN":
         img[under] = np.clip(0.55 + 0.1 * tex[under], 0.05, 1.0)
