@@ -156,7 +156,7 @@ def released_onnx(tmp_path_factory, sample_manifest) -> dict[str, Path]:
         report = run_export(source, dest, parse_formats("onnx-int8"),
                             Options(calib=sample_manifest, calib_n=64, eval_n=40, allow_drop=True, force=True),
                             name="malaria", log=lambda *a, **k: None)
-        assert report["ok"], [r.get("error") for r in report["rows"]]
+        assert report.ok, [r.error for r in report.rows]
         out[name] = dest / MALARIA_FILES["onnx-int8"]
     if not out:
         pytest.skip("no committed release (releases/*/model.keras)")
