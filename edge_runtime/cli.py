@@ -5,7 +5,7 @@
     python -m edge_runtime predict export/oct_tflite-int8.tflite scan1.jpeg scan2.jpeg --gradcam maps/
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
     python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X]
-                                 [--wbc-count N] [--normalise]
+                                 [--wbc-count N] [--normalise] [--um-per-px X]
     python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR]
                                  [--access-code CODE] [--web-runtime DIR|off]
     python -m edge_runtime models [--json] [--card NAME]
@@ -47,6 +47,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -87,7 +88,7 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     v = float(text)
-    if not v > 0:
+    if not (math.isfinite(v) and v > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return v
 
@@ -182,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the model's threshold, from its metadata)")
     ps.add_argument("--normalise", action="store_true",
                     help="move each field's mean cell hue half-way to the NIH training crops' before classifying")
+    ps.add_argument("--um-per-px", type=_positive_float, metavar="X",
+                    help="the photos' micrometres per pixel, from a stage micrometer or the objective and camera "
+                         "(about 0.1 for a 1280x960 photo through a 100x objective): red cells are then taken as "
+                         "3.75 um in radius (default: none; each field's typical cell size is estimated from the "
+                         "photo, which a crowded or pale field can get wrong)")
     runtime_args(ps)
     ps.set_defaults(format="table", max_pixels=DEFAULT_MAX_PIXELS)
 
@@ -472,7 +478,7 @@ def cmd_smear(args) -> int:
     model = _load(args)
     report = analyse_slide(model, fields, min_cells=args.min_cells, rbc_per_ul=args.rbc_per_ul,
                            wbc_count=args.wbc_count, wbc_per_ul=args.wbc_per_ul, normalise=args.normalise,
-                           rule=args.counting_rule)
+                           rule=args.counting_rule, um_per_px=args.um_per_px)
     written = write_report(report, args.out) if args.out is not None else []
     if args.format == "json":
         doc = {"model": {k: v for k, v in model.describe().items() if k in ("file", "model", "format", "backend",

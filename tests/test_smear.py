@@ -371,6 +371,22 @@ def test_cli_json_exit_codes_and_no_cells(art, fields, tmp_path):
     assert run_cli("smear", m, fields[0], "--wbc-count", "0")[0] == 2
 
 
+def test_the_users_scale_sets_the_cell_size(model, art, fields):
+    """`--um-per-px` (a stage micrometer's scale) replaces the per-field estimate of the typical red cell: 3.75 um
+    in radius, so 37.5 px at 0.1 um/px; nonsense is refused before any model is loaded."""
+    from edge_runtime.smear import analyse_slide
+    from edge_runtime.smear.cells import RBC_RADIUS_UM
+
+    estimated = analyse_slide(model, [fields[0]], min_cells=1).fields[0]
+    given = analyse_slide(model, [fields[0]], min_cells=1, um_per_px=0.08).fields[0]
+    assert estimated.error is None and given.error is None
+    assert abs(given.radius_px - RBC_RADIUS_UM / 0.08) <= 0.5, given.radius_px
+    assert abs(estimated.radius_px - given.radius_px) > 1  # the option changed what was segmented
+    for bad in ("0", "-0.1", "nan", "inf", "x"):
+        code, _, err = run_cli("smear", art / MALARIA_FILES["tflite-int8"], fields[0], "--um-per-px", bad)
+        assert code == 2 and "--um-per-px" in err, (bad, err)
+
+
 def test_smear_imports_no_tensorflow(art, fields):
     code = ("import sys, edge_runtime\nfrom edge_runtime.smear import analyse_slide\n"
             f"m = edge_runtime.load({str(art / MALARIA_FILES['tflite-int8'])!r})\n"

@@ -245,17 +245,19 @@ class SlideReport:
                    positive_label=d.get("positive_label", "Parasitized"))
 
 
-def analyse_field(model, source, name: str | None = None, normalise: bool = False) -> FieldResult:
+def analyse_field(model, source, name: str | None = None, normalise: bool = False,
+                  um_per_px: float | None = None) -> FieldResult:
     """Segment one field and classify its red cells in one `model.predict` call; errors become the record's `error`.
 
-    With `normalise`, the crops given to the model are cut from `normalise_stain`'s colours. The result's `view`
-    holds what drawing the field needs (not the segmentation, which is freed on return).
+    With `normalise`, the crops given to the model are cut from `normalise_stain`'s colours. `um_per_px`: the
+    photo's scale when the user knows it (`segment`), else the typical cell size is estimated from the field.
+    The result's `view` holds what drawing the field needs (not the segmentation, which is freed on return).
     """
     name = name or (str(source) if not isinstance(source, (Image.Image, np.ndarray)) else "field")
     t0 = time.perf_counter()
     try:
         img = source if isinstance(source, np.ndarray) else load_image(source, "rgb", model.max_pixels)
-        seg = segment(img, name)
+        seg = segment(img, name, um_per_px)
     except (ImageError, SmearError) as e:
         return FieldResult(field=name, error=e.reason, quality=unreadable(e.reason))
     # The gate before the model: ~35 ms a field (1280x960), against seconds of segmentation.
@@ -281,7 +283,7 @@ def analyse_field(model, source, name: str | None = None, normalise: bool = Fals
 
 def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float | None = None,
                   wbc_count: int | None = None, wbc_per_ul: float | None = None,
-                  normalise: bool = False, rule: str = DEFAULT_RULE) -> SlideReport:
+                  normalise: bool = False, rule: str = DEFAULT_RULE, um_per_px: float | None = None) -> SlideReport:
     """Several field photos of one slide -> one report; `report.write_report(report, out)` writes its files.
 
     Args:
@@ -293,6 +295,8 @@ def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float
         wbc_per_ul: the patient's measured white cells/µL (None: WHO's assumed 8,000, and the report says so).
         normalise: classify crops with the field's mean cell hue moved half-way to the NIH crops' (`normalise_stain`).
         rule: the thin-film counting rule (`edge_runtime.smear.decision.COUNTING_RULES`).
+        um_per_px: the photos' micrometres per pixel, when known (a stage micrometer, or the objective and
+            camera): the typical red cell is then 3.75 um in radius instead of estimated per field (`segment`).
 
     A field that cannot be read or holds no cells gets an `error` and the others go on; a field the quality
     gate refuses is kept in the report and left out of the counts. The summary's `decision` is one of
@@ -304,7 +308,7 @@ def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float
     results = []
     for k, source in enumerate(fields):
         name = str(source) if not isinstance(source, (Image.Image, np.ndarray)) else f"field[{k}]"
-        results.append(analyse_field(model, source, name, normalise=normalise))
+        results.append(analyse_field(model, source, name, normalise=normalise, um_per_px=um_per_px))
     readable = [r for r in results if r.readable]
     preds = [p for r in readable for p in r.predictions]
     summary = slide_referral(slide_summary(preds, positive), rbc_per_ul=rbc_per_ul, wbc_count=wbc_count,
