@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(threads=tuple(args.threads), keras_threads=keras_threads, n_images=args.n_images,
                         batch=args.batch, min_seconds=args.min_seconds, max_seconds=args.max_seconds, data=args.data,
                         rounds=args.rounds, min_time=args.min_time)
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     # Other processes move every timing: the run records what else ran, before and after.
     state_before = machine_state()
     stamp = lambda: f"[{time.perf_counter() - t0:5.0f} s]"  # noqa: E731
@@ -212,9 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks" + ("" if not argv and argv is not None else " " + shlex.join(
             sys.argv[1:] if argv is None else argv)).rstrip(),
         "seconds": time.perf_counter() - t0,
-        # Other processes on the machine move the timings; the load average says how busy it was.
-        "machine": machine_info() | ({"load_average_1min": [load_start, os.getloadavg()[0]]} if load_start is not None
-                                     else {}),
+        # Other processes on the machine move the timings: load, busiest others and frequency, before and after.
+        "machine": machine_info(),
         "machine_state": {"before": state_before, "after": state_after},
         "versions": library_versions(),
         "settings": {"threads": list(settings.threads), "keras_threads": list(keras_threads),

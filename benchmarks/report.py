@@ -184,7 +184,10 @@ def peaks_table(peaks: list[dict[str, Any]], markdown: bool = False) -> str:
 
 def machine_line(report: dict[str, Any]) -> str:
     m = report["machine"]
-    load = m.get("load_average_1min")
+    state = report.get("machine_state") or {}
+    ends = [(state.get(k) or {}).get("load_average") for k in ("before", "after")]
+    # 1-minute load at start and end: from the machine state; reports written before it kept them in the machine.
+    load = [e[0] for e in ends] if all(ends) else m.get("load_average_1min")
     busy = "" if load is None else f"; load average {load[0]:.1f} at start, {load[1]:.1f} at end"
     return (f"{m['cpu_model']} ({m['arch']}, {m['cores']} cores; SIMD: {', '.join(m['simd']) or 'none found'}), "
             f"{m['os']}, Python {m['python']}{busy}")
