@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from edge_runtime.spec import known_keys
+
 CASE_KINDS = ("malaria", "oct")
 
 
@@ -58,10 +60,7 @@ class Case:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Case:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown case keys {sorted(unknown)}; known: {sorted(known)}")
+        known_keys(cls, d, "case")
         if "kind" not in d:
             raise ValueError(f"a case record needs a 'kind' ({' or '.join(CASE_KINDS)}); got keys {sorted(d)}")
         return cls(**d)

@@ -21,16 +21,9 @@ from edge_runtime.smear.cells import KINDS, Segmentation, SmearError, _cv2, segm
 from edge_runtime.smear.crops import crop, normalise_stain
 from edge_runtime.smear.decision import DEFAULT_RULE, decide, min_cells_for, model_provenance
 from edge_runtime.smear.quality import FieldQuality, gate, measure, unreadable
+from edge_runtime.spec import known_keys
 
 FLAGGED = ("parasitized", "uncertain")  # the verdicts a person must look at: numbered on overlays, on the contact sheet
-
-
-def _known(cls, d: Mapping[str, Any]) -> None:
-    """Refuse keys the record does not have, naming them and the known ones (as `PreprocessSpec.from_dict`)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +57,7 @@ class CellResult:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CellResult:
-        _known(cls, d)
-        return cls(**d)
+        return cls(**known_keys(cls, d, cls.__name__))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +153,7 @@ class FieldResult:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FieldResult:
-        _known(cls, d)
+        known_keys(cls, d, cls.__name__)
         if "predictions" in d or "view" in d:
             raise ValueError("FieldResult.from_dict: predictions and view are not serialised; leave them out")
         return cls(**{**d, "cells": tuple(CellResult.from_dict(c) for c in d.get("cells", ()))})
@@ -214,8 +206,7 @@ class SlideSummary:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SlideSummary:
-        _known(cls, d)
-        return cls(**d)
+        return cls(**known_keys(cls, d, cls.__name__))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +230,7 @@ class SlideReport:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SlideReport:
-        _known(cls, d)
+        known_keys(cls, d, cls.__name__)
         return cls(fields=tuple(FieldResult.from_dict(f) for f in d["fields"]),
                    summary=SlideSummary.from_dict(d["summary"]),
                    positive_label=d.get("positive_label", "Parasitized"))
