@@ -341,7 +341,8 @@ def plan_rows(summary: Mapping[str, Any], offered: Sequence[Flagged], rows: Sequ
     unknown = sorted(set(body) - set(BODY_KEYS))
     if unknown:
         raise ReviewError(f"unknown keys {unknown}; a review takes {', '.join(BODY_KEYS)}")
-    if not any(body.get(k) not in (None, [], False) for k in ("calls", "rest", "wbc_count", "reviewed")):
+    if not (body.get("calls") or body.get("rest") is not None or body.get("wbc_count") is not None
+            or body.get("reviewed") not in (None, False)):
         raise ReviewError("nothing to record: send calls, rest, wbc_count or reviewed")
     reviewer = clean_reviewer(body.get("reviewer"))
     cells = {f.key: f for f in offered}
