@@ -437,7 +437,7 @@ def test_phone_review_of_a_two_field_case(tmp_path):
         assert "Not reviewed yet" in driver.find_element(By.ID, "review-banner").text
         wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)
                                  for i in d.find_elements(By.CSS_SELECTOR, ".rcell img")[:4]))
-        driver.execute_script("document.getElementById('review').scrollIntoView(); window.scrollBy(0, -50)")
+        driver.execute_script("document.getElementById('review-result').scrollIntoView(); window.scrollBy(0, -60)")
         driver.save_screenshot(str(shots / "review-before.png"))
 
         # The reviewer's name, once (then remembered on this phone).
@@ -480,7 +480,7 @@ def test_phone_review_of_a_two_field_case(tmp_path):
         if parasitized or uncertain:  # the reviewed result differs from the machine's
             assert (after["result"]["parasitized"], after["result"]["red_cells"]) != \
                 (after["machine"]["parasitized"], after["machine"]["red_cells"])
-        driver.execute_script("document.getElementById('review').scrollIntoView(); window.scrollBy(0, -50)")
+        driver.execute_script("document.getElementById('review-result').scrollIntoView(); window.scrollBy(0, -60)")
         driver.save_screenshot(str(shots / "review-after.png"))
         driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(str(shots / "review-after-top.png"))

@@ -304,7 +304,7 @@ def reviewed_result(summary: Mapping[str, Any], offered: Sequence[Flagged], stat
                                                      "at": state.wbc.at},
         "machine": machine.to_dict(),
         "result": decision.to_dict(),
-        "density_from": "the reviewed calls" if applied else "the machine's calls (none reviewed yet)",
+        "density_from": "the reviewed calls" if applied else "the machine's calls: none reviewed yet",
         "cells": cells,
     }
 

@@ -299,12 +299,13 @@ function reviewer() {
   return name;
 }
 
-function densityText(d) {
+function densityCell(d) {
   const den = d && d.density;
-  if (!den) return d && d.decision === "not enough evidence"
-    ? "not given: not enough evidence yet (photograph more fields)" : "not computed";
+  if (!den) return [d && d.decision === "not enough evidence"
+    ? "not given: not enough evidence yet (photograph more fields)" : "not computed"];
   const n = (v) => Number(v).toLocaleString("en");
-  return `${n(den.per_ul)} (95% CI ${n(den.low_per_ul)}-${n(den.high_per_ul)}); basis: ${den.basis}`;
+  return [`${n(den.per_ul)} (95% CI ${n(den.low_per_ul)}-${n(den.high_per_ul)})`,
+    el("span", { class: "basis", text: `basis: ${den.basis}` })];
 }
 
 function decisionClass(d) {
@@ -370,19 +371,17 @@ function showReview(b) {
   review.block = b;
   showReviewBanner(b);
   const rows = [
-    ["Machine", b.machine.message],
-    ["Reviewed", b.rows ? b.result.message : "no call yet"],
-    ["Cells called", `${b.called} of ${b.offered}`],
-    ["Red cells (reviewed)", b.result.red_cells],
-    ["Parasitized (reviewed)", b.result.parasitized],
-    ["White cells counted", b.wbc_count ? `${b.wbc_count.value} (by ${b.wbc_count.reviewer})` : "not entered"],
-    [`Parasites/µL (from ${b.density_from})`, densityText(b.result)],
-    ["Status", b.reviewed ? `reviewed by ${b.reviewed_by}, ${when(b.reviewed_at)}` : b.status],
+    ["Machine", [b.machine.message]],
+    ["Reviewed", b.rows ? [b.result.message, el("span", { class: "basis", text: b.reviewed
+      ? `reviewed by ${b.reviewed_by}, ${when(b.reviewed_at)}` : b.status })] : ["no call yet"]],
+    ["Cells called", [`${b.called} of ${b.offered}`]],
+    ["White cells counted", [b.wbc_count ? `${b.wbc_count.value} (by ${b.wbc_count.reviewer})` : "not entered"]],
+    ["Parasites/µL", [...densityCell(b.result), el("span", { class: "basis", text: `from ${b.density_from}` })]],
   ];
   const table = $("#review-result");
   if (table) {
     table.className = `summary review-result ${b.rows ? decisionClass(b.result) : ""}`;
-    table.replaceChildren(el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v })))));
+    table.replaceChildren(el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", {}, v)))));
   }
   for (const k of b.cells) {
     const card = document.querySelector(`.rcell[data-key="${k.field}:${k.cell}"]`);
@@ -416,7 +415,7 @@ function renderReview(c) {
   review.caseId = c.id;
   const shown = (r.crops || []).filter((k) => k && k.verdict);
   const notes = [];
-  if (r.crops_total > shown.length) notes.push(`${r.crops_total - shown.length} more flagged cell(s) are not shown (the first ${shown.length} are) and keep the machine's call`);
+  if (r.crops_total > shown.length) notes.push(`${r.crops_total - shown.length} more flagged cell(s) beyond the first ${shown.length} keep the machine's call`);
   const left = shown.length - b.offered;
   if (left > 0) notes.push(`${left} flagged cell(s) on fields that were not counted, or uncertain fragments smaller than half a red cell, are left out`);
   const name = el("input", { id: "reviewer", name: "reviewer", maxlength: 64, autocomplete: "name",
@@ -436,9 +435,8 @@ function renderReview(c) {
   };
   const section = el("section", { class: "review", id: "review" },
     el("h3", { text: "Review the cells" }),
-    el("p", { class: "muted" }, `${b.offered} cell(s) to check: parasitized first, then uncertain, most confident first. ` +
-      "One tap per cell; your call is recorded beside the machine's, which is never changed." +
-      (notes.length ? ` ${notes.join("; ")}.` : "")),
+    el("p", { class: "muted" }, `${b.offered} cell(s) to check, parasitized first. One tap per cell; your call is ` +
+      "kept beside the machine's, which is never changed." + (notes.length ? ` ${notes.join("; ")}.` : "")),
     el("label", {}, "Reviewer", name),
     el("table", { class: "summary review-result", id: "review-result" }),
     el("div", { class: "crops review-cells", id: "crops" }, b.cells.map(reviewCard)),
