@@ -43,6 +43,7 @@ from edge_runtime.gradcam import GradCam, GradCamError
 from edge_runtime.images import ImageError, load_image
 from edge_runtime.serve.case import Case
 from edge_runtime.smear import VERDICT_COLOURS, analyse_slide, contact_sheet, render_overlay
+from edge_runtime.smear.quality import is_fragment
 from edge_runtime.smear.report import png_bytes
 
 KINDS = ("malaria", "oct")
@@ -320,7 +321,9 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
                 tile = _cell_crop(photo, c.bbox, VERDICT_COLOURS[c.verdict(positive)])
                 crops[n] = {"image": _write(st, f"crop_{n:03d}.jpg", _jpeg(tile)), "field": k, "cell": c.index,
                             "verdict": c.verdict(positive), "label": c.label, "confidence": c.confidence,
-                            "bbox": list(c.bbox)}
+                            "bbox": list(c.bbox),
+                            # under half a typical cell: the review leaves it out when uncertain (serve.review)
+                            "fragment": is_fragment(c.area, report.fields[k].radius_px)}
     summary = report.summary.to_dict()
     write_json(st.path("summary.json"), summary)
     sheet = contact_sheet(report)

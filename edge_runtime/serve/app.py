@@ -23,6 +23,8 @@ API (JSON unless said otherwise; errors are {"error": message, "status": code}, 
     GET  /api/cases/{id}                   one case
     GET  /api/cases/{id}/export.csv        malaria: one row per cell region; OCT: the scan's row
     GET  /api/cases/{id}/files/{name}      a file the case lists (photos, overlays, crops, Grad-CAM, reports)
+    POST /api/cases/{id}/reviews           a reviewer's calls on flagged cells, a white-cell count, "reviewed"
+    GET  /api/cases/{id}/reviews[/{row}]   the case's review rows (append-only: no PUT/PATCH/DELETE; `review`)
     GET  /api/ondevice                     what a phone needs to run a model itself: the runtime's URLs (or why
                                            there is none) and per kind the model file and its medge metadata
     GET  /api/ondevice/{kind}/model.tflite that model file, as the phone's runtime takes it (ondevice.static_batch)
@@ -80,6 +82,7 @@ from edge_runtime.serve.analysis import (
 )
 from edge_runtime.serve.case import Case
 from edge_runtime.serve.ondevice import RUNTIME_URL, OnDevice
+from edge_runtime.serve.review import CASE_CSV, CELL_CSV, Reviews
 from edge_runtime.serve.storage import CASE_ID, CaseStore
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -236,6 +239,7 @@ class FieldApp:
         self.started = None
         self.ondevice = ondevice
         self.page, self.page_script_hash = ondevice.page((STATIC / "index.html").read_text("utf-8"))
+        self.reviews = Reviews(store, self._case)
 
     # -------------------------------------------------------- pages and health
 
@@ -456,8 +460,9 @@ class FieldApp:
         except UploadError as e:
             return error(e.status, e.message)
         cases, _ = await anyio.to_thread.run_sync(lambda: self.store.list(q, day, -1, 0, full=True))
+        reviewed = await anyio.to_thread.run_sync(self.reviews.case_columns, cases)
         name = f"medge-cases-{day or 'all'}.csv"
-        return _csv_response([case_row(c) for c in cases], CASES_CSV, name)
+        return _csv_response([{**case_row(c), **reviewed.get(c.id, {})} for c in cases], CASES_CSV + CASE_CSV, name)
 
     async def _case(self, request: Request) -> Case:
         case_id = request.path_params["case_id"]
@@ -467,7 +472,9 @@ class FieldApp:
         return case
 
     async def get_case(self, request: Request) -> Response:
-        return JSONResponse(with_urls(await self._case(request)))
+        case = await self._case(request)
+        # The reviewer's calls beside the machine's record, never in it (`serve.review`).
+        return JSONResponse({**with_urls(case), "review": await anyio.to_thread.run_sync(self.reviews.block, case)})
 
     async def export_case(self, request: Request) -> Response:
         case = await self._case(request)
@@ -480,8 +487,9 @@ class FieldApp:
                      "x": c["bbox"][0], "y": c["bbox"][1], "w": c["bbox"][2], "h": c["bbox"][3], "kind": c["kind"],
                      "area": c["area"], "label": c["label"], "confidence": c["confidence"],
                      "uncertain": int(bool(c["uncertain"])), "verdict": c["verdict"]} for c in cells]
+            rows = await anyio.to_thread.run_sync(self.reviews.cell_rows, case, rows)
             fields = [*head, "field", "field_name", "cell", "x", "y", "w", "h", "kind", "area", "label", "confidence",
-                      "uncertain", "verdict"]
+                      "uncertain", "verdict", *CELL_CSV]
         else:
             r = case.result
             rows = [{**head, "scan": r["name"], "label": r["label"], "decision": r["decision"],
@@ -553,6 +561,7 @@ def build_app(slots, store: CaseStore, limits: Limits | None = None, access_code
         Route("/api/cases/{case_id}", fa.get_case, methods=["GET"]),
         Route("/api/cases/{case_id}/export.csv", fa.export_case, methods=["GET"]),
         Route("/api/cases/{case_id}/files/{name}", fa.case_file, methods=["GET"]),
+        *fa.reviews.routes(),
         Route("/api/ondevice", fa.ondevice_info, methods=["GET"]),
         Route("/api/ondevice/{kind}/model.tflite", fa.ondevice_model, methods=["GET"]),
         Route("/api/cells", fa.create_cells, methods=["POST"]),

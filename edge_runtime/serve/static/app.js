@@ -257,25 +257,195 @@ function renderMalaria(c) {
     el("span", { class: "key orange" }), "uncertain ", el("span", { class: "key grey" }), "not a red cell");
   return [
     ...header(c),
+    c.review ? reviewBanner() : null,
     el("table", { class: "summary", id: "summary" }, el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v }))))),
     noCells.length ? el("div", { class: "warning" }, noCells.map((f) => el("p", {}, `“${f.name}”: ${f.error}. This photo has no cells we can find.`))) : null,
     refused.length ? el("div", { class: "warning" }, refused.map((f) => el("p", {}, `“${f.name}”: ${f.unreadable_reason}. Its cells are not counted.`))) : null,
     el("h3", { text: "Fields" }), legend,
     r.fields.filter((f) => f.overlay).map((f) => figure(u[f.overlay], `overlay of ${f.name}`,
       `${f.name}: ${f.red_cells} red cells, ${f.parasitized} parasitized, ${f.uncertain} uncertain`, "overlay")),
-    el("h3", { text: "Cells to check" }),
-    r.crops.length
-      ? el("p", { class: "muted" }, `Parasitized and uncertain cells, parasitized first` +
-          (r.crops_total > r.crops.length ? ` (showing ${r.crops.length} of ${r.crops_total})` : ` (${r.crops.length})`) + ".")
-      : el("p", { class: "muted", text: "No parasitized or uncertain cells." }),
-    el("div", { class: "crops", id: "crops" }, r.crops.map((k) => figure(u[k.image], `cell ${k.cell} of field ${k.field + 1}`,
-      `${k.verdict === "uncertain" ? `uncertain (${k.label} ${k.confidence.toFixed(2)})` : `${k.verdict} ${k.confidence.toFixed(2)}`}` +
-      ` · field ${k.field + 1} #${k.cell}`, `crop ${k.verdict}`))),
+    c.review ? renderReview(c) : [
+      el("h3", { text: "Cells to check" }),
+      r.crops.length
+        ? el("p", { class: "muted" }, `Parasitized and uncertain cells, parasitized first` +
+            (r.crops_total > r.crops.length ? ` (showing ${r.crops.length} of ${r.crops_total})` : ` (${r.crops.length})`) + ".")
+        : el("p", { class: "muted", text: "No parasitized or uncertain cells." }),
+      el("div", { class: "crops", id: "crops" }, r.crops.map((k) => figure(u[k.image], `cell ${k.cell} of field ${k.field + 1}`,
+        `${k.verdict === "uncertain" ? `uncertain (${k.label} ${k.confidence.toFixed(2)})` : `${k.verdict} ${k.confidence.toFixed(2)}`}` +
+        ` · field ${k.field + 1} #${k.cell}`, `crop ${k.verdict}`)))],
     modelLine(c.model),
     el("p", { class: "links" },
       el("a", { class: "button secondary", href: c.export_csv, download: true, text: "Export CSV" }),
       r.contact_sheet ? el("a", { href: u[r.contact_sheet], target: "_blank", text: "contact sheet" }) : null),
   ];
+}
+
+// ------------------------------------------------------------ review of the flagged cells (serve/review.py)
+// One tap per cell: parasite / not a parasite / not a cell (+ an optional stage). Each tap appends a row on the
+// device; the machine's call stays on the record. The reviewed slide result comes back with every answer.
+
+const CALL_TEXT = { parasite: "Parasite", not_parasite: "Not a parasite", not_cell: "Not a cell" };
+const STAGES = ["ring", "trophozoite", "schizont", "gametocyte"];
+const REVIEWER_KEY = "medge.reviewer";
+const review = { caseId: null, block: null, busy: 0 };
+
+function reviewer() {
+  const input = $("#reviewer");
+  const name = input ? input.value.trim() : "";
+  if (!name) {
+    showError(new ApiError(400, "Enter your name as reviewer first: every call is recorded with it."));
+    if (input) input.focus();
+  }
+  return name;
+}
+
+function densityCell(d) {
+  const den = d && d.density;
+  if (!den) return [d && d.decision === "not enough evidence"
+    ? "not given: not enough evidence yet (photograph more fields)" : "not computed"];
+  const n = (v) => Number(v).toLocaleString("en");
+  return [`${n(den.per_ul)} (95% CI ${n(den.low_per_ul)}-${n(den.high_per_ul)})`,
+    el("span", { class: "basis", text: `basis: ${den.basis}` })];
+}
+
+function decisionClass(d) {
+  return d.decision === "parasites seen" ? "refer" : d.decision === "no parasites seen" ? "ok" : "amber";
+}
+
+function reviewBanner() {
+  return el("p", { class: "review-banner", id: "review-banner" });
+}
+
+function showReviewBanner(b) {
+  const p = $("#review-banner");
+  if (!p) return;
+  p.className = `review-banner ${b.rows ? decisionClass(b.result) : "muted"}`;
+  p.textContent = b.reviewed
+    ? `Reviewed by ${b.reviewed_by}, ${when(b.reviewed_at)}: ${b.result.message}.`
+    : b.rows ? `In review (${b.called} of ${b.offered} cells called): ${b.result.message}.`
+      : `Not reviewed yet: ${b.offered} cell(s) to check below.`;
+}
+
+async function postReview(body) {
+  body.reviewer = reviewer();
+  if (!body.reviewer) return null;
+  clearError();
+  review.busy += 1;
+  try {
+    const answer = await api(`/api/cases/${review.caseId}/reviews`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    showReview(answer.review);
+    return answer;
+  } catch (err) {
+    showError(err);
+    return null;
+  } finally {
+    review.busy -= 1;
+  }
+}
+
+function reviewCard(k) {
+  const key = `${k.field}:${k.cell}`;
+  const what = k.verdict === "uncertain"
+    ? `uncertain (${k.model_label} ${Number(k.confidence).toFixed(2)})` : `${k.verdict} ${Number(k.confidence).toFixed(2)}`;
+  const buttons = Object.entries(CALL_TEXT).map(([after, text]) => {
+    const b = el("button", { type: "button", class: `call ${after}`, "data-after": after, text });
+    b.onclick = () => postReview({ calls: [{ field: k.field, cell: k.cell, after,
+      stage: after === "parasite" ? (card.querySelector("select").value || null) : null }] });
+    return b;
+  });
+  const stage = el("select", { class: "stage", "aria-label": "parasite stage (optional)" },
+    el("option", { value: "", text: "stage (optional)" }), STAGES.map((s) => el("option", { value: s, text: s })));
+  stage.onchange = () => postReview({ calls: [{ field: k.field, cell: k.cell, after: "parasite", stage: stage.value || null }] });
+  const card = el("div", { class: `rcell ${k.verdict}`, "data-key": key, "data-verdict": k.verdict },
+    el("a", { href: k.image_url, target: "_blank", rel: "noopener" },
+      el("img", { src: k.image_url, alt: `cell ${k.cell} of field ${k.field + 1}` })),
+    el("div", { class: "rside" },
+      el("p", { class: "rcap" }, what, el("br"), `field ${k.field + 1} #${k.cell}`),
+      el("div", { class: "calls" }, buttons), stage,
+      el("p", { class: "rnow muted" })));
+  return card;
+}
+
+function showReview(b) {
+  review.block = b;
+  showReviewBanner(b);
+  const rows = [
+    ["Machine", [b.machine.message]],
+    ["Reviewed", b.rows ? [b.result.message, el("span", { class: "basis", text: b.reviewed
+      ? `reviewed by ${b.reviewed_by}, ${when(b.reviewed_at)}` : b.status })] : ["no call yet"]],
+    ["Cells called", [`${b.called} of ${b.offered}`]],
+    ["White cells counted", [b.wbc_count ? `${b.wbc_count.value} (by ${b.wbc_count.reviewer})` : "not entered"]],
+    ["Parasites/µL", [...densityCell(b.result), el("span", { class: "basis", text: `from ${b.density_from}` })]],
+  ];
+  const table = $("#review-result");
+  if (table) {
+    table.className = `summary review-result ${b.rows ? decisionClass(b.result) : ""}`;
+    table.replaceChildren(el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", {}, v)))));
+  }
+  for (const k of b.cells) {
+    const card = document.querySelector(`.rcell[data-key="${k.field}:${k.cell}"]`);
+    if (!card) continue;
+    card.classList.toggle("called", !!k.call);
+    card.dataset.call = k.call || "";
+    for (const btn of card.querySelectorAll("button.call")) btn.classList.toggle("on", btn.dataset.after === k.call);
+    const stage = card.querySelector("select");
+    stage.hidden = k.call !== "parasite";
+    if (k.call === "parasite") stage.value = k.stage || "";
+    card.querySelector(".rnow").textContent = k.call
+      ? `${CALL_TEXT[k.call]}${k.stage ? ` (${k.stage})` : ""}: ${k.reviewer}` : "";
+  }
+  const left = b.cells.filter((k) => !k.call && k.verdict === "uncertain").length;
+  const rest = $("#review-rest");
+  if (rest) {
+    rest.hidden = left === 0;
+    rest.textContent = `The ${left} uncertain cell${left === 1 ? "" : "s"} not yet called: not parasites`;
+  }
+  const done = $("#review-done");
+  if (done) {
+    const missing = b.offered - b.called;
+    done.disabled = missing > 0;
+    done.textContent = b.reviewed ? `Reviewed by ${b.reviewed_by}` : missing > 0
+      ? `Mark case reviewed (${missing} cell${missing === 1 ? "" : "s"} left to call)` : "Mark case reviewed";
+  }
+}
+
+function renderReview(c) {
+  const b = c.review, r = c.result;
+  review.caseId = c.id;
+  const shown = (r.crops || []).filter((k) => k && k.verdict);
+  const notes = [];
+  if (r.crops_total > shown.length) notes.push(`${r.crops_total - shown.length} more flagged cell(s) beyond the first ${shown.length} keep the machine's call`);
+  const left = shown.length - b.offered;
+  if (left > 0) notes.push(`${left} flagged cell(s) on fields that were not counted, or uncertain fragments smaller than half a red cell, are left out`);
+  const name = el("input", { id: "reviewer", name: "reviewer", maxlength: 64, autocomplete: "name",
+    placeholder: "name or initials", value: localStorage.getItem(REVIEWER_KEY) || "" });
+  name.addEventListener("change", () => localStorage.setItem(REVIEWER_KEY, name.value.trim()));
+  const rest = el("button", { type: "button", id: "review-rest", class: "secondary wide" });
+  rest.onclick = () => postReview({ rest: "not_parasite" });
+  const done = el("button", { type: "button", id: "review-done", class: "wide" });
+  done.onclick = () => postReview({ reviewed: true });
+  const wbc = el("input", { id: "wbc-count", type: "number", inputmode: "numeric", min: 1, step: 1,
+    placeholder: "e.g. 12", value: b.wbc_count ? b.wbc_count.value : null });
+  const wbcSave = el("button", { type: "button", id: "wbc-save", class: "secondary", text: "Save count" });
+  wbcSave.onclick = () => {
+    const n = Number(wbc.value);
+    if (!Number.isInteger(n) || n < 1) { showError(new ApiError(400, "Enter the white cells counted: a whole number, 1 or more.")); return; }
+    postReview({ wbc_count: n });
+  };
+  const section = el("section", { class: "review", id: "review" },
+    el("h3", { text: "Review the cells" }),
+    el("p", { class: "muted" }, `${b.offered} cell(s) to check, parasitized first. One tap per cell; your call is ` +
+      "kept beside the machine's, which is never changed." + (notes.length ? ` ${notes.join("; ")}.` : "")),
+    el("label", {}, "Reviewer", name),
+    el("table", { class: "summary review-result", id: "review-result" }),
+    el("div", { class: "crops review-cells", id: "crops" }, b.cells.map(reviewCard)),
+    b.offered ? el("p", {}, rest) : el("p", { class: "muted", text: "No parasitized or uncertain cells to check." }),
+    el("div", { class: "wbc" },
+      el("label", { for: "wbc-count" }, "White cells counted in these fields (for parasites/µL per white cell)"),
+      el("div", { class: "row" }, wbc, wbcSave)),
+    el("p", {}, done));
+  return section;
 }
 
 const LEVEL_CLASS = { urgent: "refer", routine: "routine", observation: "ok", "specialist review": "refer" };
@@ -310,6 +480,7 @@ function renderOct(c) {
 function renderCase(c) {
   const view = $("#case-view");
   view.replaceChildren(...(c.kind === "oct" ? renderOct(c) : renderMalaria(c)).flat().filter(Boolean));
+  if (c.review) showReview(c.review);  // fills the review's table, buttons and banner, now in the page
   view.dataset.caseId = c.id;
   window.scrollTo(0, 0);
 }
