@@ -194,7 +194,7 @@ def test_api_ondevice_and_cells_on_the_device(tmp_path, reference):
         health = s.json("/healthz")
         assert health["on_device"]["runtime"] is None and "off" in health["on_device"]["reason"]
         info = s.json("/api/ondevice")
-        m = info["models"]["malaria"]
+        m = info["models"]["cells"]
         assert info["runtime"] is None and m["metadata"]["preprocess"]["input_size"] == [64, 64]
         assert m["threshold"] == 0.8 and m["metadata"]["labels"] == ["Parasitized", "Uninfected"]
         status, headers, body = s.get(m["url"])

@@ -140,6 +140,41 @@ def shared_server(art, tmp_path_factory):
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def uninfected(art, tmp_path_factory) -> Path:
+    """A tiny ONNX model that calls every cell Uninfected at 0.98: the pipeline (segmentation, quality gate,
+    counting rule) runs for real on real field photos, and the slide is negative once enough red cells are
+    counted, which the tiny test model (mostly uncertain) never gives. Its metadata is the test model's, renamed."""
+    onnx = pytest.importorskip("onnx", reason="the negative-slide model is built with onnx (train extra)")
+    pytest.importorskip("onnxruntime", reason="the negative-slide model runs on onnxruntime (onnx extra)")
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = tmp_path_factory.mktemp("uninfected") / "uninfected.onnx"
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 64, 64, 3])
+    y = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 2])
+    nodes = [helper.make_node("ReduceMean", ["image"], ["m"], axes=[1, 2, 3], keepdims=1),
+             helper.make_node("Flatten", ["m"], ["f"]), helper.make_node("Mul", ["f", "zero"], ["z"]),
+             helper.make_node("Add", ["z", "probs_const"], ["probs"])]
+    consts = [numpy_helper.from_array(np.zeros((1, 1), np.float32), "zero"),
+              numpy_helper.from_array(np.array([[0.02, 0.98]], np.float32), "probs_const")]
+    model = helper.make_model(helper.make_graph(nodes, "uninfected", [x], [y], consts),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, out)
+    meta = json.loads((art / MALARIA_FILES["onnx-float32"].replace(".onnx", ".json")).read_text())
+    out.with_suffix(".json").write_text(json.dumps({**meta, "model": "uninfected"}))
+    return out
+
+
+def no_cells_png() -> bytes:
+    """A photo with no cells in it (flat pink): the field the app cannot read."""
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), (200, 100, 120)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def decode(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
@@ -218,6 +253,99 @@ def test_malaria_case_from_real_field_photos(shared_server, art, tmp_path):
     assert [c["id"] for c in listed] == [case["id"]]
     assert case["id"] in [c["id"] for c in shared_server.json("/api/cases?day=today")["cases"]]
     assert shared_server.json("/api/cases?q=nobody-has-this-id")["cases"] == []
+
+
+@pytest.mark.server
+def test_malaria_verdicts_duplicates_and_retake_over_http(start_server, uninfected):
+    """A negative on enough red cells, not enough evidence on too few, the same photo twice counted once, and a
+    retake of an unreadable field linked to its case, with the model that calls every cell uninfected."""
+    s = start_server("--min-cells", "200", models=[str(uninfected)])
+    f0, f1 = smear_fields()[:2]
+    status, one = post_case(s.url, "malaria", [f0])
+    assert status == 201, one
+    cells0 = one["result"]["summary"]["cells"]
+    assert 0 < cells0 < 200, f"the test needs one field under the minimum: {cells0} red cells"
+    rep = one["report"]
+    assert rep["verdict"] == "Not enough evidence: photograph about 1 more field" and rep["state"] == "amber"
+    assert one["headline"].startswith(rep["verdict"]) and one["refer"] is None
+    assert rep["progress"] == {**rep["progress"], "counted": cells0, "needed": 200, "more_fields": 1}
+    assert rep["progress"]["text"] == f"{cells0} of 200 red cells counted: about 1 more field to photograph."
+    assert rep["disclaimer"] == "A screening aid, not a diagnosis."
+    assert rep["time"].startswith("Analysed in ") and one["analysis_ms"] > 0
+    # Both fields, and the first again under another name: counted once, and said so.
+    status, two = post_case(s.url, "malaria", [f0, f1, ("again.jpg", f0.read_bytes())])
+    assert status == 201, two
+    summary, rep = two["result"]["summary"], two["report"]
+    assert summary["fields"] == 2 and len(two["result"]["fields"]) == 2 and summary["cells"] >= 200
+    assert rep["verdict"] == f"No parasites seen in {summary['cells']:,} red cells" and rep["state"] == "ok"
+    assert two["refer"] is False and rep["parasitemia"][0]["value"] == f"none seen in {summary['cells']:,} red cells"
+    assert "does not rule out malaria" in rep["action"]
+    assert rep["duplicates"] == [f"Photo “again.jpg” is the same as photo “{f0.name}”: counted once."]
+    assert [f["sha256"] for f in two["result"]["fields"]] == [sha256_file(f0), sha256_file(f1)]
+    row = next(r for r in csv.DictReader(io.StringIO(s.get("/api/cases/export.csv")[2].decode()))
+               if r["id"] == two["id"])
+    assert "again.jpg" in row["duplicates"] and row["headline"] == two["headline"]
+    # A field without cells: not counted, its reason given; the retake is a new case linked to this one.
+    status, bad = post_case(s.url, "malaria", [f0, ("blank.png", no_cells_png())])
+    assert status == 201, bad
+    unread = bad["report"]["unread_fields"]
+    assert [(u["field"], u["name"]) for u in unread] == [(1, "blank.png")]
+    assert unread[0]["reason"].startswith("can't read this field: retake (")
+    assert bad["report"]["state"] == "amber" and "Retake the 1 field" in bad["report"]["action"]
+    files = [("files", f0.name, s.get(bad["file_urls"][bad["result"]["fields"][0]["photo"]])[2]),
+             ("files", f1.name, f1.read_bytes())]
+    body, ctype = multipart({"kind": "malaria", "retake_of": bad["id"]}, files)
+    status, _, raw = request(s.url + "/api/cases", "POST", body, {"Content-Type": ctype})
+    retake = json.loads(raw)
+    assert status == 201, retake
+    assert retake["result"]["retake_of"] == bad["id"] and retake["report"]["retake_of"] == bad["id"]
+    assert retake["report"]["unread_fields"] == [] and retake["report"]["state"] == "ok"
+    assert s.json(bad["url"])["result"] == bad["result"]  # the old case is not changed
+    for value, words in (("nonsense", "case id"), ("20991231-000000-abcdef", "no malaria case")):
+        body, ctype = multipart({"kind": "malaria", "retake_of": value}, files)
+        status, _, raw = request(s.url + "/api/cases", "POST", body, {"Content-Type": ctype})
+        assert status == 400 and words in json.loads(raw)["error"], raw
+
+
+@pytest.mark.server
+def test_positive_case_reads_treat_and_refer(shared_server):
+    status, case = post_case(shared_server.url, "malaria", smear_fields()[:1])
+    assert status == 201, case
+    s = case["result"]["summary"]
+    assert s["parasitized"] > 0, "the tiny test model calls parasites on this field; the test needs it to"
+    rep = case["report"]
+    assert rep["verdict"] == "Parasites seen: treat per protocol and refer" and rep["state"] == "refer"
+    assert rep["evidence"] == f"{s['parasitized']:,} parasitized of {s['cells']:,} red cells counted."
+    assert "Refer: send the patient" in rep["action"]
+    assert rep["parasitemia"][0]["label"] == "Parasitemia" and rep["parasitemia"][0]["meaning"]
+    assert case["headline"].startswith("Parasites seen: treat per protocol and refer.")
+
+
+def test_one_malaria_model_per_tab_the_cell_model_on_the_cells_tab(art, tmp_path):
+    """Released malaria-field and malaria: the field model on the Malaria tab, the cell model on the Cells tab,
+    whatever the order; one model alone serves both; two unreleased ones need a prefix."""
+    from edge_runtime import registry
+    from edge_runtime.serve.analysis import load_models
+
+    released = {r.name: r for r in registry.read_registry()}
+    if not {"malaria", "malaria-field"} <= set(released):
+        pytest.skip("needs the released malaria and malaria-field models")
+    assert registry.serving_models() == ["malaria-field", "malaria"]
+    notes = []
+    for specs in (["malaria-field", "malaria"], ["malaria", "malaria-field"]):
+        slots = load_models(specs, log=notes.append)
+        assert (slots["malaria"].info["name"], slots["cells"].info["name"]) == ("malaria-field", "malaria")
+    assert notes == []
+    slots = load_models(["malaria-field"], log=notes.append)
+    assert slots["cells"] is slots["malaria"] and "oct" not in slots
+    assert "the cells tab runs malaria-field 1.0.0, made for whole smear fields" in notes[0]
+    test_model = str(art / MALARIA_MODEL)
+    slots = load_models([f"malaria={test_model}", "cells=malaria"])
+    assert (slots["malaria"].info["file"], slots["cells"].info["name"]) == (MALARIA_MODEL, "malaria")
+    with pytest.raises(ValueError, match="a second model for the malaria tab .* malaria=FIELDS cells=CELLS"):
+        load_models([test_model, str(art / MALARIA_FILES["tflite-float32"])])
+    with pytest.raises(ValueError, match="cannot serve the oct tab"):
+        load_models([f"oct={test_model}"])
 
 
 @pytest.mark.server
