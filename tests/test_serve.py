@@ -705,17 +705,19 @@ def need_browser():
     return pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
 
 
-def phone_browser(tmp_path: Path):
-    """Debian's Chromium, headless, as a 360x800 phone, console logged."""
+def phone_browser(tmp_path: Path, width: int = 360, height: int = 800):
+    """Debian's Chromium, headless, as a phone (360x800 unless said), console logged."""
     webdriver = need_browser()
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=360,800", f"--user-data-dir={tmp_path / 'profile'}"):
+                 "--disable-dev-shm-usage", f"--window-size={width},{height}",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
         opts.add_argument(flag)
-    # A phone's viewport: 360 x 800 CSS pixels, touch, a phone's user agent.
-    opts.add_experimental_option("mobileEmulation", {"deviceMetrics": {"width": 360, "height": 800, "pixelRatio": 1}})
+    # A phone's viewport: width x height CSS pixels, touch, a phone's user agent.
+    opts.add_experimental_option("mobileEmulation",
+                                 {"deviceMetrics": {"width": width, "height": height, "pixelRatio": 1}})
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
 
@@ -763,7 +765,9 @@ def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path
         malaria_id = done_case()
         images_loaded("#case-view figure.overlay img")
         summary = driver.find_element(By.ID, "summary").text
-        assert "Red cells counted" in summary and "Parasitemia" in summary and "Refer" in summary
+        assert "Red cells counted" in summary and "Refer" in summary
+        assert driver.find_element(By.ID, "headline").text == "Parasites seen: treat per protocol and refer"
+        assert "Parasitemia" in driver.find_element(By.ID, "parasitemia").text
         assert driver.find_elements(By.CSS_SELECTOR, "#case-view figure.overlay img")
         assert "sha256" in driver.find_element(By.CSS_SELECTOR, "details.model summary").text
         shot("2-malaria-case")
@@ -844,4 +848,135 @@ def test_phone_browser_access_code_entered_once(start_server, art, tmp_path):
         driver.quit()
     # The 401s of the probe and of the wrong code are the only errors the browser may log.
     errors = [e for e in console if e.get("level") == "SEVERE" and "401" not in e.get("message", "")]
+    assert not errors, errors
+
+
+@pytest.mark.server
+@pytest.mark.browser
+def test_phone_browser_verdicts_progress_duplicates_retake_and_tabs(start_server, uninfected, tmp_path):
+    """At 390x844: the three verdicts' words, the count toward the minimum, the same photo twice said and counted
+    once, a retake of the field that could not be read, no OCT tab without an OCT model, the Cells tab on the cell
+    model `malaria`, and no administrator's text (paths, commands) anywhere on the page."""
+    need_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from edge_runtime import registry
+
+    if "malaria" not in {r.name for r in registry.read_registry()}:
+        pytest.skip("no released malaria (cell) model in this install")
+    shots = Path(os.environ.get("MEDGE_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    no_runtime = tmp_path / "no-runtime"
+    s = start_server("--min-cells", "200", "--web-runtime", str(no_runtime),
+                     models=[f"malaria={uninfected}", "cells=malaria"])
+    f0, f1 = smear_fields()[:2]
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(no_cells_png())
+    # A case uploaded with a copy of a photo under another name (as another client might): the page says so.
+    status, copied = post_case(s.url, "malaria", [f0, f1, ("again.jpg", f0.read_bytes())])
+    assert status == 201, copied
+    driver = phone_browser(tmp_path, 390, 844)
+    console = []
+    try:
+        wait = WebDriverWait(driver, READY_TIMEOUT_S)
+
+        def text(css: str) -> str:
+            return driver.find_element(By.CSS_SELECTOR, css).text
+
+        def case_after(previous: str | None) -> str:
+            wait.until(lambda d: d.find_element(By.ID, "case-view").is_displayed()
+                       and d.find_elements(By.CSS_SELECTOR, "#case-view #headline")
+                       and d.find_element(By.ID, "case-view").get_attribute("data-case-id") != previous)
+            return driver.find_element(By.ID, "case-view").get_attribute("data-case-id")
+
+        def submit(*paths: Path) -> str:
+            driver.find_element(By.CSS_SELECTOR, "nav a[data-tab=malaria]").click()
+            for path in paths:
+                driver.find_element(By.ID, "malaria-files").send_keys(str(path))
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#malaria-list li")) == len(set(paths)))
+            previous = driver.find_element(By.ID, "case-view").get_attribute("data-case-id")
+            driver.find_element(By.ID, "malaria-submit").click()
+            return case_after(previous)
+
+        driver.get(s.url + "/#/oct")
+        wait.until(lambda d: "cells: malaria" in d.find_element(By.ID, "device").text)
+        # No OCT model: no OCT tab, and its address opens the first tab that has a model.
+        wait.until(lambda d: d.execute_script("return location.hash") == "#/malaria")
+        assert not driver.find_element(By.CSS_SELECTOR, "nav a[data-tab=oct]").is_displayed()
+        assert driver.find_element(By.CSS_SELECTOR, "nav a[data-tab=cells]").is_displayed()
+        assert text("#disclaimer") == "A screening aid, not a diagnosis."
+        assert driver.execute_script("return document.documentElement.scrollWidth") <= 390
+
+        # The same photo picked twice: listed once, and the page says so.
+        driver.find_element(By.ID, "malaria-files").send_keys(str(f0))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#malaria-list li")) == 1)
+        driver.find_element(By.ID, "malaria-files").send_keys(str(f0))
+        wait.until(lambda d: d.find_element(By.ID, "malaria-dupes").is_displayed())
+        assert text("#malaria-dupes") == f"Photo “{f0.name}” is the same as photo “{f0.name}”: counted once."
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#malaria-list li")) == 1
+        shot = shots / "9-duplicate-photo.png"
+        driver.save_screenshot(str(shot))
+        previous = driver.find_element(By.ID, "case-view").get_attribute("data-case-id")
+        driver.find_element(By.ID, "malaria-submit").click()
+        one = case_after(previous)
+
+        # One field: under the minimum -> not enough evidence, with the count toward 200 and the fields to add.
+        cells0 = s.json(f"/api/cases/{one}")["result"]["summary"]["cells"]
+        assert text("#headline") == "Not enough evidence: photograph about 1 more field"
+        assert "amber" in driver.find_element(By.ID, "headline").get_attribute("class")
+        assert text("#count-text") == f"{cells0} of 200 red cells counted: about 1 more field to photograph."
+        assert driver.find_element(By.ID, "count-bar").get_attribute("value") == str(cells0)
+        assert text("#time-taken").startswith("Analysed in ") and text("#time-taken").endswith(" s on the device.")
+        assert "A screening aid, not a diagnosis." in text("#verdict")
+        driver.save_screenshot(str(shots / "10-not-enough-evidence.png"))
+
+        # Two fields: enough red cells and none parasitized -> the negative, in green, with what it does not mean.
+        two = submit(f0, f1)
+        cells2 = s.json(f"/api/cases/{two}")["result"]["summary"]["cells"]
+        assert text("#headline") == f"No parasites seen in {cells2:,} red cells"
+        assert "ok" in driver.find_element(By.ID, "headline").get_attribute("class").split()
+        assert "does not rule out malaria" in text("#verdict-action")
+        assert "minimum of 200 is reached" in text("#count-text")
+        assert f"none seen in {cells2:,} red cells" in text("#parasitemia")
+        driver.save_screenshot(str(shots / "11-negative.png"))
+
+        # The case with a copy uploaded: counted once, said on the case.
+        driver.get(s.url + f"/#/case/{copied['id']}")
+        case_after(two)
+        assert text("#duplicates") == f"Photo “again.jpg” is the same as photo “{f0.name}”: counted once."
+
+        # A field without cells: its reason, and a retake that makes a new case linked to this one.
+        bad = submit(f0, blank)
+        assert text("#headline").startswith("Not enough evidence")
+        unread = text("#unread-fields")
+        assert "Field 2, “blank.png”: can't read this field: retake (" in unread and "Retake field 2" in unread
+        driver.execute_script("document.getElementById('unread-fields').scrollIntoView()")
+        driver.save_screenshot(str(shots / "12-field-to-retake.png"))
+        retake_input = "#unread-fields .unread[data-field='1'] input[type=file]"
+        driver.find_element(By.CSS_SELECTOR, retake_input).send_keys(str(f1))
+        again = case_after(bad)
+        retaken = s.json(f"/api/cases/{again}")["result"]
+        assert again != bad and text("#retake-of") == f"Retake of case {bad}."
+        assert text("#headline") == f"No parasites seen in {retaken['summary']['cells']:,} red cells"
+        assert not driver.find_elements(By.ID, "unread-fields")
+        assert [f["name"] for f in retaken["fields"]] == [f0.name, f1.name] and retaken["retake_of"] == bad
+
+        # The Cells tab: the cell model, and no administrator's text on the page.
+        driver.find_element(By.CSS_SELECTOR, "nav a[data-tab=cells]").click()
+        wait.until(lambda d: d.find_element(By.ID, "cells-where").get_attribute("class") == "where device")
+        assert text("#cells-model") == "Model: malaria 1.0.0, for single red cells."
+        assert "on-phone analysis is not available on this device" in text("#cells-where")
+        page = driver.execute_script("return document.body.innerText")
+        for admin in ("webruntime", "python", "--", str(no_runtime), str(tmp_path), "/root", "fetch"):
+            assert admin not in page, admin
+        driver.save_screenshot(str(shots / "13-cells-tab.png"))
+        console += driver.get_log("browser")
+    finally:
+        driver.quit()
+    # The administrator reads the fix where the server was started.
+    banner = s.output()
+    assert "on the phone: no (the phone runtime is not installed" in banner and "webruntime fetch" in banner
+    assert "cells tab: malaria 1.0.0" in banner and "malaria tab: uninfected" in banner
+    errors = [e for e in console if e.get("level") == "SEVERE"]
     assert not errors, errors

@@ -334,7 +334,7 @@ function guidanceBlock(c) {
   const rows = c.report.parasitemia;
   if (!rows.length) return null;
   return [el("h3", { text: "What the figures mean" }),
-    el("dl", { class: "guidance", id: "parasitemia" }, rows.map((g) => [
+    el("dl", { class: "guidance", id: "parasitemia" }, rows.flatMap((g) => [
       el("dt", {}, el("strong", { text: `${g.label}: ` }), g.value), el("dd", { text: g.meaning })]))];
 }
 
