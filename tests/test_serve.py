@@ -317,6 +317,7 @@ def test_positive_case_reads_treat_and_refer(shared_server):
     assert rep["verdict"] == "Parasites seen: treat per protocol and refer" and rep["state"] == "refer"
     assert rep["evidence"] == f"{s['parasitized']:,} parasitized of {s['cells']:,} red cells counted."
     assert "Refer: send the patient" in rep["action"]
+    assert "positive at any count" in rep["progress"]["text"] and rep["progress"]["more_fields"] == 0
     assert rep["parasitemia"][0]["label"] == "Parasitemia" and rep["parasitemia"][0]["meaning"]
     assert case["headline"].startswith("Parasites seen: treat per protocol and refer.")
 

@@ -264,7 +264,7 @@ def load_models(specs: Sequence[str], threads: int | None = None, log=print) -> 
         if s is not None and s.info["inputs"] == made_for:
             log(f"note: the {tab} tab runs {s.info['name']} {s.info['version']}, made for {other}; name a model for "
                 f"{'single cells' if tab == 'cells' else 'field photos'} too (--models {tab}=NAME|PATH ...)")
-    return slots
+    return {tab: slots[tab] for tab in SLOTS if tab in slots}
 
 
 # ---------------------------------------------------------------- malaria

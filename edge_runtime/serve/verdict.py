@@ -73,6 +73,9 @@ def progress(summary: Mapping[str, Any]) -> dict[str, Any] | None:
         text = f"{_n(counted)} red cells counted: the minimum of {_n(need)} is reached."
     elif more:
         text = f"{_n(counted)} of {_n(need)} red cells counted: about {_plural(more, 'more field')} to photograph."
+    elif d.get("decision") == "parasites seen":
+        text = (f"{_n(counted)} of {_n(need)} red cells counted. A parasite seen makes the slide positive at any "
+                "count; more fields make the parasitemia figure surer.")
     else:
         text = f"{_n(counted)} of {_n(need)} red cells counted."
     return {"counted": counted, "needed": int(need), "more_fields": more, "fraction": min(1.0, counted / need),
