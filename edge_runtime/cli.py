@@ -9,7 +9,7 @@
     python -m edge_runtime review DIR [--list] [--set FIELD:CELL=parasite|not_parasite|not_cell ...] [--stage ring]
                                   [--rest-not-parasites] [--wbc N] [--reviewed] --reviewer NAME    # a smear --out DIR
     python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR]
-                                 [--access-code CODE] [--web-runtime DIR|off]
+                                 [--access-code CODE] [--web-runtime DIR|off] [--min-cells N]
     python -m edge_runtime models [--json] [--card NAME]
     python -m edge_runtime selftest MODEL [--json]     # the artifact's golden set on this device's runtime
     python -m edge_runtime predict malaria cells/          # a released model, by name
@@ -222,10 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one JSON document: the review block and the rows written")
 
     pv = sub.add_parser("serve", help="the field app: a screening page and HTTP API for phones on the local network")
-    pv.add_argument("--models", nargs="+", metavar="NAME|PATH",
-                    help="models to serve, one malaria and/or one OCT, each a released name or an artifact path "
-                         "(default: the released models, one per task; for malaria the one made for whole "
-                         "fields, see `models`)")
+    pv.add_argument("--models", nargs="+", metavar="[TAB=]NAME|PATH",
+                    help="models to serve, each a released name or an artifact path: an OCT model for the OCT tab, "
+                         "malaria models for the Malaria tab (field photos) and the Cells tab (single-cell crops), "
+                         "placed by what a released model was made for or by a prefix (malaria=..., cells=...); "
+                         "one malaria model serves both (default: the released models: malaria-field for field "
+                         "photos and malaria for cells, see `models`)")
+    pv.add_argument("--min-cells", type=_positive_int, metavar="N",
+                    help="red cells a malaria case needs before 'no parasites seen'; with fewer the page says 'not "
+                         "enough evidence: photograph about K more fields' (default: the counting rule's, 2,000)")
     pv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default loopback; 0.0.0.0 for phones, which requires an access code)")
     pv.add_argument("--port", type=int, default=8080, help="TCP port to listen on")

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { health: null, malariaFiles: [], octFile: null, busy: false };
+const state = { health: null, malariaFiles: [], malariaDupes: [], octFile: null, busy: false };
 
 // ------------------------------------------------------------ small helpers
 
@@ -110,9 +110,21 @@ function showCodeView() {
   $("#code-input").focus();
 }
 
+// The tabs that need a model on the device; one without its model is hidden (the Cases tab is always there).
+const MODEL_TABS = ["malaria", "cells", "oct"];
+function hasTab(tab) { return !state.health || tab in (state.health.models || {}); }
+function firstTab() { return MODEL_TABS.find(hasTab) || "cases"; }
+function showTabs() {
+  for (const a of document.querySelectorAll("nav a")) {
+    if (MODEL_TABS.includes(a.dataset.tab)) a.hidden = !hasTab(a.dataset.tab);
+  }
+}
+
 async function route() {
   clearError();
-  const hash = location.hash || "#/malaria";
+  const hash = location.hash || `#/${firstTab()}`;
+  const tab = (hash.match(/^#\/(malaria|cells|oct)$/) || [])[1];
+  if (tab && !hasTab(tab)) { location.replace(`#/${firstTab()}`); return; }
   const m = hash.match(/^#\/case\/([0-9a-f-]+)$/);
   try {
     if (m) {
@@ -124,24 +136,16 @@ async function route() {
       await loadCases();
     } else if (hash === "#/cells") {
       show("cells-view", "cells");
-      needModel("malaria");
       await phoneModel();
     } else if (hash === "#/oct") {
       show("oct-view", "oct");
-      needModel("oct");
-    } else {
+    } else if (hasTab("malaria")) {
       show("malaria-view", "malaria");
-      needModel("malaria");
+    } else {
+      location.replace(`#/${firstTab()}`);
     }
   } catch (err) {
     showError(err);
-  }
-}
-
-function needModel(kind) {
-  if (state.health && !state.health.kinds.includes(kind)) {
-    showError(new ApiError(400, `This device has no ${kind === "oct" ? "OCT" : "malaria"} model loaded; ` +
-      `it can analyse: ${state.health.kinds.join(", ") || "nothing"}.`));
   }
 }
 
@@ -162,18 +166,39 @@ function refreshMalariaList() {
   thumbs($("#malaria-list"), state.malariaFiles, (i) => { state.malariaFiles.splice(i, 1); refreshMalariaList(); });
   $("#malaria-submit").textContent = state.malariaFiles.length > 1
     ? `Analyse slide (${state.malariaFiles.length} fields)` : "Analyse slide";
+  const dupes = $("#malaria-dupes");
+  dupes.replaceChildren(...state.malariaDupes.map((t) => el("p", { text: t })));
+  dupes.hidden = !state.malariaDupes.length;
 }
 function refreshOctList() {
   thumbs($("#oct-list"), state.octFile ? [state.octFile] : [], () => { state.octFile = null; refreshOctList(); });
 }
 
-function addMalaria(input) {
+// The photo already in the list with the same bytes as `f` (compared byte for byte, only against photos of the
+// same size; no hashing, which a plain-HTTP page cannot do with crypto.subtle), or null.
+async function samePhoto(f, list) {
+  const bytes = new Uint8Array(await f.arrayBuffer());
+  for (const g of list) {
+    if (g.size !== f.size) continue;
+    const other = new Uint8Array(await g.arrayBuffer());
+    if (other.every((b, i) => b === bytes[i])) return g;
+  }
+  return null;
+}
+
+async function addMalaria(input) {
   const max = state.health ? state.health.limits.max_files : 12;
-  for (const f of input.files) {
+  const picked = [...input.files];
+  input.value = "";
+  for (const f of picked) {
+    const same = await samePhoto(f, state.malariaFiles);
+    if (same) {  // the device would count it once too (by sha256): say so now rather than send it
+      state.malariaDupes.push(`Photo “${f.name}” is the same as photo “${same.name}”: counted once.`);
+      continue;
+    }
     if (state.malariaFiles.length >= max) { showError(new ApiError(413, `At most ${max} photos per slide.`)); break; }
     state.malariaFiles.push(f);
   }
-  input.value = "";
   refreshMalariaList();
 }
 
@@ -189,22 +214,57 @@ async function submitCase(kind, formEl, files) {
   form.append("subject", formEl.elements.subject.value);
   form.append("note", formEl.elements.note.value);
   for (const f of files) form.append("files", f, f.name);
+  await sendCase(form, () => {
+    formEl.reset();
+    if (kind === "oct") { state.octFile = null; refreshOctList(); }
+    else { state.malariaFiles = []; state.malariaDupes = []; refreshMalariaList(); }
+  });
+}
+
+// Upload a case (a new one or a retake), then open it; `done` runs once the device has stored it.
+async function sendCase(form, done) {
   state.busy = true;
-  for (const b of document.querySelectorAll("form button[type=submit]")) b.disabled = true;
+  for (const b of document.querySelectorAll("form button[type=submit], button.retake")) b.disabled = true;
   progress("Sending photos… 0%", 0);
   try {
     const c = await upload(form);
-    formEl.reset();
-    if (kind === "oct") { state.octFile = null; refreshOctList(); }
-    else { state.malariaFiles = []; refreshMalariaList(); }
+    if (done) done(c);
     location.hash = `#/case/${c.id}`;  // the route renders it (and a reload finds it again)
   } catch (err) {
     showError(err);
   } finally {
     progressDone();
     state.busy = false;
-    for (const b of document.querySelectorAll("form button[type=submit]")) b.disabled = false;
+    for (const b of document.querySelectorAll("form button[type=submit], button.retake")) b.disabled = false;
   }
+}
+
+// Retake field k of case c: a new case from the case's other photos (fetched back from the device, under their
+// names) and the new photo in field k's place, linked to the old case (retake_of). The old case is not changed.
+async function retakeField(c, k, file) {
+  if (state.busy || !file) return;
+  clearError();
+  const form = new FormData();
+  form.append("kind", "malaria");
+  form.append("subject", c.subject || "");
+  form.append("note", c.note || "");
+  form.append("retake_of", c.id);
+  try {
+    progress("Fetching the case's other photos…", null);
+    for (const [i, f] of c.result.fields.entries()) {
+      if (i === k) { form.append("files", file, file.name); continue; }
+      let resp;
+      try { resp = await fetch(c.file_urls[f.photo], { credentials: "same-origin" }); }
+      catch (e) { throw new ApiError(0, NETWORK_MESSAGE); }
+      if (!resp.ok) throw new ApiError(resp.status, `The photo “${f.name}” could not be fetched from the device (${resp.status}).`);
+      form.append("files", await resp.blob(), f.name);
+    }
+  } catch (err) {
+    progressDone();
+    showError(err);
+    return;
+  }
+  await sendCase(form);
 }
 
 // ------------------------------------------------------------ one case
@@ -224,43 +284,80 @@ function figure(url, alt, caption, cls) {
     caption ? el("figcaption", {}, caption) : null);
 }
 
-function header(c) {
+function caseLine(c) {
   return [
-    el("p", { class: `headline ${(c.result && c.result.state) || (c.refer ? "refer" : c.refer === null ? "amber" : "ok")}`, id: "headline", text: c.headline }),
     el("p", { class: "muted" }, `Case ${c.id} · ${when(c.created)}`, c.subject ? ` · ${c.subject}` : ""),
     c.note ? el("p", { class: "note", text: c.note }) : null,
   ];
 }
 
+// The verdict a health worker acts on (the device's `report`, edge_runtime/serve/verdict.py): the call, on what
+// evidence, what to do, the count toward the counting rule, the time taken.
+function verdictBlock(c) {
+  const v = c.report, p = v.progress;
+  let bar = null;
+  if (p) {
+    const meter = el("progress", { id: "count-bar", max: p.needed, value: Math.min(p.counted, p.needed) });
+    bar = el("div", { class: "count", id: "count-progress" }, meter,
+      el("p", { id: "count-text", text: p.text }), el("p", { class: "muted", text: `Counting rule: ${p.rule}.` }));
+  }
+  return [
+    el("div", { class: `verdict ${v.state}`, id: "verdict" },
+      el("p", { class: `headline ${v.state}`, id: "headline", text: v.verdict }),
+      el("p", { id: "verdict-evidence", text: v.evidence }),
+      el("p", { id: "verdict-action", text: v.action }),
+      el("p", { class: "disclaimer", text: v.disclaimer })),
+    bar,
+    v.time ? el("p", { class: "muted", id: "time-taken", text: v.time }) : null,
+    v.retake_of ? el("p", { id: "retake-of" }, "Retake of case ", el("a", { href: `#/case/${v.retake_of}`, text: v.retake_of }), ".") : null,
+    v.duplicates.length ? el("div", { class: "notice", id: "duplicates" }, v.duplicates.map((t) => el("p", { text: t }))) : null,
+  ];
+}
+
+// Fields whose cells were not counted, each with the reason and a button to photograph it again.
+function unreadBlock(c) {
+  const unread = c.report.unread_fields;
+  if (!unread.length) return null;
+  return el("div", { class: "warning", id: "unread-fields" },
+    el("p", {}, el("strong", { text: `${unread.length} field(s) could not be read; their cells are not counted.` })),
+    unread.map((f) => {
+      const input = el("input", { class: "visually-hidden", type: "file", accept: "image/*", capture: "environment" });
+      input.addEventListener("change", () => { const file = input.files[0]; input.value = ""; retakeField(c, f.field, file); });
+      return el("div", { class: "unread", "data-field": f.field },
+        el("p", { text: `Field ${f.field + 1}, “${f.name}”: ${f.reason}.` }),
+        el("label", { class: "button secondary retake" }, `Retake field ${f.field + 1}`, input));
+    }),
+    el("p", { class: "muted", text: "A retake makes a new case from this case's other photos and the new one; this case stays as it is." }));
+}
+
+function guidanceBlock(c) {
+  const rows = c.report.parasitemia;
+  if (!rows.length) return null;
+  return [el("h3", { text: "What the figures mean" }),
+    el("dl", { class: "guidance", id: "parasitemia" }, rows.flatMap((g) => [
+      el("dt", {}, el("strong", { text: `${g.label}: ` }), g.value), el("dd", { text: g.meaning })]))];
+}
+
 function renderMalaria(c) {
   const r = c.result, s = r.summary, u = c.file_urls;
   const rows = [
-    ["Fields", s.fields],
+    ["Fields counted", s.decision ? `${s.decision.readable_fields} of ${s.fields}` : s.fields],
     ["Red cells counted", s.cells],
     ["Parasitized", s.parasitized],
     ["Uncertain", s.uncertain],
-    ["Parasitemia (confident cells)", pct(s.parasitemia_percent)],
-    ["Best case (uncertain counted uninfected)", pct(s.parasitemia_min_percent)],
-    ["Worst case (uncertain counted parasitized)", pct(s.parasitemia_max_percent)],
-    ["Decision", s.decision ? s.decision.message : "-"],
-    ["Counting rule", s.decision ? `at least ${s.decision.min_cells} red cells before a negative call` : "-"],
-    ["Parasites/µL", s.decision && s.decision.density
-      ? `${s.decision.density.per_ul} (95% CI ${s.decision.density.low_per_ul}-${s.decision.density.high_per_ul}); ${s.decision.density.basis}`
-      : "not computed (no red or white cell density given)"],
     ["Refer", s.refer ? `Yes: ${s.refer_reasons.join("; ")}` : s.refer === null ? "Undecided: not enough evidence" : "No"],
     ["Model", s.model ? `${s.model.name} ${s.model.version} (sha256 ${s.model.sha256.slice(0, 12)}…)` : "-"],
   ];
-  const noCells = r.fields.filter((f) => f.error);
-  const refused = r.fields.filter((f) => !f.error && f.readable === false);
   const legend = el("p", { class: "legend" },
     el("span", { class: "key green" }), "uninfected ", el("span", { class: "key red" }), "parasitized ",
     el("span", { class: "key orange" }), "uncertain ", el("span", { class: "key grey" }), "not a red cell");
   return [
-    ...header(c),
+    ...verdictBlock(c),
     c.review ? reviewBanner() : null,
+    ...caseLine(c),
+    unreadBlock(c),
     el("table", { class: "summary", id: "summary" }, el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v }))))),
-    noCells.length ? el("div", { class: "warning" }, noCells.map((f) => el("p", {}, `“${f.name}”: ${f.error}. This photo has no cells we can find.`))) : null,
-    refused.length ? el("div", { class: "warning" }, refused.map((f) => el("p", {}, `“${f.name}”: ${f.unreadable_reason}. Its cells are not counted.`))) : null,
+    guidanceBlock(c),
     el("h3", { text: "Fields" }), legend,
     r.fields.filter((f) => f.overlay).map((f) => figure(u[f.overlay], `overlay of ${f.name}`,
       `${f.name}: ${f.red_cells} red cells, ${f.parasitized} parasitized, ${f.uncertain} uncertain`, "overlay")),
@@ -496,11 +593,11 @@ function phoneModel() {
       try {
         const info = await api("/api/ondevice");
         if (!info.runtime) throw new Error(info.reason);
-        if (!info.models.malaria) throw new Error(info.unavailable.malaria || "the device has no malaria model for phones");
+        if (!info.models.cells) throw new Error(info.unavailable.cells || "on-phone analysis is not available on this device");
         $("#cells-where").textContent = `Loading the model onto this phone (${(info.runtime.bytes / 2 ** 20).toFixed(0)} MB, once)…`;
         const ondevice = await import("/static/ondevice.js");
-        cells.model = await ondevice.loadModel({ runtime: info.runtime, model: info.models.malaria });
-        cells.model.name = `${info.models.malaria.name} ${info.models.malaria.version}`;
+        cells.model = await ondevice.loadModel({ runtime: info.runtime, model: info.models.cells });
+        cells.model.name = `${info.models.cells.name} ${info.models.cells.version}`;
       } catch (err) {
         if (err && err.status === 401) { cells.loading = null; throw err; }
         cells.why = (err && err.message) || String(err);
@@ -524,7 +621,7 @@ function showWhere() {
   } else {
     p.className = "where device";
     p.textContent = cells.model ? "On the device: the cells are sent to it (chosen below)."
-      : `On the device: this phone cannot run the model itself (${cells.why}). The cells are sent to the device.`;
+      : `On the device: ${cells.why}. The cells are sent to the device.`;
   }
 }
 
@@ -647,8 +744,11 @@ async function loadCases() {
 async function health() {
   try {
     state.health = await api("/healthz");
-    const kinds = Object.values(state.health.models).map((m) => `${m.kind}: ${m.name} ${m.version}`);
-    $("#device").textContent = kinds.length ? kinds.join(" · ") : "no models loaded";
+    const tabs = Object.entries(state.health.models).map(([tab, m]) => `${tab}: ${m.name} ${m.version}`);
+    $("#device").textContent = tabs.length ? tabs.join(" · ") : "no models loaded";
+    const cellModel = state.health.models.cells;
+    if (cellModel) $("#cells-model").textContent = `Model: ${cellModel.name} ${cellModel.version}, for single red cells.`;
+    showTabs();
   } catch (err) {
     $("#device").textContent = "device not reachable";
     showError(err);
