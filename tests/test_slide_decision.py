@@ -189,14 +189,19 @@ def test_the_field_app_report_says_what_to_do_and_what_the_figures_mean():
 
     high = malaria_report(result(60, 0, 2400), 2345.0)
     assert high["verdict"] == "Parasites seen: treat per protocol and refer" and high["state"] == "refer"
-    assert high["parasitemia"][0]["value"] == "2.50% of red cells" and "high: " in high["parasitemia"][0]["meaning"]
+    assert high["parasitemia"][0]["value"].startswith("2.50% of red cells (95% CI 1.9")
+    assert "high: " in high["parasitemia"][0]["meaning"]
     assert high["time"] == "Analysed in 2.3 s on the device." and "Refer: send the patient" in high["action"]
     severe = malaria_report(result(300, 0, 2400))["parasitemia"][0]["meaning"]
     assert "very high: over 10% is a sign of severe malaria (WHO 2015)" in severe
     # No parasite called, but 10% of the cells uncertain: red, never a negative, with the range they span.
     unsure = malaria_report(result(0, 240, 2400))
     assert unsure["verdict"] == "Cannot rule out parasites: refer" and unsure["state"] == "refer"
-    assert unsure["parasitemia"][1]["value"] == "between 0.00% and 10.00%"
+    assert unsure["parasitemia"][1]["value"] == "up to 10.00%"
+    # Most cells uncertain: the figure is over every red cell counted, not over the few confident ones.
+    few_sure = malaria_report(result(2, 156, 162))["parasitemia"]
+    assert few_sure[0]["value"].startswith("1.24% of red cells (95% CI 0.15-4.46%)") and "very high" not in few_sure[0]["meaning"]
+    assert few_sure[1]["value"] == "up to 97.53%" and "very high" in few_sure[1]["meaning"]
     assert "At 10.00% it would be high" in unsure["parasitemia"][1]["meaning"]
     # A field the gate refused: its reason and index for the retake, and the negative turns amber.
     refused = {"name": "b.jpg", "photo": "field_01.jpg", "error": None, "readable": False,

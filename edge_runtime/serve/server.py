@@ -111,8 +111,8 @@ def run(args) -> int:
         print(f"  {tab} tab: {i['name']} {i['version']} {i['format']} ({i['file']}, sha256 {i['sha256'][:12]}...)",
               flush=True)
     if "malaria" in slots:
-        print(f"  malaria cases: at least {args.min_cells or min_cells_for():,} red cells before a negative call",
-              flush=True)
+        need = getattr(args, "min_cells", None) or min_cells_for()
+        print(f"  malaria cases: at least {need:,} red cells before a negative call", flush=True)
     print(f"  cases: {store.count()} in {store.root}"
           + (f" (removed {rec['tmp']} unfinished upload(s) and {rec['orphans']} unregistered folder(s))"
              if rec["tmp"] or rec["orphans"] else ""), flush=True)

@@ -86,19 +86,28 @@ def progress(summary: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def parasitemia(summary: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The parasitemia figures, each with what it means and what to do: [{"label", "value", "meaning"}]."""
+    """The parasitemia figures, each with what it means and what to do: [{"label", "value", "meaning"}].
+
+    The figure is parasitized cells over every red cell counted (the thin film's own denominator, the slide
+    decision's), with uncertain cells counted as not parasitized, never over the confident cells alone: when
+    most cells are uncertain, a handful of confident ones would make a small count look like a severe one.
+    """
     cells, par, unc = (int(summary.get(k) or 0) for k in ("cells", "parasitized", "uncertain"))
     if not cells:
         return []
     d = summary.get("decision") or {}
     rows = []
-    pct, lo, hi = summary.get("parasitemia_percent"), summary.get("parasitemia_min_percent"), \
-        summary.get("parasitemia_max_percent")
+    pct = d.get("parasitemia_percent")
+    if pct is None:
+        pct = round(100.0 * par / cells, 3)
+    hi = summary.get("parasitemia_max_percent")
     if par:
-        sure = cells - unc
-        rows.append({"label": "Parasitemia", "value": f"{pct:.2f}% of red cells",
-                     "meaning": f"{_n(par)} parasitized of the {_n(sure)} red cells the model was sure of: "
-                                + _level(pct)})
+        lo_ci, hi_ci = d.get("parasitemia_low_percent"), d.get("parasitemia_high_percent")
+        ci = f" (95% CI {lo_ci:.2f}-{hi_ci:.2f}%)" if lo_ci is not None and hi_ci is not None else ""
+        rows.append({"label": "Parasitemia", "value": f"{pct:.2f}% of red cells{ci}",
+                     "meaning": f"{_n(par)} parasitized of the {_n(cells)} red cells counted"
+                                + (f" (the {_n(unc)} uncertain counted as not parasitized)" if unc else "")
+                                + ": " + _level(pct)})
     else:
         upper = d.get("parasitemia_high_percent")
         below = f"fewer than about {upper:.2f}% of red cells are infected (95% confidence), not none" \
@@ -107,15 +116,13 @@ def parasitemia(summary: Mapping[str, Any]) -> list[dict[str, str]]:
                      "meaning": f"No parasite in {_n(cells)} red cells means {below}: a thin film misses low "
                                 "densities, so this does not rule out malaria. With fever or danger signs, follow "
                                 "your protocol (a rapid test or a thick film, or refer)."})
-    if unc:
-        # The level the worst case would reach, when it is higher than the estimate's.
-        worst = _level(hi) if hi is not None and hi > 2.0 and _level(hi) != _level(pct or 0.0) else ""
-        rows.append({"label": "If the uncertain cells are parasites",
-                     "value": f"between {lo:.2f}% and {hi:.2f}%",
-                     "meaning": f"The model could not vouch for {_plural(unc, 'cell')}: the share lies between "
-                                f"{lo:.2f}% (none of them parasitized) and {hi:.2f}% (all of them). Look at them "
-                                "under \u201ccells to check\u201d." + (f" At {hi:.2f}% it would be {worst}"
-                                                                   if worst else "")})
+    if unc and hi is not None:
+        # The level the worst case would reach, when it is high and higher than the estimate's.
+        worst = _level(hi) if hi > 2.0 and _level(hi) != _level(pct) else ""
+        rows.append({"label": "If the uncertain cells are parasites", "value": f"up to {hi:.2f}%",
+                     "meaning": f"The model could not vouch for {_plural(unc, 'cell')}: counted as parasites, the "
+                                f"share would be {hi:.2f}%. Look at them under \u201ccells to check\u201d."
+                                + (f" At {hi:.2f}% it would be {worst}" if worst else "")})
     den = d.get("density")
     if den:
         rows.append({"label": "Parasites/\u00b5L", "value": f"{den['per_ul']:,} (95% CI {den['low_per_ul']:,}-"

@@ -224,7 +224,7 @@ async function submitCase(kind, formEl, files) {
 // Upload a case (a new one or a retake), then open it; `done` runs once the device has stored it.
 async function sendCase(form, done) {
   state.busy = true;
-  for (const b of document.querySelectorAll("form button[type=submit], button.retake")) b.disabled = true;
+  for (const b of document.querySelectorAll("form button[type=submit]")) b.disabled = true;
   progress("Sending photos… 0%", 0);
   try {
     const c = await upload(form);
@@ -235,7 +235,7 @@ async function sendCase(form, done) {
   } finally {
     progressDone();
     state.busy = false;
-    for (const b of document.querySelectorAll("form button[type=submit], button.retake")) b.disabled = false;
+    for (const b of document.querySelectorAll("form button[type=submit]")) b.disabled = false;
   }
 }
 
