@@ -140,32 +140,45 @@ def shared_server(art, tmp_path_factory):
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def uninfected(art, tmp_path_factory) -> Path:
-    """A tiny ONNX model that calls every cell Uninfected at 0.98: the pipeline (segmentation, quality gate,
-    counting rule) runs for real on real field photos, and the slide is negative once enough red cells are
-    counted, which the tiny test model (mostly uncertain) never gives. Its metadata is the test model's, renamed."""
+def constant_model(art, folder: Path, name: str, probs: list[float]) -> Path:
+    """A tiny ONNX model that gives every cell the same `probs` (Parasitized, Uninfected): the pipeline
+    (segmentation, quality gate, counting rule) runs for real on real field photos, with a call the tiny test
+    model (trained for seconds, mostly uncertain) cannot be relied on to give. Its metadata is the test model's,
+    renamed."""
     onnx = pytest.importorskip("onnx", reason="the negative-slide model is built with onnx (train extra)")
     pytest.importorskip("onnxruntime", reason="the negative-slide model runs on onnxruntime (onnx extra)")
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    out = tmp_path_factory.mktemp("uninfected") / "uninfected.onnx"
+    out = folder / f"{name}.onnx"
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 64, 64, 3])
     y = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 2])
     nodes = [helper.make_node("ReduceMean", ["image"], ["m"], axes=[1, 2, 3], keepdims=1),
              helper.make_node("Flatten", ["m"], ["f"]), helper.make_node("Mul", ["f", "zero"], ["z"]),
              helper.make_node("Add", ["z", "probs_const"], ["probs"])]
     consts = [numpy_helper.from_array(np.zeros((1, 1), np.float32), "zero"),
-              numpy_helper.from_array(np.array([[0.02, 0.98]], np.float32), "probs_const")]
-    model = helper.make_model(helper.make_graph(nodes, "uninfected", [x], [y], consts),
+              numpy_helper.from_array(np.array([probs], np.float32), "probs_const")]
+    model = helper.make_model(helper.make_graph(nodes, name, [x], [y], consts),
                               opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, out)
     meta = json.loads((art / MALARIA_FILES["onnx-float32"].replace(".onnx", ".json")).read_text())
-    out.with_suffix(".json").write_text(json.dumps({**meta, "model": "uninfected"}))
+    assert meta["labels"] == ["Parasitized", "Uninfected"], meta["labels"]
+    out.with_suffix(".json").write_text(json.dumps({**meta, "model": name}))
     return out
+
+
+@pytest.fixture(scope="module")
+def uninfected(art, tmp_path_factory) -> Path:
+    """Every cell Uninfected at 0.98: the slide is negative once enough red cells are counted."""
+    return constant_model(art, tmp_path_factory.mktemp("uninfected"), "uninfected", [0.02, 0.98])
+
+
+@pytest.fixture(scope="module")
+def parasitized(art, tmp_path_factory) -> Path:
+    """Every cell Parasitized at 0.98: a positive slide whatever the tiny test model would have said."""
+    return constant_model(art, tmp_path_factory.mktemp("parasitized"), "parasitized", [0.98, 0.02])
 
 
 def no_cells_png() -> bytes:
@@ -308,11 +321,12 @@ def test_malaria_verdicts_duplicates_and_retake_over_http(start_server, uninfect
 
 
 @pytest.mark.server
-def test_positive_case_reads_treat_and_refer(shared_server):
-    status, case = post_case(shared_server.url, "malaria", smear_fields()[:1])
+def test_positive_case_reads_treat_and_refer(start_server, parasitized):
+    s = start_server(models=[str(parasitized)])
+    status, case = post_case(s.url, "malaria", smear_fields()[:1])
     assert status == 201, case
     s = case["result"]["summary"]
-    assert s["parasitized"] > 0, "the tiny test model calls parasites on this field; the test needs it to"
+    assert s["parasitized"] > 0, "the stand-in model calls every cell parasitized"
     rep = case["report"]
     assert rep["verdict"] == "Parasites seen: treat per protocol and refer" and rep["state"] == "refer"
     assert rep["evidence"] == f"{s['parasitized']:,} parasitized of {s['cells']:,} red cells counted."
