@@ -577,14 +577,15 @@ def need_browser():
     return pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
 
 
-def phone_browser(tmp_path: Path):
-    """Debian's Chromium, headless, as a 360x800 phone, console logged."""
+def phone_browser(tmp_path: Path, *flags: str):
+    """Debian's Chromium, headless, as a 360x800 phone, console logged; `flags` are more command-line switches."""
     webdriver = need_browser()
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=360,800", f"--user-data-dir={tmp_path / 'profile'}"):
+                 "--disable-dev-shm-usage", "--window-size=360,800", f"--user-data-dir={tmp_path / 'profile'}",
+                 *flags):
         opts.add_argument(flag)
     # A phone's viewport: 360 x 800 CSS pixels, touch, a phone's user agent.
     opts.add_experimental_option("mobileEmulation", {"deviceMetrics": {"width": 360, "height": 800, "pixelRatio": 1}})

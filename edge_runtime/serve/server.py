@@ -193,7 +193,7 @@ def run(args) -> int:
     if args.https:
         try:
             tls_files = certificates(args, store.root)
-        except (TLSError, ValueError) as e:
+        except TLSError as e:
             print(f"error: --https: {e}", file=sys.stderr)
             return 2
     # Uploads over 1 MB are spooled to temp files while they arrive; keep them on the data folder's disk

@@ -270,8 +270,11 @@ def ensure_certificates(folder: Path, names: list[str], host: str = "medge") -> 
     Raises:
         TLSError: no openssl, a folder that cannot be written, or a name the CA may not sign for.
     """
-    names = list(dict.fromkeys(check_name(n) for n in names))
-    host = check_name(host.split(".")[0]) if host else "medge"
+    try:
+        names = list(dict.fromkeys(check_name(n) for n in names))
+        host = check_name(host.split(".")[0]) if host else "medge"
+    except ValueError as e:
+        raise TLSError(f"a certificate name: {e}") from None
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -605,5 +605,6 @@ document.addEventListener("DOMContentLoaded", async () => {
     // One call tells whether this phone already holds the code's cookie.
     try { await api("/api/cases?limit=1"); } catch (err) { if (err.status === 401) { showCodeView(); return; } }
   }
-  route();
+  await route();
+  if (!state.health) showError(new ApiError(0, NETWORK_MESSAGE));  // the route cleared it: the device is away
 });
