@@ -258,9 +258,16 @@ def test_phone_browser_https_service_worker_camera_and_reload_without_the_device
     console = []
     try:
         wait = WebDriverWait(driver, READY_TIMEOUT_S)
+        # The plain-HTTP page points to the secure one and to the certificate.
+        driver.get(s.url + "/#/malaria")
+        wait.until(lambda d: d.find_element(By.ID, "secure-link").is_displayed())
+        links = [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "#secure-link a")]
+        assert links == [url, s.url + "/ca.crt"], links
+
         driver.get(url + "#/malaria")
         wait.until(lambda d: "malaria" in d.find_element(By.ID, "device").text)
         assert driver.execute_script("return window.isSecureContext && location.protocol") == "https:"
+        assert not driver.find_element(By.ID, "secure-link").is_displayed()
         driver.set_script_timeout(READY_TIMEOUT_S)
         scope = driver.execute_async_script(
             "const done = arguments[arguments.length - 1];"
@@ -314,3 +321,32 @@ def test_phone_browser_https_service_worker_camera_and_reload_without_the_device
     unexpected = [e for e in offline if e.get("level") == "SEVERE" and "ERR_CONNECTION_REFUSED" not in e["message"]
                   and "Failed to fetch" not in e["message"]]
     assert not unexpected, unexpected
+
+
+@pytest.mark.server
+@pytest.mark.browser
+def test_phone_browser_past_the_warning_gets_the_camera_but_no_kept_page(tmp_path):
+    """Not trusting the CA: Chromium's warning; past it the camera opens, but no service worker, and the page
+    says why and links the certificate."""
+    need_browser()
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    s, port = https_server(tmp_path)
+    driver = phone_browser(tmp_path, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream")
+    try:
+        wait = WebDriverWait(driver, READY_TIMEOUT_S)
+        driver.get(f"https://127.0.0.1:{port}/#/malaria")
+        wait.until(lambda d: "ERR_CERT_AUTHORITY_INVALID" in d.find_element(By.TAG_NAME, "body").text)
+        ActionChains(driver).send_keys("thisisunsafe").perform()  # Chromium's "proceed anyway" from the keyboard
+        wait.until(lambda d: any(e.is_displayed() for e in d.find_elements(By.ID, "secure-link")))
+        assert "does not trust the device's certificate" in driver.find_element(By.ID, "secure-link").text
+        href = driver.find_element(By.CSS_SELECTOR, "#secure-link a").get_attribute("href")
+        assert href == f"https://127.0.0.1:{port}/ca.crt"
+        assert driver.execute_script("return !!navigator.serviceWorker.controller") is False
+        driver.find_element(By.ID, "malaria-live").click()
+        wait.until(lambda d: d.execute_script("return document.getElementById('camera-video').videoWidth > 0"))
+    finally:
+        driver.quit()
+        s.stop()

@@ -243,16 +243,24 @@ function closeCamera() {
 // (a secure context too) has no need of one.
 function registerServiceWorker() {
   if (location.protocol !== "https:" || !("serviceWorker" in navigator)) return;
-  navigator.serviceWorker.register("/sw.js", { scope: "/" })
-    .catch((err) => console.warn(`the page will not be kept on this phone: ${err.message}`));
+  navigator.serviceWorker.register("/sw.js", { scope: "/" }).catch((err) => {
+    // Typically: the phone went past the certificate warning instead of trusting the device's CA.
+    console.warn(`the page will not be kept on this phone: ${err.message}`);
+    $("#secure-link").replaceChildren("This page is not kept on this phone for use without the device: ",
+      "the phone does not trust the device's certificate. Install ", el("a", { href: "/ca.crt", text: "the certificate" }),
+      " and trust it, then reload.");
+    $("#secure-link").hidden = false;
+  });
 }
 
 // On the plain-HTTP page of a device started with --https: where the secure page is, and its certificate.
 function secureLink() {
   const https = state.health && state.health.https;
   if (!https || location.protocol === "https:") return;
-  const url = `https://${location.hostname}:${https.port}/`;
-  $("#secure-link").replaceChildren("Camera and offline page: ", el("a", { href: url, text: url }),
+  const secure = new URL("/", location.href);  // this host, HTTPS, the device's HTTPS port
+  secure.protocol = "https:";
+  secure.port = String(https.port);
+  $("#secure-link").replaceChildren("Camera and offline page: ", el("a", { href: secure.href, text: secure.href }),
     " (first install ", el("a", { href: https.ca_cert, text: "the device's certificate" }), ")");
   $("#secure-link").hidden = false;
 }
