@@ -6,8 +6,11 @@
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
     python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X]
                                  [--wbc-count N] [--normalise] [--um-per-px X]
+    python -m edge_runtime review DIR [--list] [--set FIELD:CELL=parasite|not_parasite|not_cell ...] [--stage ring]
+                                  [--rest-not-parasites] [--wbc N] [--reviewed] --reviewer NAME    # a smear --out DIR
     python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR]
-                                 [--access-code CODE] [--web-runtime DIR|off] [--https [--http-port PORT|off]]
+                                 [--access-code CODE] [--web-runtime DIR|off] [--min-cells N]
+                                 [--https [--http-port PORT|off]]
     python -m edge_runtime models [--json] [--card NAME]
     python -m edge_runtime selftest MODEL [--json]     # the artifact's golden set on this device's runtime
     python -m edge_runtime predict malaria cells/          # a released model, by name
@@ -30,6 +33,10 @@ in N red cells" or "not enough evidence: photograph about K more fields"
 "can't read this field: retake (reason)"), 2 bad arguments or unusable
 model, 3 not enough evidence (too few red cells, or no field readable):
 photograph more fields; never read as negative.
+`review` records a person's calls on the flagged cells of a `smear --out DIR`
+folder (append-only, DIR/reviews.sqlite) and prints the slide result
+recomputed from them beside the machine's (edge_runtime.smear.review); exit 0,
+or 2 for bad input (the message names what is wrong).
 `serve` runs the field app (edge_runtime.serve): a page and an HTTP API for
 the phones around the device; it needs the `serve` extra (Starlette, uvicorn).
 
@@ -65,6 +72,7 @@ from edge_runtime.model import ModelError, load
 from edge_runtime.smear import analyse_slide, write_report
 from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, decision_lines
 from edge_runtime.smear.report import field_entry
+from edge_runtime.smear.review import STAGES, ReviewState
 from edge_runtime.standard_metadata import format_lines
 from edge_runtime.standard_metadata import read as read_standard_metadata
 
@@ -191,11 +199,39 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_args(ps)
     ps.set_defaults(format="table", max_pixels=DEFAULT_MAX_PIXELS)
 
+    pe = sub.add_parser("review", help="a person's calls on a smear report folder's flagged cells, appended to "
+                                       "DIR/reviews.sqlite; prints the reviewed slide result")
+    pe.add_argument("folder", type=Path, metavar="DIR", help="a folder `smear MODEL FIELD... --out DIR` wrote")
+    pe.add_argument("--list", action="store_true",
+                    help="list the cells to review (parasitized first, most confident first) with their calls")
+    pe.add_argument("--set", action="append", default=[], metavar="FIELD:CELL=CALL",
+                    help="call one cell: FIELD is the field's file stem (as on the contact sheet) or its number "
+                         "from 1, CELL its number on the overlay, CALL parasite, not_parasite or not_cell; "
+                         "repeatable (default: no call)")
+    pe.add_argument("--stage", choices=STAGES,
+                    help="the stage of the cells called parasite in this run (default: none recorded)")
+    pe.add_argument("--rest-not-parasites", action="store_true",
+                    help="call every uncertain cell that has no call yet not_parasite (one row per cell)")
+    pe.add_argument("--wbc", type=_positive_int, metavar="N",
+                    help="white cells counted over the same fields: parasites/uL per white cell x WHO's 8,000/uL "
+                         "(default: none; the density is then per red cell at an assumed 5,000,000/uL)")
+    pe.add_argument("--reviewed", action="store_true",
+                    help="mark the slide reviewed (refused while a cell to review has no call)")
+    pe.add_argument("--reviewer", metavar="NAME",
+                    help="who makes these calls; needed to record anything (default: none, read only)")
+    pe.add_argument("--json", action="store_const", const="json", dest="format", default="table",
+                    help="one JSON document: the review block and the rows written")
+
     pv = sub.add_parser("serve", help="the field app: a screening page and HTTP API for phones on the local network")
-    pv.add_argument("--models", nargs="+", metavar="NAME|PATH",
-                    help="models to serve, one malaria and/or one OCT, each a released name or an artifact path "
-                         "(default: the released models, one per task; for malaria the one made for whole "
-                         "fields, see `models`)")
+    pv.add_argument("--models", nargs="+", metavar="[TAB=]NAME|PATH",
+                    help="models to serve, each a released name or an artifact path: an OCT model for the OCT tab, "
+                         "malaria models for the Malaria tab (field photos) and the Cells tab (single-cell crops), "
+                         "placed by what a released model was made for or by a prefix (malaria=..., cells=...); "
+                         "one malaria model serves both (default: the released models: malaria-field for field "
+                         "photos and malaria for cells, see `models`)")
+    pv.add_argument("--min-cells", type=_positive_int, metavar="N",
+                    help="red cells a malaria case needs before 'no parasites seen'; with fewer the page says 'not "
+                         "enough evidence: photograph about K more fields' (default: the counting rule's, 2,000)")
     pv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default loopback; 0.0.0.0 for phones, which requires an access code)")
     pv.add_argument("--port", type=int, help="TCP port to listen on (default 8080; 8443 with --https)")
@@ -508,6 +544,75 @@ def cmd_smear(args) -> int:
     return EXIT_REJECTED if any(not f.readable for f in report.fields) else EXIT_OK
 
 
+def _review_lines(folder, block: dict[str, Any], listing: bool) -> list[str]:
+    stems = [Path(f).stem for f in folder.fields]
+    cells = block["cells"]
+    lines = [f"report: {folder.path} ({len(folder.fields)} field(s))",
+             f"cells to review: {len(cells)} ({sum(c['verdict'] == 'parasitized' for c in cells)} parasitized, "
+             f"{sum(c['verdict'] == 'uncertain' for c in cells)} uncertain), {block['called']} called"]
+    if listing:
+        width = max([len(f"{stems[c['field']]}:{c['cell']}") for c in cells], default=0)
+        for c in cells:
+            call = (f"{c['call']}{' (' + c['stage'] + ')' if c['stage'] else ''} by {c['reviewer']} at {c['at']}"
+                    if c["call"] else "no call yet")
+            conf = "" if c["confidence"] is None else f" {c['confidence']:.2f}"
+            machine = (f"uncertain ({c['model_label']}{conf})" if c["verdict"] == "uncertain"
+                       else f"{c['verdict']}{conf}")
+            lines.append(f"  {stems[c['field']] + ':' + str(c['cell']):<{width}} {machine:<28} -> {call}")
+    lines.append("machine:  " + decision_lines(block["machine"])[0])
+    lines += ["reviewed: " + decision_lines(block["result"])[0] if block["rows"] else "reviewed: no call yet",
+              *decision_lines(block["result"])[1:]]
+    if block["wbc_count"]:
+        w = block["wbc_count"]
+        lines.append(f"white cells counted: {w['value']} (by {w['reviewer']} at {w['at']})")
+    if block["result"].get("density") is None:
+        lines.append("parasites/uL: not given while the evidence is short (photograph more fields)")
+    lines.append(f"status: {block['status']}")
+    return lines
+
+
+def cmd_review(args) -> int:
+    from edge_runtime.reviewlog import ReviewLog, ReviewLogError
+    from edge_runtime.smear.review import plan_rows, read_report_folder, reviewed_result, to_review
+
+    folder = read_report_folder(args.folder)
+    offered = to_review(folder.flagged)
+    body: dict[str, Any] = {"reviewer": args.reviewer, "calls": []}
+    for item in args.set:
+        target, sep, call = item.rpartition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r} is not FIELD:CELL=CALL (e.g. --set PA171700:12=not_parasite)")
+        field, cell = folder.key(target)
+        call = call.strip().replace("-", "_")
+        body["calls"].append({"field": field, "cell": cell, "after": call,
+                              "stage": args.stage if call == "parasite" else None})
+    if args.stage and not any(c["after"] == "parasite" for c in body["calls"]):
+        raise ValueError(f"--stage {args.stage} goes with a --set FIELD:CELL=parasite in the same run")
+    body.update(rest="not_parasite" if args.rest_not_parasites else None, wbc_count=args.wbc,
+                reviewed=True if args.reviewed else None)
+    writes = bool(body["calls"] or args.rest_not_parasites or args.wbc is not None or args.reviewed)
+    if writes and not args.reviewer:
+        raise ValueError("--reviewer NAME is needed to record a call, a count or the reviewed mark (who reviewed)")
+    try:
+        log = ReviewLog(folder.path / "reviews.sqlite")
+        written = []
+        if writes:
+            written = log.append("report", plan_rows(folder.summary, offered, log.rows("report"), body,
+                                                     f"report {folder.path}"))
+        block = reviewed_result(folder.summary, offered, ReviewState.from_rows(log.rows("report")))
+    except ReviewLogError as e:
+        raise ValueError(str(e)) from None
+    if args.format == "json":
+        print(json.dumps({"folder": str(folder.path), "written": [r.to_dict() for r in written], "review": block},
+                         indent=2, ensure_ascii=False))
+        return EXIT_OK
+    for line in _review_lines(folder, block, args.list):
+        print(line)
+    if written:
+        print(f"recorded {len(written)} row(s) in {folder.path / 'reviews.sqlite'}")
+    return EXIT_OK
+
+
 def cmd_serve(args) -> int:
     # Imported here: the plain device install (no `serve` extra) never imports the web framework.
     from edge_runtime.serve.server import run
@@ -604,7 +709,7 @@ def cmd_selftest(args) -> int:
 
 
 COMMANDS = {"info": cmd_info, "selftest": cmd_selftest, "predict": cmd_predict, "smear": cmd_smear,
-            "models": cmd_models, "serve": cmd_serve, "webruntime": cmd_webruntime}
+            "review": cmd_review, "models": cmd_models, "serve": cmd_serve, "webruntime": cmd_webruntime}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

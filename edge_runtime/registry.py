@@ -115,6 +115,20 @@ def serving_defaults(folder: Path | None = None) -> list[str]:
     return [r.name for r in chosen.values()]
 
 
+def serving_models(folder: Path | None = None) -> list[str]:
+    """What the field app serves when no models are named: `serving_defaults`, plus, when the malaria one was made
+    for whole fields, the released cell model for the Cells tab (single-cell crops), placed by its `inputs`."""
+    names = serving_defaults(folder)
+    releases = read_registry(folder)
+    chosen = {r.task: r for r in releases if r.name in names}
+    malaria = chosen.get("malaria")
+    if malaria is not None and malaria.inputs == "fields":
+        cells = next((r for r in releases if r.task == "malaria" and r.inputs == "cells"), None)
+        if cells is not None:
+            names.append(cells.name)
+    return names
+
+
 def get(name: str, folder: Path | None = None) -> Release:
     for r in read_registry(folder):
         if r.name == name:

@@ -31,9 +31,12 @@ def crops(tmp_path_factory) -> Path:
 
 
 def test_field_blocks_are_runs_of_camera_numbers():
-    names = [f"PA{n}.JPG" for n in (*range(171700, 171711), *range(171790, 171801), 171880, 171890, 171990, 172001)]
+    runs = ((171700, 171710), (171740, 171754), (171790, 171800), (171830, 171844), (171880, 171890),
+            (171960, 171974), (171990, 172001))  # the shared set's seven camera-order blocks, as its README names them
+    names = [f"PA{n}.JPG" for a, b in runs for n in range(a, b + 1)]
     blocks = field_blocks(names)
-    assert sorted(set(blocks.values())) == ["PA171700", "PA171790", "PA171880", "PA171990"]
+    assert sorted(set(blocks.values())) == [f"PA{a}" for a, _ in runs]
+    assert blocks["PA171974.JPG"] == "PA171960" and blocks["PA171990.JPG"] == "PA171990"  # 16 apart: two blocks
     assert blocks["PA171710.JPG"] == "PA171700" and blocks["PA172001.JPG"] == "PA171990"
     assert field_blocks(["a.jpg"]) == {"a.jpg": "a"}
 

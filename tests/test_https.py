@@ -251,9 +251,9 @@ def test_phone_browser_https_service_worker_camera_and_reload_without_the_device
     shots.mkdir(parents=True, exist_ok=True)
     s, port = https_server(tmp_path)
     spki = tls.spki_sha256(s.data / "tls" / "server.crt")
-    driver = phone_browser(tmp_path, f"--ignore-certificate-errors-spki-list={spki}",
-                           "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                           f"--use-file-for-fake-video-capture={fake_camera_file(tmp_path)}")
+    driver = phone_browser(tmp_path, flags=(f"--ignore-certificate-errors-spki-list={spki}",
+                                            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                                            f"--use-file-for-fake-video-capture={fake_camera_file(tmp_path)}"))
     url = f"https://127.0.0.1:{port}/"
     console = []
     try:
@@ -334,7 +334,7 @@ def test_phone_browser_past_the_warning_gets_the_camera_but_no_kept_page(tmp_pat
     from selenium.webdriver.support.ui import WebDriverWait
 
     s, port = https_server(tmp_path)
-    driver = phone_browser(tmp_path, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream")
+    driver = phone_browser(tmp_path, flags=("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"))
     try:
         wait = WebDriverWait(driver, READY_TIMEOUT_S)
         driver.get(f"https://127.0.0.1:{port}/#/malaria")

@@ -140,6 +140,41 @@ def shared_server(art, tmp_path_factory):
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def uninfected(art, tmp_path_factory) -> Path:
+    """A tiny ONNX model that calls every cell Uninfected at 0.98: the pipeline (segmentation, quality gate,
+    counting rule) runs for real on real field photos, and the slide is negative once enough red cells are
+    counted, which the tiny test model (mostly uncertain) never gives. Its metadata is the test model's, renamed."""
+    onnx = pytest.importorskip("onnx", reason="the negative-slide model is built with onnx (train extra)")
+    pytest.importorskip("onnxruntime", reason="the negative-slide model runs on onnxruntime (onnx extra)")
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = tmp_path_factory.mktemp("uninfected") / "uninfected.onnx"
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 64, 64, 3])
+    y = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 2])
+    nodes = [helper.make_node("ReduceMean", ["image"], ["m"], axes=[1, 2, 3], keepdims=1),
+             helper.make_node("Flatten", ["m"], ["f"]), helper.make_node("Mul", ["f", "zero"], ["z"]),
+             helper.make_node("Add", ["z", "probs_const"], ["probs"])]
+    consts = [numpy_helper.from_array(np.zeros((1, 1), np.float32), "zero"),
+              numpy_helper.from_array(np.array([[0.02, 0.98]], np.float32), "probs_const")]
+    model = helper.make_model(helper.make_graph(nodes, "uninfected", [x], [y], consts),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, out)
+    meta = json.loads((art / MALARIA_FILES["onnx-float32"].replace(".onnx", ".json")).read_text())
+    out.with_suffix(".json").write_text(json.dumps({**meta, "model": "uninfected"}))
+    return out
+
+
+def no_cells_png() -> bytes:
+    """A photo with no cells in it (flat pink): the field the app cannot read."""
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), (200, 100, 120)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def decode(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
@@ -218,6 +253,100 @@ def test_malaria_case_from_real_field_photos(shared_server, art, tmp_path):
     assert [c["id"] for c in listed] == [case["id"]]
     assert case["id"] in [c["id"] for c in shared_server.json("/api/cases?day=today")["cases"]]
     assert shared_server.json("/api/cases?q=nobody-has-this-id")["cases"] == []
+
+
+@pytest.mark.server
+def test_malaria_verdicts_duplicates_and_retake_over_http(start_server, uninfected):
+    """A negative on enough red cells, not enough evidence on too few, the same photo twice counted once, and a
+    retake of an unreadable field linked to its case, with the model that calls every cell uninfected."""
+    s = start_server("--min-cells", "200", models=[str(uninfected)])
+    f0, f1 = smear_fields()[:2]
+    status, one = post_case(s.url, "malaria", [f0])
+    assert status == 201, one
+    cells0 = one["result"]["summary"]["cells"]
+    assert 0 < cells0 < 200, f"the test needs one field under the minimum: {cells0} red cells"
+    rep = one["report"]
+    assert rep["verdict"] == "Not enough evidence: photograph about 1 more field" and rep["state"] == "amber"
+    assert one["headline"].startswith(rep["verdict"]) and one["refer"] is None
+    assert rep["progress"] == {**rep["progress"], "counted": cells0, "needed": 200, "more_fields": 1}
+    assert rep["progress"]["text"] == f"{cells0} of 200 red cells counted: about 1 more field to photograph."
+    assert rep["disclaimer"] == "A screening aid, not a diagnosis."
+    assert rep["time"].startswith("Analysed in ") and one["analysis_ms"] > 0
+    # Both fields, and the first again under another name: counted once, and said so.
+    status, two = post_case(s.url, "malaria", [f0, f1, ("again.jpg", f0.read_bytes())])
+    assert status == 201, two
+    summary, rep = two["result"]["summary"], two["report"]
+    assert summary["fields"] == 2 and len(two["result"]["fields"]) == 2 and summary["cells"] >= 200
+    assert rep["verdict"] == f"No parasites seen in {summary['cells']:,} red cells" and rep["state"] == "ok"
+    assert two["refer"] is False and rep["parasitemia"][0]["value"] == f"none seen in {summary['cells']:,} red cells"
+    assert "does not rule out malaria" in rep["action"]
+    assert rep["duplicates"] == [f"Photo “again.jpg” is the same as photo “{f0.name}”: counted once."]
+    assert [f["sha256"] for f in two["result"]["fields"]] == [sha256_file(f0), sha256_file(f1)]
+    row = next(r for r in csv.DictReader(io.StringIO(s.get("/api/cases/export.csv")[2].decode()))
+               if r["id"] == two["id"])
+    assert "again.jpg" in row["duplicates"] and row["headline"] == two["headline"]
+    # A field without cells: not counted, its reason given; the retake is a new case linked to this one.
+    status, bad = post_case(s.url, "malaria", [f0, ("blank.png", no_cells_png())])
+    assert status == 201, bad
+    unread = bad["report"]["unread_fields"]
+    assert [(u["field"], u["name"]) for u in unread] == [(1, "blank.png")]
+    assert unread[0]["reason"].startswith("can't read this field: retake (")
+    assert bad["report"]["state"] == "amber" and "Retake the 1 field" in bad["report"]["action"]
+    files = [("files", f0.name, s.get(bad["file_urls"][bad["result"]["fields"][0]["photo"]])[2]),
+             ("files", f1.name, f1.read_bytes())]
+    body, ctype = multipart({"kind": "malaria", "retake_of": bad["id"]}, files)
+    status, _, raw = request(s.url + "/api/cases", "POST", body, {"Content-Type": ctype})
+    retake = json.loads(raw)
+    assert status == 201, retake
+    assert retake["result"]["retake_of"] == bad["id"] and retake["report"]["retake_of"] == bad["id"]
+    assert retake["report"]["unread_fields"] == [] and retake["report"]["state"] == "ok"
+    assert s.json(bad["url"])["result"] == bad["result"]  # the old case is not changed
+    for value, words in (("nonsense", "case id"), ("20991231-000000-abcdef", "no malaria case")):
+        body, ctype = multipart({"kind": "malaria", "retake_of": value}, files)
+        status, _, raw = request(s.url + "/api/cases", "POST", body, {"Content-Type": ctype})
+        assert status == 400 and words in json.loads(raw)["error"], raw
+
+
+@pytest.mark.server
+def test_positive_case_reads_treat_and_refer(shared_server):
+    status, case = post_case(shared_server.url, "malaria", smear_fields()[:1])
+    assert status == 201, case
+    s = case["result"]["summary"]
+    assert s["parasitized"] > 0, "the tiny test model calls parasites on this field; the test needs it to"
+    rep = case["report"]
+    assert rep["verdict"] == "Parasites seen: treat per protocol and refer" and rep["state"] == "refer"
+    assert rep["evidence"] == f"{s['parasitized']:,} parasitized of {s['cells']:,} red cells counted."
+    assert "Refer: send the patient" in rep["action"]
+    assert "positive at any count" in rep["progress"]["text"] and rep["progress"]["more_fields"] == 0
+    assert rep["parasitemia"][0]["label"] == "Parasitemia" and rep["parasitemia"][0]["meaning"]
+    assert case["headline"].startswith("Parasites seen: treat per protocol and refer.")
+
+
+def test_one_malaria_model_per_tab_the_cell_model_on_the_cells_tab(art, tmp_path):
+    """Released malaria-field and malaria: the field model on the Malaria tab, the cell model on the Cells tab,
+    whatever the order; one model alone serves both; two unreleased ones need a prefix."""
+    from edge_runtime import registry
+    from edge_runtime.serve.analysis import load_models
+
+    released = {r.name: r for r in registry.read_registry()}
+    if not {"malaria", "malaria-field"} <= set(released):
+        pytest.skip("needs the released malaria and malaria-field models")
+    assert registry.serving_models() == ["malaria-field", "malaria"]
+    notes = []
+    for specs in (["malaria-field", "malaria"], ["malaria", "malaria-field"]):
+        slots = load_models(specs, log=notes.append)
+        assert (slots["malaria"].info["name"], slots["cells"].info["name"]) == ("malaria-field", "malaria")
+    assert notes == []
+    slots = load_models(["malaria-field"], log=notes.append)
+    assert slots["cells"] is slots["malaria"] and "oct" not in slots
+    assert "the cells tab runs malaria-field 1.0.0, made for whole smear fields" in notes[0]
+    test_model = str(art / MALARIA_MODEL)
+    slots = load_models([f"malaria={test_model}", "cells=malaria"])
+    assert (slots["malaria"].info["file"], slots["cells"].info["name"]) == (MALARIA_MODEL, "malaria")
+    with pytest.raises(ValueError, match="a second model for the malaria tab .* malaria=FIELDS cells=CELLS"):
+        load_models([test_model, str(art / MALARIA_FILES["tflite-float32"])])
+    with pytest.raises(ValueError, match="cannot serve the oct tab"):
+        load_models([f"oct={test_model}"])
 
 
 @pytest.mark.server
@@ -577,18 +706,19 @@ def need_browser():
     return pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
 
 
-def phone_browser(tmp_path: Path, *flags: str):
-    """Debian's Chromium, headless, as a 360x800 phone, console logged; `flags` are more command-line switches."""
+def phone_browser(tmp_path: Path, width: int = 360, height: int = 800, flags: tuple[str, ...] = ()):
+    """Debian's Chromium, headless, as a phone (360x800 unless said), console logged; `flags`: more switches."""
     webdriver = need_browser()
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=360,800", f"--user-data-dir={tmp_path / 'profile'}",
-                 *flags):
+                 "--disable-dev-shm-usage", f"--window-size={width},{height}",
+                 f"--user-data-dir={tmp_path / 'profile'}", *flags):
         opts.add_argument(flag)
-    # A phone's viewport: 360 x 800 CSS pixels, touch, a phone's user agent.
-    opts.add_experimental_option("mobileEmulation", {"deviceMetrics": {"width": 360, "height": 800, "pixelRatio": 1}})
+    # A phone's viewport: width x height CSS pixels, touch, a phone's user agent.
+    opts.add_experimental_option("mobileEmulation",
+                                 {"deviceMetrics": {"width": width, "height": height, "pixelRatio": 1}})
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
 
@@ -636,7 +766,9 @@ def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path
         malaria_id = done_case()
         images_loaded("#case-view figure.overlay img")
         summary = driver.find_element(By.ID, "summary").text
-        assert "Red cells counted" in summary and "Parasitemia" in summary and "Refer" in summary
+        assert "Red cells counted" in summary and "Refer" in summary
+        assert driver.find_element(By.ID, "headline").text == "Parasites seen: treat per protocol and refer"
+        assert "Parasitemia" in driver.find_element(By.ID, "parasitemia").text
         assert driver.find_elements(By.CSS_SELECTOR, "#case-view figure.overlay img")
         assert "sha256" in driver.find_element(By.CSS_SELECTOR, "details.model summary").text
         shot("2-malaria-case")
@@ -717,4 +849,135 @@ def test_phone_browser_access_code_entered_once(start_server, art, tmp_path):
         driver.quit()
     # The 401s of the probe and of the wrong code are the only errors the browser may log.
     errors = [e for e in console if e.get("level") == "SEVERE" and "401" not in e.get("message", "")]
+    assert not errors, errors
+
+
+@pytest.mark.server
+@pytest.mark.browser
+def test_phone_browser_verdicts_progress_duplicates_retake_and_tabs(start_server, uninfected, tmp_path):
+    """At 390x844: the three verdicts' words, the count toward the minimum, the same photo twice said and counted
+    once, a retake of the field that could not be read, no OCT tab without an OCT model, the Cells tab on the cell
+    model `malaria`, and no administrator's text (paths, commands) anywhere on the page."""
+    need_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from edge_runtime import registry
+
+    if "malaria" not in {r.name for r in registry.read_registry()}:
+        pytest.skip("no released malaria (cell) model in this install")
+    shots = Path(os.environ.get("MEDGE_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    no_runtime = tmp_path / "no-runtime"
+    s = start_server("--min-cells", "200", "--web-runtime", str(no_runtime),
+                     models=[f"malaria={uninfected}", "cells=malaria"])
+    f0, f1 = smear_fields()[:2]
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(no_cells_png())
+    # A case uploaded with a copy of a photo under another name (as another client might): the page says so.
+    status, copied = post_case(s.url, "malaria", [f0, f1, ("again.jpg", f0.read_bytes())])
+    assert status == 201, copied
+    driver = phone_browser(tmp_path, 390, 844)
+    console = []
+    try:
+        wait = WebDriverWait(driver, READY_TIMEOUT_S)
+
+        def text(css: str) -> str:
+            return driver.find_element(By.CSS_SELECTOR, css).text
+
+        def case_after(previous: str | None) -> str:
+            wait.until(lambda d: d.find_element(By.ID, "case-view").is_displayed()
+                       and d.find_elements(By.CSS_SELECTOR, "#case-view #headline")
+                       and d.find_element(By.ID, "case-view").get_attribute("data-case-id") != previous)
+            return driver.find_element(By.ID, "case-view").get_attribute("data-case-id")
+
+        def submit(*paths: Path) -> str:
+            driver.find_element(By.CSS_SELECTOR, "nav a[data-tab=malaria]").click()
+            for path in paths:
+                driver.find_element(By.ID, "malaria-files").send_keys(str(path))
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#malaria-list li")) == len(set(paths)))
+            previous = driver.find_element(By.ID, "case-view").get_attribute("data-case-id")
+            driver.find_element(By.ID, "malaria-submit").click()
+            return case_after(previous)
+
+        driver.get(s.url + "/#/oct")
+        wait.until(lambda d: "cells: malaria" in d.find_element(By.ID, "device").text)
+        # No OCT model: no OCT tab, and its address opens the first tab that has a model.
+        wait.until(lambda d: d.execute_script("return location.hash") == "#/malaria")
+        assert not driver.find_element(By.CSS_SELECTOR, "nav a[data-tab=oct]").is_displayed()
+        assert driver.find_element(By.CSS_SELECTOR, "nav a[data-tab=cells]").is_displayed()
+        assert text("#disclaimer") == "A screening aid, not a diagnosis."
+        assert driver.execute_script("return document.documentElement.scrollWidth") <= 390
+
+        # The same photo picked twice: listed once, and the page says so.
+        driver.find_element(By.ID, "malaria-files").send_keys(str(f0))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#malaria-list li")) == 1)
+        driver.find_element(By.ID, "malaria-files").send_keys(str(f0))
+        wait.until(lambda d: d.find_element(By.ID, "malaria-dupes").is_displayed())
+        assert text("#malaria-dupes") == f"Photo “{f0.name}” is the same as photo “{f0.name}”: counted once."
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#malaria-list li")) == 1
+        shot = shots / "9-duplicate-photo.png"
+        driver.save_screenshot(str(shot))
+        previous = driver.find_element(By.ID, "case-view").get_attribute("data-case-id")
+        driver.find_element(By.ID, "malaria-submit").click()
+        one = case_after(previous)
+
+        # One field: under the minimum -> not enough evidence, with the count toward 200 and the fields to add.
+        cells0 = s.json(f"/api/cases/{one}")["result"]["summary"]["cells"]
+        assert text("#headline") == "Not enough evidence: photograph about 1 more field"
+        assert "amber" in driver.find_element(By.ID, "headline").get_attribute("class")
+        assert text("#count-text") == f"{cells0} of 200 red cells counted: about 1 more field to photograph."
+        assert driver.find_element(By.ID, "count-bar").get_attribute("value") == str(cells0)
+        assert text("#time-taken").startswith("Analysed in ") and text("#time-taken").endswith(" s on the device.")
+        assert "A screening aid, not a diagnosis." in text("#verdict")
+        driver.save_screenshot(str(shots / "10-not-enough-evidence.png"))
+
+        # Two fields: enough red cells and none parasitized -> the negative, in green, with what it does not mean.
+        two = submit(f0, f1)
+        cells2 = s.json(f"/api/cases/{two}")["result"]["summary"]["cells"]
+        assert text("#headline") == f"No parasites seen in {cells2:,} red cells"
+        assert "ok" in driver.find_element(By.ID, "headline").get_attribute("class").split()
+        assert "does not rule out malaria" in text("#verdict-action")
+        assert "minimum of 200 is reached" in text("#count-text")
+        assert f"none seen in {cells2:,} red cells" in text("#parasitemia")
+        driver.save_screenshot(str(shots / "11-negative.png"))
+
+        # The case with a copy uploaded: counted once, said on the case.
+        driver.get(s.url + f"/#/case/{copied['id']}")
+        case_after(two)
+        assert text("#duplicates") == f"Photo “again.jpg” is the same as photo “{f0.name}”: counted once."
+
+        # A field without cells: its reason, and a retake that makes a new case linked to this one.
+        bad = submit(f0, blank)
+        assert text("#headline").startswith("Not enough evidence")
+        unread = text("#unread-fields")
+        assert "Field 2, “blank.png”: can't read this field: retake (" in unread and "Retake field 2" in unread
+        driver.execute_script("document.getElementById('unread-fields').scrollIntoView()")
+        driver.save_screenshot(str(shots / "12-field-to-retake.png"))
+        retake_input = "#unread-fields .unread[data-field='1'] input[type=file]"
+        driver.find_element(By.CSS_SELECTOR, retake_input).send_keys(str(f1))
+        again = case_after(bad)
+        retaken = s.json(f"/api/cases/{again}")["result"]
+        assert again != bad and text("#retake-of") == f"Retake of case {bad}."
+        assert text("#headline") == f"No parasites seen in {retaken['summary']['cells']:,} red cells"
+        assert not driver.find_elements(By.ID, "unread-fields")
+        assert [f["name"] for f in retaken["fields"]] == [f0.name, f1.name] and retaken["retake_of"] == bad
+
+        # The Cells tab: the cell model, and no administrator's text on the page.
+        driver.find_element(By.CSS_SELECTOR, "nav a[data-tab=cells]").click()
+        wait.until(lambda d: d.find_element(By.ID, "cells-where").get_attribute("class") == "where device")
+        assert text("#cells-model") == "Model: malaria 1.0.0, for single red cells."
+        assert "on-phone analysis is not available on this device" in text("#cells-where")
+        page = driver.execute_script("return document.body.innerText")
+        for admin in ("webruntime", "python", "--", str(no_runtime), str(tmp_path), "/root", "fetch"):
+            assert admin not in page, admin
+        driver.save_screenshot(str(shots / "13-cells-tab.png"))
+        console += driver.get_log("browser")
+    finally:
+        driver.quit()
+    # The administrator reads the fix where the server was started.
+    banner = s.output()
+    assert "on the phone: no (the phone runtime is not installed" in banner and "webruntime fetch" in banner
+    assert "cells tab: malaria 1.0.0" in banner and "malaria tab: uninfected" in banner
+    errors = [e for e in console if e.get("level") == "SEVERE"]
     assert not errors, errors

@@ -163,10 +163,48 @@ def test_the_field_app_never_shows_a_green_negative_on_short_evidence():
     assert malaria_headline(short).startswith("Not enough evidence: photograph about")
     assert malaria_state(short) == "amber"
     none_read = summary(0, 0, 0, 0, 2, None)
-    assert "no field could be read" in malaria_headline(none_read) and malaria_state(none_read) == "amber"
+    assert "No field could be read" in malaria_headline(none_read) and malaria_state(none_read) == "amber"
     enough = summary(0, 0, 2400, 20, 20, False)
-    assert malaria_headline(enough) == "No parasites seen in 2400 red cells." and malaria_state(enough) == "ok"
+    assert malaria_headline(enough) == ("No parasites seen in 2,400 red cells. 2,400 red cells counted (at least "
+                                        "2,000 needed), none parasitized.") and malaria_state(enough) == "ok"
     refused = summary(0, 0, 2400, 20, 21, False, [{"field": "f.jpg", "reason": "can't read this field: retake"}])
     assert malaria_state(refused) == "amber"
     seen = summary(2, 0, 300, 3, 3, True)
-    assert malaria_headline(seen).startswith("Refer: 2 parasitized") and malaria_state(seen) == "refer"
+    assert malaria_headline(seen) == "Parasites seen: treat per protocol and refer. 2 parasitized of 300 red cells " \
+                                     "counted." and malaria_state(seen) == "refer"
+
+
+def test_the_field_app_report_says_what_to_do_and_what_the_figures_mean():
+    from edge_runtime.serve.verdict import malaria_report
+
+    def result(parasitized, uncertain, cells, fields=None, duplicates=()):
+        sure = cells - uncertain
+        summary = {"cells": cells, "parasitized": parasitized, "uncertain": uncertain,
+                   "parasitemia_percent": round(100 * parasitized / sure, 2),
+                   "parasitemia_min_percent": round(100 * parasitized / cells, 2),
+                   "parasitemia_max_percent": round(100 * (parasitized + uncertain) / cells, 2),
+                   "refer": bool(parasitized) or uncertain / cells > 0.05 or None,
+                   "refer_reasons": [], "decision": decide(parasitized, uncertain, cells, 10, 10).to_dict()}
+        return {"summary": summary, "fields": list(fields or []), "duplicates": list(duplicates)}
+
+    high = malaria_report(result(60, 0, 2400), 2345.0)
+    assert high["verdict"] == "Parasites seen: treat per protocol and refer" and high["state"] == "refer"
+    assert high["parasitemia"][0]["value"] == "2.50% of red cells" and "high: " in high["parasitemia"][0]["meaning"]
+    assert high["time"] == "Analysed in 2.3 s on the device." and "Refer: send the patient" in high["action"]
+    severe = malaria_report(result(300, 0, 2400))["parasitemia"][0]["meaning"]
+    assert "very high: over 10% is a sign of severe malaria (WHO 2015)" in severe
+    # No parasite called, but 10% of the cells uncertain: red, never a negative, with the range they span.
+    unsure = malaria_report(result(0, 240, 2400))
+    assert unsure["verdict"] == "Cannot rule out parasites: refer" and unsure["state"] == "refer"
+    assert unsure["parasitemia"][1]["value"] == "between 0.00% and 10.00%"
+    assert "At 10.00% it would be high" in unsure["parasitemia"][1]["meaning"]
+    # A field the gate refused: its reason and index for the retake, and the negative turns amber.
+    refused = {"name": "b.jpg", "photo": "field_01.jpg", "error": None, "readable": False,
+               "unreadable_reason": "can't read this field: retake (out of focus)"}
+    neg = malaria_report(result(0, 0, 2400, [{"name": "a.jpg", "error": None, "readable": True}, refused],
+                                [{"name": "c.jpg", "same_as": "a.jpg"}]))
+    assert neg["verdict"] == "No parasites seen in 2,400 red cells" and neg["state"] == "amber"
+    assert neg["unread_fields"] == [{"field": 1, "name": "b.jpg", "photo": "field_01.jpg",
+                                     "reason": "can't read this field: retake (out of focus)"}]
+    assert neg["duplicates"] == ["Photo “c.jpg” is the same as photo “a.jpg”: counted once."]
+    assert neg["progress"]["text"] == "2,400 red cells counted: the minimum of 2,000 is reached."

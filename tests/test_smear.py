@@ -348,7 +348,7 @@ def test_cli_json_exit_codes_and_no_cells(art, fields, tmp_path):
     doc = json.loads(out)
     assert len(doc["fields"]) == 1 and doc["fields"][0]["error"] is None
     cell = doc["fields"][0]["cells"][0]
-    assert set(cell) == {"index", "bbox", "kind", "label", "confidence", "uncertain"} and len(cell["bbox"]) == 4
+    assert set(cell) == {"index", "bbox", "kind", "area", "label", "confidence", "uncertain"} and len(cell["bbox"]) == 4
     assert {"cells", "parasitized", "uncertain", "parasitemia_percent", "parasitemia_max_percent", "refer",
             "enough_cells", "parasites_per_ul_from_rbc", "decision", "model"} <= set(doc["summary"])
     assert doc["summary"]["decision"]["decision"] in ("parasites seen", "no parasites seen")

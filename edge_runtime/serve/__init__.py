@@ -5,6 +5,7 @@
 
 - `analysis`: what an upload becomes (image checks, `analyse_slide` for malaria,
   `predict` + Grad-CAM for OCT, one lock per model); no web framework.
+- `verdict`: a malaria case's report for the health worker (verdict, action, count, guidance, retakes).
 - `storage`: cases in SQLite (WAL) with their files, stored whole or not at all.
 - `app`: the Starlette application (HTTP API, access code, limits, the page).
 - `server`: the `serve` verb (models, store, uvicorn).

@@ -23,6 +23,8 @@ one slide at a time.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import io
 import json
 import os
@@ -41,8 +43,10 @@ from edge_runtime.clinical import is_malaria, is_oct
 from edge_runtime.fileio import sha256_file, write_json
 from edge_runtime.gradcam import GradCam, GradCamError
 from edge_runtime.images import ImageError, load_image
+from edge_runtime.serve import verdict
 from edge_runtime.serve.case import Case
 from edge_runtime.smear import VERDICT_COLOURS, analyse_slide, contact_sheet, render_overlay
+from edge_runtime.smear.quality import is_fragment
 from edge_runtime.smear.report import png_bytes
 
 KINDS = ("malaria", "oct")
@@ -101,6 +105,10 @@ class CheckedImage:
     @property
     def suffix(self) -> str:
         return FORMAT_SUFFIX[self.format]
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
 
 
 def check_upload(name: str, data: bytes, limits: Limits) -> CheckedImage:
@@ -163,14 +171,20 @@ def classify_cells(slot: ModelSlot, images: Sequence[CheckedImage]) -> list[dict
     return [{**p.to_dict(), "source": im.name} for p, im in zip(preds, images)]
 
 
-def release_version(path: Path, sha256: str) -> str | None:
-    """The release version of a packaged model: its entry in the registry (`models.json`) beside it with this
-    file name and sha256; None for any other file."""
+def release_entry(path: Path, sha256: str) -> registry.Release | None:
+    """The registry entry (`models.json` beside it) of a packaged model with this file name and sha256; None for
+    any other file."""
     try:
         releases = registry.read_registry(Path(path).parent)
     except registry.ReleaseError:
         return None
-    return next((r.version for r in releases if r.file == Path(path).name and r.sha256 == sha256), None)
+    return next((r for r in releases if r.file == Path(path).name and r.sha256 == sha256), None)
+
+
+def release_version(path: Path, sha256: str) -> str | None:
+    """The release version of a packaged model (`release_entry`); None for any other file."""
+    r = release_entry(path, sha256)
+    return None if r is None else r.version
 
 
 class ModelSlot:
@@ -182,32 +196,50 @@ class ModelSlot:
         self.gradcam, self.gradcam_error = gradcam, gradcam_error
         meta = model.metadata
         sha = getattr(model, "sha256", None) or sha256_file(model.path)
+        self.release = release_entry(model.path, sha)
         # A released model has a version of its own (its registry entry); an exported file has the toolchain's.
-        version = release_version(model.path, sha) or getattr(model, "version", None) or meta.medge_version \
-            or "unknown"
+        version = (self.release.version if self.release else None) or getattr(model, "version", None) \
+            or meta.medge_version or "unknown"
         self.info = {"name": meta.model, "kind": kind, "version": str(version), "format": meta.format,
                      "precision": meta.precision, "created": meta.created, "sha256": sha,
                      "file": model.path.name, "backend": model.backend, "labels": list(model.labels),
-                     "threshold": model.threshold, "gradcam": gradcam is not None}
+                     "threshold": model.threshold, "gradcam": gradcam is not None,
+                     "inputs": self.release.inputs if self.release else None}
+
+
+# The page's tabs that run a model: "malaria" (photos of whole smear fields, stored as cases), "cells" (photos of
+# single red cells, classified and not stored) and "oct" (one scan, stored as a case).
+SLOTS = ("malaria", "cells", "oct")
+
+
+def _slot_and_spec(spec: str) -> tuple[str | None, str]:
+    """ "cells=malaria" -> ("cells", "malaria"); a value without a slot prefix -> (None, value)."""
+    head, sep, rest = spec.partition("=")
+    return (head, rest) if sep and head in SLOTS and rest else (None, spec)
 
 
 def load_models(specs: Sequence[str], threads: int | None = None, log=print) -> dict[str, ModelSlot]:
-    """kind -> ModelSlot for each `--models` value (a name or a path, passed to `edge_runtime.load` unchanged).
+    """slot -> ModelSlot (`SLOTS`) for each `--models` value (a name or a path, passed to `edge_runtime.load`).
+
+    An OCT model serves the OCT tab. A malaria model serves the Malaria tab (field photos) or the Cells tab
+    (single-cell crops): by a prefix when given (`cells=malaria`, `malaria=export/m.tflite`), else by what a released
+    model was made for (its registry entry's `inputs`: "fields" or "cells"), else the Malaria tab. One malaria
+    model alone serves both tabs; a note says when the one serving a tab was made for the other's photos.
 
     Raises:
-        ValueError: a model that is neither malaria nor OCT, or two models of one kind.
+        ValueError: a model that is neither malaria nor OCT, a prefix that does not fit the model, or two models
+            for one tab.
         ModelError / BackendError: from `edge_runtime.load`.
     """
     slots: dict[str, ModelSlot] = {}
-    for spec in specs:
+    for value in specs:
+        want, spec = _slot_and_spec(value)
         model = edge_runtime.load(spec, threads=threads)
         meta = model.metadata
         kind = "malaria" if is_malaria(meta) else "oct" if is_oct(meta) else None
         if kind is None:
             raise ValueError(f"{spec}: a {meta.task!r} model with labels {list(meta.labels)}; the field app serves "
                              "malaria (Parasitized/Uninfected) and OCT (CNV/DME/DRUSEN/NORMAL) models")
-        if kind in slots:
-            raise ValueError(f"{spec}: a second {kind} model (already serving {slots[kind].source}); give one per kind")
         cam, cam_error = None, None
         if kind == "oct":
             try:
@@ -215,8 +247,25 @@ def load_models(specs: Sequence[str], threads: int | None = None, log=print) -> 
             except (GradCamError, FileNotFoundError, ValueError) as e:
                 cam_error = str(e)
                 log(f"note: {spec}: no Grad-CAM overlays ({cam_error})")
-        slots[kind] = ModelSlot(model, spec, kind, cam, cam_error)
-    return slots
+        slot = ModelSlot(model, spec, kind, cam, cam_error)
+        if (want == "oct") != (kind == "oct") and want is not None:
+            raise ValueError(f"{value}: a {kind} model cannot serve the {want} tab")
+        tab = "oct" if kind == "oct" else want or ("cells" if slot.info["inputs"] == "cells" else "malaria")
+        if tab in slots:
+            raise ValueError(f"{value}: a second model for the {tab} tab (already serving {slots[tab].source}); give "
+                             f"one per tab, prefixed when two are malaria models: --models malaria=FIELDS cells=CELLS")
+        slots[tab] = slot
+    # One malaria model serves both malaria tabs.
+    if "malaria" in slots and "cells" not in slots:
+        slots["cells"] = slots["malaria"]
+    elif "cells" in slots and "malaria" not in slots:
+        slots["malaria"] = slots["cells"]
+    for tab, made_for, other in (("cells", "fields", "whole smear fields"), ("malaria", "cells", "single-cell crops")):
+        s = slots.get(tab)
+        if s is not None and s.info["inputs"] == made_for:
+            log(f"note: the {tab} tab runs {s.info['name']} {s.info['version']}, made for {other}; name a model for "
+                f"{'single cells' if tab == 'cells' else 'field photos'} too (--models {tab}=NAME|PATH ...)")
+    return {tab: slots[tab] for tab in SLOTS if tab in slots}
 
 
 # ---------------------------------------------------------------- malaria
@@ -248,43 +297,53 @@ def _cell_crop(photo: Image.Image, bbox: Sequence[int], colour: tuple[int, int, 
     return tile
 
 
-def malaria_headline(summary: dict[str, Any]) -> str:
-    """One sentence a health worker reads first: never "no parasites" on too little evidence (the slide decision,
-    `edge_runtime.smear.decision`, says how many more fields to photograph instead)."""
-    decision = summary.get("decision") or {}
-    if summary["parasitized"]:
-        return f"Refer: {summary['parasitized']} parasitized cell(s) seen in {summary['cells']} red cells."
-    if summary.get("refer"):
-        return f"Refer: too many uncertain cells ({summary['uncertain']} of {summary['cells']})."
-    if decision.get("decision") == "not enough evidence" or not summary.get("cells"):
-        message = decision.get("message") or "not enough evidence: no red cells could be counted"
-        return message[0].upper() + message[1:] + "."
-    return f"No parasites seen in {summary['cells']} red cells."
+def malaria_headline(summary: dict[str, Any], unread: int = 0) -> str:
+    """One sentence a health worker reads first (`verdict.headline`): never "no parasites" on too little evidence
+    (the slide decision, `edge_runtime.smear.decision`, says how many more fields to photograph instead)."""
+    return verdict.headline(summary, unread)
 
 
-def malaria_state(summary: dict[str, Any]) -> str:
-    """The headline's colour: "refer" (red), "ok" (green, only a negative on enough red cells) or "amber" (not
-    enough evidence, or fields that could not be read: retake before anyone relies on it)."""
-    if summary.get("refer"):
-        return "refer"
-    if (summary.get("decision") or {}).get("decision") != "no parasites seen":
-        return "amber"
-    return "amber" if summary.get("fields_unreadable") else "ok"
+def malaria_state(summary: dict[str, Any], unread: int | None = None) -> str:
+    """The headline's colour: "refer" (red), "ok" (green, only a negative on enough red cells with every field
+    read) or "amber" (not enough evidence, or fields that could not be read: retake before anyone relies on it)."""
+    if unread is None:
+        unread = len(summary.get("fields_unreadable") or [])
+    return verdict.verdict(summary, unread)["state"]
 
 
-def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject: str = "", note: str = "") -> Case:
-    """One slide: `analyse_slide` over the uploaded fields, its pictures drawn from the returned report into the
-    staging folder; returns the case.
+def dedupe(images: Sequence[CheckedImage]) -> tuple[list[CheckedImage], list[dict[str, Any]]]:
+    """The uploads with each photo once, by content (sha256 of the bytes, whatever the file is called), and the
+    copies left out: [{"name", "same_as", "sha256"}] (`same_as`: the name of the first upload with those bytes)."""
+    seen: dict[str, CheckedImage] = {}
+    unique, copies = [], []
+    for im in images:
+        first = seen.setdefault(im.sha256, im)
+        if first is im:
+            unique.append(im)
+        else:
+            copies.append({"name": im.name, "same_as": first.name, "sha256": im.sha256})
+    return unique, copies
+
+
+def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject: str = "", note: str = "",
+                    min_cells: int | None = None, retake_of: str | None = None) -> Case:
+    """One slide: `analyse_slide` over the uploaded fields, each photo once (`dedupe`), its pictures drawn from the
+    returned report into the staging folder; returns the case.
+
+    Args:
+        min_cells: red cells needed before a negative call (None: the counting rule's, 2,000).
+        retake_of: the case this one retakes (some of its fields photographed again), recorded in the result.
 
     Raises:
         UploadError: 422 when no field holds cells (nothing is stored then).
     """
     t0 = time.perf_counter()
     model = slot.model
+    images, copies = dedupe(images)
     # Paths, not decoded photos: analyse_slide reads one field at a time, so a 12-photo slide never holds
     # twelve decoded 12 MP images at once on a Pi (the report keeps each field's working-scale photo only).
     paths = [st.path(_write(st, f"field_{k:02d}.{im.suffix}", im.data)) for k, im in enumerate(images)]
-    report = analyse_slide(SerialModel(model, slot.lock), paths)
+    report = analyse_slide(SerialModel(model, slot.lock), paths, min_cells=min_cells)
     if len(report.rejected) == len(images):
         reasons = "; ".join(f"“{im.name}”: {f.error}" for im, f in zip(images, report.fields))
         lead = "This photo has no cells we can find." if len(images) == 1 else \
@@ -295,7 +354,7 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
     fields, flagged = [], []
     for k, (im, f) in enumerate(zip(images, report.fields)):
         entry: dict[str, Any] = {"name": im.name, "photo": paths[k].name, "error": f.error, "overlay": None,
-                                 "size": list(im.size)}
+                                 "size": list(im.size), "sha256": im.sha256}
         overlay = render_overlay(f, positive)
         if overlay is not None:
             entry["overlay"] = _write(st, f"overlay_{k:02d}.jpg", _jpeg(overlay))
@@ -320,7 +379,9 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
                 tile = _cell_crop(photo, c.bbox, VERDICT_COLOURS[c.verdict(positive)])
                 crops[n] = {"image": _write(st, f"crop_{n:03d}.jpg", _jpeg(tile)), "field": k, "cell": c.index,
                             "verdict": c.verdict(positive), "label": c.label, "confidence": c.confidence,
-                            "bbox": list(c.bbox)}
+                            "bbox": list(c.bbox),
+                            # under half a typical cell: the review leaves it out when uncertain (serve.review)
+                            "fragment": is_fragment(c.area, report.fields[k].radius_px)}
     summary = report.summary.to_dict()
     write_json(st.path("summary.json"), summary)
     sheet = contact_sheet(report)
@@ -331,13 +392,18 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
               ("index", "bbox", "kind", "area", "label", "confidence", "uncertain")}, "verdict": c.verdict(positive)}
              for k, f in enumerate(report.fields) for c in f.cells]
     _write(st, "cells.json", _json_bytes(cells))
-    return Case(kind="malaria", subject=subject, note=note, model=slot.info, headline=malaria_headline(summary),
+    unread = len(summary["fields_unreadable"])
+    result: dict[str, Any] = {"summary": summary, "state": malaria_state(summary, unread), "fields": fields,
+                              "crops": crops, "crops_total": len(flagged), "positive_label": positive,
+                              "cells": "cells.json",
+                              "contact_sheet": "contact_sheet.png" if sheet is not None else None,
+                              "duplicates": copies}
+    if retake_of is not None:
+        result["retake_of"] = retake_of
+    return Case(kind="malaria", subject=subject, note=note, model=slot.info,
+                headline=malaria_headline(summary, unread),
                 # None (undecided) while the evidence is short, never False on it.
-                refer=None if summary["refer"] is None else bool(summary["refer"]),
-                result={"summary": summary, "state": malaria_state(summary), "fields": fields, "crops": crops,
-                        "crops_total": len(flagged),
-                        "positive_label": positive, "cells": "cells.json",
-                        "contact_sheet": "contact_sheet.png" if sheet is not None else None},
+                refer=None if summary["refer"] is None else bool(summary["refer"]), result=result,
                 analysis_ms=round((time.perf_counter() - t0) * 1e3, 1))
 
 

@@ -16,18 +16,21 @@ API (JSON unless said otherwise; errors are {"error": message, "status": code}, 
 
     GET  /healthz                          status, models, limits, whether an access code is needed (no code needed)
     POST /api/session                      {"code": ...} -> 204 + cookie, for the page (401 on a wrong code)
-    POST /api/cases                        multipart: kind=malaria|oct, files (1..max_files; OCT one), subject, note
-                                           -> 201 the case (results, model, image URLs)
+    POST /api/cases                        multipart: kind=malaria|oct, files (1..max_files; OCT one), subject, note,
+                                           retake_of (malaria: the id of the case whose fields are retaken)
+                                           -> 201 the case (results, model, image URLs, the malaria report)
     GET  /api/cases?q=&day=&limit=&offset= cases, newest first (q: id or subject substring; day: YYYY-MM-DD or today)
     GET  /api/cases/export.csv?q=&day=     one row per case
-    GET  /api/cases/{id}                   one case
+    GET  /api/cases/{id}                   one case; a malaria case with its `report` (`verdict.malaria_report`)
     GET  /api/cases/{id}/export.csv        malaria: one row per cell region; OCT: the scan's row
     GET  /api/cases/{id}/files/{name}      a file the case lists (photos, overlays, crops, Grad-CAM, reports)
+    POST /api/cases/{id}/reviews           a reviewer's calls on flagged cells, a white-cell count, "reviewed"
+    GET  /api/cases/{id}/reviews[/{row}]   the case's review rows (append-only: no PUT/PATCH/DELETE; `review`)
     GET  /api/ondevice                     what a phone needs to run a model itself: the runtime's URLs (or why
                                            there is none) and per kind the model file and its medge metadata
     GET  /api/ondevice/{kind}/model.tflite that model file, as the phone's runtime takes it (ondevice.static_batch)
     POST /api/cells                        multipart: files (1..max_files cell crops) -> {"cells": [...], "model"}:
-                                           the malaria model on this device, for a phone that cannot run it itself
+                                           the Cells tab's model on this device, for a phone that cannot run it
     GET  /web-runtime/...                  LiteRT.js (`python -m edge_runtime webruntime fetch`), when installed
     GET  /sw.js                            the service worker that keeps the page on the phone (registered over HTTPS)
     GET  /ca.crt                           with `serve --https`: the device's CA certificate, for phones to trust
@@ -70,6 +73,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from edge_runtime.serve import verdict
 from edge_runtime.serve.analysis import (
     KINDS,
     Limits,
@@ -82,7 +86,8 @@ from edge_runtime.serve.analysis import (
     display_name,
 )
 from edge_runtime.serve.case import Case
-from edge_runtime.serve.ondevice import RUNTIME_URL, OnDevice
+from edge_runtime.serve.ondevice import RUNTIME_URL, UNAVAILABLE, OnDevice
+from edge_runtime.serve.review import CASE_CSV, CELL_CSV, Reviews
 from edge_runtime.serve.storage import CASE_ID, CaseStore
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -195,7 +200,8 @@ def _csv_response(rows: list[dict[str, Any]], fields: list[str], filename: str) 
 CASES_CSV = ["id", "created", "kind", "subject", "note", "headline", "refer", "model_name", "model_version",
              "model_sha256", "fields", "fields_without_cells", "red_cells", "parasitized", "uncertain",
              "parasitemia_percent", "parasitemia_min_percent", "parasitemia_max_percent", "refer_reasons", "oct_label",
-             "oct_decision", "oct_confidence", "oct_referral", "p_CNV", "p_DME", "p_DRUSEN", "p_NORMAL"]
+             "oct_decision", "oct_confidence", "oct_referral", "p_CNV", "p_DME", "p_DRUSEN", "p_NORMAL",
+             "analysis_ms", "retake_of", "duplicates"]
 
 
 def case_row(c: Case) -> dict[str, Any]:
@@ -205,7 +211,7 @@ def case_row(c: Case) -> dict[str, Any]:
     # refer: empty when undecided (a slide with too little evidence), never 0 for it.
     row.update(refer="" if c.refer is None else int(bool(c.refer)), model_name=m.get("name"),
                model_version=m.get("version"),
-               model_sha256=m.get("sha256"))
+               model_sha256=m.get("sha256"), analysis_ms=c.analysis_ms)
     if c.kind == "malaria":
         s = r.get("summary") or {}
         row.update(fields=s.get("fields"), fields_without_cells=s.get("fields_without_cells"), red_cells=s.get("cells"),
@@ -213,7 +219,8 @@ def case_row(c: Case) -> dict[str, Any]:
                    parasitemia_percent=s.get("parasitemia_percent"),
                    parasitemia_min_percent=s.get("parasitemia_min_percent"),
                    parasitemia_max_percent=s.get("parasitemia_max_percent"),
-                   refer_reasons="; ".join(s.get("refer_reasons") or []))
+                   refer_reasons="; ".join(s.get("refer_reasons") or []), retake_of=r.get("retake_of"),
+                   duplicates="; ".join(verdict.duplicate_lines(list(r.get("duplicates") or []))))
     else:
         row.update(oct_label=r.get("label"), oct_decision=r.get("decision"), oct_confidence=r.get("confidence"),
                    oct_referral=r.get("referral"))
@@ -224,16 +231,20 @@ def case_row(c: Case) -> dict[str, Any]:
 def with_urls(case: Case) -> dict[str, Any]:
     """The stored record plus the URLs of its files and exports (URLs are not stored: the API may move)."""
     base = f"/api/cases/{case.id}"
-    return {**case.to_dict(), "url": base, "export_csv": f"{base}/export.csv",
-            "file_urls": {n: f"{base}/files/{n}" for n in case.files}}
+    out = {**case.to_dict(), "url": base, "export_csv": f"{base}/export.csv",
+           "file_urls": {n: f"{base}/files/{n}" for n in case.files}}
+    if case.kind == "malaria":  # made from the stored result when read: cases stored before it read the same way
+        out["report"] = verdict.malaria_report(case.result, case.analysis_ms)
+    return out
 
 
 class FieldApp:
     """Routes and the state they share (models, store, limits, the worker pool)."""
 
     def __init__(self, slots, store: CaseStore, limits: Limits, workers: int | None, access_code: str | None,
-                 ondevice: OnDevice, ca_cert: Path | None = None, https_port: int | None = None):
-        self.slots, self.store, self.limits = slots, store, limits
+                 ondevice: OnDevice, min_cells: int | None = None, ca_cert: Path | None = None,
+                 https_port: int | None = None):
+        self.slots, self.store, self.limits, self.min_cells = slots, store, limits, min_cells
         self.workers = workers or cpu_workers()
         self.access_code = access_code
         self.limiter: anyio.CapacityLimiter | None = None
@@ -248,6 +259,7 @@ class FieldApp:
             shell.update((STATIC / name).read_bytes())
         self.service_worker_js = (STATIC / "sw.js").read_text("utf-8").replace("__SHELL_VERSION__",
                                                                                shell.hexdigest()[:16])
+        self.reviews = Reviews(store, self._case)
 
     # -------------------------------------------------------- pages and health
 
@@ -256,7 +268,9 @@ class FieldApp:
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({
-            "status": "ok", "models": {k: s.info for k, s in self.slots.items()}, "kinds": list(self.slots),
+            # models: per tab (malaria, cells, oct); kinds: the case kinds this device analyses.
+            "status": "ok", "models": {k: s.info for k, s in self.slots.items()},
+            "kinds": [k for k in KINDS if k in self.slots],
             "cases": await anyio.to_thread.run_sync(self.store.count), "limits": self.limits.to_dict(),
             "workers": self.workers, "access_code_required": self.access_code is not None,
             "recovered_at_start": self.store.recovered, "on_device": self.ondevice.health(),
@@ -306,7 +320,7 @@ class FieldApp:
                     raise TooLarge()
                 yield chunk
 
-        parser = MultiPartParser(request.headers, stream(), max_files=self.limits.max_files + 1, max_fields=8,
+        parser = MultiPartParser(request.headers, stream(), max_files=self.limits.max_files + 1, max_fields=10,
                                  max_part_size=64 * 1024)
         return await parser.parse()
 
@@ -370,9 +384,23 @@ class FieldApp:
         uploads = self._uploads(form)
         if kind == "oct" and len(uploads) != 1:
             raise UploadError(400, f"an OCT case takes one scan; {len(uploads)} were sent")
-        case = await anyio.to_thread.run_sync(self._analyse, kind, slot, uploads, subject, note,
+        retake_of = await self._retake_of(form.get("retake_of"), kind)
+        case = await anyio.to_thread.run_sync(self._analyse, kind, slot, uploads, subject, note, retake_of,
                                               limiter=self.limiter)
         return JSONResponse(with_urls(case), status_code=201)
+
+    async def _retake_of(self, value, kind: str) -> str | None:
+        """The id of the malaria case a retake replaces fields of (it must be on this device), or None."""
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str) or not CASE_ID.match(value):
+            raise UploadError(400, f"“retake_of” must be a case id like 20261122-143012-a3f9c1, got {value!r}"[:200])
+        if kind != "malaria":
+            raise UploadError(400, "only a malaria case can retake another case's fields")
+        old = await anyio.to_thread.run_sync(self.store.get, value)
+        if old is None or old.kind != "malaria":
+            raise UploadError(400, f"“retake_of”: no malaria case {value} on this device")
+        return value
 
     def _slot(self, kind: str):
         if kind not in self.slots:
@@ -406,12 +434,13 @@ class FieldApp:
             images.append(check_upload(name, fh.read(self.limits.max_file_bytes + 1), self.limits))
         return images
 
-    def _analyse(self, kind, slot, uploads, subject, note) -> Case:
+    def _analyse(self, kind, slot, uploads, subject, note, retake_of=None) -> Case:
         """In a worker thread: check every image, analyse, store. Nothing is stored unless all of it worked."""
         images = self._checked(uploads)
         with self.store.stage() as st:
             if kind == "malaria":
-                case = analyse_malaria(slot, images, st, subject, note)
+                case = analyse_malaria(slot, images, st, subject, note, min_cells=self.min_cells,
+                                       retake_of=retake_of)
             else:
                 case = analyse_oct(slot, images[0], st, subject, note)
             return self.store.commit(st, case)
@@ -425,8 +454,7 @@ class FieldApp:
         kind = request.path_params["kind"]
         data = self.ondevice.model_bytes(kind)
         if data is None:
-            raise HTTPException(404, f"no {kind} model for phones here: "
-                                     f"{self.ondevice.unfit.get(kind, 'this device does not serve one')}")
+            raise HTTPException(404, f"no {kind} model for phones here: {UNAVAILABLE}")
         return Response(data, media_type="application/octet-stream",
                         headers={"cache-control": "no-cache", "etag": f'"{self.ondevice.models[kind]["sha256"]}"'})
 
@@ -434,7 +462,7 @@ class FieldApp:
         return await self._with_form(request, self._cells, "send the cells as multipart/form-data (field files)")
 
     async def _cells(self, form) -> Response:
-        slot = self._slot("malaria")
+        slot = self._slot("cells")
         uploads = self._uploads(form)
 
         def work():
@@ -481,8 +509,9 @@ class FieldApp:
         except UploadError as e:
             return error(e.status, e.message)
         cases, _ = await anyio.to_thread.run_sync(lambda: self.store.list(q, day, -1, 0, full=True))
+        reviewed = await anyio.to_thread.run_sync(self.reviews.case_columns, cases)
         name = f"medge-cases-{day or 'all'}.csv"
-        return _csv_response([case_row(c) for c in cases], CASES_CSV, name)
+        return _csv_response([{**case_row(c), **reviewed.get(c.id, {})} for c in cases], CASES_CSV + CASE_CSV, name)
 
     async def _case(self, request: Request) -> Case:
         case_id = request.path_params["case_id"]
@@ -492,7 +521,9 @@ class FieldApp:
         return case
 
     async def get_case(self, request: Request) -> Response:
-        return JSONResponse(with_urls(await self._case(request)))
+        case = await self._case(request)
+        # The reviewer's calls beside the machine's record, never in it (`serve.review`).
+        return JSONResponse({**with_urls(case), "review": await anyio.to_thread.run_sync(self.reviews.block, case)})
 
     async def export_case(self, request: Request) -> Response:
         case = await self._case(request)
@@ -505,8 +536,9 @@ class FieldApp:
                      "x": c["bbox"][0], "y": c["bbox"][1], "w": c["bbox"][2], "h": c["bbox"][3], "kind": c["kind"],
                      "area": c["area"], "label": c["label"], "confidence": c["confidence"],
                      "uncertain": int(bool(c["uncertain"])), "verdict": c["verdict"]} for c in cells]
+            rows = await anyio.to_thread.run_sync(self.reviews.cell_rows, case, rows)
             fields = [*head, "field", "field_name", "cell", "x", "y", "w", "h", "kind", "area", "label", "confidence",
-                      "uncertain", "verdict"]
+                      "uncertain", "verdict", *CELL_CSV]
         else:
             r = case.result
             rows = [{**head, "scan": r["name"], "label": r["label"], "decision": r["decision"],
@@ -549,11 +581,11 @@ class RuntimeFiles(StaticFiles):
 
 def build_app(slots, store: CaseStore, limits: Limits | None = None, access_code: str | None = None,
               loopback: bool = True, workers: int | None = None, web_runtime: str | None = None,
-              ca_cert: Path | None = None, https_port: int | None = None) -> Starlette:
+              min_cells: int | None = None, ca_cert: Path | None = None, https_port: int | None = None) -> Starlette:
     """The ASGI app.
 
     Args:
-        slots: kind -> `ModelSlot` (`analysis.load_models`).
+        slots: tab -> `ModelSlot` (`analysis.load_models`: malaria, cells, oct).
         store: where cases live.
         limits: upload limits.
         access_code: required on every /api call when given.
@@ -561,11 +593,12 @@ def build_app(slots, store: CaseStore, limits: Limits | None = None, access_code
         workers: analyses run at once (default: one per CPU core).
         web_runtime: the phone runtime's cache folder (`edge_runtime.webruntime.cache_dir`'s default when None;
             "off": never offer on-phone inference).
+        min_cells: red cells a malaria case needs before a negative call (None: the counting rule's, 2,000).
         ca_cert: with `serve --https`, the device's CA certificate, served at /ca.crt.
         https_port: with `serve --https`, the HTTPS port (the plain-HTTP page links to it).
     """
-    fa = FieldApp(slots, store, limits or Limits(), workers, access_code, OnDevice(slots, web_runtime), ca_cert,
-                  https_port)
+    fa = FieldApp(slots, store, limits or Limits(), workers, access_code, OnDevice(slots, web_runtime), min_cells,
+                  ca_cert, https_port)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -585,6 +618,7 @@ def build_app(slots, store: CaseStore, limits: Limits | None = None, access_code
         Route("/api/cases/{case_id}", fa.get_case, methods=["GET"]),
         Route("/api/cases/{case_id}/export.csv", fa.export_case, methods=["GET"]),
         Route("/api/cases/{case_id}/files/{name}", fa.case_file, methods=["GET"]),
+        *fa.reviews.routes(),
         Route("/api/ondevice", fa.ondevice_info, methods=["GET"]),
         Route("/api/ondevice/{kind}/model.tflite", fa.ondevice_model, methods=["GET"]),
         Route("/api/cells", fa.create_cells, methods=["POST"]),

@@ -1,10 +1,11 @@
 """On-phone inference, the server's side: what the page needs to run a model in the phone's browser.
 
     ondevice = OnDevice(slots, web_runtime_dir=None)   # None: $MEDGE_WEB_RUNTIME or ~/.cache/medge/web-runtime
-    ondevice.describe()        # GET /api/ondevice: the runtime's URLs, and per kind the model file and its metadata
-    ondevice.model_bytes("malaria")                    # GET /api/ondevice/malaria/model.tflite
+    ondevice.describe()        # GET /api/ondevice: the runtime's URLs, and per tab the model file and its metadata
+    ondevice.model_bytes("cells")                      # GET /api/ondevice/cells/model.tflite
+    ondevice.setup_note        # what an administrator could do (server log and start banner, never the page)
 
-The page (static/ondevice.js) runs the malaria model with LiteRT.js, which the
+The page's Cells tab (static/ondevice.js) runs the cell model with LiteRT.js, which the
 app serves at /web-runtime/ from the cache `python -m edge_runtime webruntime
 fetch` fills (edge_runtime.webruntime); without it, or on a phone that cannot
 (no WebAssembly, a load failure), the page sends the cells to this device
@@ -31,7 +32,12 @@ from edge_runtime import webruntime
 from edge_runtime.tflite_file import check_tflite, tflite_model
 
 RUNTIME_URL = "/web-runtime/"
-PHONE_KINDS = ("malaria",)  # OCT needs Grad-CAM and a 299x299 InceptionV3: it stays on the device
+# The tabs whose model a phone may run: the Cells tab's. Field photos need OpenCV (segmentation) and OCT needs
+# Grad-CAM and a 299x299 InceptionV3: both stay on the device.
+PHONE_KINDS = ("cells",)
+# What the page and the unauthenticated /healthz say when a phone cannot run the model: no path, no command.
+UNAVAILABLE = "on-phone analysis is not available on this device"
+SWITCHED_OFF = "on-phone analysis is switched off on this device"
 PHONE_DTYPES = ("float32", "uint8")
 IMPORT_MAP_SLOT = "<!-- medge:importmap -->"
 
@@ -57,11 +63,12 @@ def static_batch(model: bytes) -> bytes:
     return bytes(buf)
 
 
-def phone_unfit(slot) -> str | None:
-    """Why this model cannot run in a phone's browser, or None when it can."""
+def phone_unfit(slot, tab: str | None = None) -> str | None:
+    """Why this model cannot run in a phone's browser for `tab` (default: the slot's kind), or None when it can."""
     meta = slot.model.metadata
-    if slot.kind not in PHONE_KINDS:
-        return f"{slot.kind} models run on this device only"
+    tab = tab or slot.kind
+    if tab not in PHONE_KINDS:
+        return f"the {tab} tab's model runs on this device only"
     if slot.model.path.suffix != ".tflite":
         return f"{slot.model.path.name}: the phone runtime (LiteRT.js) runs .tflite files"
     if meta.part != "model":
@@ -73,21 +80,29 @@ def phone_unfit(slot) -> str | None:
 
 
 class OnDevice:
-    """The runtime (or why there is none) and, per kind a phone can run, the model file it gets."""
+    """The runtime (or why there is none) and, per tab a phone can run, the model file it gets.
+
+    `reason` and `unavailable` are what a phone user reads (no server path, no command); the administrator's
+    version, with the fix, is `setup_note`, which `serve` prints in its start banner and logs.
+    """
 
     def __init__(self, slots, web_runtime_dir: str | None = None):
-        self.runtime, self.reason = None, None
+        self.runtime, self.reason, self.admin_reason = None, None, None
         if web_runtime_dir == "off":
-            self.reason = "on-phone inference is switched off on this device (--web-runtime off)"
+            self.reason = SWITCHED_OFF
+            self.admin_reason = "switched off (--web-runtime off)"
         else:
             try:
                 self.runtime = webruntime.find(web_runtime_dir)
             except webruntime.WebRuntimeError as e:
-                self.reason = f"the phone runtime is not installed on this device: {e}"
+                self.reason = UNAVAILABLE
+                self.admin_reason = f"the phone runtime is not installed: {e}"
         self.models: dict[str, dict[str, Any]] = {}
         self.unfit: dict[str, str] = {}
         for kind, slot in slots.items():
-            why = phone_unfit(slot)
+            if kind not in PHONE_KINDS:
+                continue
+            why = phone_unfit(slot, kind)
             if why:
                 self.unfit[kind] = why
                 continue
@@ -97,6 +112,15 @@ class OnDevice:
     @property
     def ready(self) -> bool:
         return self.runtime is not None and bool(self.models)
+
+    @property
+    def setup_note(self) -> str | None:
+        """For the administrator (start banner, server log): why phones cannot run a model here and what to do;
+        None when they can."""
+        if self.ready:
+            return None
+        return "; ".join(filter(None, [self.admin_reason, *(f"{k} tab: {v}" for k, v in self.unfit.items())])) \
+            or "no model a phone can run"
 
     def import_map(self) -> str:
         """The page's import map (LiteRT.js imports its helper package by bare name), or "" without a runtime."""
@@ -131,7 +155,9 @@ class OnDevice:
                             "source_sha256": slot.info["sha256"], "name": slot.info["name"],
                             "version": slot.info["version"], "threshold": slot.model.threshold,
                             "metadata": slot.model.metadata.to_dict()}
-        return {"runtime": runtime, "reason": self.reason, "models": models, "unavailable": self.unfit}
+        # The page shows these to a phone user: plain words, never the administrator's detail (`setup_note`).
+        return {"runtime": runtime, "reason": self.reason, "models": models,
+                "unavailable": dict.fromkeys(self.unfit, UNAVAILABLE)}
 
     def model_bytes(self, kind: str) -> bytes | None:
         m = self.models.get(kind)

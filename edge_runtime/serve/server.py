@@ -6,7 +6,8 @@
 Models are named or given as paths; each value goes to `edge_runtime.load`
 unchanged and its metadata decides whether it serves malaria or OCT cases.
 Without `--models`, the models released with the package are served, one per task: for malaria the one
-fine-tuned for whole fields (`malaria-field`) when it is released, since the app analyses field photos.
+fine-tuned for whole fields (`malaria-field`) when it is released, since the app analyses field photos, and
+the cell model (`malaria`) for the Cells tab's single-cell crops (`registry.serving_models`).
 Beyond loopback an access code is required: `--access-code`, or one is
 generated and printed at start.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 import secrets
 import signal
@@ -39,6 +41,7 @@ from edge_runtime.model import ModelError
 from edge_runtime.serve.analysis import Limits, load_models
 from edge_runtime.serve.storage import CaseStore, StoreError
 from edge_runtime.serve.tls import TLSError, default_names, ensure_certificates
+from edge_runtime.smear.decision import min_cells_for
 
 # No 0/O, 1/l/i: read off a screen and typed on a phone.
 CODE_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
@@ -171,7 +174,7 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        models = args.models or registry.serving_defaults()
+        models = args.models or registry.serving_models()
     except registry.ReleaseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -181,7 +184,7 @@ def run(args) -> int:
         return 2
     try:
         slots = load_models(models, threads=args.threads, log=lambda m: print(m, file=sys.stderr))
-    except ModelError as e:
+    except (ModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -209,22 +212,29 @@ def run(args) -> int:
     limits = Limits(max_request_bytes=int(args.max_upload_mb * 2**20), max_file_bytes=int(args.max_file_mb * 2**20),
                     max_files=args.max_files, max_pixels=int(args.max_megapixels * 1e6))
     app = build_app(slots, store, limits, access_code=code, loopback=loopback, workers=args.workers,
-                    web_runtime=args.web_runtime, ca_cert=tls_files.ca_cert if tls_files else None,
-                    https_port=port if tls_files else None)
+                    web_runtime=args.web_runtime, min_cells=getattr(args, "min_cells", None),
+                    ca_cert=tls_files.ca_cert if tls_files else None, https_port=port if tls_files else None)
     rec = store.recovered
     scheme = "https" if tls_files else "http"
     print(f"medge field app on {scheme}://{args.host}:{port}/"
           + (f" and http://{args.host}:{http_port}/" if http_port else ""), flush=True)
-    for kind, slot in slots.items():
+    for tab, slot in slots.items():
         i = slot.info
-        print(f"  {kind}: {i['name']} {i['format']} ({i['file']}, sha256 {i['sha256'][:12]}...)", flush=True)
+        print(f"  {tab} tab: {i['name']} {i['version']} {i['format']} ({i['file']}, sha256 {i['sha256'][:12]}...)",
+              flush=True)
+    if "malaria" in slots:
+        print(f"  malaria cases: at least {args.min_cells or min_cells_for():,} red cells before a negative call",
+              flush=True)
     print(f"  cases: {store.count()} in {store.root}"
           + (f" (removed {rec['tmp']} unfinished upload(s) and {rec['orphans']} unregistered folder(s))"
              if rec["tmp"] or rec["orphans"] else ""), flush=True)
     od = app.state.field_app.ondevice
-    print(f"  on the phone: {', '.join(od.models)} with {od.health()['runtime']}" if od.ready
-          else f"  on the phone: no ({od.reason or '; '.join(od.unfit.values()) or 'no model'}); cells run here",
-          flush=True)
+    # The administrator's note (paths, commands) goes here and to the log; phones read only that it is unavailable.
+    if od.ready:
+        print(f"  on the phone: the {', '.join(od.models)} tab with {od.health()['runtime']}", flush=True)
+    else:
+        print(f"  on the phone: no ({od.setup_note}); cells run here", flush=True)
+        logging.getLogger("edge_runtime.serve").warning("on-phone analysis unavailable: %s", od.setup_note)
     addrs = lan_addresses() if not loopback else []
     if addrs:
         print("  phones open: " + ", ".join(f"{scheme}://{a}:{port}/" for a in addrs), flush=True)

@@ -53,6 +53,10 @@ COUNTING_RULES: dict[str, tuple[int, str]] = {
 DEFAULT_RULE = "who-2000"
 # WHO's convention when the patient's white cell count was not measured: 8,000 white cells per microlitre.
 WHO_WBC_PER_UL = 8000.0
+# Red cells per microlitre assumed when the patient's was not measured (an adult's typical count; the figure the
+# module docstring's sensitivity uses). Anaemia, common with malaria, makes a density on it too high: the report
+# names it as assumed.
+ASSUMED_RBC_PER_UL = 5_000_000.0
 # Red cells in one 100x field when no field of the slide could be read: the 89 shared IML-Malaria fields
 # (1280x960, 100x oil) hold 10,613 annotated boxes, ~119 a field; 100 keeps the "photograph K more" honest
 # for a thinner film.
@@ -136,14 +140,16 @@ class Density:
         return dataclasses.asdict(self)
 
 
-def density_from_rbc(parasitized: int, red_cells: int, rbc_per_ul: float) -> Density | None:
-    """parasitized / red cells x RBC/µL; None when no red cell was counted."""
+def density_from_rbc(parasitized: int, red_cells: int, rbc_per_ul: float, measured: bool = True) -> Density | None:
+    """parasitized / red cells x RBC/µL; None when no red cell was counted. `measured`: the patient's own count
+    (the basis says "given"), else an assumed one such as ASSUMED_RBC_PER_UL (the basis says so)."""
     if red_cells <= 0:
         return None
     lo, hi = poisson_interval(parasitized)
     f = rbc_per_ul / red_cells
+    source = "given" if measured else "assumed, not measured"
     return Density(round(parasitized * f), round(lo * f), round(hi * f),
-                   f"{parasitized} parasitized of {red_cells:,} red cells x {rbc_per_ul:,.0f} red cells/µL (given)",
+                   f"{parasitized} parasitized of {red_cells:,} red cells x {rbc_per_ul:,.0f} red cells/µL ({source})",
                    "rbc")
 
 

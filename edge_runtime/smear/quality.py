@@ -43,6 +43,15 @@ from typing import Any
 import numpy as np
 
 FOCUS_RADIUS = 20.0  # pixels: a field is shrunk so that its typical cell radius is at most this before it is measured
+# A region smaller than this share of a typical cell's area (pi r^2) is a fragment: a cell cut into wedges, or a
+# piece of one. The gate counts them (`fragment_share`); the field app's review leaves uncertain ones out.
+FRAGMENT_AREA = 0.5
+
+
+def is_fragment(area: float, radius_px: float | None) -> bool:
+    """Whether a region of `area` pixels is a fragment on a field whose typical cell radius is `radius_px`
+    (full-resolution pixels, `FieldResult.radius_px`); False when the radius is unknown."""
+    return bool(radius_px) and bool(area < FRAGMENT_AREA * np.pi * float(radius_px) ** 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,11 +193,11 @@ def measure(seg) -> FieldMeasures:
     lap = cv2.Laplacian(green.astype(np.float32), cv2.CV_32F, ksize=3)
     focus = float(np.std(lap)) / max(background - cell_level, 1.0)
     clump_share = float(clump_index[lab][fg].mean()) if fg.any() else 0.0
-    typical = np.pi * (float(seg.radius) * float(seg.scale)) ** 2
     areas = np.array([c.area for c in seg.cells if c.kind == "rbc"], float)
     size_cv = float(areas.std() / areas.mean()) if areas.size >= 2 else 0.0
-    small = sum(c.kind in ("rbc", "debris") and c.area < 0.5 * typical for c in seg.cells)
-    whole = sum(c.kind == "rbc" and c.area >= 0.5 * typical for c in seg.cells)
+    radius = float(seg.radius) * float(seg.scale)
+    small = sum(c.kind in ("rbc", "debris") and is_fragment(c.area, radius) for c in seg.cells)
+    whole = sum(c.kind == "rbc" and not is_fragment(c.area, radius) for c in seg.cells)
     fragment_share = small / max(1, small + whole)
     return FieldMeasures(focus=focus, clipped=clipped, background=background, contrast=contrast,
                          red_cells=int(areas.size), clump_share=clump_share, size_cv=size_cv,

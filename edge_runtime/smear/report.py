@@ -91,7 +91,7 @@ def contact_sheet(report: SlideReport) -> Image.Image | None:
 
 
 CSV_FIELDS = ("field", "index", "x", "y", "w", "h", "kind", "area", "label", "confidence", "uncertain")
-CELL_KEYS = ("index", "bbox", "kind", "label", "confidence", "uncertain")  # a cell in cells.json
+CELL_KEYS = ("index", "bbox", "kind", "area", "label", "confidence", "uncertain")  # a cell in cells.json
 
 
 def field_entry(field: FieldResult) -> dict[str, Any]:
@@ -127,7 +127,9 @@ def write_report(report: SlideReport, out) -> list[str]:
             atomic_write_bytes(out / overlay_name(f.field, k), png_bytes(overlay))
             written.append(str(out / overlay_name(f.field, k)))
     atomic_write_text(out / "cells.csv", cells_csv(report))
-    write_json(out / "cells.json", {"fields": [field_entry(f) for f in report.fields]})
+    # positive_label: which label is "parasitized" (`python -m edge_runtime review DIR` reads it back).
+    write_json(out / "cells.json", {"positive_label": report.positive_label,
+                                    "fields": [field_entry(f) for f in report.fields]})
     write_json(out / "summary.json", report.summary.to_dict())
     written += [str(out / n) for n in ("cells.csv", "cells.json", "summary.json")]
     sheet = contact_sheet(report)

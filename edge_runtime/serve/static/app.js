@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { health: null, malariaFiles: [], octFile: null, busy: false };
+const state = { health: null, malariaFiles: [], malariaDupes: [], octFile: null, busy: false };
 
 // ------------------------------------------------------------ small helpers
 
@@ -110,9 +110,21 @@ function showCodeView() {
   $("#code-input").focus();
 }
 
+// The tabs that need a model on the device; one without its model is hidden (the Cases tab is always there).
+const MODEL_TABS = ["malaria", "cells", "oct"];
+function hasTab(tab) { return !state.health || tab in (state.health.models || {}); }
+function firstTab() { return MODEL_TABS.find(hasTab) || "cases"; }
+function showTabs() {
+  for (const a of document.querySelectorAll("nav a")) {
+    if (MODEL_TABS.includes(a.dataset.tab)) a.hidden = !hasTab(a.dataset.tab);
+  }
+}
+
 async function route() {
   clearError();
-  const hash = location.hash || "#/malaria";
+  const hash = location.hash || `#/${firstTab()}`;
+  const tab = (hash.match(/^#\/(malaria|cells|oct)$/) || [])[1];
+  if (tab && !hasTab(tab)) { location.replace(`#/${firstTab()}`); return; }
   const m = hash.match(/^#\/case\/([0-9a-f-]+)$/);
   try {
     if (m) {
@@ -124,24 +136,16 @@ async function route() {
       await loadCases();
     } else if (hash === "#/cells") {
       show("cells-view", "cells");
-      needModel("malaria");
       await phoneModel();
     } else if (hash === "#/oct") {
       show("oct-view", "oct");
-      needModel("oct");
-    } else {
+    } else if (hasTab("malaria")) {
       show("malaria-view", "malaria");
-      needModel("malaria");
+    } else {
+      location.replace(`#/${firstTab()}`);
     }
   } catch (err) {
     showError(err);
-  }
-}
-
-function needModel(kind) {
-  if (state.health && !state.health.kinds.includes(kind)) {
-    showError(new ApiError(400, `This device has no ${kind === "oct" ? "OCT" : "malaria"} model loaded; ` +
-      `it can analyse: ${state.health.kinds.join(", ") || "nothing"}.`));
   }
 }
 
@@ -162,18 +166,39 @@ function refreshMalariaList() {
   thumbs($("#malaria-list"), state.malariaFiles, (i) => { state.malariaFiles.splice(i, 1); refreshMalariaList(); });
   $("#malaria-submit").textContent = state.malariaFiles.length > 1
     ? `Analyse slide (${state.malariaFiles.length} fields)` : "Analyse slide";
+  const dupes = $("#malaria-dupes");
+  dupes.replaceChildren(...state.malariaDupes.map((t) => el("p", { text: t })));
+  dupes.hidden = !state.malariaDupes.length;
 }
 function refreshOctList() {
   thumbs($("#oct-list"), state.octFile ? [state.octFile] : [], () => { state.octFile = null; refreshOctList(); });
 }
 
-function addMalaria(input) {
-  addMalariaFiles(input.files);
-  input.value = "";
+// The photo already in the list with the same bytes as `f` (compared byte for byte, only against photos of the
+// same size; no hashing, which a plain-HTTP page cannot do with crypto.subtle), or null.
+async function samePhoto(f, list) {
+  const bytes = new Uint8Array(await f.arrayBuffer());
+  for (const g of list) {
+    if (g.size !== f.size) continue;
+    const other = new Uint8Array(await g.arrayBuffer());
+    if (other.every((b, i) => b === bytes[i])) return g;
+  }
+  return null;
 }
-function addMalariaFiles(files) {
+
+async function addMalaria(input) {
+  const picked = [...input.files];
+  input.value = "";
+  await addMalariaFiles(picked);
+}
+async function addMalariaFiles(picked) {
   const max = state.health ? state.health.limits.max_files : 12;
-  for (const f of files) {
+  for (const f of picked) {
+    const same = await samePhoto(f, state.malariaFiles);
+    if (same) {  // the device would count it once too (by sha256): say so now rather than send it
+      state.malariaDupes.push(`Photo “${f.name}” is the same as photo “${same.name}”: counted once.`);
+      continue;
+    }
     if (state.malariaFiles.length >= max) { showError(new ApiError(413, `At most ${max} photos per slide.`)); break; }
     state.malariaFiles.push(f);
   }
@@ -221,10 +246,10 @@ function captureField() {
   canvas.width = video.videoWidth;
   canvas.height = video.videoHeight;
   canvas.getContext("2d").drawImage(video, 0, 0);
-  canvas.toBlob((blob) => {
+  canvas.toBlob(async (blob) => {
     if (!blob) { showError(new ApiError(0, "This frame could not be kept; try again.")); return; }
     camera.shots += 1;
-    addMalariaFiles([new File([blob], `camera-${camera.shots}.jpg`, { type: "image/jpeg", lastModified: Date.now() })]);
+    await addMalariaFiles([new File([blob], `camera-${camera.shots}.jpg`, { type: "image/jpeg", lastModified: Date.now() })]);
     $("#camera-status").textContent = `Field ${state.malariaFiles.length} added (${canvas.width}×${canvas.height}). ` +
       "Move to the next field and add it, or “Done”.";
   }, "image/jpeg", 0.92);
@@ -278,22 +303,57 @@ async function submitCase(kind, formEl, files) {
   form.append("subject", formEl.elements.subject.value);
   form.append("note", formEl.elements.note.value);
   for (const f of files) form.append("files", f, f.name);
+  await sendCase(form, () => {
+    formEl.reset();
+    if (kind === "oct") { state.octFile = null; refreshOctList(); }
+    else { state.malariaFiles = []; state.malariaDupes = []; refreshMalariaList(); }
+  });
+}
+
+// Upload a case (a new one or a retake), then open it; `done` runs once the device has stored it.
+async function sendCase(form, done) {
   state.busy = true;
-  for (const b of document.querySelectorAll("form button[type=submit]")) b.disabled = true;
+  for (const b of document.querySelectorAll("form button[type=submit], button.retake")) b.disabled = true;
   progress("Sending photos… 0%", 0);
   try {
     const c = await upload(form);
-    formEl.reset();
-    if (kind === "oct") { state.octFile = null; refreshOctList(); }
-    else { state.malariaFiles = []; refreshMalariaList(); }
+    if (done) done(c);
     location.hash = `#/case/${c.id}`;  // the route renders it (and a reload finds it again)
   } catch (err) {
     showError(err);
   } finally {
     progressDone();
     state.busy = false;
-    for (const b of document.querySelectorAll("form button[type=submit]")) b.disabled = false;
+    for (const b of document.querySelectorAll("form button[type=submit], button.retake")) b.disabled = false;
   }
+}
+
+// Retake field k of case c: a new case from the case's other photos (fetched back from the device, under their
+// names) and the new photo in field k's place, linked to the old case (retake_of). The old case is not changed.
+async function retakeField(c, k, file) {
+  if (state.busy || !file) return;
+  clearError();
+  const form = new FormData();
+  form.append("kind", "malaria");
+  form.append("subject", c.subject || "");
+  form.append("note", c.note || "");
+  form.append("retake_of", c.id);
+  try {
+    progress("Fetching the case's other photos…", null);
+    for (const [i, f] of c.result.fields.entries()) {
+      if (i === k) { form.append("files", file, file.name); continue; }
+      let resp;
+      try { resp = await fetch(c.file_urls[f.photo], { credentials: "same-origin" }); }
+      catch (e) { throw new ApiError(0, NETWORK_MESSAGE); }
+      if (!resp.ok) throw new ApiError(resp.status, `The photo “${f.name}” could not be fetched from the device (${resp.status}).`);
+      form.append("files", await resp.blob(), f.name);
+    }
+  } catch (err) {
+    progressDone();
+    showError(err);
+    return;
+  }
+  await sendCase(form);
 }
 
 // ------------------------------------------------------------ one case
@@ -313,58 +373,265 @@ function figure(url, alt, caption, cls) {
     caption ? el("figcaption", {}, caption) : null);
 }
 
-function header(c) {
+function caseLine(c) {
   return [
-    el("p", { class: `headline ${(c.result && c.result.state) || (c.refer ? "refer" : c.refer === null ? "amber" : "ok")}`, id: "headline", text: c.headline }),
     el("p", { class: "muted" }, `Case ${c.id} · ${when(c.created)}`, c.subject ? ` · ${c.subject}` : ""),
     c.note ? el("p", { class: "note", text: c.note }) : null,
   ];
 }
 
+// The verdict a health worker acts on (the device's `report`, edge_runtime/serve/verdict.py): the call, on what
+// evidence, what to do, the count toward the counting rule, the time taken.
+function verdictBlock(c) {
+  const v = c.report, p = v.progress;
+  let bar = null;
+  if (p) {
+    const meter = el("progress", { id: "count-bar", max: p.needed, value: Math.min(p.counted, p.needed) });
+    bar = el("div", { class: "count", id: "count-progress" }, meter,
+      el("p", { id: "count-text", text: p.text }), el("p", { class: "muted", text: `Counting rule: ${p.rule}.` }));
+  }
+  return [
+    el("div", { class: `verdict ${v.state}`, id: "verdict" },
+      el("p", { class: `headline ${v.state}`, id: "headline", text: v.verdict }),
+      el("p", { id: "verdict-evidence", text: v.evidence }),
+      el("p", { id: "verdict-action", text: v.action }),
+      el("p", { class: "disclaimer", text: v.disclaimer })),
+    bar,
+    v.time ? el("p", { class: "muted", id: "time-taken", text: v.time }) : null,
+    v.retake_of ? el("p", { id: "retake-of" }, "Retake of case ", el("a", { href: `#/case/${v.retake_of}`, text: v.retake_of }), ".") : null,
+    v.duplicates.length ? el("div", { class: "notice", id: "duplicates" }, v.duplicates.map((t) => el("p", { text: t }))) : null,
+  ];
+}
+
+// Fields whose cells were not counted, each with the reason and a button to photograph it again.
+function unreadBlock(c) {
+  const unread = c.report.unread_fields;
+  if (!unread.length) return null;
+  return el("div", { class: "warning", id: "unread-fields" },
+    el("p", {}, el("strong", { text: `${unread.length} field(s) could not be read; their cells are not counted.` })),
+    unread.map((f) => {
+      const input = el("input", { class: "visually-hidden", type: "file", accept: "image/*", capture: "environment" });
+      input.addEventListener("change", () => { const file = input.files[0]; input.value = ""; retakeField(c, f.field, file); });
+      return el("div", { class: "unread", "data-field": f.field },
+        el("p", { text: `Field ${f.field + 1}, “${f.name}”: ${f.reason}.` }),
+        el("label", { class: "button secondary retake" }, `Retake field ${f.field + 1}`, input));
+    }),
+    el("p", { class: "muted", text: "A retake makes a new case from this case's other photos and the new one; this case stays as it is." }));
+}
+
+function guidanceBlock(c) {
+  const rows = c.report.parasitemia;
+  if (!rows.length) return null;
+  return [el("h3", { text: "What the figures mean" }),
+    el("dl", { class: "guidance", id: "parasitemia" }, rows.flatMap((g) => [
+      el("dt", {}, el("strong", { text: `${g.label}: ` }), g.value), el("dd", { text: g.meaning })]))];
+}
+
 function renderMalaria(c) {
   const r = c.result, s = r.summary, u = c.file_urls;
   const rows = [
-    ["Fields", s.fields],
+    ["Fields counted", s.decision ? `${s.decision.readable_fields} of ${s.fields}` : s.fields],
     ["Red cells counted", s.cells],
     ["Parasitized", s.parasitized],
     ["Uncertain", s.uncertain],
-    ["Parasitemia (confident cells)", pct(s.parasitemia_percent)],
-    ["Best case (uncertain counted uninfected)", pct(s.parasitemia_min_percent)],
-    ["Worst case (uncertain counted parasitized)", pct(s.parasitemia_max_percent)],
-    ["Decision", s.decision ? s.decision.message : "-"],
-    ["Counting rule", s.decision ? `at least ${s.decision.min_cells} red cells before a negative call` : "-"],
-    ["Parasites/µL", s.decision && s.decision.density
-      ? `${s.decision.density.per_ul} (95% CI ${s.decision.density.low_per_ul}-${s.decision.density.high_per_ul}); ${s.decision.density.basis}`
-      : "not computed (no red or white cell density given)"],
     ["Refer", s.refer ? `Yes: ${s.refer_reasons.join("; ")}` : s.refer === null ? "Undecided: not enough evidence" : "No"],
     ["Model", s.model ? `${s.model.name} ${s.model.version} (sha256 ${s.model.sha256.slice(0, 12)}…)` : "-"],
   ];
-  const noCells = r.fields.filter((f) => f.error);
-  const refused = r.fields.filter((f) => !f.error && f.readable === false);
   const legend = el("p", { class: "legend" },
     el("span", { class: "key green" }), "uninfected ", el("span", { class: "key red" }), "parasitized ",
     el("span", { class: "key orange" }), "uncertain ", el("span", { class: "key grey" }), "not a red cell");
   return [
-    ...header(c),
+    ...verdictBlock(c),
+    c.review ? reviewBanner() : null,
+    ...caseLine(c),
+    unreadBlock(c),
     el("table", { class: "summary", id: "summary" }, el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v }))))),
-    noCells.length ? el("div", { class: "warning" }, noCells.map((f) => el("p", {}, `“${f.name}”: ${f.error}. This photo has no cells we can find.`))) : null,
-    refused.length ? el("div", { class: "warning" }, refused.map((f) => el("p", {}, `“${f.name}”: ${f.unreadable_reason}. Its cells are not counted.`))) : null,
+    guidanceBlock(c),
     el("h3", { text: "Fields" }), legend,
     r.fields.filter((f) => f.overlay).map((f) => figure(u[f.overlay], `overlay of ${f.name}`,
       `${f.name}: ${f.red_cells} red cells, ${f.parasitized} parasitized, ${f.uncertain} uncertain`, "overlay")),
-    el("h3", { text: "Cells to check" }),
-    r.crops.length
-      ? el("p", { class: "muted" }, `Parasitized and uncertain cells, parasitized first` +
-          (r.crops_total > r.crops.length ? ` (showing ${r.crops.length} of ${r.crops_total})` : ` (${r.crops.length})`) + ".")
-      : el("p", { class: "muted", text: "No parasitized or uncertain cells." }),
-    el("div", { class: "crops", id: "crops" }, r.crops.map((k) => figure(u[k.image], `cell ${k.cell} of field ${k.field + 1}`,
-      `${k.verdict === "uncertain" ? `uncertain (${k.label} ${k.confidence.toFixed(2)})` : `${k.verdict} ${k.confidence.toFixed(2)}`}` +
-      ` · field ${k.field + 1} #${k.cell}`, `crop ${k.verdict}`))),
+    c.review ? renderReview(c) : [
+      el("h3", { text: "Cells to check" }),
+      r.crops.length
+        ? el("p", { class: "muted" }, `Parasitized and uncertain cells, parasitized first` +
+            (r.crops_total > r.crops.length ? ` (showing ${r.crops.length} of ${r.crops_total})` : ` (${r.crops.length})`) + ".")
+        : el("p", { class: "muted", text: "No parasitized or uncertain cells." }),
+      el("div", { class: "crops", id: "crops" }, r.crops.map((k) => figure(u[k.image], `cell ${k.cell} of field ${k.field + 1}`,
+        `${k.verdict === "uncertain" ? `uncertain (${k.label} ${k.confidence.toFixed(2)})` : `${k.verdict} ${k.confidence.toFixed(2)}`}` +
+        ` · field ${k.field + 1} #${k.cell}`, `crop ${k.verdict}`)))],
     modelLine(c.model),
     el("p", { class: "links" },
       el("a", { class: "button secondary", href: c.export_csv, download: true, text: "Export CSV" }),
       r.contact_sheet ? el("a", { href: u[r.contact_sheet], target: "_blank", text: "contact sheet" }) : null),
   ];
+}
+
+// ------------------------------------------------------------ review of the flagged cells (serve/review.py)
+// One tap per cell: parasite / not a parasite / not a cell (+ an optional stage). Each tap appends a row on the
+// device; the machine's call stays on the record. The reviewed slide result comes back with every answer.
+
+const CALL_TEXT = { parasite: "Parasite", not_parasite: "Not a parasite", not_cell: "Not a cell" };
+const STAGES = ["ring", "trophozoite", "schizont", "gametocyte"];
+const REVIEWER_KEY = "medge.reviewer";
+const review = { caseId: null, block: null, busy: 0 };
+
+function reviewer() {
+  const input = $("#reviewer");
+  const name = input ? input.value.trim() : "";
+  if (!name) {
+    showError(new ApiError(400, "Enter your name as reviewer first: every call is recorded with it."));
+    if (input) input.focus();
+  }
+  return name;
+}
+
+function densityCell(d) {
+  const den = d && d.density;
+  if (!den) return [d && d.decision === "not enough evidence"
+    ? "not given: not enough evidence yet (photograph more fields)" : "not computed"];
+  const n = (v) => Number(v).toLocaleString("en");
+  return [`${n(den.per_ul)} (95% CI ${n(den.low_per_ul)}-${n(den.high_per_ul)})`,
+    el("span", { class: "basis", text: `basis: ${den.basis}` })];
+}
+
+function decisionClass(d) {
+  return d.decision === "parasites seen" ? "refer" : d.decision === "no parasites seen" ? "ok" : "amber";
+}
+
+function reviewBanner() {
+  return el("p", { class: "review-banner", id: "review-banner" });
+}
+
+function showReviewBanner(b) {
+  const p = $("#review-banner");
+  if (!p) return;
+  p.className = `review-banner ${b.rows ? decisionClass(b.result) : "muted"}`;
+  p.textContent = b.reviewed
+    ? `Reviewed by ${b.reviewed_by}, ${when(b.reviewed_at)}: ${b.result.message}.`
+    : b.rows ? `In review (${b.called} of ${b.offered} cells called): ${b.result.message}.`
+      : `Not reviewed yet: ${b.offered} cell(s) to check below.`;
+}
+
+async function postReview(body) {
+  body.reviewer = reviewer();
+  if (!body.reviewer) return null;
+  clearError();
+  review.busy += 1;
+  try {
+    const answer = await api(`/api/cases/${review.caseId}/reviews`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    showReview(answer.review);
+    return answer;
+  } catch (err) {
+    showError(err);
+    return null;
+  } finally {
+    review.busy -= 1;
+  }
+}
+
+function reviewCard(k) {
+  const key = `${k.field}:${k.cell}`;
+  const what = k.verdict === "uncertain"
+    ? `uncertain (${k.model_label} ${Number(k.confidence).toFixed(2)})` : `${k.verdict} ${Number(k.confidence).toFixed(2)}`;
+  const buttons = Object.entries(CALL_TEXT).map(([after, text]) => {
+    const b = el("button", { type: "button", class: `call ${after}`, "data-after": after, text });
+    b.onclick = () => postReview({ calls: [{ field: k.field, cell: k.cell, after,
+      stage: after === "parasite" ? (card.querySelector("select").value || null) : null }] });
+    return b;
+  });
+  const stage = el("select", { class: "stage", "aria-label": "parasite stage (optional)" },
+    el("option", { value: "", text: "stage (optional)" }), STAGES.map((s) => el("option", { value: s, text: s })));
+  stage.onchange = () => postReview({ calls: [{ field: k.field, cell: k.cell, after: "parasite", stage: stage.value || null }] });
+  const card = el("div", { class: `rcell ${k.verdict}`, "data-key": key, "data-verdict": k.verdict },
+    el("a", { href: k.image_url, target: "_blank", rel: "noopener" },
+      el("img", { src: k.image_url, alt: `cell ${k.cell} of field ${k.field + 1}` })),
+    el("div", { class: "rside" },
+      el("p", { class: "rcap" }, what, el("br"), `field ${k.field + 1} #${k.cell}`),
+      el("div", { class: "calls" }, buttons), stage,
+      el("p", { class: "rnow muted" })));
+  return card;
+}
+
+function showReview(b) {
+  review.block = b;
+  showReviewBanner(b);
+  const rows = [
+    ["Machine", [b.machine.message]],
+    ["Reviewed", b.rows ? [b.result.message, el("span", { class: "basis", text: b.reviewed
+      ? `reviewed by ${b.reviewed_by}, ${when(b.reviewed_at)}` : b.status })] : ["no call yet"]],
+    ["Cells called", [`${b.called} of ${b.offered}`]],
+    ["White cells counted", [b.wbc_count ? `${b.wbc_count.value} (by ${b.wbc_count.reviewer})` : "not entered"]],
+    ["Parasites/µL", [...densityCell(b.result), el("span", { class: "basis", text: `from ${b.density_from}` })]],
+  ];
+  const table = $("#review-result");
+  if (table) {
+    table.className = `summary review-result ${b.rows ? decisionClass(b.result) : ""}`;
+    table.replaceChildren(el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", {}, v)))));
+  }
+  for (const k of b.cells) {
+    const card = document.querySelector(`.rcell[data-key="${k.field}:${k.cell}"]`);
+    if (!card) continue;
+    card.classList.toggle("called", !!k.call);
+    card.dataset.call = k.call || "";
+    for (const btn of card.querySelectorAll("button.call")) btn.classList.toggle("on", btn.dataset.after === k.call);
+    const stage = card.querySelector("select");
+    stage.hidden = k.call !== "parasite";
+    if (k.call === "parasite") stage.value = k.stage || "";
+    card.querySelector(".rnow").textContent = k.call
+      ? `${CALL_TEXT[k.call]}${k.stage ? ` (${k.stage})` : ""}: ${k.reviewer}` : "";
+  }
+  const left = b.cells.filter((k) => !k.call && k.verdict === "uncertain").length;
+  const rest = $("#review-rest");
+  if (rest) {
+    rest.hidden = left === 0;
+    rest.textContent = `The ${left} uncertain cell${left === 1 ? "" : "s"} not yet called: not parasites`;
+  }
+  const done = $("#review-done");
+  if (done) {
+    const missing = b.offered - b.called;
+    done.disabled = missing > 0;
+    done.textContent = b.reviewed ? `Reviewed by ${b.reviewed_by}` : missing > 0
+      ? `Mark case reviewed (${missing} cell${missing === 1 ? "" : "s"} left to call)` : "Mark case reviewed";
+  }
+}
+
+function renderReview(c) {
+  const b = c.review, r = c.result;
+  review.caseId = c.id;
+  const shown = (r.crops || []).filter((k) => k && k.verdict);
+  const notes = [];
+  if (r.crops_total > shown.length) notes.push(`${r.crops_total - shown.length} more flagged cell(s) beyond the first ${shown.length} keep the machine's call`);
+  const left = shown.length - b.offered;
+  if (left > 0) notes.push(`${left} flagged cell(s) on fields that were not counted, or uncertain fragments smaller than half a red cell, are left out`);
+  const name = el("input", { id: "reviewer", name: "reviewer", maxlength: 64, autocomplete: "name",
+    placeholder: "name or initials", value: localStorage.getItem(REVIEWER_KEY) || "" });
+  name.addEventListener("change", () => localStorage.setItem(REVIEWER_KEY, name.value.trim()));
+  const rest = el("button", { type: "button", id: "review-rest", class: "secondary wide" });
+  rest.onclick = () => postReview({ rest: "not_parasite" });
+  const done = el("button", { type: "button", id: "review-done", class: "wide" });
+  done.onclick = () => postReview({ reviewed: true });
+  const wbc = el("input", { id: "wbc-count", type: "number", inputmode: "numeric", min: 1, step: 1,
+    placeholder: "e.g. 12", value: b.wbc_count ? b.wbc_count.value : null });
+  const wbcSave = el("button", { type: "button", id: "wbc-save", class: "secondary", text: "Save count" });
+  wbcSave.onclick = () => {
+    const n = Number(wbc.value);
+    if (!Number.isInteger(n) || n < 1) { showError(new ApiError(400, "Enter the white cells counted: a whole number, 1 or more.")); return; }
+    postReview({ wbc_count: n });
+  };
+  const section = el("section", { class: "review", id: "review" },
+    el("h3", { text: "Review the cells" }),
+    el("p", { class: "muted" }, `${b.offered} cell(s) to check, parasitized first. One tap per cell; your call is ` +
+      "kept beside the machine's, which is never changed." + (notes.length ? ` ${notes.join("; ")}.` : "")),
+    el("label", {}, "Reviewer", name),
+    el("table", { class: "summary review-result", id: "review-result" }),
+    el("div", { class: "crops review-cells", id: "crops" }, b.cells.map(reviewCard)),
+    b.offered ? el("p", {}, rest) : el("p", { class: "muted", text: "No parasitized or uncertain cells to check." }),
+    el("div", { class: "wbc" },
+      el("label", { for: "wbc-count" }, "White cells counted in these fields (for parasites/µL per white cell)"),
+      el("div", { class: "row" }, wbc, wbcSave)),
+    el("p", {}, done));
+  return section;
 }
 
 const LEVEL_CLASS = { urgent: "refer", routine: "routine", observation: "ok", "specialist review": "refer" };
@@ -399,6 +666,7 @@ function renderOct(c) {
 function renderCase(c) {
   const view = $("#case-view");
   view.replaceChildren(...(c.kind === "oct" ? renderOct(c) : renderMalaria(c)).flat().filter(Boolean));
+  if (c.review) showReview(c.review);  // fills the review's table, buttons and banner, now in the page
   view.dataset.caseId = c.id;
   window.scrollTo(0, 0);
 }
@@ -414,11 +682,11 @@ function phoneModel() {
       try {
         const info = await api("/api/ondevice");
         if (!info.runtime) throw new Error(info.reason);
-        if (!info.models.malaria) throw new Error(info.unavailable.malaria || "the device has no malaria model for phones");
+        if (!info.models.cells) throw new Error(info.unavailable.cells || "on-phone analysis is not available on this device");
         $("#cells-where").textContent = `Loading the model onto this phone (${(info.runtime.bytes / 2 ** 20).toFixed(0)} MB, once)…`;
         const ondevice = await import("/static/ondevice.js");
-        cells.model = await ondevice.loadModel({ runtime: info.runtime, model: info.models.malaria });
-        cells.model.name = `${info.models.malaria.name} ${info.models.malaria.version}`;
+        cells.model = await ondevice.loadModel({ runtime: info.runtime, model: info.models.cells });
+        cells.model.name = `${info.models.cells.name} ${info.models.cells.version}`;
       } catch (err) {
         if (err && err.status === 401) { cells.loading = null; throw err; }
         cells.why = (err && err.message) || String(err);
@@ -442,7 +710,7 @@ function showWhere() {
   } else {
     p.className = "where device";
     p.textContent = cells.model ? "On the device: the cells are sent to it (chosen below)."
-      : `On the device: this phone cannot run the model itself (${cells.why}). The cells are sent to the device.`;
+      : `On the device: ${cells.why}. The cells are sent to the device.`;
   }
 }
 
@@ -565,8 +833,11 @@ async function loadCases() {
 async function health() {
   try {
     state.health = await api("/healthz");
-    const kinds = Object.values(state.health.models).map((m) => `${m.kind}: ${m.name} ${m.version}`);
-    $("#device").textContent = kinds.length ? kinds.join(" · ") : "no models loaded";
+    const tabs = Object.entries(state.health.models).map(([tab, m]) => `${tab}: ${m.name} ${m.version}`);
+    $("#device").textContent = tabs.length ? tabs.join(" · ") : "no models loaded";
+    const cellModel = state.health.models.cells;
+    if (cellModel) $("#cells-model").textContent = `Model: ${cellModel.name} ${cellModel.version}, for single red cells.`;
+    showTabs();
   } catch (err) {
     const kept = navigator.serviceWorker && navigator.serviceWorker.controller;
     $("#device").textContent = kept ? "device not reachable: this is the page kept on this phone"
