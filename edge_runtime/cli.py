@@ -10,6 +10,7 @@
                                   [--rest-not-parasites] [--wbc N] [--reviewed] --reviewer NAME    # a smear --out DIR
     python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR]
                                  [--access-code CODE] [--web-runtime DIR|off] [--min-cells N]
+                                 [--https [--http-port PORT|off]]
     python -m edge_runtime models [--json] [--card NAME]
     python -m edge_runtime selftest MODEL [--json]     # the artifact's golden set on this device's runtime
     python -m edge_runtime predict malaria cells/          # a released model, by name
@@ -233,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "enough evidence: photograph about K more fields' (default: the counting rule's, 2,000)")
     pv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default loopback; 0.0.0.0 for phones, which requires an access code)")
-    pv.add_argument("--port", type=int, default=8080, help="TCP port to listen on")
+    pv.add_argument("--port", type=int, help="TCP port to listen on (default 8080; 8443 with --https)")
     pv.add_argument("--data", type=Path, metavar="DIR",
                     help="where cases are kept (default: $XDG_DATA_HOME/medge/field-app)")
     pv.add_argument("--access-code", metavar="CODE",
@@ -241,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--web-runtime", metavar="DIR|off",
                     help="where `webruntime fetch` put LiteRT.js, which lets phones run the malaria model themselves "
                          "(default: $MEDGE_WEB_RUNTIME, else ~/.cache/medge/web-runtime; off: always on this device)")
+    sec = pv.add_argument_group("https (a secure context: the page works offline and opens the phone camera)")
+    sec.add_argument("--https", action="store_true",
+                     help="serve HTTPS on --port with a certificate made on this device at first start (kept in "
+                          "DATA/tls, signed by the device's own CA, which phones trust once: GET /ca.crt)")
+    sec.add_argument("--http-port", metavar="PORT|off", default="8080",
+                     help="with --https, the same app in plain HTTP on this port too, for phones that do not trust "
+                          "the CA yet and to download /ca.crt (default 8080; off: HTTPS only)")
+    sec.add_argument("--tls-name", action="append", default=[], metavar="NAME|IP",
+                     help="another DNS name or address the certificate must hold (repeatable; the host name, "
+                          "NAME.local, localhost, loopback and this device's addresses are always in it)")
     lim = pv.add_argument_group("limits")
     lim.add_argument("--max-upload-mb", type=_positive_float, default=64.0, help="one case's upload (default 64)")
     lim.add_argument("--max-file-mb", type=_positive_float, default=20.0, help="one photo (default 20)")

@@ -720,15 +720,15 @@ def need_browser():
     return pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
 
 
-def phone_browser(tmp_path: Path, width: int = 360, height: int = 800):
-    """Debian's Chromium, headless, as a phone (360x800 unless said), console logged."""
+def phone_browser(tmp_path: Path, width: int = 360, height: int = 800, flags: tuple[str, ...] = ()):
+    """Debian's Chromium, headless, as a phone (360x800 unless said), console logged; `flags`: more switches."""
     webdriver = need_browser()
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", f"--window-size={width},{height}",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
+                 f"--user-data-dir={tmp_path / 'profile'}", *flags):
         opts.add_argument(flag)
     # A phone's viewport: width x height CSS pixels, touch, a phone's user agent.
     opts.add_experimental_option("mobileEmulation",

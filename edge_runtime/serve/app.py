@@ -32,6 +32,9 @@ API (JSON unless said otherwise; errors are {"error": message, "status": code}, 
     POST /api/cells                        multipart: files (1..max_files cell crops) -> {"cells": [...], "model"}:
                                            the Cells tab's model on this device, for a phone that cannot run it
     GET  /web-runtime/...                  LiteRT.js (`python -m edge_runtime webruntime fetch`), when installed
+    GET  /sw.js                            the service worker that keeps the page on the phone (registered over HTTPS)
+    GET  /ca.crt                           with `serve --https`: the device's CA certificate, for phones to trust
+                                           (no code needed; docs/field-app-https.md)
 
 Safety on a shared network: with an access code (always when bound beyond
 loopback) every /api call needs it, as the header `X-Access-Code` or the
@@ -88,6 +91,7 @@ from edge_runtime.serve.review import CASE_CSV, CELL_CSV, Reviews
 from edge_runtime.serve.storage import CASE_ID, CaseStore
 
 STATIC = Path(__file__).resolve().parent / "static"
+SHELL_FILES = ("app.js", "app.css", "ondevice.js")  # with the page: what the service worker keeps on the phone
 COOKIE = "medge_access"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 MAX_SUBJECT, MAX_NOTE = 64, 2000
@@ -238,7 +242,8 @@ class FieldApp:
     """Routes and the state they share (models, store, limits, the worker pool)."""
 
     def __init__(self, slots, store: CaseStore, limits: Limits, workers: int | None, access_code: str | None,
-                 ondevice: OnDevice, min_cells: int | None = None):
+                 ondevice: OnDevice, min_cells: int | None = None, ca_cert: Path | None = None,
+                 https_port: int | None = None):
         self.slots, self.store, self.limits, self.min_cells = slots, store, limits, min_cells
         self.workers = workers or cpu_workers()
         self.access_code = access_code
@@ -246,6 +251,14 @@ class FieldApp:
         self.started = None
         self.ondevice = ondevice
         self.page, self.page_script_hash = ondevice.page((STATIC / "index.html").read_text("utf-8"))
+        self.ca_cert, self.https_port = ca_cert, https_port
+        # The service worker names its cache after the shell it keeps: a changed page or script is a changed
+        # sw.js, which makes the phone's browser install it again (and drop the old copy).
+        shell = hashlib.sha256(self.page.encode())
+        for name in SHELL_FILES:
+            shell.update((STATIC / name).read_bytes())
+        self.service_worker_js = (STATIC / "sw.js").read_text("utf-8").replace("__SHELL_VERSION__",
+                                                                               shell.hexdigest()[:16])
         self.reviews = Reviews(store, self._case)
 
     # -------------------------------------------------------- pages and health
@@ -261,7 +274,20 @@ class FieldApp:
             "cases": await anyio.to_thread.run_sync(self.store.count), "limits": self.limits.to_dict(),
             "workers": self.workers, "access_code_required": self.access_code is not None,
             "recovered_at_start": self.store.recovered, "on_device": self.ondevice.health(),
+            "https": {"port": self.https_port, "ca_cert": "/ca.crt"} if self.ca_cert else None,
         })
+
+    async def service_worker(self, request: Request) -> Response:
+        return Response(self.service_worker_js, media_type="text/javascript",
+                        headers={"cache-control": "no-cache", "service-worker-allowed": "/"})
+
+    async def ca_certificate(self, request: Request) -> Response:
+        if self.ca_cert is None:
+            raise HTTPException(404, "this device serves no CA certificate: it was started without --https")
+        # application/x-x509-ca-cert: iOS offers to install it as a profile, Android saves it for Settings.
+        return Response(self.ca_cert.read_bytes(), media_type="application/x-x509-ca-cert",
+                        headers={"cache-control": "no-cache",
+                                 "content-disposition": 'inline; filename="medge-field-app-ca.crt"'})
 
     async def session(self, request: Request) -> Response:
         if self.access_code is None:
@@ -276,7 +302,7 @@ class FieldApp:
             return error(401, "that access code is not right")
         resp = Response(status_code=204)
         resp.set_cookie(COOKIE, _token(self.access_code), max_age=30 * 24 * 3600, httponly=True, samesite="strict",
-                        path="/")
+                        path="/", secure=request.url.scheme == "https")
         return resp
 
     # -------------------------------------------------------- uploads
@@ -555,7 +581,7 @@ class RuntimeFiles(StaticFiles):
 
 def build_app(slots, store: CaseStore, limits: Limits | None = None, access_code: str | None = None,
               loopback: bool = True, workers: int | None = None, web_runtime: str | None = None,
-              min_cells: int | None = None) -> Starlette:
+              min_cells: int | None = None, ca_cert: Path | None = None, https_port: int | None = None) -> Starlette:
     """The ASGI app.
 
     Args:
@@ -568,17 +594,23 @@ def build_app(slots, store: CaseStore, limits: Limits | None = None, access_code
         web_runtime: the phone runtime's cache folder (`edge_runtime.webruntime.cache_dir`'s default when None;
             "off": never offer on-phone inference).
         min_cells: red cells a malaria case needs before a negative call (None: the counting rule's, 2,000).
+        ca_cert: with `serve --https`, the device's CA certificate, served at /ca.crt.
+        https_port: with `serve --https`, the HTTPS port (the plain-HTTP page links to it).
     """
-    fa = FieldApp(slots, store, limits or Limits(), workers, access_code, OnDevice(slots, web_runtime), min_cells)
+    fa = FieldApp(slots, store, limits or Limits(), workers, access_code, OnDevice(slots, web_runtime), min_cells,
+                  ca_cert, https_port)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        fa.limiter = anyio.CapacityLimiter(fa.workers)
+        if fa.limiter is None:  # `serve --https` runs the app on two listeners: one pool for both
+            fa.limiter = anyio.CapacityLimiter(fa.workers)
         yield
 
     routes = [
         Route("/", fa.index, methods=["GET"]),
         Route("/healthz", fa.healthz, methods=["GET"]),
+        Route("/sw.js", fa.service_worker, methods=["GET"]),
+        Route("/ca.crt", fa.ca_certificate, methods=["GET"]),
         Route("/api/session", fa.session, methods=["POST"]),
         Route("/api/cases", fa.create_case, methods=["POST"]),
         Route("/api/cases", fa.list_cases, methods=["GET"]),

@@ -187,9 +187,12 @@ async function samePhoto(f, list) {
 }
 
 async function addMalaria(input) {
-  const max = state.health ? state.health.limits.max_files : 12;
   const picked = [...input.files];
   input.value = "";
+  await addMalariaFiles(picked);
+}
+async function addMalariaFiles(picked) {
+  const max = state.health ? state.health.limits.max_files : 12;
   for (const f of picked) {
     const same = await samePhoto(f, state.malariaFiles);
     if (same) {  // the device would count it once too (by sha256): say so now rather than send it
@@ -202,6 +205,91 @@ async function addMalaria(input) {
   refreshMalariaList();
 }
 
+// ------------------------------------------------------------ the live camera (secure context only)
+
+// Over HTTPS (or on the device itself) the page opens the rear camera and adds frames as field photos. On plain
+// HTTP there is no getUserMedia: "Take photo" is the <input capture> that opens the phone's camera app.
+const camera = { stream: null, shots: 0 };
+
+function setupCamera() {
+  if (!window.isSecureContext || !navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) return;
+  $("#malaria-live").hidden = false;
+  $("#malaria-camera-label").hidden = true;
+  $("#malaria-live").addEventListener("click", openCamera);
+  $("#camera-shot").addEventListener("click", captureField);
+  $("#camera-done").addEventListener("click", closeCamera);
+}
+
+async function openCamera() {
+  clearError();
+  if (camera.stream) return;
+  try {
+    camera.stream = await navigator.mediaDevices.getUserMedia({ audio: false,
+      video: { facingMode: { ideal: "environment" }, width: { ideal: 4096 }, height: { ideal: 3072 } } });
+  } catch (err) {  // refused, no camera, or busy: the phone's camera app instead
+    $("#malaria-live").hidden = true;
+    $("#malaria-camera-label").hidden = false;
+    showError(new ApiError(0, `The camera could not be opened here (${err.name}). “Take photo” now opens the phone's camera app.`));
+    return;
+  }
+  const video = $("#camera-video");
+  video.srcObject = camera.stream;
+  $("#camera").hidden = false;
+  $("#camera-status").textContent = "Point the phone at the eyepiece, then “Add this field” for each field.";
+  try { await video.play(); } catch (err) { console.warn(`camera preview: ${err.message}`); }
+}
+
+function captureField() {
+  const video = $("#camera-video");
+  if (!camera.stream || !video.videoWidth) { $("#camera-status").textContent = "The camera is still starting…"; return; }
+  const canvas = document.createElement("canvas");
+  canvas.width = video.videoWidth;
+  canvas.height = video.videoHeight;
+  canvas.getContext("2d").drawImage(video, 0, 0);
+  canvas.toBlob(async (blob) => {
+    if (!blob) { showError(new ApiError(0, "This frame could not be kept; try again.")); return; }
+    camera.shots += 1;
+    await addMalariaFiles([new File([blob], `camera-${camera.shots}.jpg`, { type: "image/jpeg", lastModified: Date.now() })]);
+    $("#camera-status").textContent = `Field ${state.malariaFiles.length} added (${canvas.width}×${canvas.height}). ` +
+      "Move to the next field and add it, or “Done”.";
+  }, "image/jpeg", 0.92);
+}
+
+function closeCamera() {
+  if (camera.stream) for (const t of camera.stream.getTracks()) t.stop();
+  camera.stream = null;
+  $("#camera-video").srcObject = null;
+  $("#camera").hidden = true;
+}
+
+// ------------------------------------------------------------ the page kept on the phone (HTTPS only)
+
+// Registered over HTTPS only: a phone on plain HTTP has no service worker, and the device's own loopback page
+// (a secure context too) has no need of one.
+function registerServiceWorker() {
+  if (location.protocol !== "https:" || !("serviceWorker" in navigator)) return;
+  navigator.serviceWorker.register("/sw.js", { scope: "/" }).catch((err) => {
+    // Typically: the phone went past the certificate warning instead of trusting the device's CA.
+    console.warn(`the page will not be kept on this phone: ${err.message}`);
+    $("#secure-link").replaceChildren("This page is not kept on this phone for use without the device: ",
+      "the phone does not trust the device's certificate. Install ", el("a", { href: "/ca.crt", text: "the certificate" }),
+      " and trust it, then reload.");
+    $("#secure-link").hidden = false;
+  });
+}
+
+// On the plain-HTTP page of a device started with --https: where the secure page is, and its certificate.
+function secureLink() {
+  const https = state.health && state.health.https;
+  if (!https || location.protocol === "https:") return;
+  const secure = new URL("/", location.href);  // this host, HTTPS, the device's HTTPS port
+  secure.protocol = "https:";
+  secure.port = String(https.port);
+  $("#secure-link").replaceChildren("Camera and offline page: ", el("a", { href: secure.href, text: secure.href }),
+    " (first install ", el("a", { href: https.ca_cert, text: "the device's certificate" }), ")");
+  $("#secure-link").hidden = false;
+}
+
 async function submitCase(kind, formEl, files) {
   if (state.busy) return;
   clearError();
@@ -209,6 +297,7 @@ async function submitCase(kind, formEl, files) {
     showError(new ApiError(400, kind === "oct" ? "Choose a scan first." : "Take or choose at least one field photo first."));
     return;
   }
+  if (kind === "malaria") closeCamera();
   const form = new FormData();
   form.append("kind", kind);
   form.append("subject", formEl.elements.subject.value);
@@ -750,12 +839,16 @@ async function health() {
     if (cellModel) $("#cells-model").textContent = `Model: ${cellModel.name} ${cellModel.version}, for single red cells.`;
     showTabs();
   } catch (err) {
-    $("#device").textContent = "device not reachable";
+    const kept = navigator.serviceWorker && navigator.serviceWorker.controller;
+    $("#device").textContent = kept ? "device not reachable: this is the page kept on this phone"
+      : "device not reachable";
     showError(err);
   }
 }
 
 document.addEventListener("DOMContentLoaded", async () => {
+  registerServiceWorker();
+  setupCamera();
   $("#malaria-camera").addEventListener("change", (e) => addMalaria(e.target));
   $("#malaria-files").addEventListener("change", (e) => addMalaria(e.target));
   $("#oct-file").addEventListener("change", (e) => {
@@ -784,11 +877,13 @@ document.addEventListener("DOMContentLoaded", async () => {
       else showError(err);
     }
   });
-  window.addEventListener("hashchange", route);
+  window.addEventListener("hashchange", () => { closeCamera(); route(); });
   await health();
+  secureLink();
   if (state.health && state.health.access_code_required) {
     // One call tells whether this phone already holds the code's cookie.
     try { await api("/api/cases?limit=1"); } catch (err) { if (err.status === 401) { showCodeView(); return; } }
   }
-  route();
+  await route();
+  if (!state.health) showError(new ApiError(0, NETWORK_MESSAGE));  // the route cleared it: the device is away
 });
