@@ -20,6 +20,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -219,15 +220,20 @@ def test_https_server_verified_against_its_ca_and_plain_http_beside_it(tmp_path)
         s3.stop()
 
 
-def test_bad_https_options_exit_2(tmp_path):
-    for extra, message in ((["--http-port", "x"], "--http-port must be a port number or off"),
-                           (["--port", "9443", "--http-port", "9443"], "differ from the HTTPS port"),
-                           (["--tls-name", "no such name!"], "neither an IP address nor a host name")):
-        p = subprocess.run([os.environ.get("PYTHON", __import__("sys").executable), "-m", "edge_runtime", "serve",
-                            "--https", "--models", "malaria-field", "--data", str(tmp_path / "d"), *extra],
-                           cwd=ROOT, capture_output=True, text=True, timeout=READY_TIMEOUT_S,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+def test_bad_https_options_and_no_openssl_exit_2(tmp_path):
+    no_openssl = tmp_path / "empty-path"
+    no_openssl.mkdir()
+    for extra, path, message in (
+            (["--http-port", "x"], None, "--http-port must be a port number or off"),
+            (["--port", "9443", "--http-port", "9443"], None, "differ from the HTTPS port"),
+            (["--tls-name", "no such name!"], None, "neither an IP address nor a host name"),
+            ([], str(no_openssl), "needs the openssl program, which is not installed: sudo apt-get install openssl")):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **({"PATH": path} if path else {})}
+        p = subprocess.run([sys.executable, "-m", "edge_runtime", "serve", "--https", "--models", "malaria-field",
+                            "--data", str(tmp_path / "d"), *extra],
+                           cwd=ROOT, capture_output=True, text=True, timeout=READY_TIMEOUT_S, env=env)
         assert p.returncode == 2 and message in p.stderr, (extra, p.stderr)
+        assert not (tmp_path / "d" / "tls" / "server.crt").exists()
 
 
 # ---------------------------------------------------------------- Chromium over HTTPS
