@@ -739,7 +739,7 @@ def phone_browser(tmp_path: Path, width: int = 360, height: int = 800, flags: tu
 
 @pytest.mark.server
 @pytest.mark.browser
-def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path):
+def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, parasitized, tmp_path):
     need_browser()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
@@ -748,7 +748,10 @@ def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path
     shots = Path(os.environ.get("MEDGE_SCREENSHOTS") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "data"
-    s = start_server(data=data)
+    # The stand-in that calls every cell parasitized makes the malaria case positive, with crops to show, whatever
+    # the tiny test model (trained for seconds) would call; the OCT tab runs the test OCT model.
+    models = [f"malaria={parasitized}", f"oct={art / OCT_MODEL}"]
+    s = start_server(data=data, models=models)
     driver = phone_browser(tmp_path)
     console = []
     try:
@@ -819,7 +822,7 @@ def test_phone_browser_malaria_oct_cases_and_restart(start_server, art, tmp_path
         assert done_case() == malaria_id
         console += driver.get_log("browser")
         s.stop()
-        s2 = start_server(data=data, port=s.port)
+        s2 = start_server(data=data, port=s.port, models=models)
         driver.refresh()
         assert done_case() == malaria_id
         images_loaded("#case-view figure.overlay img")
