@@ -124,6 +124,21 @@ class ReviewLog:
                                 (case_id,)).fetchall()
         return [ReviewRow(*r) for r in found]
 
+    def status_by_case(self, case_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """case id -> {"rows": how many, "reviewed_by", "reviewed_at": the latest "reviewed" mark or None}, for the
+        cases that have rows (the case list's badge; one indexed read per case, no row decoded)."""
+        out: dict[str, dict[str, Any]] = {}
+        with self._connect() as con:
+            for case_id in dict.fromkeys(case_ids):
+                n, = con.execute("SELECT count(*) FROM reviews WHERE case_id = ?", (case_id,)).fetchone()
+                if not n:
+                    continue
+                mark = con.execute("SELECT reviewer, at FROM reviews WHERE case_id = ? AND kind = 'reviewed' "
+                                   "ORDER BY id DESC LIMIT 1", (case_id,)).fetchone()
+                out[case_id] = {"rows": n, "reviewed_by": mark[0] if mark else None,
+                                "reviewed_at": mark[1] if mark else None}
+        return out
+
     def rows_by_case(self, case_ids: Iterable[str]) -> dict[str, list[ReviewRow]]:
         """case id -> its rows, oldest first, for many cases in one read (the all-cases export)."""
         wanted = set(case_ids)

@@ -256,6 +256,11 @@ def test_review_api_calls_result_exports_and_no_way_to_change_a_row(review_app):
     base = f"/api/cases/{case['id']}/reviews"
     b = s.json(case["url"])["review"]
     machine = s.json(case["url"])["result"]["summary"]
+
+    def listed() -> dict | None:  # the case list's review state of this case
+        return next(c for c in s.json("/api/cases")["cases"] if c["id"] == case["id"])["review"]
+
+    assert listed() is None
     assert b["rows"] == 0 and b["offered"] == len(b["cells"]) > 0 and b["status"].startswith("not reviewed")
     assert b["machine"]["message"] == machine["decision"]["message"]
     verdicts = [c["verdict"] for c in b["cells"]]
@@ -269,6 +274,7 @@ def test_review_api_calls_result_exports_and_no_way_to_change_a_row(review_app):
         {"field": first["field"], "cell": first["cell"], "after": "parasite", "stage": "ring"},
         {"field": second["field"], "cell": second["cell"], "after": "not_parasite"}]})
     assert status == 201 and len(out["rows"]) == 2 and out["review"]["called"] == 2 and out["review"]["rows"] == 3
+    assert listed() == {"rows": 3, "reviewed_by": None, "reviewed_at": None}
     assert out["review"]["cells"][0]["call"] == "parasite" and out["review"]["cells"][0]["stage"] == "ring"
     # Bad requests: 4xx naming the problem, nothing written.
     for body, status_, words in (
@@ -302,6 +308,7 @@ def test_review_api_calls_result_exports_and_no_way_to_change_a_row(review_app):
     status, out = post_json(s, base, {"reviewer": "B", "reviewed": True, "calls": [
         {"field": c["field"], "cell": c["cell"], "after": "not_parasite"} for c in left]})
     assert status == 201 and out["review"]["reviewed"] and out["review"]["reviewed_by"] == "B"
+    assert listed()["reviewed_by"] == "B" and listed()["reviewed_at"] == out["review"]["reviewed_at"]
     # Exports carry the machine's call and the reviewer's.
     rows = list(csv.DictReader(io.StringIO(s.get(case["export_csv"])[2].decode())))
     called = {(int(x["field"]), int(x["cell"])): x for x in rows if x["review_call"]}
@@ -490,6 +497,10 @@ def test_phone_review_of_a_two_field_case(tmp_path):
         wait.until(lambda d: "Reviewed by A. K." in d.find_element(By.ID, "review-banner").text)
         assert driver.find_element(By.ID, "reviewer").get_attribute("value") == "A. K."
         assert all(c.get_attribute("data-call") for c in driver.find_elements(By.CSS_SELECTOR, ".rcell"))
+        # The case list says who reviewed it.
+        driver.get(s.url + "/#/cases")
+        wait.until(lambda d: any("reviewed by A. K." in b.text
+                                 for b in d.find_elements(By.CSS_SELECTOR, "#case-list .badge")))
         console = driver.get_log("browser")
         assert assert_matches_store(s, data) == 1
     finally:

@@ -20,6 +20,7 @@ API (JSON unless said otherwise; errors are {"error": message, "status": code}, 
                                            retake_of (malaria: the id of the case whose fields are retaken)
                                            -> 201 the case (results, model, image URLs, the malaria report)
     GET  /api/cases?q=&day=&limit=&offset= cases, newest first (q: id or subject substring; day: YYYY-MM-DD or today)
+                                           each with `review`: rows, reviewed_by, reviewed_at (None: no review yet)
     GET  /api/cases/export.csv?q=&day=     one row per case
     GET  /api/cases/{id}                   one case; a malaria case with its `report` (`verdict.malaria_report`)
     GET  /api/cases/{id}/export.csv        malaria: one row per cell region; OCT: the scan's row
@@ -499,8 +500,10 @@ class FieldApp:
         if not 1 <= limit <= 1000 or offset < 0:
             return error(400, "limit must be 1..1000 and offset >= 0")
         cases, total = await anyio.to_thread.run_sync(lambda: self.store.list(q, day, limit, offset))
+        reviews = await anyio.to_thread.run_sync(self.reviews.log.status_by_case, [c["id"] for c in cases])
         for c in cases:
             c["url"] = f"/api/cases/{c['id']}"
+            c["review"] = reviews.get(c["id"])  # None: nobody has reviewed anything on this case yet
         return JSONResponse({"cases": cases, "total": total, "limit": limit, "offset": offset})
 
     async def export_all(self, request: Request) -> Response:

@@ -808,6 +808,14 @@ async function classifyCells(input) {
 // ------------------------------------------------------------ case list
 
 let searchTimer = null;
+// The case list's review state: "reviewed" (by whom) once marked, "in review" while calls are being made.
+function reviewBadge(r) {
+  if (!r) return null;
+  return r.reviewed_by
+    ? el("span", { class: "badge reviewed", title: `reviewed ${when(r.reviewed_at)}`, text: `reviewed by ${r.reviewed_by}` })
+    : el("span", { class: "badge in-review", text: "in review" });
+}
+
 async function loadCases() {
   const q = $("#case-search").value.trim();
   const params = new URLSearchParams();
@@ -824,6 +832,7 @@ async function loadCases() {
     el("a", { href: `#/case/${c.id}` },
       el("strong", { text: c.subject || "(no id)" }), " ",
       el("span", { class: "badge", text: c.kind === "oct" ? "OCT" : "malaria" }),
+      reviewBadge(c.review),
       el("span", { class: "line", text: c.headline }),
       el("span", { class: "muted line", text: `${c.id} · ${when(c.created)}` })))));
 }
