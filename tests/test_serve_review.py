@@ -208,6 +208,17 @@ def test_plan_rows_refuses_what_it_cannot_record():
         ("wbc_count", None, None, 12), ("reviewed", None, None, None)]
 
 
+def test_an_oct_case_has_nothing_to_review():
+    pytest.importorskip("starlette", reason="the field app needs the `serve` extra")
+    from edge_runtime.serve.case import Case
+    from edge_runtime.serve.review import plan, review_block
+
+    oct_case = Case(kind="oct", id="20260101-000000-abcdef", result={"label": "NORMAL"})
+    assert review_block(oct_case, []) is None
+    with pytest.raises(ReviewError, match="OCT case: only malaria cases"):
+        plan(oct_case, [], {"reviewer": "A", "wbc_count": 3})
+
+
 def test_log_is_append_only_in_the_database_itself(tmp_path):
     from edge_runtime.reviewlog import ReviewLog
 

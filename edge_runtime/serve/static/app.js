@@ -475,6 +475,10 @@ const STAGES = ["ring", "trophozoite", "schizont", "gametocyte"];
 const REVIEWER_KEY = "medge.reviewer";
 const review = { caseId: null, block: null, busy: 0 };
 
+function remembered() {
+  try { return localStorage.getItem(REVIEWER_KEY) || ""; } catch (e) { return ""; }  // storage off: asked each time
+}
+
 function reviewer() {
   const input = $("#reviewer");
   const name = input ? input.value.trim() : "";
@@ -605,8 +609,8 @@ function renderReview(c) {
   const left = shown.length - b.offered;
   if (left > 0) notes.push(`${left} flagged cell(s) on fields that were not counted, or uncertain fragments smaller than half a red cell, are left out`);
   const name = el("input", { id: "reviewer", name: "reviewer", maxlength: 64, autocomplete: "name",
-    placeholder: "name or initials", value: localStorage.getItem(REVIEWER_KEY) || "" });
-  name.addEventListener("change", () => localStorage.setItem(REVIEWER_KEY, name.value.trim()));
+    placeholder: "name or initials", value: remembered() });
+  name.addEventListener("change", () => { try { localStorage.setItem(REVIEWER_KEY, name.value.trim()); } catch (e) { /* private mode */ } });
   const rest = el("button", { type: "button", id: "review-rest", class: "secondary wide" });
   rest.onclick = () => postReview({ rest: "not_parasite" });
   const done = el("button", { type: "button", id: "review-done", class: "wide" });
