@@ -95,12 +95,14 @@ def camera_number(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def field_blocks(names: Sequence[str], gap: int = 20) -> dict[str, str]:
+def field_blocks(names: Sequence[str], gap: int = 10) -> dict[str, str]:
     """Field name -> block id: runs of consecutive camera numbers (no jump over `gap`), named by their first field.
 
-    IML-Malaria's 44 fields come in 4 such runs (PA171700-710, PA171790-800, PA171880-890,
-    PA171990-172001), most likely 4 slides with their own stain: the unit of leave-one-block-out
-    cross-validation. A name without a number is a block of its own.
+    The 89 shared IML-Malaria fields come in the 7 such runs their README names (PA171700-710, PA171740-754,
+    PA171790-800, PA171830-844, PA171880-890, PA171960-974, PA171990-172001), most likely a few slides each
+    with their own stain: the unit of leave-one-block-out cross-validation. The gap was 20 while only the first
+    44 fields were shared; it merged PA171960-974 with PA171990-172001 (16 apart). A name without a number is a
+    block of its own.
     """
     numbered = sorted((camera_number(n), Path(n).stem, n) for n in names if camera_number(n) is not None)
     out: dict[str, str] = {}
