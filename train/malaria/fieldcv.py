@@ -111,6 +111,9 @@ def add_parser(sub) -> None:
     f.add_argument("--shift", metavar="NAMES",
                    help="also measure each held-out block under these transforms of the domain-shift harness "
                         "(`python -m benchmarks smear --shift NAMES`, e.g. all or none,blue_grey,grey_stain)")
+    f.add_argument("--threshold", type=float,
+                   help="measure with this uncertain bar (a cell below it is uncertain; default: the model's, "
+                        f"{DEFAULT_THRESHOLDS['malaria']:g}); a rerun with another bar measures the folds again")
     f.add_argument("--blocks", nargs="+", help="only these held-out blocks (default: every block)")
     f.add_argument("--final", action="store_true",
                    help="after the folds, fine-tune once more on every block with the same settings (OUT/final/run, "
@@ -188,9 +191,10 @@ def nih_mix(nih: list[Record], share: float, seed: int) -> list[Record]:
 
 
 def measure(model_ref: str | Path, anns: list[dict[str, Any]], blocks: dict[str, str], threads: int,
-            tag: str) -> list[dict[str, Any]]:
-    """The per-field rows of `benchmarks smear` (`measure_field`) for these fields, each with its block."""
-    model = edge_runtime.load(model_ref, threads=threads)
+            tag: str, threshold: float | None = None) -> list[dict[str, Any]]:
+    """The per-field rows of `benchmarks smear` (`measure_field`) for these fields, each with its block;
+    `threshold`: the uncertain bar (None: the model's)."""
+    model = edge_runtime.load(model_ref, threads=threads, threshold=threshold)
     rows = []
     for ann in anns:
         r = measure_field(ann, model)
@@ -204,14 +208,15 @@ def measure(model_ref: str | Path, anns: list[dict[str, Any]], blocks: dict[str,
 
 
 def with_cells(rows: list[dict[str, Any]], model_ref: str | Path, anns: list[dict[str, Any]], blocks: dict[str, str],
-               threads: int, tag: str) -> bool:
+               threads: int, tag: str, threshold: float | None = None) -> bool:
     """Give rows measured before the per-cell probabilities were kept (`matched_cells`) theirs, measured again
     with the same model (the counts are the same; the timings are the first run's). True when any changed."""
     todo = [r for r in rows if r["error"] is None and "matched_cells" not in r]
     if not todo:
         return False
     by_name = {a["image"].name: a for a in anns}
-    again = {r["field"]: r for r in measure(model_ref, [by_name[r["field"]] for r in todo], blocks, threads, tag)}
+    again = {r["field"]: r for r in measure(model_ref, [by_name[r["field"]] for r in todo], blocks, threads, tag,
+                                            threshold)}
     for r in todo:
         r["matched_cells"] = again[r["field"]]["matched_cells"]
     return True
@@ -274,7 +279,7 @@ def run_fold(args: argparse.Namespace, block: str, crops: list[dict[str, str]], 
     rep = json.loads((eval_dir / "report.json").read_text())
     held = [a for a in anns if blocks[a["image"].name] == block]
     print(f"fold {block}: measuring {len(held)} held-out fields", flush=True)
-    rows = measure(tfl, held, blocks, args.threads, f"fold {block}")
+    rows = measure(tfl, held, blocks, args.threads, f"fold {block}", args.threshold)
     history = list(csv.DictReader(open(run_dir / "history.csv")))
     result = {
         "block": block, "fields": [a["image"].name for a in held], "counts": counts,
@@ -284,6 +289,7 @@ def run_fold(args: argparse.Namespace, block: str, crops: list[dict[str, str]], 
         "artifact": str(tfl),
         "nih_sample_float32": {k: rep.get(k) for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},
         "nih_sample_int8": nih_int8(tfl, sample),
+        "threshold": args.threshold,
         "rows": rows,
     }
     if args.shift:
@@ -298,17 +304,24 @@ def shift_fold(args: argparse.Namespace, fold: Path, tfl: Path | str, fields: li
     out = fold / "shift"
     rep_path = out / "smear.json"
     rep = json.loads(rep_path.read_text()) if rep_path.exists() else None
-    if rep is None or rep.get("shift_spec") != args.shift:
+    spec = shift_spec(args)
+    if rep is None or rep.get("shift_spec") != spec:
         print(f"{fold.name}: measuring {len(fields)} held-out fields under --shift {args.shift}, log "
               f"{fold / 'shift.log'}", flush=True)
         _run_logged(_py("benchmarks", "smear", "--data", str(args.data), "--model", str(tfl), "--threads",
                         str(args.threads), "--fields", *[Path(f).stem for f in fields], "--shift", args.shift,
+                        *(["--threshold", str(args.threshold)] if args.threshold is not None else []),
                         "--out", str(out)), fold / "shift.log")
         rep = json.loads(rep_path.read_text())
-        rep["shift_spec"] = args.shift
+        rep["shift_spec"] = spec
         write_json(rep_path, rep)
-    return {"shift_spec": args.shift,
+    return {"shift_spec": spec,
             "shift": [{"transform": t["transform"], "what": t["what"], "fields": t["fields"]} for t in rep["shift"]]}
+
+
+def shift_spec(args: argparse.Namespace) -> str:
+    """What a fold's harness rows were measured with (transforms and uncertain bar): a change measures again."""
+    return args.shift + ("" if args.threshold is None else f" @ threshold {args.threshold:g}")
 
 
 def shift_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -423,15 +436,17 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     rel_path = args.out / "release.json"
     release = json.loads(rel_path.read_text()) if rel_path.exists() else {"model": str(args.release), "rows": []}
+    if release.get("threshold") != args.threshold:  # measured with another bar: measure again
+        release.update(rows=[], threshold=args.threshold)
     have = {r["field"] for r in release["rows"]}
     missing = [a for a in anns if a["image"].name not in have]
     if missing:  # a first run, or a later one with more --blocks
         print(f"released model {args.release}: measuring {len(missing)} fields", flush=True)
-        release["rows"] += measure(args.release, missing, blocks, args.threads, "release")
+        release["rows"] += measure(args.release, missing, blocks, args.threads, "release", args.threshold)
     if "nih_sample_int8" not in release:
         release["nih_sample_int8"] = nih_int8(args.release, sample)
-    if with_cells(release["rows"], args.release, all_anns, blocks, args.threads, "release") or missing \
-            or not rel_path.exists():
+    if with_cells(release["rows"], args.release, all_anns, blocks, args.threads, "release", args.threshold) \
+            or missing or not rel_path.exists():
         write_json(rel_path, release)
 
     folds = []
@@ -440,8 +455,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if res_path.exists():
             print(f"fold {block}: done, skipped", flush=True)
             done = json.loads(res_path.read_text())
-            changed = with_cells(done["rows"], done["artifact"], all_anns, blocks, args.threads, f"fold {block}")
-            if args.shift and done.get("shift_spec") != args.shift:  # a harness asked for after the fold ran
+            changed = with_cells(done["rows"], done["artifact"], all_anns, blocks, args.threads, f"fold {block}",
+                                 args.threshold)
+            if done.get("threshold") != args.threshold:  # another uncertain bar: the held-out fields again
+                held = [a for a in anns if a["image"].name in done["fields"]]
+                done.update(rows=measure(done["artifact"], held, blocks, args.threads, f"fold {block}",
+                                         args.threshold), threshold=args.threshold)
+                changed = True
+            if args.shift and done.get("shift_spec") != shift_spec(args):  # a harness asked for after the fold ran
                 done.update(shift_fold(args, res_path.parent, done["artifact"], done["fields"]))
                 changed = True
             if changed:
