@@ -162,7 +162,8 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
         row["uninfected_called_uncertain"] = int(unsure[~par].sum())
         row["flagged"] = bool(any(c["label"] == positive or c["uncertain"] for c in cells if c["kind"] == "rbc"))
         # What the slide decision counts (benchmarks.slides): red cells classified, and how they were called.
-        rbc = [c for c in cells if c["kind"] == "rbc" and c["label"] is not None]
+        rbc = [c for c in cells if c["kind"] == "rbc" and c["label"] is not None
+               and not (c.get("fragment") and c["uncertain"])]  # an uncertain fragment is not counted
         row["red_cells"] = len(rbc)
         row["uncertain_cells"] = sum(bool(c["uncertain"]) for c in rbc)
         row["parasitized_cells"] = sum(not c["uncertain"] and c["label"] == positive for c in rbc)

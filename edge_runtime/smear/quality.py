@@ -45,6 +45,10 @@ import numpy as np
 FOCUS_RADIUS = 20.0  # pixels: a field is shrunk so that its typical cell radius is at most this before it is measured
 
 
+# A region under this share of a typical red cell's area is a fragment (a piece of a cell cut by the split,
+# or debris): counted in the gate's fragment share; a fragment the model is unsure of is not an uncertain cell.
+FRAGMENT_AREA = 0.5
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """Where a field stops being readable.
@@ -187,8 +191,8 @@ def measure(seg) -> FieldMeasures:
     typical = np.pi * (float(seg.radius) * float(seg.scale)) ** 2
     areas = np.array([c.area for c in seg.cells if c.kind == "rbc"], float)
     size_cv = float(areas.std() / areas.mean()) if areas.size >= 2 else 0.0
-    small = sum(c.kind in ("rbc", "debris") and c.area < 0.5 * typical for c in seg.cells)
-    whole = sum(c.kind == "rbc" and c.area >= 0.5 * typical for c in seg.cells)
+    small = sum(c.kind in ("rbc", "debris") and c.area < FRAGMENT_AREA * typical for c in seg.cells)
+    whole = sum(c.kind == "rbc" and c.area >= FRAGMENT_AREA * typical for c in seg.cells)
     fragment_share = small / max(1, small + whole)
     return FieldMeasures(focus=focus, clipped=clipped, background=background, contrast=contrast,
                          red_cells=int(areas.size), clump_share=clump_share, size_cv=size_cv,
