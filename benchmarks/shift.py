@@ -17,85 +17,22 @@ report and the tests iterate.
 from __future__ import annotations
 
 import dataclasses
-import io
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-
-def _cv2():
-    import cv2
-
-    return cv2
-
-
-def _lab_chroma(rgb: np.ndarray, angle_deg: float, chroma: float, lightness: float = 1.0) -> np.ndarray:
-    """CIELAB chroma (a, b) relative to the background rotated by `angle_deg` and scaled by `chroma`; L scaled
-    around the background's by `lightness`.
-
-    Relative to the background (the median of the brightest fifth of the pixels): the stain's colour
-    changes and the lamp's does not, as with another stain under the same microscope (a rotation about
-    neutral grey, or a hue shift in HSV, turned the IML fields' greenish background pink).
-    """
-    cv2 = _cv2()
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
-    bright = lab[:, :, 0] >= np.percentile(lab[:, :, 0], 80)
-    bl, ba, bb = (float(np.median(lab[:, :, k][bright])) for k in range(3))
-    a, b = lab[:, :, 1] - ba, lab[:, :, 2] - bb
-    t = np.deg2rad(angle_deg)
-    c, s = np.cos(t), np.sin(t)
-    lab[:, :, 1] = ba + chroma * (c * a - s * b)
-    lab[:, :, 2] = bb + chroma * (s * a + c * b)
-    lab[:, :, 0] = bl - lightness * (bl - lab[:, :, 0])
-    return cv2.cvtColor(np.clip(lab + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
-
-
-def _gains(rgb: np.ndarray, r: float, g: float, b: float) -> np.ndarray:
-    """Per-channel gains (a camera's white balance or a lamp's colour)."""
-    return np.clip(rgb.astype(np.float32) * np.array([r, g, b], np.float32) + 0.5, 0, 255).astype(np.uint8)
-
-
-def _contrast(rgb: np.ndarray, contrast: float, brightness: float) -> np.ndarray:
-    """Contrast around mid-grey, then a brightness offset (grey levels)."""
-    out = (rgb.astype(np.float32) - 128.0) * contrast + 128.0 + brightness
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-
-
-def _gaussian_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
-    return _cv2().GaussianBlur(rgb, (0, 0), sigma)
-
-
-def _defocus(rgb: np.ndarray, radius: int) -> np.ndarray:
-    """Out of focus: a uniform disc kernel (the lens's circle of confusion), not a Gaussian."""
-    cv2 = _cv2()
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1)).astype(np.float32)
-    return cv2.filter2D(rgb, -1, k / k.sum(), borderType=cv2.BORDER_REFLECT)
-
-
-def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
-    """Recompressed as a phone or a messaging app would (4:2:0 chroma, low quality)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-
-
-def _noise(rgb: np.ndarray, sigma: float, seed: int) -> np.ndarray:
-    """Sensor noise: Gaussian, signal-dependent (shot noise grows as the square root of the level)."""
-    rng = np.random.default_rng(seed)
-    x = rgb.astype(np.float32)
-    std = sigma * np.sqrt(np.maximum(x, 1.0) / 128.0)
-    return np.clip(x + rng.standard_normal(x.shape).astype(np.float32) * std + 0.5, 0, 255).astype(np.uint8)
-
-
-def _rescale(rgb: np.ndarray, f: float) -> np.ndarray:
-    cv2 = _cv2()
-    h, w = rgb.shape[:2]
-    interp = cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC
-    return cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=interp)
+# The image operations live in train.fieldaug: the field crops' shifted variants (training) draw their sizes at
+# random from the same operations this harness applies at fixed sizes.
+from train.fieldaug import contrast as _contrast
+from train.fieldaug import defocus as _defocus
+from train.fieldaug import gains as _gains
+from train.fieldaug import gaussian_blur as _gaussian_blur
+from train.fieldaug import jpeg as _jpeg
+from train.fieldaug import lab_chroma as _lab_chroma
+from train.fieldaug import noise as _noise
+from train.fieldaug import rescale as _rescale
 
 
 @dataclasses.dataclass(frozen=True)

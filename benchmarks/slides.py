@@ -32,8 +32,8 @@ import numpy as np
 from edge_runtime.smear.decision import DEFAULT_RULE, decide
 from train.annotations import PARASITE_TYPES, field_blocks
 
-# Camera numbers further apart than this start a new slide: `field_blocks`' default, which gives the seven blocks
-# the shared set's README names.
+# Camera numbers further apart than this start a new slide: `field_blocks`' default, the seven blocks the shared
+# set's README names (a gap of 20 merged PA171960-974 with PA171990-2001, 16 apart).
 SLIDE_GAP = 10
 PARASITEMIA_TOLERANCE = 0.25  # relative: WHO's quantitation measure, an estimate within +-25% of the reference
 BOOTSTRAP = 2000

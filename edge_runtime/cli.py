@@ -490,13 +490,17 @@ def _smear_table(report, positive: str) -> str:
             continue
         rbc = [c for c in f.cells if c.kind == "rbc"]
         par = [c.index for c in rbc if c.verdict(positive) == "parasitized"]
-        unc = sum(c.uncertain for c in rbc)
-        lines.append(f"{f.field}: {len(rbc)} red cells, {len(par)} parasitized {par if par else ''}, "
-                     f"{unc} uncertain; {len(f.cells) - len(rbc)} other regions; "
+        unc = sum(c.uncertain and c.counted for c in rbc)
+        pieces = sum(c.uncertain and not c.counted for c in rbc)
+        lines.append(f"{f.field}: {len(rbc) - pieces} red cells, {len(par)} parasitized {par if par else ''}, "
+                     f"{unc} uncertain" + (f" (+{pieces} uncertain fragments, not counted)" if pieces else "")
+                     + f"; {len(f.cells) - len(rbc)} other regions; "
                      f"{f.segment_ms:.0f} ms segmentation, {f.classify_ms:.0f} ms classification")
     s = report.summary.to_dict()
     lines.append(f"slide: {s['fields']} field(s), {s['cells']} red cells counted, {s['parasitized']} parasitized, "
                  f"{s['uncertain']} uncertain; {_parasitemia(s, 2)}")
+    if s.get("cell_size"):
+        lines.append(s["cell_size"]["says"])
     for f in report.fields:
         if f.error is None and not f.readable:
             lines.append(f"{f.field}: NOT COUNTED  {f.unreadable_reason}")

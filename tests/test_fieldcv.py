@@ -26,7 +26,7 @@ def crops(tmp_path_factory) -> Path:
     from train import fieldcrops
 
     out = tmp_path_factory.mktemp("field-crops")
-    assert fieldcrops.run(SMEAR_SAMPLE, out) == 0
+    assert fieldcrops.run(SMEAR_SAMPLE, out, shifted=2, shifted_uninfected=10, seed=3) == 0
     return out
 
 
@@ -39,6 +39,12 @@ def test_field_blocks_are_runs_of_camera_numbers():
     assert blocks["PA171974.JPG"] == "PA171960" and blocks["PA171990.JPG"] == "PA171990"  # 16 apart: two blocks
     assert blocks["PA171710.JPG"] == "PA171700" and blocks["PA172001.JPG"] == "PA171990"
     assert field_blocks(["a.jpg"]) == {"a.jpg": "a"}
+    # the 89 shared fields: the seven blocks their README names (a gap of 20 merged the last two, 16 apart)
+    runs = ((171700, 171710), (171740, 171754), (171790, 171800), (171830, 171844), (171880, 171890),
+            (171960, 171974), (171990, 172001))
+    shared = field_blocks([f"PA{n}.JPG" for a, b in runs for n in range(a, b + 1) if n != 171993])
+    assert len(shared) == 89 and sorted(set(shared.values())) == [f"PA{a}" for a, _ in runs]
+    assert shared["PA171974.JPG"] == "PA171960" and shared["PA171990.JPG"] == "PA171990"
 
 
 def test_annotations_can_be_restricted_to_named_fields():
@@ -54,9 +60,10 @@ def test_field_crops_are_the_runtime_crops_labelled_by_the_annotations(crops):
     from train.split import read_manifest
 
     rows = list(csv.DictReader(open(crops / "field-crops.csv")))
-    assert set(rows[0]) == {"path", "label", "patient", "split", "field"}
+    assert set(rows[0]) == {"path", "label", "patient", "split", "field", "variant", "shift"}
     records = read_manifest(crops / "field-crops.csv")  # the project's manifest reader takes it as it is
     assert len(records) == len(rows) > 200 and {r.split for r in records} == {"train"}
+    rows = [r for r in rows if r["variant"] == "0"]  # the photos' own crops (the shifted ones: the next test)
     assert {r.patient for r in records} == {"PA171704", "PA171886"}  # the block (here each field is its own)
     summary = json.loads((crops / "field-crops.json").read_text())
     anns = {a["image"].name: a for a in load_annotations(SMEAR_SAMPLE)}
@@ -75,6 +82,65 @@ def test_field_crops_are_the_runtime_crops_labelled_by_the_annotations(crops):
     row = next(r for r in rows if r["path"].endswith(f"PA171704_{cell.index:03d}.png"))
     assert row["label"] == "Parasitized"
     assert np.array_equal(np.asarray(Image.open(crops / row["path"]).convert("RGB")), crop(seg, cell))
+
+
+def test_shifted_variants_are_cut_from_the_shifted_field_and_drawn_again_the_same(crops):
+    from edge_runtime.images import load_image
+    from edge_runtime.smear import crop, segment
+    from train.fieldcrops import shift_of
+
+    rows = [r for r in csv.DictReader(open(crops / "field-crops.csv")) if r["variant"] != "0"]
+    summary = json.loads((crops / "field-crops.json").read_text())
+    assert summary["shifted"] == {"variants": 2, "uninfected_per_variant": 10, "seed": 3,
+                                  "distribution": "train.fieldaug.draw_shift"}
+    for name, counts in summary["fields"].items():
+        stem = name.split(".")[0]
+        mine = [r for r in rows if r["field"] == stem]
+        assert {r["variant"] for r in mine} == {"1", "2"} and counts["shifted_refused"] == 0
+        for k in ("1", "2"):
+            v = [r for r in mine if r["variant"] == k]
+            assert sum(r["label"] == "Uninfected" for r in v) == 10  # the sample; every parasitized crop kept
+            assert {r["shift"] for r in v} == {shift_of(3, name, int(k)).describe()}  # seeded by field and k
+        assert counts["shifted_Parasitized"] == sum(r["label"] == "Parasitized" for r in mine)
+    assert shift_of(3, "PA171704.JPG", 1) != shift_of(3, "PA171704.JPG", 2) != shift_of(4, "PA171704.JPG", 2)
+    # A shifted crop is the runtime's crop of the shifted photo, its label from the scaled annotation.
+    ann = load_annotations(SMEAR_SAMPLE, ["PA171704"])[0]
+    sh = shift_of(3, "PA171704.JPG", 1)
+    import zlib
+
+    img = sh.apply(np.asarray(load_image(ann["image"])), zlib.crc32(b"3:PA171704.JPG:1"))
+    seg = segment(img, "PA171704.JPG")
+    matched = match([[v * sh.scale for v in b] for b in ann["boxes"]], [c.bbox for c in seg.cells])
+    row = next(r for r in rows if r["field"] == "PA171704" and r["variant"] == "1" and r["label"] == "Parasitized")
+    index = int(row["path"].rsplit("_", 1)[1][:3])
+    cell = next(c for c in seg.cells if c.index == index)
+    k = list(matched).index(seg.cells.index(cell))
+    assert ann["parasite"][k] and cell.kind == "rbc"
+    assert np.array_equal(np.asarray(Image.open(crops / row["path"]).convert("RGB")), crop(seg, cell))
+
+
+def test_field_shifts_are_drawn_from_the_documented_ranges():
+    import random
+
+    from train import fieldaug as fa
+
+    rng = random.Random(0)
+    shifts = [fa.draw_shift(rng) for _ in range(400)]
+    assert fa.draw_shift(random.Random(5)) == fa.draw_shift(random.Random(5))
+    grey = [s for s in shifts if s.chroma <= 0.3 and not fa.HUE_RANGE[0] <= s.hue_deg <= fa.HUE_RANGE[1]]
+    assert 0.05 < len(grey) / len(shifts) < 0.25  # GREY_SHARE 0.15 (some grey draws fall inside the hue range)
+    coloured = [s for s in shifts if s.chroma > 0.3]
+    assert all(fa.HUE_RANGE[0] <= s.hue_deg <= fa.HUE_RANGE[1] for s in coloured)
+    assert all(fa.SCALE_RANGE[0] <= s.scale <= fa.SCALE_RANGE[1] for s in shifts)
+    assert 0.35 < np.mean([s.scale != 1.0 for s in shifts]) < 0.65  # SCALE_SHARE 0.5
+    assert not any(s.blur_sigma and s.defocus_px for s in shifts)  # one of the two optics at a time
+    rgb = np.asarray(Image.open(SMEAR_SAMPLE / "fields" / "PA171704.JPG").convert("RGB"))[:240, :320]
+    assert fa.FieldShift().apply(rgb, 0) is not None and np.array_equal(fa.FieldShift().apply(rgb, 0), rgb)
+    s = fa.FieldShift(hue_deg=-75, chroma=0.5, scale=0.6, jpeg_quality=40, noise_sigma=4)
+    out = s.apply(rgb, 1)
+    assert out.shape == (144, 192, 3) and np.array_equal(out, s.apply(rgb, 1))
+    assert not np.array_equal(out, s.apply(rgb, 2))  # the noise's seed
+    assert s.describe() == "hue_deg -75, chroma 0.5, scale 0.6, noise_sigma 4, jpeg_quality 40"
 
 
 def test_a_bad_field_is_reported_and_skipped(tmp_path):
@@ -102,12 +168,66 @@ def test_fold_manifest_leaves_the_held_out_block_out_and_oversamples_parasites(c
     recs, counts = fold_manifest(rows, crops, nih, sample, "PA171886", repeat=3, per_block=50, seed=0)
     train = [r for r in recs if r.split == "train"]
     assert not any("PA171886" in r.path for r in train)  # never trained on the held-out block
-    pos = [r for r in rows if r["patient"] == "PA171704" and r["label"] == "Parasitized"]
+    assert not any("/shifted/" in r.path for r in train)  # shifted variants only when asked
+    pos = [r for r in rows if r["patient"] == "PA171704" and r["label"] == "Parasitized" and r["variant"] == "0"]
     assert sum(r.label == "Parasitized" and r.patient == "PA171704" for r in train) == 3 * len(pos)
     assert sum(r.label == "Uninfected" and r.patient == "PA171704" for r in train) == 50
     assert counts == {"nih": 2, "field_uninfected": 50, "field_parasitized_rows": 3 * len(pos),
-                      "field_parasitized_crops": len(pos), "test_sample": 400}
+                      "field_parasitized_crops": len(pos), "shifted_uninfected": 0, "shifted_parasitized_rows": 0,
+                      "test_sample": 400}
     assert [r for r in recs if r.split == "test"] == sample
+    # With shifted crops: the other block's variants (a sample of uninfected, every parasitized x2), never the
+    # held-out block's; the photos' own crops are the same draw as without.
+    recs2, counts2 = fold_manifest(rows, crops, nih, sample, "PA171886", repeat=3, per_block=50, seed=0,
+                                   shifted_per_block=7, shifted_repeat=2)
+    train2 = [r for r in recs2 if r.split == "train"]
+    moved = [r for r in train2 if "/shifted/" in r.path]
+    assert moved and all("PA171704" in r.path for r in moved)
+    spos = [r for r in rows if r["patient"] == "PA171704" and r["label"] == "Parasitized" and r["variant"] != "0"]
+    assert counts2["shifted_uninfected"] == 7 and counts2["shifted_parasitized_rows"] == 2 * len(spos) > 0
+    assert [r for r in train2 if "/shifted/" not in r.path] == train
+
+
+def test_nih_mix_keeps_a_seeded_share():
+    from train.malaria.fieldcv import nih_mix
+    from train.split import Record
+
+    nih = [Record(f"/nih/{i}.png", "Uninfected", f"C{i}", "train") for i in range(10)]
+    assert nih_mix(nih, 1.0, 0) is nih and nih_mix(nih, 0.5, 3) == nih_mix(nih, 0.5, 3)
+    assert len(nih_mix(nih, 0.3, 0)) == 3 and set(nih_mix(nih, 0.3, 0)) <= set(nih)
+    with pytest.raises(ValueError, match="--nih-share 0"):
+        nih_mix(nih, 0, 0)
+
+
+def test_harness_rows_are_pooled_per_transform_over_the_folds():
+    from train.malaria.fieldcv import markdown, pool_shift
+
+    def row(field, found, par, called, fp, unsure, error=None):
+        r = {"field": field, "annotated": 10, "annotated_parasites": par, "error": error}
+        if error:
+            return r
+        return {**r, "found": found, "parasites_found": called, "parasites_called": called, "uninfected_found": 8,
+                "uninfected_called_parasitized": fp, "uninfected_called_uncertain": unsure, "flagged": called > 0,
+                "count_error": 0, "segment_ms": 1.0, "total_ms": 2.0}
+
+    folds = [{"block": "A", "shift": [{"transform": "none", "what": "as it is", "fields": [row("a1", 9, 2, 2, 0, 1)]},
+                                      {"transform": "grey", "what": "grey", "fields": [row("a1", 8, 2, 1, 1, 0)]}]},
+             {"block": "B", "shift": [{"transform": "none", "what": "as it is", "fields": [row("b1", 10, 2, 1, 0, 0)]},
+                                      {"transform": "grey", "what": "grey",
+                                       "fields": [row("b1", 0, 2, 0, 0, 0, error="no cells found")]}]}]
+    pooled = pool_shift(folds)
+    assert [t["transform"] for t in pooled] == ["none", "grey"] and pooled[0]["blocks"] == ["A", "B"]
+    none, grey = pooled[0]["summary"], pooled[1]["summary"]
+    assert none["parasite_recall_called_all_fields"] == 0.75 and none["cell_recall_all_fields"] == 0.95
+    # a refused field finds nothing: flagged 1 of 4 over all fields, though 1 of 2 over the fields analysed
+    assert grey["parasite_recall_called_all_fields"] == 0.25 and grey["parasite_recall_called"] == 0.5
+    assert grey["fields_failed"] == 1 and pooled[1]["per_block"]["A"]["uninfected_false_positive_rate"] == 0.125
+    s = {"fields": 2, "annotated_cells": 10, "annotated_parasites": 1, "cell_recall": 0.9,
+         "parasite_recall_called": 1.0, "uninfected_false_positive_rate": 0.1, "uninfected_uncertain_rate": 0.5,
+         "field_sensitivity": 1.0}
+    md = markdown({"pooled": {"release": s, "fine_tuned": s}, "per_block": {}, "folds": [], "shift": pooled})
+    assert "the held-out blocks A, B pooled" in md
+    assert "| grey | 40.0% | 25.0% | 12.5% | 0.0% | 1 of 2 |" in md
 
 
 def test_pooled_report_table():
@@ -166,13 +286,18 @@ def test_field_cv_final_run_is_released_with_its_held_out_figures(crops, tiny_ru
     argv = ["field-cv", "--crops", str(crops), "--nih", str(sample_manifest), "--init",
             str(tiny_run / "best.keras"), "--data", str(SMEAR_SAMPLE), "--out", str(out), "--preset", "tiny",
             "--epochs", "1", "--uninfected-per-block", "20", "--parasite-repeat", "2", "--sample", str(unseen),
-            "--blocks", "PA171886", "--final", "--hue", "0.2"]
+            "--blocks", "PA171886", "--final", "--hue", "0.2", "--shifted-per-block", "5",
+            "--shift", "none,grey_stain"]
     assert main(argv) == 0  # its training, export and evaluation run as subprocesses, as on the command line
     report = json.loads((out / "field-cv.json").read_text())
     assert [f["block"] for f in report["folds"]] == ["PA171886"]
     final = report["final"]
     assert final["counts"]["field_uninfected"] == 40  # both blocks, 20 each: nothing held out
     assert runs.read_config(Path(final["run"])).preset["hue"] == 0.2  # the stain-jitter override reached training
+    assert final["counts"]["shifted_uninfected"] == 10 and final["counts"]["shifted_parasitized_rows"] > 0
+    assert [t["transform"] for t in report["shift"]] == ["none", "grey_stain"]  # the harness on the held-out block
+    assert report["shift"][0]["blocks"] == ["PA171886"] and report["shift"][1]["summary"]["fields"] == 1
+    assert "| grey_stain |" in (out / "field-cv.md").read_text()
     assert {r.patient for r in read_manifest(out / "final" / "manifest.csv", "train")} >= {"PA171704", "PA171886"}
 
     dest, pkg = tmp_path / "rel", tmp_path / "pkg"

@@ -348,7 +348,8 @@ def test_cli_json_exit_codes_and_no_cells(art, fields, tmp_path):
     doc = json.loads(out)
     assert len(doc["fields"]) == 1 and doc["fields"][0]["error"] is None
     cell = doc["fields"][0]["cells"][0]
-    assert set(cell) == {"index", "bbox", "kind", "area", "label", "confidence", "uncertain"} and len(cell["bbox"]) == 4
+    assert set(cell) == {"index", "bbox", "kind", "area", "label", "confidence", "uncertain", "fragment"}
+    assert len(cell["bbox"]) == 4
     assert {"cells", "parasitized", "uncertain", "parasitemia_percent", "parasitemia_max_percent", "refer",
             "enough_cells", "parasites_per_ul_from_rbc", "decision", "model"} <= set(doc["summary"])
     assert doc["summary"]["decision"]["decision"] in ("parasites seen", "no parasites seen")
@@ -385,6 +386,59 @@ def test_the_users_scale_sets_the_cell_size(model, art, fields):
     for bad in ("0", "-0.1", "nan", "inf", "x"):
         code, _, err = run_cli("smear", art / MALARIA_FILES["tflite-int8"], fields[0], "--um-per-px", bad)
         assert code == 2 and "--um-per-px" in err, (bad, err)
+
+
+def test_the_report_says_where_the_cell_size_came_from(model, art, fields):
+    """Every field names its size source (the user's scale, or how its estimate was made) and the slide says it
+    in one line, which the command prints."""
+    from edge_runtime.smear import analyse_slide
+    from edge_runtime.smear.cells import RADIUS_SOURCES
+
+    est = analyse_slide(model, fields, min_cells=1)
+    assert [f.radius_source for f in est.fields] == ["isolated cells", "isolated cells"]  # ~100 cells, most apart
+    assert est.summary.cell_size == {"source": "estimated", "um_per_px": None, "fields": {"isolated cells": 2},
+                                     "says": "cell size estimated per field: 2 fields from the field's isolated cells"}
+    user = analyse_slide(model, fields[:1], min_cells=1, um_per_px=0.1)
+    assert user.fields[0].radius_source == "user" and user.summary.cell_size["source"] == "user"
+    assert user.summary.cell_size["says"] == ("cell size from the user's scale, 0.1 um per pixel (a 3.75 um "
+                                              "red-cell radius, 37.5 px)")
+    assert set(RADIUS_SOURCES) >= {f.radius_source for f in est.fields + user.fields}
+    code, out, _ = run_cli("smear", art / MALARIA_FILES["tflite-int8"], fields[0], "--um-per-px", "0.1",
+                           "--min-cells", "1")
+    assert "cell size from the user's scale, 0.1 um per pixel" in out
+    assert SlideReport.from_dict(json.loads(json.dumps(est.to_dict()))) == est  # round-trips
+
+
+def test_uncertain_fragments_are_not_counted_as_uncertain_cells(art, fields):
+    """A red-cell region under half a typical cell is a fragment; one the model is unsure of counts neither as a
+    red cell nor as an uncertain cell (a piece is no evidence), while a whole uncertain cell still does."""
+    import math
+
+    import edge_runtime
+    from edge_runtime.smear import analyse_slide
+    from edge_runtime.smear.quality import FRAGMENT_AREA
+
+    unsure = edge_runtime.load(art / MALARIA_FILES["tflite-int8"], threads=1, threshold=0.999)  # all uncertain
+    report = analyse_slide(unsure, fields, min_cells=1)
+    cells = [c for f in report.fields for c in f.cells if c.kind == "rbc"]
+    assert all(c.uncertain for c in cells)
+    for f in report.fields:
+        typical = math.pi * f.radius_px ** 2
+        assert all(c.fragment == (c.area < FRAGMENT_AREA * typical) for c in f.cells if c.kind == "rbc")
+        assert not any(c.fragment for c in f.cells if c.kind != "rbc")
+    pieces = sum(c.fragment for c in cells)
+    assert pieces > 0, "the bundled fields hold split pieces of cells"
+    s = report.summary
+    assert s.uncertain_fragments == pieces and s.uncertain == s.cells == len(cells) - pieces
+    # The benchmark's slide counts agree with the report's.
+    from train.annotations import measure_field
+
+    rows = [measure_field(a, unsure) for a in load_annotations(SMEAR_SAMPLE)]
+    assert sum(r["red_cells"] for r in rows) == s.cells and sum(r["uncertain_cells"] for r in rows) == s.uncertain
+    # A confident verdict on a fragment still counts: a parasite seen in a piece is a parasite seen.
+    sure = edge_runtime.load(art / MALARIA_FILES["tflite-int8"], threads=1, threshold=0.5)
+    s2 = analyse_slide(sure, fields, min_cells=1).summary
+    assert s2.uncertain_fragments == 0 and s2.cells == len(cells)
 
 
 def test_smear_imports_no_tensorflow(art, fields):

@@ -98,10 +98,11 @@ def camera_number(name: str) -> int | None:
 def field_blocks(names: Sequence[str], gap: int = 10) -> dict[str, str]:
     """Field name -> block id: runs of consecutive camera numbers (no jump over `gap`), named by their first field.
 
-    The shared IML-Malaria fields come in 7 such runs (PA171700-710, PA171740-754, PA171790-800, PA171830-844,
-    PA171880-890, PA171960-974, PA171990-172001), most likely a few slides each with their own stain: the unit of
-    leave-one-block-out cross-validation. The closest two runs are 16 numbers apart (974 -> 990), so a gap of 10
-    keeps them apart (the earlier default of 20 merged them). A name without a number is a block of its own.
+    The 89 shared IML-Malaria fields come in the 7 such runs their README names (PA171700-710, PA171740-754,
+    PA171790-800, PA171830-844, PA171880-890, PA171960-974, PA171990-172001), most likely a few slides each
+    with their own stain: the unit of leave-one-block-out cross-validation. The gap was 20 while only the first
+    44 fields were shared; it merged PA171960-974 with PA171990-172001 (16 apart). A name without a number is a
+    block of its own.
     """
     numbered = sorted((camera_number(n), Path(n).stem, n) for n in names if camera_number(n) is not None)
     out: dict[str, str] = {}
@@ -161,7 +162,8 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
         row["uninfected_called_uncertain"] = int(unsure[~par].sum())
         row["flagged"] = bool(any(c["label"] == positive or c["uncertain"] for c in cells if c["kind"] == "rbc"))
         # What the slide decision counts (benchmarks.slides): red cells classified, and how they were called.
-        rbc = [c for c in cells if c["kind"] == "rbc" and c["label"] is not None]
+        rbc = [c for c in cells if c["kind"] == "rbc" and c["label"] is not None
+               and not (c.get("fragment") and c["uncertain"])]  # an uncertain fragment is not counted
         row["red_cells"] = len(rbc)
         row["uncertain_cells"] = sum(bool(c["uncertain"]) for c in rbc)
         row["parasitized_cells"] = sum(not c["uncertain"] and c["label"] == positive for c in rbc)

@@ -110,6 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fc.add_argument("--data", required=True, type=Path, help="folder with fields/ and annotations.json (IML-Malaria)")
     fc.add_argument("--out", required=True, type=Path, help="folder for crops/, field-crops.csv and field-crops.json")
     fc.add_argument("--fields", nargs="+", metavar="NAME", help="only these fields (file names or stems)")
+    fc.add_argument("--shifted", type=int, default=0, metavar="K",
+                    help="also K shifted variants of every field (another stain, white balance, exposure, blur, "
+                         "magnification, noise, JPEG at random: train/fieldaug.py), segmented and cut the same way")
+    fc.add_argument("--shifted-uninfected", type=int, default=15, metavar="N",
+                    help="uninfected crops kept per shifted variant (seeded sample; every parasitized one is kept)")
+    fc.add_argument("--seed", type=int, default=0, help="seed of the shifts and samples")
 
     fieldcv.add_parser(sub)
     siteadapt.add_parser(sub)
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return demo.run(args.data, args.out, args.epochs)
         if args.command == "field-crops":
-            return fieldcrops.run(args.data, args.out, args.fields)
+            return fieldcrops.run(args.data, args.out, args.fields, args.shifted, args.shifted_uninfected, args.seed)
         if args.command == "field-cv":
             return fieldcv.run(args, sys.argv[1:] if argv is None else argv)
         if args.command == "site-adapt":

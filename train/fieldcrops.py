@@ -13,17 +13,28 @@ edge, ...: never classified on the device) are skipped and counted.
 
 Writes OUT/crops/<block>/<field>_<index>.png, OUT/field-crops.csv (the manifest format of
 `python -m train split`: path,label,patient,split, with the slide block as `patient` so grouped
-splits keep a block together, split "train", and an extra `field` column) and OUT/field-crops.json
-(counts per field and block, fields that failed). A field that cannot be read or segmented is
-reported and skipped. Blocks: runs of consecutive camera numbers (`train.annotations.field_blocks`).
+splits keep a block together, split "train", and extra `field`, `variant` and `shift` columns) and
+OUT/field-crops.json (counts per field and block, fields that failed). A field that cannot be read or
+segmented is reported and skipped. Blocks: runs of consecutive camera numbers
+(`train.annotations.field_blocks`).
+
+`--shifted K` also cuts K shifted variants of every field (`train.fieldaug.draw_shift`: another stain,
+white balance, exposure, blur, magnification, noise, JPEG, drawn at random from `--seed` and the field's
+name, so a rerun cuts the same crops): the variant is segmented, matched to the annotation (boxes scaled
+with it) and cut like the photo, into OUT/crops/<block>/shifted/<field>_s<k>_<index>.png, `variant` k and
+the shift in `shift` (the photo's own crops: variant 0). Every parasitized crop of a variant is kept and a
+seeded sample of `--shifted-uninfected` of its uninfected ones. `train field-cv` uses them only when asked
+(`--shifted-per-block`); a variant of a held-out block's field never reaches its fold's training.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import random
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,11 +47,12 @@ from edge_runtime.fileio import write_json
 from edge_runtime.images import load_image
 from edge_runtime.smear import crop, segment
 from train.annotations import PARASITE_TYPES, UNINFECTED_TYPE, field_blocks, load_annotations, match
+from train.fieldaug import FieldShift, draw_shift
 
 POSITIVE, NEGATIVE = "Parasitized", "Uninfected"
 CROPS_CSV = "field-crops.csv"
 CROPS_JSON = "field-crops.json"
-FIELDS = ("path", "label", "patient", "split", "field")
+FIELDS = ("path", "label", "patient", "split", "field", "variant", "shift")
 
 
 def label_of(kind: str) -> str | None:
@@ -52,10 +64,13 @@ def label_of(kind: str) -> str | None:
     return None
 
 
-def field_crops(ann: dict[str, Any]) -> tuple[list[tuple[np.ndarray, str, int]], dict[str, int]]:
-    """One field's labelled crops [(crop, label, region index)] and its counts; raises on a bad field."""
-    seg = segment(load_image(ann["image"]), ann["image"].name)
-    matched = match(ann["boxes"], [c.bbox for c in seg.cells])
+def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Sequence[Sequence[float]] | None = None
+                ) -> tuple[list[tuple[np.ndarray, str, int]], dict[str, int]]:
+    """One field's labelled crops [(crop, label, region index)] and its counts; raises on a bad field.
+
+    `image` (RGB) and `boxes` replace the photo and its annotated boxes (a shifted variant of the field)."""
+    seg = segment(load_image(ann["image"]) if image is None else image, ann["image"].name)
+    matched = match(ann["boxes"] if boxes is None else boxes, [c.bbox for c in seg.cells])
     out, counts = [], Counter()
     for kind, m in zip(ann["types"], matched):
         label = label_of(kind)
@@ -73,10 +88,48 @@ def field_crops(ann: dict[str, Any]) -> tuple[list[tuple[np.ndarray, str, int]],
                                                      "skipped_type")}
 
 
-def cut(anns: Sequence[dict[str, Any]], out: Path, block_of: dict[str, str]
+def shift_of(seed: int, field: str, k: int) -> FieldShift:
+    """The k-th shifted variant's shift for this field: the same for the same seed, field and k."""
+    return draw_shift(random.Random(zlib.crc32(f"{seed}:{Path(field).stem}:{k}".encode())))
+
+
+def shifted_crops(ann: dict[str, Any], out: Path, block: str, shifted: int, keep_uninfected: int,
+                  seed: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Rows and counts of this field's `shifted` variants (every parasitized crop, `keep_uninfected` of the
+    uninfected ones a variant); a variant the cell finder refuses is counted, not fatal."""
+    rgb = np.asarray(load_image(ann["image"]))
+    rows, counts = [], Counter()
+    folder = out / "crops" / block / "shifted"
+    for k in range(1, shifted + 1):
+        sh = shift_of(seed, ann["image"].name, k)
+        img = sh.apply(rgb, zlib.crc32(f"{seed}:{ann['image'].name}:{k}".encode()))
+        boxes = [[v * sh.scale for v in b] for b in ann["boxes"]]
+        try:
+            crops, _ = field_crops(ann, img, boxes)
+        except (ValueError, OSError):
+            counts["refused"] += 1
+            continue
+        rng = random.Random(zlib.crc32(f"{seed}:{ann['image'].name}:{k}:keep".encode()))
+        neg = [c for c in crops if c[1] == NEGATIVE]
+        keep = [c for c in crops if c[1] == POSITIVE] + (rng.sample(neg, keep_uninfected)
+                                                          if 0 < keep_uninfected < len(neg) else neg)
+        folder.mkdir(parents=True, exist_ok=True)
+        for crop_img, label, index in keep:
+            path = folder / f"{ann['image'].stem}_s{k}_{index:03d}.png"
+            Image.fromarray(crop_img).save(path)
+            rows.append({"path": os.path.relpath(path, out), "label": label, "patient": block, "split": "train",
+                         "field": ann["image"].stem, "variant": str(k), "shift": sh.describe()})
+            counts[f"shifted_{label}"] += 1
+    return rows, {"shifted_" + POSITIVE: counts["shifted_" + POSITIVE],
+                  "shifted_" + NEGATIVE: counts["shifted_" + NEGATIVE], "shifted_refused": counts["refused"]}
+
+
+def cut(anns: Sequence[dict[str, Any]], out: Path, block_of: dict[str, str], shifted: int = 0,
+        shifted_uninfected: int = 15, seed: int = 0
         ) -> tuple[list[dict[str, str]], dict[str, dict[str, Any]], dict[str, str]]:
     """Cut and write these fields' labelled crops into OUT/crops/<block>/; (manifest rows, counts per field,
-    failed fields). `block_of` maps a field's file name to its block (the rows' `patient`)."""
+    failed fields). `block_of` maps a field's file name to its block (the rows' `patient`). `shifted`: also
+    that many shifted variants of each field (`shifted_crops`)."""
     rows, per_field, failed = [], {}, {}
     for i, ann in enumerate(anns, 1):
         name = ann["image"].name
@@ -93,11 +146,18 @@ def cut(anns: Sequence[dict[str, Any]], out: Path, block_of: dict[str, str]
             path = folder / f"{ann['image'].stem}_{index:03d}.png"
             Image.fromarray(img).save(path)
             rows.append({"path": os.path.relpath(path, out), "label": label, "patient": block, "split": "train",
-                         "field": ann["image"].stem})
+                         "field": ann["image"].stem, "variant": "0", "shift": ""})
+        if shifted:
+            more, sc = shifted_crops(ann, out, block, shifted, shifted_uninfected, seed)
+            rows += more
+            counts = {**counts, **sc}
         per_field[name] = {"block": block, **counts}
         print(f"[{i}/{len(anns)}] {name} (block {block}): {counts[POSITIVE]} parasitized + {counts[NEGATIVE]} "
               f"uninfected crops of {counts['annotated']} annotated; {counts['unmatched']} unmatched, "
-              f"{counts['not_rbc']} matched a region that is not a red cell", file=sys.stderr)
+              f"{counts['not_rbc']} matched a region that is not a red cell"
+              + (f"; shifted x{shifted}: {counts['shifted_' + POSITIVE]} parasitized + "
+                 f"{counts['shifted_' + NEGATIVE]} uninfected, {counts['shifted_refused']} variants refused"
+                 if shifted else ""), file=sys.stderr)
     return rows, per_field, failed
 
 
@@ -112,13 +172,17 @@ def write_rows(rows: Sequence[dict[str, str]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run(data: Path, out: Path, fields: Sequence[str] | None = None) -> int:
-    """Cut, label and write every annotated field's crops; 0 when at least one field gave crops."""
+def run(data: Path, out: Path, fields: Sequence[str] | None = None, shifted: int = 0, shifted_uninfected: int = 15,
+        seed: int = 0) -> int:
+    """Cut, label and write every annotated field's crops (and `shifted` variants of each); 0 when at least one
+    field gave crops."""
     data, out = Path(data), Path(out)
+    if shifted < 0 or shifted_uninfected < 0:
+        raise ValueError(f"--shifted {shifted} and --shifted-uninfected {shifted_uninfected} must be >= 0")
     anns = load_annotations(data, fields)
     blocks = field_blocks([a["image"].name for a in load_annotations(data)])  # blocks of the whole set
     t0 = time.perf_counter()
-    rows, per_field, failed = cut(anns, out, blocks)
+    rows, per_field, failed = cut(anns, out, blocks, shifted, shifted_uninfected, seed)
     out.mkdir(parents=True, exist_ok=True)
     write_rows(rows, out / CROPS_CSV)
     by_block: dict[str, Counter] = {}
@@ -129,8 +193,11 @@ def run(data: Path, out: Path, fields: Sequence[str] | None = None) -> int:
         "blocks": {b: dict(c) for b, c in sorted(by_block.items())},
         "rule": "annotated box matched to a segmented region at IoU >= 0.5 (greedy one-to-one); only regions "
                 "of kind rbc (what the runtime classifies), cut by edge_runtime.smear.crop",
+        "shifted": {"variants": shifted, "uninfected_per_variant": shifted_uninfected, "seed": seed,
+                    "distribution": "train.fieldaug.draw_shift"} if shifted else None,
     })
-    print(f"{len(rows)} crops ({sum(r['label'] == POSITIVE for r in rows)} parasitized) from "
+    print(f"{len(rows)} crops ({sum(r['label'] == POSITIVE for r in rows)} parasitized, "
+          f"{sum(r['variant'] != '0' for r in rows)} of shifted variants) from "
           f"{len(per_field)} fields in {time.perf_counter() - t0:.0f} s; {len(failed)} failed; "
           f"wrote {out / CROPS_CSV} and {CROPS_JSON}")
     for b, c in sorted(by_block.items()):

@@ -46,7 +46,6 @@ from edge_runtime.images import ImageError, load_image
 from edge_runtime.serve import verdict
 from edge_runtime.serve.case import Case
 from edge_runtime.smear import VERDICT_COLOURS, analyse_slide, contact_sheet, render_overlay
-from edge_runtime.smear.quality import is_fragment
 from edge_runtime.smear.report import png_bytes
 
 KINDS = ("malaria", "oct")
@@ -359,12 +358,13 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
         if overlay is not None:
             entry["overlay"] = _write(st, f"overlay_{k:02d}.jpg", _jpeg(overlay))
         rbc = [c for c in f.cells if c.kind == "rbc"]
-        entry.update(readable=f.readable, unreadable_reason=f.unreadable_reason, red_cells=len(rbc),
-                     parasitized=sum(c.verdict(positive) == "parasitized" for c in rbc),
-                     uncertain=sum(c.uncertain for c in rbc), other_regions=len(f.cells) - len(rbc),
+        counted = [c for c in rbc if c.counted]  # an uncertain fragment is neither a red cell nor uncertain
+        entry.update(readable=f.readable, unreadable_reason=f.unreadable_reason, red_cells=len(counted),
+                     parasitized=sum(c.verdict(positive) == "parasitized" for c in counted),
+                     uncertain=sum(c.uncertain for c in counted), other_regions=len(f.cells) - len(rbc),
                      segment_ms=f.segment_ms, classify_ms=f.classify_ms)
         fields.append(entry)
-        flagged += [(k, c) for c in rbc if c.verdict(positive) in ("parasitized", "uncertain")]
+        flagged += [(k, c) for c in counted if c.verdict(positive) in ("parasitized", "uncertain")]
     # Parasitized first, most confident first: the cells that decide the referral.
     flagged.sort(key=lambda kc: (kc[1].verdict(positive) != "parasitized", -(kc[1].confidence or 0)))
     shown = flagged[:MAX_CROPS]
@@ -381,7 +381,7 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
                             "verdict": c.verdict(positive), "label": c.label, "confidence": c.confidence,
                             "bbox": list(c.bbox),
                             # under half a typical cell: the review leaves it out when uncertain (serve.review)
-                            "fragment": is_fragment(c.area, report.fields[k].radius_px)}
+                            "fragment": c.fragment}
     summary = report.summary.to_dict()
     write_json(st.path("summary.json"), summary)
     sheet = contact_sheet(report)

@@ -112,6 +112,13 @@ INK_SHARE = 0.1  # a region with more of its pixels print (or next to it) than t
 # Micrometres: a normal red cell is 7-8 um across on a thin film (Bain, "Blood cells", 2015); the radius
 # `segment(um_per_px=...)` takes for the typical cell.
 RBC_RADIUS_UM = 3.75
+# Where a field's typical cell radius came from (`Segmentation.radius_source`), as the report names it.
+RADIUS_SOURCES = {
+    "user": "the user's scale (micrometres per pixel): a 3.75 um red-cell radius",
+    "isolated cells": "estimated from the field's isolated cells",
+    "cell centres": "estimated from the centres of touching cells (a crowded field)",
+    "blob depths": "estimated from the deepest points of the field's blobs (few isolated cells)",
+}
 # x typical cell area: a chromatin spot this size (ring to schizont; a white cell's nucleus is larger,
 # WBC_NUCLEUS_AREA) inside a clump or a white cell's region gives a candidate red cell to classify.
 CANDIDATE_SPOT = (0.004, 0.2)
@@ -191,6 +198,8 @@ class Segmentation:
         labels: int32 label image (0 background, i = cells[i-1]).
         core: bool image of the pixels at least half-way from the threshold to the typical cell's
             darkness: a cell's outline at half its edge (what `crop` keeps).
+        radius_source: where `radius` came from (RADIUS_SOURCES): "user" (`um_per_px`), or estimated from
+            the field's "isolated cells", its touching "cell centres" (a crowded field) or its "blob depths".
     """
 
     cells: list[Cell]
@@ -200,6 +209,7 @@ class Segmentation:
     threshold: float
     labels: np.ndarray = dataclasses.field(repr=False)
     core: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    radius_source: str = "isolated cells"
 
     def counts(self) -> dict[str, int]:
         return {k: sum(c.kind == k for c in self.cells) for k in KINDS}
@@ -727,24 +737,26 @@ def segment(image: Image.Image | np.ndarray, name: str = "field", um_per_px: flo
     # Size first, on every hole filled (gaps too: a ring of cells counts once in the median).
     filled = mask | _holes(mask)
     if um_per_px is not None:  # the user's scale wins over any estimate (in working pixels)
-        radius = RBC_RADIUS_UM / (um_per_px * scale)
+        radius, source = RBC_RADIUS_UM / (um_per_px * scale), "user"
         if radius >= MIN_RADIUS:
             mask = _fill_cell_holes(mask, dark, math.pi * radius * radius, mode + 2 * sigma)
     else:
-        radius = _estimate_radius(filled, cv2.distanceTransform(filled, cv2.DIST_L2, 5))
+        radius, source = _estimate_radius(filled, cv2.distanceTransform(filled, cv2.DIST_L2, 5)), "blob depths"
     if um_per_px is None and radius >= MIN_RADIUS:
         mask = _fill_cell_holes(mask, dark, math.pi * radius * radius, mode + 2 * sigma)
         # The components' deepest points underestimate a cell (fragments, debris and partial cells pull
         # the median down): an isolated cell is a convex blob, so their median size is the typical cell.
         single, count = _convex_radius(mask, 0.5 * radius)
         if count >= MIN_SINGLE_CELLS:
-            radius = single
+            radius, source = single, "isolated cells"
         else:
             # A crowded field (under MIN_SINGLE_CELLS isolated cells) is a few large blobs, so the median of
             # the blobs' deepest points is no cell's size (PA171748: 13 px for ~35 px cells, 235 "clumps").
             # Inside a blob of touching cells the distance transform peaks at each cell's centre, about one
             # radius deep: the median of those local maxima (36.4 px there; 33.6-36.8 on uncrowded fields).
-            radius = max(radius, _centre_depth(filled))
+            centres = _centre_depth(filled)
+            if centres > radius:
+                radius, source = centres, "cell centres"
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
     # A photo with no cells: nothing stands out of the background, or everything does (no
     # background to count against), or what does is far larger than a cell among many
@@ -772,7 +784,7 @@ def segment(image: Image.Image | np.ndarray, name: str = "field", um_per_px: flo
     # the membrane. The edge's half-way level is that membrane, whatever the focus and the stain.
     core = dark >= threshold + 0.5 * (float(np.median(dark[mask > 0])) - threshold)
     return Segmentation(cells=cells, image=rgb, scale=scale, radius=radius, threshold=threshold, labels=relabelled,
-                        core=core)
+                        core=core, radius_source=source)
 
 
 def chromatin(norm: np.ndarray, dark: np.ndarray, mask: np.ndarray, od_cells: np.ndarray | None) -> np.ndarray:

@@ -43,8 +43,9 @@ from typing import Any
 import numpy as np
 
 FOCUS_RADIUS = 20.0  # pixels: a field is shrunk so that its typical cell radius is at most this before it is measured
-# A region smaller than this share of a typical cell's area (pi r^2) is a fragment: a cell cut into wedges, or a
-# piece of one. The gate counts them (`fragment_share`); the field app's review leaves uncertain ones out.
+# A region smaller than this share of a typical cell's area (pi r^2) is a fragment: a cell cut into wedges, a piece
+# of one, or debris. The gate counts them (`fragment_share`); a fragment the model is unsure of counts neither as a
+# red cell nor as uncertain (`smear.slide`), and the field app's review leaves uncertain ones out.
 FRAGMENT_AREA = 0.5
 
 

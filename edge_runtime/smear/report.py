@@ -90,8 +90,9 @@ def contact_sheet(report: SlideReport) -> Image.Image | None:
     return sheet
 
 
-CSV_FIELDS = ("field", "index", "x", "y", "w", "h", "kind", "area", "label", "confidence", "uncertain")
-CELL_KEYS = ("index", "bbox", "kind", "area", "label", "confidence", "uncertain")  # a cell in cells.json
+CSV_FIELDS = ("field", "index", "x", "y", "w", "h", "kind", "area", "label", "confidence", "uncertain",
+              "fragment")
+CELL_KEYS = ("index", "bbox", "kind", "area", "label", "confidence", "uncertain", "fragment")  # a cell in cells.json
 
 
 def field_entry(field: FieldResult) -> dict[str, Any]:
@@ -99,7 +100,7 @@ def field_entry(field: FieldResult) -> dict[str, Any]:
     return {"field": field.field, "error": field.error, "readable": field.readable,
             "unreadable_reason": field.unreadable_reason,
             "quality": field.quality.to_dict() if field.quality is not None else None,
-            "counts": field.counts, "radius_px": field.radius_px,
+            "counts": field.counts, "radius_px": field.radius_px, "radius_source": field.radius_source,
             "segment_ms": field.segment_ms, "classify_ms": field.classify_ms,
             "cells": [{k: c.to_dict()[k] for k in CELL_KEYS} for c in field.cells]}
 
@@ -112,7 +113,7 @@ def cells_csv(report: SlideReport) -> str:
     for f in report.fields:
         for c in f.cells:
             w.writerow([c.field, c.index, *c.bbox, c.kind, c.area, c.label or "",
-                        "" if c.confidence is None else c.confidence, int(c.uncertain)])
+                        "" if c.confidence is None else c.confidence, int(c.uncertain), int(c.fragment)])
     return buf.getvalue()
 
 

@@ -17,10 +17,10 @@ from PIL import Image
 
 from edge_runtime.clinical import WHO_WBC_PER_UL, slide_referral, slide_summary
 from edge_runtime.images import ImageError, load_image
-from edge_runtime.smear.cells import KINDS, Segmentation, SmearError, _cv2, segment
+from edge_runtime.smear.cells import KINDS, RADIUS_SOURCES, RBC_RADIUS_UM, Segmentation, SmearError, _cv2, segment
 from edge_runtime.smear.crops import crop, normalise_stain
 from edge_runtime.smear.decision import DEFAULT_RULE, decide, min_cells_for, model_provenance
-from edge_runtime.smear.quality import FieldQuality, gate, measure, unreadable
+from edge_runtime.smear.quality import FieldQuality, gate, is_fragment, measure, unreadable
 from edge_runtime.spec import known_keys
 
 FLAGGED = ("parasitized", "uncertain")  # the verdicts a person must look at: numbered on overlays, on the contact sheet
@@ -28,7 +28,12 @@ FLAGGED = ("parasitized", "uncertain")  # the verdicts a person must look at: nu
 
 @dataclasses.dataclass(frozen=True)
 class CellResult:
-    """One cell's place, kind and verdict (label/confidence None for regions that are not classified)."""
+    """One cell's place, kind and verdict (label/confidence None for regions that are not classified).
+
+    `fragment`: a red-cell region under FRAGMENT_AREA of the field's typical cell (a piece of a cell, most
+    often cut by the split). It is classified like any red cell; if the model is unsure of it, it is not
+    counted as an uncertain cell (nor as a red cell) in the slide: a piece is no evidence either way.
+    """
 
     field: str
     index: int
@@ -38,9 +43,15 @@ class CellResult:
     label: str | None = None
     confidence: float | None = None
     uncertain: bool = False
+    fragment: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bbox", tuple(int(v) for v in self.bbox))
+
+    @property
+    def counted(self) -> bool:
+        """Counted in the slide's red cells: a classified red cell, unless it is a fragment called uncertain."""
+        return self.kind == "rbc" and self.label is not None and not (self.fragment and self.uncertain)
 
     def verdict(self, positive: str) -> str:
         """"parasitized", "uninfected", "uncertain" or "other" (not a red cell): the overlay colour."""
@@ -117,6 +128,7 @@ class FieldResult:
     cells: tuple[CellResult, ...] = ()
     error: str | None = None
     radius_px: float | None = None
+    radius_source: str | None = None  # `Segmentation.radius_source`: "user", or how the field's estimate was made
     segment_ms: float | None = None
     classify_ms: float | None = None
     predictions: tuple[Any, ...] = dataclasses.field(default=(), repr=False, compare=False)
@@ -142,13 +154,22 @@ class FieldResult:
         return self.quality.message if self.quality is not None else f"can't read this field: retake ({self.error})"
 
     @property
+    def counted_predictions(self) -> tuple[Any, ...]:
+        """The predictions the slide counts: every red cell's but those of fragments called uncertain."""
+        rbc = [c for c in self.cells if c.kind == "rbc" and c.label is not None]
+        if len(rbc) != len(self.predictions):  # read back from JSON: no predictions kept
+            return self.predictions
+        return tuple(p for c, p in zip(rbc, self.predictions) if c.counted)
+
+    @property
     def counts(self) -> dict[str, int]:
         """Regions per kind (every kind in KINDS, zeros included)."""
         return {k: sum(c.kind == k for c in self.cells) for k in KINDS}
 
     def to_dict(self) -> dict[str, Any]:
         return {"field": self.field, "cells": [c.to_dict() for c in self.cells], "error": self.error,
-                "radius_px": self.radius_px, "segment_ms": self.segment_ms, "classify_ms": self.classify_ms,
+                "radius_px": self.radius_px, "radius_source": self.radius_source,
+                "segment_ms": self.segment_ms, "classify_ms": self.classify_ms,
                 "quality": self.quality.to_dict() if self.quality is not None else None}
 
     @classmethod
@@ -190,6 +211,10 @@ class SlideSummary:
     decision: Mapping[str, Any] | None = None
     fields_unreadable: tuple[Mapping[str, Any], ...] = ()  # [{"field", "reason"}] of fields not counted
     model: Mapping[str, Any] | None = None  # name, version, sha256 of the model file that made the report
+    uncertain_fragments: int = 0  # fragments the model was unsure of: neither red cells nor uncertain cells
+    # Where the typical cell size came from: {"source": "user" or "estimated", "um_per_px", "fields": {how: n},
+    # "says"}; everything downstream (markers, kinds, crops) hangs on it.
+    cell_size: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "refer_reasons", tuple(self.refer_reasons))
@@ -202,6 +227,7 @@ class SlideSummary:
         d["fields_unreadable"] = [dict(u) for u in self.fields_unreadable]
         d["decision"] = None if self.decision is None else dict(self.decision)
         d["model"] = None if self.model is None else dict(self.model)
+        d["cell_size"] = None if self.cell_size is None else dict(self.cell_size)
         return d
 
     @classmethod
@@ -260,14 +286,17 @@ def analyse_field(model, source, name: str | None = None, normalise: bool = Fals
     t2 = time.perf_counter()
     by_index = {c.index: p for c, p in zip(rbcs, preds)}
     results = []
+    radius = seg.radius * seg.scale  # areas are in original pixels
     for c in seg.cells:
         p = by_index.get(c.index)
         results.append(CellResult(field=name, index=c.index, bbox=c.bbox, kind=c.kind, area=c.area,
                                   label=p.label if p else None,
                                   confidence=round(p.confidence, 4) if p and p.confidence is not None else None,
-                                  uncertain=bool(p.uncertain) if p else False))
+                                  uncertain=bool(p.uncertain) if p else False,
+                                  fragment=c.kind == "rbc" and is_fragment(c.area, radius)))
     positive = model.metadata.positive_label or "Parasitized"
     return FieldResult(field=name, cells=tuple(results), radius_px=round(seg.radius * seg.scale, 1),
+                       radius_source=seg.radius_source,
                        segment_ms=round((t1 - t0) * 1e3, 1), classify_ms=round((t2 - t1) * 1e3, 1),
                        predictions=tuple(preds), view=field_view(seg, tuple(results), positive), quality=quality)
 
@@ -301,7 +330,7 @@ def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float
         name = str(source) if not isinstance(source, (Image.Image, np.ndarray)) else f"field[{k}]"
         results.append(analyse_field(model, source, name, normalise=normalise, um_per_px=um_per_px))
     readable = [r for r in results if r.readable]
-    preds = [p for r in readable for p in r.predictions]
+    preds = [p for r in readable for p in r.counted_predictions]
     summary = slide_referral(slide_summary(preds, positive), rbc_per_ul=rbc_per_ul, wbc_count=wbc_count,
                              wbc_per_ul=WHO_WBC_PER_UL if wbc_per_ul is None else wbc_per_ul, min_cells=need)
     decision = decide(parasitized=summary["parasitized"], uncertain=summary["uncertain"],
@@ -316,6 +345,26 @@ def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float
     summary["decision"] = decision.to_dict()
     summary["fields_unreadable"] = [{"field": r.field, "reason": r.unreadable_reason}
                                     for r in results if not r.readable]
+    summary["uncertain_fragments"] = sum(c.kind == "rbc" and c.label is not None and not c.counted
+                                         for r in readable for c in r.cells)
+    summary["cell_size"] = cell_size(results, um_per_px)
     path = getattr(model, "path", None)
     summary["model"] = model_provenance(path, model.metadata) if path is not None else None
     return SlideReport(fields=tuple(results), summary=SlideSummary.from_dict(summary), positive_label=positive)
+
+
+def cell_size(results, um_per_px: float | None) -> dict[str, Any]:
+    """Where the slide's typical cell sizes came from: the user's scale, or each field's estimate (and how)."""
+    how: dict[str, int] = {}
+    for r in results:
+        if r.radius_source is not None:
+            how[r.radius_source] = how.get(r.radius_source, 0) + 1
+    if um_per_px is not None:
+        says = (f"cell size from the user's scale, {um_per_px:g} um per pixel "
+                f"(a {RBC_RADIUS_UM:g} um red-cell radius, {RBC_RADIUS_UM / um_per_px:.1f} px)")
+    else:
+        says = "cell size estimated per field: " + (", ".join(
+            f"{n} field{'s' if n != 1 else ''} {RADIUS_SOURCES[k].removeprefix('estimated ')}"
+            for k, n in sorted(how.items(), key=lambda t: -t[1])) or "no field gave cells")
+    return {"source": "user" if um_per_px is not None else "estimated", "um_per_px": um_per_px, "fields": how,
+            "says": says}

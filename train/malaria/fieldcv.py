@@ -27,6 +27,14 @@ to release, whose expected behaviour on an unseen slide the folds measured. Resu
 FOLD/result.json is skipped; an interrupted training resumes from its last epoch. Writes
 field-cv.json (with the threshold table of both models), field-cv.csv (one row per field and model)
 and field-cv.md.
+
+The recipe's other levers: `--shifted-per-block N` mixes in N uninfected crops a training block from the
+shifted variants of its fields (`train field-crops --shifted K`: other stains, white balance, exposure,
+blur, magnification, noise, JPEG) and every shifted parasitized crop (`--shifted-parasite-repeat` times);
+`--nih-share` keeps a seeded share of the NIH cells (a third lab's palette). `--shift NAMES` measures each
+held-out block again under the domain-shift harness's transforms (`python -m benchmarks smear --shift`, run
+as a command into FOLD/shift/) and pools them per transform into the report: what each shift costs on
+slides the model never trained on.
 """
 
 from __future__ import annotations
@@ -93,6 +101,19 @@ def add_parser(sub) -> None:
     f.add_argument("--release", default="malaria", help="the model to compare with (released name or artifact)")
     f.add_argument("--hue", type=float, help="override the preset's stain jitter (hue) while fine-tuning")
     f.add_argument("--saturation", type=float, help="override the preset's stain jitter (saturation)")
+    f.add_argument("--shifted-per-block", type=int, default=0, metavar="N",
+                   help="uninfected crops of the training blocks' shifted variants (`train field-crops --shifted`) "
+                        "per block (seeded sample; 0: no shifted crops); every shifted parasitized crop comes too")
+    f.add_argument("--shifted-parasite-repeat", type=int, default=1, metavar="R",
+                   help="times each shifted parasitized crop appears (with --shifted-per-block)")
+    f.add_argument("--nih-share", type=float, default=1.0,
+                   help="share of the --nih training cells mixed in (seeded sample; 1: all)")
+    f.add_argument("--shift", metavar="NAMES",
+                   help="also measure each held-out block under these transforms of the domain-shift harness "
+                        "(`python -m benchmarks smear --shift NAMES`, e.g. all or none,blue_grey,grey_stain)")
+    f.add_argument("--threshold", type=float,
+                   help="measure with this uncertain bar (a cell below it is uncertain; default: the model's, "
+                        f"{DEFAULT_THRESHOLDS['malaria']:g}); a rerun with another bar measures the folds again")
     f.add_argument("--blocks", nargs="+", help="only these held-out blocks (default: every block)")
     f.add_argument("--final", action="store_true",
                    help="after the folds, fine-tune once more on every block with the same settings (OUT/final/run, "
@@ -122,29 +143,58 @@ def sample_records(sample: Path) -> list[Record]:
 
 
 def fold_manifest(crops: list[dict[str, str]], crops_dir: Path, nih: list[Record], sample: list[Record],
-                  held_out: str, repeat: int, per_block: int, seed: int) -> tuple[list[Record], dict[str, int]]:
-    """The fold's records (train: NIH + other blocks' crops, parasites repeated; test: the NIH sample)."""
+                  held_out: str, repeat: int, per_block: int, seed: int, shifted_per_block: int = 0,
+                  shifted_repeat: int = 1) -> tuple[list[Record], dict[str, int]]:
+    """The fold's records (train: NIH + other blocks' crops, parasites repeated; test: the NIH sample).
+
+    A crop row's `variant` (absent or "0": the photo's own crop) says whether it was cut from a shifted variant
+    of its field; those come in only with `shifted_per_block` > 0 (that many uninfected a block, every
+    parasitized one `shifted_repeat` times)."""
     rng = random.Random(seed)
+    rng_shifted = random.Random(seed + 1)  # its own draws: the photos' own crops are the same with or without
     field: list[Record] = []
     for block in sorted({c["patient"] for c in crops} - {held_out}):
         rows = [c for c in crops if c["patient"] == block]
-        neg = [c for c in rows if c["label"] == "Uninfected"]
+        own = [c for c in rows if c.get("variant", "0") in ("", "0")]
+        neg = [c for c in own if c["label"] == "Uninfected"]
         if per_block and len(neg) > per_block:
             neg = rng.sample(neg, per_block)
-        pos = [c for c in rows if c["label"] == "Parasitized"]
-        for c in neg + pos * repeat:
+        pos = [c for c in own if c["label"] == "Parasitized"]
+        chosen = neg + pos * repeat
+        if shifted_per_block > 0:
+            moved = [c for c in rows if c.get("variant", "0") not in ("", "0")]
+            sneg = [c for c in moved if c["label"] == "Uninfected"]
+            if len(sneg) > shifted_per_block:
+                sneg = rng_shifted.sample(sneg, shifted_per_block)
+            chosen += sneg + [c for c in moved if c["label"] == "Parasitized"] * shifted_repeat
+        for c in chosen:
             field.append(Record(str((crops_dir / c["path"]).resolve()), c["label"], block, "train"))
-    counts = {"nih": len(nih), "field_uninfected": sum(r.label == "Uninfected" for r in field),
-              "field_parasitized_rows": sum(r.label == "Parasitized" for r in field),
-              "field_parasitized_crops": sum(r.label == "Parasitized" for r in field) // max(repeat, 1),
+    is_shifted = {str((crops_dir / c["path"]).resolve()) for c in crops if c.get("variant", "0") not in ("", "0")}
+    own_par = sum(r.label == "Parasitized" and r.path not in is_shifted for r in field)
+    counts = {"nih": len(nih),
+              "field_uninfected": sum(r.label == "Uninfected" and r.path not in is_shifted for r in field),
+              "field_parasitized_rows": own_par,
+              "field_parasitized_crops": own_par // max(repeat, 1),
+              "shifted_uninfected": sum(r.label == "Uninfected" and r.path in is_shifted for r in field),
+              "shifted_parasitized_rows": sum(r.label == "Parasitized" and r.path in is_shifted for r in field),
               "test_sample": len(sample)}
     return [Record(r.path, r.label, r.patient, "train") for r in nih] + field + sample, counts
 
 
+def nih_mix(nih: list[Record], share: float, seed: int) -> list[Record]:
+    """A seeded share of the NIH training cells (all of them at 1)."""
+    if not 0 < share <= 1:
+        raise ValueError(f"--nih-share {share} must be in (0, 1]")
+    if share == 1:
+        return nih
+    return random.Random(seed).sample(nih, round(share * len(nih)))
+
+
 def measure(model_ref: str | Path, anns: list[dict[str, Any]], blocks: dict[str, str], threads: int,
-            tag: str) -> list[dict[str, Any]]:
-    """The per-field rows of `benchmarks smear` (`measure_field`) for these fields, each with its block."""
-    model = edge_runtime.load(model_ref, threads=threads)
+            tag: str, threshold: float | None = None) -> list[dict[str, Any]]:
+    """The per-field rows of `benchmarks smear` (`measure_field`) for these fields, each with its block;
+    `threshold`: the uncertain bar (None: the model's)."""
+    model = edge_runtime.load(model_ref, threads=threads, threshold=threshold)
     rows = []
     for ann in anns:
         r = measure_field(ann, model)
@@ -158,14 +208,15 @@ def measure(model_ref: str | Path, anns: list[dict[str, Any]], blocks: dict[str,
 
 
 def with_cells(rows: list[dict[str, Any]], model_ref: str | Path, anns: list[dict[str, Any]], blocks: dict[str, str],
-               threads: int, tag: str) -> bool:
+               threads: int, tag: str, threshold: float | None = None) -> bool:
     """Give rows measured before the per-cell probabilities were kept (`matched_cells`) theirs, measured again
     with the same model (the counts are the same; the timings are the first run's). True when any changed."""
     todo = [r for r in rows if r["error"] is None and "matched_cells" not in r]
     if not todo:
         return False
     by_name = {a["image"].name: a for a in anns}
-    again = {r["field"]: r for r in measure(model_ref, [by_name[r["field"]] for r in todo], blocks, threads, tag)}
+    again = {r["field"]: r for r in measure(model_ref, [by_name[r["field"]] for r in todo], blocks, threads, tag,
+                                            threshold)}
     for r in todo:
         r["matched_cells"] = again[r["field"]]["matched_cells"]
     return True
@@ -218,7 +269,8 @@ def run_fold(args: argparse.Namespace, block: str, crops: list[dict[str, str]], 
              sample: list[Record], anns: list[dict[str, Any]], blocks: dict[str, str]) -> dict[str, Any]:
     fold = args.out / f"fold-{block}"
     records, counts = fold_manifest(crops, args.crops, nih, sample, block, args.parasite_repeat,
-                                    args.uninfected_per_block, args.seed)
+                                    args.uninfected_per_block, args.seed, args.shifted_per_block,
+                                    args.shifted_parasite_repeat)
     run_dir, tfl, train_s, convert_s = fine_tune(args, fold, records, counts, f"fold {block}")
     eval_dir = fold / "eval-sample"
     if not (eval_dir / "report.json").exists():
@@ -227,7 +279,7 @@ def run_fold(args: argparse.Namespace, block: str, crops: list[dict[str, str]], 
     rep = json.loads((eval_dir / "report.json").read_text())
     held = [a for a in anns if blocks[a["image"].name] == block]
     print(f"fold {block}: measuring {len(held)} held-out fields", flush=True)
-    rows = measure(tfl, held, blocks, args.threads, f"fold {block}")
+    rows = measure(tfl, held, blocks, args.threads, f"fold {block}", args.threshold)
     history = list(csv.DictReader(open(run_dir / "history.csv")))
     result = {
         "block": block, "fields": [a["image"].name for a in held], "counts": counts,
@@ -237,10 +289,79 @@ def run_fold(args: argparse.Namespace, block: str, crops: list[dict[str, str]], 
         "artifact": str(tfl),
         "nih_sample_float32": {k: rep.get(k) for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},
         "nih_sample_int8": nih_int8(tfl, sample),
+        "threshold": args.threshold,
         "rows": rows,
     }
+    if args.shift:
+        result.update(shift_fold(args, fold, tfl, result["fields"]))
     write_json(fold / RESULT, result)
     return result
+
+
+def shift_fold(args: argparse.Namespace, fold: Path, tfl: Path | str, fields: list[str]) -> dict[str, Any]:
+    """The held-out fields under the harness's transforms: `python -m benchmarks smear --shift` run as a
+    command (train does not import benchmarks) into FOLD/shift/; {"shift_spec", "shift": [per transform]}."""
+    out = fold / "shift"
+    rep_path = out / "smear.json"
+    rep = json.loads(rep_path.read_text()) if rep_path.exists() else None
+    spec = shift_spec(args)
+    if rep is None or rep.get("shift_spec") != spec:
+        print(f"{fold.name}: measuring {len(fields)} held-out fields under --shift {args.shift}, log "
+              f"{fold / 'shift.log'}", flush=True)
+        _run_logged(_py("benchmarks", "smear", "--data", str(args.data), "--model", str(tfl), "--threads",
+                        str(args.threads), "--fields", *[Path(f).stem for f in fields], "--shift", args.shift,
+                        *(["--threshold", str(args.threshold)] if args.threshold is not None else []),
+                        "--out", str(out)), fold / "shift.log")
+        rep = json.loads(rep_path.read_text())
+        rep["shift_spec"] = spec
+        write_json(rep_path, rep)
+    return {"shift_spec": spec,
+            "shift": [{"transform": t["transform"], "what": t["what"], "fields": t["fields"]} for t in rep["shift"]]}
+
+
+def shift_spec(args: argparse.Namespace) -> str:
+    """What a fold's harness rows were measured with (transforms and uncertain bar): a change measures again."""
+    return args.shift + ("" if args.threshold is None else f" @ threshold {args.threshold:g}")
+
+
+def shift_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`summarise` of one transform's rows, and recall over every field (a refused field finds nothing)."""
+    ann, par = sum(r["annotated"] for r in rows), sum(r["annotated_parasites"] for r in rows)
+    return {**summarise(rows, True),
+            "cell_recall_all_fields": sum(r.get("found", 0) for r in rows) / max(ann, 1),
+            "parasite_recall_called_all_fields": sum(r.get("parasites_called", 0) for r in rows) / max(par, 1)}
+
+
+def pool_shift(folds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per transform, the folds' held-out rows pooled (and per block)."""
+    done = [f for f in folds if f.get("shift")]
+    if not done:
+        return []
+    out = []
+    for i, t in enumerate(done[0]["shift"]):
+        per = {f["block"]: f["shift"][i]["fields"] for f in done if len(f["shift"]) > i
+               and f["shift"][i]["transform"] == t["transform"]}
+        rows = [r for v in per.values() for r in v]
+        out.append({"transform": t["transform"], "what": t["what"], "blocks": sorted(per),
+                    "summary": shift_summary(rows), "per_block": {b: shift_summary(v) for b, v in per.items()}})
+    return out
+
+
+SHIFT_COLUMNS = (("cell_recall_all_fields", "cell recall"),
+                 ("parasite_recall_called_all_fields", "parasites flagged"),
+                 ("uninfected_false_positive_rate", "uninfected called parasitized"),
+                 ("uninfected_uncertain_rate", "uninfected uncertain"))
+
+
+def shift_markdown(shift: list[dict[str, Any]]) -> str:
+    """One row per transform: the pooled held-out figures (a refused field counts as nothing found)."""
+    lines = ["| transform | " + " | ".join(h for _, h in SHIFT_COLUMNS) + " | fields refused |",
+             "|---|" + "---:|" * (len(SHIFT_COLUMNS) + 1)]
+    for t in shift:
+        s = t["summary"]
+        lines.append(f"| {t['transform']} | " + " | ".join(_fmt(k, s.get(k), True) for k, _ in SHIFT_COLUMNS)
+                     + f" | {s['fields_failed']} of {s['fields']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(key: str, v: Any, pct: bool) -> str:
@@ -284,6 +405,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| fold {f['block']} held out | {100 * a['accuracy']:.2f}% | {100 * q['accuracy']:.2f}% | "
                      f"{100 * q['sensitivity']:.2f}% | {100 * q['specificity']:.2f}% | {q['roc_auc']:.4f} | "
                      f"{f['epochs']} | {f['train_seconds'] / 60:.1f} |")
+    if report.get("shift"):
+        lines += ["", f"Under the domain-shift harness (`benchmarks smear --shift`), the held-out blocks "
+                  f"{', '.join(report['shift'][0]['blocks'])} pooled, each scored by its fold's model:", "",
+                  shift_markdown(report["shift"]).rstrip("\n")]
     if report.get("thresholds"):
         lines += ["", "What the uncertain bar trades on the held-out fields (a cell is uncertain when its top "
                   f"probability is below it; the models' bar is {DEFAULT_THRESHOLDS['malaria']:g}):", "",
@@ -298,7 +423,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not crops_csv.is_file():
         raise FileNotFoundError(f"{crops_csv} not found; make it with `python -m train field-crops`")
     crops = list(csv.DictReader(open(crops_csv, newline="")))
-    nih = [r for r in read_manifest(args.nih) if r.split == "train"]
+    nih = nih_mix([r for r in read_manifest(args.nih) if r.split == "train"], args.nih_share, args.seed)
     sample = sample_records(args.sample)
     all_anns = load_annotations(args.data)
     blocks = field_blocks([a["image"].name for a in all_anns])
@@ -311,15 +436,17 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     rel_path = args.out / "release.json"
     release = json.loads(rel_path.read_text()) if rel_path.exists() else {"model": str(args.release), "rows": []}
+    if release.get("threshold") != args.threshold:  # measured with another bar: measure again
+        release.update(rows=[], threshold=args.threshold)
     have = {r["field"] for r in release["rows"]}
     missing = [a for a in anns if a["image"].name not in have]
     if missing:  # a first run, or a later one with more --blocks
         print(f"released model {args.release}: measuring {len(missing)} fields", flush=True)
-        release["rows"] += measure(args.release, missing, blocks, args.threads, "release")
+        release["rows"] += measure(args.release, missing, blocks, args.threads, "release", args.threshold)
     if "nih_sample_int8" not in release:
         release["nih_sample_int8"] = nih_int8(args.release, sample)
-    if with_cells(release["rows"], args.release, all_anns, blocks, args.threads, "release") or missing \
-            or not rel_path.exists():
+    if with_cells(release["rows"], args.release, all_anns, blocks, args.threads, "release", args.threshold) \
+            or missing or not rel_path.exists():
         write_json(rel_path, release)
 
     folds = []
@@ -328,7 +455,17 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if res_path.exists():
             print(f"fold {block}: done, skipped", flush=True)
             done = json.loads(res_path.read_text())
-            if with_cells(done["rows"], done["artifact"], all_anns, blocks, args.threads, f"fold {block}"):
+            changed = with_cells(done["rows"], done["artifact"], all_anns, blocks, args.threads, f"fold {block}",
+                                 args.threshold)
+            if done.get("threshold") != args.threshold:  # another uncertain bar: the held-out fields again
+                held = [a for a in anns if a["image"].name in done["fields"]]
+                done.update(rows=measure(done["artifact"], held, blocks, args.threads, f"fold {block}",
+                                         args.threshold), threshold=args.threshold)
+                changed = True
+            if args.shift and done.get("shift_spec") != shift_spec(args):  # a harness asked for after the fold ran
+                done.update(shift_fold(args, res_path.parent, done["artifact"], done["fields"]))
+                changed = True
+            if changed:
                 write_json(res_path, done)
             folds.append(done)
             continue
@@ -337,7 +474,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     final = None
     if args.final:  # every block in training: nothing left to score it on here; the folds describe it
         records, counts = fold_manifest(crops, args.crops, nih, sample, "", args.parasite_repeat,
-                                        args.uninfected_per_block, args.seed)
+                                        args.uninfected_per_block, args.seed, args.shifted_per_block,
+                                        args.shifted_parasite_repeat)
         run_dir, tfl, train_s, _ = fine_tune(args, args.out / "final", records, counts, "final (every block)")
         final = {"run": str(run_dir), "artifact": str(tfl), "counts": counts, "train_seconds": train_s,
                  "nih_sample_int8": nih_int8(tfl, sample)}
@@ -353,7 +491,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                    "fine_tuned": summarise(f["rows"], True)} for f in folds},
         "thresholds": {"release": threshold_table(rel_rows), "fine_tuned": threshold_table(ft_rows)},
         "release_nih_sample_int8": release.get("nih_sample_int8"),
-        "folds": [{k: v for k, v in f.items() if k != "rows"} for f in folds],
+        "shift": pool_shift(folds),
+        "folds": [{k: v for k, v in f.items() if k not in ("rows", "shift")} for f in folds],
         "final": final,
     }
     write_json(args.out / "field-cv.json", report)
