@@ -205,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             yield row
         log(f"{stamp()} {phase_line(row)}")
 
+    steps: list[dict] = []
     with phase("build"):
-        prepared = prepare_all(models, formats, cache, runs=runs, log=log, from_scratch=args.from_scratch)
+        prepared = prepare_all(models, formats, cache, runs=runs, log=log, from_scratch=args.from_scratch,
+                               steps=steps)
     peaks = []
     if not args.no_peak:
         log(f"{stamp()} == machine peak")
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "scope": scope,
         # Wall time, CPU time (user + system, children included) and peak process-tree memory per phase.
         "phases": phases.rows + [phases.total()],
+        "build_steps": steps,
         "expected_s": {"build": round(build_s), "timing": round(timing_s)},
         "models": [{"name": p.model.name, "run": str(p.run) if p.run else None,
                     "reference": str(p.reference) if p.reference else None, "synthetic_data": p.synthetic,

@@ -201,7 +201,15 @@ def phases_section(report: dict[str, Any], markdown: bool = False) -> list[str]:
     head = ("## Where the time went" if markdown else "where the time went (CPU: user + system, children included):")
     note = ("CPU time is user + system of the run and every child process (build steps, probes), what the run "
             "cost whatever else the machine did; peak RSS is the whole process tree, summed." + said)
-    return [head, "", table, "", note, ""] if markdown else ["", head, "", table, note]
+    out = [head, "", table, "", note, ""] if markdown else ["", head, "", table, note]
+    steps = report.get("build_steps") or []
+    if steps:
+        st = _table(["job", "build step", "wall s", "CPU s", "peak RSS MB"],
+                    [[s.get("job", "-"), s["step"], _f(s["wall_s"], ".0f"), _f(s.get("cpu_s"), ".0f"),
+                      _f(s.get("peak_rss_mb"), ".0f")] for s in steps], markdown)
+        out += (["Build steps (each its own process; peak RSS: its largest process):", "", st, ""] if markdown
+                else ["", "build steps (each its own process; peak RSS: its largest process):", "", st])
+    return out
 
 
 def machine_line(report: dict[str, Any]) -> str:

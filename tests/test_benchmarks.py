@@ -81,6 +81,10 @@ def test_end_to_end_rows_and_files(bench):
                                                     "total"]
     assert all(p["wall_s"] > 0 and p["cpu_s"] > 0 for p in rep["phases"])  # every phase runs child processes
     assert "## Where the time went" in md and "malaria-edge pairs" in md
+    # the build: one conversion of the given run, its own process's CPU time and memory
+    (step,) = rep["build_steps"]
+    assert step["step"] == f"convert malaria-edge {FORMATS}" and step["cpu_s"] > 0 and step["peak_rss_mb"] > 100
+    assert f"convert malaria-edge {FORMATS}" in md
     for png in (report.PLOT_SIZE, report.PLOT_ACCURACY):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     side = report.side_by_side(rows)
