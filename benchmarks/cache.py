@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -168,11 +169,13 @@ class StepFailed(RuntimeError):
 
 
 def run_step(argv: list[str], log: Callable[[str], None], ok_codes: Sequence[int] = (0,),
-             tag: str | None = None) -> subprocess.CompletedProcess:
+             tag: str | None = None, record: list[dict] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m ...` in its own process, its output passed through (that is the progress shown).
 
     stderr is captured as well, so the last error line can become a row's error. With `tag` (a build job running
     beside another) stdout and stderr are merged and every line is prefixed with it, so the two stay readable.
+    The step's wall time, CPU time (user + system of it and its children) and peak resident memory (its largest
+    process) are logged, and appended to `record` when given.
     """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -182,15 +185,41 @@ def run_step(argv: list[str], log: Callable[[str], None], ok_codes: Sequence[int
     err_lines = []
     stream = proc.stdout if tag else proc.stderr
     assert stream is not None
+    t0 = time.perf_counter()
     for line in stream:  # pass stderr through too (tqdm bars, warnings), keep it for the error message
         sys.stderr.write(f"{tag} {line}" if tag else line)
         err_lines.append(line.rstrip())
-    code = proc.wait()
+    code, usage = _wait(proc)
+    usage = {"step": step_name(argv), "wall_s": round(time.perf_counter() - t0, 2), **usage}
+    if record is not None:
+        record.append(usage)
+    if usage.get("cpu_s") is not None:
+        log(f"  ({usage['step']}: {usage['wall_s']:.0f} s wall, {usage['cpu_s']:.0f} s CPU, "
+            f"peak RSS {usage['peak_rss_mb'] / 1024:.2f} GB)")
     if code not in ok_codes:
         errors = [l for l in err_lines if l.startswith("error:") or "Error" in l]
         last = (errors or err_lines or [f"exit code {code}"])[-1]
         raise StepFailed(f"`{' '.join(argv[2:5])} ...` failed (exit {code}): {last.removeprefix('error: ')}")
     return subprocess.CompletedProcess(argv, code)
+
+
+def step_name(argv: Sequence[str]) -> str:
+    """`train oct extract`, `convert oct-fused tflite-float32,tflite-int8`: what a build step was, briefly."""
+    args = [str(a) for a in argv[2:]]  # after `python -m`
+    if args[:1] == ["convert"] and "--name" in args:
+        formats = args[args.index("--formats") + 1] if "--formats" in args else "all"
+        return f"convert {args[args.index('--name') + 1]} {formats}"
+    return " ".join(a for a in args[:3] if not a.startswith("-"))
+
+
+def _wait(proc: subprocess.Popen) -> tuple[int, dict]:
+    """Wait for `proc`: its exit code, and its CPU seconds and peak RSS (os.wait4; empty where there is none)."""
+    if not hasattr(os, "wait4"):
+        return proc.wait(), {}
+    _, status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    # ru_maxrss: kilobytes on Linux, the largest single process of the step (its children included once waited for)
+    return proc.returncode, {"cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024)}
 
 
 def py(*args: str | Path) -> list[str]:
@@ -219,6 +248,7 @@ class Builder:
         self.runs = {k: Path(v).resolve() for k, v in (runs or {}).items()}
         self.log = log
         self.from_scratch = from_scratch
+        self.steps: list[dict] = []  # every build step's wall time, CPU time and peak memory (`run_step`)
 
     # -- malaria
 
@@ -226,7 +256,8 @@ class Builder:
         out = self.cache / "data" / "malaria-sample.csv"
         if not out.is_file():
             self.log(f"== split the bundled sample {SAMPLE} by patient -> {out}")
-            run_step(py("-m", "train", "split", "--data", SAMPLE, "--out", out), self.log, tag=self.tag)
+            run_step(py("-m", "train", "split", "--data", SAMPLE, "--out", out), self.log, tag=self.tag,
+                     record=self.steps)
         return out
 
     def uses_release(self, m: BenchModel) -> bool:
@@ -250,7 +281,7 @@ class Builder:
         epochs = self.quick.malaria_epochs
         self.log(f"== train `{preset}` for {epochs} epochs on the bundled sample -> {run}")
         run_step(py("-m", "train", "malaria", "--manifest", manifest, "--preset", preset, "--epochs", epochs,
-                    "--out", _fresh(run), "--quiet"), self.log, tag=self.tag)
+                    "--out", _fresh(run), "--quiet"), self.log, tag=self.tag, record=self.steps)
         return run
 
     # -- OCT
@@ -267,19 +298,19 @@ class Builder:
             self.log(f"== draw synthetic OCT2017-style B-scans -> {data}")
             run_step(py("-m", "train", "oct", "synth", "--out", _fresh(data), "--per-class", q.oct_per_class,
                         "--patients", q.oct_patients, "--test-per-class", q.oct_test_per_class,
-                        "--test-patients", q.oct_test_patients), self.log, tag=self.tag)
+                        "--test-patients", q.oct_test_patients), self.log, tag=self.tag, record=self.steps)
         if not manifest.is_file():
             self.log(f"== split the synthetic scans by patient -> {manifest}")
             run_step(py("-m", "train", "split", "--data", data, "--out", manifest, "--val", "0.2"), self.log,
-                     tag=self.tag)
+                     tag=self.tag, record=self.steps)
         if not _run_done(run, "fused.keras"):
             # No ImageNet download here: a random base (seeded) has the real architecture and cost.
             self.log(f"== extract InceptionV3 features (random base, --base-weights none) -> {store}")
             run_step(py("-m", "train", "oct", "extract", "--manifest", manifest, "--base-weights", "none",
-                        "--out", store), self.log, tag=self.tag)
+                        "--out", store), self.log, tag=self.tag, record=self.steps)
             self.log(f"== train the OCT head for {q.oct_epochs} epochs -> {run}")
             run_step(py("-m", "train", "oct", "head", "--store", store, "--out", _fresh(run), "--epochs",
-                        q.oct_epochs, "--quiet"), self.log, tag=self.tag)
+                        q.oct_epochs, "--quiet"), self.log, tag=self.tag, record=self.steps)
         return run, store
 
     # -- conversion
@@ -336,7 +367,8 @@ class Builder:
                         "--name", p.model.name, "--calib-n", self.quick.calib_n, "--eval-n", self.quick.eval_n,
                         # Keep artifacts below convert's agreement bar: measuring their drop is the point here.
                         "--allow-drop", *extra),
-                     self.log, ok_codes=(0, 1), tag=self.tag)  # 1: some rows failed, recorded in conversion.json
+                     # 1: some rows failed, recorded in conversion.json
+                     self.log, ok_codes=(0, 1), tag=self.tag, record=self.steps)
         except StepFailed as e:
             shutil.rmtree(out, ignore_errors=True)
             for name in missing:
@@ -389,7 +421,7 @@ class Builder:
 
 def prepare_all(models: Sequence[BenchModel], formats: dict[str, Sequence[Format]], cache: Path,
                 runs: dict[str, Path] | None = None, log: Callable[[str], None] = print,
-                from_scratch: bool = False) -> list[Prepared]:
+                from_scratch: bool = False, steps: list[dict] | None = None) -> list[Prepared]:
     """`Builder.prepare` for every model, the malaria models and the OCT models as two build jobs side by side.
 
     Why side by side: most of a cold run is building (training, converting, proving), and much of a build step is
@@ -413,6 +445,8 @@ def prepare_all(models: Sequence[BenchModel], formats: dict[str, Sequence[Format
         for m in ms:
             b.log(f"== prepare {m.name}")
             out.append(b.prepare(m, formats[m.name]))
+        if steps is not None:
+            steps.extend(dict(s, job=task) for s in b.steps)
         return out
 
     with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:

@@ -42,6 +42,7 @@ Exit codes: 0 done (failed formats are rows with their error), 1 a gate
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -64,6 +65,8 @@ from benchmarks.cache import (
 from benchmarks.interleave import MIN_TIME_S, ROUNDS, machine_state
 from benchmarks.machine import library_versions, machine_info, positive, thread_counts
 from benchmarks.peak import measure_peaks
+from benchmarks.phases import Phases
+from benchmarks.phases import line as phase_line
 from benchmarks.presets import main as presets_main
 from benchmarks.report import compare, gates, rows_csv, terminal, write_all
 from benchmarks.run import Settings, add_ratios, benchmark_model
@@ -193,17 +196,31 @@ def main(argv: list[str] | None = None) -> int:
     both = len({m.task for m in models}) > 1
     log(f"{stamp()} == prepare {', '.join(m.name for m in models)}"
         + (" (malaria and OCT builds side by side)" if both else ""))
-    prepared = prepare_all(models, formats, cache, runs=runs, log=log, from_scratch=args.from_scratch)
+    # Where the time and memory go: wall, CPU (this process and its children) and peak memory per phase.
+    phases = Phases()
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        with phases.phase(name) as row:
+            yield row
+        log(f"{stamp()} {phase_line(row)}")
+
+    steps: list[dict] = []
+    with phase("build"):
+        prepared = prepare_all(models, formats, cache, runs=runs, log=log, from_scratch=args.from_scratch,
+                               steps=steps)
     peaks = []
     if not args.no_peak:
         log(f"{stamp()} == machine peak")
         used = {f.name for fs in formats.values() for f in fs}
         runtimes = tuple(dict.fromkeys(f.runtime for f in FORMATS.values() if f.name in used))  # table order
-        peaks = measure_peaks(cache / "peak", list(settings.threads), runtimes, log=log)
+        with phase("machine peak"):
+            peaks = measure_peaks(cache / "peak", list(settings.threads), runtimes, log=log)
     rows = []
     for p in prepared:
         log(f"{stamp()} == benchmark {p.model.name}")
-        rows += benchmark_model(p, formats[p.model.name], settings, peaks, log=log)
+        rows += benchmark_model(p, formats[p.model.name], settings, peaks, log=log,
+                                phase=lambda part, name=p.model.name: phase(f"{name} {part}"))
     add_ratios(rows)
     state_after = machine_state()
     report = {
@@ -224,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
                      "formats_spec": args.formats,
                      "formats_per_model": {name: [f.name for f in fs] for name, fs in formats.items()}},
         "scope": scope,
+        # Wall time, CPU time (user + system, children included) and peak process-tree memory per phase.
+        "phases": phases.rows + [phases.total()],
+        "build_steps": steps,
+        "expected_s": {"build": round(build_s), "timing": round(timing_s)},
         "models": [{"name": p.model.name, "run": str(p.run) if p.run else None,
                     "reference": str(p.reference) if p.reference else None, "synthetic_data": p.synthetic,
                     "error": p.error} for p in prepared],

@@ -182,6 +182,36 @@ def peaks_table(peaks: list[dict[str, Any]], markdown: bool = False) -> str:
     return _table(head, lines, markdown)
 
 
+def phases_table(report: dict[str, Any], markdown: bool = False) -> str:
+    """Where the run's time and memory went (`benchmarks.phases`); empty for reports written before it."""
+    phases = report.get("phases") or []
+    head = ["phase", "wall s", "CPU s", "cores busy", "peak RSS MB (process tree)"]
+    lines = [[p["phase"], _f(p["wall_s"], ".0f"), _f(p["cpu_s"], ".0f"), _f(p.get("cores_busy"), ".2f"),
+              _f(p.get("peak_rss_mb"), ".0f")] for p in phases]
+    return _table(head, lines, markdown) if lines else ""
+
+
+def phases_section(report: dict[str, Any], markdown: bool = False) -> list[str]:
+    table = phases_table(report, markdown)
+    if not table:
+        return []
+    exp = report.get("expected_s") or {}
+    said = (f" The first line expected {(exp['build'] + exp['timing']) / 60:.0f} min on an idle 2-core machine."
+            if exp else "")
+    head = ("## Where the time went" if markdown else "where the time went (CPU: user + system, children included):")
+    note = ("CPU time is user + system of the run and every child process (build steps, probes), what the run "
+            "cost whatever else the machine did; peak RSS is the whole process tree, summed." + said)
+    out = [head, "", table, "", note, ""] if markdown else ["", head, "", table, note]
+    steps = report.get("build_steps") or []
+    if steps:
+        st = _table(["job", "build step", "wall s", "CPU s", "peak RSS MB"],
+                    [[s.get("job", "-"), s["step"], _f(s["wall_s"], ".0f"), _f(s.get("cpu_s"), ".0f"),
+                      _f(s.get("peak_rss_mb"), ".0f")] for s in steps], markdown)
+        out += (["Build steps (each its own process; peak RSS: its largest process):", "", st, ""] if markdown
+                else ["", "build steps (each its own process; peak RSS: its largest process):", "", st])
+    return out
+
+
 def machine_line(report: dict[str, Any]) -> str:
     m = report["machine"]
     state = report.get("machine_state") or {}
@@ -217,7 +247,8 @@ def terminal(report: dict[str, Any]) -> str:
              "steady state per thread count (inference alone and end to end; CPU time summed over all threads):",
              "", steady_table(rows), "", energy_line(report), "",
              "thread choice (fastest vs least CPU per image, the battery's cost):", "", thread_choice(rows), "",
-             "machine peak (one large matrix product per runtime):", "", peaks_table(report["peaks"])]
+             "machine peak (one large matrix product per runtime):", "", peaks_table(report["peaks"]),
+             *phases_section(report)]
     if any(r.get("synthetic_data") for r in rows):
         parts += ["", "note: OCT rows are scored on synthetic scans with a random (not ImageNet) base; their "
                       "accuracy tests the pipeline, not the model."]
@@ -246,6 +277,7 @@ def markdown(report: dict[str, Any]) -> str:
              "latency falls.", "", energy_line(report), "", steady_table(report["rows"], markdown=True), "",
              "## Thread choice", "", thread_choice(report["rows"], markdown=True), "",
              "## Machine peak", "", peaks_table(report["peaks"], markdown=True), "",
+             *phases_section(report, markdown=True),
              "## Fields", "", *[f"- `{k}`: {v}" for k, v in FIELD_NOTES.items()], ""]
     if any(r.get("synthetic_data") for r in report["rows"]):
         parts += ["OCT rows are scored on synthetic scans with a random (not ImageNet) InceptionV3 base: "

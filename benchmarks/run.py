@@ -13,6 +13,7 @@ goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -313,8 +314,27 @@ def fill_speed(row: dict[str, Any], r: dict[str, Any]) -> None:
 
 
 def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, peaks: list[dict[str, Any]],
-                    log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Rows for one prepared model: the Keras reference, then every format, each at every thread count."""
+                    log: Callable[[str], None] = print,
+                    phase: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
+                    ) -> list[dict[str, Any]]:
+    """Rows for one prepared model: the Keras reference, then every format, each at every thread count.
+
+    `phase(name)` (e.g. `benchmarks.phases.Phases.phase`) measures the two parts: "rows" (reference, accuracy,
+    one probe process per row) and "pairs" (the interleaved speed-ups).
+    """
+    phase = phase or (lambda name: contextlib.nullcontext())
+    with phase("rows"):
+        rows, first_image = _rows(p, formats, settings, peaks, log)
+    if rows and first_image is not False:
+        with phase("pairs"):
+            # Speed-ups: each quantized file against its runtime's float32 file, both in one process, interleaved.
+            measure_pairs(rows, first_image, settings, log)
+    return rows
+
+
+def _rows(p: Prepared, formats: Sequence[Format], settings: Settings, peaks: list[dict[str, Any]],
+          log: Callable[[str], None]) -> tuple[list[dict[str, Any]], str | None | bool]:
+    """`benchmark_model`'s rows before the speed-ups, and the image the pairs classify (False: no pairs)."""
     name = p.model.name
     names = [KERAS] + [f.name for f in formats]
     fmt_of = {f.name: f for f in formats}
@@ -326,7 +346,7 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
 
     if p.error:
         log(f"[{name}] not benchmarked: {p.error}")
-        return [r for fmt in names for r in failed_rows(fmt, p.error)]
+        return [r for fmt in names for r in failed_rows(fmt, p.error)], False
 
     # Reference: Keras on the evaluation set (this process, all threads).
     try:
@@ -340,7 +360,7 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
         macs = int((cfg.size or {}).get("macs") or count_macs(keras_model))
     except Exception as e:  # nothing to compare against: every row of this model fails with the reason
         log(f"[{name}] reference failed: {first_line(e)}")
-        return [r for fmt in names for r in failed_rows(fmt, f"reference: {first_line(e)}")]
+        return [r for fmt in names for r in failed_rows(fmt, f"reference: {first_line(e)}")], False
     ref_q = quality(data.y, ref_probs, labels, positive)
     common = dict(weights=weights, macs=macs, n_images=int(len(data.y)), synthetic_data=p.synthetic)
 
@@ -391,9 +411,7 @@ def benchmark_model(p: Prepared, formats: Sequence[Format], settings: Settings, 
                 row.update(status="failed", error=f"timing: {first_line(e)}")
                 log(f"[{name}] {fmt} threads={t}: failed ({first_line(e)})")
             rows.append(row)
-    # Speed-ups: each quantized file against its runtime's float32 file, both in one process, interleaved.
-    measure_pairs(rows, data.first_image, settings, log)
-    return rows
+    return rows, data.first_image
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:

@@ -76,6 +76,15 @@ def test_end_to_end_rows_and_files(bench):
     md = (out / report.RESULTS_MD).read_text()
     assert rep["machine"]["cpu_model"] in md and "ai-edge-litert" in md and "tflite-int8" in md
     assert "Machine before: load " in md and "alternating rounds" in md and "[" in md.split("## All rows")[0]
+    # where the time went: build, machine peak, then rows and pairs per model, and the total
+    assert [p["phase"] for p in rep["phases"]] == ["build", "machine peak", "malaria-edge rows", "malaria-edge pairs",
+                                                    "total"]
+    assert all(p["wall_s"] > 0 and p["cpu_s"] > 0 for p in rep["phases"])  # every phase runs child processes
+    assert "## Where the time went" in md and "malaria-edge pairs" in md
+    # the build: one conversion of the given run, its own process's CPU time and memory
+    (step,) = rep["build_steps"]
+    assert step["step"] == f"convert malaria-edge {FORMATS}" and step["cpu_s"] > 0 and step["peak_rss_mb"] > 100
+    assert f"convert malaria-edge {FORMATS}" in md
     for png in (report.PLOT_SIZE, report.PLOT_ACCURACY):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     side = report.side_by_side(rows)
@@ -505,3 +514,24 @@ def test_expected_seconds_counts_builds_only_when_not_cached(tmp_path):
     assert cached == 0 and same == timing
     assert expected_seconds(models, fmts, [1, 2], tmp_path, rounds=30, min_time=0.15)[1] > timing
     assert expected_seconds(models, fmts, [1], tmp_path, rounds=15, min_time=0.15)[1] < timing
+
+
+def test_phases_count_children_cpu_and_tree_memory():
+    """A child that holds ~200 MB and burns 0.3 s of CPU shows in its phase's CPU time and peak tree memory."""
+    import subprocess
+    import sys
+
+    from benchmarks.phases import Phases, line
+
+    child = ("import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); t = time.process_time()\n"
+             "while time.process_time() - t < 0.3: pass\ntime.sleep(1.5)")
+    phases = Phases(sample_s=0.1)
+    with phases.phase("child") as row:
+        subprocess.run([sys.executable, "-c", child], check=True)
+    with phases.phase("nothing") as alone:
+        pass
+    assert row["cpu_s"] >= 0.3 and row["wall_s"] >= row["cpu_s"] - 0.1
+    assert row["peak_rss_mb"] >= alone["peak_rss_mb"] + 150, (row, alone)  # the child's 200 MB, beside this process
+    total = phases.total()
+    assert total["cpu_s"] >= 0.3 and total["peak_rss_mb"] == row["peak_rss_mb"]
+    assert line(row).startswith("child: ") and "GB (process tree)" in line(row)
