@@ -687,7 +687,7 @@ def test_every_option_s_help_gives_its_default(capsys):
             if action.option_strings and action.nargs != 0:  # flags (--json, --normalise) are off unless given
                 assert "default" in fmt._expand_help(action), f"{name} {action.option_strings[0]}: {action.help!r}"
     assert cli_main(["serve", "--help"]) == 0
-    assert "(default: 8080)" in " ".join(capsys.readouterr().out.split())
+    assert "(default 8080; 8443 with --https)" in " ".join(capsys.readouterr().out.split())
     assert cli_main(["smear", "--help"]) == 0
     assert "(default: the model's threshold" in " ".join(capsys.readouterr().out.split())
 
