@@ -20,8 +20,9 @@ quantization, provenance). The entry is derived from that contract only:
 - output: the class scores (`FeatureProperties`, range 0..1 for
   probabilities) with `labels.txt` (one label a line, in output order) as a
   `TENSOR_AXIS_LABELS` file;
-- name, description, version (the source model's sha256 prefix), author,
-  licence, `min_parser_version` 1.0.0 (no field newer than schema 1.0).
+- name, description, version (the release's, e.g. "1.1.0", given to
+  `python -m convert --model-version`; else the source model's sha256 prefix),
+  author, licence, `min_parser_version` 1.0.0 (no field newer than schema 1.0).
 
 It contains no time stamp, so two conversions of one model write the same
 bytes. Written with `flatbuffers` alone, field by field from the schema (no
@@ -162,8 +163,7 @@ def build(meta: ArtifactMetadata) -> bytes:
     root = _table(b, [
         (_MODEL["name"], "off", b.CreateString(meta.model)),
         (_MODEL["description"], "off", b.CreateString(describe(meta))),
-        (_MODEL["version"], "off", b.CreateString(f"sha256:{meta.source_sha256[:16]}" if meta.source_sha256
-                                                   else "unknown")),
+        (_MODEL["version"], "off", b.CreateString(version(meta))),
         (_MODEL["subgraph_metadata"], "off", _offsets(b, [subgraph])),
         (_MODEL["author"], "off", b.CreateString(AUTHOR)),
         (_MODEL["license"], "off", b.CreateString(LICENSE)),
@@ -171,6 +171,13 @@ def build(meta: ArtifactMetadata) -> bytes:
     ])
     b.Finish(root, file_identifier=IDENTIFIER)
     return bytes(b.Output())
+
+
+def version(meta: ArtifactMetadata) -> str:
+    """The model's version for the standard entry: the release's, else the source model's sha256 prefix."""
+    if meta.version:
+        return meta.version
+    return f"sha256:{meta.source_sha256[:16]}" if meta.source_sha256 else "unknown"
 
 
 def associated_files(meta: ArtifactMetadata) -> dict[str, bytes]:
