@@ -568,7 +568,7 @@ def cmd_selftest(args) -> int:
         else:
             print(f"selftest FAILED: {e}")
         return EXIT_REJECTED
-    sealed = (f"content hash verified (sha256 {model.content_hash[:12]}...)" if model.content_hash
+    sealed = (f"content hash {model.content_hash[:12]}... verified" if model.content_hash
               else "not sealed (no content hash recorded: made before medge wrote one), golden answers only")
     try:
         golden = read_golden(model)
