@@ -78,6 +78,10 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=fraction,
                    help="confidence below which a device answers 'uncertain — refer', stored in the metadata "
                         "(default: the task's, malaria 0.8, OCT 0.6)")
+    p.add_argument("--model-version", default="", metavar="VERSION",
+                   help="the release's version (e.g. 1.1.0), written into each file's metadata: medge's entry, "
+                        "and the standard TFLite metadata's `version` (default: none; the standard entry then "
+                        "gives the source model's sha256 prefix)")
     d.add_argument("--min-agreement", type=fraction, default=DEFAULT_MIN_AGREEMENT,
                    help="lowest top-1 agreement with Keras for a post-training quantized artifact "
                         "(QAT rows: --qat-max-drop)")
@@ -204,7 +208,7 @@ def _export(args) -> int:
         qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate,
         qat_batch_size=args.qat_batch_size, seed=args.seed, bundle=args.bundle,
         layer_report_n=args.layer_report_n, golden_n=args.golden_n, max_drop=args.max_drop,
-        threshold=args.threshold,
+        threshold=args.threshold, model_version=args.model_version,
         qat_max_drop=args.qat_max_drop,
     )
     log = print if args.report_format == "table" else (lambda *a, **k: print(*a, file=sys.stderr, **k))

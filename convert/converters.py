@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.metadata import METADATA_KEY
+from edge_runtime.spec import CONTENT_HASH_KEY, METADATA_KEY
 
 OPSET = 17
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -99,6 +99,12 @@ def keras_to_onnx(model, input_shape: tuple[int, ...], opset: int = OPSET):
     import tf2onnx  # optional: only the ONNX rows need it
 
     spec = (tf.TensorSpec((None, *input_shape), tf.float32, name="image"),)
+    # tf2onnx names the ops it inserts from a process-wide counter: start it afresh, so a model converts to the
+    # same bytes whatever this process converted before (a release is rebuilt byte for byte; tests/test_release.py).
+    # Its rewriters take a name from it when first imported: imported before the counter is set.
+    import tf2onnx.tfonnx  # optional: only the ONNX rows need it
+
+    tf2onnx.utils.INTERNAL_NAME = 1
     try:
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
     except Exception as e:  # tf2onnx raises plain exceptions naming the unsupported op
@@ -108,14 +114,63 @@ def keras_to_onnx(model, input_shape: tuple[int, ...], opset: int = OPSET):
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_param = "batch"
     proto.producer_name = "medge"
+    canonical_constants(proto)
     return proto
+
+
+_GENERATED = re.compile(r"__\d+$")  # what tf2onnx's counter appends to the names it makes
+
+
+def canonical_constants(proto) -> None:
+    """Name the constants tf2onnx made by their content and sort them, in place.
+
+    Its optimizers fold and merge constants in the order of sets of Python
+    objects, so which counter number (or which of two equal constants) a
+    folded weight gets, and the initializers' order, change from run to run
+    while the graph stays the same. Named `const__<sha256 of dtype, shape and
+    bytes>` (a second constant of the same content gets `_2`, in the order the
+    nodes use them) and sorted, they are the same in every run: a release is
+    rebuilt byte for byte. Initializers named after Keras layers keep their names.
+    """
+    import hashlib
+
+    from onnx import numpy_helper  # optional: only the ONNX rows need it
+
+    g = proto.graph
+    uses = {}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            uses.setdefault(name, (len(uses), i))
+    rename, taken = {}, set()
+    for init in sorted((i for i in g.initializer if _GENERATED.search(i.name)),
+                       key=lambda i: uses.get(i.name, (len(uses), 0))):
+        a = numpy_helper.to_array(init)
+        h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()[:16]
+        name, n = f"const__{h}", 1
+        while name in taken:
+            n += 1
+            name = f"const__{h}_{n}"
+        taken.add(name)
+        rename[init.name] = name
+    for init in g.initializer:
+        init.name = rename.get(init.name, init.name)
+    for node in g.node:
+        node.input[:] = [rename.get(x, x) for x in node.input]
+    for v in (*g.output, *g.value_info):
+        v.name = rename.get(v.name, v.name)
+    ordered = sorted(g.initializer, key=lambda i: i.name)
+    copies = [type(i)() for i in ordered]
+    for c, i in zip(copies, ordered):
+        c.CopyFrom(i)
+    del g.initializer[:]
+    g.initializer.extend(copies)
 
 
 def set_metadata(proto, text: str, extra: Mapping[str, str] | None = None) -> None:
     """Put the medge JSON in `metadata_props` (replacing an older entry), plus `extra` key/values
-    (e.g. the golden set)."""
+    (e.g. the golden set). An old content hash record goes (an edit voids it) unless `extra` writes one."""
     new = {METADATA_KEY: text, **dict(extra or {})}
-    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in new]
+    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in new and p.key != CONTENT_HASH_KEY]
     del proto.metadata_props[:]
     for k, v in keep + list(new.items()):
         entry = proto.metadata_props.add()

@@ -7,7 +7,8 @@ metadata, open the file with `edge_runtime.load` exactly as a device does
 (which reads the metadata back and checks it against the tensors), run it on
 the proof batch one input per call with the device's defaults (threads: the
 runtime's choice), compare with Keras, and only then rename those same bytes
-into place (atomic: a killed export leaves no half file). A row that fails is
+into place (atomic: a killed export leaves no half file). The golden set and
+the file's content hash (`edge_runtime.content_hash`) are its last entries. A row that fails is
 recorded with its error and the others go on. `conversion.json` holds every
 row; the exit code is non-zero when any row failed.
 
@@ -234,8 +235,11 @@ def export_row(job: ExportJob, fmt: Format, out: Path, keras_probs: np.ndarray) 
         golden = make_golden(device, job, fmt, probs)
         meta = dataclasses.replace(meta, runtimes=runtime_record(job, fmt, tmp, device, golden))
         del device  # release the runtime before the file is rewritten
-        embed(fmt, tmp, meta, golden, job.ort_source)
-        device = prove(tmp, fmt)  # the bytes that are published below
+        # The last change to the file: its content hash is written with the golden set (`content_hash`).
+        embed(fmt, tmp, meta, golden, job.ort_source, seal=True)
+        device = prove(tmp, fmt)  # the bytes that are published below (load checks their content hash)
+        if device.content_hash is None:
+            raise RuntimeError("the artifact carries no content hash after sealing")
         if device.metadata.to_dict() != meta.to_dict():
             raise RuntimeError("metadata read back after embedding the golden set differs from what was written")
         check = selftest(device)  # the published file answers its own golden set on this machine

@@ -58,6 +58,7 @@ class Options:
     golden_n: int = GOLDEN_N
     max_drop: float | None = None
     threshold: float | None = None  # the metadata's confidence_threshold (None: the task's default)
+    model_version: str = ""  # the release's version, in the metadata (medge's and the standard TFLite entry's)
     qat_max_drop: float = DEFAULT_QAT_MAX_DROP
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,4 +158,5 @@ class ExportJob:
             tools=self.tools,
             part=self.source.part,
             feature_extractor=self.source.feature_extractor,
+            version=self.options.model_version,
         )

@@ -1,9 +1,10 @@
-"""Release a trained malaria run with the package: the Keras model, its int8 artifact, a model card.
+"""Release a trained malaria run with the package: the Keras model, its int8 files for each runtime, a model card.
 
     python -m convert release runs/release-edge --name malaria --version 1.0.0 \\
         --sample tests/data/malaria_sample --cv runs/cv-edge
     python -m convert release runs/field-cv/final/run --name malaria-field --version 1.0.0 \\
         --sample tests/data/malaria_sample --field-cv runs/field-cv --copy-calib runs/field-crops
+    python -m convert release releases/malaria --name malaria --version 1.1.0 --change "..."   # again
 
 Writes
     releases/<name>/model.keras         the run's final weights, no optimizer state (the source of truth)
@@ -12,22 +13,33 @@ Writes
                                         run's training cells) and the bundled sample (test split, the proof)
     releases/<name>/calibration/        copies of the calibration cells found under --copy-calib (crops a
                                         run cut from field photos, which live in git-ignored runs/)
+    releases/<name>/release.json        name, version, formats and the settings convert is given
     releases/<name>/conversion.json     the convert report of that conversion
     releases/<name>/MODEL_CARD.md
-    edge_runtime/released/<name>.tflite the int8 artifact, as package data (`edge_runtime.load("<name>")`)
+    edge_runtime/released/<name>.tflite the int8 LiteRT file, as package data (`edge_runtime.load("<name>")`)
+    edge_runtime/released/<name>.onnx   the int8 (QDQ) ONNX file (`edge_runtime.load("<name>", runtime="onnxruntime")`)
+    edge_runtime/released/<name>.ort    the same graph in ONNX Runtime's format (ONNX Runtime Mobile)
     edge_runtime/released/<name>.md     the model card again, for `python -m edge_runtime models --card`
-    edge_runtime/released/models.json   the registry: version, sha256, measured figures, provenance
+    edge_runtime/released/models.json   the registry: version, files per runtime with sha256, measured
+                                        figures, provenance
 
-The artifact is made by the ordinary `python -m convert` path from the
-committed `model.keras` and `calibration.csv` (see `reproduce_command`), so a
-test can make it again and check the committed file is exactly what convert
-makes. The figures on the sample are measured through `edge_runtime`, the way
-a device runs the file; the cross-validation figures come from `python -m
-train cv` of the same preset on the same developer patients (other model
-instances: they say how well this recipe does on unseen patients).
+Every file carries the release's version in its metadata (medge's entry, and
+the standard TFLite metadata's `version`), its golden set and its content
+hash (`edge_runtime.content_hash`). The files are made by the ordinary
+`python -m convert` path from the committed `model.keras` and
+`calibration.csv` (see `reproduce_command`), so a test can make them again and
+check the committed files are exactly what convert makes. The figures on the
+sample are measured through `edge_runtime`, the way a device runs each file;
+the cross-validation figures come from `python -m train cv` of the same preset
+on the same developer patients (other model instances: they say how well this
+recipe does on unseen patients).
 
 The sample must hold patients the run never saw; the release checks it
-against the run's training manifest and refuses otherwise.
+against the run's training manifest and refuses otherwise. A release folder
+given instead of a run is released again: its committed `model.keras`, as it
+is, with its calibration cells and sample, and the figures its registry entry
+holds, which must describe that model (same sha256); a model trained anew is
+released from its run.
 """
 
 from __future__ import annotations
@@ -46,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from convert.export import Options, run_export
-from convert.formats import parse_formats
+from convert.formats import FORMATS, parse_formats
 from edge_runtime import registry
 from edge_runtime.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from edge_runtime.metadata import read_metadata
@@ -56,6 +68,17 @@ from train.split import build_split, read_manifest, write_manifest
 
 FORMAT = "tflite-int8"
 FLOAT = "tflite-float32"
+# What a release ships, one int8 file per ecosystem: LiteRT (the device's default), ONNX Runtime (.onnx for the
+# full runtime, .ort for ONNX Runtime Mobile and minimal builds). The float32 .tflite is made to score against.
+SHIPPED = (FORMAT, "onnx-int8", "ort-int8")
+# The ONNX activation type, fixed rather than timed (`--onnx-activations auto` keeps the faster on the machine that
+# converts, so a rebuild elsewhere could choose the other). int8, TFLite's scheme (asymmetric int8 activations,
+# symmetric per-channel int8 weights): on the 400 sample cells the `malaria` .onnx then agrees with its .tflite on
+# 99.50% (max |dprob| 0.07) and with Keras on 99.75% (0.05). uint8 activations ran 2x faster on this AVX2 machine
+# (no VNNI) but moved probabilities by up to 0.30 from Keras there (7-bit weights: 0.11), consistent with ONNX
+# Runtime's u8s8 kernels saturating on such CPUs: answers that depend on the CPU, which a golden set made here
+# would then refuse on another (docs/conversion.md, "The released ONNX files").
+ONNX_ACTIVATIONS = "int8"
 INTENDED_USE = (
     "A screening aid for thin blood smears: it sorts single red-blood-cell crops (one cell, black outside, as in "
     "the NIH set) into Parasitized or Uninfected, and says 'uncertain — refer' below its confidence threshold. "
@@ -124,11 +147,14 @@ def calibration_manifest(train_manifest: Path, sample: Path, dest: Path, n: int,
 
 
 def reproduce_command(dest: Path, out: str = "OUT") -> list[str]:
-    """The `python -m convert` call that makes the released artifact from the committed files."""
-    argv = ["python", "-m", "convert", str(dest), "--out", out, "--formats", f"{FLOAT},{FORMAT}",
-            "--calib", str(dest / "calibration.csv"), "--eval-n", "0", "--force"]
+    """The `python -m convert` call that makes the released files from the committed ones (`release.json`)."""
     settings = json.loads((dest / "release.json").read_text()) if (dest / "release.json").exists() else {}
-    for key in ("threshold", "min_agreement"):
+    formats = settings.get("formats") or [FLOAT, FORMAT]  # a release before 1.1.0 shipped the .tflite alone
+    argv = ["python", "-m", "convert", str(dest), "--out", out, "--formats", ",".join(formats),
+            "--calib", str(dest / "calibration.csv"), "--eval-n", "0", "--force"]
+    if settings.get("formats"):  # from 1.1.0 on, the files carry the release's name and version
+        argv += ["--name", settings["name"], "--model-version", settings["version"]]
+    for key in ("threshold", "min_agreement", "onnx_activations"):
         if settings.get(key) is not None:
             argv += [f"--{key.replace('_', '-')}", str(settings[key])]
     return argv
@@ -190,11 +216,27 @@ def _replace_dir(new: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclasses.dataclass
+class _Prepared:
+    """What a release stages before its conversion: the config, the calibration/sample counts, the figures it
+    carries (cross-validation, field or site), its provenance so far, and the settings convert is given."""
+
+    cfg: Any
+    data: dict[str, Any]
+    sample: Path
+    metrics: dict[str, Any]
+    trained: dict[str, Any]
+    inputs: str
+    threshold: float | None
+    min_agreement: float | None
+    calib_n: int
+
+
 def release(
     run: Path,
     name: str,
     version: str,
-    sample: Path,
+    sample: Path | None = None,
     cv_dir: Path | None = None,
     dest: Path | None = None,
     package: Path | None = None,
@@ -208,33 +250,40 @@ def release(
     min_agreement: float | None = None,
     notes: Sequence[str] = (),
     site: dict[str, Any] | None = None,
+    changes: Sequence[str] = (),
 ) -> registry.Release:
     """Make the release of `run` (see the module docstring); returns its registry entry.
 
-    `field_cv`: the `train field-cv` folder whose `--final` run this is (a model fine-tuned on field crops):
-    its leave-one-block-out figures go into the registry and the card. `copy_calib`: calibration cells under
-    this folder (or these folders) are copied beside the card (see `calibration_manifest`). `site`: the report
-    of `python -m train site-adapt` whose run this is (its before/after table on held-out site fields).
-    `min_agreement`: the int8 file's lowest top-1 agreement with Keras on the sample (convert's
-    `--min-agreement`), recorded with the release.
+    `run` is a training run, or a release folder (`releases/NAME`, holding `release.json`): then its committed
+    `model.keras` is released again under `version` with the same calibration cells, sample and measured
+    figures (`release_again`). `field_cv`: the `train field-cv` folder whose `--final` run this is (a model
+    fine-tuned on field crops): its leave-one-block-out figures go into the registry and the card.
+    `copy_calib`: calibration cells under this folder (or these folders) are copied beside the card (see
+    `calibration_manifest`). `site`: the report of `python -m train site-adapt` whose run this is (its
+    before/after table on held-out site fields). `min_agreement`: the int8 files' lowest top-1 agreement with
+    Keras on the sample (convert's `--min-agreement`), recorded with the release. `changes`: what changed
+    since the previous version, for the card.
 
     Everything is made in a folder beside `dest` and renamed over it once the conversion passed: a failed or
     killed release leaves the previous one as it was.
     """
-    import keras  # TensorFlow: imported only when this runs
-
-    from train.malaria.models import describe  # loads TensorFlow: imported only when this runs
-
-    run, sample = Path(run), Path(sample)
-    cfg = runs.read_config(run)
-    if cfg.task != "malaria" or not cfg.preset:
-        raise ValueError(f"{run}: releases are made from malaria runs (task {cfg.task!r})")
-    if not cfg.manifest or not Path(cfg.manifest).exists():
-        raise FileNotFoundError(f"{run}: its training manifest {cfg.manifest} is gone; the calibration cells "
-                                "are drawn from it")
-    fields = field_figures(field_cv, run)  # checked before anything is written
+    run = Path(run)
     dest = Path(dest) if dest else Path("releases") / name
     package = Path(package) if package else registry.RELEASED_DIR
+    again = (run / "release.json").is_file()
+    this = shlex.join(command) if command else f"python -m convert release {run} --name {name} --version {version}"
+    if again:
+        previous = _previous_release(run, name, version, package)
+    else:
+        if sample is None:
+            raise ValueError("--sample is needed to release a run (a class-folder tree of unseen patients)")
+        cfg = runs.read_config(run)
+        if cfg.task != "malaria" or not cfg.preset:
+            raise ValueError(f"{run}: releases are made from malaria runs (task {cfg.task!r})")
+        if not cfg.manifest or not Path(cfg.manifest).exists():
+            raise FileNotFoundError(f"{run}: its training manifest {cfg.manifest} is gone; the calibration cells "
+                                    "are drawn from it")
+        fields = field_figures(field_cv, run)  # checked before anything is written
     dest.parent.mkdir(parents=True, exist_ok=True)
     package.mkdir(parents=True, exist_ok=True)
     stage = dest.parent / f".{dest.name}.staging"  # a sibling: relative paths in calibration.csv stay right
@@ -242,89 +291,202 @@ def release(
         shutil.rmtree(stage)  # what a killed release left
     stage.mkdir()
     try:
-        log(f"== 1/4 model: {runs.model_file(run)} -> {dest / 'model.keras'}")
-        model = keras.saving.load_model(runs.model_file(run), compile=False)
-        model.save(stage / "model.keras")
-        size = describe(model)
-        released_cfg = runs.RunConfig.from_dict({**cfg.to_dict(), "model_file": "model.keras", "manifest": None,
-                                                 "init": os.path.relpath(cfg.init) if cfg.init else None})
-        runs.write_config(stage, released_cfg)
-        data = calibration_manifest(Path(cfg.manifest), sample, stage, calib_n, seed, copy_from=copy_calib)
+        if again:
+            prep = _stage_again(run, stage, previous, this, threshold, min_agreement, notes, log)
+        else:
+            prep = _stage_run(run, stage, Path(sample), cfg, fields, cv_dir, site, calib_n, seed, copy_calib, this,
+                              threshold, min_agreement, notes, log)
         atomic_write_text(stage / "release.json", json.dumps(  # what reproduce_command reads
-            {"name": name, "version": version, "threshold": threshold, "min_agreement": min_agreement},
-            indent=2) + "\n")
+            {"name": name, "version": version, "threshold": prep.threshold, "min_agreement": prep.min_agreement,
+             "formats": [FLOAT, *SHIPPED], "onnx_activations": ONNX_ACTIVATIONS}, indent=2) + "\n")
 
-        log(f"== 2/4 convert ({FLOAT}, {FORMAT}), calibrated on {data['calibration_cells']} training cells, "
-            f"proved on the {data['sample_cells']} sample cells")
+        log(f"== 2/4 convert ({', '.join([FLOAT, *SHIPPED])}), calibrated on {prep.data['calibration_cells']} "
+            f"training cells, proved on the {prep.data['sample_cells']} sample cells")
         with tempfile.TemporaryDirectory(prefix="medge-release-") as work:
             out = Path(work)
-            options = Options(calib=stage / "calibration.csv", calib_n=calib_n, eval_n=0, seed=0, force=True,
-                              threshold=threshold,
-                              **({"min_agreement": min_agreement} if min_agreement is not None else {}))
-            report = run_export(stage, out, parse_formats(f"{FLOAT},{FORMAT}"), options, name=name, log=log)
+            options = Options(calib=stage / "calibration.csv", calib_n=prep.calib_n, eval_n=0, seed=0, force=True,
+                              threshold=prep.threshold, onnx_activations=ONNX_ACTIVATIONS, model_version=version,
+                              **({"min_agreement": prep.min_agreement} if prep.min_agreement is not None else {}))
+            report = run_export(stage, out, parse_formats([FLOAT, *SHIPPED]), options, name=name, log=log)
             if not report.ok:
                 failed = [r for r in report.rows if r.failed]
                 raise ValueError(f"conversion failed: {failed[0].format}: {failed[0].error}")
             files = {r.format: out / r.file for r in report.rows}
 
-            log("== 3/4 score on the sample through edge_runtime (float32 and int8)")
-
+            log("== 3/4 score on the sample through edge_runtime (every file)")
             held = read_manifest(stage / "calibration.csv", "test")
-            labels = list(cfg.labels)
+            labels = list(prep.cfg.labels)
             y = np.array([labels.index(r.label) for r in held])
             paths = [r.path for r in held]
-            f32, p32 = artifact_metrics(files[FLOAT], paths, y, labels, cfg.positive_label)
-            q8, p8 = artifact_metrics(files[FORMAT], paths, y, labels, cfg.positive_label)
+            f32, p32 = artifact_metrics(files[FLOAT], paths, y, labels, prep.cfg.positive_label)
+            q8, p8 = artifact_metrics(files[FORMAT], paths, y, labels, prep.cfg.positive_label)
             flips = p32.argmax(1) != p8.argmax(1)
             agree = float(1 - flips.mean())
             surest = np.maximum(p32.max(1), p8.max(1))[flips]  # of the cells int8 flips
+            by_format = {}
+            for fmt in SHIPPED[1:]:  # the ONNX Runtime files, beside the .tflite a device runs by default
+                m, p = artifact_metrics(files[fmt], paths, y, labels, prep.cfg.positive_label)
+                by_format[fmt] = {**m, "top1_agreement_with_tflite_int8": float(np.mean(p.argmax(1) == p8.argmax(1))),
+                                  "max_abs_diff_to_tflite_int8": float(np.abs(p - p8).max())}
+                log(f"   {fmt}: accuracy {_pct(m['accuracy'])}, top-1 agreement with {FORMAT} "
+                    f"{_pct(by_format[fmt]['top1_agreement_with_tflite_int8'])}")
 
             log("== 4/4 package data, registry and model card")
             # Not the build machine's absolute path.
             report = dataclasses.replace(report, source={**report.source, "path": "model.keras"})
             atomic_write_text(stage / "conversion.json", json.dumps(report.to_dict(), indent=2) + "\n")
+            shipped = []
+            for fmt in SHIPPED:
+                target = package / f"{name}{FORMATS[fmt].ext}"
+                atomic_write_bytes(target, files[fmt].read_bytes())
+                shipped.append(registry.ReleasedFile(format=fmt, file=target.name, runtime=FORMATS[fmt].runtime,
+                                                     sha256=sha256_file(target), bytes=target.stat().st_size))
+            threshold_used = read_metadata(files[FORMAT]).confidence_threshold
             _replace_dir(stage, dest)
-            artifact = package / f"{name}.tflite"
-            atomic_write_bytes(artifact, files[FORMAT].read_bytes())
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # the previous release stays as it was
         raise
 
+    main = shipped[0]
     entry = registry.Release(
-        name=name, version=version, file=artifact.name, sha256=sha256_file(artifact),
-        bytes=artifact.stat().st_size, format=FORMAT, task=cfg.task, labels=tuple(labels), card=f"{name}.md",
+        name=name, version=version, file=main.file, sha256=main.sha256, bytes=main.bytes, format=FORMAT,
+        task=prep.cfg.task, labels=tuple(labels), card=f"{name}.md",
         metrics={
-            "sample": {**q8, "patients": data["sample_patients"]},
+            "sample": {**q8, "patients": prep.data["sample_patients"]},
             "sample_float32": f32,
+            "sample_by_format": by_format,
             "int8_drop_points": round(100 * (f32["accuracy"] - q8["accuracy"]), 2),
             "int8_float32_agreement": agree,
             "int8_flips": {"cells": int(flips.sum()), "max_confidence": float(surest.max()) if flips.any() else None},
-            "cv": cv_figures(cv_dir, cfg.preset["name"]),
-            **({"field_cv": fields} if fields else {}),
-            **({"site": site_figures(site)} if site else {}),
+            **prep.metrics,
         },
-        trained={
-            "preset": cfg.preset["name"], "epochs": cfg.preset["epochs"], "seed": cfg.seed,
-            "cells": data["trained_cells"], "patients": data["trained_patients"],
-            "weights": size["weights"], "macs": size["macs"],
-            "source_sha256": sha256_file(dest / "model.keras"),
-            "data": f"{data['data_root']}: every patient of the training manifest; none of {sample}'s"
-                    + (f"; and crops of {fields['pooled']['fine_tuned']['fields']} field photos "
-                       f"({fields['settings']['data']})" if fields else "")
-                    + (f"; and crops of {len(site['adapt_fields'])} fields of site {site['site']}" if site else ""),
-            "threshold": read_metadata(artifact).confidence_threshold,
-            "min_agreement": min_agreement,
-            "notes": list(notes),
-            "created": cfg.created,
-        },
-        inputs="fields" if fields or site else "cells",
+        trained={**prep.trained, "source_sha256": sha256_file(dest / "model.keras"), "threshold": threshold_used,
+                 "min_agreement": prep.min_agreement},
+        inputs=prep.inputs, files=tuple(shipped), changes=tuple(changes),
     )
-    card = model_card(entry, dest, sample, cfg, data, command, run)
+    card = model_card(entry, dest, prep.sample, prep.cfg, prep.data)
     atomic_write_text(dest / "MODEL_CARD.md", card)
     atomic_write_text(package / entry.card, card)
     others = [r for r in registry.read_registry(package) if r.name != name]
     atomic_write_text(package / registry.REGISTRY, registry.registry_json([*others, entry]))
     return entry
+
+
+def _stage_run(run: Path, stage: Path, sample: Path, cfg, fields: dict[str, Any], cv_dir: Path | None,
+               site: dict[str, Any] | None, calib_n: int, seed: int, copy_calib, this: str,
+               threshold: float | None, min_agreement: float | None, notes: Sequence[str], log) -> _Prepared:
+    """A first release of a training run: its model, config and a calibration manifest drawn from its cells."""
+    import keras  # TensorFlow: imported only when this runs
+
+    from train.malaria.models import describe  # loads TensorFlow: imported only when this runs
+
+    log(f"== 1/4 model: {runs.model_file(run)}, its config and calibration cells")
+    model = keras.saving.load_model(runs.model_file(run), compile=False)
+    model.save(stage / "model.keras")
+    size = describe(model)
+    released_cfg = runs.RunConfig.from_dict({**cfg.to_dict(), "model_file": "model.keras", "manifest": None,
+                                             "init": os.path.relpath(cfg.init) if cfg.init else None})
+    runs.write_config(stage, released_cfg)
+    data = calibration_manifest(Path(cfg.manifest), sample, stage, calib_n, seed, copy_from=copy_calib)
+    metrics = {"cv": cv_figures(cv_dir, cfg.preset["name"]), **({"field_cv": fields} if fields else {}),
+               **({"site": site_figures(site)} if site else {})}
+    trained = {
+        "preset": cfg.preset["name"], "epochs": cfg.preset["epochs"], "seed": cfg.seed,
+        "cells": data["trained_cells"], "patients": data["trained_patients"],
+        "weights": size["weights"], "macs": size["macs"],
+        "data": f"{data['data_root']}: every patient of the training manifest; none of {sample}'s"
+                + (f"; and crops of {fields['pooled']['fine_tuned']['fields']} field photos "
+                   f"({fields['settings']['data']})" if fields else "")
+                + (f"; and crops of {len(site['adapt_fields'])} fields of site {site['site']}" if site else ""),
+        "notes": list(notes), "created": cfg.created,
+        "keep": "final" if cfg.model_file == "final.keras" else "best",
+        "sample": str(sample),
+        "commands": [*_training_commands(cfg, data, run, sample, metrics), this],
+    }
+    return _Prepared(cfg=released_cfg, data=data, sample=sample, metrics=metrics, trained=trained,
+                     inputs="fields" if fields or site else "cells", threshold=threshold,
+                     min_agreement=min_agreement, calib_n=calib_n)
+
+
+def _previous_release(folder: Path, name: str, version: str, package: Path) -> registry.Release:
+    """The registry entry a release folder was released as, checked to describe its committed model.keras."""
+    try:
+        previous = registry.get(name, package)
+    except registry.ReleaseError:
+        raise ValueError(f"{folder} is a release folder, but {package / registry.REGISTRY} has no release named "
+                         f"{name!r} whose figures it could carry; release its training run instead") from None
+    if version == previous.version:
+        raise ValueError(f"{name} {version} is already released; give the new release a new version")
+    source = sha256_file(folder / "model.keras")
+    if previous.trained.get("source_sha256") != source:
+        raise ValueError(
+            f"{folder / 'model.keras'} (sha256 {source[:12]}...) is not the model {name} {previous.version} was "
+            f"measured on ({str(previous.trained.get('source_sha256'))[:12]}...): its figures would not describe it. "
+            "Release it from its training run (`python -m convert release RUN --name ... --sample ...` with its "
+            "--cv or --field-cv)")
+    return previous
+
+
+def _stage_again(folder: Path, stage: Path, previous: registry.Release, this: str, threshold: float | None,
+                 min_agreement: float | None, notes: Sequence[str], log) -> _Prepared:
+    """A release of a release folder's committed model.keras again: same calibration cells, sample and figures."""
+    log(f"== 1/4 model: {folder / 'model.keras'} (released as {previous.name} {previous.version}), as committed")
+    for item in ("model.keras", "config.json", "calibration.csv"):
+        shutil.copyfile(folder / item, stage / item)
+    if (folder / "calibration").is_dir():
+        shutil.copytree(folder / "calibration", stage / "calibration")
+    settings = json.loads((folder / "release.json").read_text())
+    cfg = runs.read_config(stage)
+    records = read_manifest(stage / "calibration.csv")
+    calib = [r for r in records if r.split == "train"]
+    held = [r for r in records if r.split == "test"]
+    local = (stage / "calibration").resolve()
+    t = dict(previous.trained)
+    sample = Path(t.get("sample") or os.path.relpath(os.path.commonpath([r.path for r in held])))
+    data = {"calibration_cells": len(calib), "copied_cells": sum(Path(r.path).is_relative_to(local) for r in calib),
+            "sample_cells": len(held), "sample_patients": len({r.patient for r in held}),
+            "trained_cells": t.get("cells"), "trained_patients": t.get("patients")}
+    for key in ("source_sha256", "threshold", "min_agreement"):  # what this conversion records afresh
+        t.pop(key, None)
+    t["keep"] = t.get("keep") or ("final" if (cfg.images or {}).get("val") == 0 else "best")
+    t["sample"] = str(sample)
+    t["commands"] = [*(t.get("commands") or _card_commands(registry.card_text(previous), previous)), this]
+    t["notes"] = [*t.get("notes", ()), *notes]
+    return _Prepared(
+        cfg=cfg, data=data, sample=sample,
+        metrics={k: v for k, v in previous.metrics.items() if k in ("cv", "field_cv", "site")},
+        trained=t, inputs=previous.inputs,
+        threshold=threshold if threshold is not None else settings.get("threshold"),
+        min_agreement=min_agreement if min_agreement is not None else settings.get("min_agreement"),
+        calib_n=len(calib))
+
+
+def _card_commands(card: str, previous: registry.Release) -> list[str]:
+    """The commands of a card's "How it was made" (registry entries before 1.1.0 did not record them)."""
+    part = card.split("## How it was made", 1)[-1].split("```")
+    if len(part) < 2 or not part[1].strip():
+        raise ValueError(f"{previous.name} {previous.version}: neither its registry entry nor its card says how it "
+                         "was made; release it from its training run")
+    return [line for line in part[1].strip().splitlines() if line.strip()]
+
+
+def _training_commands(cfg, data: dict[str, Any], run: Path, sample: Path, metrics: dict[str, Any]) -> list[str]:
+    """The commands that made the model a first release ships (its own command follows them on the card)."""
+    if metrics.get("site"):
+        return []  # `train site-adapt` made it and releases it: its command is the release's
+    if metrics.get("field_cv"):
+        fc = metrics["field_cv"]
+        return [f"python -m train field-crops --data {fc['settings']['data']} --out {fc['settings']['crops']}",
+                fc["command"]]
+    manifest = os.path.relpath(cfg.manifest)
+    cv = metrics.get("cv")
+    return [
+        f"python -m train split --data {data['data_root']} --out {manifest} --val 0 --test 0 "
+        f"--exclude-patients-of {sample}",
+        f"python -m train malaria --manifest {manifest} --preset {cfg.preset['name']} --out {os.path.relpath(run)} "
+        f"--keep {'final' if cfg.model_file == 'final.keras' else 'best'} --seed {cfg.seed}",
+        *([cv["command"]] if cv else []),
+    ]
 
 
 def _pct(v: float | None) -> str:
@@ -361,6 +523,8 @@ def _model_lines(r: registry.Release, cfg, data: dict[str, Any]) -> list[str]:
         "",
         f"`edge_runtime.load(\"{r.name}\")` · {r.format} · {r.bytes / 1024:.0f} KB · `{r.file}` sha256 `{r.sha256}`",
         "",
+        *_files_lines(r),
+        *_changes_lines(r),
         "## Intended use",
         "",
         INTENDED_USE if not (r.metrics.get("field_cv") or r.metrics.get("site")) else FIELD_INTENDED_USE,
@@ -376,12 +540,50 @@ def _model_lines(r: registry.Release, cfg, data: dict[str, Any]) -> list[str]:
         f"{', '.join(r.labels)}.",
         f"- int8: weights per channel, activations int8 (TFLite full-integer, float input and output), "
         f"calibrated on {data['calibration_cells']} training cells (min/max).",
+        *([f"- ONNX int8: QDQ, weights int8 per channel, activations {ONNX_ACTIVATIONS} (onnxruntime "
+           "`quantize_static`, min/max on the same cells: TFLite's scheme), float input and output; the `.ort` is "
+           "that graph in ONNX Runtime's own format, optimized (all but the x86-only NCHWc layout)."]
+          if any(f.runtime == "onnxruntime" for f in r.files) else []),
         "",
     ]
 
 
+def _files_lines(r: registry.Release) -> list[str]:
+    """The files of a release, per runtime, with size, sha256 and their agreement on the sample."""
+    if not r.files:
+        return []
+    by_format = r.metrics.get("sample_by_format", {})
+    rows = []
+    for f in r.files:
+        m = by_format.get(f.format, {})
+        agree = m.get("top1_agreement_with_tflite_int8")
+        rows.append(f"| `{f.file}` | {f.runtime} | {f.format} | {f.bytes / 1024:.0f} KB | "
+                    f"{_pct(m.get('accuracy', r.metrics['sample']['accuracy'] if f.format == FORMAT else None))} | "
+                    f"{'(itself)' if f.format == FORMAT else _pct(agree)} | `{f.sha256}` |")
+    return [
+        "## Files",
+        "",
+        f"| file | runtime | format | size | accuracy on the sample | top-1 agreement with `{r.file}` | sha256 |",
+        "|---|---|---|---:|---:|---:|---|",
+        *rows,
+        "",
+        f"`edge_runtime.load(\"{r.name}\")` opens the `.tflite`; `edge_runtime.load(\"{r.name}\", "
+        "runtime=\"onnxruntime\")` the `.onnx` (the full onnxruntime optimizes it for the CPU it runs on); the "
+        "`.ort` is for ONNX Runtime Mobile and minimal builds. Each file carries medge's metadata (labels, "
+        "preprocessing, threshold, version; `metadata_props` in the ONNX files), its golden set for "
+        "`python -m edge_runtime selftest`, and a content hash of its own bytes: `edge_runtime.load` and `selftest` "
+        "refuse a copy with any byte changed. The `.tflite` also carries the standard TFLite metadata (version "
+        f"{r.version}) that MediaPipe Tasks and tflite-support read.",
+        "",
+    ]
+
+
+def _changes_lines(r: registry.Release) -> list[str]:
+    return [f"## Changes in {r.version}", "", *[f"- {c}" for c in r.changes], ""] if r.changes else []
+
+
 def _recipe(r: registry.Release, cfg) -> str:
-    preset, final = cfg.preset, cfg.model_file == "final.keras"
+    preset, final = cfg.preset, r.trained.get("keep") == "final"
     start = f"fine-tuned from `{os.path.relpath(cfg.init)}`, " if cfg.init else ""
     return (f"Recipe: {start}{preset['epochs']} epochs, batch {preset['batch_size']}, SGD lr {preset['learning_rate']} "
             f"(momentum {preset['momentum']}{', Nesterov' if preset.get('nesterov') else ''}, {preset['schedule']} "
@@ -405,6 +607,8 @@ def _sample_lines(r: registry.Release, sample: Path) -> list[str]:
         f"{f['roc_auc']:.4f} | {_pct(f['uncertain'])} |",
         f"| {FORMAT} (released) | {_pct(s['accuracy'])} | {_pct(s['sensitivity'])} | {_pct(s['specificity'])} | "
         f"{s['roc_auc']:.4f} | {_pct(s['uncertain'])} |",
+        *[f"| {fmt} (released) | {_pct(o['accuracy'])} | {_pct(o['sensitivity'])} | {_pct(o['specificity'])} | "
+          f"{o['roc_auc']:.4f} | {_pct(o['uncertain'])} |" for fmt, o in m.get("sample_by_format", {}).items()],
         "",
         f"int8 accuracy drop: {m['int8_drop_points']:+.2f} points; int8 and float32 agree on "
         f"{_pct(m['int8_float32_agreement'])} of the cells. {s['cells']} cells of {s['patients']} patients is a small "
@@ -425,19 +629,17 @@ def _sample_lines(r: registry.Release, sample: Path) -> list[str]:
                     ""]
 
 
-def _made_lines(r: registry.Release, dest: Path, commands: Sequence[str], command: Sequence[str] | None
-                ) -> list[str]:
-    """How it was made: the commands, then this release's (`command`), then the one that remakes the artifact
-    from the committed files."""
+def _made_lines(r: registry.Release, dest: Path) -> list[str]:
+    """How it was made: the commands (training, then each release of it, this one last), then the one that
+    remakes the released files from the committed ones."""
     return [
         "## How it was made",
         "",
         "```",
-        *commands,
-        shlex.join(command) if command else f"python -m convert release RUN --name {r.name} --version {r.version}",
+        *r.trained["commands"],
         "```",
         "",
-        "The released artifact is what this makes from the committed `model.keras` (a test checks it):",
+        "The released files are what this makes from the committed `model.keras` (a test checks it):",
         "",
         "```",
         " ".join(reproduce_command(dest)),
@@ -450,17 +652,14 @@ def _made_lines(r: registry.Release, dest: Path, commands: Sequence[str], comman
     ]
 
 
-def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any],
-               command: Sequence[str] | None, run: Path) -> str:
+def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any]) -> str:
     """The model card (Markdown): what it is for, what it learned from, how well it does, how it was made."""
     if r.metrics.get("site"):
-        return site_card(r, dest, sample, cfg, data, command)
+        return site_card(r, dest, sample, cfg, data)
     if r.metrics.get("field_cv"):
-        return field_card(r, dest, sample, cfg, data, command)
+        return field_card(r, dest, sample, cfg, data)
     m, t = r.metrics, r.trained
-    cv = m["cv"]
-    preset = cfg.preset
-    final = cfg.model_file == "final.keras"
+    cv = m.get("cv") or {}
     threshold_lines: list[str] = []
     if cv and cv.get("thresholds"):
         threshold_lines = [
@@ -472,7 +671,6 @@ def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
               f"{_pct(t['sensitivity_answered'])} |" for t in cv["thresholds"]],
             "",
         ]
-    manifest = os.path.relpath(cfg.manifest)
     lines = [
         *_model_lines(r, cfg, data),
         "## Training data",
@@ -519,14 +717,7 @@ def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         *[f"- {n}" for n in t.get("notes", ())],
         "",
     ]
-    commands = [
-        f"python -m train split --data {data['data_root']} --out {manifest} --val 0 --test 0 "
-        f"--exclude-patients-of {sample}",
-        f"python -m train malaria --manifest {manifest} --preset {preset['name']} --out {os.path.relpath(run)} "
-        f"--keep {'final' if final else 'best'} --seed {t['seed']}",
-        *([cv["command"]] if cv else []),
-    ]
-    return "\n".join(lines + _made_lines(r, dest, commands, command))
+    return "\n".join(lines + _made_lines(r, dest))
 
 
 def field_figures(field_cv: Path | None, run: Path) -> dict[str, Any]:
@@ -553,8 +744,7 @@ def field_figures(field_cv: Path | None, run: Path) -> dict[str, Any]:
             "thresholds": (fcv.get("thresholds") or {}).get("fine_tuned")}
 
 
-def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any],
-               command: Sequence[str] | None) -> str:
+def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any]) -> str:
     """The card of a model fine-tuned on field crops: its figures are leave-one-block-out ones."""
     fc = r.metrics["field_cv"]
     c, st, pooled = fc["counts"], fc["settings"], fc["pooled"]
@@ -635,11 +825,7 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         *[f"- {n}" for n in r.trained.get("notes", ())],
         "",
     ]
-    commands = [
-        f"python -m train field-crops --data {st['data']} --out {st['crops']}",
-        fc["command"],
-    ]
-    return "\n".join(lines + _made_lines(r, dest, commands, command))
+    return "\n".join(lines + _made_lines(r, dest))
 
 
 def site_figures(report: dict[str, Any]) -> dict[str, Any]:
@@ -653,8 +839,7 @@ def site_figures(report: dict[str, Any]) -> dict[str, Any]:
             "train_seconds": report["train_seconds"], "table": report["table"]}
 
 
-def site_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any],
-              command: Sequence[str] | None) -> str:
+def site_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any]) -> str:
     """The card of a site model (`train site-adapt`): judged before/after on the site's held-out fields."""
     s = r.metrics["site"]
     c = s["counts"]
@@ -693,19 +878,24 @@ def site_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str
         *[f"- {n}" for n in r.trained.get("notes", ())],
         "",
     ]
-    return "\n".join(lines + _made_lines(r, dest, [], command or s["command"].split()))
+    return "\n".join(lines + _made_lines(r, dest))
 
 
 def release_parser():
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m convert release",
-                                description="release a trained malaria run with the package (artifact, card, registry)")
-    p.add_argument("run", type=Path, help="run directory (python -m train malaria ... --keep final)")
+                                description="release a trained malaria run with the package (int8 .tflite, .onnx "
+                                            "and .ort, card, registry), or a release folder again")
+    p.add_argument("run", type=Path,
+                   help="run directory (python -m train malaria ... --keep final), or a release folder "
+                        "(releases/NAME): its committed model.keras released again under --version, with the same "
+                        "calibration cells, sample and measured figures")
     p.add_argument("--name", required=True, help="released name, e.g. malaria (edge_runtime.load(NAME))")
-    p.add_argument("--version", required=True, help="release version, e.g. 1.0.0")
-    p.add_argument("--sample", type=Path, required=True,
-                   help="class-folder tree of unseen patients to score on (e.g. tests/data/malaria_sample)")
+    p.add_argument("--version", required=True, help="release version, e.g. 1.1.0 (written into every file)")
+    p.add_argument("--sample", type=Path,
+                   help="class-folder tree of unseen patients to score on (e.g. tests/data/malaria_sample); needed "
+                        "for a run, not for a release folder (its calibration.csv holds it)")
     p.add_argument("--cv", type=Path, help="folder of `python -m train cv` of the same preset (its cv.json)")
     p.add_argument("--field-cv", type=Path, help="folder of `python -m train field-cv ... --final` whose final run "
                                                   "this is: its leave-one-block-out figures describe the model")
@@ -716,26 +906,36 @@ def release_parser():
     p.add_argument("--calib-n", type=int, default=300, help="calibration cells drawn from the run's training cells")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
     p.add_argument("--threshold", type=float,
-                   help="confidence below which the device answers 'uncertain — refer' (default: the task's); the "
-                        "card tabulates the choices on the cross-validation's out-of-fold cells")
+                   help="confidence below which the device answers 'uncertain — refer' (default: the task's, or "
+                        "the release folder's); the card tabulates the choices on the cross-validation's "
+                        "out-of-fold cells")
     p.add_argument("--note", action="append", default=[], metavar="TEXT",
                    help="a limitation the card lists besides the generated ones (repeatable)")
+    p.add_argument("--change", action="append", default=[], metavar="TEXT",
+                   help="what changed since the previous version, listed on the card (repeatable)")
     p.add_argument("--min-agreement", type=float,
-                   help="lowest top-1 agreement of the int8 file with Keras on the sample (default: convert's); "
-                        "recorded in release.json, so the command that remakes the file uses it too")
+                   help="lowest top-1 agreement of the int8 files with Keras on the sample (default: convert's, or "
+                        "the release folder's); recorded in release.json, so the command that remakes them uses "
+                        "it too")
     return p
 
 
 def run_cli(args, argv: Sequence[str]) -> int:
-    """CLI body of `python -m convert release` (`argv`: its arguments, recorded in the model card)."""
+    """CLI body of `python -m convert release` (`argv`: its arguments, recorded in the model card; the texts of
+    `--change`, which the card lists under its Changes, as "...")."""
+    shown = [a if i == 0 or argv[i - 1] != "--change" else "..." for i, a in enumerate(argv)]
     entry = release(args.run, args.name, args.version, args.sample, cv_dir=args.cv, dest=args.dest,
                     calib_n=args.calib_n, seed=args.seed, threshold=args.threshold, field_cv=args.field_cv,
                     copy_calib=args.copy_calib, min_agreement=args.min_agreement, notes=args.note,
-                    command=["python", "-m", "convert", "release", *argv])
-    s, cv = entry.metrics["sample"], entry.metrics["cv"]
-    print(f"\nreleased {entry.name} {entry.version}: {registry.RELEASED_DIR / entry.file} "
-          f"({entry.bytes / 1024:.0f} KB, sha256 {entry.sha256[:12]})")
+                    changes=args.change, command=["python", "-m", "convert", "release", *shown])
+    s, cv = entry.metrics["sample"], entry.metrics.get("cv")
+    print(f"\nreleased {entry.name} {entry.version}:")
+    for f in entry.all_files:
+        print(f"  {registry.RELEASED_DIR / f.file} ({f.runtime}, {f.bytes / 1024:.0f} KB, sha256 {f.sha256[:12]})")
     print(f"sample ({s['cells']} cells, {s['patients']} patients): int8 accuracy {_pct(s['accuracy'])}, "
           f"drop {entry.metrics['int8_drop_points']:+.2f} points"
           + (f"; CV accuracy {_pct(cv['accuracy_mean'])} +- {100 * cv['accuracy_std']:.2f}" if cv else ""))
+    for fmt, m in entry.metrics.get("sample_by_format", {}).items():
+        print(f"{fmt}: accuracy {_pct(m['accuracy'])}, top-1 agreement with {FORMAT} "
+              f"{_pct(m['top1_agreement_with_tflite_int8'])}")
     return 0

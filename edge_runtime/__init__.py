@@ -15,9 +15,10 @@ their backend module, on first use (`edge_runtime.backends`).
 
 from edge_runtime.backends import BACKENDS, BackendError
 from edge_runtime.images import ImageError, load_and_preprocess, load_image, preprocess
-from edge_runtime.model import UNCERTAIN, EdgeModel, ModelError, Prediction, load
+from edge_runtime.model import UNCERTAIN, EdgeModel, ModelChanged, ModelError, Prediction, load
 from edge_runtime.spec import PreprocessSpec
 
-__all__ = ["BACKENDS", "BackendError", "EdgeModel", "ImageError", "ModelError", "Prediction", "PreprocessSpec",
+__all__ = ["BACKENDS", "BackendError", "EdgeModel", "ImageError", "ModelChanged", "ModelError", "Prediction",
+           "PreprocessSpec",
            "UNCERTAIN", "load", "load_and_preprocess", "load_image", "preprocess"]
 __version__ = "0.1.0"

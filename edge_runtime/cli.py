@@ -43,9 +43,10 @@ the phones around the device; it needs the `serve` extra (Starlette, uvicorn).
 Exit codes: 0 every input classified, 1 some inputs rejected (each has an
 error record; the rest were classified), 2 bad arguments or unusable model.
 `selftest`: 0 the artifact gives the answers it gave right after conversion
-(within its tolerance, same top class), 1 drift (the worst difference and its
-input are printed), 2 unusable file (missing, truncated, unreadable metadata,
-no golden set).
+(within its tolerance, same top class), 1 a byte changed since it was made (its
+content hash; files made before medge recorded one are "not sealed") or drift
+(the worst difference and its input are printed), 2 unusable file (missing,
+truncated, unreadable metadata, no golden set).
 """
 
 from __future__ import annotations
@@ -61,14 +62,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_runtime import content_hash, registry, webruntime
+from edge_runtime import registry, webruntime
 from edge_runtime.backends import BACKENDS, BackendError
 from edge_runtime.clinical import is_malaria, is_oct, oct_summary, slide_summary
 from edge_runtime.extras import message as extras_message
 from edge_runtime.golden import GoldenMissing, read_golden, selftest
 from edge_runtime.gradcam import GradCam
 from edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file
-from edge_runtime.model import ModelError, load
+from edge_runtime.model import ModelChanged, ModelError, load
 from edge_runtime.smear import analyse_slide, write_report
 from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, decision_lines
 from edge_runtime.smear.report import field_entry
@@ -647,39 +648,47 @@ def cmd_models(args) -> int:
     if not releases:
         print("no models are released with this install")
         return EXIT_OK
-    head = ("name", "version", "for", "format", "KB", "sample acc", "CV acc", "sha256", "file")
+    head = ("name", "version", "for", "format", "runtime", "KB", "sample acc", "CV acc", "sha256", "file")
     rows = []
     for r in releases:
         sample, cv = r.metrics.get("sample", {}), r.metrics.get("cv", {})
-        rows.append((r.name, r.version, r.inputs, r.format, f"{r.bytes / 1024:.0f}", _figure(sample, "accuracy"),
-                     _figure(cv, "accuracy_mean"), r.sha256[:12] + ("" if _intact(r) else " ALTERED"), str(r.path)))
+        for i, f in enumerate(r.all_files):  # one line per file; the release's figures on its first (.tflite)
+            rows.append((r.name if i == 0 else "", r.version if i == 0 else "", r.inputs if i == 0 else "",
+                         f.format, f.runtime, f"{f.bytes / 1024:.0f}",
+                         _figure(sample, "accuracy") if i == 0 else "", _figure(cv, "accuracy_mean") if i == 0 else "",
+                         f.sha256[:12] + ("" if _file_intact(f) else " ALTERED"), str(f.path)))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     for row in (head, *rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
-    print("\nmodel cards: python -m edge_runtime models --card NAME")
+    print("\nmodel cards: python -m edge_runtime models --card NAME; "
+          "by runtime: edge_runtime.load(NAME, runtime=\"onnxruntime\") or predict NAME --backend onnxruntime")
     return EXIT_OK
 
 
+def _file_intact(f) -> bool:
+    return f.path.is_file() and registry.sha256_file(f.path) == f.sha256
+
+
 def _intact(release) -> bool:
-    try:
-        registry.verified_path(release)
-        return True
-    except registry.ReleaseError:
-        return False
+    return all(_file_intact(f) for f in release.all_files)
 
 
 def cmd_selftest(args) -> int:
-    """Exit 0 same answers, 1 drift, 2 unusable file (raised as ModelError/ValueError/LookupError to `main`)."""
-    model = _load(args)
-    # A recorded content hash is the first line: one changed byte anywhere is refused, where golden answers see
-    # only what moves them past their tolerance (issue 27). Files made before it carry none: golden answers only.
-    data = model.path.read_bytes()
-    if content_hash.MARKER in data:
-        try:
-            content_hash.verify(data, model.path.name)
-        except content_hash.ContentHashError as e:
+    """Exit 0 same answers, 1 drift or a changed byte (content hash), 2 unusable file (raised to `main`)."""
+    # A recorded content hash is the first line (`load` checks it before a runtime opens the file): one changed
+    # byte anywhere is refused, where golden answers see only what moves them past their tolerance (issue 27).
+    # Files made before it carry none ("not sealed"): their golden answers are the only line.
+    try:
+        model = _load(args)
+    except ModelChanged as e:
+        if args.format == "json":
+            print(json.dumps({"file": str(args.model), "ok": False, "content_hash": "changed", "reason": str(e)},
+                             indent=2))
+        else:
             print(f"selftest FAILED: {e}")
-            return 1
+        return EXIT_REJECTED
+    sealed = (f"content hash {model.content_hash[:12]}... verified" if model.content_hash
+              else "not sealed (no content hash recorded: made before medge wrote one), golden answers only")
     try:
         golden = read_golden(model)
     except GoldenMissing as e:
@@ -690,17 +699,18 @@ def cmd_selftest(args) -> int:
         raise ModelError(f"{model.path}: its golden set is unreadable ({e})") from None
     result = selftest(model, golden)
     doc = {"file": str(model.path), "format": model.metadata.format, "backend": model.backend,
-           "runtime_version": model.session.runtime_version(), "made_on": dict(golden.made_on), **result}
+           "runtime_version": model.session.runtime_version(), "made_on": dict(golden.made_on),
+           "content_hash": model.content_hash or "not sealed", **result}
     if args.format == "json":
         print(json.dumps(doc, indent=2))
     else:
         where = f"{model.backend} {doc['runtime_version']}"
         if result["ok"]:
             print(f"selftest passed: {model.path.name} gives its {result['inputs']} golden answers on {where} "
-                  f"(max |dprob| {result['max_abs_diff']:.3g}, tolerance {result['atol']:g})")
+                  f"(max |dprob| {result['max_abs_diff']:.3g}, tolerance {result['atol']:g}); {sealed}")
         else:
             worst = result["worst_input"]
-            print(f"selftest FAILED: {model.path.name} on {where}: {result['reason']}")
+            print(f"selftest FAILED: {model.path.name} on {where}: {result['reason']} ({sealed})")
             if worst is not None:
                 print(f"worst: golden input {worst} ({result['worst_source'] or 'unnamed'}): "
                       f"|dprob| {result['per_input_max_abs_diff'][worst]:.4g}: stored "

@@ -3,13 +3,15 @@
     from edge_runtime import content_hash
     sealed = content_hash.seal_tflite(data)      # at conversion, after every other metadata entry is written
     content_hash.verify(sealed)                  # on the device: raises ContentHashError if any byte changed
+    content_hash.check(data)                     # what `edge_runtime.load` and `selftest` do: verify a sealed
+                                                 # file, None for one that carries no record (not sealed)
 
 A file loaded by path was checked only by its golden answers, and one byte
 flipped in the middle of an int8 file's weights passed `selftest` (issue 27):
 a flip that moves no golden answer past its tolerance is invisible there.
 
-The record is one metadata entry (`KEY`; in a .onnx/.ort it would be a
-`metadata_props` value) whose value is `MARKER` followed by 64 hex digits: the
+The record is one metadata entry (`KEY`: a `Model.metadata` entry of a
+.tflite, a `metadata_props` key of a .onnx/.ort) whose value is `MARKER` followed by 64 hex digits: the
 sha256 of the whole file with those 64 digits set to b"0". Everything else is
 covered: graph, weights, the converter's and medge's metadata, the golden set,
 even padding. Verification reads raw bytes only (no flatbuffer or protobuf
@@ -17,6 +19,17 @@ parsing), so it is the same for every format and a flip anywhere is caught:
 in the digits (they no longer match, or are no longer 64 hex digits), in the
 marker (no record found), or anywhere else (another digest). It must be the
 last change made to a file: any later edit, a repack included, is a change.
+`python -m convert` seals every artifact it writes (`convert.embedding.embed`,
+which writes a .onnx's and an .ort's record through their `metadata_props`
+with the other entries; an .ort cannot be edited afterwards, so it is
+converted once more with the blank record, then the digits are written in
+place). Editing entries with medge's own writers removes the record.
+
+A file is sealed when `KEY` occurs in its bytes (the entry's name, and the
+marker's first bytes): a flip in the marker then still finds the name, and a
+flip in the name is another digest, so no single changed byte turns a sealed
+file into an unsealed one. Files made before medge recorded a hash load as
+"not sealed", with their golden answers as their only check.
 
 Standard library only.
 """
@@ -26,10 +39,11 @@ from __future__ import annotations
 import hashlib
 import re
 
+from edge_runtime.spec import CONTENT_HASH_KEY
 from edge_runtime.tflite_file import embed_entries
 
-KEY = "medge-content-sha256"
-MARKER = b"medge-content-sha256:"
+KEY = CONTENT_HASH_KEY
+MARKER = KEY.encode() + b":"
 _RECORD = re.compile(re.escape(MARKER) + rb"([0-9a-f]{64})")
 _BLANK = b"0" * 64
 
@@ -79,6 +93,30 @@ def verify(data: bytes | bytearray, where: str = "model") -> str:
         raise ContentHashError(f"{where} has changed since it was made: its content hashes to {got[:16]}..., its "
                                f"record says {stored[:16]}... (a damaged copy or storage); copy the file again")
     return stored
+
+
+def sealed(data: bytes | bytearray) -> bool:
+    """Whether `data` says it carries a content hash (see the module docstring; not whether it matches)."""
+    return KEY.encode() in data
+
+
+def check(data: bytes | bytearray, where: str = "model") -> str | None:
+    """`verify` for a sealed file; None for a file that carries no record (made before medge wrote one).
+
+    Raises:
+        ContentHashError: a sealed file whose bytes no longer match its record.
+    """
+    if not sealed(data):
+        return None
+    if not _RECORD.search(data):  # the entry is named, its record is not there: a byte of the marker changed
+        raise ContentHashError(f"{where} has changed since it was made: it names a content hash ({KEY}) but the "
+                               "record is damaged (a damaged copy or storage); copy the file again")
+    return verify(data, where)
+
+
+def blank_record() -> str:
+    """The value `seal` writes first, before the digest over the final layout replaces its zeros."""
+    return (MARKER + _BLANK).decode()
 
 
 def seal(data: bytes | bytearray, embed) -> bytes:

@@ -78,6 +78,8 @@ class ArtifactMetadata:
         feature_extractor: for a head, the base layer, weights and features fingerprint; for a
             bare features model (`python -m convert head.h5 --labels ...`, any input that is not an
             image) `base` and `layer` are None: the file names no base and `preprocess` does not apply.
+        version: the release's version (e.g. "1.1.0", `python -m convert --model-version`; the standard
+            TFLite metadata's `version` too); "" for a conversion outside a release (then left out of the JSON).
         runtimes: what the file requires of a runtime and where it was proven
             (`edge_runtime.compat`): {"requires": {"min_runtime_version", "op_versions"}
             or {"ir_version", "opsets"}, "proven_on": [{"runtime", "version", ...}]};
@@ -105,6 +107,7 @@ class ArtifactMetadata:
     part: str = "model"
     feature_extractor: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     runtimes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    version: str = ""
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:
@@ -143,6 +146,7 @@ class ArtifactMetadata:
             "part": self.part,
             "feature_extractor": dict(self.feature_extractor),
             **({"runtimes": json.loads(json.dumps(self.runtimes))} if self.runtimes else {}),
+            **({"version": self.version} if self.version else {}),
         }
 
     def to_json(self) -> str:

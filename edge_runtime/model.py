@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from edge_runtime import backends, compat, registry
+from edge_runtime import backends, compat, content_hash, registry
 from edge_runtime.backends import BackendError
 from edge_runtime.clinical import referral_level
 from edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, load_image, preprocess
@@ -50,6 +50,10 @@ InputLike = str | os.PathLike | Image.Image | np.ndarray
 
 class ModelError(ValueError):
     """A model file that cannot be used: missing, truncated, foreign, or metadata that does not match it."""
+
+
+class ModelChanged(ModelError):
+    """A sealed model file whose bytes no longer match its content hash (`edge_runtime.content_hash`)."""
 
 
 @dataclasses.dataclass
@@ -175,14 +179,25 @@ def load(
     threshold: float | None = None,
     warmup: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    runtime: str | None = None,
 ) -> EdgeModel:
     """Open a medge artifact (.tflite, .onnx, .ort), or a released model by name, with one runtime.
+
+    A file that carries a content hash (every file `python -m convert` writes)
+    is checked against it before a runtime opens it: one changed byte is
+    refused (`ModelChanged`). A file without one (made before medge recorded
+    it) loads as before; `EdgeModel.content_hash` is then None.
 
     Args:
         path: the artifact, or the name of a model released with the package
             (`python -m edge_runtime models` lists them; e.g. "malaria").
         backend: "litert", "tflite-runtime" or "onnxruntime"; default: the
-            first installed one for the file's suffix (LiteRT preferred).
+            first installed one for the file's suffix (LiteRT preferred). For a
+            released name it also picks the file: `.tflite` for the TFLite
+            runtimes, the release's `.onnx` for onnxruntime; without it, the
+            `.tflite` when a TFLite runtime is installed, else the `.onnx`.
+        runtime: the same as `backend` (either name may be used, not both).
         threads: runtime threads (default: the runtime's choice).
         threshold: confidence below which an answer is UNCERTAIN (default:
             the metadata's, else a per-task default).
@@ -192,11 +207,15 @@ def load(
     Raises:
         ModelError: missing, unreadable or foreign file; metadata missing or not matching the model;
             unknown released name, or a released file that no longer matches its sha256.
-        BackendError: unknown backend name, or its runtime is not installed.
+        ModelChanged: a sealed file whose bytes changed since it was made.
+        BackendError: unknown backend name, or its runtime is not installed (the message names the extra).
     """
     t0 = time.perf_counter()
+    if runtime is not None and backend is not None and runtime != backend:
+        raise BackendError(f"runtime={runtime!r} and backend={backend!r} name two runtimes; give one")
+    backend = backend if backend is not None else runtime
     try:
-        path = registry.resolve(path)
+        path = registry.resolve(path, backend)
     except registry.ReleaseError as e:
         raise ModelError(str(e)) from None
     if not path.exists():
@@ -206,6 +225,10 @@ def load(
     if path.stat().st_size == 0:
         raise ModelError(f"model file {path} is empty (0 bytes)")
     chosen = backends.resolve(path, backend)
+    try:  # before a runtime parses the bytes: a changed offset could take the runtime down with it
+        sealed_hash = content_hash.check(path.read_bytes(), str(path))
+    except content_hash.ContentHashError as e:
+        raise ModelChanged(str(e)) from None
     try:
         session = backends.open_session(path, chosen.name, threads)
     except ImportError as e:  # installed but broken runtime
@@ -220,6 +243,7 @@ def load(
     _check_contract(path, meta, session.input, session.output)
     model = EdgeModel(path, meta, session, threshold=threshold, max_pixels=max_pixels)
     model.metadata_source = meta_source
+    model.content_hash = sealed_hash
     model.threads = threads
     model.load_ms = (time.perf_counter() - t0) * 1e3
     if warmup:
@@ -256,6 +280,7 @@ class EdgeModel:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         self.metadata_source = "embedded"
+        self.content_hash: str | None = None  # the file's verified content hash; None: not sealed
         self.threads: int | None = None
         self.load_ms = 0.0
         self.warmup_ms = 0.0
@@ -288,6 +313,7 @@ class EdgeModel:
             "input": self.session.input.to_dict(), "output": self.session.output.to_dict(),
             "output_kind": m.output_kind, "quantization": dict(m.quantization),
             "source_sha256": m.source_sha256, "created": m.created, "medge_version": m.medge_version,
+            "version": m.version or None, "content_hash": self.content_hash,
             "load_ms": round(self.load_ms, 2), "warmup_ms": round(self.warmup_ms, 2),
         }
 

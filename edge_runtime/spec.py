@@ -21,6 +21,8 @@ METADATA_KEY = "medge"
 GOLDEN_KEY = "medge-golden"
 # The standard TFLite Model Metadata's entry (MediaPipe Tasks, TFLite Support), made from METADATA_KEY's contract.
 STANDARD_KEY = "TFLITE_METADATA"
+# The content hash's entry (edge_runtime.content_hash): the file's own sha256, written last; any later edit voids it.
+CONTENT_HASH_KEY = "medge-content-sha256"
 
 COLOR_MODES = ("rgb", "grayscale")
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic")

@@ -20,8 +20,9 @@ quantization, provenance). The entry is derived from that contract only:
 - output: the class scores (`FeatureProperties`, range 0..1 for
   probabilities) with `labels.txt` (one label a line, in output order) as a
   `TENSOR_AXIS_LABELS` file;
-- name, description, version (the source model's sha256 prefix), author,
-  licence, `min_parser_version` 1.0.0 (no field newer than schema 1.0).
+- name, description, version (the release's, e.g. "1.1.0", given to
+  `python -m convert --model-version`; else the source model's sha256 prefix),
+  author, licence, `min_parser_version` 1.0.0 (no field newer than schema 1.0).
 
 It contains no time stamp, so two conversions of one model write the same
 bytes. Written with `flatbuffers` alone, field by field from the schema (no
@@ -83,6 +84,25 @@ def normalization(meta: ArtifactMetadata) -> tuple[list[float], list[float]]:
     return [mean] * p.channels, [std] * p.channels
 
 
+def resize_description(meta: ArtifactMetadata) -> str:
+    """How the input image is made, for the input tensor's description: the schema has no field for the resize.
+
+    medge resizes as training did (Pillow, TensorFlow's `antialias=True`): a
+    shrunk image is averaged over each output pixel's area. tflite-support's
+    and MediaPipe's classifiers sample bilinearly without that, which moves
+    borderline answers (docs/clients.md); an app gets medge's answers by
+    resizing first.
+    """
+    p = meta.preprocess
+    h, w = p.input_size
+    text = f"{w}x{h} {p.color_mode.upper()} image, resized {p.resize_method}"
+    if p.resize_method != "nearest":
+        text += (" with antialiasing (area-averaged when shrinking, as Pillow and TensorFlow's antialias=True; "
+                 f"a classifier that samples without it answers differently near the threshold: resize to {w}x{h} "
+                 "first for the same answers)")
+    return text
+
+
 def labels_file(meta: ArtifactMetadata) -> bytes:
     """labels.txt: one label a line, in output order."""
     for label in meta.labels:
@@ -126,11 +146,9 @@ def build(meta: ArtifactMetadata) -> bytes:
                       (_PROCESS_UNIT["options"], "off", norm)])
     in_stats = _table(b, [(_STATS["max"], "off", _floats(b, [(255.0 - m) / s for m, s in zip(mean, std)])),
                           (_STATS["min"], "off", _floats(b, [(0.0 - m) / s for m, s in zip(mean, std)]))])
-    h, w = p.input_size
     image = _table(b, [
         (_TENSOR["name"], "off", b.CreateString("image")),
-        (_TENSOR["description"], "off", b.CreateString(
-            f"{w}x{h} {p.color_mode.upper()} image, resized {p.resize_method}; value = (pixel - mean) / std")),
+        (_TENSOR["description"], "off", b.CreateString(resize_description(meta) + "; value = (pixel - mean) / std")),
         (_TENSOR["content"], "off", in_content),
         (_TENSOR["process_units"], "off", _offsets(b, [unit])),
         (_TENSOR["stats"], "off", in_stats),
@@ -162,8 +180,7 @@ def build(meta: ArtifactMetadata) -> bytes:
     root = _table(b, [
         (_MODEL["name"], "off", b.CreateString(meta.model)),
         (_MODEL["description"], "off", b.CreateString(describe(meta))),
-        (_MODEL["version"], "off", b.CreateString(f"sha256:{meta.source_sha256[:16]}" if meta.source_sha256
-                                                   else "unknown")),
+        (_MODEL["version"], "off", b.CreateString(version(meta))),
         (_MODEL["subgraph_metadata"], "off", _offsets(b, [subgraph])),
         (_MODEL["author"], "off", b.CreateString(AUTHOR)),
         (_MODEL["license"], "off", b.CreateString(LICENSE)),
@@ -171,6 +188,13 @@ def build(meta: ArtifactMetadata) -> bytes:
     ])
     b.Finish(root, file_identifier=IDENTIFIER)
     return bytes(b.Output())
+
+
+def version(meta: ArtifactMetadata) -> str:
+    """The model's version for the standard entry: the release's, else the source model's sha256 prefix."""
+    if meta.version:
+        return meta.version
+    return f"sha256:{meta.source_sha256[:16]}" if meta.source_sha256 else "unknown"
 
 
 def associated_files(meta: ArtifactMetadata) -> dict[str, bytes]:

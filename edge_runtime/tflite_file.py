@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.spec import STANDARD_KEY
+from edge_runtime.spec import CONTENT_HASH_KEY, STANDARD_KEY
 
 TFLITE_IDENTIFIER = b"TFL3"
 # A fixed zip time stamp for the packed files: two conversions of one model give the same bytes.
@@ -171,6 +171,10 @@ def embed_entries(model: bytes | bytearray, entries: Mapping[str, bytes],
     `files` (name -> bytes) are packed after the flatbuffer as the standard
     metadata's associated files (a zip archive); None keeps the ones the model
     already carries, when it has a `TFLITE_METADATA` entry that names them.
+
+    An edit voids a content hash (`edge_runtime.content_hash`): unless `entries`
+    writes one, the file's old record is removed with the others replaced, so
+    the result is "not sealed" rather than a file its own record refuses.
     """
     # Inside the function: flatbuffers comes with the writing side (ai-edge-litert), not every device install.
     import flatbuffers
@@ -184,10 +188,11 @@ def embed_entries(model: bytes | bytearray, entries: Mapping[str, bytes],
     if any(b.offset > 1 for b in (m.buffers or [])):
         raise ValueError("models over 2 GB (buffers outside the flatbuffer) are not supported for metadata embedding")
     m.buffers = list(m.buffers or [])
-    old = [e for e in (m.metadata or []) if entry_name(e.name) in entries]
+    dropped = {*entries, CONTENT_HASH_KEY}
+    old = [e for e in (m.metadata or []) if entry_name(e.name) in dropped]
     for e in old:  # empty the replaced entries' buffers (indices of the others must not move)
         m.buffers[e.buffer] = fb_schema.BufferT()
-    m.metadata = [e for e in (m.metadata or []) if entry_name(e.name) not in entries]
+    m.metadata = [e for e in (m.metadata or []) if entry_name(e.name) not in dropped]
     size = 0
     for key, data in entries.items():
         buffer = fb_schema.BufferT()

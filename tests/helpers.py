@@ -25,7 +25,7 @@ import edge_runtime
 from edge_runtime import tflite_file
 from edge_runtime.backends import open_session
 from edge_runtime.clinical import OCT_LABELS
-from edge_runtime.spec import GOLDEN_KEY, METADATA_KEY, STANDARD_KEY, PreprocessSpec
+from edge_runtime.spec import CONTENT_HASH_KEY, GOLDEN_KEY, METADATA_KEY, STANDARD_KEY, PreprocessSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "malaria_sample"
@@ -253,16 +253,18 @@ if __name__ == "__main__":
 
 # ---------------------------------------------------------------- comparing two .tflite files
 
-# The entries `python -m convert` writes: medge's contract, the golden set, the standard metadata made from them.
-CONVERT_KEYS = (METADATA_KEY, GOLDEN_KEY, STANDARD_KEY)
+# The entries `python -m convert` writes: medge's contract, the golden set, the standard metadata made from them,
+# the content hash sealing them.
+CONVERT_KEYS = (METADATA_KEY, GOLDEN_KEY, STANDARD_KEY, CONTENT_HASH_KEY)
 
 
 def tflite_without_metadata(model: bytes | bytearray, keys: Sequence[str] = CONVERT_KEYS) -> bytes:
     """The .tflite bytes with the metadata entries convert writes (`keys`) and their buffers' data removed, repacked.
 
     Two conversions of one model differ in medge's entry (its `created` time)
-    and nowhere else (the golden set, when both have one, is the same; the
-    standard entry holds no time); comparing what this returns tells whether
+    and its content hash (which covers that time), and nowhere else (the golden
+    set, when both have one, is the same; the standard entry holds no time);
+    comparing what this returns tells whether
     they are the same network, weights and quantization. The files packed
     after the flatbuffer (the standard metadata's `labels.txt`) go with the
     standard entry, and stay when it does. Only tests compare files this way,
@@ -289,3 +291,61 @@ def tflite_without_metadata(model: bytes | bytearray, keys: Sequence[str] = CONV
     builder = flatbuffers.Builder(len(buf) + 1024)
     builder.Finish(m.Pack(builder), file_identifier=tflite_file.TFLITE_IDENTIFIER)
     return tflite_file.pack_files(bytes(builder.Output()), files)
+
+
+def onnx_without_metadata(model: bytes | bytearray) -> bytes:
+    """A .onnx's bytes with every `metadata_props` entry removed (medge's, the golden set, the content hash):
+    two conversions of one model compare equal this way when their graphs and weights are the same."""
+    import onnx  # the toolchain's package: only the comparison needs it
+
+    proto = onnx.load_from_string(bytes(model))
+    del proto.metadata_props[:]
+    return proto.SerializeToString()
+
+
+def ort_content(data: bytes | bytearray, drop_props: Sequence[str] = ()) -> object:
+    """What an .ort file holds, read with ONNX Runtime's own schema of the format, as plain data in a canonical
+    order: every table's fields, vectors of tables sorted, numeric vectors and tensor bytes by sha256.
+
+    ONNX Runtime writes an .ort's tables in the order of its internal hash maps, which changes from one
+    conversion to the next (three conversions of one .onnx in one process gave three byte strings of one length):
+    two .ort files are compared by this, not by their bytes. `drop_props`: `metadata_props` keys left out.
+    Union-typed fields (a value's type record) are not followed.
+    """
+    import hashlib
+    import json
+
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession
+
+    def walk(obj):
+        out = {}
+        names = {n for n in dir(obj) if n[:1].isupper() and n != "Init" and not n.startswith("GetRootAs")}
+        for n in sorted(names):
+            if n.endswith(("Length", "IsNone", "AsNumpy", "BufferHasIdentifier")):
+                continue
+            if n + "Length" in names:
+                if n + "AsNumpy" in names:
+                    arr = getattr(obj, n + "AsNumpy")()
+                    out[n] = hashlib.sha256(arr.tobytes()).hexdigest() if hasattr(arr, "tobytes") else None
+                    continue
+                items = [getattr(obj, n)(j) for j in range(getattr(obj, n + "Length")())]
+                items = [walk(x) if hasattr(x, "_tab") else (x.decode() if isinstance(x, bytes) else x) for x in items]
+                out[n] = sorted(items, key=lambda x: json.dumps(x, sort_keys=True)) if items and isinstance(
+                    items[0], dict) else items
+                continue
+            try:
+                v = getattr(obj, n)()
+            except TypeError:  # needs arguments: not a field accessor
+                continue
+            if hasattr(v, "_tab"):
+                out[n] = walk(v)
+            elif isinstance(v, bytes):
+                out[n] = v.decode("utf-8", "replace")
+            elif isinstance(v, (int, float, str)) or v is None:
+                out[n] = v
+        return out
+
+    doc = walk(InferenceSession.InferenceSession.GetRootAs(bytes(data), 0))
+    props = doc.get("Model", {}).get("MetadataProps", [])
+    doc["Model"]["MetadataProps"] = [p for p in props if p.get("Key") not in drop_props]
+    return doc

@@ -83,6 +83,72 @@ def test_models_verb_lists_version_sha_and_figures():
 
 
 @needs_release
+def test_each_release_lists_its_files_per_runtime_and_the_models_verb_shows_them():
+    for r in RELEASED.values():
+        assert [(f.format, f.runtime, f.file) for f in r.files] == [
+            ("tflite-int8", "litert", f"{r.name}.tflite"), ("onnx-int8", "onnxruntime", f"{r.name}.onnx"),
+            ("ort-int8", "onnxruntime", f"{r.name}.ort")]
+        assert all(registry.sha256_file(f.path) == f.sha256 and f.path.stat().st_size == f.bytes for f in r.files)
+    code, out, err = run_cli("models")
+    assert code == 0, err
+    for f in RELEASED["malaria"].files:
+        line = next(l for l in out.splitlines() if l.rstrip().endswith(f.file))
+        assert f.format in line and f.runtime in line and f.sha256[:12] in line and "ALTERED" not in line
+
+
+@needs_release
+def test_load_by_runtime_picks_the_release_s_file(monkeypatch):
+    if not edge_runtime.BACKENDS["onnxruntime"].installed():
+        pytest.skip("the onnx extra is not installed")
+    r = RELEASED["malaria"]
+    model = edge_runtime.load("malaria", runtime="onnxruntime", warmup=False)
+    assert model.path == registry.RELEASED_DIR / "malaria.onnx" and model.backend == "onnxruntime"
+    assert model.metadata.version == r.version and model.content_hash is not None
+    assert edge_runtime.load("malaria", backend="litert", warmup=False).path.name == "malaria.tflite"
+    code, out, err = run_cli("predict", "malaria", SAMPLE / "Parasitized", "--backend", "onnxruntime", "--json")
+    assert code == 0 and "malaria.onnx" in out, err
+    with pytest.raises(edge_runtime.BackendError, match="give one"):
+        edge_runtime.load("malaria", runtime="onnxruntime", backend="litert")
+    # A device without onnxruntime: the message names the extra.
+    monkeypatch.setattr(type(edge_runtime.BACKENDS["onnxruntime"]), "installed",
+                        lambda self: self.name != "onnxruntime")
+    with pytest.raises(edge_runtime.BackendError, match=r"not installed: pip install 'medge\[onnx\]'"):
+        edge_runtime.load("malaria", runtime="onnxruntime")
+    assert edge_runtime.load("malaria", warmup=False).path.name == "malaria.tflite"
+
+
+@needs_release
+def test_a_device_with_only_onnxruntime_opens_the_onnx_by_name(monkeypatch):
+    if not edge_runtime.BACKENDS["onnxruntime"].installed():
+        pytest.skip("the onnx extra is not installed")
+    monkeypatch.setattr(type(edge_runtime.BACKENDS["onnxruntime"]), "installed",
+                        lambda self: self.name == "onnxruntime")
+    assert edge_runtime.load("malaria", warmup=False).path.name == "malaria.onnx"
+
+
+@needs_release
+@pytest.mark.parametrize("suffix", [".onnx", ".ort"])
+def test_the_onnx_files_carry_medge_s_metadata_in_metadata_props(suffix):
+    """What an ONNX Runtime app (web, mobile, Node) reads from the file alone: `metadata_props`."""
+    if not edge_runtime.BACKENDS["onnxruntime"].installed():
+        pytest.skip("the onnx extra is not installed")
+    from edge_runtime.backends import open_session
+    from edge_runtime.golden import GoldenSet
+    from edge_runtime.metadata import ArtifactMetadata
+    from edge_runtime.spec import CONTENT_HASH_KEY, GOLDEN_KEY, METADATA_KEY
+
+    r = RELEASED["malaria"]
+    props = open_session(registry.RELEASED_DIR / f"malaria{suffix}", "onnxruntime", optimize=False).metadata()
+    assert set(props) >= {METADATA_KEY, GOLDEN_KEY, CONTENT_HASH_KEY}  # beside the quantizer's own
+    meta = ArtifactMetadata.from_json(props[METADATA_KEY])
+    assert meta.version == r.version and meta.labels == r.labels and meta.format == f"{suffix[1:]}-int8"
+    assert meta.preprocess.input_size == (64, 64) and meta.preprocess.scale == pytest.approx(1 / 255)
+    assert meta.quantization["activations"] == "int8" and meta.confidence_threshold == 0.8
+    assert len(GoldenSet.from_json(props[GOLDEN_KEY])) == 4
+    assert props[CONTENT_HASH_KEY].startswith("medge-content-sha256:")
+
+
+@needs_release
 def test_info_shows_the_standard_metadata_beside_medges():
     code, out, err = run_cli("info", "malaria")
     assert code == 0, err

@@ -9,9 +9,11 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
+import edge_runtime
 from edge_runtime import registry
-from edge_runtime.metadata import read_tflite
-from tests.helpers import ROOT, SAMPLE, tflite_without_metadata
+from edge_runtime.metadata import read_metadata, read_tflite
+from edge_runtime.spec import CONTENT_HASH_KEY, METADATA_KEY
+from tests.helpers import ROOT, SAMPLE, onnx_without_metadata, ort_content, tflite_without_metadata
 from train.split import read_manifest
 
 RELEASE = ROOT / "releases" / "malaria"
@@ -32,9 +34,30 @@ def released(tiny_run, sample_manifest, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("release")
     unseen = _tree_of(read_manifest(sample_manifest, "test"), tmp / "unseen")
+    # The tiny model sits near 0.5 on most cells (3 epochs), so any int8 flips many of their classes (its ONNX
+    # int8 agreed with Keras on 73.75% once): a bound is given, as a release may, and recorded for the rebuild.
     entry = release(tiny_run, "tinymal", "0.0.1", unseen, dest=tmp / "rel", package=tmp / "pkg", calib_n=40,
-                    log=lambda *a, **k: None)
+                    min_agreement=0.5, log=lambda *a, **k: None)
     return entry, tmp
+
+
+def same_files(made: Path, shipped: dict[str, Path]) -> None:
+    """Each shipped file is what `python -m convert` made in `made` (by format): the same network and weights,
+    everything but the metadata's creation time (and the content hash over it) byte for byte; the .ort, whose
+    tables ONNX Runtime writes in a varying order, table for table (`ort_content`)."""
+    for fmt, path in shipped.items():
+        made_file = next(made.glob(f"*_{fmt}{path.suffix}"))
+        new = made_file.read_bytes()
+        old = path.read_bytes()
+        if fmt == "tflite-int8":
+            assert tflite_without_metadata(new) == tflite_without_metadata(old), fmt
+        elif fmt == "onnx-int8":
+            assert onnx_without_metadata(new) == onnx_without_metadata(old), fmt
+        else:
+            keys = (METADATA_KEY, CONTENT_HASH_KEY)  # medge's entry is compared below, its time aside
+            assert ort_content(new, keys) == ort_content(old, keys), fmt
+        a, b = read_metadata(made_file).to_dict(), read_metadata(path).to_dict()
+        assert {**a, "created": None} == {**b, "created": None}, fmt  # the same contract, version included
 
 
 def test_release_writes_artifact_registry_and_card(released, monkeypatch):
@@ -43,6 +66,18 @@ def test_release_writes_artifact_registry_and_card(released, monkeypatch):
     assert (dest / "model.keras").is_file() and (dest / "config.json").is_file()
     assert [r.name for r in registry.read_registry(pkg)] == ["tinymal"]
     assert entry.sha256 == registry.sha256_file(pkg / "tinymal.tflite") and entry.format == "tflite-int8"
+    # One int8 file per ecosystem, each in the registry with its runtime and sha256.
+    assert [(f.file, f.runtime, f.format) for f in entry.files] == [
+        ("tinymal.tflite", "litert", "tflite-int8"), ("tinymal.onnx", "onnxruntime", "onnx-int8"),
+        ("tinymal.ort", "onnxruntime", "ort-int8")]
+    assert all(f.sha256 == registry.sha256_file(pkg / f.file) for f in entry.files)
+    for f in entry.files:  # the release's version in each file; sealed; proven against Keras like every artifact
+        meta = read_metadata(pkg / f.file)
+        assert meta.version == "0.0.1" and meta.format == f.format and meta.labels == entry.labels
+        model = edge_runtime.load(pkg / f.file, warmup=False)
+        assert model.content_hash is not None
+    for fmt in ("onnx-int8", "ort-int8"):
+        assert entry.metrics["sample_by_format"][fmt]["cells"] == 80
     s = entry.metrics["sample"]
     assert s["cells"] == 80 and s["patients"] == 4 and 0.0 <= s["accuracy"] <= 1.0
     card = (pkg / "tinymal.md").read_text()
@@ -54,8 +89,6 @@ def test_release_writes_artifact_registry_and_card(released, monkeypatch):
     assert sum(r.split == "train" for r in calib) == 40 and sum(r.split == "test" for r in calib) == 80
     # By name, through the registry of that folder.
     monkeypatch.setattr(registry, "RELEASED_DIR", pkg)
-    import edge_runtime
-
     model = edge_runtime.load("tinymal")
     assert model.path == pkg / "tinymal.tflite" and model.metadata.format == "tflite-int8"
     # The released file carries the standard metadata MediaPipe Tasks reads, with its labels packed in.
@@ -63,6 +96,10 @@ def test_release_writes_artifact_registry_and_card(released, monkeypatch):
 
     standard = read_standard(model.path.read_bytes())
     assert standard is not None and standard["packed_files"] == ["labels.txt"]
+    assert standard["version"] == "0.0.1"  # the release's, not a source hash
+    onnx_model = edge_runtime.load("tinymal", runtime="onnxruntime", warmup=False)
+    assert onnx_model.path == pkg / "tinymal.onnx" and onnx_model.backend == "onnxruntime"
+    assert "## Files" in card and "`tinymal.ort`" in card
 
 
 def test_release_refuses_a_sample_the_run_trained_on(tiny_run, tmp_path):
@@ -97,10 +134,42 @@ def test_convert_remakes_the_released_artifact_exactly(released, tmp_path):
     from convert.release import reproduce_command
 
     entry, tmp = released
-    assert main(reproduce_command(tmp / "rel", str(tmp_path))[3:]) == 0  # in-process: `python -m convert` ARGS
-    made = next(tmp_path.glob("*_tflite-int8.tflite")).read_bytes()
-    shipped = (tmp / "pkg" / entry.file).read_bytes()
-    assert tflite_without_metadata(made) == tflite_without_metadata(shipped)
+    argv = reproduce_command(tmp / "rel", str(tmp_path / "made"))
+    assert "--onnx-activations" in argv and argv[argv.index("--model-version") + 1] == "0.0.1"
+    assert main(argv[3:]) == 0  # in-process: `python -m convert` ARGS
+    same_files(tmp_path / "made", {f.format: tmp / "pkg" / f.file for f in entry.files})
+
+
+def test_a_release_folder_is_released_again_with_the_same_network(released, tmp_path, monkeypatch):
+    """`python -m convert release releases/NAME --version NEW`: the committed model.keras, the same calibration
+    cells and figures, new files carrying the new version; refused for a model its figures do not describe."""
+    from convert.release import release
+
+    entry, tmp = released
+    dest, pkg = tmp_path / "rel", tmp_path / "pkg"
+    for part in ("rel", "pkg", "unseen"):  # calibration.csv points at the sample beside the folder
+        shutil.copytree(tmp / part, tmp_path / part)
+    with pytest.raises(ValueError, match="already released"):
+        release(dest, "tinymal", "0.0.1", dest=dest, package=pkg, log=lambda *a, **k: None)
+    again = release(dest, "tinymal", "0.0.2", dest=dest, package=pkg, changes=["formats"],
+                    log=lambda *a, **k: None)
+    assert again.trained["source_sha256"] == entry.trained["source_sha256"]
+    assert again.metrics["sample"] == entry.metrics["sample"] and again.metrics["cv"] == entry.metrics["cv"]
+    assert again.trained["commands"][:-1] == entry.trained["commands"]
+    assert again.trained["commands"][-1].startswith(f"python -m convert release {dest}")
+    for old, new in zip(entry.files, again.files):
+        a, b = (tmp / "pkg" / old.file).read_bytes(), (pkg / new.file).read_bytes()
+        if new.format == "tflite-int8":
+            assert tflite_without_metadata(a) == tflite_without_metadata(b)
+        elif new.format == "onnx-int8":
+            assert onnx_without_metadata(a) == onnx_without_metadata(b)
+        assert read_metadata(pkg / new.file).version == "0.0.2"
+    card = (pkg / "tinymal.md").read_text()
+    assert card.startswith("# Model card: `tinymal` 0.0.2") and "## Changes in 0.0.2\n\n- formats" in card
+    # A model.keras that is not the one measured: its figures would not describe it.
+    (dest / "model.keras").write_bytes((dest / "model.keras").read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="not the model tinymal 0.0.2 was measured on"):
+        release(dest, "tinymal", "0.0.3", dest=dest, package=pkg, log=lambda *a, **k: None)
 
 
 @pytest.mark.skipif(not (RELEASE / "model.keras").is_file(), reason="no committed release")
@@ -112,9 +181,9 @@ def test_committed_release_is_what_convert_makes_from_the_committed_model(name, 
 
     entry = registry.get(name)
     rel = ROOT / "releases" / name
-    assert main(reproduce_command(rel, str(tmp_path))[3:]) == 0  # in-process: `python -m convert` ARGS
-    made = next(tmp_path.glob("*_tflite-int8.tflite")).read_bytes()
-    assert tflite_without_metadata(made) == tflite_without_metadata(registry.verified_path(entry).read_bytes())
+    assert main(reproduce_command(rel, str(tmp_path / "made"))[3:]) == 0  # in-process: `python -m convert` ARGS
+    assert all(registry.sha256_file(f.path) == f.sha256 for f in entry.all_files)  # as shipped
+    same_files(tmp_path / "made", {f.format: f.path for f in entry.all_files})
     meta = read_tflite(registry.verified_path(entry))
     assert meta.source_sha256 == entry.trained["source_sha256"] == registry.sha256_file(rel / "model.keras")
     if entry.inputs == "fields":  # its field calibration crops are committed, not in a git-ignored run folder
