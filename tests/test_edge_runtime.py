@@ -50,7 +50,7 @@ from edge_runtime.cli import build_parser
 from edge_runtime.cli import main as cli_main
 from edge_runtime.clinical import OCT_LABELS, oct_summary, referral_level, slide_summary
 from edge_runtime.model import UNCERTAIN, ModelError, Prediction, dequantize, quantize
-from edge_runtime.spec import TensorInfo
+from edge_runtime.spec import CONTENT_HASH_KEY, TensorInfo
 
 from helpers import (
     INT8_IO_FILE,
@@ -64,6 +64,7 @@ from helpers import (
     cells,
     flip_strongest_first_conv_weights,
     run_cli,
+    tflite_without_metadata,
 )
 
 GRADCAM_MIN_CORR = {"float32": 0.99, "int8": 0.95}
@@ -401,21 +402,32 @@ def test_bad_images_give_error_records_and_the_batch_goes_on(malaria_int8, bad_f
 
 def _strip_medge_entry(src: Path, dest: Path) -> None:
     """A copy of a .tflite whose medge metadata entry is renamed (the flatbuffer string, in place), so readers
-    do not find it: no schema needed, so the Pi's environment makes it too."""
+    do not find it: no schema needed, so the Pi's environment makes it too. Its content hash is renamed too
+    (its entry's name and its record's marker): a file made before medge sealed files."""
     data = src.read_bytes()
     name = len(b"medge").to_bytes(4, "little") + b"medge\0"  # a flatbuffer string: length, bytes, NUL
     assert data.count(name) == 1, "expected one 'medge' entry name"
-    dest.write_bytes(data.replace(name, name.replace(b"medge", b"xedge")))
+    data = data.replace(name, name.replace(b"medge", b"xedge"))
+    dest.write_bytes(data.replace(b"medge-content-sha256", b"xedge-content-sha256"))
+
+
+def _unsealed(data: bytes) -> bytes:
+    """`data` as a file made before medge sealed files: its content hash renamed in place (no schema needed)."""
+    return data.replace(b"medge-content-sha256", b"xedge-content-sha256")
 
 
 def test_model_errors_are_one_clear_message(art, tmp_path):
-    good = art / MALARIA_FILES["tflite-int8"]
+    sealed = art / MALARIA_FILES["tflite-int8"]
+    good = tmp_path / "good.tflite"  # the runtime's own refusals: a file without a content hash to check first
+    good.write_bytes(_unsealed(sealed.read_bytes()))
     cases = {}
     cases["missing"] = (tmp_path / "nope.tflite", "does not exist")
     (tmp_path / "empty.tflite").write_bytes(b"")
     cases["empty"] = (tmp_path / "empty.tflite", "empty")
     (tmp_path / "cut.tflite").write_bytes(good.read_bytes()[:5000])
     cases["truncated"] = (tmp_path / "cut.tflite", "truncated or not a model")
+    (tmp_path / "cut-sealed.tflite").write_bytes(sealed.read_bytes()[:5000])
+    cases["truncated, sealed"] = (tmp_path / "cut-sealed.tflite", "cut-sealed.tflite has changed since it was made")
     corrupt = bytearray(good.read_bytes())
     # Over the graph's own table (found with edge_runtime.tflite_file's schema-free reader), not a fixed offset:
     # the metadata and golden-set buffers in front of it change size between medge versions.
@@ -437,7 +449,7 @@ def test_model_errors_are_one_clear_message(art, tmp_path):
     for _what, (path, msg) in cases.items():
         with pytest.raises((ModelError, BackendError), match=msg):
             edge_runtime.load(path)
-    for what in ("missing", "truncated", "corrupt", "foreign onnx", "no metadata"):  # as a user meets them
+    for what in ("missing", "truncated", "truncated, sealed", "corrupt", "foreign onnx", "no metadata"):  # as a user
         path, msg = cases[what]
         code, _, err = run_cli("info", path)
         assert code == 2 and msg in err and "Traceback" not in err, (what, err)
@@ -732,8 +744,14 @@ def test_selftest_fails_on_a_tampered_copy_of_the_released_model(tmp_path):
     pytest.importorskip("ai_edge_litert", reason="finding the conv weights uses the flatbuffer schema")
     released = _released_malaria()
     bad = tmp_path / released.name
-    # Measured on release 1.0.0: its 4 golden inputs miss 1 to 4 of the strongest first-layer weights flipped
-    # (max |dprob| 0.027 < 0.03) and catch 8 (0.074); any changed byte fails its sha256 when loaded by name.
-    bad.write_bytes(flip_strongest_first_conv_weights(released.read_bytes(), n=8))
+    # Its content hash refuses any changed byte; a copy without the record (as files made before 1.1.0) is left
+    # to its golden answers. Measured on release 1.0.0: its 4 golden inputs miss 1 to 4 of the strongest
+    # first-layer weights flipped (max |dprob| 0.027 < 0.03) and catch 8 (0.074). Loaded by name, any changed
+    # byte also fails the registry's sha256.
+    bad.write_bytes(flip_strongest_first_conv_weights(released.read_bytes(), n=1))
     code, out, err = run_cli("selftest", bad)
-    assert code == 1 and "selftest FAILED" in out, out + err
+    assert code == 1 and "selftest FAILED" in out and "has changed since it was made" in out, out + err
+    unsealed = tflite_without_metadata(released.read_bytes(), (CONTENT_HASH_KEY,))
+    bad.write_bytes(flip_strongest_first_conv_weights(unsealed, n=8))
+    code, out, err = run_cli("selftest", bad)
+    assert code == 1 and "selftest FAILED" in out and "worst: golden input" in out, out + err

@@ -69,7 +69,11 @@ def test_standard_entry_says_what_the_medge_contract_says():
     meta = read_tflite(data)
     d = std.read(data)
     assert d is not None and d["name"] == meta.model and d["min_parser_version"] == "1.0.0"
-    assert meta.source_sha256[:16] in d["version"] and "Apache-2.0" in d["license"] and d["author"]
+    assert d["version"] == meta.version == registry.get("malaria").version  # the release's, not a source hash
+    assert "Apache-2.0" in d["license"] and d["author"]
+    assert "antialiasing" in image_description(d)  # the resize the schema has no field for
+    unreleased = dataclasses.replace(meta, version="")  # a conversion outside a release: the source's hash
+    assert std.version(unreleased) == f"sha256:{meta.source_sha256[:16]}"
     (image,), (scores,) = d["inputs"], d["outputs"]
     p = meta.preprocess
     assert image["content"] == "ImageProperties" and image["color_space"] == p.color_mode.upper()
@@ -85,6 +89,10 @@ def test_standard_entry_says_what_the_medge_contract_says():
                                            "description": scores["associated_files"][0]["description"]}]
     assert d["packed_files"] == ["labels.txt"]
     assert std.packed_files(data)["labels.txt"].decode().splitlines() == list(meta.labels)
+
+
+def image_description(d) -> str:
+    return d["inputs"][0]["description"]
 
 
 def test_oct_normalisation_is_mean_and_std_127_5():

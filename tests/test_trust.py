@@ -2,8 +2,9 @@
 quantization error report, and accuracy-bounded int8.
 
 The tiny run (conftest's `tiny_run`) is exported once to the float and int8 rows; the self-test must pass on
-every file as made, report drift (exit 1) on a file with one weight byte changed, and call a truncated file,
-a missing one or one without a golden set unusable (exit 2).
+every file as made, refuse a file with one weight byte changed (exit 1: its content hash, and for a file without
+one its golden answers), and call a truncated file without a content hash, a missing one or one without a golden
+set unusable (exit 2).
 """
 
 from __future__ import annotations
@@ -133,12 +134,21 @@ def test_selftest_passes_on_every_format_as_made(trusted, fmt):
 
 @pytest.mark.parametrize("fmt", ["tflite-int8", "tflite-float32"])
 def test_one_weight_byte_changed_is_drift(trusted, fmt, tmp_path):
+    """The content hash refuses the changed file first; a file without one (made before medge recorded it) is
+    caught by its golden answers, the second line."""
+    from edge_runtime.spec import CONTENT_HASH_KEY
+
+    from helpers import tflite_without_metadata
+
     path = _file(trusted, fmt)
     bad = tmp_path / path.name
     bad.write_bytes(flip_strongest_first_conv_weights(path.read_bytes()))
     code, out, err = run_cli("selftest", bad)
+    assert code == 1 and "has changed since it was made" in out, out + err
+    bad.write_bytes(flip_strongest_first_conv_weights(tflite_without_metadata(path.read_bytes(), (CONTENT_HASH_KEY,))))
+    code, out, err = run_cli("selftest", bad)
     assert code == 1, out + err
-    assert "selftest FAILED" in out and "worst: golden input" in out
+    assert "selftest FAILED" in out and "worst: golden input" in out and "not sealed" in out
     code, out, _ = run_cli("selftest", bad, "--json")
     doc = json.loads(out)
     assert code == 1 and not doc["ok"]
@@ -160,11 +170,19 @@ def test_changed_onnx_weight_is_drift(trusted, tmp_path):
     bad = tmp_path / path.name
     onnx.save(proto, str(bad))
     code, out, err = run_cli("selftest", bad)
-    assert code == 1, out + err
+    assert code == 1 and "has changed since it was made" in out, out + err  # its content hash, first
+    from edge_runtime.spec import CONTENT_HASH_KEY
+
+    kept = [p for p in proto.metadata_props if p.key != CONTENT_HASH_KEY]  # a file made before medge recorded one
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(bad))
+    code, out, err = run_cli("selftest", bad)
+    assert code == 1 and "worst: golden input" in out, out + err  # its golden answers, second
 
 
 def test_unusable_files_exit_2(trusted, tmp_path):
-    from edge_runtime.spec import GOLDEN_KEY
+    from edge_runtime.spec import CONTENT_HASH_KEY, GOLDEN_KEY
 
     from helpers import tflite_without_metadata
 
@@ -172,12 +190,15 @@ def test_unusable_files_exit_2(trusted, tmp_path):
     data = path.read_bytes()
     cut = tmp_path / "cut.tflite"
     cut.write_bytes(data[: len(data) // 2])
+    code, out, err = run_cli("selftest", cut)  # its content hash record is in the first half: a changed file
+    assert code == 1 and "cut.tflite has changed since it was made" in out, out + err
+    cut.write_bytes(tflite_without_metadata(data, (CONTENT_HASH_KEY,))[: len(data) // 2])  # made before the hash
     code, out, err = run_cli("selftest", cut)
     assert code == 2 and "error:" in err, out + err
     code, _, err = run_cli("selftest", tmp_path / "missing.tflite")
     assert code == 2 and "does not exist" in err
     bare = tmp_path / "bare.tflite"  # a file made before golden sets existed: medge metadata, no golden entry
-    bare.write_bytes(tflite_without_metadata(data, keys=(GOLDEN_KEY,)))
+    bare.write_bytes(tflite_without_metadata(data, keys=(GOLDEN_KEY, CONTENT_HASH_KEY)))
     code, _, err = run_cli("selftest", bare)
     assert code == 2 and "no golden set" in err, err
     code, _, _ = run_cli("info", bare)  # still an ordinary, readable artifact
