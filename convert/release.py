@@ -741,7 +741,34 @@ def field_figures(field_cv: Path | None, run: Path) -> dict[str, Any]:
             "per_block": {b: {m: pick(v) for m, v in d.items()} for b, d in fcv["per_block"].items()},
             "folds_nih_sample_int8": {f["block"]: f["nih_sample_int8"]["accuracy"] for f in fcv["folds"]},
             "release_nih_sample_int8": (fcv.get("release_nih_sample_int8") or {}).get("accuracy"),
-            "thresholds": (fcv.get("thresholds") or {}).get("fine_tuned")}
+            "thresholds": (fcv.get("thresholds") or {}).get("fine_tuned"),
+            "training_blocks": final.get("blocks"), "training_fields": final.get("fields"),
+            "threshold": fcv["settings"].get("threshold"),
+            "shift": [{"transform": t["transform"], "what": t["what"], "blocks": t["blocks"],
+                       "summary": {k: t["summary"].get(k) for k in SHIFT_KEYS}} for t in fcv.get("shift") or ()]}
+
+
+# What the card keeps of each harness transform (`train field-cv --shift`), pooled over the held-out blocks.
+SHIFT_KEYS = ("fields", "fields_failed", "cell_recall_all_fields", "parasite_recall_called_all_fields",
+              "uninfected_false_positive_rate", "uninfected_uncertain_rate")
+
+
+def _field_shift_lines(fc: dict[str, Any]) -> list[str]:
+    """The harness table of a field card: each transform on the held-out blocks, scored by their folds' models."""
+    if not fc.get("shift"):
+        return []
+    return [
+        f"Under the domain-shift harness (`benchmarks smear --shift`: the held-out blocks "
+        f"{', '.join(fc['shift'][0]['blocks'])} photographed as another lab would; a refused field flags nothing):",
+        "",
+        "| transform | cell recall | parasites flagged | uninfected called parasitized | uninfected uncertain |",
+        "|---|---:|---:|---:|---:|",
+        *[f"| {t['transform']} | {_pct(t['summary']['cell_recall_all_fields'])} | "
+          f"{_pct(t['summary']['parasite_recall_called_all_fields'])} | "
+          f"{_pct(t['summary']['uninfected_false_positive_rate'])} | "
+          f"{_pct(t['summary']['uninfected_uncertain_rate'])} |" for t in fc["shift"]],
+        "",
+    ]
 
 
 def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any]) -> str:
@@ -752,17 +779,26 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
     per = {b: d["fine_tuned"] for b, d in fc["per_block"].items()}
     worst = max(((b, d["uninfected_false_positive_rate"]) for b, d in per.items()), key=lambda t: t[1])
     unsure = max(((b, d["uninfected_uncertain_rate"]) for b, d in per.items()), key=lambda t: t[1])
+    trained = fc.get("training_blocks") or sorted(per)  # older reports: the folds were every block
+    n_blocks = len(trained)
+    n_fields = fc.get("training_fields") or ft["fields"]
+    held = sorted(per)
+    which = ("each slide block" if len(held) == n_blocks else
+             f"each of the held-out blocks {', '.join(held)} (of the {n_blocks} it learned from)")
+    shifted = (f" and {c['shifted_uninfected']:,} uninfected + {c['shifted_parasitized_rows']:,} parasitized rows cut "
+               "the same way from shifted copies of the fields (`train field-crops --shifted`: other stains, white "
+               "balance, exposure, blur, magnification, noise, JPEG)" if c.get("shifted_uninfected") else "")
     lines = [
         *_model_lines(r, cfg, data),
         "## Training data",
         "",
         f"- The released `malaria` model's {c['nih']:,} NIH training cells (U.S. National Library of Medicine, "
         f"LHNCBC; Rajaraman et al., PeerJ 6:e4568, 2018; P. falciparum).",
-        f"- Crops cut from the {ft['fields']} IML-Malaria field photos (P. vivax, another microscope and stain; "
-        "Q. Ammar et al., 2022; 4 slide blocks) by `edge_runtime.smear` itself and labelled by the annotation "
-        f"they match at IoU >= 0.5: {c['field_uninfected']:,} uninfected crops ({st['uninfected_per_block']} a block, "
-        f"a seeded sample) and every one of the {c['field_parasitized_crops']} parasitized crops, each "
-        f"{st['parasite_repeat']} times (augmentation makes the repeats differ).",
+        f"- Crops cut from the {n_fields} IML-Malaria field photos (P. vivax, another microscope and stain; "
+        f"Q. Ammar et al., 2022; {n_blocks} slide blocks) by `edge_runtime.smear` itself and labelled by the "
+        f"annotation they match at IoU >= 0.5: {c['field_uninfected']:,} uninfected crops "
+        f"({st['uninfected_per_block']} a block, a seeded sample) and every one of the {c['field_parasitized_crops']} "
+        f"parasitized crops, each {st['parasite_repeat']} times (augmentation makes the repeats differ){shifted}.",
         f"- {data['copied_cells']} of the calibration cells are such crops, committed beside this card "
         "(`calibration/`) so the artifact can be made again.",
         "",
@@ -770,9 +806,9 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         "",
         "## Measured",
         "",
-        f"This model has seen all {ft['fields']} fields: figures on them would be in-sample. What it should do on "
-        "a slide it has not seen is measured by leave-one-block-out cross-validation (`train field-cv`): each "
-        "slide block is scored by a model fine-tuned in exactly this way on the other three, through the whole "
+        f"This model has seen all {n_fields} fields: figures on them would be in-sample. What it should do on "
+        f"a slide it has not seen is measured by leave-one-block-out cross-validation (`train field-cv`): {which} "
+        f"is scored by a model fine-tuned in exactly this way on the other {n_blocks - 1}, through the whole "
         f"smear pipeline (cells found, cut, classified in int8 on 1 thread), {ft['annotated_cells']:,} annotated "
         f"cells and {ft['annotated_parasites']} parasites, greedy IoU >= 0.5 matching. Beside it, the NIH-only "
         "`malaria` model on the same fields:",
@@ -797,6 +833,7 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         "",
         f"`{fc['command']}`",
         "",
+        *_field_shift_lines(fc),
     ]
     if fc.get("thresholds"):
         lines += [
@@ -813,10 +850,11 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         *_sample_lines(r, sample),
         "## Limitations",
         "",
-        f"- Four slides of one laboratory and microscope. Held out, each slide's stain was new to the model scored "
-        f"on it; the worst block had {_pct(worst[1])} false positives and the most uncertain one {_pct(unsure[1])} "
-        f"of its uninfected cells uncertain ({_blocks(worst[0], unsure[0])}). Stains, microscopes, focus and species "
-        "beyond these four slides are untested: check a new site's slides against a microscopist first.",
+        f"- {n_blocks} slide blocks of one laboratory and microscope. Held out, each block's stain was new to the "
+        f"model scored on it; the worst block had {_pct(worst[1])} false positives and the most uncertain one "
+        f"{_pct(unsure[1])} of its uninfected cells uncertain ({_blocks(worst[0], unsure[0])}). Stains, "
+        "microscopes, focus and species beyond these slides are untested: check a new site's slides against a "
+        "microscopist first.",
         "- Uncertain cells are 'refer': a slide with many of them is referred, not cleared.",
         "- The annotations are one team's; not every cell at a border or in a clump has a box.",
         f"- Fine-tuning costs a little on the NIH falciparum cells: on the bundled sample, int8 accuracy "

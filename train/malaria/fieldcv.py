@@ -478,7 +478,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                         args.shifted_parasite_repeat)
         run_dir, tfl, train_s, _ = fine_tune(args, args.out / "final", records, counts, "final (every block)")
         final = {"run": str(run_dir), "artifact": str(tfl), "counts": counts, "train_seconds": train_s,
-                 "nih_sample_int8": nih_int8(tfl, sample)}
+                 "nih_sample_int8": nih_int8(tfl, sample), "blocks": crop_blocks,
+                 "fields": len({c["field"] for c in crops if c.get("field")}) or None}
 
     ft_rows = [r for f in folds for r in f["rows"]]
     done = {r["field"] for r in ft_rows}
