@@ -271,8 +271,12 @@ def release(
     dest = Path(dest) if dest else Path("releases") / name
     package = Path(package) if package else registry.RELEASED_DIR
     again = (run / "release.json").is_file()
-    this = shlex.join(command) if command else f"python -m convert release {run} --name {name} --version {version}"
+    this = (shlex.join(command) if command else site["command"] if site  # `train site-adapt` releases its run
+            else f"python -m convert release {run} --name {name} --version {version}")
     if again:
+        if dest.resolve() != run.resolve():  # its calibration.csv's paths are relative to where it lies
+            raise ValueError(f"{run} is a release folder: it is released again where it is (--dest {run}), "
+                             f"not into {dest}")
         previous = _previous_release(run, name, version, package)
     else:
         if sample is None:

@@ -151,6 +151,8 @@ def test_a_release_folder_is_released_again_with_the_same_network(released, tmp_
         shutil.copytree(tmp / part, tmp_path / part)
     with pytest.raises(ValueError, match="already released"):
         release(dest, "tinymal", "0.0.1", dest=dest, package=pkg, log=lambda *a, **k: None)
+    with pytest.raises(ValueError, match="released again where it is"):
+        release(dest, "tinymal", "0.0.2", dest=tmp_path / "elsewhere", package=pkg, log=lambda *a, **k: None)
     again = release(dest, "tinymal", "0.0.2", dest=dest, package=pkg, changes=["formats"],
                     log=lambda *a, **k: None)
     assert again.trained["source_sha256"] == entry.trained["source_sha256"]
