@@ -353,7 +353,8 @@ def test_one_malaria_model_per_tab_the_cell_model_on_the_cells_tab(art, tmp_path
     assert notes == []
     slots = load_models(["malaria-field"], log=notes.append)
     assert slots["cells"] is slots["malaria"] and "oct" not in slots
-    assert "the cells tab runs malaria-field 1.0.0, made for whole smear fields" in notes[0]
+    field = released["malaria-field"].version
+    assert f"the cells tab runs malaria-field {field}, made for whole smear fields" in notes[0]
     test_model = str(art / MALARIA_MODEL)
     slots = load_models([f"malaria={test_model}", "cells=malaria"])
     assert (slots["malaria"].info["file"], slots["cells"].info["name"]) == (MALARIA_MODEL, "malaria")
@@ -983,7 +984,8 @@ def test_phone_browser_verdicts_progress_duplicates_retake_and_tabs(start_server
         # The Cells tab: the cell model, and no administrator's text on the page.
         driver.find_element(By.CSS_SELECTOR, "nav a[data-tab=cells]").click()
         wait.until(lambda d: d.find_element(By.ID, "cells-where").get_attribute("class") == "where device")
-        assert text("#cells-model") == "Model: malaria 1.0.0, for single red cells."
+        version = registry.get("malaria").version
+        assert text("#cells-model") == f"Model: malaria {version}, for single red cells."
         assert "on-phone analysis is not available on this device" in text("#cells-where")
         page = driver.execute_script("return document.body.innerText")
         for admin in ("webruntime", "python", "--", str(no_runtime), str(tmp_path), "/root", "fetch"):
@@ -995,6 +997,6 @@ def test_phone_browser_verdicts_progress_duplicates_retake_and_tabs(start_server
     # The administrator reads the fix where the server was started.
     banner = s.output()
     assert "on the phone: no (the phone runtime is not installed" in banner and "webruntime fetch" in banner
-    assert "cells tab: malaria 1.0.0" in banner and "malaria tab: uninfected" in banner
+    assert f"cells tab: malaria {registry.get('malaria').version}" in banner and "malaria tab: uninfected" in banner
     errors = [e for e in console if e.get("level") == "SEVERE"]
     assert not errors, errors
