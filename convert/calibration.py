@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import warnings
 from collections.abc import Sequence
@@ -71,8 +72,13 @@ def preprocess_paths(paths: Sequence[str], spec: PreprocessSpec, batch: int = 64
     return np.concatenate(out).astype(np.float32)
 
 
-def _sample(items: list, n: int, seed: int) -> list:
-    items = sorted(items)
+def _sample(items: list, n: int, seed: int, base: Path | None = None) -> list:
+    """A seeded sample of (path, label) items. The order it starts from is the paths' sorted order relative to
+    `base` (a manifest's folder), so the sample, and the calibration it feeds, are the same wherever the checkout
+    lies: sorting absolute paths put a release's own crops before or after the shared data depending on where the
+    two folders happened to be (a release rebuilt byte for byte in one checkout differed in another)."""
+    key = (lambda item: (os.path.relpath(item[0], base), item[1])) if base is not None else None
+    items = sorted(items, key=key)
     random.Random(seed).shuffle(items)
     return items if n <= 0 else items[:n]
 
@@ -126,8 +132,9 @@ def load_sets(
             held_name = "val"
         if not train or not held:
             raise ValueError(f"manifest {calib} needs a train split and a test (or val) split")
-        calib_items = _sample(train, calib_n, seed)
-        eval_items = _sample(held, eval_n, seed + 1)
+        base = calib.parent.resolve()  # read_manifest's paths are absolute, resolved from here
+        calib_items = _sample(train, calib_n, seed, base)
+        eval_items = _sample(held, eval_n, seed + 1, base)
         calib_origin, eval_origin = f"{calib.name} (train split)", f"{calib.name} ({held_name} split)"
         digest = sha256_file(calib)
         train_items = train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -208,3 +209,25 @@ def test_default_benchmark_uses_the_release_and_its_int8_row_is_the_shipped_file
     assert tflite_without_metadata(made) == tflite_without_metadata((tmp / "pkg" / entry.file).read_bytes())
     scratch = cache.Builder(tmp_path / "cache2", log=lambda s: None, from_scratch=True)
     assert not scratch.uses_release(cache.MODELS["malaria-edge"])
+
+
+def test_calibration_sample_does_not_depend_on_where_the_checkout_lies():
+    """A release's manifest names its own crops and the shared data relative to itself; the seeded sample must be
+    the same when the checkout and the data sit elsewhere (it once sorted absolute paths: a release rebuilt byte
+    for byte in one checkout differed in another)."""
+    from convert.calibration import _sample
+
+    def items(checkout: str, shared: str) -> tuple[list[tuple[str, str]], Path]:
+        base = Path(checkout) / "releases" / "field"
+        own = [(str(base / "calibration" / f"c{k}.png"), "Parasitized") for k in range(5)]
+        data = [(f"{shared}/data/malaria/cell_{k}.png", "Uninfected") for k in range(5)]
+        return own + data, base
+
+    def sample(checkout: str, shared: str) -> list[tuple[str, str]]:
+        found, base = items(checkout, shared)
+        return [(os.path.relpath(p, base), label) for p, label in _sample(found, 6, 0, base)]
+
+    here = sample("/work/main", "/work/shared")
+    assert here == sample("/ci/x/medge", "/ci/x/shared") == sample("/work/wt/release", "/work/wt/shared")
+    assert sample("/work/wt/release", "/work/shared") == [  # one level deeper: the same cells in the same order
+        (p.replace("../../../", "../../../../") if p.startswith("..") else p, label) for p, label in here]
