@@ -133,6 +133,20 @@ def seal(data: bytes | bytearray, embed) -> bytes:
     return bytes(out)
 
 
+def reseal(data: bytes | bytearray, where: str = "model") -> bytes:
+    """`data`, a sealed file changed in place by a trusted step after it was verified (the field app fixing a
+    .tflite's batch dimension for the phone: same layout, a few integers changed), with the digest over its new
+    bytes written into its existing record, so the copy it serves is checked like the original.
+
+    Raises:
+        ContentHashError: `data` carries no record (or more than one).
+    """
+    m = _record(data, where)
+    out = bytearray(data)
+    out[m.start(1):m.end(1)] = digest(out, m.start(1)).encode()
+    return bytes(out)
+
+
 def seal_tflite(data: bytes | bytearray) -> bytes:
     """A .tflite with its content hash as metadata entry `KEY` (needs the flatbuffer schema: ai-edge-litert)."""
     return seal(data, lambda d, value: embed_entries(d, {KEY: value}))

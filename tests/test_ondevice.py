@@ -134,6 +134,7 @@ def test_the_lock_pins_what_the_page_loads():
 
 def test_static_batch_changes_only_the_batch_signature_and_no_output():
     import edge_runtime
+    from edge_runtime import content_hash
     from edge_runtime.serve.ondevice import static_batch
     from edge_runtime.tflite_file import schema as _schema
 
@@ -146,8 +147,15 @@ def test_static_batch_changes_only_the_batch_signature_and_no_output():
     sigs = [g.Tensors(j).ShapeSignatureAsNumpy() for j in range(g.TensorsLength())
             if g.Tensors(j).ShapeSignatureLength()]
     assert sigs and not any((s == -1).any() for s in sigs)
-    changed = [i for i, (a, b) in enumerate(zip(original, fixed)) if a != b]
-    assert changed and len(changed) <= 4 * sum(1 for s in sigs)  # a few bytes of int32s, nothing else
+    # A few bytes of int32s and the content hash's 64 digits (resealed: the phone's copy checks like the original).
+    start = fixed.index(content_hash.MARKER) + len(content_hash.MARKER)
+    changed = [i for i, (a, b) in enumerate(zip(original, fixed)) if a != b and not start <= i < start + 64]
+    assert changed and len(changed) <= 4 * sum(1 for s in sigs)
+    assert content_hash.verify(fixed) != content_hash.verify(original)
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0x01
+    with pytest.raises(content_hash.ContentHashError, match="has changed since it was made"):
+        static_batch(bytes(damaged))  # never resealed over a damaged copy
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"medge-static-{os.getpid()}.tflite"
     tmp.write_bytes(fixed)
     try:

@@ -28,7 +28,7 @@ import json
 import struct
 from typing import Any
 
-from edge_runtime import webruntime
+from edge_runtime import content_hash, webruntime
 from edge_runtime.tflite_file import check_tflite, tflite_model
 
 RUNTIME_URL = "/web-runtime/"
@@ -46,9 +46,14 @@ def static_batch(model: bytes) -> bytes:
     """The .tflite with every dynamic dimension (-1) of every `shape_signature` set to the tensor's static shape.
 
     Written in place with `tflite_file`'s flatbuffer reader (no schema package: the Pi's legacy tflite-runtime
-    has none).
+    has none). A sealed file is checked first and resealed after (`content_hash.reseal`): the phone's copy
+    carries a record that matches it.
+
+    Raises:
+        ContentHashError: a sealed `model` whose bytes no longer match its record.
     """
     check_tflite(bytes(model[:8]), "model")
+    was_sealed = content_hash.check(model, "model") is not None
     buf = bytearray(model)
     view = bytes(buf)
     for graph in tflite_model(view).tables(2):  # Model.subgraphs
@@ -60,7 +65,7 @@ def static_batch(model: bytes) -> bytes:
             for k in range(n_sig):
                 if struct.unpack_from("<i", view, sig_at + 4 * k)[0] == -1:
                     struct.pack_into("<i", buf, sig_at + 4 * k, struct.unpack_from("<i", view, shape_at + 4 * k)[0])
-    return bytes(buf)
+    return content_hash.reseal(buf) if was_sealed else bytes(buf)
 
 
 def phone_unfit(slot, tab: str | None = None) -> str | None:
