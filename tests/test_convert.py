@@ -222,6 +222,36 @@ def test_row_exported_and_proven(name, exported, tiny_run, model, proof_images):
         assert meta.quantization["calibration_sha256"] == sha256_file(manifest)
 
 
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+def test_onnx_int8_answers_do_not_depend_on_the_cpu(model, proof_images, tmp_path, activations):
+    """ONNX Runtime's integer kernels (all optimizations: fused QLinearConv) give the answers of the same QDQ graph
+    computed in float (no optimization: DequantizeLinear -> float op -> QuantizeLinear). On x86 without VNNI,
+    u8 x s8 with full-range weights saturates (CI caught a uint8 file moving a real cell's probability by 0.37);
+    uint8 files get 7-bit weights for it."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from convert.converters import keras_to_onnx, quantize_qdq
+
+    f, prep, q = tmp_path / "f.onnx", tmp_path / "prep.onnx", tmp_path / "q.onnx"
+    onnx.save(keras_to_onnx(model, tuple(model.inputs[0].shape[1:])), str(f))
+    quant_pre_process(str(f), str(prep))
+    x = proof_images.x.astype(np.float32)
+    quantize_qdq(prep, q, x[:CALIB_N], activations, "minmax")
+
+    def run(level):
+        so = ort.SessionOptions()
+        so.graph_optimization_level, so.intra_op_num_threads = level, 1
+        sess = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        return np.concatenate([sess.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+
+    kernels, reference = run(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), run(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    # A few output steps (1/256) of rounding apart at most; saturation moved them by 40+ steps.
+    assert np.abs(kernels - reference).max() <= 0.03, activations
+
+
 @pytest.mark.slow
 def test_conversion_report(exported):
     out, report = exported
