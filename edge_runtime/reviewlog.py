@@ -57,6 +57,22 @@ BEGIN SELECT RAISE(ABORT, 'reviews are append-only: no row is ever deleted'); EN
 COLUMNS = ("id", "case_id", "kind", "reviewer", "at", "field", "cell", "before", "after", "stage", "value")
 
 
+@contextlib.contextmanager
+def connect(db_path: Path, error: type[Exception]) -> Iterator[sqlite3.Connection]:
+    """A short-lived connection in autocommit mode (callers BEGIN IMMEDIATE themselves; threads never share one),
+    every commit synced to disk (`synchronous=FULL`), closed always; an unopenable file raises `error`, naming it.
+    The field app's case store opens its database the same way."""
+    try:
+        con = sqlite3.connect(db_path, timeout=30, isolation_level=None)
+    except sqlite3.Error as e:
+        raise error(f"cannot open {db_path}: {e}") from None
+    try:
+        con.execute("PRAGMA synchronous=FULL")
+        yield con
+    finally:
+        con.close()
+
+
 class ReviewLogError(RuntimeError):
     """The log's file cannot be used (not writable, not a SQLite database, another program's table)."""
 
@@ -81,17 +97,8 @@ class ReviewLog:
         except sqlite3.DatabaseError as e:
             raise ReviewLogError(f"{self.db_path}: cannot keep reviews here ({e})") from None
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        try:
-            con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        except sqlite3.Error as e:
-            raise ReviewLogError(f"cannot open {self.db_path}: {e}") from None
-        try:
-            con.execute("PRAGMA synchronous=FULL")
-            yield con
-        finally:
-            con.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return connect(self.db_path, ReviewLogError)
 
     def append(self, case_id: str, rows: Iterable[Mapping[str, Any]]) -> list[ReviewRow]:
         """Write `rows` (dicts of COLUMNS without id, case_id and at) in one transaction; returns them as stored.

@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.reviewlog import connect
 from edge_runtime.serve.case import Case
 
 # 20261122-143012-a3f9c1: local time (what the clinic reads), then 24 random bits against collisions.
@@ -129,18 +130,9 @@ class CaseStore:
                 raise StoreError(f"{self.db_path} is not a medge case database ({e})") from None
         self.recovered = self.recover()
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        """A short-lived connection (threads never share one); committed on success, closed always."""
-        try:
-            con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open {self.db_path}: {e}") from None
-        try:
-            con.execute("PRAGMA synchronous=FULL")
-            yield con
-        finally:
-            con.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A short-lived connection (threads never share one), synced on commit, closed always."""
+        return connect(self.db_path, StoreError)
 
     # ------------------------------------------------------------ start-up
 
