@@ -44,6 +44,14 @@ class ReleaseError(ValueError):
     """A released name that is unknown, or a packaged file that is missing or altered."""
 
 
+def _strict(cls, d: Mapping[str, Any], where: str):
+    """`cls(**d)`, refusing keys `cls` does not have (a registry written by a newer medge, or edited by hand)."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ReleaseError(f"{REGISTRY}: unknown keys {sorted(unknown)} in {where}")
+    return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
 class ReleasedFile:
     """One file of a release, as `models.json` records it.
@@ -67,10 +75,7 @@ class ReleasedFile:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ReleasedFile:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ReleaseError(f"{REGISTRY}: unknown keys {sorted(unknown)} in the file entry {d.get('file')!r}")
-        return cls(**d)
+        return _strict(cls, d, f"the file entry {d.get('file')!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +156,7 @@ class Release:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Release:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ReleaseError(f"{REGISTRY}: unknown keys {sorted(unknown)} in the entry of {d.get('name')!r}")
-        return cls(**d)
+        return _strict(cls, d, f"the entry of {d.get('name')!r}")
 
 
 def read_registry(folder: Path | None = None) -> list[Release]:
