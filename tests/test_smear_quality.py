@@ -29,6 +29,7 @@ def test_a_good_field_is_readable():
     (dict(clump_share=0.8), "too crowded"),
     (dict(size_cv=1.2), "could not be separated"),
     (dict(fragment_share=0.7), "could not be separated"),
+    (dict(noise=9.0), "too grainy"),
 ])
 def test_each_failing_check_refuses_with_what_to_do(change, words):
     q = gate(dataclasses.replace(GOOD, **change))
@@ -72,6 +73,18 @@ def test_a_real_field_passes_and_its_blurred_and_darkened_copies_do_not(field):
     assert soft.measures.focus < good.measures.focus / 4
     dark = _gate((field * 0.2).astype(np.uint8))
     assert not dark.readable and any("too dark" in r for r in dark.reasons)
+
+
+def test_a_grainy_copy_is_refused_and_the_field_itself_is_not(field):
+    """Sensor noise as the domain-shift harness adds it (sigma 8 at mid-grey): refused as grainy; the JPEG field
+    itself measures a fraction of a grey level."""
+    from train.fieldaug import noise
+
+    clean = _gate(field)
+    assert clean.measures.noise < 1.0 and not any("grainy" in r for r in clean.reasons)
+    grainy = _gate(noise(field, 8.0, seed=0))
+    assert not grainy.readable and any("too grainy" in r for r in grainy.reasons), grainy.reasons
+    assert grainy.measures.noise > LIMITS.max_noise
 
 
 def test_focus_hardly_depends_on_magnification(field):

@@ -26,6 +26,11 @@ the stain's hue (no colour gate here: blue-grey and pink stains both pass):
 - segmentation sanity: the spread of red-cell sizes (coefficient of
   variation) and the share of regions smaller than half a typical cell
   (cells cut into wedges or a crowded field shattered).
+- noise: the grain of the background (Immerkaer's estimate of the noise's
+  standard deviation, grey levels) at the scale the classifier sees a cell
+  (a cell's diameter about its 64 input pixels). A grainy photo (dim light,
+  high ISO) makes the classifier read speckles as chromatin dots: it raised
+  the false positives, not the misses (`Limits.max_noise`).
 
 The limits (`LIMITS`) were set on the 89 shared IML-Malaria fields with
 room to spare (86 pass; the 3 refused are crowded) and checked against
@@ -47,6 +52,15 @@ FOCUS_RADIUS = 20.0  # pixels: a field is shrunk so that its typical cell radius
 # of one, or debris. The gate counts them (`fragment_share`); a fragment the model is unsure of counts neither as a
 # red cell nor as uncertain (`smear.slide`), and the field app's review leaves uncertain ones out.
 FRAGMENT_AREA = 0.5
+NOISE_RADIUS = 32.0  # pixels: the noise is measured where a cell's diameter is at most the classifier's 64 inputs
+# Immerkaer (1996), "Fast noise variance estimation": this kernel cancels a locally planar image; the mean absolute
+# response over a flat region is sigma * 6 * sqrt(2 / pi) for Gaussian noise of standard deviation sigma.
+_IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+# Where the grain starts to make parasites: the released malaria-field 1.1.0 on every 4th shared field (23 fields) with
+# the harness's sensor noise (train.fieldaug.noise) added at sigma 0/2/3/4/5 measured 0.3/2.6/3.9/5.2/6.5 here and
+# called 0.47/0.46/0.58/0.85/1.95% of uninfected cells parasitized (uncertain 12/17/25/35/45%); the shared
+# fields themselves measure 0.1-0.3 (docs/results/2026-12-07-noise-gate.md).
+MAX_NOISE = 5.0
 
 
 def is_fragment(area: float, radius_px: float | None) -> bool:
@@ -82,6 +96,7 @@ class Limits:
     max_clump_share: float = 0.60
     max_size_cv: float = 0.50
     max_fragment_share: float = 0.45
+    max_noise: float = MAX_NOISE
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,6 +118,8 @@ class FieldMeasures:
         clump_share: share of the foreground area in "clump" regions.
         size_cv: coefficient of variation of the red cells' areas.
         fragment_share: regions below half a typical cell's area, among red cells, debris and such fragments.
+        noise: the background's noise, standard deviation in grey levels (green), at NOISE_RADIUS pixels per cell
+            radius; 0 in reports written before it was measured.
     """
 
     focus: float
@@ -113,6 +130,7 @@ class FieldMeasures:
     clump_share: float
     size_cv: float
     fragment_share: float
+    noise: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         # Unrounded: a report read back from its JSON (`FieldResult.from_dict`) equals the one written.
@@ -202,7 +220,23 @@ def measure(seg) -> FieldMeasures:
     fragment_share = small / max(1, small + whole)
     return FieldMeasures(focus=focus, clipped=clipped, background=background, contrast=contrast,
                          red_cells=int(areas.size), clump_share=clump_share, size_cv=size_cv,
-                         fragment_share=fragment_share)
+                         fragment_share=fragment_share, noise=_noise(rgb[:, :, 1], labels == 0, float(seg.radius)))
+
+
+def _noise(green: np.ndarray, background: np.ndarray, radius: float) -> float:
+    """Immerkaer's noise estimate over the background, away from cell edges (a planar image gives 0), as it would
+    be where a cell's radius is at most NOISE_RADIUS pixels: measured at full resolution and scaled by the shrink
+    (averaging 1/f^2 pixels divides white noise by 1/f); resampling the image itself would smooth the very grain
+    it is measuring, by an amount that depends on the fraction."""
+    from edge_runtime.smear.cells import _cv2
+
+    cv2 = _cv2()
+    flat = cv2.erode(background.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    if flat.sum() < 1000:  # hardly any background (a crowded field): nothing to measure on
+        return 0.0
+    response = np.abs(cv2.filter2D(green.astype(np.float32), cv2.CV_32F, _IMMERKAER))
+    sigma = float(np.sqrt(np.pi / 2) * response[flat].mean() / 6.0)
+    return sigma * min(1.0, NOISE_RADIUS / max(radius, 1.0))
 
 
 def gate(m: FieldMeasures, limits: Limits = LIMITS) -> FieldQuality:
@@ -221,6 +255,8 @@ def gate(m: FieldMeasures, limits: Limits = LIMITS) -> FieldQuality:
     if m.clump_share > limits.max_clump_share:
         reasons.append(f"too crowded ({100 * m.clump_share:.0f}% of the cell area in unsplit clumps); "
                        "move toward the thin end of the film")
+    if m.noise > limits.max_noise:
+        reasons.append(f"too grainy (noise {m.noise:.1f} grey levels); more light on the slide or a lower camera ISO")
     if m.size_cv > limits.max_size_cv or m.fragment_share > limits.max_fragment_share:
         reasons.append(f"cells could not be separated (size spread {m.size_cv:.2f}, fragments "
                        f"{100 * m.fragment_share:.0f}%); retake in focus, or a thinner part of the film")
