@@ -225,7 +225,7 @@ class CalibrationReader:
 
 
 def quantize_qdq(src: Path, dest: Path, calib: np.ndarray, activations: str, method: str,
-              exclude: Sequence[str] = ()) -> None:
+                 exclude: Sequence[str] = (), cache: Path | None = None) -> None:
     """QDQ, int8 per-channel weights; `activations` uint8, int8 or int16 (QDQ at opset 21); `exclude`: nodes left
     in float (`--max-drop`).
 
@@ -233,7 +233,13 @@ def quantize_qdq(src: Path, dest: Path, calib: np.ndarray, activations: str, met
     VPMADDUBSW on x86 CPUs without VNNI, whose 16-bit pair sums saturate with full-range weights. Measured on an
     AVX2 machine (no VNNI), a tiny malaria model's uint8 file moved probabilities by up to 0.23 from the same QDQ
     graph run in float (13 of 200 cells flipped); with 7-bit weights 0.008 (0 flipped), as with int8 activations.
-    A file whose answers depend on the CPU it lands on would fail its own golden set elsewhere."""
+    A file whose answers depend on the CPU it lands on would fail its own golden set elsewhere.
+
+
+    `cache`: onnxruntime's calibration cache (the tensor ranges, JSON): written by the first call, read by the
+    next one with the same model, calibration images, method and `exclude` instead of running the calibration
+    again (the ranges do not depend on the activation type). The caller keys it by those.
+    """
     # optional runtime: imported only when this runs
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -250,6 +256,7 @@ def quantize_qdq(src: Path, dest: Path, calib: np.ndarray, activations: str, met
             reduce_range=activations == "uint8",
             calibrate_method=methods[method],
             nodes_to_exclude=list(exclude) or None,
+            **({"calibration_cache_path": str(cache)} if cache is not None else {}),
         )
 
 

@@ -75,9 +75,12 @@ def int8_onnx(job: ExportJob) -> tuple[Path, dict[str, Any]]:
         raise ValueError(f"--onnx-activations {wanted!r} is not one of {ACTIVATION_TYPES}")
     candidates = ["uint8", "int8"] if wanted == "auto" else [wanted]
     paths, timing = {}, {}
+    # One calibration for both candidates: the tensor ranges do not depend on the activation type, so the second
+    # reads the first's from onnxruntime's calibration cache (the same file as calibrating again, measured).
+    cache = job.workdir / f"calibration.{method}.json"
     for act in candidates:
         paths[act] = job.workdir / f"int8.{act}.onnx"
-        quantize_qdq(prep, paths[act], calib.x, act, method)
+        quantize_qdq(prep, paths[act], calib.x, act, method, cache=cache)
         if wanted == "auto":
             timing[act] = round(_time_ms(paths[act], calib.x), 3)
     if wanted == "auto":

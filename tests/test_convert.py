@@ -699,6 +699,27 @@ def test_onnx_export_without_graph_copies_is_the_same_model_and_falls_back(model
 
 
 @pytest.mark.slow
+def test_onnx_int8_candidates_share_one_calibration(exported, proof_images, tmp_path):
+    """The uint8 and int8 candidates of `--onnx-activations auto` calibrate once: the second reads onnxruntime's
+    calibration cache (so it is not fed the images again) and is the same file as calibrating afresh."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from convert.converters import quantize_qdq
+
+    out, _ = exported
+    prep = tmp_path / "prep.onnx"
+    quant_pre_process(str(out / "run_onnx-float32.onnx"), str(prep))
+    x, cache = proof_images.x[:16], tmp_path / "calibration.json"
+    quantize_qdq(prep, tmp_path / "uint8.onnx", x, "uint8", "minmax", cache=cache)
+    assert cache.is_file()
+    quantize_qdq(prep, tmp_path / "int8-cached.onnx", x[:1], "int8", "minmax", cache=cache)  # one image: not used
+    quantize_qdq(prep, tmp_path / "int8.onnx", x, "int8", "minmax")
+    quantize_qdq(prep, tmp_path / "int8-one.onnx", x[:1], "int8", "minmax")
+    assert (tmp_path / "int8-cached.onnx").read_bytes() == (tmp_path / "int8.onnx").read_bytes()
+    assert (tmp_path / "int8-one.onnx").read_bytes() != (tmp_path / "int8.onnx").read_bytes()  # the images count
+
+
+@pytest.mark.slow
 def test_op_outside_litert_builtins_is_named():
     """A layer whose TensorFlow op LiteRT has no builtin kernel for: one error naming the op, not the MLIR dump."""
     import keras
