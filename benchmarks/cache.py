@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from benchmarks.interleave import MIN_ROUNDS, STOP_WITHIN
 from convert.formats import FORMATS, Format, parse_formats
 from convert.report import read_report
 from edge_runtime.fileio import sha256_file, sha256_text
@@ -463,14 +464,17 @@ EXPECT_BUILD_S = {"malaria-edge": 90.0, "malaria-paper": 90.0, "oct": 40.0, "oct
 EXPECT_ROW_S = {"malaria-edge": 3.5, "malaria-paper": 6.0, "oct-fused": 13.0, "oct-head": 3.5}  # one probe process
 EXPECT_CALL_MS = {"oct-fused": 250.0}  # slow models: one call may outlast --min-time (default: well below it)
 EXPECT_PEAKS_S = 13.0
+EXPECT_ROUNDS_EARLY = MIN_ROUNDS + 2  # interleaved rounds of a pair that may stop early, on an idle machine
 
 
 def expected_seconds(models: Sequence[BenchModel], formats: dict[str, Sequence[Format]], threads: Sequence[int],
-                     cache: Path, rounds: int, min_time: float, peaks: bool = True) -> tuple[float, float]:
+                     cache: Path, rounds: int, min_time: float, peaks: bool = True,
+                     stop_within: float = STOP_WITHIN) -> tuple[float, float]:
     """(building, timing): about how long a run takes on an idle 2-core machine (see `EXPECT_BUILD_S`), seconds.
 
     A model whose cache already holds a conversion report counts no build; the malaria and OCT chains are built
-    side by side (`prepare_all`), so the longer chain counts in full and the shorter at half.
+    side by side (`prepare_all`), so the longer chain counts in full and the shorter at half. A pair that may
+    stop early (`stop_within`) counts `EXPECT_ROUNDS_EARLY` rounds: on an idle machine most pairs are that tight.
     """
     chains: dict[str, float] = {}
     for m in models:
@@ -489,7 +493,8 @@ def expected_seconds(models: Sequence[BenchModel], formats: dict[str, Sequence[F
         pairs = sum(1 for f in fs if f.precision != "float32"
                     and any(g.precision == "float32" and g.runtime == f.runtime for g in fs)) * len(threads)
         round_s = 2 * max(min_time, EXPECT_CALL_MS.get(m.name, 0.0) / 1e3)
-        timing += rows * EXPECT_ROW_S.get(m.name, 8.0) + pairs * (rounds * round_s + 2.0)
+        n = min(rounds, EXPECT_ROUNDS_EARLY) if stop_within > 0 else rounds
+        timing += rows * EXPECT_ROW_S.get(m.name, 8.0) + pairs * (n * round_s + 2.0)
     return build, timing
 
 
