@@ -64,7 +64,9 @@ FIELD_NOTES = {
                       "Absolute and load-sensitive: each row is timed in its own process, so other work on the "
                       "machine moves it; compare formats by `speedup_vs_float32`",
     "throughput_ips": "images per second at batch `throughput_batch` (`batched`: one runtime call per batch; "
-                      "`looped`: the graph has a fixed batch of 1)",
+                      "`looped`: the graph has a fixed batch of 1), the median batch call after one warm-up call, "
+                      "timed for at least 1 s (`--min-seconds`) and at least once (a slow model's one call of 16 "
+                      "images)",
     "peak_rss_mb": "peak resident memory of a fresh process that imported the runtime, loaded the model and "
                    "classified one image",
     "cold_start_s": "from starting that process to its first result (interpreter start, imports, load, first image)",
