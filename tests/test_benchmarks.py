@@ -566,3 +566,30 @@ def test_phases_count_children_cpu_and_tree_memory():
     total = phases.total()
     assert total["cpu_s"] >= 0.3 and total["peak_rss_mb"] == row["peak_rss_mb"]
     assert line(row).startswith("child: ") and "GB (process tree)" in line(row)
+
+
+def test_split_conversion_runs_a_process_per_runtime_when_memory_allows(tiny_run, tmp_path, monkeypatch):
+    """A model marked split_convert converts its LiteRT and ONNX formats in two processes side by side, each into
+    its own export folder, which the cache merges; with too little memory, one process, said so."""
+    import dataclasses
+
+    from benchmarks import cache
+
+    m = dataclasses.replace(MODELS["malaria-edge"], split_convert=True)
+    logged: list[str] = []
+    b = cache.Builder(tmp_path, runs={"malaria-edge": tiny_run}, log=logged.append)
+    monkeypatch.setattr(cache, "mem_available_mb", lambda: cache.SPLIT_MIN_AVAILABLE_MB - 1)
+    assert b.convert_groups(m, ["tflite-float32", "onnx-float32"]) == [["tflite-float32", "onnx-float32"]]
+    assert "one conversion process" in logged[-1] and "GB available" in logged[-1]
+    monkeypatch.setattr(cache, "mem_available_mb", lambda: cache.SPLIT_MIN_AVAILABLE_MB + 1)
+    assert b.convert_groups(MODELS["malaria-edge"], ["tflite-float32", "onnx-float32"]) == [
+        ["tflite-float32", "onnx-float32"]]  # not marked: one process
+    p = b.prepare(m, parse_formats("tflite-float32,onnx-float32"))
+    assert p.error is None and not p.errors, p.errors
+    assert set(p.artifacts) == {"tflite-float32", "onnx-float32"}
+    assert len({a.parent for a in p.artifacts.values()}) == 2  # export/ and export-2/
+    assert sorted(s["step"] for s in b.steps) == ["convert malaria-edge onnx-float32",
+                                                   "convert malaria-edge tflite-float32"]
+    again = cache.Builder(tmp_path, runs={"malaria-edge": tiny_run}, log=logged.append)
+    assert again.prepare(m, parse_formats("tflite-float32,onnx-float32")).artifacts == p.artifacts
+    assert again.steps == []  # both found in the cache: nothing converted again
