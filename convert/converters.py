@@ -235,7 +235,6 @@ def quantize_qdq(src: Path, dest: Path, calib: np.ndarray, activations: str, met
     graph run in float (13 of 200 cells flipped); with 7-bit weights 0.008 (0 flipped), as with int8 activations.
     A file whose answers depend on the CPU it lands on would fail its own golden set elsewhere.
 
-
     `cache`: onnxruntime's calibration cache (the tensor ranges, JSON): written by the first call, read by the
     next one with the same model, calibration images, method and `exclude` instead of running the calibration
     again (the ranges do not depend on the activation type). The caller keys it by those.
