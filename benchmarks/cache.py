@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from benchmarks.interleave import MIN_ROUNDS, STOP_WITHIN
 from convert.formats import FORMATS, Format, parse_formats
 from convert.report import read_report
 from edge_runtime.fileio import sha256_file, sha256_text
@@ -69,6 +70,8 @@ class BenchModel:
         builds: built from shipped data when missing (else needs `--run` or a cached run).
         default_formats: what `--formats default` (the default) converts and measures; None: every format.
         layer_report: the conversion makes convert's per-layer int8 error report (`--layer-report-n`).
+        split_convert: its LiteRT and ONNX formats convert in two processes side by side
+            (`Builder.convert_groups`).
     """
 
     name: str
@@ -77,6 +80,7 @@ class BenchModel:
     builds: bool
     default_formats: tuple[str, ...] | None = None
     layer_report: bool = True
+    split_convert: bool = False
 
 
 # InceptionV3 at 299x299 costs ~20 s to convert per format and minutes to calibrate, fine-tune (QAT) and
@@ -89,7 +93,7 @@ PAIRS = ("tflite-float32", "tflite-int8", "onnx-float32", "onnx-int8")
 MODELS: dict[str, BenchModel] = {m.name: m for m in (
     BenchModel("malaria-edge", "malaria", "image", True),
     BenchModel("malaria-paper", "malaria", "image", False),
-    BenchModel("oct-fused", "oct", "image", True, default_formats=PAIRS, layer_report=False),
+    BenchModel("oct-fused", "oct", "image", True, default_formats=PAIRS, layer_report=False, split_convert=True),
     BenchModel("oct-head", "oct", "features", True, default_formats=PAIRS),
 )}
 DEFAULT_MODELS = ("malaria-edge", "malaria-paper", "oct-fused", "oct-head")
@@ -162,6 +166,22 @@ class Prepared:
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
     error: str | None = None
     synthetic: bool = False
+
+
+# Memory the machine must have available for `Builder.convert_groups` to run a model's LiteRT and ONNX
+# conversions side by side (6.5 GB at their peaks, measured, beside the malaria conversion's 1.9 GB).
+SPLIT_MIN_AVAILABLE_MB = 10_000
+
+
+def mem_available_mb() -> float | None:
+    """MemAvailable of /proc/meminfo in MB; None where there is none (not Linux)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class StepFailed(RuntimeError):
@@ -359,23 +379,58 @@ class Builder:
         missing = [f.name for f in formats if f.name not in collect()]
         if not missing:
             return
+        groups = self.convert_groups(p.model, missing)
         k = len(list((self.cache / key).glob("export*"))) if (self.cache / key).is_dir() else 0
-        out = self.cache / key / ("export" if k == 0 else f"export-{k + 1}")
-        self.log(f"== convert {p.model.name} to {', '.join(missing)} -> {out}")
-        try:
-            run_step(py("-m", "convert", source, "--out", _fresh(out), "--formats", ",".join(missing),
-                        "--name", p.model.name, "--calib-n", self.quick.calib_n, "--eval-n", self.quick.eval_n,
-                        # Keep artifacts below convert's agreement bar: measuring their drop is the point here.
-                        "--allow-drop", *extra),
-                     # 1: some rows failed, recorded in conversion.json
-                     self.log, ok_codes=(0, 1), tag=self.tag, record=self.steps)
-        except StepFailed as e:
-            shutil.rmtree(out, ignore_errors=True)
-            for name in missing:
-                p.errors[name] = str(e)
-            return
-        for name in set(missing) - collect():
-            p.errors[name] = f"python -m convert left no report row for {name} in {out}"
+        outs = [self.cache / key / ("export" if k + i == 0 else f"export-{k + i + 1}") for i in range(len(groups))]
+
+        def convert(names: list[str], out: Path, tag: str | None) -> None:
+            self.log(f"== convert {p.model.name} to {', '.join(names)} -> {out}")
+            try:
+                run_step(py("-m", "convert", source, "--out", _fresh(out), "--formats", ",".join(names),
+                            "--name", p.model.name, "--calib-n", self.quick.calib_n, "--eval-n", self.quick.eval_n,
+                            # Keep artifacts below convert's agreement bar: measuring their drop is the point here.
+                            "--allow-drop", *extra),
+                         # 1: some rows failed, recorded in conversion.json
+                         self.log, ok_codes=(0, 1), tag=tag, record=self.steps)
+            except StepFailed as e:
+                shutil.rmtree(out, ignore_errors=True)
+                for name in names:
+                    p.errors[name] = str(e)
+
+        if len(groups) == 1:
+            convert(missing, outs[0], self.tag)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+                tags = [f"{self.tag or ''}[{p.model.name} {FORMATS[names[0]].runtime}]" for names in groups]
+                list(pool.map(convert, groups, outs, tags))
+        found = collect()
+        for name in missing:
+            if name not in found and name not in p.errors:
+                p.errors[name] = f"python -m convert left no report row for {name} in {', '.join(map(str, outs))}"
+
+    def convert_groups(self, m: BenchModel, names: list[str]) -> list[list[str]]:
+        """The `python -m convert` processes that make `names`: one, or for a model marked `split_convert` one per
+        runtime (LiteRT formats, ONNX formats) side by side, when the machine has the memory for both.
+
+        Why: a fused InceptionV3 conversion is ~80% one busy thread (SavedModel export, the TFLite converter,
+        tf2onnx; measured per thread), so its two halves finish sooner side by side on 2 cores. Each process
+        loads the model and Keras' proof outputs again, and both together hold about 6.5 GB at their peaks
+        (measured: 4.0 GB while tf2onnx runs, 2.4 GB for the TFLite rows), hence `SPLIT_MIN_AVAILABLE_MB`.
+        """
+        by_runtime: dict[str, list[str]] = {}
+        for n in names:
+            by_runtime.setdefault(FORMATS[n].runtime, []).append(n)
+        if not m.split_convert or len(by_runtime) < 2:
+            return [names]
+        avail = mem_available_mb()
+        if avail is None or avail < SPLIT_MIN_AVAILABLE_MB:
+            self.log(f"   {m.name}: one conversion process, not one per runtime side by side: "
+                     + ("available memory unknown" if avail is None else f"{avail / 1024:.1f} GB available")
+                     + f" (two need about {SPLIT_MIN_AVAILABLE_MB / 1024:.0f} GB with the rest of the build)")
+            return [names]
+        return list(by_runtime.values())
 
     # -- entry point
 
@@ -463,14 +518,17 @@ EXPECT_BUILD_S = {"malaria-edge": 90.0, "malaria-paper": 90.0, "oct": 40.0, "oct
 EXPECT_ROW_S = {"malaria-edge": 3.5, "malaria-paper": 6.0, "oct-fused": 13.0, "oct-head": 3.5}  # one probe process
 EXPECT_CALL_MS = {"oct-fused": 250.0}  # slow models: one call may outlast --min-time (default: well below it)
 EXPECT_PEAKS_S = 13.0
+EXPECT_ROUNDS_EARLY = MIN_ROUNDS + 2  # interleaved rounds of a pair that may stop early, on an idle machine
 
 
 def expected_seconds(models: Sequence[BenchModel], formats: dict[str, Sequence[Format]], threads: Sequence[int],
-                     cache: Path, rounds: int, min_time: float, peaks: bool = True) -> tuple[float, float]:
+                     cache: Path, rounds: int, min_time: float, peaks: bool = True,
+                     stop_within: float = STOP_WITHIN) -> tuple[float, float]:
     """(building, timing): about how long a run takes on an idle 2-core machine (see `EXPECT_BUILD_S`), seconds.
 
     A model whose cache already holds a conversion report counts no build; the malaria and OCT chains are built
-    side by side (`prepare_all`), so the longer chain counts in full and the shorter at half.
+    side by side (`prepare_all`), so the longer chain counts in full and the shorter at half. A pair that may
+    stop early (`stop_within`) counts `EXPECT_ROUNDS_EARLY` rounds: on an idle machine most pairs are that tight.
     """
     chains: dict[str, float] = {}
     for m in models:
@@ -489,7 +547,8 @@ def expected_seconds(models: Sequence[BenchModel], formats: dict[str, Sequence[F
         pairs = sum(1 for f in fs if f.precision != "float32"
                     and any(g.precision == "float32" and g.runtime == f.runtime for g in fs)) * len(threads)
         round_s = 2 * max(min_time, EXPECT_CALL_MS.get(m.name, 0.0) / 1e3)
-        timing += rows * EXPECT_ROW_S.get(m.name, 8.0) + pairs * (rounds * round_s + 2.0)
+        n = min(rounds, EXPECT_ROUNDS_EARLY) if stop_within > 0 else rounds
+        timing += rows * EXPECT_ROW_S.get(m.name, 8.0) + pairs * (n * round_s + 2.0)
     return build, timing
 
 

@@ -62,7 +62,7 @@ from benchmarks.cache import (
     prepare_all,
     scope_lines,
 )
-from benchmarks.interleave import MIN_TIME_S, ROUNDS, machine_state
+from benchmarks.interleave import MIN_ROUNDS, MIN_TIME_S, ROUNDS, STOP_WITHIN, machine_state
 from benchmarks.machine import library_versions, machine_info, positive, thread_counts
 from benchmarks.peak import measure_peaks
 from benchmarks.phases import Phases
@@ -120,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "on a busy machine)")
     m.add_argument("--min-time", type=positive(float), default=MIN_TIME_S, metavar="S",
                    help="seconds per file per interleaved round, at least")
+    m.add_argument("--stop-within", type=float, default=STOP_WITHIN * 100, metavar="PCT",
+                   help=f"a pair stops before --rounds, after at least {MIN_ROUNDS} rounds (an even number), once its "
+                        "95%% interval is within PCT%% of its median (0: always --rounds)")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("runs/benchmarks"), help="results folder")
     o.add_argument("--cache", type=Path, help="built models and artifacts (default: OUT/cache)")
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     keras_threads = tuple(args.keras_threads) if args.keras_threads else tuple(args.threads[:1])
     settings = Settings(threads=tuple(args.threads), keras_threads=keras_threads, n_images=args.n_images,
                         batch=args.batch, min_seconds=args.min_seconds, max_seconds=args.max_seconds, data=args.data,
-                        rounds=args.rounds, min_time=args.min_time)
+                        rounds=args.rounds, min_time=args.min_time, stop_within=max(0.0, args.stop_within) / 100)
     # Other processes move every timing: the run records what else ran, before and after.
     state_before = machine_state()
     stamp = lambda: f"[{time.perf_counter() - t0:5.0f} s]"  # noqa: E731
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                  + ("" if set(keras_threads) >= set(settings.threads)
                     else " (`--keras-threads sweep` for every count)"))
     build_s, timing_s = expected_seconds(models, formats, settings.threads, cache, settings.rounds,
-                                         settings.min_time, peaks=not args.no_peak)
+                                         settings.min_time, peaks=not args.no_peak, stop_within=settings.stop_within)
     log(f"{stamp()} expected: about {(build_s + timing_s) / 60:.0f} min on an idle 2-core machine (building "
         f"{build_s / 60:.1f} min, timing {timing_s / 60:.1f} min); longer on a busy or slower one")
     log(f"{stamp()} models: {', '.join(m.name for m in models)}; threads: {', '.join(map(str, settings.threads))}; "
@@ -236,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                      "n_images": settings.n_images, "batch": settings.batch,
                      "min_seconds": settings.min_seconds, "max_seconds": settings.max_seconds,
                      "rounds": settings.rounds, "min_time_s": settings.min_time,
+                     "stop_within": settings.stop_within, "min_rounds": MIN_ROUNDS,
                      "data": str(settings.data) if settings.data else None, "cache": str(cache),
                      "formats": [f for f in FORMATS if any(f in {x.name for x in fs} for fs in formats.values())],
                      "formats_spec": args.formats,

@@ -1,7 +1,7 @@
 """Float32 against quantized, timed side by side in one process, so that a busy machine slows both alike.
 
     python -m benchmarks.interleave FLOAT.tflite INT8.tflite --threads 1 [--image cell.png] [--rounds 15]
-                                    [--min-time 0.15]
+                                    [--min-time 0.15] [--stop-within 1]
 
 Both files are loaded in one fresh process (thread count set before each
 runtime starts) and timed in alternating rounds, A B, B A, A B, ... (the
@@ -10,8 +10,10 @@ machine does during a round lands on both files of that round. Each round
 gives one ratio, A's fastest call over B's (`ROUND_QUANTILE`: a call
 preempted by another process is a slow one, left out); the speed-up is the
 median of the per-round ratios with a 95% bootstrap interval over rounds
-(numpy). A row whose interval reaches further than `NOISY_HALF_WIDTH` from
-its median is marked noisy. The absolute p50/p90/p99 of every call are kept
+(numpy); a pair whose interval is already within ±1% stops early (after at
+least 8 rounds, an even number: `MIN_ROUNDS`, `STOP_WITHIN`). A row whose
+interval reaches further than `NOISY_HALF_WIDTH` from its median is marked
+noisy. The absolute p50/p90/p99 of every call are kept
 too, and are what they always were: absolute and load-sensitive.
 
 Prints one JSON line (`interleave_pair`'s result, or {"error": ...}).
@@ -39,6 +41,14 @@ from edge_runtime.model import first_line
 ROUNDS = 15
 MIN_TIME_S = 0.15
 WARMUP_CALLS = 3
+# Stopping early, stated: after at least MIN_ROUNDS rounds, and only after an even number (as many A-first as
+# B-first rounds), a pair stops as soon as the 95% bootstrap interval of its median ratio lies within
+# STOP_WITHIN (relative) of the median; otherwise it runs all `--rounds`. With 8 rounds the interval's ends are
+# the 2nd and 7th ratios or so, so stopping needs even those within ±1%: a sub-millisecond pair on an idle
+# machine (the 2026-12-06 idle default run: 18 of its 20 pairs within ±1% after 15 rounds). Under load the
+# interval is wider and the pair runs every round. `--stop-within 0` turns it off.
+MIN_ROUNDS = 8
+STOP_WITHIN = 0.01
 # A round's figure for each file is its fastest call (the 0th percentile), not its median. Why: on a shared
 # machine a call that outlasts its time slice is preempted, and a 2 ms float32 call is caught far more often than a
 # 0.8 ms int8 one, so medians measure the neighbours. Measured here with ~13-16 runnable processes on 2 cores
@@ -68,13 +78,17 @@ def timed_block(fn: Callable[[], Any], min_time: float, clock: Callable[[], floa
 
 
 def interleave(fn_a: Callable[[], Any], fn_b: Callable[[], Any], rounds: int = ROUNDS, min_time: float = MIN_TIME_S,
-               warmup: int = WARMUP_CALLS, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+               warmup: int = WARMUP_CALLS, clock: Callable[[], float] = time.perf_counter,
+               stop_within: float = STOP_WITHIN, min_rounds: int = MIN_ROUNDS) -> dict[str, Any]:
     """Time two callables in alternating rounds (A B, then B A, ...), after `warmup` calls of each.
+
+    At most `rounds` rounds; fewer when the ratio is already tight (`stop_within`, see `MIN_ROUNDS`).
 
     Returns:
         a_ms, b_ms: per round, each file's fastest call (`ROUND_QUANTILE`, ms); ratios: a_ms / b_ms
         per round; a_calls, b_calls: every timed call of each (ms); order:
-        which ran first in each round ("ab" or "ba").
+        which ran first in each round ("ab" or "ba"); stopped_early: the interval was within
+        `stop_within` before `rounds`.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
@@ -92,8 +106,22 @@ def interleave(fn_a: Callable[[], Any], fn_b: Callable[[], Any], rounds: int = R
         a_calls += blocks["a"]
         b_calls += blocks["b"]
         order.append("ab" if first_a else "ba")
+        if tight(a_ms, b_ms, rounds, stop_within, min_rounds):
+            break
     ratios = [a / b for a, b in zip(a_ms, b_ms)]
-    return {"a_ms": a_ms, "b_ms": b_ms, "ratios": ratios, "a_calls": a_calls, "b_calls": b_calls, "order": order}
+    return {"a_ms": a_ms, "b_ms": b_ms, "ratios": ratios, "a_calls": a_calls, "b_calls": b_calls, "order": order,
+            "stopped_early": len(ratios) < rounds}
+
+
+def tight(a_ms: Sequence[float], b_ms: Sequence[float], rounds: int, stop_within: float = STOP_WITHIN,
+          min_rounds: int = MIN_ROUNDS) -> bool:
+    """The stopping rule: at least `min_rounds` rounds, an even number of them, fewer than `rounds`, and the 95%
+    bootstrap interval of the median ratio within `stop_within` (relative) of it."""
+    n = len(a_ms)
+    if stop_within <= 0 or n < min_rounds or n % 2 or n >= rounds:
+        return False
+    med, lo, hi = bootstrap_median([a / b for a, b in zip(a_ms, b_ms)])
+    return half_width(med, lo, hi) <= stop_within
 
 
 def bootstrap_median(values: Sequence[float], level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -134,16 +162,19 @@ def summarise(result: dict[str, Any], seed: int = 0) -> dict[str, Any]:
 
 
 def interleave_pair(a: str | Path, b: str | Path, threads: int | None, image: str | None = None,
-                    rounds: int = ROUNDS, min_time: float = MIN_TIME_S) -> dict[str, Any]:
+                    rounds: int = ROUNDS, min_time: float = MIN_TIME_S,
+                    stop_within: float = STOP_WITHIN) -> dict[str, Any]:
     """Load both files with `edge_runtime` (batch 1) and time `EdgeModel.run` on the same input, interleaved."""
     models = [edge_runtime.load(p, threads=threads, warmup=False) for p in (a, b)]
     if image:
         xs = [m.preprocess(image)[None] for m in models]
     else:  # the OCT head takes a features array
         xs = [np.zeros((1, *m.input_shape), np.float32) for m in models]
-    result = interleave(lambda: models[0].run(xs[0]), lambda: models[1].run(xs[1]), rounds, min_time)
+    result = interleave(lambda: models[0].run(xs[0]), lambda: models[1].run(xs[1]), rounds, min_time,
+                        stop_within=stop_within)
     return summarise(result) | {"threads": threads, "min_time_s": min_time, "ratios": result["ratios"],
-                                "order": result["order"]}
+                                "order": result["order"], "max_rounds": rounds,
+                                "stopped_early": result["stopped_early"], "stop_within": stop_within}
 
 
 # ---------------------------------------------------------------- the machine around the measurement
@@ -266,9 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", help="image both classify (default: a zero input, e.g. the OCT head's features)")
     p.add_argument("--rounds", type=int, default=ROUNDS)
     p.add_argument("--min-time", type=float, default=MIN_TIME_S, help="seconds per file per round, at least")
+    p.add_argument("--stop-within", type=float, default=STOP_WITHIN * 100, metavar="PCT",
+                   help=f"stop after {MIN_ROUNDS}+ rounds (an even number) once the 95%% interval is within PCT%% "
+                        "of the median (0: always --rounds)")
     args = p.parse_args(argv)
     try:
-        out = interleave_pair(args.a, args.b, args.threads, args.image, args.rounds, args.min_time)
+        out = interleave_pair(args.a, args.b, args.threads, args.image, args.rounds, args.min_time,
+                              args.stop_within / 100)
     except Exception as e:  # reported to the parent as the row's error
         print(json.dumps({"error": first_line(e)}))
         return 1

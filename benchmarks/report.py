@@ -96,8 +96,12 @@ def speedup_notes(report: dict[str, Any]) -> list[str]:
     """How the speed-ups were measured, the machine around them, and what to do about noisy or fallback rows."""
     s = report.get("settings") or {}
     state = report.get("machine_state") or {}
-    out = [f"Speed-up = float32 time / quantized time, both files in one process, timed in {s.get('rounds', '?')} "
-           f"alternating rounds of at least {s.get('min_time_s', '?')} s each (order flipped each round): the median "
+    stop = s.get("stop_within")
+    rounds = (f"up to {s.get('rounds', '?')} alternating rounds (a pair stopped after {s.get('min_rounds', '?')} or "
+              f"more, an even number, once its 95% interval was within ±{stop:.0%} of the median)" if stop
+              else f"{s.get('rounds', '?')} alternating rounds")
+    out = [f"Speed-up = float32 time / quantized time, both files in one process, timed in {rounds} "
+           f"of at least {s.get('min_time_s', '?')} s per file each (order flipped each round): the median "
            "of the per-round ratios and its 95% bootstrap interval. The ms columns are absolute p50s, each timed in "
            "its own process: load-sensitive, not for comparing formats.",
            f"Machine before: {state_line(state.get('before'))}.",

@@ -29,7 +29,7 @@ import numpy as np
 
 import edge_runtime
 from benchmarks.cache import REPO, Prepared
-from benchmarks.interleave import MIN_TIME_S, ROUNDS
+from benchmarks.interleave import MIN_TIME_S, ROUNDS, STOP_WITHIN
 from benchmarks.peak import peak_for
 from convert.formats import Format
 from edge_runtime.images import ImageError, is_image_file, load_and_preprocess
@@ -64,7 +64,9 @@ FIELD_NOTES = {
                       "Absolute and load-sensitive: each row is timed in its own process, so other work on the "
                       "machine moves it; compare formats by `speedup_vs_float32`",
     "throughput_ips": "images per second at batch `throughput_batch` (`batched`: one runtime call per batch; "
-                      "`looped`: the graph has a fixed batch of 1)",
+                      "`looped`: the graph has a fixed batch of 1), the median batch call after one warm-up call, "
+                      "timed for at least 1 s (`--min-seconds`) and at least once (a slow model's one call of 16 "
+                      "images)",
     "peak_rss_mb": "peak resident memory of a fresh process that imported the runtime, loaded the model and "
                    "classified one image",
     "cold_start_s": "from starting that process to its first result (interpreter start, imports, load, first image)",
@@ -90,8 +92,9 @@ FIELD_NOTES = {
                           "(`speedup_method` `interleaved`: both files in one process, alternating rounds, the "
                           "order flipped each round, a round's ratio from each file's fastest call; "
                           "the median of the per-round ratios, `speedup_ci95_low`/`high` its 95% bootstrap interval "
-                          "over `speedup_rounds` rounds, `speedup_noisy` when the interval reaches further than 15% "
-                          "from it); `separate-p50` (the ratio of the two rows' absolute p50s, timed apart) only "
+                          "over `speedup_rounds` rounds (at most `--rounds`; fewer when the interval was within "
+                          "`--stop-within` after 8 or more), `speedup_noisy` when the interval reaches further than "
+                          "15% from it); `separate-p50` (the ratio of the two rows' absolute p50s, timed apart) only "
                           "when the interleaved run failed; size_ratio_vs_float32 likewise",
     "peak_fraction": "achieved MAC/s (macs / p50) over the machine peak of the same runtime and precision "
                      "(int8 GEMM for int8 and dynamic rows, float32 GEMM otherwise)",
@@ -113,6 +116,7 @@ class Settings:
     probe_timeout_s: float = 900.0
     rounds: int = ROUNDS  # interleaved rounds per float/quantized pair and thread count
     min_time: float = MIN_TIME_S  # seconds per file per interleaved round, at least
+    stop_within: float = STOP_WITHIN  # a pair stops early once its interval is this tight (relative; 0: never)
 
     def threads_of(self, fmt: str) -> tuple[int, ...]:
         """Thread counts a row of `fmt` is timed at: the Keras reference's own, every format `threads`."""
@@ -247,7 +251,8 @@ def _python_env() -> dict[str, str]:
 def pair_probe(a: Path, b: Path, threads: int, image: str | None, settings: Settings) -> dict[str, Any]:
     """Start `benchmarks.interleave` on a float32 file `a` and a quantized file `b`; its JSON result."""
     argv = [sys.executable, "-m", "benchmarks.interleave", str(a), str(b), "--threads", str(threads),
-            "--rounds", str(settings.rounds), "--min-time", str(settings.min_time)]
+            "--rounds", str(settings.rounds), "--min-time", str(settings.min_time),
+            "--stop-within", str(settings.stop_within * 100)]
     if image:
         argv += ["--image", image]
     proc = subprocess.run(argv, capture_output=True, text=True, env=_python_env(), timeout=settings.probe_timeout_s)
@@ -288,7 +293,8 @@ def measure_pairs(rows: Sequence[dict[str, Any]], image: str | None, settings: S
             fill_pair(q, r)
             lo, hi = r["speedup_ci95"]
             log(f"[{q['model']}] {b['format']} -> {q['format']} threads={q['threads']}: {r['speedup']:.2f}x "
-                f"[{lo:.2f}-{hi:.2f}] over {r['rounds']} interleaved rounds" + (" (noisy)" if r["noisy"] else ""))
+                f"[{lo:.2f}-{hi:.2f}] over {r['rounds']} interleaved rounds" + (" (noisy)" if r["noisy"] else "")
+                + (" (within the stop bound)" if r.get("stopped_early") else ""))
         except Exception as e:
             q["speedup_error"] = f"interleaved: {first_line(e)}"
             log(f"[{q['model']}] {b['format']} -> {q['format']} threads={q['threads']}: interleaved timing failed "

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.cache import MODELS, Builder
-from benchmarks.interleave import MIN_TIME_S, NOISY_HALF_WIDTH, ROUNDS, machine_state, state_line
+from benchmarks.interleave import MIN_TIME_S, NOISY_HALF_WIDTH, ROUNDS, STOP_WITHIN, machine_state, state_line
 from benchmarks.machine import library_versions, machine_info, positive, thread_counts
 from benchmarks.run import Settings, _image_items, pair_probe
 from convert.formats import parse_formats
@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="thread counts, as for `python -m benchmarks`")
     p.add_argument("--rounds", type=positive(int), default=ROUNDS)
     p.add_argument("--min-time", type=positive(float), default=MIN_TIME_S, metavar="S")
+    p.add_argument("--stop-within", type=float, default=STOP_WITHIN * 100, metavar="PCT",
+                   help="a pair stops early once its 95%% interval is within PCT%% (as `python -m benchmarks`; "
+                        "0: always --rounds)")
     p.add_argument("--hog-seconds", type=positive(float), default=HOG_SECONDS,
                    help="the competing process ends itself after this long at the latest")
     p.add_argument("--cache", type=Path, default=Path("runs/benchmarks/cache"), help="the benchmark cache")
@@ -158,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     items, _ = _image_items(prep, None)
     image = sorted(items)[0][0] if items else None
-    settings = Settings(rounds=args.rounds, min_time=args.min_time)
-    print(f"stability: {len(pairs)} pair(s) x {len(args.threads)} thread count(s) x 2 passes, {args.rounds} rounds of "
+    settings = Settings(rounds=args.rounds, min_time=args.min_time, stop_within=max(0.0, args.stop_within) / 100)
+    print(f"stability: {len(pairs)} pair(s) x {len(args.threads)} thread count(s) x 2 passes, up to {args.rounds} "
+          "rounds of "
           f"{args.min_time} s per file each: "
           f"about {len(pairs) * len(args.threads) * 2 * (2 * args.rounds * args.min_time + 3):.0f} s",
           flush=True)
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   command="python -m benchmarks stability" + (" " + " ".join(argv) if argv else ""),
                   seconds=time.perf_counter() - t0, image=image, rounds=args.rounds, min_time_s=args.min_time,
+                  stop_within=settings.stop_within,
                   hog="one CPU-bound Python process (busy loop), started and stopped by this command")
 
     result.update(machine=machine_info(), versions=library_versions())

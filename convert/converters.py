@@ -11,7 +11,9 @@ report must not load them.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -93,6 +95,21 @@ def int8_config(calib: np.ndarray, int8_io: bool) -> Callable[[Any], None]:
 # ---------------------------------------------------------------- ONNX
 
 
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Environment variables set for the body, restored after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def keras_to_onnx(model, input_shape: tuple[int, ...], opset: int = OPSET):
     """A Keras model as an ONNX ModelProto with input "image" (batch, *input_shape) and a named batch dim."""
     import tensorflow as tf  # TensorFlow: imported only when this runs
@@ -106,9 +123,23 @@ def keras_to_onnx(model, input_shape: tuple[int, ...], opset: int = OPSET):
 
     tf2onnx.utils.INTERNAL_NAME = 1
     try:
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+        try:
+            # tf2onnx deep-copies the whole graph (weights included) before each optimizer pass, so that a failing
+            # pass can be skipped; the copies are cyclic garbage Python's collector rarely reaches in time. The
+            # fused InceptionV3 (88 MB of weights) then peaked at 7.4 GB; without the copies 4.2 GB, the same file
+            # (measured; on other models the names tf2onnx makes up for folded constants may come out in another
+            # order). So: no copies first; only if a pass fails, tf2onnx's own way again (skipping the pass).
+            with _env(TF2ONNX_CATCH_ERRORS=os.environ.get("TF2ONNX_CATCH_ERRORS", "FALSE")):  # a user's own wins
+                proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+        except Exception:
+            if "TF2ONNX_CATCH_ERRORS" in os.environ:
+                raise
+            gc.collect()
+            proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
     except Exception as e:  # tf2onnx raises plain exceptions naming the unsupported op
         raise ValueError(f"tf2onnx could not convert the model: {str(e).splitlines()[0]}") from e
+    finally:
+        gc.collect()  # tf2onnx's graphs are cycles: freed now, not at some later collection
     for v in (*proto.graph.input, *proto.graph.output):
         dims = v.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
@@ -194,7 +225,7 @@ class CalibrationReader:
 
 
 def quantize_qdq(src: Path, dest: Path, calib: np.ndarray, activations: str, method: str,
-              exclude: Sequence[str] = ()) -> None:
+                 exclude: Sequence[str] = (), cache: Path | None = None) -> None:
     """QDQ, int8 per-channel weights; `activations` uint8, int8 or int16 (QDQ at opset 21); `exclude`: nodes left
     in float (`--max-drop`).
 
@@ -202,7 +233,12 @@ def quantize_qdq(src: Path, dest: Path, calib: np.ndarray, activations: str, met
     VPMADDUBSW on x86 CPUs without VNNI, whose 16-bit pair sums saturate with full-range weights. Measured on an
     AVX2 machine (no VNNI), a tiny malaria model's uint8 file moved probabilities by up to 0.23 from the same QDQ
     graph run in float (13 of 200 cells flipped); with 7-bit weights 0.008 (0 flipped), as with int8 activations.
-    A file whose answers depend on the CPU it lands on would fail its own golden set elsewhere."""
+    A file whose answers depend on the CPU it lands on would fail its own golden set elsewhere.
+
+    `cache`: onnxruntime's calibration cache (the tensor ranges, JSON): written by the first call, read by the
+    next one with the same model, calibration images, method and `exclude` instead of running the calibration
+    again (the ranges do not depend on the activation type). The caller keys it by those.
+    """
     # optional runtime: imported only when this runs
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -219,6 +255,7 @@ def quantize_qdq(src: Path, dest: Path, calib: np.ndarray, activations: str, met
             reduce_range=activations == "uint8",
             calibrate_method=methods[method],
             nodes_to_exclude=list(exclude) or None,
+            **({"calibration_cache_path": str(cache)} if cache is not None else {}),
         )
 
 

@@ -665,6 +665,61 @@ def test_oct_run_exports_fused_model_and_head(oct_like_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_onnx_export_without_graph_copies_is_the_same_model_and_falls_back(model, proof_images, monkeypatch):
+    """keras_to_onnx runs tf2onnx without its per-pass graph copies (the memory of the fused InceptionV3): the same
+    graph as tf2onnx's own way (ops, attributes, weights, outputs; only the names tf2onnx makes up for folded
+    constants may come out in another order); when an optimizer pass fails, tf2onnx's own way, skipping it."""
+    import onnxruntime as ort
+    import tf2onnx
+    from onnx import numpy_helper
+
+    from convert.converters import keras_to_onnx
+
+    shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    ours = keras_to_onnx(model, shape)
+    monkeypatch.setenv("TF2ONNX_CATCH_ERRORS", "TRUE")  # a user's own setting wins: tf2onnx's copies, as before
+    theirs = keras_to_onnx(model, shape)
+    monkeypatch.delenv("TF2ONNX_CATCH_ERRORS")
+    assert [(n.op_type, [a.SerializeToString() for a in n.attribute]) for n in ours.graph.node] == \
+        [(n.op_type, [a.SerializeToString() for a in n.attribute]) for n in theirs.graph.node]
+    weights = [sorted(numpy_helper.to_array(t).tobytes() for t in m.graph.initializer) for m in (ours, theirs)]
+    assert weights[0] == weights[1]
+    x = proof_images.x[:8].astype(np.float32)
+    outs = [ort.InferenceSession(m.SerializeToString()).run(None, {"image": x})[0] for m in (ours, theirs)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    calls = []
+
+    def broken(self, graph, iteration):
+        calls.append(iteration)
+        raise RuntimeError("a broken optimizer pass")
+
+    monkeypatch.setattr(tf2onnx.optimizer.IdentityOptimizer, "optimize", broken)
+    proto = keras_to_onnx(model, shape)  # the first try raises; the second skips the broken pass
+    assert len(calls) >= 2 and proto.graph.input[0].name == "image"
+
+
+@pytest.mark.slow
+def test_onnx_int8_candidates_share_one_calibration(exported, proof_images, tmp_path):
+    """The uint8 and int8 candidates of `--onnx-activations auto` calibrate once: the second reads onnxruntime's
+    calibration cache (so it is not fed the images again) and is the same file as calibrating afresh."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from convert.converters import quantize_qdq
+
+    out, _ = exported
+    prep = tmp_path / "prep.onnx"
+    quant_pre_process(str(out / "run_onnx-float32.onnx"), str(prep))
+    x, cache = proof_images.x[:16], tmp_path / "calibration.json"
+    quantize_qdq(prep, tmp_path / "uint8.onnx", x, "uint8", "minmax", cache=cache)
+    assert cache.is_file()
+    quantize_qdq(prep, tmp_path / "int8-cached.onnx", x[:1], "int8", "minmax", cache=cache)  # one image: not used
+    quantize_qdq(prep, tmp_path / "int8.onnx", x, "int8", "minmax")
+    quantize_qdq(prep, tmp_path / "int8-one.onnx", x[:1], "int8", "minmax")
+    assert (tmp_path / "int8-cached.onnx").read_bytes() == (tmp_path / "int8.onnx").read_bytes()
+    assert (tmp_path / "int8-one.onnx").read_bytes() != (tmp_path / "int8.onnx").read_bytes()  # the images count
+
+
+@pytest.mark.slow
 def test_op_outside_litert_builtins_is_named():
     """A layer whose TensorFlow op LiteRT has no builtin kernel for: one error naming the op, not the MLIR dump."""
     import keras
