@@ -126,11 +126,7 @@ def seal(data: bytes | bytearray, embed) -> bytes:
     file), then the digest over that final layout is written into the same
     64 bytes in place, which changes nothing else.
     """
-    blank = bytes(embed(bytes(data), MARKER + _BLANK))
-    m = _record(blank, "the sealed model")
-    out = bytearray(blank)
-    out[m.start(1):m.end(1)] = digest(blank, m.start(1)).encode()
-    return bytes(out)
+    return reseal(embed(bytes(data), MARKER + _BLANK), "the sealed model")
 
 
 def reseal(data: bytes | bytearray, where: str = "model") -> bytes:
