@@ -47,7 +47,7 @@ MIN_AGREEMENT = 0.99
 # resized by plain bilinear sampling (TensorFlow, antialias=False) the released files agree with tflite-support on
 # 99.75% and 99.00% (max |dprob| 0.05 and 0.09, against 0.13 and 0.25), and fed the same pixels (cells pre-resized)
 # on 100% (max |dprob| 0). It costs no accuracy either way (tflite-support 94.75% / 91.25%, edge_runtime 94.50% /
-# 91.50%). Every cell whose class differs sits below 0.6 in both clients, under the 0.8 threshold ('uncertain -
+# 91.50%). For 1.1.0 every cell whose class differs sat below 0.6 in both clients, under its 0.8 bar ('uncertain -
 # refer' either way); the field model is less sure of more NIH cells, so more of them sit near its fence. The
 # standard metadata has no field for the resize (its input description says it). `malaria-field` 1.2.0 (new weights,
 # bar 0.6) agrees on 97.00% of the NIH sample cells (12 differ; answers at its 0.6 bar on 96.25%): a model for
