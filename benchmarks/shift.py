@@ -115,9 +115,9 @@ def all_fields(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 SHIFT_METRICS = ("cell_recall_all_fields", "parasite_recall_detection_all_fields", "cell_recall",
-                 "parasite_recall_detection", "parasite_recall_called",
+                 "parasite_recall_detection", "parasite_recall_called", "parasite_recall_called_read",
                  "uninfected_false_positive_rate", "uninfected_uncertain_rate", "fields_failed",
-                 "segment_ms_per_field")
+                 "fields_unreadable", "fields_collapsed_silent", "segment_ms_per_field")
 
 
 def shift_markdown(rows: list[dict[str, Any]]) -> str:
@@ -128,14 +128,18 @@ def shift_markdown(rows: list[dict[str, Any]]) -> str:
             "cell_recall": "cell recall (fields analysed)", "parasite_recall_detection": "parasites found as a cell",
             "parasite_recall_called": "parasites flagged", "uninfected_false_positive_rate":
             "uninfected called parasitized", "uninfected_uncertain_rate": "uninfected uncertain",
-            "fields_failed": "fields rejected", "segment_ms_per_field": "segment ms/field"}
+            "parasite_recall_called_read": "parasites flagged, refused fields as none",
+            "fields_failed": "fields rejected", "fields_unreadable": "fields refused by the gate",
+            "fields_collapsed_silent": "fields < 70% recall passed by the gate",
+            "segment_ms_per_field": "segment ms/field"}
+    counts = ("fields_failed", "fields_unreadable", "fields_collapsed_silent", "segment_ms_per_field")
     lines = ["| transform | " + " | ".join(head[c] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for r in rows:
         s = r["summary"]
         vals = []
         for c in cols:
             v = s.get(c)
-            vals.append("-" if v is None else f"{v:.0f}" if c in ("fields_failed", "segment_ms_per_field")
+            vals.append("-" if v is None else f"{v:.0f}" if c in counts
                         else f"{100 * v:.1f}%")
         lines.append(f"| {r['transform']} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"

@@ -86,6 +86,22 @@ def test_benchmark_summary_reports_uncertain_uninfected_apart_from_false_positiv
     assert s["uninfected_false_positive_rate"] == 1 / 8 and s["uninfected_uncertain_rate"] == 4 / 8
 
 
+def test_benchmark_summary_says_what_the_gate_refused_and_what_collapsed_past_it():
+    """A refused field flags nothing in the gate-aware figure; a field under 70% recall the gate passed is counted
+    as a silent collapse, one it refused is not."""
+    from train.annotations import summarise
+
+    base = {"error": None, "annotated": 10, "annotated_parasites": 1, "parasites_found": 1, "count_error": 0,
+            "segment_ms": 1.0, "total_ms": 2.0, "parasites_called": 1, "uninfected_found": 8,
+            "uninfected_called_parasitized": 0, "uninfected_called_uncertain": 0, "flagged": True}
+    rows = [{**base, "found": 10, "readable": True}, {**base, "found": 5, "readable": True},
+            {**base, "found": 4, "readable": False}, {**base, "error": "not a smear"}]
+    s = summarise(rows, with_model=True)
+    assert s["fields_unreadable"] == 1 and s["fields_collapsed_silent"] == 1
+    assert s["parasite_recall_called"] == 1.0  # the classifier on every analysed field
+    assert s["parasite_recall_called_read"] == 2 / 4  # what the reports flag: refused and rejected fields flag none
+
+
 def test_benchmark_threshold_table_reproduces_the_summary_at_the_models_bar(art, tmp_path):
     """`benchmarks smear --model` on the two bundled fields: per-cell probabilities of the matched cells make a
     threshold table whose row at the model's own bar is the summary; the CSV keeps one row per field."""

@@ -229,8 +229,12 @@ def rows_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+# A field where fewer than this share of the annotated cells were found has collapsed (issue 23's measure).
+COLLAPSED_RECALL = 0.7
+
+
 def summarise(rows: list[dict[str, Any]], with_model: bool) -> dict[str, Any]:
-    """The headline metrics over every field that gave cells."""
+    """The headline metrics over every field that gave cells, and what the quality gate made of them."""
     ok = [r for r in rows if r["error"] is None]
     tot = lambda k: sum(r[k] for r in ok)  # noqa: E731
     s: dict[str, Any] = {
@@ -241,10 +245,19 @@ def summarise(rows: list[dict[str, Any]], with_model: bool) -> dict[str, Any]:
         "count_error_mean_abs": float(np.mean([abs(r["count_error"]) for r in ok])) if ok else None,
         "count_error_mean_signed": float(np.mean([r["count_error"] for r in ok])) if ok else None,
         "segment_ms_per_field": float(np.mean([r["segment_ms"] for r in ok])) if ok else None,
+        # The quality gate's side: fields it refused (the report asks for a retake), and fields it let through
+        # although under COLLAPSED_RECALL of their annotated cells were found (a silent failure, issue 23).
+        "fields_unreadable": sum(not r.get("readable", True) for r in ok),
+        "fields_collapsed_silent": sum(r.get("readable", True) and r["annotated"] > 0
+                                       and r["found"] < COLLAPSED_RECALL * r["annotated"] for r in ok),
     }
     if with_model:
         with_par = [r for r in ok if r["annotated_parasites"]]
+        read = [r for r in ok if r.get("readable", True)]
         s.update(parasite_recall_called=tot("parasites_called") / max(tot("annotated_parasites"), 1),
+                 # what the report flags: a field the gate refused flags nothing (it asks for a retake instead)
+                 parasite_recall_called_read=sum(r["parasites_called"] for r in read)
+                 / max(sum(r["annotated_parasites"] for r in rows), 1),
                  uninfected_false_positive_rate=tot("uninfected_called_parasitized") / max(tot("uninfected_found"), 1),
                  uninfected_uncertain_rate=tot("uninfected_called_uncertain") / max(tot("uninfected_found"), 1),
                  field_sensitivity=sum(r["flagged"] for r in with_par) / max(len(with_par), 1),
