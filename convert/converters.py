@@ -135,6 +135,7 @@ def keras_to_onnx(model, input_shape: tuple[int, ...], opset: int = OPSET):
             if "TF2ONNX_CATCH_ERRORS" in os.environ:
                 raise
             gc.collect()
+            tf2onnx.utils.INTERNAL_NAME = 1  # the failed attempt advanced the counter: the retry starts afresh too
             proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
     except Exception as e:  # tf2onnx raises plain exceptions naming the unsupported op
         raise ValueError(f"tf2onnx could not convert the model: {str(e).splitlines()[0]}") from e
