@@ -116,6 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fc.add_argument("--shifted-uninfected", type=int, default=15, metavar="N",
                     help="uninfected crops kept per shifted variant (seeded sample; every parasitized one is kept)")
     fc.add_argument("--seed", type=int, default=0, help="seed of the shifts and samples")
+    fc.add_argument("--off-target", action="store_true",
+                    help="also cut, as Uninfected, every region the runtime would classify that overlaps no annotated "
+                         "object (IoU < 0.1 with every box: white-cell pieces, lysed cells, deposits); rows marked "
+                         "region=off-target (default: off)")
 
     fieldcv.add_parser(sub)
     siteadapt.add_parser(sub)
@@ -154,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return demo.run(args.data, args.out, args.epochs)
         if args.command == "field-crops":
-            return fieldcrops.run(args.data, args.out, args.fields, args.shifted, args.shifted_uninfected, args.seed)
+            return fieldcrops.run(args.data, args.out, args.fields, args.shifted, args.shifted_uninfected, args.seed,
+                                   args.off_target)
         if args.command == "field-cv":
             return fieldcv.run(args, sys.argv[1:] if argv is None else argv)
         if args.command == "site-adapt":

@@ -11,6 +11,13 @@ trophozoite, schizont, gametocyte) and Uninfected when it is a "red blood cell";
 objects, annotated cells no region matches, and matched regions of another kind (wbc, clump,
 edge, ...: never classified on the device) are skipped and counted.
 
+`--off-target` also cuts, as Uninfected, every region of kind "rbc" that overlaps no annotated object at
+all (IoU below OFF_TARGET_IOU with every box, any type): a piece of a white cell, a lysed or crushed cell, a
+stain deposit the cell finder took for a red cell. The device classifies those too, and a model that never
+saw one as a negative calls some of them parasitized (issue 23: on unseen block PA171960 the stain-trained
+recipe called 15 such regions parasitized against 15 true parasites). Their rows have `region`
+"off-target" (annotated crops: empty); only the photo's own regions, not its shifted variants.
+
 Writes OUT/crops/<block>/<field>_<index>.png, OUT/field-crops.csv (the manifest format of
 `python -m train split`: path,label,patient,split, with the slide block as `patient` so grouped
 splits keep a block together, split "train", and extra `field`, `variant` and `shift` columns) and
@@ -52,7 +59,10 @@ from train.fieldaug import FieldShift, draw_shift
 POSITIVE, NEGATIVE = "Parasitized", "Uninfected"
 CROPS_CSV = "field-crops.csv"
 CROPS_JSON = "field-crops.json"
-FIELDS = ("path", "label", "patient", "split", "field", "variant", "shift")
+FIELDS = ("path", "label", "patient", "split", "field", "variant", "shift", "region")
+# A region of kind rbc whose box overlaps every annotated box by less than this is off target (`--off-target`).
+OFF_TARGET_IOU = 0.1
+OFF_TARGET = "off-target"
 
 
 def label_of(kind: str) -> str | None:
@@ -64,11 +74,13 @@ def label_of(kind: str) -> str | None:
     return None
 
 
-def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Sequence[Sequence[float]] | None = None
-                ) -> tuple[list[tuple[np.ndarray, str, int]], dict[str, int]]:
+def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Sequence[Sequence[float]] | None = None,
+                off_target: bool = False) -> tuple[list[tuple[np.ndarray, str, int]], dict[str, int]]:
     """One field's labelled crops [(crop, label, region index)] and its counts; raises on a bad field.
 
-    `image` (RGB) and `boxes` replace the photo and its annotated boxes (a shifted variant of the field)."""
+    `image` (RGB) and `boxes` replace the photo and its annotated boxes (a shifted variant of the field).
+    `off_target`: also the rbc regions that overlap no annotated box (`max_iou` < OFF_TARGET_IOU), labelled
+    Uninfected, after the annotated ones (`off_target_regions` says which they are)."""
     seg = segment(load_image(ann["image"]) if image is None else image, ann["image"].name)
     matched = match(ann["boxes"] if boxes is None else boxes, [c.bbox for c in seg.cells])
     out, counts = [], Counter()
@@ -84,8 +96,28 @@ def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Seq
             out.append((crop(seg, seg.cells[m]), label, seg.cells[m].index))
             counts[label] += 1
     counts["annotated"] = len(ann["boxes"])
+    if off_target:
+        truth = ann["boxes"] if boxes is None else boxes
+        taken = {int(m) for m in matched if m >= 0}
+        for j, c in enumerate(seg.cells):
+            if c.kind == "rbc" and j not in taken and max_iou(c.bbox, truth) < OFF_TARGET_IOU:
+                out.append((crop(seg, c), NEGATIVE, c.index))
+                counts[OFF_TARGET] += 1
     return out, {k: int(counts.get(k, 0)) for k in ("annotated", POSITIVE, NEGATIVE, "unmatched", "not_rbc",
-                                                     "skipped_type")}
+                                                     "skipped_type", OFF_TARGET)}
+
+
+def max_iou(box: Sequence[float], boxes: Sequence[Sequence[float]]) -> float:
+    """The largest IoU of an (x, y, w, h) box with any of `boxes` (0 when there are none)."""
+    if not len(boxes):
+        return 0.0
+    b = np.asarray(boxes, float).reshape(-1, 4)
+    x, y, w, h = (float(v) for v in box)
+    iw = np.clip(np.minimum(x + w, b[:, 0] + b[:, 2]) - np.maximum(x, b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(y + h, b[:, 1] + b[:, 3]) - np.maximum(y, b[:, 1]), 0, None)
+    inter = iw * ih
+    union = w * h + b[:, 2] * b[:, 3] - inter
+    return float(np.max(np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)))
 
 
 def shift_of(seed: int, field: str, k: int) -> FieldShift:
@@ -118,14 +150,14 @@ def shifted_crops(ann: dict[str, Any], out: Path, block: str, shifted: int, keep
             path = folder / f"{ann['image'].stem}_s{k}_{index:03d}.png"
             Image.fromarray(crop_img).save(path)
             rows.append({"path": os.path.relpath(path, out), "label": label, "patient": block, "split": "train",
-                         "field": ann["image"].stem, "variant": str(k), "shift": sh.describe()})
+                         "field": ann["image"].stem, "variant": str(k), "shift": sh.describe(), "region": ""})
             counts[f"shifted_{label}"] += 1
     return rows, {"shifted_" + POSITIVE: counts["shifted_" + POSITIVE],
                   "shifted_" + NEGATIVE: counts["shifted_" + NEGATIVE], "shifted_refused": counts["refused"]}
 
 
 def cut(anns: Sequence[dict[str, Any]], out: Path, block_of: dict[str, str], shifted: int = 0,
-        shifted_uninfected: int = 15, seed: int = 0
+        shifted_uninfected: int = 15, seed: int = 0, off_target: bool = False
         ) -> tuple[list[dict[str, str]], dict[str, dict[str, Any]], dict[str, str]]:
     """Cut and write these fields' labelled crops into OUT/crops/<block>/; (manifest rows, counts per field,
     failed fields). `block_of` maps a field's file name to its block (the rows' `patient`). `shifted`: also
@@ -135,18 +167,20 @@ def cut(anns: Sequence[dict[str, Any]], out: Path, block_of: dict[str, str], shi
         name = ann["image"].name
         block = block_of[name]
         try:
-            crops, counts = field_crops(ann)
+            crops, counts = field_crops(ann, off_target=off_target)
         except (ValueError, OSError) as e:  # SmearError and ImageError are ValueErrors
             failed[name] = str(e)
             print(f"[{i}/{len(anns)}] {name}: skipped ({e})", file=sys.stderr)
             continue
         folder = out / "crops" / block
         folder.mkdir(parents=True, exist_ok=True)
-        for img, label, index in crops:
+        annotated = len(crops) - counts[OFF_TARGET]  # field_crops puts the off-target regions last
+        for n, (img, label, index) in enumerate(crops):
             path = folder / f"{ann['image'].stem}_{index:03d}.png"
             Image.fromarray(img).save(path)
             rows.append({"path": os.path.relpath(path, out), "label": label, "patient": block, "split": "train",
-                         "field": ann["image"].stem, "variant": "0", "shift": ""})
+                         "field": ann["image"].stem, "variant": "0", "shift": "",
+                         "region": OFF_TARGET if n >= annotated else ""})
         if shifted:
             more, sc = shifted_crops(ann, out, block, shifted, shifted_uninfected, seed)
             rows += more
@@ -155,6 +189,7 @@ def cut(anns: Sequence[dict[str, Any]], out: Path, block_of: dict[str, str], shi
         print(f"[{i}/{len(anns)}] {name} (block {block}): {counts[POSITIVE]} parasitized + {counts[NEGATIVE]} "
               f"uninfected crops of {counts['annotated']} annotated; {counts['unmatched']} unmatched, "
               f"{counts['not_rbc']} matched a region that is not a red cell"
+              + (f"; {counts[OFF_TARGET]} off-target regions (Uninfected)" if off_target else "")
               + (f"; shifted x{shifted}: {counts['shifted_' + POSITIVE]} parasitized + "
                  f"{counts['shifted_' + NEGATIVE]} uninfected, {counts['shifted_refused']} variants refused"
                  if shifted else ""), file=sys.stderr)
@@ -173,7 +208,7 @@ def write_rows(rows: Sequence[dict[str, str]], path: Path) -> None:
 
 
 def run(data: Path, out: Path, fields: Sequence[str] | None = None, shifted: int = 0, shifted_uninfected: int = 15,
-        seed: int = 0) -> int:
+        seed: int = 0, off_target: bool = False) -> int:
     """Cut, label and write every annotated field's crops (and `shifted` variants of each); 0 when at least one
     field gave crops."""
     data, out = Path(data), Path(out)
@@ -182,7 +217,7 @@ def run(data: Path, out: Path, fields: Sequence[str] | None = None, shifted: int
     anns = load_annotations(data, fields)
     blocks = field_blocks([a["image"].name for a in load_annotations(data)])  # blocks of the whole set
     t0 = time.perf_counter()
-    rows, per_field, failed = cut(anns, out, blocks, shifted, shifted_uninfected, seed)
+    rows, per_field, failed = cut(anns, out, blocks, shifted, shifted_uninfected, seed, off_target)
     out.mkdir(parents=True, exist_ok=True)
     write_rows(rows, out / CROPS_CSV)
     by_block: dict[str, Counter] = {}
@@ -195,11 +230,14 @@ def run(data: Path, out: Path, fields: Sequence[str] | None = None, shifted: int
                 "of kind rbc (what the runtime classifies), cut by edge_runtime.smear.crop",
         "shifted": {"variants": shifted, "uninfected_per_variant": shifted_uninfected, "seed": seed,
                     "distribution": "train.fieldaug.draw_shift"} if shifted else None,
+        "off_target": {"iou_below": OFF_TARGET_IOU, "label": NEGATIVE, "variants": "the photo's own only"}
+        if off_target else None,
     })
     print(f"{len(rows)} crops ({sum(r['label'] == POSITIVE for r in rows)} parasitized, "
           f"{sum(r['variant'] != '0' for r in rows)} of shifted variants) from "
           f"{len(per_field)} fields in {time.perf_counter() - t0:.0f} s; {len(failed)} failed; "
           f"wrote {out / CROPS_CSV} and {CROPS_JSON}")
     for b, c in sorted(by_block.items()):
-        print(f"  block {b}: {c[POSITIVE]} parasitized, {c[NEGATIVE]} uninfected, {c['unmatched']} unmatched")
+        print(f"  block {b}: {c[POSITIVE]} parasitized, {c[NEGATIVE]} uninfected + {c[OFF_TARGET]} off-target "
+              f"uninfected, {c['unmatched']} unmatched")
     return 0 if rows else 1
