@@ -116,7 +116,8 @@ def all_fields(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 SHIFT_METRICS = ("cell_recall_all_fields", "parasite_recall_detection_all_fields", "cell_recall",
                  "parasite_recall_detection", "parasite_recall_called", "parasite_recall_called_read",
-                 "uninfected_false_positive_rate", "uninfected_uncertain_rate", "fields_failed",
+                 "uninfected_false_positive_rate", "false_calls_per_1000_red_cells", "uninfected_uncertain_rate",
+                 "fields_failed",
                  "fields_unreadable", "fields_collapsed_silent", "segment_ms_per_field")
 
 
@@ -129,6 +130,7 @@ def shift_markdown(rows: list[dict[str, Any]]) -> str:
             "parasite_recall_called": "parasites flagged", "uninfected_false_positive_rate":
             "uninfected called parasitized", "uninfected_uncertain_rate": "uninfected uncertain",
             "parasite_recall_called_read": "parasites flagged, refused fields as none",
+            "false_calls_per_1000_red_cells": "false parasitized calls per 1,000 red cells (off-target included)",
             "fields_failed": "fields rejected", "fields_unreadable": "fields refused by the gate",
             "fields_collapsed_silent": "fields < 70% recall passed by the gate",
             "segment_ms_per_field": "segment ms/field"}
@@ -140,6 +142,6 @@ def shift_markdown(rows: list[dict[str, Any]]) -> str:
         for c in cols:
             v = s.get(c)
             vals.append("-" if v is None else f"{v:.0f}" if c in counts
-                        else f"{100 * v:.1f}%")
+                        else f"{v:.1f}" if c == "false_calls_per_1000_red_cells" else f"{100 * v:.1f}%")
         lines.append(f"| {r['transform']} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"

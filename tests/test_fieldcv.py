@@ -26,7 +26,7 @@ def crops(tmp_path_factory) -> Path:
     from train import fieldcrops
 
     out = tmp_path_factory.mktemp("field-crops")
-    assert fieldcrops.run(SMEAR_SAMPLE, out, shifted=2, shifted_uninfected=10, seed=3) == 0
+    assert fieldcrops.run(SMEAR_SAMPLE, out, shifted=2, shifted_uninfected=10, seed=3, off_target=True) == 0
     return out
 
 
@@ -60,10 +60,10 @@ def test_field_crops_are_the_runtime_crops_labelled_by_the_annotations(crops):
     from train.split import read_manifest
 
     rows = list(csv.DictReader(open(crops / "field-crops.csv")))
-    assert set(rows[0]) == {"path", "label", "patient", "split", "field", "variant", "shift"}
+    assert set(rows[0]) == {"path", "label", "patient", "split", "field", "variant", "shift", "region"}
     records = read_manifest(crops / "field-crops.csv")  # the project's manifest reader takes it as it is
     assert len(records) == len(rows) > 200 and {r.split for r in records} == {"train"}
-    rows = [r for r in rows if r["variant"] == "0"]  # the photos' own crops (the shifted ones: the next test)
+    rows = [r for r in rows if r["variant"] == "0" and not r["region"]]  # the photos' annotated crops
     assert {r.patient for r in records} == {"PA171704", "PA171886"}  # the block (here each field is its own)
     summary = json.loads((crops / "field-crops.json").read_text())
     anns = {a["image"].name: a for a in load_annotations(SMEAR_SAMPLE)}
@@ -186,6 +186,38 @@ def test_fold_manifest_leaves_the_held_out_block_out_and_oversamples_parasites(c
     spos = [r for r in rows if r["patient"] == "PA171704" and r["label"] == "Parasitized" and r["variant"] != "0"]
     assert counts2["shifted_uninfected"] == 7 and counts2["shifted_parasitized_rows"] == 2 * len(spos) > 0
     assert [r for r in train2 if "/shifted/" not in r.path] == train
+
+
+def test_off_target_regions_are_uninfected_crops_of_no_annotated_cell_and_come_in_only_when_asked(crops):
+    """`--off-target`: every rbc region of a photo that overlaps no annotated box becomes an Uninfected crop (the
+    runtime's crop of that region); a fold takes them only with off_target_per_block, from its training blocks."""
+    from edge_runtime.images import load_image
+    from edge_runtime.smear import crop, segment
+    from train.annotations import OFF_TARGET_IOU, iou_matrix
+    from train.malaria.fieldcv import fold_manifest
+
+    rows = list(csv.DictReader(open(crops / "field-crops.csv")))
+    off = [r for r in rows if r["region"] == "off-target"]
+    assert off and {r["label"] for r in off} == {"Uninfected"} and {r["variant"] for r in off} == {"0"}
+    summary = json.loads((crops / "field-crops.json").read_text())
+    assert sum(f["off-target"] for f in summary["fields"].values()) == len(off)
+    ann = {a["image"].name: a for a in load_annotations(SMEAR_SAMPLE)}["PA171704.JPG"]
+    seg = segment(load_image(ann["image"]), ann["image"].name)
+    by_index = {c.index: c for c in seg.cells}
+    mine = [r for r in off if r["field"] == "PA171704"]
+    assert mine
+    for r in mine:
+        cell = by_index[int(r["path"].rsplit("_", 1)[1][:3])]
+        assert cell.kind == "rbc" and iou_matrix([cell.bbox], ann["boxes"]).max() < OFF_TARGET_IOU
+        assert np.array_equal(np.asarray(Image.open(crops / r["path"]).convert("RGB")), crop(seg, cell))
+    recs, counts = fold_manifest(rows, crops, [], [], "PA171886", repeat=1, per_block=50, seed=0)
+    assert "off_target_uninfected" not in counts and not {str((crops / r["path"]).resolve()) for r in off} & \
+        {x.path for x in recs}
+    recs, counts = fold_manifest(rows, crops, [], [], "PA171886", repeat=1, per_block=50, seed=0,
+                                 off_target_per_block=3)
+    chosen = {str((crops / r["path"]).resolve()) for r in off} & {x.path for x in recs}
+    assert counts["off_target_uninfected"] == len(chosen) == min(3, len(mine)) and counts["field_uninfected"] == 50
+    assert all("PA171704" in p for p in chosen)  # never the held-out block's
 
 
 def test_nih_mix_keeps_a_seeded_share():

@@ -102,6 +102,33 @@ def test_benchmark_summary_says_what_the_gate_refused_and_what_collapsed_past_it
     assert s["parasite_recall_called_read"] == 2 / 4  # what the reports flag: refused and rejected fields flag none
 
 
+def test_benchmark_counts_parasitized_calls_on_regions_that_are_no_annotated_cell(monkeypatch):
+    """A region called parasitized that overlaps no annotated box is a false call (a white-cell piece, a ghost):
+    counted beside the uninfected cells called parasitized, per 1,000 red cells; a region that is a parasite's
+    cell split differently (overlapping its box) or an uncertain one is not."""
+    from types import SimpleNamespace
+
+    from train import annotations
+
+    ann = {"image": Path("f.jpg"), "boxes": [[0, 0, 10, 10], [20, 0, 10, 10]], "types": ["ring", "red blood cell"],
+           "parasite": [True, False]}
+    cells = [{"bbox": [0, 0, 10, 10], "kind": "rbc", "label": "Parasitized", "uncertain": False, "confidence": 0.9},
+             {"bbox": [20, 0, 10, 10], "kind": "rbc", "label": "Uninfected", "uncertain": False, "confidence": 0.9},
+             {"bbox": [100, 100, 10, 10], "kind": "rbc", "label": "Parasitized", "uncertain": False, "confidence": 0.9},
+             {"bbox": [3, 3, 10, 10], "kind": "rbc", "label": "Parasitized", "uncertain": False, "confidence": 0.9},
+             {"bbox": [200, 200, 10, 10], "kind": "rbc", "label": "Parasitized", "uncertain": True, "confidence": 0.55},
+             {"bbox": [300, 300, 10, 10], "kind": "wbc", "label": None, "uncertain": False, "confidence": None}]
+    result = SimpleNamespace(error=None, cells=[SimpleNamespace(to_dict=lambda c=c: c) for c in cells],
+                             segment_ms=1.0, quality=None)
+    model = SimpleNamespace(metadata=SimpleNamespace(positive_label="Parasitized"))
+    monkeypatch.setattr(annotations, "analyse_field", lambda *a, **k: result)
+    row = annotations.measure_field(ann, model)
+    assert row["parasites_called"] == 1 and row["uninfected_called_parasitized"] == 0
+    assert row["off_target_called_parasitized"] == 1  # [100, 100]; [3, 3] overlaps the ring's box, [200, 200] unsure
+    s = annotations.summarise([row], with_model=True)
+    assert s["false_calls_per_1000_red_cells"] == 1000 * 1 / row["red_cells"] and row["red_cells"] == 5
+
+
 def test_benchmark_threshold_table_reproduces_the_summary_at_the_models_bar(art, tmp_path):
     """`benchmarks smear --model` on the two bundled fields: per-cell probabilities of the matched cells make a
     threshold table whose row at the model's own bar is the summary; the CSV keeps one row per field."""

@@ -62,6 +62,16 @@ def match(truth: Sequence[Sequence[float]], found: Sequence[Sequence[float]], io
     return out
 
 
+# A found region whose box overlaps every annotated box by less than this is "off target": no annotated cell
+# at all (a white-cell piece, a lysed cell, a stain deposit), rather than a cell split or boxed differently.
+OFF_TARGET_IOU = 0.1
+
+
+def off_target_region(box: Sequence[float], truth: Sequence[Sequence[float]]) -> bool:
+    """Whether a found (x, y, w, h) box overlaps no annotated box (IoU < OFF_TARGET_IOU with every one)."""
+    return not len(truth) or float(iou_matrix([box], truth).max()) < OFF_TARGET_IOU
+
+
 def load_annotations(data: Path, fields: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """[{"image", "boxes": [[x, y, w, h]], "types": [str], "parasite": [bool]}] for every annotated field.
 
@@ -160,6 +170,12 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
         row["uninfected_called_parasitized"] = int(sure_pos[~par].sum())
         unsure = np.array([m >= 0 and bool(cells[m]["uncertain"]) for m in matched], bool)
         row["uninfected_called_uncertain"] = int(unsure[~par].sum())
+        # Sure parasitized calls on red-cell regions that are no annotated cell at all: on a slide without
+        # parasites they are what reads "parasites seen", as the uninfected ones called parasitized are.
+        taken = {int(m) for m in matched if m >= 0}
+        row["off_target_called_parasitized"] = sum(
+            c["kind"] == "rbc" and not c["uncertain"] and c["label"] == positive and j not in taken
+            and off_target_region(c["bbox"], ann["boxes"]) for j, c in enumerate(cells))
         row["flagged"] = bool(any(c["label"] == positive or c["uncertain"] for c in cells if c["kind"] == "rbc"))
         # What the slide decision counts (benchmarks.slides): red cells classified, and how they were called.
         rbc = [c for c in cells if c["kind"] == "rbc" and c["label"] is not None
@@ -260,6 +276,11 @@ def summarise(rows: list[dict[str, Any]], with_model: bool) -> dict[str, Any]:
                  / max(sum(r["annotated_parasites"] for r in rows), 1),
                  uninfected_false_positive_rate=tot("uninfected_called_parasitized") / max(tot("uninfected_found"), 1),
                  uninfected_uncertain_rate=tot("uninfected_called_uncertain") / max(tot("uninfected_found"), 1),
+                 # every sure parasitized call that is no annotated parasite (an uninfected cell, or a region that
+                 # is no annotated cell), per 1,000 red cells counted: a negative slide's expected calls
+                 false_calls_per_1000_red_cells=1000 * sum(r["uninfected_called_parasitized"]
+                                                           + r.get("off_target_called_parasitized", 0) for r in ok)
+                 / max(sum(r.get("red_cells", 0) for r in ok), 1),
                  field_sensitivity=sum(r["flagged"] for r in with_par) / max(len(with_par), 1),
                  fields_with_parasites=len(with_par),
                  total_ms_per_field=float(np.mean([r["total_ms"] for r in ok])) if ok else None)

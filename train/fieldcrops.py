@@ -53,15 +53,21 @@ from PIL import Image
 from edge_runtime.fileio import write_json
 from edge_runtime.images import load_image
 from edge_runtime.smear import crop, segment
-from train.annotations import PARASITE_TYPES, UNINFECTED_TYPE, field_blocks, load_annotations, match
+from train.annotations import (
+    OFF_TARGET_IOU,
+    PARASITE_TYPES,
+    UNINFECTED_TYPE,
+    field_blocks,
+    load_annotations,
+    match,
+    off_target_region,
+)
 from train.fieldaug import FieldShift, draw_shift
 
 POSITIVE, NEGATIVE = "Parasitized", "Uninfected"
 CROPS_CSV = "field-crops.csv"
 CROPS_JSON = "field-crops.json"
 FIELDS = ("path", "label", "patient", "split", "field", "variant", "shift", "region")
-# A region of kind rbc whose box overlaps every annotated box by less than this is off target (`--off-target`).
-OFF_TARGET_IOU = 0.1
 OFF_TARGET = "off-target"
 
 
@@ -79,8 +85,8 @@ def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Seq
     """One field's labelled crops [(crop, label, region index)] and its counts; raises on a bad field.
 
     `image` (RGB) and `boxes` replace the photo and its annotated boxes (a shifted variant of the field).
-    `off_target`: also the rbc regions that overlap no annotated box (`max_iou` < OFF_TARGET_IOU), labelled
-    Uninfected, after the annotated ones (`off_target_regions` says which they are)."""
+    `off_target`: also the rbc regions that overlap no annotated box (`train.annotations.off_target_region`), labelled
+    Uninfected, after the annotated ones."""
     seg = segment(load_image(ann["image"]) if image is None else image, ann["image"].name)
     matched = match(ann["boxes"] if boxes is None else boxes, [c.bbox for c in seg.cells])
     out, counts = [], Counter()
@@ -100,24 +106,11 @@ def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Seq
         truth = ann["boxes"] if boxes is None else boxes
         taken = {int(m) for m in matched if m >= 0}
         for j, c in enumerate(seg.cells):
-            if c.kind == "rbc" and j not in taken and max_iou(c.bbox, truth) < OFF_TARGET_IOU:
+            if c.kind == "rbc" and j not in taken and off_target_region(c.bbox, truth):
                 out.append((crop(seg, c), NEGATIVE, c.index))
                 counts[OFF_TARGET] += 1
     return out, {k: int(counts.get(k, 0)) for k in ("annotated", POSITIVE, NEGATIVE, "unmatched", "not_rbc",
                                                      "skipped_type", OFF_TARGET)}
-
-
-def max_iou(box: Sequence[float], boxes: Sequence[Sequence[float]]) -> float:
-    """The largest IoU of an (x, y, w, h) box with any of `boxes` (0 when there are none)."""
-    if not len(boxes):
-        return 0.0
-    b = np.asarray(boxes, float).reshape(-1, 4)
-    x, y, w, h = (float(v) for v in box)
-    iw = np.clip(np.minimum(x + w, b[:, 0] + b[:, 2]) - np.maximum(x, b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(y + h, b[:, 1] + b[:, 3]) - np.maximum(y, b[:, 1]), 0, None)
-    inter = iw * ih
-    union = w * h + b[:, 2] * b[:, 3] - inter
-    return float(np.max(np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)))
 
 
 def shift_of(seed: int, field: str, k: int) -> FieldShift:
