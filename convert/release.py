@@ -586,9 +586,19 @@ def _changes_lines(r: registry.Release) -> list[str]:
     return [f"## Changes in {r.version}", "", *[f"- {c}" for c in r.changes], ""] if r.changes else []
 
 
+def _shown_path(path: str | os.PathLike) -> str:
+    """A path as a card shows it: relative to here, or, for a run made from a copy of the project elsewhere (a
+    snapshot in /tmp), from its `releases/` folder on (`releases/malaria/model.keras`), not `../../tmp/...`."""
+    rel = os.path.relpath(path)
+    if not rel.startswith(".."):
+        return rel
+    parts = Path(path).parts
+    return "/".join(parts[len(parts) - 1 - parts[::-1].index("releases"):]) if "releases" in parts else str(path)
+
+
 def _recipe(r: registry.Release, cfg) -> str:
     preset, final = cfg.preset, r.trained.get("keep") == "final"
-    start = f"fine-tuned from `{os.path.relpath(cfg.init)}`, " if cfg.init else ""
+    start = f"fine-tuned from `{_shown_path(cfg.init)}`, " if cfg.init else ""
     return (f"Recipe: {start}{preset['epochs']} epochs, batch {preset['batch_size']}, SGD lr {preset['learning_rate']} "
             f"(momentum {preset['momentum']}{', Nesterov' if preset.get('nesterov') else ''}, {preset['schedule']} "
             f"decay), label smoothing {preset.get('label_smoothing', 0)}, augmentation: rotation, zoom, shift, shear, "
