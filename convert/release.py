@@ -837,6 +837,10 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         f"{_pct(ft['uninfected_uncertain_rate'])} |",
         f"| field sensitivity (a parasite field flagged) | {rel['field_sensitivity']:.2f} | "
         f"{ft['field_sensitivity']:.2f} |",
+        *([f"| false parasitized calls per 1,000 red cells (uninfected cells and regions that are no annotated cell "
+           f"called parasitized: what a slide without parasites would show) | "
+           f"{rel['false_calls_per_1000_red_cells']:.1f} | {ft['false_calls_per_1000_red_cells']:.1f} |"]
+          if "false_calls_per_1000_red_cells" in ft and "false_calls_per_1000_red_cells" in rel else []),
         "",
         "| held-out block | false positives, `malaria` -> fine-tuned | uncertain | NIH sample int8 accuracy |",
         "|---|---:|---:|---:|",
