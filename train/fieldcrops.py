@@ -20,7 +20,7 @@ recipe called 15 such regions parasitized against 15 true parasites). Their rows
 
 Writes OUT/crops/<block>/<field>_<index>.png, OUT/field-crops.csv (the manifest format of
 `python -m train split`: path,label,patient,split, with the slide block as `patient` so grouped
-splits keep a block together, split "train", and extra `field`, `variant` and `shift` columns) and
+splits keep a block together, split "train", and extra `field`, `variant`, `shift` and `region` columns) and
 OUT/field-crops.json (counts per field and block, fields that failed). A field that cannot be read or
 segmented is reported and skipped. Blocks: runs of consecutive camera numbers
 (`train.annotations.field_blocks`).
