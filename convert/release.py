@@ -745,7 +745,7 @@ def field_figures(field_cv: Path | None, run: Path) -> dict[str, Any]:
                          "the run its `--final` trained, whose settings the folds measured")
     keys = ("fields", "annotated_cells", "annotated_parasites", "cell_recall", "parasite_recall_called",
             "uninfected_false_positive_rate", "uninfected_uncertain_rate", "field_sensitivity",
-            "count_error_mean_signed", "total_ms_per_field")
+            "count_error_mean_signed", "total_ms_per_field", "false_calls_per_1000_red_cells")
 
     def pick(summary: dict[str, Any]) -> dict[str, Any]:
         return {k: summary.get(k) for k in keys}

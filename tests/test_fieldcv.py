@@ -349,4 +349,6 @@ def test_field_cv_final_run_is_released_with_its_held_out_figures(crops, tiny_ru
     assert list(fc["per_block"]) == ["PA171886"] and fc["pooled"]["fine_tuned"]["fields"] == 1
     card = (dest / "MODEL_CARD.md").read_text()
     assert "leave-one-block-out" in card and "| PA171886 |" in card and "python -m train field-crops" in card
+    calls = fc["pooled"]["fine_tuned"]["false_calls_per_1000_red_cells"]  # what a negative slide would show
+    assert calls is not None and "| false parasitized calls per 1,000 red cells" in card and f"| {calls:.1f} |" in card
     assert registry.read_registry(pkg)[0].metrics["field_cv"] == fc and entry.inputs == "fields"
