@@ -67,9 +67,11 @@ def match(truth: Sequence[Sequence[float]], found: Sequence[Sequence[float]], io
 OFF_TARGET_IOU = 0.1
 
 
-def off_target_region(box: Sequence[float], truth: Sequence[Sequence[float]]) -> bool:
-    """Whether a found (x, y, w, h) box overlaps no annotated box (IoU < OFF_TARGET_IOU with every one)."""
-    return not len(truth) or float(iou_matrix([box], truth).max()) < OFF_TARGET_IOU
+def off_target_mask(truth: Sequence[Sequence[float]], found: Sequence[Sequence[float]]) -> np.ndarray:
+    """For each found (x, y, w, h) box, whether it overlaps no annotated box (IoU < OFF_TARGET_IOU with every one)."""
+    if not len(truth):
+        return np.ones(len(found), bool)
+    return iou_matrix(truth, found).max(axis=0, initial=0.0) < OFF_TARGET_IOU
 
 
 def load_annotations(data: Path, fields: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -173,9 +175,10 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
         # Sure parasitized calls on red-cell regions that are no annotated cell at all: on a slide without
         # parasites they are what reads "parasites seen", as the uninfected ones called parasitized are.
         taken = {int(m) for m in matched if m >= 0}
+        off = off_target_mask(ann["boxes"], [c["bbox"] for c in cells])
         row["off_target_called_parasitized"] = sum(
-            c["kind"] == "rbc" and not c["uncertain"] and c["label"] == positive and j not in taken
-            and off_target_region(c["bbox"], ann["boxes"]) for j, c in enumerate(cells))
+            c["kind"] == "rbc" and not c["uncertain"] and c["label"] == positive and j not in taken and off[j]
+            for j, c in enumerate(cells))
         row["flagged"] = bool(any(c["label"] == positive or c["uncertain"] for c in cells if c["kind"] == "rbc"))
         # What the slide decision counts (benchmarks.slides): red cells classified, and how they were called.
         rbc = [c for c in cells if c["kind"] == "rbc" and c["label"] is not None

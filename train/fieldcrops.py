@@ -60,7 +60,7 @@ from train.annotations import (
     field_blocks,
     load_annotations,
     match,
-    off_target_region,
+    off_target_mask,
 )
 from train.fieldaug import FieldShift, draw_shift
 
@@ -85,7 +85,7 @@ def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Seq
     """One field's labelled crops [(crop, label, region index)] and its counts; raises on a bad field.
 
     `image` (RGB) and `boxes` replace the photo and its annotated boxes (a shifted variant of the field).
-    `off_target`: also the rbc regions that overlap no annotated box (`train.annotations.off_target_region`), labelled
+    `off_target`: also the rbc regions that overlap no annotated box (`train.annotations.off_target_mask`), labelled
     Uninfected, after the annotated ones."""
     seg = segment(load_image(ann["image"]) if image is None else image, ann["image"].name)
     matched = match(ann["boxes"] if boxes is None else boxes, [c.bbox for c in seg.cells])
@@ -105,8 +105,9 @@ def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Seq
     if off_target:
         truth = ann["boxes"] if boxes is None else boxes
         taken = {int(m) for m in matched if m >= 0}
+        off = off_target_mask(truth, [c.bbox for c in seg.cells])
         for j, c in enumerate(seg.cells):
-            if c.kind == "rbc" and j not in taken and off_target_region(c.bbox, truth):
+            if c.kind == "rbc" and j not in taken and off[j]:
                 out.append((crop(seg, c), NEGATIVE, c.index))
                 counts[OFF_TARGET] += 1
     return out, {k: int(counts.get(k, 0)) for k in ("annotated", POSITIVE, NEGATIVE, "unmatched", "not_rbc",
