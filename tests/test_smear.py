@@ -125,6 +125,7 @@ def test_benchmark_counts_parasitized_calls_on_regions_that_are_no_annotated_cel
     row = annotations.measure_field(ann, model)
     assert row["parasites_called"] == 1 and row["uninfected_called_parasitized"] == 0
     assert row["off_target_called_parasitized"] == 1  # [100, 100]; [3, 3] overlaps the ring's box, [200, 200] unsure
+    assert json.loads(json.dumps(row)) == row  # rows are written as JSON by field-cv and benchmarks smear
     s = annotations.summarise([row], with_model=True)
     assert s["false_calls_per_1000_red_cells"] == 1000 * 1 / row["red_cells"] and row["red_cells"] == 5
 

@@ -176,9 +176,9 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
         # parasites they are what reads "parasites seen", as the uninfected ones called parasitized are.
         taken = {int(m) for m in matched if m >= 0}
         off = off_target_mask(ann["boxes"], [c["bbox"] for c in cells])
-        row["off_target_called_parasitized"] = sum(
-            c["kind"] == "rbc" and not c["uncertain"] and c["label"] == positive and j not in taken and off[j]
-            for j, c in enumerate(cells))
+        row["off_target_called_parasitized"] = int(sum(
+            c["kind"] == "rbc" and not c["uncertain"] and c["label"] == positive and j not in taken and bool(off[j])
+            for j, c in enumerate(cells)))
         row["flagged"] = bool(any(c["label"] == positive or c["uncertain"] for c in cells if c["kind"] == "rbc"))
         # What the slide decision counts (benchmarks.slides): red cells classified, and how they were called.
         rbc = [c for c in cells if c["kind"] == "rbc" and c["label"] is not None
