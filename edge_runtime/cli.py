@@ -5,7 +5,7 @@
     python -m edge_runtime predict export/oct_tflite-int8.tflite scan1.jpeg scan2.jpeg --gradcam maps/
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
     python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X]
-                                 [--wbc-count N] [--normalise] [--um-per-px X]
+                                 [--wbc-count N] [--normalise] [--um-per-px X] [--false-call-rate R]
     python -m edge_runtime review DIR [--list] [--set FIELD:CELL=parasite|not_parasite|not_cell ...] [--stage ring]
                                   [--rest-not-parasites] [--wbc N] [--reviewed] --reviewer NAME    # a smear --out DIR
     python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR]
@@ -26,13 +26,15 @@ model gives each scan a referral level (urgent, routine, observation).
 Answers below the confidence threshold are "uncertain — refer".
 `smear` takes whole microscope field photos of one slide (files or folders),
 finds and classifies every red cell and prints one slide report
-(edge_runtime.smear) whose decision is "parasites seen", "no parasites seen
-in N red cells" or "not enough evidence: photograph about K more fields"
-(docs/slide-decision.md). Its exit codes: 0 a decision on readable fields,
-1 a decision, but some fields were refused (no cells, or the quality gate:
-"can't read this field: retake (reason)"), 2 bad arguments or unusable
-model, 3 not enough evidence (too few red cells, or no field readable):
-photograph more fields; never read as negative.
+(edge_runtime.smear) whose decision is "parasites seen", "cells to review"
+(calls no more than the model makes on a slide without parasites), "no
+parasites seen in N red cells" or "not enough evidence: photograph about K
+more fields" (docs/slide-decision.md). Its exit codes: 0 a decision on
+readable fields, 1 a decision, but some fields were refused (no cells, or the
+quality gate: "can't read this field: retake (reason)"), 2 bad arguments or
+unusable model, 3 not enough evidence (too few red cells, or no field
+readable): photograph more fields, 4 cells to review: a person must check the
+flagged cells (`review`); 3 and 4 are never read as negative.
 `review` records a person's calls on the flagged cells of a `smear --out DIR`
 folder (append-only, DIR/reviews.sqlite) and prints the slide result
 recomputed from them beside the machine's (edge_runtime.smear.review); exit 0,
@@ -71,7 +73,7 @@ from edge_runtime.gradcam import GradCam
 from edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file
 from edge_runtime.model import ModelChanged, ModelError, load
 from edge_runtime.smear import analyse_slide, write_report
-from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, decision_lines
+from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, FalseCalls, decision_lines
 from edge_runtime.smear.report import field_entry
 from edge_runtime.smear.review import STAGES, ReviewState
 from edge_runtime.standard_metadata import format_lines
@@ -79,6 +81,7 @@ from edge_runtime.standard_metadata import read as read_standard_metadata
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
 EXIT_MORE_FIELDS = 3  # smear: not enough evidence for a decision; photograph more fields
+EXIT_REVIEW = 4  # smear: cells called parasitized, but no more than the model's false calls; a person checks them
 
 
 def _threads(text: str) -> int:
@@ -99,6 +102,16 @@ def _positive_float(text: str) -> float:
     v = float(text)
     if not (math.isfinite(v) and v > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text}") from None
+    if not (math.isfinite(v) and 0 <= v < 1000):
+        raise argparse.ArgumentTypeError(f"expected a rate per 1,000 red cells, from 0 to below 1000; got {text}")
     return v
 
 
@@ -187,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--wbc-per-ul", type=_positive_float, metavar="X",
                     help="the patient's measured white cells per microlitre, for --wbc-count "
                          "(default: none measured; WHO's assumed 8,000/uL is used and the report says so)")
+    sr.add_argument("--false-call-rate", type=_nonnegative_float, metavar="R",
+                    help="the model's false parasitized calls per 1,000 red cells on slides without parasites, as "
+                         "measured at this site: the slide is 'parasites seen' only with more calls than that "
+                         "explains, else 'cells to review' (default: the rate the registry records for a released "
+                         "model; none for another file, and then any call is 'parasites seen')")
     ps.add_argument("--threshold", type=fraction,
                     help="confidence below which a cell is uncertain "
                          "(default: the model's threshold, from its metadata)")
@@ -529,7 +547,9 @@ def cmd_smear(args) -> int:
     model = _load(args)
     report = analyse_slide(model, fields, min_cells=args.min_cells, rbc_per_ul=args.rbc_per_ul,
                            wbc_count=args.wbc_count, wbc_per_ul=args.wbc_per_ul, normalise=args.normalise,
-                           rule=args.counting_rule, um_per_px=args.um_per_px)
+                           rule=args.counting_rule, um_per_px=args.um_per_px,
+                           false_calls=None if args.false_call_rate is None else
+                           FalseCalls.given(args.false_call_rate, "--false-call-rate"))
     written = write_report(report, args.out) if args.out is not None else []
     if args.format == "json":
         doc = {"model": {k: v for k, v in model.describe().items() if k in ("file", "model", "format", "backend",
@@ -546,6 +566,8 @@ def cmd_smear(args) -> int:
             print(f"warning: {f.field}: {f.error or f.unreadable_reason}", file=sys.stderr)
     if report.summary.decision["decision"] == "not enough evidence":
         return EXIT_MORE_FIELDS
+    if report.summary.decision["decision"] == "cells to review":
+        return EXIT_REVIEW
     return EXIT_REJECTED if any(not f.readable for f in report.fields) else EXIT_OK
 
 

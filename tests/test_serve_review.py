@@ -25,7 +25,14 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.smear.decision import ASSUMED_RBC_PER_UL, COUNTING_RULES, decide, density_from_rbc, density_from_wbc
+from edge_runtime.smear.decision import (
+    ASSUMED_RBC_PER_UL,
+    COUNTING_RULES,
+    FalseCalls,
+    decide,
+    density_from_rbc,
+    density_from_wbc,
+)
 from edge_runtime.smear.review import (
     Flagged,
     ReviewError,
@@ -88,8 +95,9 @@ def recompute(record: dict, rows: list[tuple]) -> dict:
         n -= after == "not_cell"
     d = s["decision"]
     rule = dict(rule=d["rule"]) if d["rule"] in COUNTING_RULES else dict(min_cells=d["min_cells"])
+    fc = FalseCalls.from_dict(d["false_calls"]) if d.get("false_calls") else None
     out = decide(parasitized=p, uncertain=u, red_cells=n, readable_fields=d["readable_fields"], fields=d["fields"],
-                 **rule).to_dict()
+                 confirmed=sum(a == "parasite" for a in latest.values()), false_calls=fc, **rule).to_dict()
     if out["decision"] != "not enough evidence":
         den = density_from_wbc(p, wbc) if wbc else density_from_rbc(p, n, ASSUMED_RBC_PER_UL, measured=False)
         out["density"] = den.to_dict()
@@ -169,10 +177,31 @@ def test_reviewed_counts_and_result():
     rows.append(ReviewRow(7, "c", "cell", "A", "t7", 0, 1, "parasitized", "parasite", "ring"))
     out = reviewed_result(summary, offered, ReviewState.from_rows(rows))
     assert not out["reviewed"] and out["status"].startswith("changed after B's review")
-    assert out["result"]["message"] == "parasites seen: 1 parasitized of 2,099 red cells"
+    assert out["result"]["message"] == "parasites seen: 1 parasitized of 2,099 red cells, 1 confirmed in review"
     # Too few red cells and no parasite: no density at all (a "0/µL" there would reassure without evidence).
     short = {**summary, "cells": 300, "parasitized": 0}
     assert reviewed_result(short, [], ReviewState.from_rows([]))["result"]["density"] is None
+
+
+def test_a_review_decides_a_slide_whose_calls_a_clean_slide_would_give():
+    """The machine's "cells to review" (2 calls, a clean slide of 2,100 red cells gives up to 26 at the model's
+    recorded false-call rate) becomes "parasites seen" when a person confirms one, and "no parasites seen" when
+    they reject both; the rate is the one the machine's summary recorded."""
+    fc = {"calls": 7, "red_cells": 1748, "source": "fold"}
+    summary = {"cells": 2100, "parasitized": 2, "uncertain": 0, "fields": 15,
+               "decision": {"rule": "who-2000", "min_cells": 2000, "fields": 15, "readable_fields": 15,
+                            "false_calls": fc}}
+    offered = to_review([_flag(0, 1, "parasitized", 0.9), _flag(3, 4, "parasitized", 0.8)])
+    out = reviewed_result(summary, offered, ReviewState.from_rows([]))
+    assert out["machine"]["decision"] == out["result"]["decision"] == "cells to review"
+    assert out["result"]["false_call_limit"] == 26 and out["result"]["false_calls"]["calls"] == 7
+    one = [ReviewRow(1, "c", "cell", "A", "t1", 0, 1, "parasitized", "parasite", "ring")]
+    out = reviewed_result(summary, offered, ReviewState.from_rows(one))
+    assert out["result"]["decision"] == "parasites seen" and out["result"]["confirmed"] == 1
+    both = [ReviewRow(1, "c", "cell", "A", "t1", 0, 1, "parasitized", "not_parasite"),
+            ReviewRow(2, "c", "cell", "A", "t2", 3, 4, "parasitized", "not_cell")]
+    out = reviewed_result(summary, offered, ReviewState.from_rows(both))
+    assert out["result"]["message"] == "no parasites seen in 2,099 red cells"
 
 
 def test_plan_rows_refuses_what_it_cannot_record():

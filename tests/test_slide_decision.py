@@ -10,6 +10,7 @@ from edge_runtime.smear.decision import (
     DEFAULT_RULE,
     TYPICAL_RBC_PER_FIELD,
     WHO_WBC_PER_UL,
+    FalseCalls,
     decide,
     decision_lines,
     density_from_rbc,
@@ -53,9 +54,51 @@ def test_the_default_rule_is_a_published_thin_film_count_with_its_reference():
         min_cells_for(min_cells=0)
 
 
-def test_a_parasite_seen_is_positive_whatever_the_count():
+def test_without_a_measured_false_call_rate_any_call_is_a_parasite_seen():
     d = decide(parasitized=1, uncertain=0, red_cells=40, readable_fields=1, fields=1)
     assert d.decision == "parasites seen" and d.message.startswith("parasites seen: 1 parasitized of 40")
+    assert d.false_calls is None and "not measured" in " ".join(decision_lines(d))
+
+
+def test_false_call_limit_is_the_poisson_quantile_at_the_rates_upper_bound():
+    """The most calls a clean slide gives 99 times in 100, at the one-sided 95% upper bound of the measured rate
+    (7 false calls in 1,748 red cells: 4.0 per 1,000, bound 7.5): scipy's Poisson quantile where installed."""
+    f = FalseCalls(7, 1748, "fold")
+    assert f.per_1000 == pytest.approx(4.0046, abs=1e-4)
+    assert f.upper_per_1000 == pytest.approx(1000 * poisson_interval(7, 0.90)[1] / 1748)
+    assert f.upper_per_1000 == pytest.approx(7.5218, abs=1e-3)
+    assert [f.limit(n) for n in (500, 1000, 2000)] == [9, 15, 25]
+    stats = pytest.importorskip("scipy.stats")
+    for n in (100, 733, 2000, 6000):
+        assert f.limit(n) == int(stats.poisson.ppf(0.99, f.expected(n)))
+    assert FalseCalls.from_dict(f.to_dict()) == f and f.to_dict()["upper_per_1000"] == pytest.approx(7.522)
+    assert FalseCalls.given(4.0).per_1000 == 4.0 and "4 per 1,000" in FalseCalls.given(4.0).source
+    for bad in ((-1, 10), (5, 0), (11, 10)):
+        with pytest.raises(ValueError, match="false calls"):
+            FalseCalls(*bad, "x")
+
+
+def test_calls_a_clean_slide_would_give_go_to_review_never_to_negative():
+    """With the model's false-call rate, a slide is "parasites seen" only with more calls than a clean slide of
+    its size gives; fewer are "cells to review" (refer, never negative); a person's confirmation is a parasite
+    seen at any count."""
+    f = FalseCalls(7, 1748, "fold")
+    at = decide(parasitized=25, uncertain=3, red_cells=2000, readable_fields=15, fields=15, false_calls=f)
+    assert at.decision == "cells to review" and at.false_call_limit == 25 and not at.negative
+    assert at.message == ("cells to review: 25 called parasitized of 2,000 red cells, no more than this model calls "
+                          "on a slide without parasites (up to 25); check them before calling the slide")
+    over = decide(parasitized=26, uncertain=3, red_cells=2000, readable_fields=15, fields=15, false_calls=f)
+    assert over.decision == "parasites seen" and over.message.endswith("(a slide without parasites gives up to 25)")
+    short = decide(parasitized=2, uncertain=0, red_cells=500, readable_fields=4, fields=4, false_calls=f)
+    assert short.decision == "cells to review" and short.more_fields == 12 and "about 12 more fields" in short.message
+    seen = decide(parasitized=2, uncertain=0, red_cells=500, readable_fields=4, fields=4, false_calls=f, confirmed=1)
+    assert seen.decision == "parasites seen" and seen.message.endswith("1 confirmed in review")
+    clean = decide(parasitized=0, uncertain=0, red_cells=2000, readable_fields=15, fields=15, false_calls=f)
+    assert clean.decision == "no parasites seen"
+    lines = decision_lines(at)
+    assert lines[0].startswith("CELLS TO REVIEW: 25 called") and any("calls: 4.0 per 1,000" in x for x in lines)
+    with pytest.raises(ValueError, match="confirmed"):
+        decide(parasitized=1, uncertain=0, red_cells=500, readable_fields=4, fields=4, confirmed=2)
 
 
 def test_negative_only_past_the_minimum_and_says_how_many_cells():
@@ -91,7 +134,7 @@ def test_a_given_minimum_is_named_as_given():
     assert d.decision == "no parasites seen" and d.rule == "given" and "--min-cells 500" in d.reference
 
 
-def test_every_decision_is_one_of_three():
+def test_every_decision_is_one_of_four():
     for p, c, r in [(0, 0, 0), (0, 5000, 40), (2, 5000, 40), (0, 10, 1)]:
         assert decide(p, 0, c, r, max(r, 1)).decision in DECISIONS
 
@@ -169,6 +212,10 @@ def test_the_field_app_never_shows_a_green_negative_on_short_evidence():
                                         "2,000 needed), none parasitized.") and malaria_state(enough) == "ok"
     refused = summary(0, 0, 2400, 20, 21, False, [{"field": "f.jpg", "reason": "can't read this field: retake"}])
     assert malaria_state(refused) == "amber"
+    review = {**summary(2, 0, 300, 3, 3, True), "decision": decide(2, 0, 300, 3, 3, false_calls=FalseCalls(
+        7, 1748, "fold")).to_dict()}
+    assert malaria_headline(review).startswith("Cells to review: check the 2 flagged cells. 2 called parasitized "
+                                               "of 300 red cells") and malaria_state(review) == "amber"
     seen = summary(2, 0, 300, 3, 3, True)
     assert malaria_headline(seen) == "Parasites seen: treat per protocol and refer. 2 parasitized of 300 red cells " \
                                      "counted." and malaria_state(seen) == "refer"

@@ -416,6 +416,19 @@ def test_cli_json_exit_codes_and_no_cells(art, fields, tmp_path):
     assert run_cli("smear", m, fields[0], "--wbc-count", "0")[0] == 2
 
 
+def test_calls_within_the_models_false_calls_exit_4_to_review_never_negative(fields):
+    """The released field model on the two bundled fields calls cells parasitized. Given a site's false-call
+    rate high enough to explain them (20 per 1,000 red cells), the report says "cells to review", exits 4 and
+    still refers; given a low one, they are "parasites seen" (exit 0)."""
+    code, out, err = run_cli("smear", "malaria-field", *fields, "--false-call-rate", "20", "--threads", "2")
+    assert code == 4 and "CELLS TO REVIEW: " in out and "Traceback" not in err, out + err
+    assert "--false-call-rate: 20 per 1,000 red cells" in out and "review them" in out
+    assert "refer: no" not in out.replace("refer: no parasites", "") and "NO PARASITES" not in out
+    code, out, _ = run_cli("smear", "malaria-field", *fields, "--false-call-rate", "0.1", "--threads", "2")
+    assert code == 0 and "PARASITES SEEN: " in out and "(a slide without parasites gives up to" in out
+    assert run_cli("smear", "malaria-field", *fields, "--false-call-rate", "-1")[0] == 2
+
+
 def test_the_users_scale_sets_the_cell_size(model, art, fields):
     """`--um-per-px` (a stage micrometer's scale) replaces the per-field estimate of the typical red cell: 3.75 um
     in radius, so 37.5 px at 0.1 um/px; nonsense is refused before any model is loaded."""

@@ -9,6 +9,8 @@ framework, so a case stored before this module existed reads the same way.
 
 The verdict follows the slide decision (`edge_runtime.smear.decision`) and never says more than it does:
 - parasites seen -> "Parasites seen: treat per protocol and refer" (red);
+- cells called parasitized, but no more than the model calls on a slide without parasites -> "Cells to review:
+  check the N flagged cells" (amber: neither positive nor negative until a person has looked);
 - no parasite seen but too many cells the model cannot vouch for -> "Cannot rule out parasites: refer" (red);
 - too few red cells, or no field readable -> "Not enough evidence: photograph about K more fields" (amber);
 - none seen in at least the rule's red cells -> "No parasites seen in N red cells" (green, or amber while a
@@ -104,10 +106,13 @@ def parasitemia(summary: Mapping[str, Any]) -> list[dict[str, str]]:
     if par:
         lo_ci, hi_ci = d.get("parasitemia_low_percent"), d.get("parasitemia_high_percent")
         ci = f" (95% CI {lo_ci:.2f}-{hi_ci:.2f}%)" if lo_ci is not None and hi_ci is not None else ""
-        rows.append({"label": "Parasitemia", "value": f"{pct:.2f}% of red cells{ci}",
+        review = d.get("decision") == "cells to review"
+        rows.append({"label": "Parasitemia" + (" if every flagged cell is a parasite" if review else ""),
+                     "value": f"{pct:.2f}% of red cells{ci}",
                      "meaning": f"{_n(par)} parasitized of the {_n(cells)} red cells counted"
                                 + (f" (the {_n(unc)} uncertain counted as not parasitized)" if unc else "")
-                                + ": " + _level(pct)})
+                                + (": not a parasitemia until a person has confirmed them; a slide without "
+                                   "parasites gives this many calls." if review else ": " + _level(pct))})
     else:
         upper = d.get("parasitemia_high_percent")
         below = f"fewer than about {upper:.2f}% of red cells are infected (95% confidence), not none" \
@@ -136,6 +141,14 @@ def verdict(summary: Mapping[str, Any], unread: int = 0) -> dict[str, str]:
     d = summary.get("decision") or {}
     cells, par, unc = (int(summary.get(k) or 0) for k in ("cells", "parasitized", "uncertain"))
     retake = (f" Retake the {_plural(unread, 'field')} that could not be read (below)." if unread else "")
+    if d.get("decision") == "cells to review":
+        return {"state": "amber", "text": f"Cells to review: check the {_plural(par, 'flagged cell')}",
+                "evidence": f"{_n(par)} called parasitized of {_n(cells)} red cells counted: no more than this model "
+                            f"calls on a slide without parasites (up to {_n(d.get('false_call_limit') or 0)} in "
+                            f"{_n(cells)} red cells), so they are not yet a parasite seen.",
+                "action": "Look at the flagged cells below and call each one (Review). A cell you confirm as a "
+                          "parasite makes the slide positive; if you cannot review them, refer. Until then this "
+                          "slide is neither positive nor negative. " + REFER_MEANS + retake}
     if par:
         return {"state": "refer", "text": "Parasites seen: treat per protocol and refer",
                 "evidence": f"{_n(par)} parasitized of {_n(cells)} red cells counted.",

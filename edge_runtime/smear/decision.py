@@ -11,14 +11,29 @@ cells misses a density below about 1 parasite in 2,000 cells (0.05%, ~2,500
 parasites/µL at 5 x 10^6 red cells/µL), which is why a negative thin film
 does not exclude malaria and WHO reads thick films for that.
 
-Three answers, never a fourth:
-- "parasites seen": at least one cell called parasitized (a parasite seen is
-  a positive slide whatever the count);
+Four answers, never a fifth:
+- "parasites seen": cells called parasitized, and more of them than the
+  model's own false calls explain (below), or at least one a person
+  confirmed in review;
+- "cells to review": cells called parasitized, but no more than the model
+  calls on a slide without parasites; a person must look at them before the
+  slide is called either way (never read as negative);
 - "no parasites seen in N red cells": none seen, N >= the rule's minimum, at
   least one readable field;
 - "not enough evidence: photograph about K more fields": fewer red cells than
   the minimum, or no field could be read. K is from the red cells per readable
   field of this slide (a typical 100x field when none was readable).
+
+Why "cells to review": a field model calls some cells parasitized on every
+slide, with or without parasites (white-cell pieces, lysed cells, stain
+deposits; `malaria-field` 1.3.0: about 4 in 1,000 red cells on a block it
+never saw). On a clean slide of 2,000 red cells that is ~8 calls, so "any
+call is positive" would call every negative slide positive. With the
+model's measured false-call rate (`FalseCalls`: false calls among red cells
+on held-out slides), "parasites seen" needs more calls than a clean slide of
+this many red cells gives 99 times in 100 at the upper 95% bound of that
+rate (`FalseCalls.limit`). Fewer go to a person. A model without a measured
+rate keeps the strict reading: any call is "parasites seen".
 
 Parasite density (parasites/µL) is reported on ONE basis, named beside the
 figure, with an exact Poisson 95% interval on the parasite count:
@@ -63,7 +78,9 @@ ASSUMED_RBC_PER_UL = 5_000_000.0
 TYPICAL_RBC_PER_FIELD = 100
 CONFIDENCE = 0.95
 
-DECISIONS = ("parasites seen", "no parasites seen", "not enough evidence")
+DECISIONS = ("parasites seen", "cells to review", "no parasites seen", "not enough evidence")
+# A clean slide reads "parasites seen" at most this often, at the upper bound of the model's false-call rate.
+FALSE_CALL_ALPHA = 0.01
 
 
 def min_cells_for(rule: str = DEFAULT_RULE, min_cells: int | None = None) -> int:
@@ -168,6 +185,64 @@ def density_from_wbc(parasitized: int, wbc_count: int, wbc_per_ul: float | None 
 
 
 @dataclasses.dataclass(frozen=True)
+class FalseCalls:
+    """How often a model calls a red cell parasitized where there is no parasite: what a clean slide shows.
+
+    Attributes:
+        calls: sure parasitized calls on cells or regions holding no parasite, counted on slides the model never
+            saw (uninfected cells plus regions that are no annotated cell: `benchmarks smear`'s false calls).
+        red_cells: the red cells those slides counted.
+        source: where the count comes from, e.g. "malaria-field 1.3.0: leave-one-block-out, blocks A, B".
+    """
+
+    calls: int
+    red_cells: int
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.calls < 0 or self.red_cells <= 0 or self.calls > self.red_cells:
+            raise ValueError(f"false calls need 0 <= calls <= red cells and red cells > 0; got {self.calls} of "
+                             f"{self.red_cells}")
+
+    @property
+    def per_1000(self) -> float:
+        return 1000.0 * self.calls / self.red_cells
+
+    @property
+    def upper_per_1000(self) -> float:
+        """The one-sided 95% upper bound of the rate (exact Poisson): a slide from another lab is not assumed
+        to do better than the slides it was measured on."""
+        return 1000.0 * poisson_interval(self.calls, 0.90)[1] / self.red_cells
+
+    def expected(self, red_cells: int) -> float:
+        """False calls a clean slide of `red_cells` gives at the rate's upper bound."""
+        return self.upper_per_1000 * red_cells / 1000.0
+
+    def limit(self, red_cells: int, alpha: float = FALSE_CALL_ALPHA) -> int:
+        """The most parasitized calls a clean slide of `red_cells` gives, but for `alpha` of the time: the
+        smallest q with P(X <= q) >= 1 - alpha, X ~ Poisson(expected(red_cells))."""
+        mu, q = self.expected(red_cells), 0
+        while _poisson_cdf(q, mu) < 1 - alpha:
+            q += 1
+        return q
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "per_1000": round(self.per_1000, 3),
+                "upper_per_1000": round(self.upper_per_1000, 3)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FalseCalls:
+        return cls(int(d["calls"]), int(d["red_cells"]), str(d["source"]))
+
+    @classmethod
+    def given(cls, per_1000: float, source: str = "given") -> FalseCalls:
+        """A rate a site measured itself (per 1,000 red cells), taken as if counted among 10,000 red cells."""
+        if not 0 <= per_1000 < 1000:
+            raise ValueError(f"a false-call rate is between 0 and 1000 per 1,000 red cells, got {per_1000}")
+        return cls(round(per_1000 * 10), 10_000, f"{source}: {per_1000:g} per 1,000 red cells")
+
+
+@dataclasses.dataclass(frozen=True)
 class SlideDecision:
     """What a slide report says, and on what evidence.
 
@@ -183,6 +258,9 @@ class SlideDecision:
         parasitemia_percent: parasitized / red cells, with `parasitemia_low/high_percent` its 95% interval.
         density: the one reported parasites/µL (None without --rbc-per-ul or --wbc-count); `alternative` the
             other basis when both were given.
+        confirmed: parasitized cells a person confirmed in review (0 for the machine's own decision).
+        false_calls: the model's false-call rate the decision weighed the calls against (None: not known, so
+            any call is "parasites seen"); `false_call_limit` the most calls a clean slide of this size gives.
     """
 
     decision: str
@@ -201,6 +279,9 @@ class SlideDecision:
     parasitemia_high_percent: float | None = None
     density: Density | None = None
     alternative: Density | None = None
+    confirmed: int = 0
+    false_calls: FalseCalls | None = None
+    false_call_limit: int | None = None
 
     @property
     def negative(self) -> bool:
@@ -210,6 +291,7 @@ class SlideDecision:
         d = dataclasses.asdict(self)
         d["density"] = self.density.to_dict() if self.density else None
         d["alternative"] = self.alternative.to_dict() if self.alternative else None
+        d["false_calls"] = self.false_calls.to_dict() if self.false_calls else None
         return d
 
 
@@ -224,7 +306,8 @@ def more_fields_needed(red_cells: int, readable_fields: int, min_cells: int) -> 
 
 def decide(parasitized: int, uncertain: int, red_cells: int, readable_fields: int, fields: int,
            min_cells: int | None = None, rule: str = DEFAULT_RULE, rbc_per_ul: float | None = None,
-           wbc_count: int | None = None, wbc_per_ul: float | None = None) -> SlideDecision:
+           wbc_count: int | None = None, wbc_per_ul: float | None = None, false_calls: FalseCalls | None = None,
+           confirmed: int = 0) -> SlideDecision:
     """The slide decision from its counts (see the module docstring for the rules).
 
     Args:
@@ -236,6 +319,9 @@ def decide(parasitized: int, uncertain: int, red_cells: int, readable_fields: in
         rbc_per_ul: the patient's red cells per µL, for a density per red cell.
         wbc_count: white cells counted over the same fields, for a density per white cell.
         wbc_per_ul: the patient's measured white cells per µL (None: WHO's 8,000).
+        false_calls: the model's measured false-call rate (None: unknown; any call is then "parasites seen").
+        confirmed: of the parasitized, cells a person confirmed in review: one is a parasite seen, whatever the
+            model's false calls.
 
     Raises:
         ValueError: an unknown rule, negative counts, or more parasitized/uncertain cells than red cells.
@@ -249,9 +335,23 @@ def decide(parasitized: int, uncertain: int, red_cells: int, readable_fields: in
         raise ValueError(f"{parasitized} parasitized + {uncertain} uncertain cells exceed the {red_cells} red cells")
     if readable_fields > fields:
         raise ValueError(f"{readable_fields} readable fields of only {fields}")
+    if not 0 <= confirmed <= parasitized:
+        raise ValueError(f"{confirmed} confirmed parasites must be between 0 and the {parasitized} parasitized")
     more = 0
-    if parasitized > 0:
+    limit = false_calls.limit(red_cells) if false_calls is not None else None
+    if confirmed > 0:
+        decision, message = "parasites seen", (f"parasites seen: {parasitized} parasitized of {red_cells:,} red "
+                                               f"cells, {confirmed} confirmed in review")
+    elif parasitized > 0 and (limit is None or parasitized > limit):
         decision, message = "parasites seen", f"parasites seen: {parasitized} parasitized of {red_cells:,} red cells"
+        if limit is not None:
+            message += f" (a slide without parasites gives up to {limit})"
+    elif parasitized > 0:
+        more = more_fields_needed(red_cells, readable_fields, need)
+        decision = "cells to review"
+        message = (f"cells to review: {parasitized} called parasitized of {red_cells:,} red cells, no more than "
+                   f"this model calls on a slide without parasites (up to {limit}); check them before calling "
+                   "the slide" + (f", and photograph about {more} more field{'s' * (more != 1)}" if more else ""))
     elif readable_fields == 0 or red_cells < need:
         more = more_fields_needed(red_cells, readable_fields, need)
         why = ("no field could be read" if readable_fields == 0 and fields
@@ -276,7 +376,8 @@ def decide(parasitized: int, uncertain: int, red_cells: int, readable_fields: in
                          f"--min-cells {need} (given; the default rule {rule}: {COUNTING_RULES[rule][1]})",
                          fields=fields, readable_fields=readable_fields, more_fields=more,
                          parasitemia_percent=pct, parasitemia_low_percent=lo_pct, parasitemia_high_percent=hi_pct,
-                         density=reported, alternative=alternative)
+                         density=reported, alternative=alternative, confirmed=confirmed, false_calls=false_calls,
+                         false_call_limit=limit)
 
 
 def model_provenance(path, metadata: Any = None) -> dict[str, Any]:
@@ -305,6 +406,24 @@ def model_provenance(path, metadata: Any = None) -> dict[str, Any]:
             "sha256": sha, "file": path.name, "released": False}
 
 
+def model_false_calls(path) -> FalseCalls | None:
+    """The false-call rate the registry records for the release whose file this is (`metrics["false_calls"]`,
+    measured on held-out slides when it was released); None for any other file or a release without one."""
+    from pathlib import Path
+
+    from edge_runtime import registry
+    from edge_runtime.fileio import sha256_file
+
+    try:
+        sha = sha256_file(Path(path))
+        release = next((r for r in registry.read_registry()
+                        if sha in {r.sha256, *(f.sha256 for f in r.files)}), None)
+    except (OSError, registry.ReleaseError):
+        return None
+    found = release.metrics.get("false_calls") if release is not None else None
+    return FalseCalls.from_dict(found) if found else None
+
+
 def decision_lines(d: SlideDecision | Mapping[str, Any]) -> list[str]:
     """The decision as a person reads it: the sentence, the counting rule, parasitemia and the one density."""
     d = d.to_dict() if isinstance(d, SlideDecision) else d
@@ -313,6 +432,15 @@ def decision_lines(d: SlideDecision | Mapping[str, Any]) -> list[str]:
     lines = [d["message"] if d["decision"] == "no parasites seen" else head.upper() + ":" + rest]
     lines.append(f"counting rule: at least {d['min_cells']:,} red cells before a negative call ({d['reference']})")
     lines.append(f"fields readable: {d['readable_fields']} of {d['fields']}")
+    fc = d.get("false_calls")
+    if fc:
+        lines.append(f"model's false parasitized calls: {fc['per_1000']:.1f} per 1,000 red cells without a parasite "
+                     f"(upper 95% bound {fc['upper_per_1000']:.1f}; {fc['source']})" + (
+                         f"; a slide without parasites of {d['red_cells']:,} red cells gives up to "
+                         f"{d['false_call_limit']}" if d["red_cells"] else ""))
+    else:
+        lines.append("model's false parasitized calls: not measured, so every parasitized call counts as a parasite "
+                     "seen")
     if d["parasitemia_percent"] is not None:
         lines.append(f"parasitemia: {d['parasitemia_percent']:.3f}% (95% CI {d['parasitemia_low_percent']:.3f}-"
                      f"{d['parasitemia_high_percent']:.3f}%) of {d['red_cells']:,} red cells; "

@@ -20,8 +20,9 @@ stays, because it counts.
 The reviewed counts (`reviewed_counts`): from the machine's, a reviewed cell first leaves its machine verdict
 (parasitized - 1 or uncertain - 1), then "parasite" adds it to the parasitized, "not_parasite" leaves it an
 uninfected red cell, "not_cell" removes it from the red cells too. The slide decision is then
-`decision.decide` on those counts with the machine's counting rule and fields, so "parasites seen", "no
-parasites seen in N red cells" and "not enough evidence" mean what they mean for the machine.
+`decision.decide` on those counts with the machine's counting rule, fields and false-call rate, so "parasites
+seen", "cells to review", "no parasites seen in N red cells" and "not enough evidence" mean what they mean for
+the machine; a cell a person called "parasite" makes it "parasites seen" (`confirmed`).
 
 Parasites/µL (`density`) is reported on one basis, named: per white cell counted x WHO's assumed 8,000/µL
 when a white-cell count was entered (the per-red-cell figure is kept as the labelled `alternative`), else per
@@ -41,6 +42,7 @@ from edge_runtime.smear.decision import (
     COUNTING_RULES,
     DEFAULT_RULE,
     Density,
+    FalseCalls,
     SlideDecision,
     decide,
     density_from_rbc,
@@ -244,15 +246,18 @@ def density(decision: SlideDecision, wbc_count: int | None) -> tuple[Density | N
 
 
 def _rule(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """decide()'s rule arguments and field counts as the machine's summary recorded them."""
+    """decide()'s rule arguments, field counts and the model's false-call rate as the machine's summary recorded
+    them."""
     d = summary.get("decision") or {}
     fields = d.get("fields", summary.get("fields", 0)) or 0
     readable = d.get("readable_fields", fields - (summary.get("fields_without_cells") or 0))
     rule = d.get("rule", DEFAULT_RULE)
+    false_calls = FalseCalls.from_dict(d["false_calls"]) if d.get("false_calls") else None
+    common = {"fields": fields, "readable_fields": readable, "false_calls": false_calls}
     if rule in COUNTING_RULES:
-        return {"rule": rule, "min_cells": None, "fields": fields, "readable_fields": readable}
+        return {"rule": rule, "min_cells": None, **common}
     need = d.get("min_cells") or summary.get("min_cells")
-    return {"rule": DEFAULT_RULE, "min_cells": need, "fields": fields, "readable_fields": readable}
+    return {"rule": DEFAULT_RULE, "min_cells": need, **common}
 
 
 def reviewed_result(summary: Mapping[str, Any], offered: Sequence[Flagged], state: ReviewState) -> dict[str, Any]:
@@ -270,7 +275,9 @@ def reviewed_result(summary: Mapping[str, Any], offered: Sequence[Flagged], stat
                               int(summary.get("cells") or 0), applied)
     wbc = state.wbc.value if state.wbc is not None else None
     rule = _rule(summary)
-    decision = decide(parasitized=p, uncertain=u, red_cells=n, **rule)
+    # A cell a person called a parasite is a parasite seen, whatever the model's false calls.
+    confirmed = sum(after == "parasite" for _, after in applied)
+    decision = decide(parasitized=p, uncertain=u, red_cells=n, confirmed=confirmed, **rule)
     reported, alternative = density(decision, wbc)
     decision = dataclasses.replace(decision, density=reported, alternative=alternative)
     # The machine's decision on the same rule, without a density: the one density shown is the reviewed one

@@ -19,7 +19,14 @@ from edge_runtime.clinical import WHO_WBC_PER_UL, slide_referral, slide_summary
 from edge_runtime.images import ImageError, load_image
 from edge_runtime.smear.cells import KINDS, RADIUS_SOURCES, RBC_RADIUS_UM, Segmentation, SmearError, _cv2, segment
 from edge_runtime.smear.crops import crop, normalise_stain
-from edge_runtime.smear.decision import DEFAULT_RULE, decide, min_cells_for, model_provenance
+from edge_runtime.smear.decision import (
+    DEFAULT_RULE,
+    FalseCalls,
+    decide,
+    min_cells_for,
+    model_false_calls,
+    model_provenance,
+)
 from edge_runtime.smear.quality import FieldQuality, gate, is_fragment, measure, unreadable
 from edge_runtime.spec import known_keys
 
@@ -303,7 +310,8 @@ def analyse_field(model, source, name: str | None = None, normalise: bool = Fals
 
 def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float | None = None,
                   wbc_count: int | None = None, wbc_per_ul: float | None = None,
-                  normalise: bool = False, rule: str = DEFAULT_RULE, um_per_px: float | None = None) -> SlideReport:
+                  normalise: bool = False, rule: str = DEFAULT_RULE, um_per_px: float | None = None,
+                  false_calls: FalseCalls | None = None) -> SlideReport:
     """Several field photos of one slide -> one report; `report.write_report(report, out)` writes its files.
 
     Args:
@@ -317,6 +325,8 @@ def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float
         rule: the thin-film counting rule (`edge_runtime.smear.decision.COUNTING_RULES`).
         um_per_px: the photos' micrometres per pixel, when known (a stage micrometer, or the objective and
             camera): the typical red cell is then 3.75 um in radius instead of estimated per field (`segment`).
+        false_calls: the model's false-call rate to weigh parasitized calls against (None: the registry's for a
+            released model file, else unknown and every call counts; `edge_runtime.smear.decision.FalseCalls`).
 
     A field that cannot be read or holds no cells gets an `error` and the others go on; a field the quality
     gate refuses is kept in the report and left out of the counts. The summary's `decision` is one of
@@ -333,12 +343,19 @@ def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float
     preds = [p for r in readable for p in r.counted_predictions]
     summary = slide_referral(slide_summary(preds, positive), rbc_per_ul=rbc_per_ul, wbc_count=wbc_count,
                              wbc_per_ul=WHO_WBC_PER_UL if wbc_per_ul is None else wbc_per_ul, min_cells=need)
+    path = getattr(model, "path", None)
+    if false_calls is None and path is not None:
+        false_calls = model_false_calls(path)
     decision = decide(parasitized=summary["parasitized"], uncertain=summary["uncertain"],
                       red_cells=summary["cells"], readable_fields=len(readable), fields=len(results),
                       min_cells=min_cells, rule=rule, rbc_per_ul=rbc_per_ul, wbc_count=wbc_count,
-                      wbc_per_ul=wbc_per_ul)
+                      wbc_per_ul=wbc_per_ul, false_calls=false_calls)
     if decision.decision == "not enough evidence" and not summary["refer"]:
         summary["refer"] = None  # not "no": nothing was seen because too little was looked at
+    if decision.decision == "cells to review":  # referred, but on calls a person must check, not on a parasite seen
+        summary["refer_reasons"] = [f"{summary['parasitized']} cell(s) called parasitized, no more than a slide "
+                                    f"without parasites gives (up to {decision.false_call_limit}): review them"
+                                    if r.endswith("parasitized cell(s) seen") else r for r in summary["refer_reasons"]]
     summary["fields"] = len(results)
     summary["fields_without_cells"] = sum(r.error is not None for r in results)
     summary["non_rbc"] = {k: sum(c.kind == k for r in readable for c in r.cells) for k in KINDS if k != "rbc"}
@@ -348,7 +365,6 @@ def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float
     summary["uncertain_fragments"] = sum(c.kind == "rbc" and c.label is not None and not c.counted
                                          for r in readable for c in r.cells)
     summary["cell_size"] = cell_size(results, um_per_px)
-    path = getattr(model, "path", None)
     summary["model"] = model_provenance(path, model.metadata) if path is not None else None
     return SlideReport(fields=tuple(results), summary=SlideSummary.from_dict(summary), positive_label=positive)
 
