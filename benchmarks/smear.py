@@ -44,7 +44,7 @@ from benchmarks.slides import slide_markdown, slide_rows, slide_summary
 from edge_runtime.fileio import atomic_write_text, write_json
 from edge_runtime.images import load_image
 from edge_runtime.model import load
-from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE
+from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, FalseCalls, model_false_calls
 
 # The matcher, the annotation reader and the per-field scoring live in train.annotations: train's
 # field crops and field-cv count cells by the same rules.
@@ -112,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--counting-rule", default=DEFAULT_RULE, choices=sorted(COUNTING_RULES),
                    help="slide level: thin-film counting rule that sets the minimum (default %(default)s: "
                         + COUNTING_RULES[DEFAULT_RULE][1] + ")")
+    p.add_argument("--false-call-rate", type=float, metavar="R",
+                   help="slide level: the model's false parasitized calls per 1,000 red cells (default: the rate "
+                        "the registry records for a released model file; none for another, and then any call is "
+                        "'parasites seen')")
     p.add_argument("--fields", nargs="+", metavar="NAME",
                    help="measure only these fields (file names or stems, e.g. PA171704), e.g. one held-out block")
     p.add_argument("--shift", metavar="NAMES",
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         model = None
         if args.model is not None:
             model = load(args.model, threads=args.threads, threshold=args.threshold)
+        if args.false_call_rate is not None:
+            FalseCalls.given(args.false_call_rate)  # a rate outside 0-1000 is an argument error, before any field
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -155,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     md = table(summary) + "\n" + ("\n" + threshold_markdown({"model": report["thresholds"]}) if model else "")
     written = ["smear.csv", "smear.md"]
     if model is not None:
-        slides = slide_rows(rows, min_cells=args.min_cells, rule=args.counting_rule)
+        rate = (model_false_calls(model.path) if args.false_call_rate is None
+                else FalseCalls.given(args.false_call_rate, "--false-call-rate"))
+        slides = slide_rows(rows, min_cells=args.min_cells, rule=args.counting_rule, false_calls=rate)
         report["slides"], report["slide_summary"] = slides, slide_summary(slides)
         slide_md = slide_markdown(slides, report["slide_summary"])
         md += "\n## Per slide (camera-order blocks)\n\n" + slide_md

@@ -34,6 +34,7 @@ from edge_runtime.smear import (
     segment,
     write_report,
 )
+from edge_runtime.smear.decision import FalseCalls
 from train.annotations import load_annotations, match
 
 from helpers import MALARIA_FILES, ROOT, run_cli
@@ -126,8 +127,43 @@ def test_benchmark_counts_parasitized_calls_on_regions_that_are_no_annotated_cel
     assert row["parasites_called"] == 1 and row["uninfected_called_parasitized"] == 0
     assert row["off_target_called_parasitized"] == 1  # [100, 100]; [3, 3] overlaps the ring's box, [200, 200] unsure
     assert json.loads(json.dumps(row)) == row  # rows are written as JSON by field-cv and benchmarks smear
+    # What a slide without the ring would still show: [100, 100] only ([3, 3] lies on the ring's box).
+    assert row["parasitized_cells"] == 3 and row["calls_off_parasites"] == 1
     s = annotations.summarise([row], with_model=True)
     assert s["false_calls_per_1000_red_cells"] == 1000 * 1 / row["red_cells"] and row["red_cells"] == 5
+
+
+def test_slides_without_their_parasites_are_decided_on_a_rate_measured_on_the_other_slides():
+    """benchmarks.slides: each slide is decided twice (as it is, and with only the calls on no annotated parasite),
+    and with held_out=True on the false-call rate of the other slides' fields only."""
+    from benchmarks.slides import false_calls_of, slide_markdown, slide_rows, slide_summary
+
+    def field(name, red, par, off, ann_par, readable=True):
+        return {"field": name, "error": None, "readable": readable, "red_cells": red, "parasitized_cells": par,
+                "uncertain_cells": 0, "calls_off_parasites": off, "annotated": red, "annotated_parasites": ann_par,
+                "stage_annotated": {}, "stage_called": {}}
+
+    rows = ([field(f"A{i}.jpg", 200, 3, 1, 2) for i in range(10)]  # 2,000 red cells, 30 calls, 10 off parasites
+            + [field(f"B{i}.jpg", 200, 1, 1, 0) for i in range(10)]  # 10 calls, all off parasites
+            + [field("B10.jpg", 200, 50, 50, 0, readable=False)])  # refused: not counted, not in any rate
+    blocks = {r["field"]: r["field"][0] for r in rows}
+    assert false_calls_of(rows, "x") == FalseCalls(20, 4000, "x")
+    strict = slide_rows(rows, blocks=blocks)
+    assert [s["decision"] for s in strict] == ["parasites seen", "parasites seen"]
+    assert [s["clean_decision"] for s in strict] == ["parasites seen", "parasites seen"]
+    held = slide_rows(rows, blocks=blocks, held_out=True)
+    a, b = held
+    assert a["false_calls_source"] == "held out: slides B" and a["false_calls_per_1000"] == 5.0
+    assert a["false_call_limit"] == FalseCalls(10, 2000, "").limit(2000) == 27
+    assert a["decision"] == "parasites seen" and a["calls_off_parasites"] == 10 and a["clean_decision"] == \
+        "cells to review"
+    assert b["decision"] == b["clean_decision"] == "cells to review" and b["false_calls_per_1000"] == 5.0
+    summary = slide_summary(held)
+    assert summary["clean_slides"] == {"parasites seen": 0, "cells to review": 2, "no parasites seen": 0,
+                                       "not enough evidence": 0}
+    assert summary["review_slides"] == 1 and summary["review_slides_with_parasites"] == 0
+    md = slide_markdown(held, summary)
+    assert "| 5.0 (8.5) | 10 calls: cells to review |" in md and "| 0 / 2 / 0 / 0 |" in md
 
 
 def test_benchmark_threshold_table_reproduces_the_summary_at_the_models_bar(art, tmp_path):

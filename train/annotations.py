@@ -186,6 +186,12 @@ def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
         row["red_cells"] = len(rbc)
         row["uncertain_cells"] = sum(bool(c["uncertain"]) for c in rbc)
         row["parasitized_cells"] = sum(not c["uncertain"] and c["label"] == positive for c in rbc)
+        # Of those, the calls a slide without these parasites would still show: every counted parasitized region
+        # that overlaps no annotated parasite (uninfected cells, pieces of them, regions that are no cell). The
+        # slide decision's false-call rate (`edge_runtime.smear.decision.FalseCalls`) is measured on this.
+        on_parasite = ~off_target_mask([b for b, p in zip(ann["boxes"], par) if p], [c["bbox"] for c in rbc])
+        row["calls_off_parasites"] = int(sum(not c["uncertain"] and c["label"] == positive and not bool(hit)
+                                             for c, hit in zip(rbc, on_parasite)))
         types = np.asarray(ann["types"])
         row["stage_annotated"] = {st: int((types == st).sum()) for st in PARASITE_TYPES}
         row["stage_called"] = {st: int(called[types == st].sum()) for st in PARASITE_TYPES}
@@ -284,6 +290,10 @@ def summarise(rows: list[dict[str, Any]], with_model: bool) -> dict[str, Any]:
                  false_calls_per_1000_red_cells=1000 * sum(r["uninfected_called_parasitized"]
                                                            + r.get("off_target_called_parasitized", 0) for r in ok)
                  / max(sum(r.get("red_cells", 0) for r in ok), 1),
+                 # the slide decision's false-call rate: counted parasitized calls on no annotated parasite,
+                 # over the red cells counted on readable fields (what `FalseCalls` takes)
+                 calls_off_parasites=sum(r.get("calls_off_parasites", 0) for r in read),
+                 red_cells_read=sum(r.get("red_cells", 0) for r in read),
                  field_sensitivity=sum(r["flagged"] for r in with_par) / max(len(with_par), 1),
                  fields_with_parasites=len(with_par),
                  total_ms_per_field=float(np.mean([r["total_ms"] for r in ok])) if ok else None)
