@@ -251,6 +251,7 @@ def release(
     notes: Sequence[str] = (),
     site: dict[str, Any] | None = None,
     changes: Sequence[str] = (),
+    false_calls: Sequence[Path] = (),
 ) -> registry.Release:
     """Make the release of `run` (see the module docstring); returns its registry entry.
 
@@ -262,7 +263,10 @@ def release(
     `calibration_manifest`). `site`: the report of `python -m train site-adapt` whose run this is (its
     before/after table on held-out site fields). `min_agreement`: the int8 files' lowest top-1 agreement with
     Keras on the sample (convert's `--min-agreement`), recorded with the release. `changes`: what changed
-    since the previous version, for the card.
+    since the previous version, for the card. `false_calls`: `benchmarks smear` reports (smear.json) or
+    `train field-cv` fold results (result.json) of models of this recipe on blocks they never saw: their false
+    parasitized calls become the release's false-call rate (`false_call_figures`), which the slide decision
+    weighs a slide's calls against; a release folder released again keeps its previous one unless given.
 
     Everything is made in a folder beside `dest` and renamed over it once the conversion passed: a failed or
     killed release leaves the previous one as it was.
@@ -288,6 +292,7 @@ def release(
             raise FileNotFoundError(f"{run}: its training manifest {cfg.manifest} is gone; the calibration cells "
                                     "are drawn from it")
         fields = field_figures(field_cv, run)  # checked before anything is written
+    rate = false_call_figures(false_calls, name) if false_calls else None  # checked before anything is written
     dest.parent.mkdir(parents=True, exist_ok=True)
     package.mkdir(parents=True, exist_ok=True)
     stage = dest.parent / f".{dest.name}.staging"  # a sibling: relative paths in calibration.csv stay right
@@ -363,6 +368,7 @@ def release(
             "int8_float32_agreement": agree,
             "int8_flips": {"cells": int(flips.sum()), "max_confidence": float(surest.max()) if flips.any() else None},
             **prep.metrics,
+            **({"false_calls": rate} if rate else {}),
         },
         trained={**prep.trained, "source_sha256": sha256_file(dest / "model.keras"), "threshold": threshold_used,
                  "min_agreement": prep.min_agreement},
@@ -458,7 +464,7 @@ def _stage_again(folder: Path, stage: Path, previous: registry.Release, this: st
     t["notes"] = [*t.get("notes", ()), *notes]
     return _Prepared(
         cfg=cfg, data=data, sample=sample,
-        metrics={k: v for k, v in previous.metrics.items() if k in ("cv", "field_cv", "site")},
+        metrics={k: v for k, v in previous.metrics.items() if k in ("cv", "field_cv", "site", "false_calls")},
         trained=t, inputs=previous.inputs,
         threshold=threshold if threshold is not None else settings.get("threshold"),
         min_agreement=min_agreement if min_agreement is not None else settings.get("min_agreement"),
@@ -734,6 +740,68 @@ def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
     return "\n".join(lines + _made_lines(r, dest))
 
 
+def false_call_figures(paths: Sequence[Path], name: str) -> dict[str, Any]:
+    """The false-call rate a release records (`metrics["false_calls"]`, read by
+    `edge_runtime.smear.decision.model_false_calls`): counted parasitized calls on no annotated parasite
+    (`calls_off_parasites`) among the red cells counted, pooled over the readable fields of `paths`.
+
+    Each path is a `benchmarks smear` report (smear.json, its "fields") or a `train field-cv` fold's result.json
+    (its "rows"), of a model of this recipe on fields it never saw; one held-out block each is the usual case.
+    """
+    calls = red = fields = 0
+    blocks, commands = [], []
+    for path in paths:
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--false-calls {path}: unreadable ({e})") from None
+        rows = doc.get("fields") or doc.get("rows") if isinstance(doc, dict) else None
+        if not rows:
+            raise ValueError(f"--false-calls {path}: neither a `benchmarks smear` report (smear.json) nor a `train "
+                             "field-cv` fold result (result.json) with per-field rows")
+        read = [r for r in rows if r.get("error") is None and r.get("readable", True)]
+        lacking = [r["field"] for r in read if "calls_off_parasites" not in r]
+        if lacking:
+            raise ValueError(f"--false-calls {path}: {len(lacking)} field rows lack calls_off_parasites (measured "
+                             "before it was counted); measure them again with `python -m benchmarks smear --model "
+                             "FOLD_MODEL --fields ...`")
+        calls += sum(r["calls_off_parasites"] for r in read)
+        red += sum(r.get("red_cells", 0) for r in read)
+        fields += len(read)
+        blocks.append(min(Path(r["field"]).stem for r in rows))
+        commands.append(doc.get("command") or str(path))
+    if not red:
+        raise ValueError(f"--false-calls: no red cell counted in {', '.join(map(str, paths))}")
+    from edge_runtime.smear.decision import FalseCalls
+
+    rate = FalseCalls(calls, red, f"{name}'s recipe, leave-one-block-out: {fields} readable fields of the "
+                                  f"held-out blocks {', '.join(sorted(blocks))}, each scored by a model of the "
+                                  "recipe that never saw it")
+    return {**rate.to_dict(), "fields": fields, "blocks": sorted(blocks), "commands": commands}
+
+
+def _false_call_lines(r: registry.Release) -> list[str]:
+    """What a field card says of the release's false-call rate and what the slide decision does with it."""
+    fc = r.metrics.get("false_calls")
+    if not fc:
+        return []
+    from edge_runtime.smear.decision import FalseCalls
+
+    rate = FalseCalls.from_dict(fc)
+    return [
+        f"**False parasitized calls** (what a slide without parasites shows: uninfected cells, pieces of them and "
+        f"regions that are no cell, called parasitized): {fc['calls']} among {fc['red_cells']:,} red cells counted, "
+        f"{rate.per_1000:.1f} per 1,000 (one-sided 95% upper bound {rate.upper_per_1000:.1f}); "
+        f"{fc['source']}. The slide report weighs every slide's calls against it (`smear`): with 2,000 red cells, "
+        f"up to {rate.limit(2000)} calls read \"cells to review\" (a person checks them), more read \"parasites "
+        "seen\". Commands:",
+        "",
+        *[f"- `{c}`" for c in fc.get("commands", ())],
+        "",
+    ]
+
+
 def field_figures(field_cv: Path | None, run: Path) -> dict[str, Any]:
     """What `train field-cv` measured (pooled and per held-out block), checked to describe `run`: its `--final`."""
     if field_cv is None:
@@ -851,6 +919,7 @@ def field_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         "",
         f"`{fc['command']}`",
         "",
+        *_false_call_lines(r),
         *_field_shift_lines(fc),
     ]
     if fc.get("thresholds"):
@@ -969,6 +1038,11 @@ def release_parser():
                    help="a limitation the card lists besides the generated ones (repeatable)")
     p.add_argument("--change", action="append", default=[], metavar="TEXT",
                    help="what changed since the previous version, listed on the card (repeatable)")
+    p.add_argument("--false-calls", nargs="+", type=Path, default=[], metavar="JSON",
+                   help="`benchmarks smear` reports (smear.json) or `train field-cv` fold results (result.json) of "
+                        "models of this recipe on blocks they never saw: their false parasitized calls per red cell "
+                        "become the release's false-call rate, which the slide decision weighs calls against "
+                        "(default: none for a run; a release folder keeps its previous one)")
     p.add_argument("--min-agreement", type=float,
                    help="lowest top-1 agreement of the int8 files with Keras on the sample (default: convert's, or "
                         "the release folder's); recorded in release.json, so the command that remakes them uses "
@@ -983,7 +1057,8 @@ def run_cli(args, argv: Sequence[str]) -> int:
     entry = release(args.run, args.name, args.version, args.sample, cv_dir=args.cv, dest=args.dest,
                     calib_n=args.calib_n, seed=args.seed, threshold=args.threshold, field_cv=args.field_cv,
                     copy_calib=args.copy_calib, min_agreement=args.min_agreement, notes=args.note,
-                    changes=args.change, command=["python", "-m", "convert", "release", *shown])
+                    changes=args.change, false_calls=args.false_calls,
+                    command=["python", "-m", "convert", "release", *shown])
     s, cv = entry.metrics["sample"], entry.metrics.get("cv")
     print(f"\nreleased {entry.name} {entry.version}:")
     for f in entry.all_files:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -154,8 +155,23 @@ def test_a_release_folder_is_released_again_with_the_same_network(released, tmp_
         release(dest, "tinymal", "0.0.1", dest=dest, package=pkg, log=lambda *a, **k: None)
     with pytest.raises(ValueError, match="released again where it is"):
         release(dest, "tinymal", "0.0.2", dest=tmp_path / "elsewhere", package=pkg, log=lambda *a, **k: None)
-    again = release(dest, "tinymal", "0.0.2", dest=dest, package=pkg, changes=["formats"],
+    # Held-out measurements of the recipe give the release its false-call rate (here two made-up blocks).
+    row = {"error": None, "readable": True, "red_cells": 100, "calls_off_parasites": 1}
+    smear = tmp_path / "smear.json"
+    smear.write_text(json.dumps({"command": "python -m benchmarks smear ...", "fields": [
+        {**row, "field": "B2.JPG"}, {**row, "field": "B1.JPG"}, {**row, "field": "B3.JPG", "readable": False}]}))
+    fold = tmp_path / "result.json"
+    fold.write_text(json.dumps({"rows": [{**row, "field": "C1.JPG", "calls_off_parasites": 3}]}))
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"rows": [{"error": None, "field": "D1.JPG", "red_cells": 5}]}))
+    with pytest.raises(ValueError, match="lack calls_off_parasites"):
+        release(dest, "tinymal", "0.0.2", dest=dest, package=pkg, false_calls=[old], log=lambda *a, **k: None)
+    again = release(dest, "tinymal", "0.0.2", dest=dest, package=pkg, changes=["formats"], false_calls=[smear, fold],
                     log=lambda *a, **k: None)
+    fc = again.metrics["false_calls"]
+    assert (fc["calls"], fc["red_cells"], fc["fields"], fc["blocks"]) == (5, 300, 3, ["B1", "C1"])
+    assert fc["per_1000"] == pytest.approx(16.667, abs=1e-3) and "held-out blocks B1, C1" in fc["source"]
+    assert "**False parasitized calls**" not in (pkg / "tinymal.md").read_text()  # a cell model's card: no field
     assert again.trained["source_sha256"] == entry.trained["source_sha256"]
     assert again.metrics["sample"] == entry.metrics["sample"] and again.metrics["cv"] == entry.metrics["cv"]
     assert again.trained["commands"][:-1] == entry.trained["commands"]
