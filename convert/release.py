@@ -252,6 +252,7 @@ def release(
     site: dict[str, Any] | None = None,
     changes: Sequence[str] = (),
     false_calls: Sequence[Path] = (),
+    false_calls_what: str | None = None,
 ) -> registry.Release:
     """Make the release of `run` (see the module docstring); returns its registry entry.
 
@@ -292,7 +293,8 @@ def release(
             raise FileNotFoundError(f"{run}: its training manifest {cfg.manifest} is gone; the calibration cells "
                                     "are drawn from it")
         fields = field_figures(field_cv, run)  # checked before anything is written
-    rate = false_call_figures(false_calls, name) if false_calls else None  # checked before anything is written
+    rate = (false_call_figures(false_calls, name, false_calls_what) if false_calls
+            else None)  # checked before anything is written
     dest.parent.mkdir(parents=True, exist_ok=True)
     package.mkdir(parents=True, exist_ok=True)
     stage = dest.parent / f".{dest.name}.staging"  # a sibling: relative paths in calibration.csv stay right
@@ -740,13 +742,14 @@ def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
     return "\n".join(lines + _made_lines(r, dest))
 
 
-def false_call_figures(paths: Sequence[Path], name: str) -> dict[str, Any]:
+def false_call_figures(paths: Sequence[Path], name: str, what: str | None = None) -> dict[str, Any]:
     """The false-call rate a release records (`metrics["false_calls"]`, read by
     `edge_runtime.smear.decision.model_false_calls`): counted parasitized calls on no annotated parasite
     (`calls_off_parasites`) among the red cells counted, pooled over the readable fields of `paths`.
 
     Each path is a `benchmarks smear` report (smear.json, its "fields") or a `train field-cv` fold's result.json
     (its "rows"), of a model of this recipe on fields it never saw; one held-out block each is the usual case.
+    `what` names those fields in the recorded source (default: held-out blocks of leave-one-block-out).
     """
     calls = red = fields = 0
     blocks, commands = [], []
@@ -775,9 +778,9 @@ def false_call_figures(paths: Sequence[Path], name: str) -> dict[str, Any]:
         raise ValueError(f"--false-calls: no red cell counted in {', '.join(map(str, paths))}")
     from edge_runtime.smear.decision import FalseCalls
 
-    rate = FalseCalls(calls, red, f"{name}'s recipe, leave-one-block-out: {fields} readable fields of the "
-                                  f"held-out blocks {', '.join(sorted(blocks))}, each scored by a model of the "
-                                  "recipe that never saw it")
+    what = what or (f"{name}'s recipe, leave-one-block-out: {fields} readable fields of the held-out blocks "
+                    f"{', '.join(sorted(blocks))}, each scored by a model of the recipe that never saw it")
+    rate = FalseCalls(calls, red, what)
     return {**rate.to_dict(), "fields": fields, "blocks": sorted(blocks), "commands": commands}
 
 
@@ -994,6 +997,7 @@ def site_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str
         "",
         f"Released because: {'; '.join(s['reasons'])}.",
         "",
+        *_false_call_lines(r),
         *_sample_lines(r, sample),
         "## Limitations",
         "",

@@ -114,9 +114,14 @@ def test_site_adapt_end_to_end_on_two_real_fields(tiny_run, sample_manifest, tmp
 
     entry = release(Path(report["run"]), "malaria-field-t", "0.0.1", unseen, dest=tmp_path / "rel",
                     package=tmp_path / "pkg", calib_n=60, copy_calib=[out / "crops"], min_agreement=0.5,
-                    site=report, log=lambda *a, **k: None)
+                    site=report, log=lambda *a, **k: None, false_calls=[out / "after.json"],
+                    false_calls_what="the held-out site field")  # as `site-adapt` releases it
     assert entry.inputs == "fields" and entry.metrics["site"]["held_out"] == ["PA171886.JPG"]
+    after = json.loads((out / "after.json").read_text())["rows"]
+    assert entry.metrics["false_calls"]["calls"] == after[0]["calls_off_parasites"]
+    assert entry.metrics["false_calls"]["red_cells"] == after[0]["red_cells"] > 0
     card = (tmp_path / "rel" / "MODEL_CARD.md").read_text()
+    assert "**False parasitized calls**" in card and "the held-out site field. The slide report weighs" in card
     assert "Site `t`" in card and "| parasites flagged (called parasitized or uncertain) |" in card
     assert "python -m train site-adapt" in card
     assert registry.get("malaria-field-t", tmp_path / "pkg").sha256 == entry.sha256

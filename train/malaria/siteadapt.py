@@ -423,9 +423,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from convert.release import release  # Keras and the converters: only when a model is released
 
     crops_dirs = [args.out / "crops"] + ([args.shared_crops] if args.shared_crops else [])
+    # Its false-call rate (what the slide decision weighs calls against) from the held-out site fields it never
+    # trained on: this microscope's own, not the shared blocks'.
     entry = release(run_dir, name, args.version, args.sample, dest=args.dest, package=args.package,
                     copy_calib=crops_dirs, min_agreement=args.min_agreement, site=report,
-                    command=["python", "-m", "train", *argv])
+                    command=["python", "-m", "train", *argv], false_calls=[args.out / "after.json"],
+                    false_calls_what=f"{name}: the {len(held)} held-out fields of site {args.site} "
+                                     f"({', '.join(plan['held_out'])}), scored by this model, which never trained "
+                                     "on them")
     print(f"released {entry.name} {entry.version} ({entry.bytes / 1024:.0f} KB, sha256 {entry.sha256[:12]}): "
           f"edge_runtime.load({entry.name!r}); {time.time() - t_start:.0f} s in all")
     return 0
