@@ -293,8 +293,8 @@ def release(
             raise FileNotFoundError(f"{run}: its training manifest {cfg.manifest} is gone; the calibration cells "
                                     "are drawn from it")
         fields = field_figures(field_cv, run)  # checked before anything is written
-    rate = (false_call_figures(false_calls, name, false_calls_what) if false_calls
-            else None)  # checked before anything is written
+    rate = (false_call_figures(false_calls, name, false_calls_what) if false_calls  # checked before anything
+            else None if again else field_cv_false_calls(fields, name))  # is written
     dest.parent.mkdir(parents=True, exist_ok=True)
     package.mkdir(parents=True, exist_ok=True)
     stage = dest.parent / f".{dest.name}.staging"  # a sibling: relative paths in calibration.csv stay right
@@ -784,6 +784,21 @@ def false_call_figures(paths: Sequence[Path], name: str, what: str | None = None
     return {**rate.to_dict(), "fields": fields, "blocks": sorted(blocks), "commands": commands}
 
 
+def field_cv_false_calls(fields: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The false-call rate of a `train field-cv` run's folds (each block scored by a model that never saw it),
+    when its figures count `calls_off_parasites` (runs before that did not: give `--false-calls` instead)."""
+    ft = (fields.get("pooled") or {}).get("fine_tuned") or {}
+    if not ft.get("red_cells_read") or ft.get("calls_off_parasites") is None:
+        return None
+    from edge_runtime.smear.decision import FalseCalls
+
+    blocks = sorted(fields["per_block"])
+    rate = FalseCalls(ft["calls_off_parasites"], ft["red_cells_read"],
+                      f"{name}'s recipe, leave-one-block-out (`train field-cv`): the held-out blocks "
+                      f"{', '.join(blocks)}, each scored by a model of the recipe that never saw it")
+    return {**rate.to_dict(), "fields": ft["fields"], "blocks": blocks, "commands": [fields["command"]]}
+
+
 def _false_call_lines(r: registry.Release) -> list[str]:
     """What a field card says of the release's false-call rate and what the slide decision does with it."""
     fc = r.metrics.get("false_calls")
@@ -816,7 +831,8 @@ def field_figures(field_cv: Path | None, run: Path) -> dict[str, Any]:
                          "the run its `--final` trained, whose settings the folds measured")
     keys = ("fields", "annotated_cells", "annotated_parasites", "cell_recall", "parasite_recall_called",
             "uninfected_false_positive_rate", "uninfected_uncertain_rate", "field_sensitivity",
-            "count_error_mean_signed", "total_ms_per_field", "false_calls_per_1000_red_cells")
+            "count_error_mean_signed", "total_ms_per_field", "false_calls_per_1000_red_cells",
+            "calls_off_parasites", "red_cells_read")
 
     def pick(summary: dict[str, Any]) -> dict[str, Any]:
         return {k: summary.get(k) for k in keys}

@@ -352,3 +352,8 @@ def test_field_cv_final_run_is_released_with_its_held_out_figures(crops, tiny_ru
     calls = fc["pooled"]["fine_tuned"]["false_calls_per_1000_red_cells"]  # what a negative slide would show
     assert calls is not None and "| false parasitized calls per 1,000 red cells" in card and f"| {calls:.1f} |" in card
     assert registry.read_registry(pkg)[0].metrics["field_cv"] == fc and entry.inputs == "fields"
+    # The folds' calls off parasites are the release's false-call rate, which the slide decision reads.
+    ft, rate = fc["pooled"]["fine_tuned"], entry.metrics["false_calls"]
+    assert (rate["calls"], rate["red_cells"], rate["blocks"]) == (ft["calls_off_parasites"], ft["red_cells_read"],
+                                                                 ["PA171886"]) and rate["red_cells"] > 0
+    assert "**False parasitized calls**" in card and "(`train field-cv`): the held-out blocks PA171886" in card
