@@ -2,6 +2,9 @@
 
     PYTHONPATH=. python docs/results/2026-12-07-slide-false-calls/combine.py OUT.md SMEAR_JSON...
 
+Beside OUT.md it writes OUT.json (slides and summary) and, per SMEAR_JSON, `<block>-smear.json`: the report
+without its per-cell probabilities (`matched_cells`), which is what `convert release --false-calls` reads.
+
 Each SMEAR_JSON is `python -m benchmarks smear --model FOLD_MODEL --fields <one block> --threshold 0.7` of a
 `train field-cv` fold model on the block it never saw. Their rows are pooled and `benchmarks.slides.slide_rows`
 decides each block twice (as photographed, and with only its calls on no annotated parasite: the slide without
@@ -18,7 +21,12 @@ from benchmarks.slides import false_calls_of, slide_markdown, slide_rows, slide_
 def main(out: str, *paths: str) -> None:
     rows = []
     for p in paths:
-        rows += json.loads(Path(p).read_text())["fields"]
+        doc = json.loads(Path(p).read_text())
+        doc["fields"] = [{k: v for k, v in r.items() if k != "matched_cells"} for r in doc["fields"]]
+        doc.pop("thresholds", None)
+        rows += doc["fields"]
+        block = min(Path(r["field"]).stem for r in doc["fields"])
+        Path(out).with_name(f"{block}-smear.json").write_text(json.dumps(doc, indent=1) + "\n")
     slides = slide_rows(rows, held_out=True)
     summary = slide_summary(slides)
     pooled = false_calls_of(rows, "every block")
