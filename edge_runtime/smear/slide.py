@@ -330,7 +330,8 @@ def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float
 
     A field that cannot be read or holds no cells gets an `error` and the others go on; a field the quality
     gate refuses is kept in the report and left out of the counts. The summary's `decision` is one of
-    "parasites seen", "no parasites seen" (in at least `min_cells` red cells) or "not enough evidence";
+    "parasites seen", "cells to review" (no more calls than the model's false-call rate explains), "no parasites
+    seen" (in at least `min_cells` red cells) or "not enough evidence";
     `refer` is None (undecided, not "no") while the evidence is short; `model` names what made the report.
     """
     need = min_cells_for(rule, min_cells)  # fails on an unknown rule before any field is read
