@@ -9,7 +9,7 @@
     python -m edge_runtime review DIR [--list] [--set FIELD:CELL=parasite|not_parasite|not_cell ...] [--stage ring]
                                   [--rest-not-parasites] [--wbc N] [--reviewed] --reviewer NAME    # a smear --out DIR
     python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR]
-                                 [--access-code CODE] [--web-runtime DIR|off] [--min-cells N]
+                                 [--access-code CODE] [--web-runtime DIR|off] [--min-cells N] [--false-call-rate R]
                                  [--https [--http-port PORT|off]]
     python -m edge_runtime models [--json] [--card NAME]
     python -m edge_runtime selftest MODEL [--json]     # the artifact's golden set on this device's runtime
@@ -81,6 +81,11 @@ from edge_runtime.standard_metadata import read as read_standard_metadata
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
 EXIT_MORE_FIELDS = 3  # smear: not enough evidence for a decision; photograph more fields
+FALSE_CALL_RATE_HELP = (
+    "the model's false parasitized calls per 1,000 red cells on slides without parasites, as measured at this "
+    "site: a slide is 'parasites seen' only with more calls than that explains, else 'cells to review' (default: "
+    "the rate the registry records for a released model; none for another file, and then any call is 'parasites "
+    "seen')")
 EXIT_REVIEW = 4  # smear: cells called parasitized, but no more than the model's false calls; a person checks them
 
 
@@ -200,11 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--wbc-per-ul", type=_positive_float, metavar="X",
                     help="the patient's measured white cells per microlitre, for --wbc-count "
                          "(default: none measured; WHO's assumed 8,000/uL is used and the report says so)")
-    sr.add_argument("--false-call-rate", type=_nonnegative_float, metavar="R",
-                    help="the model's false parasitized calls per 1,000 red cells on slides without parasites, as "
-                         "measured at this site: the slide is 'parasites seen' only with more calls than that "
-                         "explains, else 'cells to review' (default: the rate the registry records for a released "
-                         "model; none for another file, and then any call is 'parasites seen')")
+    sr.add_argument("--false-call-rate", type=_nonnegative_float, metavar="R", help=FALSE_CALL_RATE_HELP)
     ps.add_argument("--threshold", type=fraction,
                     help="confidence below which a cell is uncertain "
                          "(default: the model's threshold, from its metadata)")
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--min-cells", type=_positive_int, metavar="N",
                     help="red cells a malaria case needs before 'no parasites seen'; with fewer the page says 'not "
                          "enough evidence: photograph about K more fields' (default: the counting rule's, 2,000)")
+    pv.add_argument("--false-call-rate", type=_nonnegative_float, metavar="R", help=FALSE_CALL_RATE_HELP)
     pv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default loopback; 0.0.0.0 for phones, which requires an access code)")
     pv.add_argument("--port", type=int, help="TCP port to listen on (default 8080; 8443 with --https)")

@@ -322,7 +322,7 @@ def test_malaria_verdicts_duplicates_and_retake_over_http(start_server, uninfect
 
 @pytest.mark.server
 def test_positive_case_reads_treat_and_refer(start_server, parasitized):
-    s = start_server(models=[str(parasitized)])
+    srv = s = start_server(models=[str(parasitized)])
     status, case = post_case(s.url, "malaria", smear_fields()[:1])
     assert status == 201, case
     s = case["result"]["summary"]
@@ -334,6 +334,24 @@ def test_positive_case_reads_treat_and_refer(start_server, parasitized):
     assert "positive at any count" in rep["progress"]["text"] and rep["progress"]["more_fields"] == 0
     assert rep["parasitemia"][0]["label"] == "Parasitemia" and rep["parasitemia"][0]["meaning"]
     assert case["headline"].startswith("Parasites seen: treat per protocol and refer.")
+    assert "this model's false-call rate is not measured: every call is a parasite seen" in srv.output()
+
+
+@pytest.mark.server
+def test_a_sites_false_call_rate_turns_calls_it_explains_into_cells_to_review(start_server, parasitized, tmp_path):
+    """`serve --false-call-rate R`: a case whose calls no more than a slide without parasites gives at that rate
+    reads "Cells to review" (amber, referred to review), and the reviewed result follows a person's calls."""
+    srv = start_server("--false-call-rate", "900", models=[str(parasitized)], data=tmp_path / "fcr")
+    assert "weighed against 900.0 false calls per 1,000 red cells (--false-call-rate" in srv.output()
+    status, case = post_case(srv.url, "malaria", smear_fields()[:1])
+    assert status == 201, case
+    summary, rep = case["result"]["summary"], case["report"]
+    d = summary["decision"]
+    assert d["decision"] == "cells to review" and summary["parasitized"] <= d["false_call_limit"]
+    assert rep["state"] == "amber" and rep["verdict"] == f"Cells to review: check the {summary['parasitized']} " \
+                                                         "flagged cells"
+    assert summary["refer"] and "review them" in summary["refer_reasons"][0]
+    assert "if every flagged cell is a parasite" in rep["parasitemia"][0]["label"]
 
 
 def test_one_malaria_model_per_tab_the_cell_model_on_the_cells_tab(art, tmp_path):

@@ -325,13 +325,14 @@ def dedupe(images: Sequence[CheckedImage]) -> tuple[list[CheckedImage], list[dic
 
 
 def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject: str = "", note: str = "",
-                    min_cells: int | None = None, retake_of: str | None = None) -> Case:
+                    min_cells: int | None = None, retake_of: str | None = None, false_calls=None) -> Case:
     """One slide: `analyse_slide` over the uploaded fields, each photo once (`dedupe`), its pictures drawn from the
     returned report into the staging folder; returns the case.
 
     Args:
         min_cells: red cells needed before a negative call (None: the counting rule's, 2,000).
         retake_of: the case this one retakes (some of its fields photographed again), recorded in the result.
+        false_calls: the site's false-call rate (`smear.decision.FalseCalls`; None: the released model's own).
 
     Raises:
         UploadError: 422 when no field holds cells (nothing is stored then).
@@ -342,7 +343,7 @@ def analyse_malaria(slot: ModelSlot, images: Sequence[CheckedImage], st, subject
     # Paths, not decoded photos: analyse_slide reads one field at a time, so a 12-photo slide never holds
     # twelve decoded 12 MP images at once on a Pi (the report keeps each field's working-scale photo only).
     paths = [st.path(_write(st, f"field_{k:02d}.{im.suffix}", im.data)) for k, im in enumerate(images)]
-    report = analyse_slide(SerialModel(model, slot.lock), paths, min_cells=min_cells)
+    report = analyse_slide(SerialModel(model, slot.lock), paths, min_cells=min_cells, false_calls=false_calls)
     if len(report.rejected) == len(images):
         reasons = "; ".join(f"“{im.name}”: {f.error}" for im, f in zip(images, report.fields))
         lead = "This photo has no cells we can find." if len(images) == 1 else \

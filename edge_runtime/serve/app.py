@@ -244,8 +244,9 @@ class FieldApp:
 
     def __init__(self, slots, store: CaseStore, limits: Limits, workers: int | None, access_code: str | None,
                  ondevice: OnDevice, min_cells: int | None = None, ca_cert: Path | None = None,
-                 https_port: int | None = None):
+                 https_port: int | None = None, false_calls=None):
         self.slots, self.store, self.limits, self.min_cells = slots, store, limits, min_cells
+        self.false_calls = false_calls
         self.workers = workers or cpu_workers()
         self.access_code = access_code
         self.limiter: anyio.CapacityLimiter | None = None
@@ -441,7 +442,7 @@ class FieldApp:
         with self.store.stage() as st:
             if kind == "malaria":
                 case = analyse_malaria(slot, images, st, subject, note, min_cells=self.min_cells,
-                                       retake_of=retake_of)
+                                       retake_of=retake_of, false_calls=self.false_calls)
             else:
                 case = analyse_oct(slot, images[0], st, subject, note)
             return self.store.commit(st, case)
@@ -584,7 +585,8 @@ class RuntimeFiles(StaticFiles):
 
 def build_app(slots, store: CaseStore, limits: Limits | None = None, access_code: str | None = None,
               loopback: bool = True, workers: int | None = None, web_runtime: str | None = None,
-              min_cells: int | None = None, ca_cert: Path | None = None, https_port: int | None = None) -> Starlette:
+              min_cells: int | None = None, ca_cert: Path | None = None, https_port: int | None = None,
+              false_calls=None) -> Starlette:
     """The ASGI app.
 
     Args:
@@ -599,9 +601,11 @@ def build_app(slots, store: CaseStore, limits: Limits | None = None, access_code
         min_cells: red cells a malaria case needs before a negative call (None: the counting rule's, 2,000).
         ca_cert: with `serve --https`, the device's CA certificate, served at /ca.crt.
         https_port: with `serve --https`, the HTTPS port (the plain-HTTP page links to it).
+        false_calls: the site's false-call rate malaria cases are decided on (`smear.decision.FalseCalls`; None:
+            the released model's own, from the registry).
     """
     fa = FieldApp(slots, store, limits or Limits(), workers, access_code, OnDevice(slots, web_runtime), min_cells,
-                  ca_cert, https_port)
+                  ca_cert, https_port, false_calls)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

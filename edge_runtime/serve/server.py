@@ -41,7 +41,7 @@ from edge_runtime.model import ModelError
 from edge_runtime.serve.analysis import Limits, load_models
 from edge_runtime.serve.storage import CaseStore, StoreError
 from edge_runtime.serve.tls import TLSError, default_names, ensure_certificates
-from edge_runtime.smear.decision import min_cells_for
+from edge_runtime.smear.decision import FalseCalls, min_cells_for, model_false_calls
 
 # No 0/O, 1/l/i: read off a screen and typed on a phone.
 CODE_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
@@ -211,9 +211,12 @@ def run(args) -> int:
         code = new_access_code()
     limits = Limits(max_request_bytes=int(args.max_upload_mb * 2**20), max_file_bytes=int(args.max_file_mb * 2**20),
                     max_files=args.max_files, max_pixels=int(args.max_megapixels * 1e6))
+    rate = getattr(args, "false_call_rate", None)
+    false_calls = None if rate is None else FalseCalls.given(rate, "--false-call-rate")
     app = build_app(slots, store, limits, access_code=code, loopback=loopback, workers=args.workers,
                     web_runtime=args.web_runtime, min_cells=getattr(args, "min_cells", None),
-                    ca_cert=tls_files.ca_cert if tls_files else None, https_port=port if tls_files else None)
+                    ca_cert=tls_files.ca_cert if tls_files else None, https_port=port if tls_files else None,
+                    false_calls=false_calls)
     rec = store.recovered
     scheme = "https" if tls_files else "http"
     print(f"medge field app on {scheme}://{args.host}:{port}/"
@@ -225,6 +228,11 @@ def run(args) -> int:
     if "malaria" in slots:
         need = getattr(args, "min_cells", None) or min_cells_for()
         print(f"  malaria cases: at least {need:,} red cells before a negative call", flush=True)
+        used = false_calls or model_false_calls(slots["malaria"].model.path)
+        print("  malaria cases: " + (f"parasitized calls weighed against {used.per_1000:.1f} false calls per 1,000 "
+                                     f"red cells ({used.source})" if used else
+                                     "this model's false-call rate is not measured: every call is a parasite seen"),
+              flush=True)
     print(f"  cases: {store.count()} in {store.root}"
           + (f" (removed {rec['tmp']} unfinished upload(s) and {rec['orphans']} unregistered folder(s))"
              if rec["tmp"] or rec["orphans"] else ""), flush=True)
