@@ -94,11 +94,12 @@ def test_site_adapt_end_to_end_on_two_real_fields(tiny_run, sample_manifest, tmp
     out = tmp_path / "site-t"
     argv = ["site-adapt", "--site", "t", "--fields", str(SMEAR_SAMPLE), "--init", str(tiny_run / "best.keras"),
             "--nih", str(sample_manifest), "--out", str(out), "--holdout-fields", "PA171886", "--preset", "tiny",
-            "--sample", str(unseen), "--no-release"]
+            "--sample", str(unseen), "--no-release", "--threshold", "0.7"]
     rc = main(argv)
     report = json.loads((out / "site-adapt.json").read_text())
     assert rc == (0 if report["keep"] == "malaria-field-t" else 1)
     assert report["held_out"] == ["PA171886.JPG"] and report["adapt_fields"] == ["PA171704.JPG"]
+    assert report["threshold"] == 0.7  # both models measured at the bar given, not their files' own
     trained = read_manifest(out / "manifest.csv", "train")
     assert not any("PA171886" in r.path for r in trained)  # the held-out field never reaches training
     assert sum("PA171704" in r.path and r.label == "Parasitized" for r in trained) == \

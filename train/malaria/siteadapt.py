@@ -289,6 +289,10 @@ def add_parser(sub) -> None:
     s.add_argument("--package", type=Path, help="registry folder (default: edge_runtime/released)")
     s.add_argument("--min-agreement", type=float, default=0.96,
                    help="lowest int8/Keras top-1 agreement on the sample for the release (as malaria-field's)")
+    s.add_argument("--threshold", type=float,
+                   help="uncertain bar both models are measured at, and the site release's (default: each model's "
+                        "own, from its metadata; give the release's, e.g. 0.7 for malaria-field 1.3, when --release "
+                        "is a file exported without it)")
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--threads", type=int, default=1, help="runtime threads when measuring")
 
@@ -297,7 +301,9 @@ def _plan(args: argparse.Namespace, anns: list[dict[str, Any]]) -> dict[str, Any
     adapt, held = split_fields([a["image"].name for a in anns], args.holdout_share, args.holdout_fields, args.k,
                                args.seed)
     plan = {"site": args.site, "adapt_fields": adapt, "held_out": held, "preset": args.preset, "seed": args.seed,
-            "init": str(args.init.resolve())}
+            "init": str(args.init.resolve()),
+            # the bar the cached before/after rows were measured at (only when given: older plans stay resumable)
+            **({"threshold": args.threshold} if args.threshold is not None else {})}
     path = args.out / PLAN
     if path.exists():
         old = json.loads(path.read_text())
@@ -387,7 +393,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for tag, model in (("before", args.release), ("after", tfl)):
         path = args.out / f"{tag}.json"
         if not path.exists():
-            rows = measure(model, held, block, args.threads, tag)
+            rows = measure(model, held, block, args.threads, tag, args.threshold)
             write_json(path, {"model": str(model), "rows": rows, "nih_sample_int8": nih_int8(model, sample)})
         measured[tag] = json.loads(path.read_text())
     before, after = (summarise(measured[t]["rows"], True) for t in ("before", "after"))
@@ -402,7 +408,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "preset": preset.to_dict(), "adapt_fields": plan["adapt_fields"], "held_out": plan["held_out"],
         "site_crops": site_counts, "counts": counts, "before": before, "after": after,
         "nih_sample": {"cells": len(sample), "before": nb, "after": na, "max_drop_points": args.max_nih_drop},
-        "max_uncertain_rise_points": args.max_uncertain_rise,
+        "max_uncertain_rise_points": args.max_uncertain_rise, "threshold": args.threshold,
         "train_seconds": train_s, "convert_seconds": round(convert_s, 1),
         "keep": name if ok else str(args.release), "reasons": reasons, "artifact": str(tfl), "run": str(run_dir),
     }
@@ -426,7 +432,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # Its false-call rate (what the slide decision weighs calls against) from the held-out site fields it never
     # trained on: this microscope's own, not the shared blocks'.
     entry = release(run_dir, name, args.version, args.sample, dest=args.dest, package=args.package,
-                    copy_calib=crops_dirs, min_agreement=args.min_agreement, site=report,
+                    copy_calib=crops_dirs, min_agreement=args.min_agreement, site=report, threshold=args.threshold,
                     command=["python", "-m", "train", *argv], false_calls=[args.out / "after.json"],
                     false_calls_what=f"{name}: the {len(held)} held-out fields of site {args.site} "
                                      f"({', '.join(plan['held_out'])}), scored by this model, which never trained "
