@@ -253,6 +253,7 @@ def release(
     changes: Sequence[str] = (),
     false_calls: Sequence[Path] = (),
     false_calls_what: str | None = None,
+    replace_notes: bool = False,
 ) -> registry.Release:
     """Make the release of `run` (see the module docstring); returns its registry entry.
 
@@ -264,7 +265,8 @@ def release(
     `calibration_manifest`). `site`: the report of `python -m train site-adapt` whose run this is (its
     before/after table on held-out site fields). `min_agreement`: the int8 files' lowest top-1 agreement with
     Keras on the sample (convert's `--min-agreement`), recorded with the release. `changes`: what changed
-    since the previous version, for the card. `false_calls`: `benchmarks smear` reports (smear.json) or
+    since the previous version, for the card; `replace_notes`: a release folder's previous notes are dropped
+    for `notes`. `false_calls`: `benchmarks smear` reports (smear.json) or
     `train field-cv` fold results (result.json) of models of this recipe on blocks they never saw: their false
     parasitized calls become the release's false-call rate (`false_call_figures`), which the slide decision
     weighs a slide's calls against; a release folder released again keeps its previous one unless given.
@@ -303,7 +305,7 @@ def release(
     stage.mkdir()
     try:
         if again:
-            prep = _stage_again(run, stage, previous, this, threshold, min_agreement, notes, log)
+            prep = _stage_again(run, stage, previous, this, threshold, min_agreement, notes, log, replace_notes)
         else:
             prep = _stage_run(run, stage, Path(sample), cfg, fields, cv_dir, site, calib_n, seed, copy_calib, this,
                               threshold, min_agreement, notes, log)
@@ -440,7 +442,7 @@ def _previous_release(folder: Path, name: str, version: str, package: Path) -> r
 
 
 def _stage_again(folder: Path, stage: Path, previous: registry.Release, this: str, threshold: float | None,
-                 min_agreement: float | None, notes: Sequence[str], log) -> _Prepared:
+                 min_agreement: float | None, notes: Sequence[str], log, replace_notes: bool = False) -> _Prepared:
     """A release of a release folder's committed model.keras again: same calibration cells, sample and figures."""
     log(f"== 1/4 model: {folder / 'model.keras'} (released as {previous.name} {previous.version}), as committed")
     for item in ("model.keras", "config.json", "calibration.csv"):
@@ -463,7 +465,7 @@ def _stage_again(folder: Path, stage: Path, previous: registry.Release, this: st
     t["keep"] = t.get("keep") or ("final" if (cfg.images or {}).get("val") == 0 else "best")
     t["sample"] = str(sample)
     t["commands"] = [*(t.get("commands") or _card_commands(registry.card_text(previous), previous)), this]
-    t["notes"] = [*t.get("notes", ()), *notes]
+    t["notes"] = [*(() if replace_notes else t.get("notes", ())), *notes]
     return _Prepared(
         cfg=cfg, data=data, sample=sample,
         metrics={k: v for k, v in previous.metrics.items() if k in ("cv", "field_cv", "site", "false_calls")},
@@ -1055,6 +1057,9 @@ def release_parser():
                         "out-of-fold cells")
     p.add_argument("--note", action="append", default=[], metavar="TEXT",
                    help="a limitation the card lists besides the generated ones (repeatable)")
+    p.add_argument("--replace-notes", action="store_true",
+                   help="a release folder released again: its --note texts replace the previous version's notes "
+                        "instead of adding to them (for a limitation the new version no longer has)")
     p.add_argument("--change", action="append", default=[], metavar="TEXT",
                    help="what changed since the previous version, listed on the card (repeatable)")
     p.add_argument("--false-calls", nargs="+", type=Path, default=[], metavar="JSON",
@@ -1076,6 +1081,7 @@ def run_cli(args, argv: Sequence[str]) -> int:
     entry = release(args.run, args.name, args.version, args.sample, cv_dir=args.cv, dest=args.dest,
                     calib_n=args.calib_n, seed=args.seed, threshold=args.threshold, field_cv=args.field_cv,
                     copy_calib=args.copy_calib, min_agreement=args.min_agreement, notes=args.note,
+                    replace_notes=args.replace_notes,
                     changes=args.change, false_calls=args.false_calls,
                     command=["python", "-m", "convert", "release", *shown])
     s, cv = entry.metrics["sample"], entry.metrics.get("cv")

@@ -167,7 +167,8 @@ def test_a_release_folder_is_released_again_with_the_same_network(released, tmp_
     with pytest.raises(ValueError, match="lack calls_off_parasites"):
         release(dest, "tinymal", "0.0.2", dest=dest, package=pkg, false_calls=[old], log=lambda *a, **k: None)
     again = release(dest, "tinymal", "0.0.2", dest=dest, package=pkg, changes=["formats"], false_calls=[smear, fold],
-                    log=lambda *a, **k: None)
+                    notes=["a limitation of 0.0.2"], replace_notes=True, log=lambda *a, **k: None)
+    assert again.trained["notes"] == ["a limitation of 0.0.2"]
     fc = again.metrics["false_calls"]
     assert (fc["calls"], fc["red_cells"], fc["fields"], fc["blocks"]) == (5, 300, 3, ["B1", "C1"])
     assert fc["per_1000"] == pytest.approx(16.667, abs=1e-3) and "held-out blocks B1, C1" in fc["source"]

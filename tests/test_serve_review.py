@@ -571,7 +571,7 @@ def test_cli_review_of_a_report_folder(tmp_path):
     out = tmp_path / "report"
     fields = ts.smear_fields()
     code, _, err = run_cli("smear", MODEL, *fields, "--out", out)
-    assert code in (0, 1, 3), err
+    assert code in (0, 1, 3, 4), err  # any decision; 4 = cells to review
     code, text, err = run_cli("review", out, "--list")
     assert code == 0, err
     listed = [ln.split()[0] for ln in text.splitlines() if ln.startswith("  ") and "->" in ln]
