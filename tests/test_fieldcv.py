@@ -26,7 +26,8 @@ def crops(tmp_path_factory) -> Path:
     from train import fieldcrops
 
     out = tmp_path_factory.mktemp("field-crops")
-    assert fieldcrops.run(SMEAR_SAMPLE, out, shifted=2, shifted_uninfected=10, seed=3, off_target=True) == 0
+    assert fieldcrops.run(SMEAR_SAMPLE, out, shifted=2, shifted_uninfected=10, seed=3, off_target=True,
+                          spanning=True) == 0
     return out
 
 
@@ -218,6 +219,52 @@ def test_off_target_regions_are_uninfected_crops_of_no_annotated_cell_and_come_i
     chosen = {str((crops / r["path"]).resolve()) for r in off} & {x.path for x in recs}
     assert counts["off_target_uninfected"] == len(chosen) == min(3, len(mine)) and counts["field_uninfected"] == 50
     assert all("PA171704" in p for p in chosen)  # never the held-out block's
+
+
+def test_spanning_mask_takes_regions_that_merge_or_cut_cells_and_hold_no_parasite():
+    from train.annotations import spanning_mask
+
+    truth = [[0, 0, 10, 10], [10, 0, 10, 10], [100, 100, 10, 10]]
+    parasite = [False, False, True]
+    found = [[0, 0, 20, 10],      # two cells merged: IoU 0.5 with each, at the match bar: not spanning
+             [0, 0, 14, 10],      # a cell with a piece of its neighbour: IoU 0.71 -> a match
+             [5, 0, 10, 10],      # half of each: IoU 0.33 -> spanning
+             [100, 100, 25, 25],  # holds the parasite's whole box: IoU 0.16, but never a negative
+             [200, 200, 10, 10],  # overlaps nothing: off-target, not spanning
+             [90, 100, 15, 10]]   # IoU 0.25 with the parasite, half its box: not a negative
+    assert spanning_mask(truth, parasite, found).tolist() == [False, False, True, False, False, False]
+    assert spanning_mask([], [], found).tolist() == [False] * 6
+
+
+def test_spanning_regions_are_uninfected_crops_and_come_in_only_when_asked(crops):
+    """`--spanning`: unmatched rbc regions spanning annotated cells without a parasite become Uninfected crops of the
+    photo's own regions; a fold takes them only with spanning_per_block, from its training blocks."""
+    from edge_runtime.images import load_image
+    from edge_runtime.smear import segment
+    from train.annotations import spanning_mask
+    from train.malaria.fieldcv import fold_manifest
+
+    rows = list(csv.DictReader(open(crops / "field-crops.csv")))
+    span = [r for r in rows if r["region"] == "spanning"]
+    assert span and {r["label"] for r in span} == {"Uninfected"} and {r["variant"] for r in span} == {"0"}
+    summary = json.loads((crops / "field-crops.json").read_text())
+    assert sum(f["spanning"] for f in summary["fields"].values()) == len(span)
+    assert summary["spanning"]["parasite_share_below"] == 0.1
+    for ann in load_annotations(SMEAR_SAMPLE):
+        seg = segment(load_image(ann["image"]), ann["image"].name)
+        by_index = {c.index: j for j, c in enumerate(seg.cells)}
+        hit = spanning_mask(ann["boxes"], ann["parasite"], [c.bbox for c in seg.cells])
+        for r in (r for r in span if r["field"] == ann["image"].stem):
+            assert hit[by_index[int(r["path"].rsplit("_", 1)[1][:3])]]
+    recs, counts = fold_manifest(rows, crops, [], [], "PA171886", repeat=1, per_block=50, seed=0)
+    assert "spanning_uninfected" not in counts
+    assert not {str((crops / r["path"]).resolve()) for r in span} & {x.path for x in recs}
+    recs, counts = fold_manifest(rows, crops, [], [], "PA171886", repeat=1, per_block=50, seed=0,
+                                 spanning_per_block=2)
+    chosen = {str((crops / r["path"]).resolve()) for r in span} & {x.path for x in recs}
+    mine = [r for r in span if r["patient"] != "PA171886"]
+    assert counts["spanning_uninfected"] == len(chosen) == min(2, len(mine)) and counts["field_uninfected"] == 50
+    assert not any("PA171886" in p for p in chosen)
 
 
 def test_nih_mix_keeps_a_seeded_share():

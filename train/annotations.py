@@ -74,6 +74,32 @@ def off_target_mask(truth: Sequence[Sequence[float]], found: Sequence[Sequence[f
     return iou_matrix(truth, found).max(axis=0, initial=0.0) < OFF_TARGET_IOU
 
 
+# A spanning region may hold at most this share of any parasite's box: it is a negative only when it holds
+# no piece of a parasite's cell worth the name.
+SPANNING_PARASITE_SHARE = 0.1
+
+
+def spanning_mask(truth: Sequence[Sequence[float]], parasite: Sequence[bool],
+                  found: Sequence[Sequence[float]]) -> np.ndarray:
+    """For each found (x, y, w, h) box, whether it spans annotated cells without being one: its best IoU with an
+    annotated box is in [OFF_TARGET_IOU, IOU_MATCH) (overlapping cells merged into one region, a cell cut with a
+    piece of its neighbour), and it covers less than SPANNING_PARASITE_SHARE of every parasite's box."""
+    found = np.asarray(found, np.float64).reshape(-1, 4)
+    if not len(truth) or not len(found):
+        return np.zeros(len(found), bool)
+    best = iou_matrix(truth, found).max(axis=0, initial=0.0)
+    out = (best >= OFF_TARGET_IOU) & (best < IOU_MATCH)
+    par = np.asarray([b for b, p in zip(truth, parasite) if p], np.float64).reshape(-1, 4)
+    if len(par):
+        ix = np.clip(np.minimum(par[:, None, 0] + par[:, None, 2], found[None, :, 0] + found[None, :, 2])
+                     - np.maximum(par[:, None, 0], found[None, :, 0]), 0, None)
+        iy = np.clip(np.minimum(par[:, None, 1] + par[:, None, 3], found[None, :, 1] + found[None, :, 3])
+                     - np.maximum(par[:, None, 1], found[None, :, 1]), 0, None)
+        share = ix * iy / np.maximum(par[:, 2] * par[:, 3], 1e-9)[:, None]
+        out &= share.max(axis=0) < SPANNING_PARASITE_SHARE
+    return out
+
+
 def load_annotations(data: Path, fields: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """[{"image", "boxes": [[x, y, w, h]], "types": [str], "parasite": [bool]}] for every annotated field.
 

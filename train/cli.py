@@ -120,6 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also cut, as Uninfected, every region the runtime would classify that overlaps no annotated "
                          "object (IoU < 0.1 with every box: white-cell pieces, lysed cells, deposits); rows marked "
                          "region=off-target (default: off)")
+    fc.add_argument("--spanning", action="store_true",
+                    help="also cut, as Uninfected, every unmatched region the runtime would classify that spans "
+                         "annotated cells (best IoU 0.1-0.5: merged overlapping cells, a cell with a piece of its "
+                         "neighbour) and holds under 10%% of any parasite's box; rows marked region=spanning "
+                         "(default: off)")
 
     fieldcv.add_parser(sub)
     siteadapt.add_parser(sub)
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             return demo.run(args.data, args.out, args.epochs)
         if args.command == "field-crops":
             return fieldcrops.run(args.data, args.out, args.fields, args.shifted, args.shifted_uninfected, args.seed,
-                                   args.off_target)
+                                   args.off_target, args.spanning)
         if args.command == "field-cv":
             return fieldcv.run(args, sys.argv[1:] if argv is None else argv)
         if args.command == "site-adapt":

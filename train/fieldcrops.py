@@ -18,6 +18,13 @@ saw one as a negative calls some of them parasitized (issue 23: on unseen block 
 recipe called 15 such regions parasitized against 15 true parasites). Their rows have `region`
 "off-target" (annotated crops: empty); only the photo's own regions, not its shifted variants.
 
+`--spanning` also cuts, as Uninfected, every unmatched region of kind "rbc" that spans annotated cells
+without being one (best IoU with an annotated box from OFF_TARGET_IOU up to the match IoU: overlapping
+cells merged into one region, a cell cut together with a piece of its neighbour) and covers less than
+SPANNING_PARASITE_SHARE of every parasite's box. In crowded fields these are most of a model's false
+parasitized calls (docs/results/2026-12-07-slide-false-calls.md: 21 of 40 on block PA171740's crowded
+fields). Rows have `region` "spanning"; the photo's own regions only.
+
 Writes OUT/crops/<block>/<field>_<index>.png, OUT/field-crops.csv (the manifest format of
 `python -m train split`: path,label,patient,split, with the slide block as `patient` so grouped
 splits keep a block together, split "train", and extra `field`, `variant`, `shift` and `region` columns) and
@@ -54,13 +61,16 @@ from edge_runtime.fileio import write_json
 from edge_runtime.images import load_image
 from edge_runtime.smear import crop, segment
 from train.annotations import (
+    IOU_MATCH,
     OFF_TARGET_IOU,
     PARASITE_TYPES,
+    SPANNING_PARASITE_SHARE,
     UNINFECTED_TYPE,
     field_blocks,
     load_annotations,
     match,
     off_target_mask,
+    spanning_mask,
 )
 from train.fieldaug import FieldShift, draw_shift
 
@@ -69,6 +79,7 @@ CROPS_CSV = "field-crops.csv"
 CROPS_JSON = "field-crops.json"
 FIELDS = ("path", "label", "patient", "split", "field", "variant", "shift", "region")
 OFF_TARGET = "off-target"
+SPANNING = "spanning"
 
 
 def label_of(kind: str) -> str | None:
@@ -81,12 +92,15 @@ def label_of(kind: str) -> str | None:
 
 
 def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Sequence[Sequence[float]] | None = None,
-                off_target: bool = False) -> tuple[list[tuple[np.ndarray, str, int]], dict[str, int]]:
-    """One field's labelled crops [(crop, label, region index)] and its counts; raises on a bad field.
+                off_target: bool = False, spanning: bool = False
+                ) -> tuple[list[tuple[np.ndarray, str, int, str]], dict[str, int]]:
+    """One field's labelled crops [(crop, label, region index, region tag)] and its counts; raises on a bad field.
 
     `image` (RGB) and `boxes` replace the photo and its annotated boxes (a shifted variant of the field).
     `off_target`: also the rbc regions that overlap no annotated box (`train.annotations.off_target_mask`), labelled
-    Uninfected, after the annotated ones."""
+    Uninfected, tagged OFF_TARGET, after the annotated ones (tag ""). `spanning`: also the unmatched rbc regions that
+    span annotated cells without holding a parasite (`train.annotations.spanning_mask`), Uninfected, tagged
+    SPANNING."""
     seg = segment(load_image(ann["image"]) if image is None else image, ann["image"].name)
     matched = match(ann["boxes"] if boxes is None else boxes, [c.bbox for c in seg.cells])
     out, counts = [], Counter()
@@ -99,19 +113,22 @@ def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Seq
         elif seg.cells[m].kind != "rbc":
             counts["not_rbc"] += 1
         else:
-            out.append((crop(seg, seg.cells[m]), label, seg.cells[m].index))
+            out.append((crop(seg, seg.cells[m]), label, seg.cells[m].index, ""))
             counts[label] += 1
     counts["annotated"] = len(ann["boxes"])
-    if off_target:
-        truth = ann["boxes"] if boxes is None else boxes
-        taken = {int(m) for m in matched if m >= 0}
-        off = off_target_mask(truth, [c.bbox for c in seg.cells])
+    truth = ann["boxes"] if boxes is None else boxes
+    taken = {int(m) for m in matched if m >= 0}
+    found = [c.bbox for c in seg.cells]
+    for wanted, tag, mask in ((off_target, OFF_TARGET, off_target_mask), (spanning, SPANNING, None)):
+        if not wanted:
+            continue
+        hit = off_target_mask(truth, found) if mask is not None else spanning_mask(truth, ann["parasite"], found)
         for j, c in enumerate(seg.cells):
-            if c.kind == "rbc" and j not in taken and off[j]:
-                out.append((crop(seg, c), NEGATIVE, c.index))
-                counts[OFF_TARGET] += 1
+            if c.kind == "rbc" and j not in taken and hit[j]:
+                out.append((crop(seg, c), NEGATIVE, c.index, tag))
+                counts[tag] += 1
     return out, {k: int(counts.get(k, 0)) for k in ("annotated", POSITIVE, NEGATIVE, "unmatched", "not_rbc",
-                                                     "skipped_type", OFF_TARGET)}
+                                                     "skipped_type", OFF_TARGET, SPANNING)}
 
 
 def shift_of(seed: int, field: str, k: int) -> FieldShift:
@@ -140,7 +157,7 @@ def shifted_crops(ann: dict[str, Any], out: Path, block: str, shifted: int, keep
         keep = [c for c in crops if c[1] == POSITIVE] + (rng.sample(neg, keep_uninfected)
                                                           if 0 < keep_uninfected < len(neg) else neg)
         folder.mkdir(parents=True, exist_ok=True)
-        for crop_img, label, index in keep:
+        for crop_img, label, index, _ in keep:
             path = folder / f"{ann['image'].stem}_s{k}_{index:03d}.png"
             Image.fromarray(crop_img).save(path)
             rows.append({"path": os.path.relpath(path, out), "label": label, "patient": block, "split": "train",
@@ -151,7 +168,7 @@ def shifted_crops(ann: dict[str, Any], out: Path, block: str, shifted: int, keep
 
 
 def cut(anns: Sequence[dict[str, Any]], out: Path, block_of: dict[str, str], shifted: int = 0,
-        shifted_uninfected: int = 15, seed: int = 0, off_target: bool = False
+        shifted_uninfected: int = 15, seed: int = 0, off_target: bool = False, spanning: bool = False
         ) -> tuple[list[dict[str, str]], dict[str, dict[str, Any]], dict[str, str]]:
     """Cut and write these fields' labelled crops into OUT/crops/<block>/; (manifest rows, counts per field,
     failed fields). `block_of` maps a field's file name to its block (the rows' `patient`). `shifted`: also
@@ -161,20 +178,19 @@ def cut(anns: Sequence[dict[str, Any]], out: Path, block_of: dict[str, str], shi
         name = ann["image"].name
         block = block_of[name]
         try:
-            crops, counts = field_crops(ann, off_target=off_target)
+            crops, counts = field_crops(ann, off_target=off_target, spanning=spanning)
         except (ValueError, OSError) as e:  # SmearError and ImageError are ValueErrors
             failed[name] = str(e)
             print(f"[{i}/{len(anns)}] {name}: skipped ({e})", file=sys.stderr)
             continue
         folder = out / "crops" / block
         folder.mkdir(parents=True, exist_ok=True)
-        annotated = len(crops) - counts[OFF_TARGET]  # field_crops puts the off-target regions last
-        for n, (img, label, index) in enumerate(crops):
+        for img, label, index, tag in crops:
             path = folder / f"{ann['image'].stem}_{index:03d}.png"
             Image.fromarray(img).save(path)
             rows.append({"path": os.path.relpath(path, out), "label": label, "patient": block, "split": "train",
                          "field": ann["image"].stem, "variant": "0", "shift": "",
-                         "region": OFF_TARGET if n >= annotated else ""})
+                         "region": tag})
         if shifted:
             more, sc = shifted_crops(ann, out, block, shifted, shifted_uninfected, seed)
             rows += more
@@ -184,6 +200,7 @@ def cut(anns: Sequence[dict[str, Any]], out: Path, block_of: dict[str, str], shi
               f"uninfected crops of {counts['annotated']} annotated; {counts['unmatched']} unmatched, "
               f"{counts['not_rbc']} matched a region that is not a red cell"
               + (f"; {counts[OFF_TARGET]} off-target regions (Uninfected)" if off_target else "")
+              + (f"; {counts[SPANNING]} spanning regions (Uninfected)" if spanning else "")
               + (f"; shifted x{shifted}: {counts['shifted_' + POSITIVE]} parasitized + "
                  f"{counts['shifted_' + NEGATIVE]} uninfected, {counts['shifted_refused']} variants refused"
                  if shifted else ""), file=sys.stderr)
@@ -202,7 +219,7 @@ def write_rows(rows: Sequence[dict[str, str]], path: Path) -> None:
 
 
 def run(data: Path, out: Path, fields: Sequence[str] | None = None, shifted: int = 0, shifted_uninfected: int = 15,
-        seed: int = 0, off_target: bool = False) -> int:
+        seed: int = 0, off_target: bool = False, spanning: bool = False) -> int:
     """Cut, label and write every annotated field's crops (and `shifted` variants of each); 0 when at least one
     field gave crops."""
     data, out = Path(data), Path(out)
@@ -211,7 +228,7 @@ def run(data: Path, out: Path, fields: Sequence[str] | None = None, shifted: int
     anns = load_annotations(data, fields)
     blocks = field_blocks([a["image"].name for a in load_annotations(data)])  # blocks of the whole set
     t0 = time.perf_counter()
-    rows, per_field, failed = cut(anns, out, blocks, shifted, shifted_uninfected, seed, off_target)
+    rows, per_field, failed = cut(anns, out, blocks, shifted, shifted_uninfected, seed, off_target, spanning)
     out.mkdir(parents=True, exist_ok=True)
     write_rows(rows, out / CROPS_CSV)
     by_block: dict[str, Counter] = {}
@@ -226,6 +243,9 @@ def run(data: Path, out: Path, fields: Sequence[str] | None = None, shifted: int
                     "distribution": "train.fieldaug.draw_shift"} if shifted else None,
         "off_target": {"iou_below": OFF_TARGET_IOU, "label": NEGATIVE, "variants": "the photo's own only"}
         if off_target else None,
+        "spanning": {"iou_from": OFF_TARGET_IOU, "iou_below": IOU_MATCH,
+                     "parasite_share_below": SPANNING_PARASITE_SHARE, "label": NEGATIVE,
+                     "variants": "the photo's own only"} if spanning else None,
     })
     print(f"{len(rows)} crops ({sum(r['label'] == POSITIVE for r in rows)} parasitized, "
           f"{sum(r['variant'] != '0' for r in rows)} of shifted variants) from "
@@ -233,5 +253,5 @@ def run(data: Path, out: Path, fields: Sequence[str] | None = None, shifted: int
           f"wrote {out / CROPS_CSV} and {CROPS_JSON}")
     for b, c in sorted(by_block.items()):
         print(f"  block {b}: {c[POSITIVE]} parasitized, {c[NEGATIVE]} uninfected + {c[OFF_TARGET]} off-target "
-              f"uninfected, {c['unmatched']} unmatched")
+              f"+ {c[SPANNING]} spanning uninfected, {c['unmatched']} unmatched")
     return 0 if rows else 1

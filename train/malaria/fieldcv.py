@@ -33,10 +33,11 @@ shifted variants of its fields (`train field-crops --shifted K`: other stains, w
 blur, magnification, noise, JPEG) and every shifted parasitized crop (`--shifted-parasite-repeat` times);
 `--nih-share` keeps a seeded share of the NIH cells (a third lab's palette); `--off-target-per-block N` mixes
 in N of a training block's off-target crops (`train field-crops --off-target`: regions the device classifies
-that are no annotated cell, as Uninfected). `--shift NAMES` measures each
-held-out block again under the domain-shift harness's transforms (`python -m benchmarks smear --shift`, run
-as a command into FOLD/shift/) and pools them per transform into the report: what each shift costs on
-slides the model never trained on.
+that are no annotated cell, as Uninfected); `--spanning-per-block N` likewise N of its spanning crops
+(`train field-crops --spanning`: regions that merge or cut annotated cells and hold no parasite).
+`--shift NAMES` measures each held-out block again under the domain-shift harness's transforms
+(`python -m benchmarks smear --shift`, run as a command into FOLD/shift/) and pools them per transform into
+the report: what each shift costs on slides the model never trained on.
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ def add_parser(sub) -> None:
                    help="off-target crops (`train field-crops --off-target`: white-cell pieces, lysed cells, "
                         "deposits the device would classify) per training block, as Uninfected (seeded sample; "
                         "0: none)")
+    f.add_argument("--spanning-per-block", type=int, default=0, metavar="N",
+                   help="spanning crops (`train field-crops --spanning`: regions merging or cutting annotated cells, "
+                        "holding no parasite) per training block, as Uninfected (seeded sample; 0: none)")
     f.add_argument("--nih-share", type=float, default=1.0,
                    help="share of the --nih training cells mixed in (seeded sample; 1: all)")
     f.add_argument("--shift", metavar="NAMES",
@@ -150,18 +154,22 @@ def sample_records(sample: Path) -> list[Record]:
 
 def fold_manifest(crops: list[dict[str, str]], crops_dir: Path, nih: list[Record], sample: list[Record],
                   held_out: str, repeat: int, per_block: int, seed: int, shifted_per_block: int = 0,
-                  shifted_repeat: int = 1, off_target_per_block: int = 0) -> tuple[list[Record], dict[str, int]]:
+                  shifted_repeat: int = 1, off_target_per_block: int = 0,
+                  spanning_per_block: int = 0) -> tuple[list[Record], dict[str, int]]:
     """The fold's records (train: NIH + other blocks' crops, parasites repeated; test: the NIH sample).
 
     A crop row's `variant` (absent or "0": the photo's own crop) says whether it was cut from a shifted variant
     of its field; those come in only with `shifted_per_block` > 0 (that many uninfected a block, every
     parasitized one `shifted_repeat` times). A row whose `region` is "off-target" comes in only with
-    `off_target_per_block` > 0 (that many a block)."""
+    `off_target_per_block` > 0 (that many a block); one whose `region` is "spanning" only with `spanning_per_block`
+    > 0."""
     rng = random.Random(seed)
     rng_shifted = random.Random(seed + 1)  # its own draws: the photos' own crops are the same with or without
     rng_off = random.Random(seed + 2)
+    rng_span = random.Random(seed + 3)
     off_rows = [c for c in crops if c.get("region") == "off-target"]
-    crops = [c for c in crops if c.get("region") != "off-target"]
+    span_rows = [c for c in crops if c.get("region") == "spanning"]
+    crops = [c for c in crops if c.get("region") not in ("off-target", "spanning")]
     field: list[Record] = []
     for block in sorted({c["patient"] for c in crops} - {held_out}):
         rows = [c for c in crops if c["patient"] == block]
@@ -180,14 +188,18 @@ def fold_manifest(crops: list[dict[str, str]], crops_dir: Path, nih: list[Record
         if off_target_per_block > 0:
             off = [c for c in off_rows if c["patient"] == block]
             chosen += rng_off.sample(off, off_target_per_block) if len(off) > off_target_per_block else off
+        if spanning_per_block > 0:
+            span = [c for c in span_rows if c["patient"] == block]
+            chosen += rng_span.sample(span, spanning_per_block) if len(span) > spanning_per_block else span
         for c in chosen:
             field.append(Record(str((crops_dir / c["path"]).resolve()), c["label"], block, "train"))
     is_shifted = {str((crops_dir / c["path"]).resolve()) for c in crops if c.get("variant", "0") not in ("", "0")}
     is_off = {str((crops_dir / c["path"]).resolve()) for c in off_rows}
+    is_span = {str((crops_dir / c["path"]).resolve()) for c in span_rows}
     own_par = sum(r.label == "Parasitized" and r.path not in is_shifted for r in field)
     counts = {"nih": len(nih),
               "field_uninfected": sum(r.label == "Uninfected" and r.path not in is_shifted and r.path not in is_off
-                                      for r in field),
+                                      and r.path not in is_span for r in field),
               "field_parasitized_rows": own_par,
               "field_parasitized_crops": own_par // max(repeat, 1),
               "shifted_uninfected": sum(r.label == "Uninfected" and r.path in is_shifted for r in field),
@@ -195,6 +207,8 @@ def fold_manifest(crops: list[dict[str, str]], crops_dir: Path, nih: list[Record
               "test_sample": len(sample)}
     if off_target_per_block > 0:
         counts["off_target_uninfected"] = sum(r.path in is_off for r in field)
+    if spanning_per_block > 0:
+        counts["spanning_uninfected"] = sum(r.path in is_span for r in field)
     return [Record(r.path, r.label, r.patient, "train") for r in nih] + field + sample, counts
 
 
@@ -287,7 +301,8 @@ def run_fold(args: argparse.Namespace, block: str, crops: list[dict[str, str]], 
     fold = args.out / f"fold-{block}"
     records, counts = fold_manifest(crops, args.crops, nih, sample, block, args.parasite_repeat,
                                     args.uninfected_per_block, args.seed, args.shifted_per_block,
-                                    args.shifted_parasite_repeat, args.off_target_per_block)
+                                    args.shifted_parasite_repeat, args.off_target_per_block,
+                                    args.spanning_per_block)
     run_dir, tfl, train_s, convert_s = fine_tune(args, fold, records, counts, f"fold {block}")
     eval_dir = fold / "eval-sample"
     if not (eval_dir / "report.json").exists():
@@ -492,7 +507,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.final:  # every block in training: nothing left to score it on here; the folds describe it
         records, counts = fold_manifest(crops, args.crops, nih, sample, "", args.parasite_repeat,
                                         args.uninfected_per_block, args.seed, args.shifted_per_block,
-                                        args.shifted_parasite_repeat, args.off_target_per_block)
+                                        args.shifted_parasite_repeat, args.off_target_per_block,
+                                        args.spanning_per_block)
         run_dir, tfl, train_s, _ = fine_tune(args, args.out / "final", records, counts, "final (every block)")
         final = {"run": str(run_dir), "artifact": str(tfl), "counts": counts, "train_seconds": train_s,
                  "nih_sample_int8": nih_int8(tfl, sample), "blocks": crop_blocks,
