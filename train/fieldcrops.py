@@ -119,10 +119,9 @@ def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Seq
     truth = ann["boxes"] if boxes is None else boxes
     taken = {int(m) for m in matched if m >= 0}
     found = [c.bbox for c in seg.cells]
-    for wanted, tag, mask in ((off_target, OFF_TARGET, off_target_mask), (spanning, SPANNING, None)):
-        if not wanted:
-            continue
-        hit = off_target_mask(truth, found) if mask is not None else spanning_mask(truth, ann["parasite"], found)
+    extra = ([(OFF_TARGET, off_target_mask(truth, found))] if off_target else []) + \
+        ([(SPANNING, spanning_mask(truth, ann["parasite"], found))] if spanning else [])
+    for tag, hit in extra:
         for j, c in enumerate(seg.cells):
             if c.kind == "rbc" and j not in taken and hit[j]:
                 out.append((crop(seg, c), NEGATIVE, c.index, tag))
