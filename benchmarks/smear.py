@@ -67,7 +67,7 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def shift_rows(anns: list[dict[str, Any]], transforms, model, normalise: bool,
+def shift_rows(anns: list[dict[str, Any]], transforms, model, normalise: str | None,
                plain_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One {"transform", "what", "summary", "fields"} per transform ("none" reuses the plain rows)."""
     by_t: dict[str, list[dict[str, Any]]] = {t.name: [] for t in transforms if t.name != "none"}
@@ -104,7 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="malaria artifact: also measure classification and end-to-end time")
     p.add_argument("--out", type=Path, default=Path("runs/smear-bench"), help="results folder")
     p.add_argument("--threads", type=int, help="runtime threads for --model")
-    p.add_argument("--normalise", action="store_true", help="with --model: stain-normalise crops (smear --normalise)")
+    p.add_argument("--normalise", nargs="?", const="chroma", choices=("chroma", "background"), metavar="MODE",
+                   help="with --model: classify crops cut from normalised fields, as `smear --normalise MODE` "
+                        "(default: off; chroma when given alone)")
     p.add_argument("--threshold", type=float,
                    help="with --model: confidence below which a cell is uncertain (default: the model's)")
     p.add_argument("--min-cells", type=int, metavar="N",

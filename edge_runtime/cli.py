@@ -5,7 +5,7 @@
     python -m edge_runtime predict export/oct_tflite-int8.tflite scan1.jpeg scan2.jpeg --gradcam maps/
     python -m edge_runtime info export/malaria-edge_tflite-int8.tflite [--json]
     python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X]
-                                 [--wbc-count N] [--normalise] [--um-per-px X] [--false-call-rate R]
+                                 [--wbc-count N] [--normalise [MODE]] [--um-per-px X] [--false-call-rate R]
     python -m edge_runtime review DIR [--list] [--set FIELD:CELL=parasite|not_parasite|not_cell ...] [--stage ring]
                                   [--rest-not-parasites] [--wbc N] [--reviewed] --reviewer NAME    # a smear --out DIR
     python -m edge_runtime serve [--models NAME|PATH ...] [--host 127.0.0.1] [--port 8080] [--data DIR]
@@ -209,8 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--threshold", type=fraction,
                     help="confidence below which a cell is uncertain "
                          "(default: the model's threshold, from its metadata)")
-    ps.add_argument("--normalise", action="store_true",
-                    help="move each field's mean cell hue half-way to the NIH training crops' before classifying")
+    ps.add_argument("--normalise", nargs="?", const="chroma", choices=("chroma", "background"), metavar="MODE",
+                    help="classify crops cut from the field normalised: chroma (mean cell hue half-way to the NIH "
+                         "training crops') or background (blank glass to a fixed reference: exposure and white "
+                         "balance; for a model trained on crops cut that way) (default: off; MODE chroma when "
+                         "the flag is given alone)")
     ps.add_argument("--um-per-px", type=_positive_float, metavar="X",
                     help="the photos' micrometres per pixel, from a stage micrometer or the objective and camera "
                          "(about 0.1 for a 1280x960 photo through a 100x objective): red cells are then taken as "

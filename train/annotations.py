@@ -154,7 +154,7 @@ def field_blocks(names: Sequence[str], gap: int = 10) -> dict[str, str]:
     return out
 
 
-def measure_field(ann: dict[str, Any], model=None, normalise: bool = False,
+def measure_field(ann: dict[str, Any], model=None, normalise: str | None = None,
                   image: np.ndarray | None = None) -> dict[str, Any]:
     """One row: annotated and found cells, parasites found (and called), false positives, counts, times.
 

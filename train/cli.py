@@ -125,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "annotated cells (best IoU 0.1-0.5: merged overlapping cells, a cell with a piece of its "
                          "neighbour) and holds under 10%% of any parasite's box; rows marked region=spanning "
                          "(default: off)")
+    fc.add_argument("--normalise", choices=("chroma", "background"), metavar="MODE",
+                    help="cut every crop (shifted ones after their shift) from the field normalised as "
+                         "`python -m edge_runtime smear --normalise MODE` does: chroma or background "
+                         "(default: off, the photo's own colours)")
 
     fieldcv.add_parser(sub)
     siteadapt.add_parser(sub)
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             return demo.run(args.data, args.out, args.epochs)
         if args.command == "field-crops":
             return fieldcrops.run(args.data, args.out, args.fields, args.shifted, args.shifted_uninfected, args.seed,
-                                   args.off_target, args.spanning)
+                                   args.off_target, args.spanning, args.normalise)
         if args.command == "field-cv":
             return fieldcv.run(args, sys.argv[1:] if argv is None else argv)
         if args.command == "site-adapt":

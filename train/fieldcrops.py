@@ -59,7 +59,7 @@ from PIL import Image
 
 from edge_runtime.fileio import write_json
 from edge_runtime.images import load_image
-from edge_runtime.smear import crop, segment
+from edge_runtime.smear import crop, normalised, segment
 from train.annotations import (
     IOU_MATCH,
     OFF_TARGET_IOU,
@@ -92,7 +92,7 @@ def label_of(kind: str) -> str | None:
 
 
 def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Sequence[Sequence[float]] | None = None,
-                off_target: bool = False, spanning: bool = False
+                off_target: bool = False, spanning: bool = False, normalise: str | None = None
                 ) -> tuple[list[tuple[np.ndarray, str, int, str]], dict[str, int]]:
     """One field's labelled crops [(crop, label, region index, region tag)] and its counts; raises on a bad field.
 
@@ -100,8 +100,10 @@ def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Seq
     `off_target`: also the rbc regions that overlap no annotated box (`train.annotations.off_target_mask`), labelled
     Uninfected, tagged OFF_TARGET, after the annotated ones (tag ""). `spanning`: also the unmatched rbc regions that
     span annotated cells without holding a parasite (`train.annotations.spanning_mask`), Uninfected, tagged
-    SPANNING."""
+    SPANNING. `normalise`: crops cut from the field normalised as the runtime's `smear --normalise MODE` does
+    (`edge_runtime.smear.normalised`), for a model that is to run that way."""
     seg = segment(load_image(ann["image"]) if image is None else image, ann["image"].name)
+    src = normalised(seg, normalise)
     matched = match(ann["boxes"] if boxes is None else boxes, [c.bbox for c in seg.cells])
     out, counts = [], Counter()
     for kind, m in zip(ann["types"], matched):
@@ -113,7 +115,7 @@ def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Seq
         elif seg.cells[m].kind != "rbc":
             counts["not_rbc"] += 1
         else:
-            out.append((crop(seg, seg.cells[m]), label, seg.cells[m].index, ""))
+            out.append((crop(seg, seg.cells[m], src), label, seg.cells[m].index, ""))
             counts[label] += 1
     counts["annotated"] = len(ann["boxes"])
     truth = ann["boxes"] if boxes is None else boxes
@@ -124,7 +126,7 @@ def field_crops(ann: dict[str, Any], image: np.ndarray | None = None, boxes: Seq
     for tag, hit in extra:
         for j, c in enumerate(seg.cells):
             if c.kind == "rbc" and j not in taken and hit[j]:
-                out.append((crop(seg, c), NEGATIVE, c.index, tag))
+                out.append((crop(seg, c, src), NEGATIVE, c.index, tag))
                 counts[tag] += 1
     return out, {k: int(counts.get(k, 0)) for k in ("annotated", POSITIVE, NEGATIVE, "unmatched", "not_rbc",
                                                      "skipped_type", OFF_TARGET, SPANNING)}
@@ -136,7 +138,7 @@ def shift_of(seed: int, field: str, k: int) -> FieldShift:
 
 
 def shifted_crops(ann: dict[str, Any], out: Path, block: str, shifted: int, keep_uninfected: int,
-                  seed: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
+                  seed: int, normalise: str | None = None) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """Rows and counts of this field's `shifted` variants (every parasitized crop, `keep_uninfected` of the
     uninfected ones a variant); a variant the cell finder refuses is counted, not fatal."""
     rgb = np.asarray(load_image(ann["image"]))
@@ -147,7 +149,7 @@ def shifted_crops(ann: dict[str, Any], out: Path, block: str, shifted: int, keep
         img = sh.apply(rgb, zlib.crc32(f"{seed}:{ann['image'].name}:{k}".encode()))
         boxes = [[v * sh.scale for v in b] for b in ann["boxes"]]
         try:
-            crops, _ = field_crops(ann, img, boxes)
+            crops, _ = field_crops(ann, img, boxes, normalise=normalise)
         except (ValueError, OSError):
             counts["refused"] += 1
             continue
@@ -167,17 +169,18 @@ def shifted_crops(ann: dict[str, Any], out: Path, block: str, shifted: int, keep
 
 
 def cut(anns: Sequence[dict[str, Any]], out: Path, block_of: dict[str, str], shifted: int = 0,
-        shifted_uninfected: int = 15, seed: int = 0, off_target: bool = False, spanning: bool = False
-        ) -> tuple[list[dict[str, str]], dict[str, dict[str, Any]], dict[str, str]]:
+        shifted_uninfected: int = 15, seed: int = 0, off_target: bool = False, spanning: bool = False,
+        normalise: str | None = None) -> tuple[list[dict[str, str]], dict[str, dict[str, Any]], dict[str, str]]:
     """Cut and write these fields' labelled crops into OUT/crops/<block>/; (manifest rows, counts per field,
     failed fields). `block_of` maps a field's file name to its block (the rows' `patient`). `shifted`: also
-    that many shifted variants of each field (`shifted_crops`)."""
+    that many shifted variants of each field (`shifted_crops`); `normalise`: every crop (shifted ones after
+    their shift, as a photo meets it) cut from the normalised field."""
     rows, per_field, failed = [], {}, {}
     for i, ann in enumerate(anns, 1):
         name = ann["image"].name
         block = block_of[name]
         try:
-            crops, counts = field_crops(ann, off_target=off_target, spanning=spanning)
+            crops, counts = field_crops(ann, off_target=off_target, spanning=spanning, normalise=normalise)
         except (ValueError, OSError) as e:  # SmearError and ImageError are ValueErrors
             failed[name] = str(e)
             print(f"[{i}/{len(anns)}] {name}: skipped ({e})", file=sys.stderr)
@@ -191,7 +194,7 @@ def cut(anns: Sequence[dict[str, Any]], out: Path, block_of: dict[str, str], shi
                          "field": ann["image"].stem, "variant": "0", "shift": "",
                          "region": tag})
         if shifted:
-            more, sc = shifted_crops(ann, out, block, shifted, shifted_uninfected, seed)
+            more, sc = shifted_crops(ann, out, block, shifted, shifted_uninfected, seed, normalise)
             rows += more
             counts = {**counts, **sc}
         per_field[name] = {"block": block, **counts}
@@ -218,7 +221,7 @@ def write_rows(rows: Sequence[dict[str, str]], path: Path) -> None:
 
 
 def run(data: Path, out: Path, fields: Sequence[str] | None = None, shifted: int = 0, shifted_uninfected: int = 15,
-        seed: int = 0, off_target: bool = False, spanning: bool = False) -> int:
+        seed: int = 0, off_target: bool = False, spanning: bool = False, normalise: str | None = None) -> int:
     """Cut, label and write every annotated field's crops (and `shifted` variants of each); 0 when at least one
     field gave crops."""
     data, out = Path(data), Path(out)
@@ -227,7 +230,8 @@ def run(data: Path, out: Path, fields: Sequence[str] | None = None, shifted: int
     anns = load_annotations(data, fields)
     blocks = field_blocks([a["image"].name for a in load_annotations(data)])  # blocks of the whole set
     t0 = time.perf_counter()
-    rows, per_field, failed = cut(anns, out, blocks, shifted, shifted_uninfected, seed, off_target, spanning)
+    rows, per_field, failed = cut(anns, out, blocks, shifted, shifted_uninfected, seed, off_target, spanning,
+                                  normalise)
     out.mkdir(parents=True, exist_ok=True)
     write_rows(rows, out / CROPS_CSV)
     by_block: dict[str, Counter] = {}
@@ -245,6 +249,7 @@ def run(data: Path, out: Path, fields: Sequence[str] | None = None, shifted: int
         "spanning": {"iou_from": OFF_TARGET_IOU, "iou_below": IOU_MATCH,
                      "parasite_share_below": SPANNING_PARASITE_SHARE, "label": NEGATIVE,
                      "variants": "the photo's own only"} if spanning else None,
+        "normalise": normalise,
     })
     print(f"{len(rows)} crops ({sum(r['label'] == POSITIVE for r in rows)} parasitized, "
           f"{sum(r['variant'] != '0' for r in rows)} of shifted variants) from "

@@ -8,7 +8,7 @@
     write_report(report, "report/")   # overlays, cells.csv/json, summary.json, contact sheet
 
     python -m edge_runtime smear MODEL FIELD... [--out DIR] [--json] [--min-cells N] [--rbc-per-ul X]
-                                 [--wbc-count N] [--normalise]
+                                 [--wbc-count N] [--normalise [MODE]]
 
 The malaria model was trained on NIH crops: one segmented red blood cell on a
 black background. A field photo holds ~100 cells, many touching, so this
@@ -58,7 +58,17 @@ from edge_runtime.smear.cells import (
     flatten_background,
     segment,
 )
-from edge_runtime.smear.crops import CHROMA_SHIFT, NIH_LAB_MEAN, NIH_LAB_STD, crop, normalise_stain
+from edge_runtime.smear.crops import (
+    BACKGROUND_REF,
+    CHROMA_SHIFT,
+    NIH_LAB_MEAN,
+    NIH_LAB_STD,
+    NORMALISATIONS,
+    crop,
+    normalise_background,
+    normalise_stain,
+    normalised,
+)
 from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, SlideDecision, decide
 from edge_runtime.smear.quality import LIMITS, FieldQuality, gate, measure
 from edge_runtime.smear.report import (
@@ -81,11 +91,12 @@ from edge_runtime.smear.slide import (
 
 __all__ = [
     "COUNTING_RULES", "DEFAULT_RULE", "LIMITS", "FieldQuality", "SlideDecision", "decide", "gate", "measure",
-    "ARC_RADII", "ARC_SHARE", "BACKGROUND_SIGMAS", "CANDIDATE_SPOT", "CHROMATIN_COSINE", "CHROMA_SHIFT",
-    "INK_LEVEL", "INK_SHARE", "CLUMP_AREA", "CONTACT_TILE", "CSV_FIELDS",
-    "DEBRIS_AREA", "EDGE_AREA", "KINDS", "MARKER_DEPTH", "MARKER_SPACING", "MAX_SIDE", "MERGE_AREA", "MIN_RADIUS",
-    "MIN_SINGLE_CELLS", "NIH_LAB_MEAN", "NIH_LAB_STD", "SINGLE_SOLIDITY", "STAIN_COHERENCE", "VERDICT_COLOURS",
+    "ARC_RADII", "ARC_SHARE", "BACKGROUND_REF", "BACKGROUND_SIGMAS", "CANDIDATE_SPOT", "CHROMATIN_COSINE",
+    "CHROMA_SHIFT", "INK_LEVEL", "INK_SHARE", "CLUMP_AREA", "CONTACT_TILE", "CSV_FIELDS", "DEBRIS_AREA", "EDGE_AREA",
+    "KINDS", "MARKER_DEPTH", "MARKER_SPACING", "MAX_SIDE", "MERGE_AREA", "MIN_RADIUS", "MIN_SINGLE_CELLS",
+    "NIH_LAB_MEAN", "NIH_LAB_STD", "NORMALISATIONS", "SINGLE_SOLIDITY", "STAIN_COHERENCE", "VERDICT_COLOURS",
     "VOTE_RADII", "WBC_NUCLEUS_AREA", "WBC_PART_AREA", "Cell", "CellResult", "FieldResult", "Segmentation",
     "FieldView", "SlideReport", "SlideSummary", "SmearError", "analyse_field", "analyse_slide", "contact_sheet",
-    "crop", "flatten_background", "normalise_stain", "render_overlay", "segment", "write_report",
+    "crop", "flatten_background", "normalise_background", "normalise_stain", "normalised", "render_overlay",
+    "segment", "write_report",
 ]

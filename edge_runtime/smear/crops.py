@@ -5,11 +5,16 @@ edge, so a region also holds a rim of bright background that the NIH crops
 do not have; `crop` keeps the pixels at least half-way from the threshold to
 the field's typical cell darkness (pale centres filled back in).
 
-Optional stain normalisation (`normalise_stain`, `smear --normalise`): the
-field's mean cell hue (CIELAB a, b) moved half-way to the NIH crops'. With the
-released model it separates parasitized from uninfected vivax cells better and
-calls fewer uninfected cells parasitized, but leaves most of them uncertain
-(README "Smear fields"), so it is off by default.
+Optional normalisations (`smear --normalise MODE`), both off by default:
+- `chroma` (`normalise_stain`): the field's mean cell hue (CIELAB a, b) moved
+  half-way to the NIH crops'. With the 1.0 model it separated parasitized from
+  uninfected vivax cells better but left most of them uncertain (README "Smear
+  fields"); with the stain-trained models it doubles false positives
+  (docs/results/2026-12-07-stain-normalise.md).
+- `background` (`normalise_background`): each channel scaled so the field's
+  blank glass matches a fixed reference (exposure and white balance, not hue).
+  It only helps a model whose training crops were cut the same way
+  (`train field-crops --normalise background`).
 """
 
 from __future__ import annotations
@@ -63,6 +68,42 @@ NIH_LAB_STD = (14.00, 8.29, 10.53)
 # parasitized above uninfected cells (AUC 0.957 / 0.981 / 0.990 / 0.963 / 0.818); odd fields: 0.897
 # without, 0.966 with 0.5. A full shift also moves the cell's pale centre and its parasites' purple.
 CHROMA_SHIFT = 0.5
+
+
+# The blank glass `normalise_background` moves every field to: the median background (unlabelled pixels) of the
+# 48 fields of blocks PA171790, PA171830, PA171880 and PA171990 (docs/results/2026-12-07-stain-normalise.md).
+BACKGROUND_REF = (199.5, 225.5, 205.5)
+# Fewer unlabelled pixels than this (a field packed edge to edge): the background is the 95th percentile instead.
+_MIN_BACKGROUND_PX = 1000
+
+
+def normalise_background(seg: Segmentation) -> np.ndarray:
+    """Each channel scaled so the field's blank glass (median of its unlabelled pixels) is BACKGROUND_REF.
+
+    The light through empty glass is what a microscope's lamp, camera exposure and white balance give every
+    pixel of the photo: dividing it out (a per-channel gain, as a flat-field correction does) leaves the stain.
+    Returns an RGB uint8 array like `seg.image`.
+    """
+    img = np.asarray(seg.image, np.float32)
+    blank = np.asarray(seg.labels) == 0
+    bg = (np.median(img[blank], axis=0) if blank.sum() >= _MIN_BACKGROUND_PX
+          else np.percentile(img.reshape(-1, 3), 95, axis=0))
+    gain = np.asarray(BACKGROUND_REF, np.float32) / np.maximum(bg, 1.0)
+    return np.clip(img * gain + 0.5, 0, 255).astype(np.uint8)
+
+
+NORMALISATIONS = ("chroma", "background")
+
+
+def normalised(seg: Segmentation, mode: str | None) -> np.ndarray | None:
+    """The image crops are cut from under `mode` (None: the photo itself, returned as None)."""
+    if mode is None:
+        return None
+    if mode == "chroma":
+        return normalise_stain(seg)
+    if mode == "background":
+        return normalise_background(seg)
+    raise ValueError(f"unknown normalisation {mode!r}: one of {', '.join(NORMALISATIONS)}")
 
 
 def normalise_stain(seg: Segmentation) -> np.ndarray:

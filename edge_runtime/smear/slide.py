@@ -18,7 +18,7 @@ from PIL import Image
 from edge_runtime.clinical import WHO_WBC_PER_UL, slide_referral, slide_summary
 from edge_runtime.images import ImageError, load_image
 from edge_runtime.smear.cells import KINDS, RADIUS_SOURCES, RBC_RADIUS_UM, Segmentation, SmearError, _cv2, segment
-from edge_runtime.smear.crops import crop, normalise_stain
+from edge_runtime.smear.crops import crop, normalised
 from edge_runtime.smear.decision import (
     DEFAULT_RULE,
     FalseCalls,
@@ -269,12 +269,13 @@ class SlideReport:
                    positive_label=d.get("positive_label", "Parasitized"))
 
 
-def analyse_field(model, source, name: str | None = None, normalise: bool = False,
+def analyse_field(model, source, name: str | None = None, normalise: str | None = None,
                   um_per_px: float | None = None) -> FieldResult:
     """Segment one field and classify its red cells in one `model.predict` call; errors become the record's `error`.
 
-    With `normalise`, the crops given to the model are cut from `normalise_stain`'s colours. `um_per_px`: the
-    photo's scale when the user knows it (`segment`), else the typical cell size is estimated from the field.
+    With `normalise` ("chroma" or "background", `crops.normalised`), the crops given to the model are cut from
+    the normalised field. `um_per_px`: the photo's scale when the user knows it (`segment`), else the typical
+    cell size is estimated from the field.
     The result's `view` holds what drawing the field needs (not the segmentation, which is freed on return).
     """
     name = name or (str(source) if not isinstance(source, (Image.Image, np.ndarray)) else "field")
@@ -288,7 +289,7 @@ def analyse_field(model, source, name: str | None = None, normalise: bool = Fals
     quality = gate(measure(seg))
     t1 = time.perf_counter()
     rbcs = [c for c in seg.cells if c.kind == "rbc"]
-    source_img = normalise_stain(seg) if normalise and rbcs else None
+    source_img = normalised(seg, normalise) if rbcs else None
     preds = model.predict([crop(seg, c, source_img) for c in rbcs]) if rbcs else []
     t2 = time.perf_counter()
     by_index = {c.index: p for c, p in zip(rbcs, preds)}
@@ -310,7 +311,7 @@ def analyse_field(model, source, name: str | None = None, normalise: bool = Fals
 
 def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float | None = None,
                   wbc_count: int | None = None, wbc_per_ul: float | None = None,
-                  normalise: bool = False, rule: str = DEFAULT_RULE, um_per_px: float | None = None,
+                  normalise: str | None = None, rule: str = DEFAULT_RULE, um_per_px: float | None = None,
                   false_calls: FalseCalls | None = None) -> SlideReport:
     """Several field photos of one slide -> one report; `report.write_report(report, out)` writes its files.
 
@@ -321,7 +322,8 @@ def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float
         rbc_per_ul, wbc_count: the patient's red cells/µL, white cells counted over these fields: the bases of
             parasites/µL (`edge_runtime.smear.decision`).
         wbc_per_ul: the patient's measured white cells/µL (None: WHO's assumed 8,000, and the report says so).
-        normalise: classify crops with the field's mean cell hue moved half-way to the NIH crops' (`normalise_stain`).
+        normalise: classify crops cut from the field normalised: "chroma" (mean cell hue moved half-way to the NIH
+            crops', `normalise_stain`) or "background" (blank glass to a fixed reference, `normalise_background`).
         rule: the thin-film counting rule (`edge_runtime.smear.decision.COUNTING_RULES`).
         um_per_px: the photos' micrometres per pixel, when known (a stage micrometer, or the objective and
             camera): the typical red cell is then 3.75 um in radius instead of estimated per field (`segment`).

@@ -124,6 +124,10 @@ def add_parser(sub) -> None:
     f.add_argument("--threshold", type=float,
                    help="measure with this uncertain bar (a cell below it is uncertain; default: the model's, "
                         f"{DEFAULT_THRESHOLDS['malaria']:g}); a rerun with another bar measures the folds again")
+    f.add_argument("--normalise", choices=("chroma", "background"), metavar="MODE",
+                   help="measure the folds' held-out fields (and harness) with `smear --normalise MODE`, for crops "
+                        "cut with `train field-crops --normalise MODE` (default: off; the released model is "
+                        "always measured without)")
     f.add_argument("--blocks", nargs="+", help="only these held-out blocks (default: every block)")
     f.add_argument("--final", action="store_true",
                    help="after the folds, fine-tune once more on every block with the same settings (OUT/final/run, "
@@ -222,13 +226,13 @@ def nih_mix(nih: list[Record], share: float, seed: int) -> list[Record]:
 
 
 def measure(model_ref: str | Path, anns: list[dict[str, Any]], blocks: dict[str, str], threads: int,
-            tag: str, threshold: float | None = None) -> list[dict[str, Any]]:
+            tag: str, threshold: float | None = None, normalise: str | None = None) -> list[dict[str, Any]]:
     """The per-field rows of `benchmarks smear` (`measure_field`) for these fields, each with its block;
-    `threshold`: the uncertain bar (None: the model's)."""
+    `threshold`: the uncertain bar (None: the model's); `normalise`: as `smear --normalise MODE`."""
     model = edge_runtime.load(model_ref, threads=threads, threshold=threshold)
     rows = []
     for ann in anns:
-        r = measure_field(ann, model)
+        r = measure_field(ann, model, normalise)
         r["block"] = blocks[ann["image"].name]
         rows.append(r)
         print(f"  [{tag}] {r['field']}: " + (r["error"] or
@@ -311,7 +315,7 @@ def run_fold(args: argparse.Namespace, block: str, crops: list[dict[str, str]], 
     rep = json.loads((eval_dir / "report.json").read_text())
     held = [a for a in anns if blocks[a["image"].name] == block]
     print(f"fold {block}: measuring {len(held)} held-out fields", flush=True)
-    rows = measure(tfl, held, blocks, args.threads, f"fold {block}", args.threshold)
+    rows = measure(tfl, held, blocks, args.threads, f"fold {block}", args.threshold, args.normalise)
     history = list(csv.DictReader(open(run_dir / "history.csv")))
     result = {
         "block": block, "fields": [a["image"].name for a in held], "counts": counts,
@@ -343,6 +347,7 @@ def shift_fold(args: argparse.Namespace, fold: Path, tfl: Path | str, fields: li
         _run_logged(_py("benchmarks", "smear", "--data", str(args.data), "--model", str(tfl), "--threads",
                         str(args.threads), "--fields", *[Path(f).stem for f in fields], "--shift", args.shift,
                         *(["--threshold", str(args.threshold)] if args.threshold is not None else []),
+                        *(["--normalise", args.normalise] if args.normalise else []),
                         "--out", str(out)), fold / "shift.log")
         rep = json.loads(rep_path.read_text())
         rep["shift_spec"] = spec
@@ -353,7 +358,8 @@ def shift_fold(args: argparse.Namespace, fold: Path, tfl: Path | str, fields: li
 
 def shift_spec(args: argparse.Namespace) -> str:
     """What a fold's harness rows were measured with (transforms and uncertain bar): a change measures again."""
-    return args.shift + ("" if args.threshold is None else f" @ threshold {args.threshold:g}")
+    return (args.shift + ("" if args.threshold is None else f" @ threshold {args.threshold:g}")
+            + (f", normalise {args.normalise}" if args.normalise else ""))
 
 
 def shift_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -492,7 +498,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             if done.get("threshold") != args.threshold:  # another uncertain bar: the held-out fields again
                 held = [a for a in anns if a["image"].name in done["fields"]]
                 done.update(rows=measure(done["artifact"], held, blocks, args.threads, f"fold {block}",
-                                         args.threshold), threshold=args.threshold)
+                                         args.threshold, args.normalise), threshold=args.threshold)
                 changed = True
             if args.shift and done.get("shift_spec") != shift_spec(args):  # a harness asked for after the fold ran
                 done.update(shift_fold(args, res_path.parent, done["artifact"], done["fields"]))
