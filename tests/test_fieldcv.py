@@ -221,6 +221,36 @@ def test_off_target_regions_are_uninfected_crops_of_no_annotated_cell_and_come_i
     assert all("PA171704" in p for p in chosen)  # never the held-out block's
 
 
+def test_normalised_crops_are_cut_from_the_normalised_field_shifted_ones_after_their_shift(crops, tmp_path):
+    """`--normalise background`: the same crops (same regions, labels and names) as without, each cut from the field
+    as `smear --normalise background` normalises it; a shifted variant is normalised after its shift."""
+    from edge_runtime.images import load_image
+    from edge_runtime.smear import crop, normalise_background, segment
+    from train import fieldcrops
+
+    out = tmp_path / "bg"
+    assert fieldcrops.run(SMEAR_SAMPLE, out, ["PA171704"], shifted=2, shifted_uninfected=10, seed=3,
+                          normalise="background") == 0
+    assert json.loads((out / "field-crops.json").read_text())["normalise"] == "background"
+    rows = list(csv.DictReader(open(out / "field-crops.csv")))
+    plain = [r for r in csv.DictReader(open(crops / "field-crops.csv"))
+             if r["field"] == "PA171704" and r["region"] == ""]
+    assert [(r["path"], r["label"]) for r in rows] == [(r["path"], r["label"]) for r in plain]
+    ann = load_annotations(SMEAR_SAMPLE, ["PA171704"])[0]
+    seg = segment(load_image(ann["image"]), ann["image"].name)
+    by_index = {c.index: c for c in seg.cells}
+    bg = normalise_background(seg)
+    own = [r for r in rows if r["variant"] == "0"]
+    for r in own:
+        cell = by_index[int(r["path"].rsplit("_", 1)[1][:3])]
+        got = np.asarray(Image.open(out / r["path"]).convert("RGB"))
+        assert np.array_equal(got, crop(seg, cell, bg))
+    assert any(not np.array_equal(np.asarray(Image.open(out / r["path"]).convert("RGB")),
+                                  np.asarray(Image.open(crops / r["path"]).convert("RGB"))) for r in own)
+    shifted = [r for r in rows if r["variant"] != "0"]
+    assert shifted and all((out / r["path"]).exists() for r in shifted)
+
+
 def test_spanning_mask_takes_regions_that_merge_or_cut_cells_and_hold_no_parasite():
     from train.annotations import spanning_mask
 

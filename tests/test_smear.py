@@ -388,6 +388,28 @@ def test_normalise_stain_moves_the_cells_hue_half_way_to_the_nih_colours(fields)
     assert abs(lab.mean(0)[0] - before.mean(0)[0]) < 2.0  # lightness kept
 
 
+def test_normalise_background_takes_out_the_lamp_exposure_and_white_balance(fields):
+    """`--normalise background`: the field's blank glass goes to BACKGROUND_REF, so the same field photographed
+    with another exposure and white balance (a gain per channel) gives nearly the same image, and the same crops."""
+    from edge_runtime.smear import BACKGROUND_REF, crop, normalise_background, normalised
+
+    rgb = np.asarray(Image.open(fields[1]).convert("RGB"))
+    seg = segment(rgb)
+    out = normalise_background(seg)
+    assert out.shape == seg.image.shape and out.dtype == np.uint8
+    assert np.abs(np.median(out[seg.labels == 0], axis=0) - BACKGROUND_REF).max() <= 1.0
+    other = np.clip(rgb * np.asarray([0.8, 0.92, 1.08]) + 0.5, 0, 255).astype(np.uint8)  # warmer lamp, darker
+    seg2 = segment(other)
+    out2 = normalise_background(seg2)
+    assert np.abs(seg.image.astype(float) - seg2.image).mean() > 10  # the photos differ
+    assert np.abs(out.astype(float) - out2).mean() < 1.5  # normalised, they nearly agree (0.5 here)
+    cell = max((c for c in seg.cells if c.kind == "rbc"), key=lambda c: c.area)
+    assert np.abs(crop(seg, cell, out).astype(float) - crop(seg, cell, normalised(seg, "background"))).max() == 0
+    assert normalised(seg, None) is None
+    with pytest.raises(ValueError, match="unknown normalisation 'od'"):
+        normalised(seg, "od")
+
+
 def test_crop_is_cut_at_the_membrane_not_the_threshold(fields):
     """The crop keeps the cell inside its edge's half-way level (pale centre filled), not the bright rim."""
     seg = segment(Image.open(fields[0]))
@@ -450,6 +472,12 @@ def test_cli_json_exit_codes_and_no_cells(art, fields, tmp_path):
     code, out, _ = run_cli("smear", m, tmp_path / "nothing_here_dir_empty")
     assert code == 3 and "no field could be read" in out and "refer: undecided" in out
     assert run_cli("smear", m, fields[0], "--wbc-count", "0")[0] == 2
+    # --normalise background: the same cells found, classified from the normalised field; an unknown mode is usage
+    code, out, err = run_cli("smear", m, fields[1], "--json", "--threads", "1", "--min-cells", "50",
+                             "--normalise", "background")
+    assert code == 0, err
+    assert [c["bbox"] for c in json.loads(out)["fields"][0]["cells"]] == [c["bbox"] for c in doc["fields"][0]["cells"]]
+    assert run_cli("smear", m, fields[1], "--normalise", "od")[0] == 2
 
 
 def test_calls_within_the_models_false_calls_exit_4_to_review_never_negative(fields):
