@@ -9,8 +9,8 @@ Optional normalisations (`smear --normalise MODE`), both off by default:
 - `chroma` (`normalise_stain`): the field's mean cell hue (CIELAB a, b) moved
   half-way to the NIH crops'. With the 1.0 model it separated parasitized from
   uninfected vivax cells better but left most of them uncertain (README "Smear
-  fields"); with the stain-trained models it doubles false positives
-  (docs/results/2026-12-07-stain-normalise.md).
+  fields"); with the stain-trained 1.2 recipe it raised false positives from
+  0.98% to 1.59% (docs/results/2026-12-07-stain-normalise.md).
 - `background` (`normalise_background`): each channel scaled so the field's
   blank glass matches a fixed reference (exposure and white balance, not hue).
   It only helps a model whose training crops were cut the same way
