@@ -434,3 +434,11 @@ def test_field_cv_final_run_is_released_with_its_held_out_figures(crops, tiny_ru
     assert (rate["calls"], rate["red_cells"], rate["blocks"]) == (ft["calls_off_parasites"], ft["red_cells_read"],
                                                                  ["PA171886"]) and rate["red_cells"] > 0
     assert "**False parasitized calls**" in card and "(`train field-cv`): the held-out blocks PA171886" in card
+    # Rerun with --normalise: the trained fold is reused, its held-out fields and harness measured again that way.
+    before = json.loads((out / "fold-PA171886" / "result.json").read_text())
+    assert before["normalise"] is None
+    assert main(argv + ["--normalise", "background"]) == 0
+    after = json.loads((out / "fold-PA171886" / "result.json").read_text())
+    assert after["normalise"] == "background" and after["artifact"] == before["artifact"]
+    assert after["shift_spec"].endswith("normalise background")
+    assert [r["field"] for r in after["rows"]] == [r["field"] for r in before["rows"]]

@@ -326,6 +326,7 @@ def run_fold(args: argparse.Namespace, block: str, crops: list[dict[str, str]], 
         "nih_sample_float32": {k: rep.get(k) for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},
         "nih_sample_int8": nih_int8(tfl, sample),
         "threshold": args.threshold,
+        "normalise": args.normalise,
         "rows": rows,
     }
     if args.shift:
@@ -495,10 +496,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             done = json.loads(res_path.read_text())
             changed = with_cells(done["rows"], done["artifact"], all_anns, blocks, args.threads, f"fold {block}",
                                  args.threshold)
-            if done.get("threshold") != args.threshold:  # another uncertain bar: the held-out fields again
+            if (done.get("threshold"), done.get("normalise")) != (args.threshold, args.normalise):
+                # another uncertain bar or normalisation: the held-out fields again
                 held = [a for a in anns if a["image"].name in done["fields"]]
                 done.update(rows=measure(done["artifact"], held, blocks, args.threads, f"fold {block}",
-                                         args.threshold, args.normalise), threshold=args.threshold)
+                                         args.threshold, args.normalise), threshold=args.threshold,
+                            normalise=args.normalise)
                 changed = True
             if args.shift and done.get("shift_spec") != shift_spec(args):  # a harness asked for after the fold ran
                 done.update(shift_fold(args, res_path.parent, done["artifact"], done["fields"]))
