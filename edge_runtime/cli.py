@@ -532,6 +532,8 @@ def _smear_table(report, positive: str) -> str:
     m = s.get("model")
     if m:
         lines.append(f"model: {m['name']} {m['version']} sha256 {m['sha256']}")
+    if s.get("normalise"):
+        lines.append(f"crops cut from {s['normalise']}-normalised fields (--normalise {s['normalise']})")
     refer = s["refer"]
     lines.append("REFER: " + "; ".join(s["refer_reasons"]) if refer
                  else "refer: undecided (not enough evidence)" if refer is None else "refer: no")

@@ -476,7 +476,11 @@ def test_cli_json_exit_codes_and_no_cells(art, fields, tmp_path):
     code, out, err = run_cli("smear", m, fields[1], "--json", "--threads", "1", "--min-cells", "50",
                              "--normalise", "background")
     assert code == 0, err
-    assert [c["bbox"] for c in json.loads(out)["fields"][0]["cells"]] == [c["bbox"] for c in doc["fields"][0]["cells"]]
+    normed = json.loads(out)
+    assert [c["bbox"] for c in normed["fields"][0]["cells"]] == [c["bbox"] for c in doc["fields"][0]["cells"]]
+    assert normed["summary"]["normalise"] == "background" and doc["summary"]["normalise"] is None  # said, not hidden
+    code, out, _ = run_cli("smear", m, fields[1], "--threads", "1", "--min-cells", "50", "--normalise", "background")
+    assert code == 0 and "crops cut from background-normalised fields" in out
     assert run_cli("smear", m, fields[1], "--normalise", "od")[0] == 2
 
 

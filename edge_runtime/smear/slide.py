@@ -222,6 +222,7 @@ class SlideSummary:
     # Where the typical cell size came from: {"source": "user" or "estimated", "um_per_px", "fields": {how: n},
     # "says"}; everything downstream (markers, kinds, crops) hangs on it.
     cell_size: Mapping[str, Any] | None = None
+    normalise: str | None = None  # the crops' normalisation (`analyse_slide(normalise=...)`), None: the photo's colours
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "refer_reasons", tuple(self.refer_reasons))
@@ -369,6 +370,7 @@ def analyse_slide(model, fields, min_cells: int | None = None, rbc_per_ul: float
                                          for r in readable for c in r.cells)
     summary["cell_size"] = cell_size(results, um_per_px)
     summary["model"] = model_provenance(path, model.metadata) if path is not None else None
+    summary["normalise"] = normalise
     return SlideReport(fields=tuple(results), summary=SlideSummary.from_dict(summary), positive_label=positive)
 
 
