@@ -44,6 +44,7 @@ from benchmarks.slides import slide_markdown, slide_rows, slide_summary
 from edge_runtime.fileio import atomic_write_text, write_json
 from edge_runtime.images import load_image
 from edge_runtime.model import load
+from edge_runtime.smear import NORMALISATIONS
 from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, FalseCalls, model_false_calls
 
 # The matcher, the annotation reader and the per-field scoring live in train.annotations: train's
@@ -104,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="malaria artifact: also measure classification and end-to-end time")
     p.add_argument("--out", type=Path, default=Path("runs/smear-bench"), help="results folder")
     p.add_argument("--threads", type=int, help="runtime threads for --model")
-    p.add_argument("--normalise", nargs="?", const="chroma", choices=("chroma", "background"), metavar="MODE",
+    p.add_argument("--normalise", nargs="?", const="chroma", choices=NORMALISATIONS, metavar="MODE",
                    help="with --model: classify crops cut from normalised fields, as `smear --normalise MODE` "
                         "(default: off; chroma when given alone)")
     p.add_argument("--threshold", type=float,

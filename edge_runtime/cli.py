@@ -72,7 +72,7 @@ from edge_runtime.golden import GoldenMissing, read_golden, selftest
 from edge_runtime.gradcam import GradCam
 from edge_runtime.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file
 from edge_runtime.model import ModelChanged, ModelError, load
-from edge_runtime.smear import analyse_slide, write_report
+from edge_runtime.smear import NORMALISATIONS, analyse_slide, write_report
 from edge_runtime.smear.decision import COUNTING_RULES, DEFAULT_RULE, FalseCalls, decision_lines
 from edge_runtime.smear.report import field_entry
 from edge_runtime.smear.review import STAGES, ReviewState
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--threshold", type=fraction,
                     help="confidence below which a cell is uncertain "
                          "(default: the model's threshold, from its metadata)")
-    ps.add_argument("--normalise", nargs="?", const="chroma", choices=("chroma", "background"), metavar="MODE",
+    ps.add_argument("--normalise", nargs="?", const="chroma", choices=NORMALISATIONS, metavar="MODE",
                     help="classify crops cut from the field normalised: chroma (mean cell hue half-way to the NIH "
                          "training crops') or background (blank glass to a fixed reference: exposure and white "
                          "balance; for a model trained on crops cut that way) (default: off; MODE chroma when "

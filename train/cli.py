@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from edge_runtime.smear import NORMALISATIONS
 from train import evaluate, fieldcrops, split
 from train.malaria import cv, fieldcv, review, siteadapt
 from train.malaria.presets import MALARIA_PRESETS
@@ -125,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "annotated cells (best IoU 0.1-0.5: merged overlapping cells, a cell with a piece of its "
                          "neighbour) and holds under 10%% of any parasite's box; rows marked region=spanning "
                          "(default: off)")
-    fc.add_argument("--normalise", choices=("chroma", "background"), metavar="MODE",
+    fc.add_argument("--normalise", choices=NORMALISATIONS, metavar="MODE",
                     help="cut every crop (shifted ones after their shift) from the field normalised as "
                          "`python -m edge_runtime smear --normalise MODE` does: chroma or background "
                          "(default: off, the photo's own colours)")

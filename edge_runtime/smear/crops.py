@@ -92,20 +92,6 @@ def normalise_background(seg: Segmentation) -> np.ndarray:
     return np.clip(img * gain + 0.5, 0, 255).astype(np.uint8)
 
 
-NORMALISATIONS = ("chroma", "background")
-
-
-def normalised(seg: Segmentation, mode: str | None) -> np.ndarray | None:
-    """The image crops are cut from under `mode` (None: the photo itself, returned as None)."""
-    if mode is None:
-        return None
-    if mode == "chroma":
-        return normalise_stain(seg)
-    if mode == "background":
-        return normalise_background(seg)
-    raise ValueError(f"unknown normalisation {mode!r}: one of {', '.join(NORMALISATIONS)}")
-
-
 def normalise_stain(seg: Segmentation) -> np.ndarray:
     """The field's stain moved half-way toward the NIH crops' hue (CIELAB a and b; lightness and contrast kept).
 
@@ -128,3 +114,14 @@ def normalise_stain(seg: Segmentation) -> np.ndarray:
     return cv2.cvtColor(np.clip(lab + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
 
 
+_NORMALISERS = {"chroma": normalise_stain, "background": normalise_background}
+NORMALISATIONS = tuple(_NORMALISERS)  # the modes of `smear --normalise MODE` (and of train and benchmarks)
+
+
+def normalised(seg: Segmentation, mode: str | None) -> np.ndarray | None:
+    """The image crops are cut from under `mode` (None: the photo itself, returned as None)."""
+    if mode is None:
+        return None
+    if mode not in _NORMALISERS:
+        raise ValueError(f"unknown normalisation {mode!r}: one of {', '.join(NORMALISATIONS)}")
+    return _NORMALISERS[mode](seg)

@@ -57,6 +57,7 @@ from typing import Any
 import edge_runtime
 from edge_runtime.fileio import atomic_write_text, write_json
 from edge_runtime.model import DEFAULT_THRESHOLDS
+from edge_runtime.smear import NORMALISATIONS
 from train.annotations import (
     field_blocks,
     load_annotations,
@@ -124,7 +125,7 @@ def add_parser(sub) -> None:
     f.add_argument("--threshold", type=float,
                    help="measure with this uncertain bar (a cell below it is uncertain; default: the model's, "
                         f"{DEFAULT_THRESHOLDS['malaria']:g}); a rerun with another bar measures the folds again")
-    f.add_argument("--normalise", choices=("chroma", "background"), metavar="MODE",
+    f.add_argument("--normalise", choices=NORMALISATIONS, metavar="MODE",
                    help="measure the folds' held-out fields (and harness) with `smear --normalise MODE`, for crops "
                         "cut with `train field-crops --normalise MODE` (default: off; the released model is "
                         "always measured without)")
