@@ -244,15 +244,16 @@ def measure(model_ref: str | Path, anns: list[dict[str, Any]], blocks: dict[str,
 
 
 def with_cells(rows: list[dict[str, Any]], model_ref: str | Path, anns: list[dict[str, Any]], blocks: dict[str, str],
-               threads: int, tag: str, threshold: float | None = None) -> bool:
+               threads: int, tag: str, threshold: float | None = None, normalise: str | None = None) -> bool:
     """Give rows measured before the per-cell probabilities were kept (`matched_cells`) theirs, measured again
-    with the same model (the counts are the same; the timings are the first run's). True when any changed."""
+    with the same model and normalisation (the counts are the same; the timings are the first run's). True when
+    any changed."""
     todo = [r for r in rows if r["error"] is None and "matched_cells" not in r]
     if not todo:
         return False
     by_name = {a["image"].name: a for a in anns}
     again = {r["field"]: r for r in measure(model_ref, [by_name[r["field"]] for r in todo], blocks, threads, tag,
-                                            threshold)}
+                                            threshold, normalise)}
     for r in todo:
         r["matched_cells"] = again[r["field"]]["matched_cells"]
     return True
@@ -496,7 +497,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             print(f"fold {block}: done, skipped", flush=True)
             done = json.loads(res_path.read_text())
             changed = with_cells(done["rows"], done["artifact"], all_anns, blocks, args.threads, f"fold {block}",
-                                 args.threshold)
+                                 args.threshold, done.get("normalise"))
             if (done.get("threshold"), done.get("normalise")) != (args.threshold, args.normalise):
                 # another uncertain bar or normalisation: the held-out fields again
                 held = [a for a in anns if a["image"].name in done["fields"]]
