@@ -46,7 +46,14 @@ import numpy as np
 
 import edge_runtime
 from convert import verify
-from convert.converters import CALIBRATION_METHODS, convert_keras, int8_config, quantize_qdq, representative
+from convert.converters import (
+    CALIBRATION_METHODS,
+    convert_keras,
+    int8_config,
+    keras_converter,
+    quantize_qdq,
+    representative,
+)
 from convert.embedding import embed
 from convert.formats import Format
 from convert.job import ExportJob
@@ -108,7 +115,7 @@ class TfliteLadder:
                 conv.target_spec.supported_ops = [
                     tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
 
-            dest.write_bytes(convert_keras(self.job.model, cfg))
+            dest.write_bytes(convert_keras(self.job.model, cfg, self.job.saved_model()))
             return {"calibration_images": n,
                     "mode": "16x8 (EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8)"}
         if c.floats:
@@ -116,7 +123,7 @@ class TfliteLadder:
                 denylisted_nodes=[t for r in c.floats for t in self.key(r)], fully_quantize=io8)
             with contextlib.redirect_stdout(io.StringIO()):  # Keras' export lists every variable
                 if n not in self.debuggers:  # calibrates once per size; each step re-quantizes the calibrated model
-                    conv = tf.lite.TFLiteConverter.from_keras_model(self.job.model)
+                    conv = keras_converter(self.job.model, self.job.saved_model())
                     int8_config(x, io8)(conv)
                     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
                                                       tf.lite.OpsSet.TFLITE_BUILTINS]  # float ops allowed now
@@ -126,7 +133,8 @@ class TfliteLadder:
                     self.debuggers[n].options = options
                 dest.write_bytes(self.debuggers[n].get_nondebug_quantized_model())
             return {"calibration_images": n}
-        dest.write_bytes(self.first if n == len(self.calib) else convert_keras(self.job.model, int8_config(x, io8)))
+        dest.write_bytes(self.first if n == len(self.calib)
+                         else convert_keras(self.job.model, int8_config(x, io8), self.job.saved_model()))
         return {"calibration_images": n}
 
 

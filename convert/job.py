@@ -95,6 +95,22 @@ class ExportJob:
         self.ort_source: Path | None = None  # the .onnx the .ort row is converted from (again, to embed)
         self.keras_probs: np.ndarray | None = None  # Keras on the proof images (set by run_export)
         self.tools = tool_versions()
+        self._saved_model: Path | None | bool = False  # False: not written yet; None: cannot be (`saved_model`)
+
+    def saved_model(self) -> Path | None:
+        """The model as the SavedModel every TFLite conversion of this job starts from, written once into the
+        work folder (`convert.converters.export_saved_model`); None when the model cannot be written so, or the
+        export failed (then each conversion exports the Keras model itself, as before; the log says why)."""
+        if self._saved_model is False:
+            from convert.converters import export_saved_model  # TensorFlow: only when a TFLite row runs
+
+            try:
+                self._saved_model = export_saved_model(self.model, self.workdir / "saved_model")
+            except Exception as e:  # the converter's own path (from_keras_model) may still work: let it try
+                self.log(f"SavedModel export for the TFLite rows failed ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); each row converts the Keras model itself")
+                self._saved_model = None
+        return self._saved_model or None
 
     def calibration(self) -> ImageSet:
         if self._calib is None or len(self._calib) == 0:

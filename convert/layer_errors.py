@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.converters import int8_config, representative
+from convert.converters import int8_config, keras_converter, representative
 
 WORST_N = 3
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -101,14 +101,16 @@ def summarize(layers: list[dict[str, Any]], tool: str, images: int, n: int = WOR
 # ---------------------------------------------------------------- TFLite
 
 
-def tflite_layer_errors(model, calib: np.ndarray, int8_io: bool = False) -> dict[str, Any]:
-    """Per-op error of the converter's full-int8 model of `model` on `calib` (TFLite QuantizationDebugger)."""
+def tflite_layer_errors(model, calib: np.ndarray, int8_io: bool = False,
+                        saved_model: Path | None = None) -> dict[str, Any]:
+    """Per-op error of the converter's full-int8 model of `model` on `calib` (TFLite QuantizationDebugger);
+    `saved_model`: the model as `convert.converters.export_saved_model` wrote it, converted from there."""
     import tensorflow as tf  # heavy: only when the report is made
 
     def direct_sqnr(f, q, scale, zp):
         return sqnr_db(f, f - (q.astype(np.float32) - zp) * np.float32(scale))
 
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv = keras_converter(model, saved_model)
     int8_config(calib, int8_io)(conv)
     options = tf.lite.experimental.QuantizationDebugOptions(layer_direct_compare_metrics={"sqnr_db": direct_sqnr})
     log = io.StringIO()

@@ -26,7 +26,7 @@ def _write(dest: Path, data: bytes) -> None:
 
 
 def export_float32(job: ExportJob, fmt: Format, dest: Path) -> dict[str, Any]:
-    _write(dest, convert_keras(job.model))
+    _write(dest, convert_keras(job.model, saved_model=job.saved_model()))
     return {}
 
 
@@ -37,7 +37,7 @@ def export_float16(job: ExportJob, fmt: Format, dest: Path) -> dict[str, Any]:
         c.optimizations = [tf.lite.Optimize.DEFAULT]
         c.target_spec.supported_types = [tf.float16]
 
-    _write(dest, convert_keras(job.model, cfg))
+    _write(dest, convert_keras(job.model, cfg, job.saved_model()))
     return {"weights": "float16", "activations": "float32"}
 
 
@@ -47,7 +47,7 @@ def export_dynamic(job: ExportJob, fmt: Format, dest: Path) -> dict[str, Any]:
     def cfg(c):
         c.optimizations = [tf.lite.Optimize.DEFAULT]
 
-    _write(dest, convert_keras(job.model, cfg))
+    _write(dest, convert_keras(job.model, cfg, job.saved_model()))
     return {"weights": "int8 per-channel", "activations": "float32 (quantized on the fly by hybrid kernels)"}
 
 
@@ -105,12 +105,12 @@ def export_int8(job: ExportJob, fmt: Format, dest: Path) -> dict[str, Any]:
         raise ValueError(f"--int8-quantizer {which!r} is not one of {INT8_QUANTIZERS}")
     if which == "litert-quantizer":
         if job.float32_tflite is None:
-            job.float32_tflite = convert_keras(job.model)
+            job.float32_tflite = convert_keras(job.model, saved_model=job.saved_model())
         _write(dest, litert_quantize_int8(job.float32_tflite, calib.x, job.workdir))
         name = "LiteRT Quantizer (ai-edge-quantizer, recipe static_wi8_ai8)"
         io_type = "int8"
     else:
-        _write(dest, convert_keras(job.model, int8_config(calib.x, job.options.int8_io)))
+        _write(dest, convert_keras(job.model, int8_config(calib.x, job.options.int8_io), job.saved_model()))
         name = "tf.lite.TFLiteConverter (post-training, MinMax calibration)"
         io_type = "int8" if job.options.int8_io else "float32"
     info = {
@@ -122,7 +122,8 @@ def export_int8(job: ExportJob, fmt: Format, dest: Path) -> dict[str, Any]:
         "calibration_from": calib.origin,
     }
     if which == "converter":
-        info.update(job.layer_report(fmt.name, lambda x: tflite_layer_errors(job.model, x, job.options.int8_io)))
+        info.update(job.layer_report(
+            fmt.name, lambda x: tflite_layer_errors(job.model, x, job.options.int8_io, job.saved_model())))
         if job.options.max_drop is not None:
             report = job.layer_reports.get(fmt.name, {})
             chosen, record = bounded_search(job, fmt, TfliteLadder(job, Path(dest).read_bytes()), report)

@@ -349,6 +349,20 @@ def test_tflite_metadata_embedding_keeps_model_and_converter_entries(exported, m
         read_tflite(b"not a flatbuffer at all")
 
 
+@pytest.mark.slow
+def test_tflite_rows_share_one_saved_model_export(model, proof_images, tmp_path):
+    """The TFLite rows convert from one SavedModel export (`ExportJob.saved_model`), not one per row, and the
+    files are byte for byte the ones `from_keras_model` makes on its own, float32 and int8 (a release rebuilds
+    to the same sha256 either way)."""
+    from convert.converters import convert_keras, export_saved_model, int8_config
+
+    saved = export_saved_model(model, tmp_path / "saved_model")
+    assert saved is not None and (saved / "saved_model.pb").is_file()
+    for configure in (None, int8_config(proof_images.x[:8], False)):
+        a, b = convert_keras(model, configure), convert_keras(model, configure, saved)
+        assert a == b
+
+
 # ---------------------------------------------------------------- safety
 
 
