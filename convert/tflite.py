@@ -25,8 +25,15 @@ def _write(dest: Path, data: bytes) -> None:
     Path(dest).write_bytes(data)
 
 
+def float32_tflite(job: ExportJob) -> bytes:
+    """The job's float32 .tflite, converted once: the `tflite-float32` row and the LiteRT Quantizer's start."""
+    if job.float32_tflite is None:
+        job.float32_tflite = convert_keras(job.model, saved_model=job.saved_model())
+    return job.float32_tflite
+
+
 def export_float32(job: ExportJob, fmt: Format, dest: Path) -> dict[str, Any]:
-    _write(dest, convert_keras(job.model, saved_model=job.saved_model()))
+    _write(dest, float32_tflite(job))
     return {}
 
 
@@ -104,9 +111,7 @@ def export_int8(job: ExportJob, fmt: Format, dest: Path) -> dict[str, Any]:
     if which not in INT8_QUANTIZERS:
         raise ValueError(f"--int8-quantizer {which!r} is not one of {INT8_QUANTIZERS}")
     if which == "litert-quantizer":
-        if job.float32_tflite is None:
-            job.float32_tflite = convert_keras(job.model, saved_model=job.saved_model())
-        _write(dest, litert_quantize_int8(job.float32_tflite, calib.x, job.workdir))
+        _write(dest, litert_quantize_int8(float32_tflite(job), calib.x, job.workdir))
         name = "LiteRT Quantizer (ai-edge-quantizer, recipe static_wi8_ai8)"
         io_type = "int8"
     else:
