@@ -80,11 +80,12 @@ def keras_converter(model, saved_model: Path | None = None):
     import tensorflow as tf  # TensorFlow: imported only when this runs
 
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if saved_model is None:
+        return conv
     from tensorflow.lite.python import lite  # the converter's module, for the names its own method uses
 
     private = ("_tag_constants", "_signature_constants", "_load")
-    if saved_model is None or not (hasattr(conv, "_convert_keras_to_saved_model")
-                                   and all(hasattr(lite, n) for n in private)):
+    if not (hasattr(conv, "_convert_keras_to_saved_model") and all(hasattr(lite, n) for n in private)):
         return conv  # another LiteRT whose converter is built otherwise: it exports the model itself, as before
 
     def from_written(output_dir):  # the converter's temporary folder: left empty
