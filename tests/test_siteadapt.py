@@ -112,6 +112,12 @@ def test_site_adapt_end_to_end_on_two_real_fields(tiny_run, sample_manifest, tmp
 
     assert main(argv) == rc  # a finished run resumes to the same answer without training again
     assert (out / "train.log").read_text().count("$ ") == 1
+    assert report["preset"]["lr"] == 0.005 and report["preset"]["nih_cells"] == 60  # the tiny preset's own
+    capsys.readouterr()
+    assert main([*argv, "--lr", "0.001"]) == 2  # another learning rate is another plan: not resumed into this one
+    assert "another plan (lr differ)" in capsys.readouterr().err
+    assert main([*argv, "--nih-cells", "-1"]) == 2
+    assert "--nih-cells 0 or more" in capsys.readouterr().err
 
     entry = release(Path(report["run"]), "malaria-field-t", "0.0.1", unseen, dest=tmp_path / "rel",
                     package=tmp_path / "pkg", calib_n=60, copy_calib=[out / "crops"], min_agreement=0.5,

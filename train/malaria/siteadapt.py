@@ -276,6 +276,9 @@ def add_parser(sub) -> None:
     held.add_argument("--holdout-fields", nargs="+", metavar="FIELD", help="hold out these fields (names or stems)")
     s.add_argument("--k", type=int, help="adapt on only K of the other fields (to measure how many are needed)")
     s.add_argument("--preset", choices=sorted(SITE_PRESETS), default="edge")
+    s.add_argument("--lr", type=float, help="peak learning rate instead of the preset's (edge: 0.005)")
+    s.add_argument("--nih-cells", type=int, help="NIH training cells kept in the mix instead of the preset's "
+                                                 "(edge: 3000; 0: all of --nih)")
     s.add_argument("--max-nih-drop", type=float, default=1.0, help="points of NIH sample accuracy the site model "
                                                                    "may lose")
     s.add_argument("--max-uncertain-rise", type=float, default=5.0,
@@ -302,8 +305,9 @@ def _plan(args: argparse.Namespace, anns: list[dict[str, Any]]) -> dict[str, Any
                                args.seed)
     plan = {"site": args.site, "adapt_fields": adapt, "held_out": held, "preset": args.preset, "seed": args.seed,
             "init": str(args.init.resolve()),
-            # the bar the cached before/after rows were measured at (only when given: older plans stay resumable)
-            **({"threshold": args.threshold} if args.threshold is not None else {})}
+            # the bar the cached before/after rows were measured at, and the preset's values overridden (only
+            # when given: older plans stay resumable)
+            **{k: getattr(args, k) for k in ("threshold", "lr", "nih_cells") if getattr(args, k) is not None}}
     path = args.out / PLAN
     if path.exists():
         old = json.loads(path.read_text())
@@ -350,6 +354,11 @@ def _records(args: argparse.Namespace, preset: SitePreset, site_rows: list[dict[
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     t_start = time.time()
     preset = SITE_PRESETS[args.preset]
+    if args.lr is not None or args.nih_cells is not None:
+        if (args.lr is not None and not args.lr > 0) or (args.nih_cells is not None and args.nih_cells < 0):
+            raise ValueError(f"--lr must be above 0 and --nih-cells 0 or more (got {args.lr}, {args.nih_cells})")
+        preset = dataclasses.replace(preset, lr=preset.lr if args.lr is None else args.lr,
+                                     nih_cells=preset.nih_cells if args.nih_cells is None else args.nih_cells)
     if not args.init.exists():
         raise FileNotFoundError(f"--init {args.init} not found (the released field model is "
                                 "releases/malaria-field/model.keras)")
