@@ -48,6 +48,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import tempfile
@@ -606,6 +607,37 @@ def _shown_path(path: str | os.PathLike) -> str:
     return "/".join(parts[len(parts) - 1 - parts[::-1].index("releases"):]) if "releases" in parts else str(path)
 
 
+# An absolute path in a card's text (a recorded command, a data folder): not after a word, a dot, a colon or a slash,
+# so fractions ("1/1/1") and addresses ("https://...") are not paths.
+_ABSOLUTE = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)*[\w.@+-]+/?")
+
+
+def shown_paths(text: str) -> str:
+    """A card's text with the paths of the machine that made it as a reader of a clone would type them.
+
+    Commands are recorded as run, and runs are made from snapshots and scratch folders (`/tmp/code-abc1234`,
+    `/work/wt/field/runs/...`) that mean nothing to a reader (issue 27: the card "names a developer data path"). In
+    the card, an absolute path is shown from its `runs/` folder on (where the commands write), as
+    `../shared/data/...` for the shared data set beside the clone, from `releases/` on, or relative to the
+    project; any other path stays as it is. The registry keeps the commands exactly as they ran.
+    """
+    here = Path(__file__).resolve().parents[1]
+
+    def shown(m: re.Match) -> str:
+        path = m.group(0)
+        parts = Path(path).parts
+        for marker, prefix in (("runs", "runs"), ("releases", "releases")):
+            if marker in parts:
+                return "/".join([prefix, *parts[len(parts) - parts[::-1].index(marker):]]) + "/" * path.endswith("/")
+        if "shared" in parts and parts[parts.index("shared") + 1:parts.index("shared") + 2] == ("data",):
+            return "/".join(["..", *parts[parts.index("shared"):]]) + "/" * path.endswith("/")
+        if Path(path).is_relative_to(here):
+            return os.path.relpath(path, here) + "/" * path.endswith("/")
+        return path
+
+    return _ABSOLUTE.sub(shown, text)
+
+
 def _recipe(r: registry.Release, cfg) -> str:
     preset, final = cfg.preset, r.trained.get("keep") == "final"
     start = f"fine-tuned from `{_shown_path(cfg.init)}`, " if cfg.init else ""
@@ -679,9 +711,9 @@ def _made_lines(r: registry.Release, dest: Path) -> list[str]:
 def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[str, Any]) -> str:
     """The model card (Markdown): what it is for, what it learned from, how well it does, how it was made."""
     if r.metrics.get("site"):
-        return site_card(r, dest, sample, cfg, data)
+        return shown_paths(site_card(r, dest, sample, cfg, data))
     if r.metrics.get("field_cv"):
-        return field_card(r, dest, sample, cfg, data)
+        return shown_paths(field_card(r, dest, sample, cfg, data))
     m, t = r.metrics, r.trained
     cv = m.get("cv") or {}
     threshold_lines: list[str] = []
@@ -741,7 +773,7 @@ def model_card(r: registry.Release, dest: Path, sample: Path, cfg, data: dict[st
         *[f"- {n}" for n in t.get("notes", ())],
         "",
     ]
-    return "\n".join(lines + _made_lines(r, dest))
+    return shown_paths("\n".join(lines + _made_lines(r, dest)))
 
 
 def false_call_figures(paths: Sequence[Path], name: str, what: str | None = None) -> dict[str, Any]:

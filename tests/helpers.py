@@ -303,9 +303,10 @@ def onnx_without_metadata(model: bytes | bytearray) -> bytes:
     return proto.SerializeToString()
 
 
-def ort_content(data: bytes | bytearray, drop_props: Sequence[str] = ()) -> object:
+def ort_content(data: bytes | bytearray, drop_props: Sequence[str] = (), floats: bool = False) -> object:
     """What an .ort file holds, read with ONNX Runtime's own schema of the format, as plain data in a canonical
-    order: every table's fields, vectors of tables sorted, numeric vectors and tensor bytes by sha256.
+    order: every table's fields, vectors of tables sorted, numeric vectors and tensor bytes by sha256 (with
+    `floats`, a float32 tensor's values as a list instead, for `same_network`).
 
     ONNX Runtime writes an .ort's tables in the order of its internal hash maps, which changes from one
     conversion to the next (three conversions of one .onnx in one process gave three byte strings of one length):
@@ -326,6 +327,11 @@ def ort_content(data: bytes | bytearray, drop_props: Sequence[str] = ()) -> obje
             if n + "Length" in names:
                 if n + "AsNumpy" in names:
                     arr = getattr(obj, n + "AsNumpy")()
+                    if floats and n == "RawData" and "DataType" in names and obj.DataType() in (1, 6) and hasattr(
+                            arr, "view"):  # TensorDataType FLOAT, INT32 (a bias, quantized by the scales)
+                        out[n] = (arr.view(np.float32).tolist() if obj.DataType() == 1
+                                  else _Bias(arr.view(np.int32).tolist()))
+                        continue
                     out[n] = hashlib.sha256(arr.tobytes()).hexdigest() if hasattr(arr, "tobytes") else None
                     continue
                 items = [getattr(obj, n)(j) for j in range(getattr(obj, n + "Length")())]
@@ -349,3 +355,79 @@ def ort_content(data: bytes | bytearray, drop_props: Sequence[str] = ()) -> obje
     props = doc.get("Model", {}).get("MetadataProps", [])
     doc["Model"]["MetadataProps"] = [p for p in props if p.get("Key") not in drop_props]
     return doc
+
+
+# Relative tolerance of `same_network` on quantization scales: float32 keeps ~7 digits; calibration on another CPU
+# moved the released files' scales by under 1e-6 (a Xeon with AVX-512 against the AMD EPYC they were made on).
+SCALE_RTOL = 1e-5
+
+
+class _Bias(list):
+    """int32 bias values: quantized by input scale x weight scale, so a scale one float32 step apart can round
+    one of them the other way (seen: 1 of the malaria-field file's 256 values of one layer)."""
+
+
+def _close(a, b, rtol: float) -> bool:
+    if isinstance(a, _Bias) and isinstance(b, _Bias):
+        return len(a) == len(b) and all(abs(x - y) <= 1 for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= rtol * max(abs(a), abs(b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rtol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, rtol) for x, y in zip(a, b))
+    return a == b
+
+
+def same_network(fmt: str, new: bytes, old: bytes, rtol: float = SCALE_RTOL) -> bool:
+    """Whether two conversions of one model are the same network: graph, int8 weights, zero points and every
+    other byte equal (metadata aside, as `tflite_without_metadata` / `onnx_without_metadata` / `ort_content`
+    drop it), the float quantization scales equal within `rtol` and the int32 biases within 1.
+
+    Calibration runs the float model on the runtime's CPU kernels, whose rounding differs in the last bits from
+    one CPU to another (AVX2 or AVX-512 sum in another order): a release remade on another machine has scales
+    one float32 step apart and is otherwise byte for byte the file. A real change (other calibration cells, another
+    method, other weights) moves scales by far more than `rtol`, or changes bytes.
+    """
+    if fmt.startswith("tflite"):
+        import flatbuffers
+
+        fb = tflite_file.schema()
+        models, scales = [], []
+        for data in (new, old):
+            m = fb.ModelT.InitFromPackedBuf(bytearray(tflite_without_metadata(data)), 0)
+            found = []
+            for g in m.subgraphs or []:
+                for t in g.tensors or []:
+                    if t.quantization is not None and t.quantization.scale is not None:
+                        found.append([float(v) for v in np.asarray(t.quantization.scale, np.float32)])
+                        t.quantization.scale = None
+                        buf = m.buffers[t.buffer]
+                        if t.type == fb.TensorType.INT32 and buf.data is not None:
+                            found.append(_Bias(np.asarray(buf.data, np.uint8).view(np.int32).tolist()))
+                            buf.data = None
+            builder = flatbuffers.Builder(len(data) + 1024)
+            builder.Finish(m.Pack(builder), file_identifier=tflite_file.TFLITE_IDENTIFIER)
+            models.append(bytes(builder.Output()))
+            scales.append(found)
+        return models[0] == models[1] and _close(scales[0], scales[1], rtol)
+    if fmt.startswith("onnx"):
+        import onnx
+        from onnx import numpy_helper
+
+        protos, floats = [], []
+        for data in (new, old):
+            proto = onnx.load_from_string(bytes(data))
+            del proto.metadata_props[:]
+            found = {}
+            for init in proto.graph.initializer:
+                if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT32):
+                    values = numpy_helper.to_array(init).ravel().tolist()
+                    found[init.name] = values if init.data_type == onnx.TensorProto.FLOAT else _Bias(values)
+                    for field in ("raw_data", "float_data", "int32_data"):
+                        init.ClearField(field)
+            protos.append(proto.SerializeToString())
+            floats.append(found)
+        return protos[0] == protos[1] and _close(floats[0], floats[1], rtol)
+    keys = (METADATA_KEY, CONTENT_HASH_KEY, GOLDEN_KEY)  # the golden answers are this CPU's floats too
+    return _close(ort_content(new, keys, floats=True), ort_content(old, keys, floats=True), rtol)

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("tensorflow")
@@ -15,7 +16,14 @@ import edge_runtime
 from edge_runtime import registry
 from edge_runtime.metadata import read_metadata, read_tflite
 from edge_runtime.spec import CONTENT_HASH_KEY, METADATA_KEY
-from tests.helpers import ROOT, SAMPLE, onnx_without_metadata, ort_content, tflite_without_metadata
+from tests.helpers import (
+    ROOT,
+    SAMPLE,
+    onnx_without_metadata,
+    ort_content,
+    same_network,
+    tflite_without_metadata,
+)
 from train.split import read_manifest
 
 RELEASE = ROOT / "releases" / "malaria"
@@ -43,15 +51,19 @@ def released(tiny_run, sample_manifest, tmp_path_factory):
     return entry, tmp
 
 
-def same_files(made: Path, shipped: dict[str, Path]) -> None:
+def same_files(made: Path, shipped: dict[str, Path], other_machine: bool = False) -> None:
     """Each shipped file is what `python -m convert` made in `made` (by format): the same network and weights,
     everything but the metadata's creation time (and the content hash over it) byte for byte; the .ort, whose
-    tables ONNX Runtime writes in a varying order, table for table (`ort_content`)."""
+    tables ONNX Runtime writes in a varying order, table for table (`ort_content`). `other_machine`: the shipped
+    files were made on another machine, whose CPU rounds the calibration's floats otherwise: quantization scales
+    equal within float32 rounding, every other byte equal (`same_network`)."""
     for fmt, path in shipped.items():
         made_file = next(made.glob(f"*_{fmt}{path.suffix}"))
         new = made_file.read_bytes()
         old = path.read_bytes()
-        if fmt == "tflite-int8":
+        if other_machine:
+            assert same_network(fmt, new, old), fmt
+        elif fmt == "tflite-int8":
             assert tflite_without_metadata(new) == tflite_without_metadata(old), fmt
         elif fmt == "onnx-int8":
             assert onnx_without_metadata(new) == onnx_without_metadata(old), fmt
@@ -203,7 +215,8 @@ def test_committed_release_is_what_convert_makes_from_the_committed_model(name, 
     rel = ROOT / "releases" / name
     assert main(reproduce_command(rel, str(tmp_path / "made"))[3:]) == 0  # in-process: `python -m convert` ARGS
     assert all(registry.sha256_file(f.path) == f.sha256 for f in entry.all_files)  # as shipped
-    same_files(tmp_path / "made", {f.format: f.path for f in entry.all_files})
+    # made here, shipped from the machine that released it: scales within float32 rounding (`same_network`)
+    same_files(tmp_path / "made", {f.format: f.path for f in entry.all_files}, other_machine=True)
     meta = read_tflite(registry.verified_path(entry))
     assert meta.source_sha256 == entry.trained["source_sha256"] == registry.sha256_file(rel / "model.keras")
     if entry.inputs == "fields":  # its field calibration crops are committed, not in a git-ignored run folder
@@ -248,3 +261,51 @@ def test_calibration_sample_does_not_depend_on_where_the_checkout_lies():
     assert here == sample("/ci/x/medge", "/ci/x/shared") == sample("/work/wt/release", "/work/wt/shared")
     assert sample("/work/wt/release", "/work/shared") == [  # one level deeper: the same cells in the same order
         (p.replace("../../../", "../../../../") if p.startswith("..") else p, label) for p, label in here]
+
+
+def test_a_card_shows_paths_as_a_reader_of_a_clone_types_them():
+    """Commands are recorded as run, from snapshots and scratch folders; the card shows them from `runs/`, as
+    `../shared/data/...`, from `releases/` on, or relative to the project (issue 27: no developer data path)."""
+    from convert.release import shown_paths
+
+    made = ("python -m train field-cv --crops /work/wt/field/runs/field-crops-ot --data /work/shared/data/iml_malaria "
+            f"--init /tmp/code-abc/releases/malaria/model.keras --sample {ROOT}/tests/data/malaria_sample "
+            "--copy-calib /work/wt/field/runs")
+    assert shown_paths(made) == ("python -m train field-cv --crops runs/field-crops-ot --data "
+                                 "../shared/data/iml_malaria --init releases/malaria/model.keras --sample "
+                                 "tests/data/malaria_sample --copy-calib runs")
+    kept = "1/1/1 modules, https://lhncbc.nlm.nih.gov/publication/pub9932, /usr/lib/libusb-1.0.so, 3/4 of (a/b)"
+    assert shown_paths(kept) == kept
+    # Every committed card already reads so (a release renders it through shown_paths).
+    for card in [*(ROOT / "edge_runtime" / "released").glob("*.md"), *(ROOT / "releases").glob("*/MODEL_CARD.md")]:
+        text = card.read_text()
+        assert shown_paths(text) == text, card
+
+
+def test_same_network_allows_another_cpus_rounding_and_nothing_more():
+    """`same_network` (a release remade on another machine): scales a float32 step apart and a bias rounded the
+    other way pass; a changed weight, a scale moved by 0.1% or a changed bias do not."""
+    import flatbuffers
+
+    from edge_runtime import tflite_file
+    from tests.helpers import flip_strongest_first_conv_weights
+
+    fb = tflite_file.schema()
+    shipped = (ROOT / "edge_runtime" / "released" / "malaria-field.tflite").read_bytes()
+
+    def edited(scale_factor: float = 1.0, bias_step: int = 0) -> bytes:
+        m = fb.ModelT.InitFromPackedBuf(bytearray(shipped), 0)
+        t = next(t for t in m.subgraphs[0].tensors if t.type == fb.TensorType.INT32 and t.quantization is not None
+                 and t.quantization.scale is not None and m.buffers[t.buffer].data is not None)  # a bias
+        t.quantization.scale = np.asarray(t.quantization.scale, np.float32) * np.float32(scale_factor)
+        bias = np.asarray(m.buffers[t.buffer].data, np.uint8).view(np.int32).copy()
+        bias[0] += bias_step
+        m.buffers[t.buffer].data = bias.view(np.uint8)
+        builder = flatbuffers.Builder(len(shipped) + 1024)
+        builder.Finish(m.Pack(builder), file_identifier=tflite_file.TFLITE_IDENTIFIER)
+        return bytes(builder.Output())
+
+    assert same_network("tflite-int8", edited(1 + 2 ** -23, 1), shipped)
+    assert not same_network("tflite-int8", edited(1.001), shipped)
+    assert not same_network("tflite-int8", edited(bias_step=2), shipped)
+    assert not same_network("tflite-int8", flip_strongest_first_conv_weights(shipped), shipped)
