@@ -367,15 +367,17 @@ class _Bias(list):
     one of them the other way (seen: 1 of the malaria-field file's 256 values of one layer)."""
 
 
-def _close(a, b, rtol: float) -> bool:
+def nearly_equal(a, b, rtol: float) -> bool:
+    """Equal, plain data for plain data (dicts, lists), except floats within `rtol` of each other and `_Bias`
+    int32 values within 1."""
     if isinstance(a, _Bias) and isinstance(b, _Bias):
         return len(a) == len(b) and all(abs(x - y) <= 1 for x, y in zip(a, b))
     if isinstance(a, float) and isinstance(b, float):
         return abs(a - b) <= rtol * max(abs(a), abs(b))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k], rtol) for k in a)
+        return a.keys() == b.keys() and all(nearly_equal(a[k], b[k], rtol) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y, rtol) for x, y in zip(a, b))
+        return len(a) == len(b) and all(nearly_equal(x, y, rtol) for x, y in zip(a, b))
     return a == b
 
 
@@ -410,7 +412,7 @@ def same_network(fmt: str, new: bytes, old: bytes, rtol: float = SCALE_RTOL) -> 
             builder.Finish(m.Pack(builder), file_identifier=tflite_file.TFLITE_IDENTIFIER)
             models.append(bytes(builder.Output()))
             scales.append(found)
-        return models[0] == models[1] and _close(scales[0], scales[1], rtol)
+        return models[0] == models[1] and nearly_equal(scales[0], scales[1], rtol)
     if fmt.startswith("onnx"):
         import onnx
         from onnx import numpy_helper
@@ -428,6 +430,6 @@ def same_network(fmt: str, new: bytes, old: bytes, rtol: float = SCALE_RTOL) -> 
                         init.ClearField(field)
             protos.append(proto.SerializeToString())
             floats.append(found)
-        return protos[0] == protos[1] and _close(floats[0], floats[1], rtol)
+        return protos[0] == protos[1] and nearly_equal(floats[0], floats[1], rtol)
     keys = (METADATA_KEY, CONTENT_HASH_KEY, GOLDEN_KEY)  # the golden answers are this CPU's floats too
-    return _close(ort_content(new, keys, floats=True), ort_content(old, keys, floats=True), rtol)
+    return nearly_equal(ort_content(new, keys, floats=True), ort_content(old, keys, floats=True), rtol)

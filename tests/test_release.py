@@ -19,6 +19,7 @@ from edge_runtime.spec import CONTENT_HASH_KEY, METADATA_KEY
 from tests.helpers import (
     ROOT,
     SAMPLE,
+    nearly_equal,
     onnx_without_metadata,
     ort_content,
     same_network,
@@ -71,7 +72,11 @@ def same_files(made: Path, shipped: dict[str, Path], other_machine: bool = False
             keys = (METADATA_KEY, CONTENT_HASH_KEY)  # medge's entry is compared below, its time aside
             assert ort_content(new, keys) == ort_content(old, keys), fmt
         a, b = read_metadata(made_file).to_dict(), read_metadata(path).to_dict()
-        assert {**a, "created": None} == {**b, "created": None}, fmt  # the same contract, version included
+        a, b = {**a, "created": None}, {**b, "created": None}
+        if other_machine:  # the figures measured on the int8 file (per-layer SQNR) are this CPU's to 1e-3 dB
+            assert nearly_equal(a, b, 1e-4), fmt
+        else:
+            assert a == b, fmt  # the same contract, version included
 
 
 def test_release_writes_artifact_registry_and_card(released, monkeypatch):
