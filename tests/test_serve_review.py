@@ -449,8 +449,8 @@ def test_phone_review_of_a_two_field_case(tmp_path):
     shots = Path(os.environ.get("MEDGE_SCREENSHOTS") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "data"
+    driver = phone(tmp_path)  # first: where it skips (no Chromium), no server is left running
     s = ts.Server(None, data, models=[MODEL]).start()
-    driver = phone(tmp_path)
     taps = 0
     try:
         wait = WebDriverWait(driver, ts.READY_TIMEOUT_S)
