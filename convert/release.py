@@ -598,13 +598,20 @@ def _changes_lines(r: registry.Release) -> list[str]:
 
 
 def _shown_path(path: str | os.PathLike) -> str:
-    """A path as a card shows it: relative to here, or, for a run made from a copy of the project elsewhere (a
-    snapshot in /tmp), from its `releases/` folder on (`releases/malaria/model.keras`), not `../../tmp/...`."""
-    rel = os.path.relpath(path)
+    """A path as a card shows it, as a reader of a clone would type it: relative to the project; else, for a run
+    made from a snapshot or a scratch folder (`/tmp/code-abc1234`, `/work/wt/field/runs/...`), from its `runs/`
+    folder (where the commands write) or its `releases/` folder on, and the shared data set beside the clone as
+    `../shared/data/...`; any other path as it is."""
+    rel = os.path.relpath(os.path.abspath(path), Path(__file__).resolve().parents[1])
     if not rel.startswith(".."):
         return rel
     parts = Path(path).parts
-    return "/".join(parts[len(parts) - 1 - parts[::-1].index("releases"):]) if "releases" in parts else str(path)
+    for marker in ("runs", "releases"):
+        if marker in parts:
+            return "/".join(parts[len(parts) - 1 - parts[::-1].index(marker):])
+    if "shared" in parts and parts[parts.index("shared") + 1:parts.index("shared") + 2] == ("data",):
+        return "/".join(["..", *parts[parts.index("shared"):]])
+    return str(path)
 
 
 # An absolute path in a card's text (a recorded command, a data folder): not after a word, a dot, a colon or a slash,
@@ -613,29 +620,12 @@ _ABSOLUTE = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)*[\w.@+-]+/?")
 
 
 def shown_paths(text: str) -> str:
-    """A card's text with the paths of the machine that made it as a reader of a clone would type them.
+    """A card's text with every absolute path shown as `_shown_path` shows one (a trailing slash kept).
 
-    Commands are recorded as run, and runs are made from snapshots and scratch folders (`/tmp/code-abc1234`,
-    `/work/wt/field/runs/...`) that mean nothing to a reader (issue 27: the card "names a developer data path"). In
-    the card, an absolute path is shown from its `runs/` folder on (where the commands write), as
-    `../shared/data/...` for the shared data set beside the clone, from `releases/` on, or relative to the
-    project; any other path stays as it is. The registry keeps the commands exactly as they ran.
+    Commands are recorded as run, and runs are made from snapshots and scratch folders that mean nothing to a
+    reader (issue 27: the card "names a developer data path"). The registry keeps the commands exactly as they ran.
     """
-    here = Path(__file__).resolve().parents[1]
-
-    def shown(m: re.Match) -> str:
-        path = m.group(0)
-        parts = Path(path).parts
-        for marker, prefix in (("runs", "runs"), ("releases", "releases")):
-            if marker in parts:
-                return "/".join([prefix, *parts[len(parts) - parts[::-1].index(marker):]]) + "/" * path.endswith("/")
-        if "shared" in parts and parts[parts.index("shared") + 1:parts.index("shared") + 2] == ("data",):
-            return "/".join(["..", *parts[parts.index("shared"):]]) + "/" * path.endswith("/")
-        if Path(path).is_relative_to(here):
-            return os.path.relpath(path, here) + "/" * path.endswith("/")
-        return path
-
-    return _ABSOLUTE.sub(shown, text)
+    return _ABSOLUTE.sub(lambda m: _shown_path(m.group(0)) + "/" * m.group(0).endswith("/"), text)
 
 
 def _recipe(r: registry.Release, cfg) -> str:
