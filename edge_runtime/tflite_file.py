@@ -164,6 +164,17 @@ def packed_files(model: bytes) -> dict[str, bytes]:
 # ---------------------------------------------------------------- writing (schema and flatbuffers)
 
 
+def pack_model(m: Any, size_hint: int = 0) -> bytes:
+    """The flatbuffer bytes of a `schema().ModelT` (an unpacked, edited model): files packed after it are not
+    included (`pack_files`). `size_hint`: the bytes expected, so the builder need not grow."""
+    # Inside the function: flatbuffers comes with the writing side (ai-edge-litert), not every device install.
+    import flatbuffers
+
+    builder = flatbuffers.Builder(size_hint + 1024)
+    builder.Finish(m.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
 def embed_entries(model: bytes | bytearray, entries: Mapping[str, bytes],
                   files: Mapping[str, bytes] | None = None) -> bytes:
     """The .tflite bytes with `entries` (name -> bytes) as `Model.metadata` entries, replacing same-named ones.
@@ -176,9 +187,6 @@ def embed_entries(model: bytes | bytearray, entries: Mapping[str, bytes],
     writes one, the file's old record is removed with the others replaced, so
     the result is "not sealed" rather than a file its own record refuses.
     """
-    # Inside the function: flatbuffers comes with the writing side (ai-edge-litert), not every device install.
-    import flatbuffers
-
     fb_schema = schema()
     buf = bytes(model)
     check_tflite(buf, "model")
@@ -203,6 +211,4 @@ def embed_entries(model: bytes | bytearray, entries: Mapping[str, bytes],
         entry.name = key
         entry.buffer = len(m.buffers) - 1
         m.metadata.append(entry)
-    builder = flatbuffers.Builder(len(buf) + size + 1024)
-    builder.Finish(m.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
-    return pack_files(bytes(builder.Output()), files)
+    return pack_files(pack_model(m, len(buf) + size), files)

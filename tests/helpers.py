@@ -270,8 +270,6 @@ def tflite_without_metadata(model: bytes | bytearray, keys: Sequence[str] = CONV
     standard entry, and stay when it does. Only tests compare files this way,
     so it lives here, not in what a device installs.
     """
-    import flatbuffers  # inside: the writing side's package (ai-edge-litert), absent in the legacy-runtime env
-
     if isinstance(keys, str):
         keys = (keys,)
     fb_schema = tflite_file.schema()
@@ -288,9 +286,7 @@ def tflite_without_metadata(model: bytes | bytearray, keys: Sequence[str] = CONV
     used = {t.buffer for g in (m.subgraphs or []) for t in (g.tensors or [])} | {e.buffer for e in m.metadata}
     while m.buffers and len(m.buffers) - 1 not in used and m.buffers[-1].data is None:
         m.buffers.pop()
-    builder = flatbuffers.Builder(len(buf) + 1024)
-    builder.Finish(m.Pack(builder), file_identifier=tflite_file.TFLITE_IDENTIFIER)
-    return tflite_file.pack_files(bytes(builder.Output()), files)
+    return tflite_file.pack_files(tflite_file.pack_model(m, len(buf)), files)
 
 
 def onnx_without_metadata(model: bytes | bytearray) -> bytes:
@@ -392,8 +388,6 @@ def same_network(fmt: str, new: bytes, old: bytes, rtol: float = SCALE_RTOL) -> 
     method, other weights) moves scales by far more than `rtol`, or changes bytes.
     """
     if fmt.startswith("tflite"):
-        import flatbuffers
-
         fb = tflite_file.schema()
         models, scales = [], []
         for data in (new, old):
@@ -408,9 +402,7 @@ def same_network(fmt: str, new: bytes, old: bytes, rtol: float = SCALE_RTOL) -> 
                         if t.type == fb.TensorType.INT32 and buf.data is not None:
                             found.append(_Bias(np.asarray(buf.data, np.uint8).view(np.int32).tolist()))
                             buf.data = None
-            builder = flatbuffers.Builder(len(data) + 1024)
-            builder.Finish(m.Pack(builder), file_identifier=tflite_file.TFLITE_IDENTIFIER)
-            models.append(bytes(builder.Output()))
+            models.append(tflite_file.pack_model(m, len(data)))
             scales.append(found)
         return models[0] == models[1] and nearly_equal(scales[0], scales[1], rtol)
     if fmt.startswith("onnx"):

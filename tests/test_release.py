@@ -290,8 +290,6 @@ def test_a_card_shows_paths_as_a_reader_of_a_clone_types_them():
 def test_same_network_allows_another_cpus_rounding_and_nothing_more():
     """`same_network` (a release remade on another machine): scales a float32 step apart and a bias rounded the
     other way pass; a changed weight, a scale moved by 0.1% or a changed bias do not."""
-    import flatbuffers
-
     from edge_runtime import tflite_file
     from tests.helpers import flip_strongest_first_conv_weights
 
@@ -306,9 +304,7 @@ def test_same_network_allows_another_cpus_rounding_and_nothing_more():
         bias = np.asarray(m.buffers[t.buffer].data, np.uint8).view(np.int32).copy()
         bias[0] += bias_step
         m.buffers[t.buffer].data = bias.view(np.uint8)
-        builder = flatbuffers.Builder(len(shipped) + 1024)
-        builder.Finish(m.Pack(builder), file_identifier=tflite_file.TFLITE_IDENTIFIER)
-        return bytes(builder.Output())
+        return tflite_file.pack_model(m, len(shipped))
 
     assert same_network("tflite-int8", edited(1 + 2 ** -23, 1), shipped)
     assert not same_network("tflite-int8", edited(1.001), shipped)
