@@ -356,11 +356,10 @@ def _records(args: argparse.Namespace, preset: SitePreset, site_rows: list[dict[
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     t_start = time.time()
     preset = SITE_PRESETS[args.preset]
-    if args.lr is not None or args.nih_cells is not None:
-        if (args.lr is not None and not args.lr > 0) or (args.nih_cells is not None and args.nih_cells < 0):
-            raise ValueError(f"--lr must be above 0 and --nih-cells 0 or more (got {args.lr}, {args.nih_cells})")
-        preset = dataclasses.replace(preset, lr=preset.lr if args.lr is None else args.lr,
-                                     nih_cells=preset.nih_cells if args.nih_cells is None else args.nih_cells)
+    overrides = {k: getattr(args, k) for k in ("lr", "nih_cells") if getattr(args, k) is not None}
+    if not overrides.get("lr", 1) > 0 or overrides.get("nih_cells", 0) < 0:
+        raise ValueError(f"--lr must be above 0 and --nih-cells 0 or more (got {args.lr}, {args.nih_cells})")
+    preset = dataclasses.replace(preset, **overrides)
     if not args.init.exists():
         raise FileNotFoundError(f"--init {args.init} not found (the released field model is "
                                 "releases/malaria-field/model.keras)")
