@@ -73,7 +73,7 @@ def same_files(made: Path, shipped: dict[str, Path], other_machine: bool = False
             assert ort_content(new, keys) == ort_content(old, keys), fmt
         a, b = read_metadata(made_file).to_dict(), read_metadata(path).to_dict()
         a, b = {**a, "created": None}, {**b, "created": None}
-        if other_machine:  # the figures measured on the int8 file (per-layer SQNR) are this CPU's to 1e-3 dB
+        if other_machine:  # figures measured on the int8 file are this CPU's (per-layer SQNR: 20.469 against 20.468 dB)
             assert nearly_equal(a, b, 1e-4), fmt
         else:
             assert a == b, fmt  # the same contract, version included
