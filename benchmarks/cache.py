@@ -517,6 +517,11 @@ def prepare_all(models: Sequence[BenchModel], formats: dict[str, Sequence[Format
 # measurement: the report's `seconds` is the measured figure, and a CPU with int8 dot-product instructions is faster.
 EXPECT_BUILD_S = {"malaria-edge": 114.0, "malaria-paper": 114.0, "oct": 45.0, "oct-fused": 103.0, "oct-head": 10.0}
 EXPECT_ROW_S = {"malaria-edge": 3.9, "malaria-paper": 6.0, "oct-fused": 14.5, "oct-head": 2.8}  # one probe process
+EXPECT_ROW_MIN_SECONDS = 1.0  # the --min-seconds those rows were timed at
+# Of a row's measurements, how many last --min-seconds (the rest are held by a minimum of calls: the fused
+# InceptionV3's float rows take 20 calls of 100-250 ms whatever --min-seconds is). A row's estimate moves by this
+# many times the change of --min-seconds from `EXPECT_ROW_MIN_SECONDS`.
+EXPECT_TIMED_PER_ROW = {"malaria-edge": 3, "malaria-paper": 3, "oct-fused": 1, "oct-head": 2}
 EXPECT_CALL_MS = {"oct-fused": 250.0}  # slow models: one call may outlast --min-time (default: well below it)
 EXPECT_PEAKS_S = 14.0
 EXPECT_ROUNDS_EARLY = MIN_ROUNDS + 2  # interleaved rounds of a pair that may stop early, on an idle machine
@@ -524,7 +529,8 @@ EXPECT_ROUNDS_EARLY = MIN_ROUNDS + 2  # interleaved rounds of a pair that may st
 
 def expected_seconds(models: Sequence[BenchModel], formats: dict[str, Sequence[Format]], threads: Sequence[int],
                      cache: Path, rounds: int, min_time: float, peaks: bool = True,
-                     stop_within: float = STOP_WITHIN) -> tuple[float, float]:
+                     stop_within: float = STOP_WITHIN, min_seconds: float = EXPECT_ROW_MIN_SECONDS
+                     ) -> tuple[float, float]:
     """(building, timing): about how long a run takes on an idle 2-core machine (see `EXPECT_BUILD_S`), seconds.
 
     A model whose cache already holds a conversion report counts no build; the malaria and OCT chains are built
@@ -549,7 +555,9 @@ def expected_seconds(models: Sequence[BenchModel], formats: dict[str, Sequence[F
                     and any(g.precision == "float32" and g.runtime == f.runtime for g in fs)) * len(threads)
         round_s = 2 * max(min_time, EXPECT_CALL_MS.get(m.name, 0.0) / 1e3)
         n = min(rounds, EXPECT_ROUNDS_EARLY) if stop_within > 0 else rounds
-        timing += rows * EXPECT_ROW_S.get(m.name, 8.0) + pairs * (n * round_s + 2.0)
+        timed = EXPECT_TIMED_PER_ROW.get(m.name, 3) * (min_seconds - EXPECT_ROW_MIN_SECONDS)
+        row_s = EXPECT_ROW_S.get(m.name, 8.0) + timed
+        timing += rows * max(row_s, 0.5) + pairs * (n * round_s + 2.0)
     return build, timing
 
 

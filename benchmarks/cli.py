@@ -69,7 +69,7 @@ from benchmarks.phases import Phases
 from benchmarks.phases import line as phase_line
 from benchmarks.presets import main as presets_main
 from benchmarks.report import compare, gates, rows_csv, terminal, write_all
-from benchmarks.run import Settings, add_ratios, benchmark_model
+from benchmarks.run import MIN_SECONDS, Settings, add_ratios, benchmark_model
 from benchmarks.serve import main as serve_main
 from benchmarks.smear import main as smear_main
 from benchmarks.stability import main as stability_main
@@ -112,8 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--n-images", type=positive(int), default=300, help="evaluation images per model")
     m = p.add_argument_group("measurement")
     m.add_argument("--batch", type=positive(int), default=16, help="batch for the throughput figure")
-    m.add_argument("--min-seconds", type=positive(float), default=1.0, help="timed seconds per measurement, at least")
-    m.add_argument("--max-seconds", type=positive(float), default=10.0, help="timed seconds per measurement, at most")
+    m.add_argument("--min-seconds", type=positive(float), default=MIN_SECONDS,
+                   help="timed seconds per absolute measurement of a row, at least (default: %(default)s)")
+    m.add_argument("--max-seconds", type=positive(float), default=10.0,
+                   help="timed seconds per absolute measurement of a row, at most (default: %(default)s)")
     m.add_argument("--no-peak", action="store_true", help="skip the machine-peak matrix products")
     m.add_argument("--rounds", type=positive(int), default=ROUNDS,
                    help="interleaved rounds per float/quantized pair and thread count (more: a narrower interval "
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                  + ("" if set(keras_threads) >= set(settings.threads)
                     else " (`--keras-threads sweep` for every count)"))
     build_s, timing_s = expected_seconds(models, formats, settings.threads, cache, settings.rounds,
-                                         settings.min_time, peaks=not args.no_peak, stop_within=settings.stop_within)
+                                         settings.min_time, peaks=not args.no_peak, stop_within=settings.stop_within,
+                                         min_seconds=settings.min_seconds)
     log(f"{stamp()} expected: about {(build_s + timing_s) / 60:.0f} min on an idle 2-core machine (building "
         f"{build_s / 60:.1f} min, timing {timing_s / 60:.1f} min); longer on a busy or slower one")
     log(f"{stamp()} models: {', '.join(m.name for m in models)}; threads: {', '.join(map(str, settings.threads))}; "

@@ -101,6 +101,14 @@ FIELD_NOTES = {
 }
 
 
+# Timed seconds per absolute measurement (latency, end to end, throughput) of one row, at least. Half a second
+# gives a fast model hundreds of calls (the released malaria int8 file at 2 threads: about 1,000 in 0.5 s, so p99
+# is still the tenth-largest call); a slow one is held by its own minimum of calls (`probe`: 20). At 1.0 s, the
+# three measurements of each of the default run's 30 or so rows took about 1.5 of its 6 minutes (2-core Xeon,
+# 2026-12-07). The float-vs-int8 ratios come from the interleaved pairs (`--rounds`, `--min-time`), untouched.
+MIN_SECONDS = 0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What one benchmark run measures (see `benchmarks.cli` for the flags)."""
@@ -109,7 +117,7 @@ class Settings:
     keras_threads: tuple[int, ...] | None = None  # thread counts of the Keras reference's timing (None: `threads`)
     n_images: int = 300
     batch: int = 16
-    min_seconds: float = 1.0
+    min_seconds: float = MIN_SECONDS
     max_seconds: float = 10.0
     data: Path | None = None
     seed: int = 0

@@ -545,6 +545,10 @@ def test_expected_seconds_counts_builds_only_when_not_cached(tmp_path):
     assert fixed > timing
     assert expected_seconds(models, fmts, [1, 2], tmp_path, rounds=30, min_time=0.15, stop_within=0)[1] > fixed
     assert expected_seconds(models, fmts, [1], tmp_path, rounds=15, min_time=0.15)[1] < timing
+    # rows are timed for --min-seconds per measurement: the default's half second counts less than the 1 s measured
+    half = expected_seconds(models, fmts, [1, 2], tmp_path, rounds=15, min_time=0.15, min_seconds=0.5)[1]
+    assert half < timing
+    assert expected_seconds(models, fmts, [1, 2], tmp_path, rounds=15, min_time=0.15, min_seconds=2.0)[1] > timing
 
 
 def test_phases_count_children_cpu_and_tree_memory():
