@@ -395,14 +395,15 @@ def test_field_cv_final_run_is_released_with_its_held_out_figures(crops, tiny_ru
     argv = ["field-cv", "--crops", str(crops), "--nih", str(sample_manifest), "--init",
             str(tiny_run / "best.keras"), "--data", str(SMEAR_SAMPLE), "--out", str(out), "--preset", "tiny",
             "--epochs", "1", "--uninfected-per-block", "20", "--parasite-repeat", "2", "--sample", str(unseen),
-            "--blocks", "PA171886", "--final", "--hue", "0.2", "--shifted-per-block", "5",
+            "--blocks", "PA171886", "--final", "--hue", "0.2", "--resize-mix", "0.5", "--shifted-per-block", "5",
             "--shift", "none,grey_stain"]
     assert main(argv) == 0  # its training, export and evaluation run as subprocesses, as on the command line
     report = json.loads((out / "field-cv.json").read_text())
     assert [f["block"] for f in report["folds"]] == ["PA171886"]
     final = report["final"]
     assert final["counts"]["field_uninfected"] == 40  # both blocks, 20 each: nothing held out
-    assert runs.read_config(Path(final["run"])).preset["hue"] == 0.2  # the stain-jitter override reached training
+    preset = runs.read_config(Path(final["run"])).preset
+    assert preset["hue"] == 0.2 and preset["resize_mix"] == 0.5  # the overrides reached training
     assert final["counts"]["shifted_uninfected"] == 10 and final["counts"]["shifted_parasitized_rows"] > 0
     assert [t["transform"] for t in report["shift"]] == ["none", "grey_stain"]  # the harness on the held-out block
     assert report["shift"][0]["blocks"] == ["PA171886"] and report["shift"][1]["summary"]["fields"] == 1

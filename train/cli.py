@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                              "colour circle")
     m.add_argument("--saturation", type=float, help="override the preset's stain jitter: saturation factor "
                                                     "0.5 +- SATURATION")
+    m.add_argument("--resize-mix", type=float, metavar="SHARE",
+                   help="override the preset's share of training images shrunk by plain bilinear sampling instead "
+                        "of the antialiased resize (0-1; the presets' default: 0), so an app that resizes without "
+                        "antialiasing gets the same answers")
     m.add_argument("--keep", choices=("best", "final"), default="best",
                    help="best: the epoch with the best val accuracy (needs a val split); final: the last epoch "
                         "(a fixed schedule, e.g. a release trained on every developer patient)")
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.manifest, args.preset, args.out, epochs=args.epochs, batch_size=args.batch_size,
                 resume=args.resume, seed=args.seed, verbose=1 if not args.quiet else 2,
                 select_best=args.keep == "best", init=args.init, lr=args.lr, hue=args.hue,
-                saturation=args.saturation,
+                saturation=args.saturation, resize_mix=args.resize_mix,
             )
             return 0
         if args.command == "cv":

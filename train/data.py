@@ -21,11 +21,15 @@ from train.split import Record
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def decode_and_resize(path: tf.Tensor, spec: PreprocessSpec) -> tf.Tensor:
-    """File path -> float32 HxWxC tensor per the spec (PNG, JPEG, BMP, GIF)."""
+def decode_and_resize(path: tf.Tensor, spec: PreprocessSpec, antialias: bool = True) -> tf.Tensor:
+    """File path -> float32 HxWxC tensor per the spec (PNG, JPEG, BMP, GIF).
+
+    `antialias=False` samples the spec's method without antialiasing (a shrunk image's pixels are not averaged
+    over the area they cover): how most app pipelines resize, for `make_dataset`'s `resize_mix`.
+    """
     raw = tf.io.read_file(path)
     img = tf.io.decode_image(raw, channels=spec.channels, dtype=tf.uint8, expand_animations=False)
-    img = tf.image.resize(img, spec.input_size, method=spec.resize_method, antialias=True)
+    img = tf.image.resize(img, spec.input_size, method=spec.resize_method, antialias=antialias)
     return tf.cast(img, tf.float32) * spec.scale + spec.offset
 
 
@@ -72,12 +76,17 @@ def make_dataset(
     cache: bool = True,
     hue: float = 0.0,
     saturation: float = 0.0,
+    resize_mix: float = 0.0,
 ) -> tf.data.Dataset:
     """(image, one-hot label) batches; shuffled and augmented only when `training`.
 
     Decoded images are cached in memory (64x64x3 float32 is 48 KiB a cell, so
     the whole NIH set is about 1.3 GB), then augmented per epoch (`hue` and
-    `saturation`: the stain jitter of `augmentation`).
+    `saturation`: the stain jitter of `augmentation`). With `training` and
+    `resize_mix` > 0, each image is cached resized both ways (twice the memory)
+    and, per epoch, that share of them is given the plain bilinear resize
+    instead of the antialiased one (`decode_and_resize`), so the model answers
+    alike whichever way an app shrinks a cell to its input.
     """
     if not records:
         raise ValueError("no images to build a dataset from (empty split?)")
@@ -94,15 +103,34 @@ def make_dataset(
         )
     y = np.array([index[r.label] for r in records], dtype=np.int32)
     ds = tf.data.Dataset.from_tensor_slices((paths, y))
-    ds = ds.map(
-        lambda p, t: (decode_and_resize(p, spec), tf.one_hot(t, len(labels))),
-        num_parallel_calls=AUTOTUNE,
-        deterministic=True,
-    )
+    mix = training and resize_mix > 0
+    if not 0.0 <= resize_mix <= 1.0:
+        raise ValueError(f"resize_mix {resize_mix} must be in [0, 1]")
+    if mix:
+        ds = ds.map(
+            lambda p, t: ((decode_and_resize(p, spec), decode_and_resize(p, spec, antialias=False)),
+                          tf.one_hot(t, len(labels))),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=True,
+        )
+    else:
+        ds = ds.map(
+            lambda p, t: (decode_and_resize(p, spec), tf.one_hot(t, len(labels))),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=True,
+        )
     if cache:
         ds = ds.cache()
     if training:
         ds = ds.shuffle(min(len(records), 20_000), seed=seed, reshuffle_each_iteration=True)
+    if mix:
+        draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip((ds, draws)).map(
+            lambda xt, r: (tf.where(tf.cast(r % 10_000, tf.float32) < resize_mix * 10_000, xt[0][1], xt[0][0]),
+                           xt[1]),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=True,
+        )
     ds = ds.batch(batch_size)
     if training and augment:
         aug = augmentation(seed, hue, saturation, (spec.offset, 255.0 * spec.scale + spec.offset))

@@ -105,6 +105,9 @@ def add_parser(sub) -> None:
     f.add_argument("--release", default="malaria", help="the model to compare with (released name or artifact)")
     f.add_argument("--hue", type=float, help="override the preset's stain jitter (hue) while fine-tuning")
     f.add_argument("--saturation", type=float, help="override the preset's stain jitter (saturation)")
+    f.add_argument("--resize-mix", type=float, metavar="SHARE",
+                   help="override the preset's share of plain-bilinear resizes while fine-tuning (`train malaria "
+                        "--resize-mix`)")
     f.add_argument("--shifted-per-block", type=int, default=0, metavar="N",
                    help="uninfected crops of the training blocks' shifted variants (`train field-crops --shifted`) "
                         "per block (seeded sample; 0: no shifted crops); every shifted parasitized crop comes too")
@@ -284,8 +287,8 @@ def fine_tune(args: argparse.Namespace, fold: Path, records: list[Record], count
             argv += ["--resume"]
         else:
             argv += ["--init", str(args.init), "--lr", str(args.lr), "--epochs", str(args.epochs)]
-            argv += [a for k in ("hue", "saturation") if getattr(args, k, None) is not None
-                     for a in (f"--{k}", str(getattr(args, k)))]
+            argv += [a for k in ("hue", "saturation", "resize_mix") if getattr(args, k, None) is not None
+                     for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
         print(f"{tag}: fine-tuning on {counts} ({'resumed' if resume else 'new'}), log {fold / 'train.log'}",
               flush=True)
         _run_logged(argv, fold / "train.log")

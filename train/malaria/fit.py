@@ -57,6 +57,7 @@ def train_malaria(
     lr: float | None = None,
     hue: float | None = None,
     saturation: float | None = None,
+    resize_mix: float | None = None,
 ) -> Path:
     """Train and return the run directory.
 
@@ -80,6 +81,7 @@ def train_malaria(
             records the preset's network, and `init` names the file that actually started it).
         lr: override the preset's peak learning rate (fine-tuning wants a smaller one).
         hue, saturation: override the preset's stain jitter (`train.data.augmentation`).
+        resize_mix: override the preset's share of plain-bilinear resizes (`train.data.make_dataset`).
     """
     out = Path(out)
     if resume:
@@ -97,7 +99,8 @@ def train_malaria(
         if isinstance(preset, str) and preset not in MALARIA_PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(MALARIA_PRESETS)}")
         overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size),
-                                       ("learning_rate", lr), ("hue", hue), ("saturation", saturation))
+                                       ("learning_rate", lr), ("hue", hue), ("saturation", saturation),
+                                       ("resize_mix", resize_mix))
                      if v is not None}
         if overrides:
             import dataclasses
@@ -116,7 +119,7 @@ def train_malaria(
     strategy = pick_strategy()
     replicas = strategy.num_replicas_in_sync
     train_ds = make_dataset(train_rec, labels, spec, p.batch_size, training=True, augment=p.augment, seed=seed,
-                            hue=p.hue, saturation=p.saturation)
+                            hue=p.hue, saturation=p.saturation, resize_mix=p.resize_mix)
     val_ds = make_dataset(val_rec, labels, spec, p.batch_size) if val_rec else None
     steps = math.ceil(len(train_rec) / p.batch_size)
 

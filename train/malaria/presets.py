@@ -85,6 +85,10 @@ class MalariaPreset:
     nesterov: bool = False
     hue: float = 0.0  # stain jitter (train.data.augmentation): hue rotation up to +-hue/2 of the circle
     saturation: float = 0.0  # and saturation factor 0.5 +- saturation (0.5: unchanged)
+    # Share of training images resized to the input by plain bilinear sampling (no antialiasing: what most app
+    # pipelines do, e.g. tflite-support's and MediaPipe's image processors) instead of the antialiased resize
+    # edge_runtime uses; drawn per image and epoch (train.data.make_dataset). 0: always antialiased.
+    resize_mix: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -94,6 +98,8 @@ class MalariaPreset:
         if not (0.0 <= self.hue <= 1.0 and 0.0 <= self.saturation < 0.5):
             raise ValueError(f"preset {self.name!r}: hue {self.hue} must be in [0, 1], saturation "
                              f"{self.saturation} in [0, 0.5)")
+        if not 0.0 <= self.resize_mix <= 1.0:
+            raise ValueError(f"preset {self.name!r}: resize_mix {self.resize_mix} must be in [0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
