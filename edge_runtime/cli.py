@@ -521,8 +521,13 @@ def _smear_table(report, positive: str) -> str:
                      + f"; {len(f.cells) - len(rbc)} other regions; "
                      f"{f.segment_ms:.0f} ms segmentation, {f.classify_ms:.0f} ms classification")
     s = report.summary.to_dict()
+    # One parasitemia is reported (the decision's, over every counted cell, with its interval); this line gives
+    # only what the uncertain cells could make of it, so a reader never sees two parasitemias side by side.
+    lo, hi = s.get("parasitemia_min_percent"), s.get("parasitemia_max_percent")
+    share = "" if lo is None else (f"; parasitized {lo:.2f}% of the cells counted (the reported parasitemia, "
+                                   f"below), {hi:.2f}% if every uncertain cell were parasitized")
     lines.append(f"slide: {s['fields']} field(s), {s['cells']} red cells counted, {s['parasitized']} parasitized, "
-                 f"{s['uncertain']} uncertain; {_parasitemia(s, 2)}")
+                 f"{s['uncertain']} uncertain{share}")
     if s.get("cell_size"):
         lines.append(s["cell_size"]["says"])
     for f in report.fields:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -494,6 +495,13 @@ def test_calls_within_the_models_false_calls_exit_4_to_review_never_negative(fie
     assert "refer: no" not in out.replace("refer: no parasites", "") and "NO PARASITES" not in out
     code, out, _ = run_cli("smear", "malaria-field", *fields, "--false-call-rate", "0.1", "--threads", "2")
     assert code == 0 and "PARASITES SEEN: " in out and "(a slide without parasites gives up to" in out
+    # One parasitemia is reported; the slide line gives the same share and what the uncertain cells could make of it
+    reported = re.findall(r"^parasitemia \(reported\): ([0-9.]+)%", out, re.M)
+    slide_share = re.findall(r"^slide: .*; parasitized ([0-9.]+)% of the cells counted \(the reported parasitemia", out,
+                             re.M)
+    assert len(reported) == 1 and len(slide_share) == 1, out
+    assert abs(float(reported[0]) - float(slide_share[0])) < 0.006
+    assert "confidently classified" not in out
     assert run_cli("smear", "malaria-field", *fields, "--false-call-rate", "-1")[0] == 2
 
 

@@ -442,8 +442,9 @@ def decision_lines(d: SlideDecision | Mapping[str, Any]) -> list[str]:
         lines.append("model's false parasitized calls: not measured, so every parasitized call counts as a parasite "
                      "seen")
     if d["parasitemia_percent"] is not None:
-        lines.append(f"parasitemia: {d['parasitemia_percent']:.3f}% (95% CI {d['parasitemia_low_percent']:.3f}-"
-                     f"{d['parasitemia_high_percent']:.3f}%) of {d['red_cells']:,} red cells; "
+        lines.append(f"parasitemia (reported): {d['parasitemia_percent']:.3f}% "
+                     f"(95% CI {d['parasitemia_low_percent']:.3f}-{d['parasitemia_high_percent']:.3f}%) "
+                     f"of {d['red_cells']:,} red cells; "
                      f"{d['uncertain']} uncertain not counted as parasitized")
     den = d.get("density")
     if den:
