@@ -71,7 +71,7 @@ def markdown(rows: list[dict]) -> str:
             f"({sum(r['cells'] for r in rs)}, {p}) "
             f"| | {sum(r['flagged_before'] for r in rs)} -> {sum(r['flagged_after'] for r in rs)} of {p} "
             f"| {pct(wmean('fp_before'))} -> {pct(wmean('fp_after'))} | {pct(wmean('unc_before'))} -> "
-            f"{pct(wmean('unc_after'))} | | | {sum(r['kept'] == 'site model' for r in rs)} site models |")
+            f"{pct(wmean('unc_after'))} | | | site models: {sum(r['kept'] == 'site model' for r in rs)} |")
     return "\n".join(lines)
 
 
