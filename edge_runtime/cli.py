@@ -385,14 +385,16 @@ def _table(model, preds) -> str:
 
 
 def _parasitemia(s: dict[str, Any], digits: int) -> str:
-    """"parasitemia 4.0% of the confidently classified cells (3.5% to 16.0% of all counted: ...)"."""
-    def pct(key: str) -> str:
-        v = s.get(key)
-        return "n/a" if v is None else f"{v:.{digits}f}%"
+    """"parasitemia 3.5% of the cells counted (16.0% if every uncertain cell were parasitized)".
 
-    return (f"parasitemia {pct('parasitemia_percent')} of the confidently classified cells "
-            f"({pct('parasitemia_min_percent')} to {pct('parasitemia_max_percent')} of all counted: every "
-            f"uncertain cell uninfected ... every uncertain cell parasitized)")
+    Over every counted cell, the uncertain ones as not parasitized (the thin film's denominator, as the smear
+    decision and the field app give it), never over the confident cells alone.
+    """
+    lo, hi = s.get("parasitemia_min_percent"), s.get("parasitemia_max_percent")
+    if lo is None:
+        return "parasitemia n/a"
+    return (f"parasitemia {lo:.{digits}f}% of the cells counted ({hi:.{digits}f}% if every uncertain cell were "
+            "parasitized)")
 
 
 def _summary_lines(summaries: list[dict[str, Any]]) -> list[str]:
@@ -521,8 +523,8 @@ def _smear_table(report, positive: str) -> str:
                      + f"; {len(f.cells) - len(rbc)} other regions; "
                      f"{f.segment_ms:.0f} ms segmentation, {f.classify_ms:.0f} ms classification")
     s = report.summary.to_dict()
-    # One parasitemia is reported (the decision's, over every counted cell, with its interval); this line gives
-    # only what the uncertain cells could make of it, so a reader never sees two parasitemias side by side.
+    # One parasitemia is reported (the decision's, over every counted cell, with its interval, below); this line
+    # gives the same share and what the uncertain cells could make of it, never a share of the confident cells.
     lo, hi = s.get("parasitemia_min_percent"), s.get("parasitemia_max_percent")
     share = "" if lo is None else (f"; parasitized {lo:.2f}% of the cells counted (the reported parasitemia, "
                                    f"below), {hi:.2f}% if every uncertain cell were parasitized")

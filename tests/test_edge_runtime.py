@@ -711,6 +711,8 @@ def test_cli_in_process_threshold(art, capsys):
     code = cli_main(["predict", str(art / MALARIA_FILES["tflite-float32"]), str(cell), "--threshold", str(bar)])
     out = capsys.readouterr().out
     assert code == 0 and UNCERTAIN in out and "slide (files): 1 cells" in out and "1 uncertain" in out
+    # the one cell is uncertain: 0% of the cells counted, never "n/a" of the confident ones
+    assert "parasitemia 0.0% of the cells counted (100.0% if every uncertain cell were parasitized)" in out
 
 
 
