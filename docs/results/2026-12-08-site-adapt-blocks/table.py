@@ -6,8 +6,9 @@ One row per run: the block (site), k, the held-out fields and their parasites, t
 parasites flagged (called parasitized or uncertain, at the run's bar) before -> after as counts, false positives
 and uncertain share of the held-out uninfected cells before -> after, the NIH sample (int8) before -> after,
 training and export minutes, and the model the command kept. Then, per k, the rows pooled (counts summed, rates
-weighted by each block's uninfected cells). "Before" is the run's `--release` (here each block's fold model, which
-never saw the block); the numbers are the command's own, nothing is recomputed.
+weighted by each block's uninfected cells), and parasites flagged by stage (from `before.json` / `after.json`).
+"Before" is the run's `--release` (here each block's fold model, which never saw the block); the numbers are the
+command's own, nothing is recomputed.
 """
 
 import argparse
@@ -25,6 +26,19 @@ def counts(side: dict) -> dict:
             "fields": side["fields"], "cells": side["annotated_cells"]}
 
 
+STAGES = ("ring", "trophozoite", "schizont", "gametocyte")
+
+
+def stages(path: Path) -> dict[str, list[int]]:
+    """Per stage, [annotated, flagged] summed over the held-out fields of one side's per-field rows."""
+    out = {s: [0, 0] for s in STAGES}
+    for r in json.loads(path.read_text())["rows"]:
+        for s in STAGES:
+            out[s][0] += (r.get("stage_annotated") or {}).get(s, 0)
+            out[s][1] += (r.get("stage_called") or {}).get(s, 0)
+    return out
+
+
 def row(path: Path) -> dict:
     d = json.loads((path / "site-adapt.json").read_text())
     b, a = counts(d["before"]), counts(d["after"])
@@ -38,7 +52,8 @@ def row(path: Path) -> dict:
             "nih_before": d["nih_sample"]["before"], "nih_after": d["nih_sample"]["after"],
             "train_min": d["train_seconds"] / 60, "convert_min": d["convert_seconds"] / 60,
             "kept": "site model" if d["keep"] == d["name"] else "before", "reasons": d["reasons"],
-            "weight": max(uninfected, 1), "command": d["command"]}
+            "weight": max(uninfected, 1), "command": d["command"],
+            "stages_before": stages(path / "before.json"), "stages_after": stages(path / "after.json")}
 
 
 def pct(x: float) -> str:
@@ -72,6 +87,16 @@ def markdown(rows: list[dict]) -> str:
             f"| | {sum(r['flagged_before'] for r in rs)} -> {sum(r['flagged_after'] for r in rs)} of {p} "
             f"| {pct(wmean('fp_before'))} -> {pct(wmean('fp_after'))} | {pct(wmean('unc_before'))} -> "
             f"{pct(wmean('unc_after'))} | | | site models: {sum(r['kept'] == 'site model' for r in rs)} |")
+    lines += ["", "| k | sites | " + " | ".join(f"{s}s flagged" for s in STAGES) + " |",
+              "|---:|---:|" + "---:|" * len(STAGES)]
+    for k in sorted({r["k"] for r in rows}):
+        rs = [r for r in rows if r["k"] == k]
+        cells = []
+        for s in STAGES:
+            n = sum(r["stages_before"][s][0] for r in rs)
+            b, a = (sum(r[f"stages_{w}"][s][1] for r in rs) for w in ("before", "after"))
+            cells.append(f"{b} -> {a} of {n}" if n else "-")
+        lines.append(f"| {k} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
