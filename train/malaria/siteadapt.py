@@ -233,8 +233,9 @@ def verdict(before: dict[str, Any], after: dict[str, Any], nih_before: float, ni
         why.append(f"NIH sample accuracy dropped {drop:.2f} points (> {max_nih_drop:g})")
     if ok:
         why.append(f"parasites flagged {100 * pb:.1f}% -> {100 * pa:.1f}%, false positives {100 * fb:.2f}% -> "
-                   f"{100 * fa:.2f}%, uncertain {100 * ub:.1f}% -> {100 * ua:.1f}%, NIH sample {drop:+.2f} points "
-                   f"of accuracy lost (bound {max_nih_drop:g})")
+                   f"{100 * fa:.2f}%, uncertain {100 * ub:.1f}% -> {100 * ua:.1f}%, NIH sample accuracy "
+                   f"{100 * nih_before:.2f}% -> {100 * nih_after:.2f}% (may drop {max_nih_drop:g} point"
+                   f"{'' if max_nih_drop == 1 else 's'})")
     return ok, why
 
 
