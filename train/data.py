@@ -103,22 +103,17 @@ def make_dataset(
         )
     y = np.array([index[r.label] for r in records], dtype=np.int32)
     ds = tf.data.Dataset.from_tensor_slices((paths, y))
-    mix = training and resize_mix > 0
     if not 0.0 <= resize_mix <= 1.0:
         raise ValueError(f"resize_mix {resize_mix} must be in [0, 1]")
-    if mix:
-        ds = ds.map(
-            lambda p, t: ((decode_and_resize(p, spec), decode_and_resize(p, spec, antialias=False)),
-                          tf.one_hot(t, len(labels))),
-            num_parallel_calls=AUTOTUNE,
-            deterministic=True,
-        )
-    else:
-        ds = ds.map(
-            lambda p, t: (decode_and_resize(p, spec), tf.one_hot(t, len(labels))),
-            num_parallel_calls=AUTOTUNE,
-            deterministic=True,
-        )
+    mix = training and resize_mix > 0
+
+    def decode(p: tf.Tensor, t: tf.Tensor):
+        x = decode_and_resize(p, spec)
+        if mix:  # both resizes cached; one is drawn per epoch below
+            x = (x, decode_and_resize(p, spec, antialias=False))
+        return x, tf.one_hot(t, len(labels))
+
+    ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
     if cache:
         ds = ds.cache()
     if training:
